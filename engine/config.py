@@ -1,0 +1,128 @@
+"""Configuration: defaults, ``tandem.toml``, and command-line overrides.
+
+Precedence, lowest first: the defaults below, the TOML file (``--config PATH``, else
+``./tandem.toml`` when it exists), then ``--set section.key=value`` flags (values are
+TOML literals: ``--set cf.n_features=64``, ``--set data.source='"synthetic"'`` or
+simply ``--set data.source=synthetic``), then the dedicated flags of each command.
+Unknown sections or keys are errors, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from engine.errors import ConfigError
+
+DEFAULT_ML100K = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "ml-100k"
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {
+        # "auto": $TANDEM_ML100K, else ../shared/datasets/ml-100k when present, else
+        # "synthetic". Or a MovieLens directory, a CSV/Parquet file, or "synthetic".
+        "source": "auto",
+        # Role -> column name for generic CSV/Parquet files (user, item, rating, timestamp).
+        "columns": {},
+        "synthetic": {"n_users": 2000, "n_items": 1000, "n_ratings": 100_000, "seed": 0},
+    },
+    "cf": {},
+    "towers": {},
+    "index": {"bundle_dir": "artifacts/bundles"},
+    "server": {"host": "127.0.0.1", "port": 50051},
+}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """The effective configuration: defaults, then the TOML file, then ``overrides``.
+
+    Args:
+        path: a TOML file; when ``None``, ``./tandem.toml`` is read if it exists.
+        overrides: ``"section.key=value"`` strings (nested keys allowed:
+            ``data.synthetic.seed=3``).
+    """
+    config = copy.deepcopy(DEFAULTS)
+    if path is None and Path("tandem.toml").is_file():
+        path = "tandem.toml"
+    if path is not None:
+        p = Path(path)
+        try:
+            with open(p, "rb") as f:
+                loaded = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such configuration file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        _merge(config, loaded, origin=str(p))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        value = _parse_value(raw.strip())
+        nested: dict[str, Any] = {}
+        cursor = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        _merge(config, nested, origin=f"--set {item}")
+    return config
+
+
+def _parse_value(raw: str) -> Any:
+    """A TOML literal (number, bool, string, array, inline table); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+# Sections whose keys are not fixed here: their owners validate them.
+OPEN_SECTIONS = {"cf", "towers", "data.columns", "data.synthetic"}
+
+
+def _merge(base: dict, update: dict, origin: str, path: str = "") -> None:
+    for key, value in update.items():
+        dotted = f"{path}.{key}" if path else key
+        if key not in base and path not in OPEN_SECTIONS:
+            where = f"[{path}]" if path else "the top level"
+            raise ConfigError(f"{origin}: unknown setting {dotted!r}; known in {where}: {sorted(base)}")
+        if isinstance(base.get(key), dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: {dotted} is a section, not a value")
+            _merge(base[key], value, origin, dotted)
+        else:
+            base[key] = value
+
+
+def resolve_data_source(source: str) -> str:
+    """Turn ``"auto"`` into a concrete source: ``$TANDEM_ML100K``, the shared ML-100K
+    copy when present, else ``"synthetic"``."""
+    if source != "auto":
+        return source
+    env = os.environ.get("TANDEM_ML100K")
+    if env:
+        return env
+    for candidate in (Path("../shared/datasets/ml-100k"), DEFAULT_ML100K):
+        if (candidate / "u.data").is_file():
+            return str(candidate)
+    return "synthetic"
+
+
+def load_dataset(config: dict[str, dict[str, Any]], source: str | None = None):
+    """Load the dataset the configuration (or an explicit ``source``) names."""
+    from engine import data
+
+    src = resolve_data_source(source or config["data"]["source"])
+    if src == "synthetic":
+        try:
+            return data.make_synthetic(**config["data"]["synthetic"])
+        except TypeError as e:  # an unknown key in [data.synthetic]
+            raise ConfigError(f"[data.synthetic]: {e}") from None
+    return data.load(src, columns=config["data"]["columns"] or None)

@@ -1,0 +1,53 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engine.cli import main
+from engine.config import load_config
+from engine.errors import ConfigError
+
+
+def test_describe_synthetic_summary(capsys):
+    assert main(["--set", "data.synthetic.n_ratings=3000", "data", "describe", "synthetic", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "ratings      3,000" in out and "Top 3 items" in out and "sparsity" in out
+
+
+def test_describe_json_on_ml100k(capsys, ml100k_path):
+    assert main(["data", "describe", str(ml100k_path), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["n_users"], stats["n_items"], stats["n_ratings"]) == (943, 1682, 100_000)
+    assert stats["top_items"][0]["title"] == "Star Wars (1977)"
+
+
+def test_bad_path_is_a_clear_error(capsys, tmp_path):
+    assert main(["data", "describe", str(tmp_path / "nope")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_config_file_and_overrides(tmp_path):
+    cfg = tmp_path / "tandem.toml"
+    cfg.write_text('[data]\nsource = "synthetic"\n[data.synthetic]\nseed = 4\n[server]\nport = 6000\n')
+    config = load_config(cfg, ["server.port=7000", "data.synthetic.n_users=50"])
+    assert config["data"]["source"] == "synthetic"
+    assert config["data"]["synthetic"]["seed"] == 4 and config["data"]["synthetic"]["n_users"] == 50
+    assert config["server"]["port"] == 7000  # flag beats file
+    assert config["server"]["host"] == "127.0.0.1"  # default kept
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="unknown setting 'server.prot'"):
+        load_config(None, ["server.prot=1"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["nonsense"])
+
+
+def test_python_dash_m_engine_help():
+    out = subprocess.run([sys.executable, "-m", "engine", "--help"], capture_output=True, text=True, check=True)
+    assert "data" in out.stdout and "--set" in out.stdout

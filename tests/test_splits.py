@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from engine import data
+from engine.data import from_arrays
+
+
+def toy():
+    users = ["u1"] * 4 + ["u2"] * 2 + ["u3"]
+    items = ["a", "b", "c", "d", "a", "b", "c"]
+    return from_arrays(users, items, [5, 4, 3, 2, 1, 2, 3], [10, 40, 20, 30, 5, 1, 7])
+
+
+def test_random_split_is_seeded_disjoint_and_complete():
+    ds = data.make_synthetic(n_users=100, n_items=50, n_ratings=1000, seed=1)
+    a = data.random_split(ds, 0.25, seed=3)
+    b = data.random_split(ds, 0.25, seed=3)
+    assert a.test.n_ratings == 250 and a.train.n_ratings == 750
+    np.testing.assert_array_equal(a.test.item_idx, b.test.item_idx)
+    train_keys = set(zip(a.train.user_idx.tolist(), a.train.item_idx.tolist()))
+    test_keys = set(zip(a.test.user_idx.tolist(), a.test.item_idx.tolist()))
+    assert not train_keys & test_keys and len(train_keys | test_keys) == 1000
+    assert a.train.users is ds.users  # shared id maps keep indices aligned
+    with pytest.raises(ValueError):
+        data.random_split(ds, 1.5)
+
+
+def test_leave_last_n_takes_latest_per_user():
+    ds = toy()
+    train, test = data.leave_last_n(ds, n=1)
+    got = sorted(zip(ds.users.external(test.user_idx), ds.items.external(test.item_idx)))
+    # u1's latest is b (t=40), u2's latest is a (t=5); u3 has one rating and stays in train
+    assert got == [("u1", "b"), ("u2", "a")]
+    assert train.n_ratings == 5
+    train2, test2 = data.leave_last_n(ds, n=2)
+    got2 = sorted(zip(ds.users.external(test2.user_idx), ds.items.external(test2.item_idx)))
+    assert got2 == [("u1", "b"), ("u1", "d")]  # u2 has only 2 ratings: stays whole
+
+
+def test_item_cold_start_holds_out_whole_items():
+    ds = data.make_synthetic(n_users=200, n_items=100, n_ratings=3000, seed=2)
+    split = data.item_cold_start_split(ds, 0.2, seed=0)
+    cold = set(split.cold_items.tolist())
+    rated = int((ds.item_counts() > 0).sum())
+    assert len(cold) == round(rated * 0.2)
+    assert set(np.unique(split.test.item_idx).tolist()) == cold
+    assert not cold & set(split.train.item_idx.tolist())
+    assert split.train.n_ratings + split.test.n_ratings == ds.n_ratings
+
+
+def test_predefined_folds(ml100k_path):
+    split = data.predefined_split(ml100k_path, fold=1)
+    assert (split.train.n_ratings, split.test.n_ratings) == (80_000, 20_000)
+    assert split.train.n_users == 943 and split.test.n_items == 1682
+    full = data.load(ml100k_path)
+    # the same (user, item, rating) triples as in u.data, indexed by the full id maps
+    u, i = full.users.index("1"), full.items.index("1")
+    both = split.train.user_items() + split.test.user_items()
+    assert both[u, i] == full.user_items()[u, i]
+    with pytest.raises(ValueError, match="fold"):
+        data.predefined_split(ml100k_path, fold=9)
