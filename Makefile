@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= auto
 
-.PHONY: help install test demo describe bench-synthetic clean
+.PHONY: help install install-bench test demo describe train-cf eval-cf bench-cf bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 12
@@ -17,11 +17,29 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv and install Tandem with its dev tools
 
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+install-bench: $(VENV)/.installed-bench  ## add the benchmark peers (scikit-surprise, implicit, hnswlib)
+
 test: install  ## run the test suite
 	$(PY) -m pytest -q
 
 describe: install  ## describe the dataset (DATA=path|synthetic, default: ML-100K if present)
 	$(VENV)/bin/tandem data describe $(if $(filter auto,$(DATA)),,$(DATA))
+
+train-cf: install  ## train the CF model on the configured data and split (artifacts/models/cf)
+	$(VENV)/bin/tandem train-cf $(if $(filter auto,$(DATA)),,--data $(DATA))
+
+eval-cf: install  ## evaluate the trained CF model (JSON metrics)
+	$(VENV)/bin/tandem eval-cf $(if $(filter auto,$(DATA)),,--data $(DATA))
+
+bench-cf: install-bench  ## B1 + B2: CF on ML-100K u1..u5 beside surprise SVD/SVD++, popularity, implicit ALS
+	$(PY) bench/cf.py
+
+bench-cf-scale: install  ## B6: one CF epoch on synthetic 20M ratings (ratings/s, peak RSS)
+	$(PY) bench/cf_scale.py
 
 demo: install describe  ## set up and run the pipeline end to end on the default data
 

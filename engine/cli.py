@@ -5,6 +5,8 @@ Global options come before the command: ``--config PATH`` reads a ``tandem.toml`
 setting (repeatable). Commands:
 
     tandem data describe [PATH] [--top N] [--json]
+    tandem train-cf [--data PATH] [--split SPLIT] [--out DIR] [hyperparameters]
+    tandem eval-cf [--model DIR] [--data PATH] [--split SPLIT] [--k K]
     tandem config show
 """
 
@@ -16,8 +18,10 @@ import sys
 from typing import Callable
 
 from engine import __version__
-from engine.config import load_config, load_dataset, resolve_data_source
-from engine.errors import TandemError
+from pathlib import Path
+
+from engine.config import load_config, load_dataset, load_split, resolve_data_source
+from engine.errors import ConfigError, TandemError
 
 
 def _format_describe(stats: dict) -> str:
@@ -59,6 +63,74 @@ def cmd_data_describe(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+# CLI flag -> [cf] setting. Flags left unset fall back on tandem.toml and the defaults.
+CF_FLAGS = {"n_features": "n_features", "lambda_": "lambda_", "learning_rate": "learning_rate",
+            "epochs": "epochs", "batch_size": "batch_size", "loss": "loss", "device": "device",
+            "seed": "seed", "negative_sampling": "negative_sampling", "negative_ratio": "negative_ratio"}
+
+
+def _train_and_test(args: argparse.Namespace, config: dict):
+    """The (train, test-or-None) pair the data/split flags and configuration name."""
+    split = load_split(config, args.data, args.split)
+    if split is None:
+        return load_dataset(config, args.data), None
+    return split.train, split.test
+
+
+def _cf_report(model, test, k: int) -> dict:
+    from engine.evaluation import check_aligned, rating_metrics, topn_metrics
+
+    check_aligned(model.users, model.items, test)
+    report = {"model": "cf", "loss": model.config.loss, "test": test.name, "n_test_ratings": test.n_ratings}
+    if model.config.loss == "mse":
+        report.update(rating_metrics(model.predict_indices, test, clip=model.rating_range))
+    report.update(topn_metrics(lambda users, kk: model.recommend_indices(users, kk), test, k=k))
+    return report
+
+
+def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
+    from engine.cf import CFConfig, train_cf
+
+    settings = dict(config["cf"])
+    for flag, key in CF_FLAGS.items():
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
+    if args.no_progress:
+        settings["progress"] = False
+    try:
+        cf_config = CFConfig.from_dict(settings)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[cf]: {e}") from None
+    train, test = _train_and_test(args, config)
+    out = Path(args.out or Path(config["paths"]["models"]) / "cf")
+    print(f"training CF on {train.name}: {train.n_users:,} users, {train.n_items:,} items, "
+          f"{train.n_ratings:,} ratings", file=sys.stderr)
+    model = train_cf(train, cf_config, curve_path=out / "learning_curve.json")
+    if test is not None:
+        model.metrics["test"] = _cf_report(model, test, args.k)
+    model.save(out)
+    print(json.dumps({"saved": str(out), **model.metrics}, indent=2))
+    return 0
+
+
+def cmd_eval_cf(args: argparse.Namespace, config: dict) -> int:
+    from engine.cf import CFModel
+
+    model = CFModel.load(args.model or Path(config["paths"]["models"]) / "cf")
+    _, test = _train_and_test(args, config)
+    if test is None:
+        raise ConfigError("eval-cf needs a test split: --split none leaves nothing to evaluate")
+    print(json.dumps(_cf_report(model, test, args.k), indent=2))
+    return 0
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
+    p.add_argument("--split", help="auto, u1..u5, ua, ub, random, last, cold-items or none "
+                                   "(default: data.split)")
+    p.add_argument("--k", type=int, default=10, help="cut-off of the top-N metrics (default 10)")
+
+
 def cmd_config_show(args: argparse.Namespace, config: dict) -> int:
     print(json.dumps(config, indent=2))
     return 0
@@ -88,6 +160,31 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--top", type=int, default=10, help="how many top items to list (default 10)")
     describe.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     describe.set_defaults(handler=cmd_data_describe)
+
+    train_cf = commands.add_parser(
+        "train-cf", help="train the collaborative-filtering model",
+        description="Train matrix factorisation on the training part of the split, save it "
+                    "(cf.json + cf_arrays.npz + learning curve) and print test metrics.")
+    _add_data_flags(train_cf)
+    train_cf.add_argument("--out", metavar="DIR", help="output directory (default: <paths.models>/cf)")
+    train_cf.add_argument("--n-features", type=int, help="latent dimension")
+    train_cf.add_argument("--lambda", dest="lambda_", type=float, help="L2 strength")
+    train_cf.add_argument("--lr", dest="learning_rate", type=float, help="Adam learning rate")
+    train_cf.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    train_cf.add_argument("--batch-size", type=int, help="ratings per minibatch")
+    train_cf.add_argument("--loss", choices=["mse", "bce"], help="mse (ratings) or bce (binary, sampled negatives)")
+    train_cf.add_argument("--negative-sampling", choices=["uniform", "popularity"], help="bce negatives")
+    train_cf.add_argument("--negative-ratio", type=int, help="bce negatives per positive")
+    train_cf.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    train_cf.add_argument("--seed", type=int, help="random seed")
+    train_cf.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train_cf.set_defaults(handler=cmd_train_cf)
+
+    eval_cf = commands.add_parser("eval-cf", help="evaluate a trained CF model (JSON metrics)",
+                                  description="Print RMSE/MAE and top-N metrics on the test part of the split.")
+    _add_data_flags(eval_cf)
+    eval_cf.add_argument("--model", metavar="DIR", help="model directory (default: <paths.models>/cf)")
+    eval_cf.set_defaults(handler=cmd_eval_cf)
 
     config_parser = commands.add_parser("config", help="show the effective configuration")
     config_parser.set_defaults(group_parser=config_parser)

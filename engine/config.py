@@ -31,10 +31,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # Role -> column name for generic CSV/Parquet files (user, item, rating, timestamp).
         "columns": {},
         "synthetic": {"n_users": 2000, "n_items": 1000, "n_ratings": 100_000, "seed": 0},
+        # Train/test split for training and evaluation commands: "auto" (u1 for ML-100K,
+        # else random), "u1".."u5", "ua", "ub", "random", "last" (leave-last-n per user),
+        # "cold-items", or "none" (train on everything).
+        "split": "auto",
+        "test_ratio": 0.2,  # random split: share of interactions; cold-items: share of items
+        "leave_last": 1,  # "last" split: interactions per user held out
+        "split_seed": 0,
     },
+    # Settings of engine.cf.CFConfig (n_features, lambda, learning_rate, epochs, ...).
     "cf": {},
     "towers": {},
-    "index": {"bundle_dir": "artifacts/bundles"},
+    "paths": {"models": "artifacts/models", "bundles": "artifacts/bundles"},
     "server": {"host": "127.0.0.1", "port": 50051},
 }
 
@@ -126,3 +134,30 @@ def load_dataset(config: dict[str, dict[str, Any]], source: str | None = None):
         except TypeError as e:  # an unknown key in [data.synthetic]
             raise ConfigError(f"[data.synthetic]: {e}") from None
     return data.load(src, columns=config["data"]["columns"] or None)
+
+
+def load_split(config: dict[str, dict[str, Any]], source: str | None = None, split: str | None = None):
+    """The train/test :class:`~engine.data.Split` the configuration names, or ``None``
+    for split ``"none"`` (then the caller trains on the whole dataset)."""
+    from engine import data
+
+    cfg = config["data"]
+    src = resolve_data_source(source or cfg["source"])
+    spec = split or cfg["split"]
+    is_ml100k = src != "synthetic" and Path(src, "u1.base").is_file()
+    if spec == "auto":
+        spec = "u1" if is_ml100k else "random"
+    if spec == "none":
+        return None
+    if spec in ("u1", "u2", "u3", "u4", "u5", "ua", "ub"):
+        if not is_ml100k:
+            raise ConfigError(f"split {spec!r} needs an ML-100K directory with {spec}.base; data is {src!r}")
+        return data.predefined_split(src, spec[1:])
+    dataset = load_dataset(config, src)
+    if spec == "random":
+        return data.random_split(dataset, cfg["test_ratio"], seed=cfg["split_seed"])
+    if spec == "last":
+        return data.leave_last_n(dataset, cfg["leave_last"])
+    if spec == "cold-items":
+        return data.item_cold_start_split(dataset, cfg["test_ratio"], seed=cfg["split_seed"])
+    raise ConfigError(f"unknown split {spec!r}: use auto, u1..u5, ua, ub, random, last, cold-items or none")

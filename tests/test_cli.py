@@ -51,3 +51,25 @@ def test_config_errors_name_the_problem(tmp_path):
 def test_python_dash_m_engine_help():
     out = subprocess.run([sys.executable, "-m", "engine", "--help"], capture_output=True, text=True, check=True)
     assert "data" in out.stdout and "--set" in out.stdout
+
+
+def test_train_cf_then_eval_cf_on_synthetic(tmp_path, capsys):
+    common = ["--set", "data.synthetic.n_ratings=4000", "--set", "data.synthetic.n_users=200",
+              "--set", "data.synthetic.n_items=100"]
+    out = tmp_path / "cf"
+    assert main(common + ["train-cf", "--data", "synthetic", "--split", "random", "--out", str(out),
+                          "--epochs", "3", "--n-features", "8", "--no-progress"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["saved"] == str(out) and trained["epochs_run"] == 3
+    assert {"rmse", "mae", "recall@10", "ndcg@10"} <= set(trained["test"])
+    assert (out / "cf.json").is_file() and (out / "learning_curve.json").is_file()
+    assert main(common + ["eval-cf", "--data", "synthetic", "--split", "random", "--model", str(out)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["rmse"] == pytest.approx(trained["test"]["rmse"])
+
+
+def test_train_cf_rejects_bad_settings(tmp_path, capsys):
+    assert main(["--set", "cf.n_factors=3", "train-cf", "--data", "synthetic", "--out", str(tmp_path)]) == 2
+    assert "unknown CF setting" in capsys.readouterr().err
+    assert main(["train-cf", "--data", "synthetic", "--split", "u1", "--out", str(tmp_path)]) == 2
+    assert "needs an ML-100K directory" in capsys.readouterr().err

@@ -170,7 +170,7 @@ def _choose_items(rng: np.random.Generator, users: np.ndarray, U: np.ndarray, V:
     for start in range(0, len(users), _CHUNK):
         u = users[start:start + _CHUNK]
         cand = draw_items((len(u), n_choices))
-        taste = np.einsum("nf,ncf->nc", U[u], V[cand]) * 3.0
+        taste = np.einsum("nf,ncf->nc", U[u], V[cand]) * 8.0
         taste += rng.gumbel(0, 1, taste.shape).astype(np.float32)
         items[start:start + _CHUNK] = cand[np.arange(len(u)), taste.argmax(axis=1)]
     return items

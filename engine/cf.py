@@ -1,0 +1,530 @@
+"""Collaborative filtering: the mission's matrix factorisation, trained with Adam.
+
+Notation (``mission.md``): item ``i`` has a vector ``x(i)``, user ``j`` a vector ``w(j)``
+and a bias ``b(j)``; the prediction is ``w(j) . x(i) + b(j)`` and the cost is
+
+    J = 1/2 sum_{r(i,j)=1} (w(j).x(i) + b(j) - y(i,j))^2
+        + lambda/2 sum_j |w(j)|^2 + lambda/2 sum_i |x(i)|^2          (b not regularised)
+
+Two parts live here:
+
+- the dense NumPy **reference** :func:`cofi_cost` / :func:`cofi_gradients`, used only by
+  tests to check the training path;
+- the sparse torch **trainer** :func:`train_cf`, returning a :class:`CFModel`. It never
+  builds a dense ratings matrix: minibatches are drawn from the COO arrays. The minibatch
+  objective is ``J / N`` split over batches — each batch carries its squared errors
+  divided by the batch size plus ``lambda / (2N)`` times the full L2 terms — so an epoch's
+  gradient steps follow exactly the mission's cost (:func:`sparse_cost` checks it).
+
+Optional extras (configurable): an item bias ``c(i)`` and a global mean ``mu`` added to
+the prediction (not regularised, like ``b``); per-item mean normalisation (subtract each
+item's training mean before training, add it back when predicting — then a user with no
+ratings is predicted the item means); and a ``bce`` loss with sampled negatives for
+binary data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from engine.data import Dataset, IdMap
+from engine.errors import TandemError, UnknownIdError
+from engine.train import EarlyStopping, LearningCurve, resolve_device, seed_everything
+
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------- reference
+def cofi_cost(X: np.ndarray, W: np.ndarray, b: np.ndarray, Y: np.ndarray, R: np.ndarray,
+              lambda_: float) -> float:
+    """The mission's cost on dense matrices (reference only).
+
+    Args:
+        X: ``[n_items, n_features]`` item vectors.
+        W: ``[n_users, n_features]`` user vectors.
+        b: ``[1, n_users]`` user biases.
+        Y: ``[n_items, n_users]`` ratings (any value where ``R`` is 0).
+        R: ``[n_items, n_users]`` 1 where rated, else 0.
+        lambda_: L2 strength.
+    """
+    E = (X @ W.T + b - Y) * R
+    return float(0.5 * np.sum(E ** 2) + lambda_ / 2 * (np.sum(W ** 2) + np.sum(X ** 2)))
+
+
+def cofi_gradients(X: np.ndarray, W: np.ndarray, b: np.ndarray, Y: np.ndarray, R: np.ndarray,
+                   lambda_: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hand-derived gradients of :func:`cofi_cost`: ``(dX [n_items, f], dW [n_users, f],
+    db [1, n_users])``. With ``E = (X W^T + b - Y) * R``: ``dX = E W + lambda X``,
+    ``dW = E^T X + lambda W``, ``db = sum_i E``."""
+    E = (X @ W.T + b - Y) * R
+    return E @ W + lambda_ * X, E.T @ X + lambda_ * W, E.sum(axis=0, keepdims=True)
+
+
+# ------------------------------------------------------------------- config
+@dataclass
+class CFConfig:
+    """Training settings of :func:`train_cf` (also the ``[cf]`` section of tandem.toml).
+
+    Defaults are the ones that meet benchmark B1 on ML-100K (``make bench-cf``).
+    """
+
+    n_features: int = 64
+    lambda_: float = 12.0
+    learning_rate: float = 0.002
+    epochs: int = 100
+    batch_size: int = 1024
+    loss: str = "mse"  # "mse" for ratings, "bce" for binary data with sampled negatives
+    item_bias: bool = True
+    global_mean: bool = True
+    mean_normalization: bool = False
+    negative_ratio: int = 4  # bce: sampled negatives per positive
+    negative_sampling: str = "uniform"  # bce: "uniform" or "popularity"
+    validation_fraction: float = 0.05  # held out of the training data for early stopping
+    patience: int = 5
+    init_std: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("mse", "bce"):
+            raise ValueError(f"loss must be 'mse' or 'bce', got {self.loss!r}")
+        if self.negative_sampling not in ("uniform", "popularity"):
+            raise ValueError(f"negative_sampling must be 'uniform' or 'popularity', got {self.negative_sampling!r}")
+        for name in ("n_features", "epochs", "batch_size", "negative_ratio", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.lambda_ < 0 or self.learning_rate <= 0:
+            raise ValueError("lambda_ must be >= 0 and learning_rate > 0")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.mean_normalization:
+            # The item means take the place of the item bias and the global mean.
+            self.item_bias, self.global_mean = False, False
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CFConfig":
+        known = {f.name for f in fields(cls)}
+        values = {("lambda_" if k == "lambda" else k): v for k, v in values.items()}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown CF setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+# -------------------------------------------------------------------- model
+@dataclass
+class FoldedUser:
+    """A user fitted on the fly by :meth:`CFModel.fold_in` (not part of the model)."""
+
+    vector: np.ndarray  # [n_features]
+    bias: float
+    seen: np.ndarray  # item indices the user rated
+
+
+class CFModel:
+    """A trained matrix-factorisation model.
+
+    Scores (``predict``, ``recommend``) are on the original rating scale for ``mse``
+    (clipped to the training range) and logits for ``bce``. Every ranking method returns
+    ``(item_ids, scores)``: external ids first, then the score or distance of each.
+    """
+
+    def __init__(self, X: np.ndarray, W: np.ndarray, user_bias: np.ndarray, item_bias: np.ndarray,
+                 global_mean: float, item_means: np.ndarray, users: IdMap, items: IdMap,
+                 seen_indptr: np.ndarray, seen_indices: np.ndarray, rating_range: tuple[float, float],
+                 config: CFConfig, metrics: dict | None = None):
+        self.X = np.ascontiguousarray(X, np.float32)  # [n_items, f]
+        self.W = np.ascontiguousarray(W, np.float32)  # [n_users, f]
+        self.user_bias = np.ascontiguousarray(user_bias, np.float32)  # [n_users]
+        self.item_bias = np.ascontiguousarray(item_bias, np.float32)  # [n_items]
+        self.global_mean = float(global_mean)
+        self.item_means = np.ascontiguousarray(item_means, np.float32)  # [n_items]
+        self.users, self.items = users, items
+        self.seen_indptr = np.asarray(seen_indptr, np.int64)  # CSR [n_users, n_items] of training
+        self.seen_indices = np.asarray(seen_indices, np.int32)
+        self.rating_range = (float(rating_range[0]), float(rating_range[1]))
+        self.config = config
+        self.metrics = metrics or {}
+
+    # ----------------------------------------------------------- vectors
+    @property
+    def user_vectors(self) -> np.ndarray:
+        """``[n_users, n_features]`` user vectors ``w``."""
+        return self.W
+
+    @property
+    def item_vectors(self) -> np.ndarray:
+        """``[n_items, n_features]`` item vectors ``x``."""
+        return self.X
+
+    @property
+    def item_offsets(self) -> np.ndarray:
+        """``[n_items]`` the per-item part of a score: item bias + item mean + global mean."""
+        return self.item_bias + self.item_means + np.float32(self.global_mean)
+
+    def seen(self, user_index: int) -> np.ndarray:
+        """Item indices a user interacted with in training."""
+        return self.seen_indices[self.seen_indptr[user_index]:self.seen_indptr[user_index + 1]]
+
+    # ------------------------------------------------------- prediction
+    def _finish(self, raw: np.ndarray) -> np.ndarray:
+        if self.config.loss == "mse":
+            return np.clip(raw, *self.rating_range).astype(np.float32)
+        return raw.astype(np.float32)
+
+    def predict(self, user_ids: Sequence[object], item_ids: Sequence[object]) -> np.ndarray:
+        """Predicted ratings ``[n]`` for pairs of external ids (clipped to the training
+        rating range), or logits for a ``bce`` model."""
+        u = self.users.indices(user_ids)
+        i = self.items.indices(item_ids)
+        if len(u) != len(i):
+            raise ValueError(f"user_ids and item_ids differ in length: {len(u)} vs {len(i)}")
+        return self._finish(self.predict_indices(u, i))
+
+    def predict_indices(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """Unclipped scores ``[n]`` for dense index pairs."""
+        return (np.einsum("nf,nf->n", self.W[u], self.X[i]) + self.user_bias[u] + self.item_offsets[i])
+
+    def predict_user(self, user: object | FoldedUser, item_ids: Sequence[object]) -> np.ndarray:
+        """Scores ``[n]`` of items for one user: an external id or a :class:`FoldedUser`."""
+        w, b, _ = self._user_parts(user)
+        i = self.items.indices(item_ids)
+        return self._finish(self.X[i] @ w + b + self.item_offsets[i])
+
+    def _user_parts(self, user: object | FoldedUser) -> tuple[np.ndarray, float, np.ndarray]:
+        if isinstance(user, FoldedUser):
+            return user.vector, user.bias, user.seen
+        u = self.users.index(user)
+        return self.W[u], float(self.user_bias[u]), self.seen(u)
+
+    # --------------------------------------------------------- retrieval
+    def recommend(self, user: object | FoldedUser, k: int = 10, exclude_seen: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` items for a user by exact brute force over every item.
+
+        Returns ``(item_ids [k'], scores [k'])``, best first (``k' < k`` only when fewer
+        items remain after excluding the seen ones).
+        """
+        w, b, seen = self._user_parts(user)
+        scores = self.X @ w + b + self.item_offsets
+        if exclude_seen and len(seen):
+            scores[seen] = -np.inf
+        top = _top_k_desc(scores, k)
+        top = top[np.isfinite(scores[top])]
+        return self.items.external(top), self._finish(scores[top])
+
+    def recommend_indices(self, user_indices: np.ndarray, k: int = 10, exclude_seen: bool = True,
+                          chunk: int = 1024) -> np.ndarray:
+        """Top ``k`` item indices ``[n_users, k]`` for many users (``-1`` pads), exact."""
+        user_indices = np.asarray(user_indices, np.int64)
+        out = np.full((len(user_indices), k), -1, np.int64)
+        offsets = self.item_offsets
+        for start in range(0, len(user_indices), chunk):
+            us = user_indices[start:start + chunk]
+            scores = self.W[us] @ self.X.T + offsets  # user bias does not change the order
+            if exclude_seen:
+                for row, u in enumerate(us):
+                    scores[row, self.seen(u)] = -np.inf
+            for row in range(len(us)):
+                top = _top_k_desc(scores[row], k)
+                top = top[np.isfinite(scores[row, top])]
+                out[start + row, :len(top)] = top
+        return out
+
+    def similar_items(self, item_id: object, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` items nearest to ``item_id`` by squared distance ``|x(k) - x(i)|^2``,
+        ascending, the item itself excluded. Returns ``(item_ids [k], distances [k])``."""
+        i = self.items.index(item_id)
+        d = np.sum((self.X - self.X[i]) ** 2, axis=1)
+        d[i] = np.inf
+        k = min(k, len(d) - 1)
+        top = np.argpartition(d, k - 1)[:k] if k > 0 else np.zeros(0, np.int64)
+        top = top[np.lexsort((top, d[top]))]
+        return self.items.external(top), d[top].astype(np.float32)
+
+    # ----------------------------------------------------------- fold-in
+    def fold_in(self, item_ids: Sequence[object], ratings: Sequence[float] | None = None) -> FoldedUser:
+        """Fit a new user's vector ``w`` and bias ``b`` from a few ratings, ``X`` fixed.
+
+        For ``mse`` this minimises the mission's cost restricted to that user —
+        ``1/2 sum (w.x(i) + b + offset(i) - y(i))^2 + lambda/2 |w|^2`` — in closed form.
+        For ``bce`` the given items are positives (``ratings`` ignored) against sampled
+        negatives, fitted by Newton's method on the regularised log-loss.
+        """
+        i = self.items.indices(item_ids)
+        if len(i) == 0:
+            raise ValueError("fold_in needs at least one item")
+        f = self.X.shape[1]
+        lam = self.config.lambda_
+        if self.config.loss == "mse":
+            if ratings is None or len(ratings) != len(i):
+                raise ValueError("fold_in needs one rating per item for an mse model")
+            y = np.asarray(ratings, np.float64)
+            if not np.isfinite(y).all():
+                raise ValueError("ratings must be finite")
+            A = np.hstack([self.X[i].astype(np.float64), np.ones((len(i), 1))])
+            target = y - self.item_offsets[i]
+            reg = np.diag(np.r_[np.full(f, lam), 0.0])  # b is not regularised
+            # A tiny ridge on b keeps the system solvable with a single rating.
+            theta = np.linalg.solve(A.T @ A + reg + 1e-9 * np.eye(f + 1), A.T @ target)
+            return FoldedUser(theta[:f].astype(np.float32), float(theta[f]), np.unique(i))
+        rng = np.random.default_rng(self.config.seed)
+        negatives = rng.integers(0, len(self.X), len(i) * self.config.negative_ratio)
+        negatives = negatives[~np.isin(negatives, i)]
+        rows = np.r_[i, negatives]
+        A = np.hstack([self.X[rows].astype(np.float64), np.ones((len(rows), 1))])
+        y = np.r_[np.ones(len(i)), np.zeros(len(negatives))]
+        offset = self.item_offsets[rows].astype(np.float64)
+        theta = np.zeros(f + 1)
+        reg = np.diag(np.r_[np.full(f, lam), 1e-6])
+        for _ in range(25):
+            p = 1 / (1 + np.exp(-(A @ theta + offset)))
+            grad = A.T @ (p - y) + reg @ theta
+            hess = (A * (p * (1 - p))[:, None]).T @ A + reg
+            step = np.linalg.solve(hess, grad)
+            theta -= step
+            if np.abs(step).max() < 1e-8:
+                break
+        return FoldedUser(theta[:f].astype(np.float32), float(theta[f]), np.unique(i))
+
+    # ------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the model to directory ``path``: ``cf.json`` (config, metrics, format
+        version) and ``cf_arrays.npz`` (plain arrays; no pickle)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        np.savez(path / "cf_arrays.npz", X=self.X, W=self.W, user_bias=self.user_bias,
+                 item_bias=self.item_bias, item_means=self.item_means, user_ids=self.users.ids,
+                 item_ids=self.items.ids, seen_indptr=self.seen_indptr, seen_indices=self.seen_indices)
+        meta = {"format_version": FORMAT_VERSION, "kind": "cf", "config": asdict(self.config),
+                "global_mean": self.global_mean, "rating_range": list(self.rating_range),
+                "n_users": len(self.users), "n_items": len(self.items), "n_features": self.X.shape[1],
+                "metrics": self.metrics}
+        (path / "cf.json").write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CFModel":
+        """Read a model written by :meth:`save`, checking its format and shapes."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / "cf.json").read_text())
+        except FileNotFoundError:
+            raise TandemError(f"{path}: not a CF model directory (cf.json missing)") from None
+        except json.JSONDecodeError as e:
+            raise TandemError(f"{path / 'cf.json'}: invalid JSON: {e}") from None
+        if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") != "cf":
+            raise TandemError(f"{path / 'cf.json'}: expected a CF model of format {FORMAT_VERSION}, "
+                              f"found kind={meta.get('kind')!r} format={meta.get('format_version')!r}")
+        try:
+            with np.load(path / "cf_arrays.npz", allow_pickle=False) as a:
+                arrays = {k: a[k] for k in a.files}
+        except (OSError, ValueError) as e:
+            raise TandemError(f"{path / 'cf_arrays.npz'}: unreadable: {e}") from None
+        n_users, n_items, f = meta["n_users"], meta["n_items"], meta["n_features"]
+        expected = {"X": (n_items, f), "W": (n_users, f), "user_bias": (n_users,), "item_bias": (n_items,),
+                    "item_means": (n_items,), "user_ids": (n_users,), "item_ids": (n_items,),
+                    "seen_indptr": (n_users + 1,)}
+        for name, shape in expected.items():
+            if name not in arrays or arrays[name].shape != shape:
+                found = arrays[name].shape if name in arrays else "nothing"
+                raise TandemError(f"{path / 'cf_arrays.npz'}: {name} expected shape {shape}, found {found}")
+        config = CFConfig(**meta["config"])
+        return cls(arrays["X"], arrays["W"], arrays["user_bias"], arrays["item_bias"], meta["global_mean"],
+                   arrays["item_means"], IdMap(arrays["user_ids"], "user"), IdMap(arrays["item_ids"], "item"),
+                   arrays["seen_indptr"], arrays["seen_indices"], tuple(meta["rating_range"]), config,
+                   meta.get("metrics"))
+
+
+def _top_k_desc(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest scores, best first (ties by lower index)."""
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.lexsort((part, -scores[part]))]
+
+
+# ----------------------------------------------------------------- training
+def sparse_cost(params: dict, u, i, y, lambda_: float):
+    """The mission's cost ``J`` over the given ratings, from sparse index arrays (torch).
+
+    ``params`` holds ``X``, ``W``, ``b`` and optionally ``c`` (item bias) and ``mu``.
+    Equal to :func:`cofi_cost` on the same data when ``c`` and ``mu`` are zero.
+    """
+    pred = _torch_predict(params, u, i)
+    reg = params["W"].pow(2).sum() + params["X"].pow(2).sum()
+    return 0.5 * (pred - y).pow(2).sum() + lambda_ / 2 * reg
+
+
+def _torch_predict(params: dict, u, i):
+    pred = (params["W"][u] * params["X"][i]).sum(1) + params["b"][u]
+    if "c" in params:
+        pred = pred + params["c"][i]
+    if "mu" in params:
+        pred = pred + params["mu"]
+    return pred
+
+
+def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str | Path | None = None,
+             **overrides) -> CFModel:
+    """Train matrix factorisation on ``dataset``'s interactions.
+
+    Args:
+        dataset: the training interactions (its id maps define the model's users/items).
+        config: a :class:`CFConfig`; keyword ``overrides`` replace its fields
+            (``train_cf(ds, n_features=32, loss="bce")``).
+        curve_path: where to save the learning curve as JSON (and PNG) — optional.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    cfg = CFConfig(**{**asdict(config or CFConfig()), **overrides})
+    if dataset.n_ratings == 0:
+        raise ValueError("cannot train on a dataset with no interactions")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    rng = np.random.default_rng(cfg.seed)
+    n_users, n_items, f = dataset.n_users, dataset.n_items, cfg.n_features
+
+    u_all, i_all = dataset.user_idx.astype(np.int64), dataset.item_idx.astype(np.int64)
+    y_all = dataset.ratings.astype(np.float32)
+    if cfg.loss == "bce":
+        y_all = np.ones_like(y_all)  # every interaction is a positive
+    counts = np.bincount(i_all, minlength=n_items)
+    sums = np.bincount(i_all, weights=y_all, minlength=n_items)
+    fallback = float(y_all.mean())
+    item_means = np.where(counts > 0, sums / np.maximum(counts, 1), fallback).astype(np.float32)
+    if not cfg.mean_normalization:
+        item_means = np.zeros(n_items, np.float32)
+    target = y_all - item_means[i_all]
+
+    # Validation split for early stopping (seeded), out of the training interactions.
+    n_val = int(round(len(u_all) * cfg.validation_fraction))
+    perm = rng.permutation(len(u_all))
+    val_rows, fit_rows = perm[:n_val], perm[n_val:]
+
+    def to_t(a, dtype):
+        return torch.as_tensor(a, dtype=dtype, device=device)
+
+    U, I, Y = to_t(u_all[fit_rows], torch.long), to_t(i_all[fit_rows], torch.long), to_t(target[fit_rows], torch.float32)
+    Uv, Iv, Yv = to_t(u_all[val_rows], torch.long), to_t(i_all[val_rows], torch.long), to_t(target[val_rows], torch.float32)
+    N = len(fit_rows)
+
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    params = {
+        "X": torch.nn.Parameter((torch.randn(n_items, f, generator=gen) * cfg.init_std).to(device)),
+        "W": torch.nn.Parameter((torch.randn(n_users, f, generator=gen) * cfg.init_std).to(device)),
+        "b": torch.nn.Parameter(torch.zeros(n_users, device=device)),
+    }
+    if cfg.item_bias:
+        params["c"] = torch.nn.Parameter(torch.zeros(n_items, device=device))
+    if cfg.global_mean:
+        start_mu = float(target[fit_rows].mean()) if cfg.loss == "mse" else 0.0
+        params["mu"] = torch.nn.Parameter(torch.tensor(start_mu, device=device))
+    optimizer = torch.optim.Adam(params.values(), lr=cfg.learning_rate)
+
+    neg_cdf = None
+    if cfg.loss == "bce" and cfg.negative_sampling == "popularity":
+        neg_cdf = torch.as_tensor(np.cumsum(counts) / counts.sum(), dtype=torch.float64)
+
+    def sample_negatives(n: int, generator) -> "torch.Tensor":
+        if neg_cdf is None:
+            return torch.randint(0, n_items, (n,), generator=generator).to(device)
+        draws = torch.rand(n, generator=generator, dtype=torch.float64)
+        return torch.searchsorted(neg_cdf, draws).clamp_(max=n_items - 1).to(device)
+
+    def batch_loss(u, i, y):
+        pred = _torch_predict(params, u, i)
+        reg = params["W"].pow(2).sum() + params["X"].pow(2).sum()
+        if cfg.loss == "mse":
+            data_term = 0.5 * (pred - y).pow(2).mean()
+        else:
+            n_neg = len(u) * cfg.negative_ratio
+            neg_i = sample_negatives(n_neg, gen)
+            neg_u = u.repeat_interleave(cfg.negative_ratio)
+            logits = torch.cat([pred, _torch_predict(params, neg_u, neg_i)])
+            labels = torch.cat([torch.ones_like(pred), torch.zeros(n_neg, device=device)])
+            # Sum over the positive and its negatives, per positive, like the mse term.
+            data_term = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, labels, reduction="sum") / len(u)
+        return data_term + cfg.lambda_ / (2 * N) * reg
+
+    def validate() -> float:
+        if n_val == 0:
+            return math.nan
+        with torch.no_grad():
+            pred = _torch_predict(params, Uv, Iv)
+            if cfg.loss == "mse":
+                restored = pred + torch.as_tensor(item_means, device=device)[Iv]
+                truth = Yv + torch.as_tensor(item_means, device=device)[Iv]
+                lo, hi = float(y_all.min()), float(y_all.max())
+                return float(torch.sqrt(((restored.clamp(lo, hi) - truth) ** 2).mean()))
+            # The training objective's data term on held-out positives and their
+            # negatives (the same ones every epoch), so that both curves compare.
+            vgen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+            neg_i = sample_negatives(len(Uv) * cfg.negative_ratio, vgen)
+            neg_u = Uv.repeat_interleave(cfg.negative_ratio)
+            logits = torch.cat([pred, _torch_predict(params, neg_u, neg_i)])
+            labels = torch.cat([torch.ones_like(pred), torch.zeros(len(neg_i), device=device)])
+            return float(torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, labels, reduction="sum") / len(Uv))
+
+    val_name = "val_rmse" if cfg.loss == "mse" else "val_logloss"
+    curve = LearningCurve()
+    stopper = EarlyStopping(patience=cfg.patience)
+    best_state = {k: v.detach().clone() for k, v in params.items()}
+    steps = math.ceil(N / cfg.batch_size)
+    bar = tqdm(total=cfg.epochs * steps, desc="train cf", unit="batch", disable=not cfg.progress,
+               mininterval=0.5)
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(N, generator=gen).to(device)
+        running, seen = 0.0, 0
+        for s in range(steps):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            loss = batch_loss(U[idx], I[idx], Y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            bar.update(1)
+            if s % 20 == 0:
+                bar.set_postfix(epoch=epoch, loss=f"{running / seen:.4f}")
+        val = validate()
+        curve.add(epoch=epoch, train_loss=running / seen, **({val_name: val} if n_val else {}))
+        bar.set_postfix(epoch=epoch, loss=f"{running / seen:.4f}", **({val_name: f"{val:.4f}"} if n_val else {}))
+        if n_val:
+            improved, stop = stopper.step(val, epoch)
+            if improved:
+                best_state = {k: v.detach().clone() for k, v in params.items()}
+            if stop:
+                break
+        else:
+            best_state = {k: v.detach().clone() for k, v in params.items()}
+    bar.close()
+    if curve_path is not None:
+        curve.save(curve_path, title=f"CF ({cfg.loss})")
+
+    state = {k: v.cpu().numpy() for k, v in best_state.items()}
+    # Users (items) with no training interactions keep nothing but their random start
+    # shrunk by L2; zero them so that a cold user is predicted by the offsets alone.
+    user_has = np.bincount(u_all, minlength=n_users) > 0
+    item_has = counts > 0
+    W, X, b = state["W"] * user_has[:, None], state["X"] * item_has[:, None], state["b"] * user_has
+    ui = dataset.user_items()
+    return CFModel(
+        X=X, W=W, user_bias=b, item_bias=state.get("c", np.zeros(n_items, np.float32)),
+        global_mean=float(state.get("mu", 0.0)), item_means=item_means,
+        users=dataset.users, items=dataset.items, seen_indptr=ui.indptr, seen_indices=ui.indices,
+        rating_range=(float(dataset.ratings.min()), float(dataset.ratings.max())) if cfg.loss == "mse" else (0.0, 1.0),
+        config=cfg, metrics={"best_epoch": stopper.best_epoch, val_name: stopper.best if n_val else None,
+                             "epochs_run": len(curve.records)},
+    )

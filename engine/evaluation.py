@@ -1,0 +1,49 @@
+"""Offline evaluation shared by every model: rating error and top-N quality (B1/B2).
+
+Protocol B2: relevant items are a user's test items rated at least ``min_rating``;
+each user's ranking excludes the items they interacted with in training; metrics are
+averaged over users with at least one relevant item.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from engine import metrics
+from engine.data import Dataset
+
+
+def check_aligned(model_users, model_items, dataset: Dataset) -> None:
+    """Refuse to evaluate a model on data indexed by different id maps."""
+    if model_users != dataset.users or model_items != dataset.items:
+        raise ValueError("the model and the test data use different user/item id maps: "
+                         "evaluate on a split of the dataset the model was trained on")
+
+
+def rating_metrics(predict_indices: Callable[[np.ndarray, np.ndarray], np.ndarray], test: Dataset,
+                   clip: tuple[float, float] | None = None) -> dict[str, float]:
+    """RMSE and MAE of ``predict_indices(user_idx, item_idx)`` on the test ratings
+    (predictions clipped to ``clip`` when given, as protocol B1 asks)."""
+    pred = predict_indices(test.user_idx, test.item_idx)
+    if clip is not None:
+        pred = np.clip(pred, *clip)
+    return {"rmse": metrics.rmse(test.ratings, pred), "mae": metrics.mae(test.ratings, pred)}
+
+
+def topn_metrics(recommend_indices: Callable[[np.ndarray, int], np.ndarray], test: Dataset, k: int = 10,
+                 min_rating: float | None = 4.0) -> dict[str, float]:
+    """Top-N metrics at ``k`` for the users with relevant test items.
+
+    ``recommend_indices(user_indices, k)`` returns ``[n, k]`` item indices with the
+    training items already excluded.
+    """
+    relevant = metrics.relevant_matrix(test, min_rating)
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    if len(users) == 0:
+        raise ValueError("no test user has a relevant item")
+    recs = recommend_indices(users, k)
+    report = metrics.ranking_metrics(recs, relevant[users], k)
+    report["n_users_evaluated"] = int(len(users))
+    return report

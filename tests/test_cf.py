@@ -1,0 +1,220 @@
+"""CF: the NumPy reference against hand-computed values and finite differences, the
+torch cost against the reference, and the trained model's API."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine import data
+from engine.cf import CFModel, cofi_cost, cofi_gradients, sparse_cost, train_cf
+
+
+def small_problem(seed=0, n_items=5, n_users=4, f=3):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_items, f))
+    W = rng.normal(size=(n_users, f))
+    b = rng.normal(size=(1, n_users))
+    Y = rng.integers(1, 6, size=(n_items, n_users)).astype(float)
+    R = (rng.random((n_items, n_users)) < 0.6).astype(float)
+    return X, W, b, Y, R
+
+
+def test_cost_hand_computed():
+    # one item, two users, one feature; user 0 rated 2, user 1 did not rate.
+    X = np.array([[1.0]])
+    W = np.array([[2.0], [3.0]])
+    b = np.array([[0.5, -1.0]])
+    Y = np.array([[2.0, 5.0]])
+    R = np.array([[1.0, 0.0]])
+    # error = 2*1 + 0.5 - 2 = 0.5 -> 0.5 * 0.25 = 0.125; reg = 1.5/2 * (4 + 9 + 1) = 10.5
+    assert cofi_cost(X, W, b, Y, R, 1.5) == pytest.approx(0.125 + 10.5)
+    dX, dW, db = cofi_gradients(X, W, b, Y, R, 1.5)
+    np.testing.assert_allclose(dX, [[0.5 * 2 + 1.5 * 1]])
+    np.testing.assert_allclose(dW, [[0.5 * 1 + 1.5 * 2], [0 + 1.5 * 3]])
+    np.testing.assert_allclose(db, [[0.5, 0.0]])
+
+
+def test_gradients_match_finite_differences():
+    X, W, b, Y, R = small_problem()
+    lam = 0.7
+    analytic = cofi_gradients(X, W, b, Y, R, lam)
+    eps = 1e-6
+    for which, (param, grad) in enumerate(zip((X, W, b), analytic)):
+        numeric = np.zeros_like(param)
+        for idx in np.ndindex(param.shape):
+            plus, minus = [p.copy() for p in (X, W, b)], [p.copy() for p in (X, W, b)]
+            plus[which][idx] += eps
+            minus[which][idx] -= eps
+            numeric[idx] = (cofi_cost(*plus, Y, R, lam) - cofi_cost(*minus, Y, R, lam)) / (2 * eps)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_sparse_cost_and_autograd_equal_the_reference():
+    X, W, b, Y, R = small_problem(seed=3)
+    lam = 1.3
+    i, u = np.nonzero(R)  # the ratings as sparse (item, user) pairs
+    params = {"X": torch.tensor(X, requires_grad=True), "W": torch.tensor(W, requires_grad=True),
+              "b": torch.tensor(b[0], requires_grad=True)}
+    cost = sparse_cost(params, torch.tensor(u), torch.tensor(i), torch.tensor(Y[i, u]), lam)
+    assert float(cost.detach()) == pytest.approx(cofi_cost(X, W, b, Y, R, lam), rel=1e-12)
+    cost.backward()
+    dX, dW, db = cofi_gradients(X, W, b, Y, R, lam)
+    np.testing.assert_allclose(params["X"].grad.numpy(), dX, rtol=1e-10)
+    np.testing.assert_allclose(params["W"].grad.numpy(), dW, rtol=1e-10)
+    np.testing.assert_allclose(params["b"].grad.numpy(), db[0], rtol=1e-10)
+
+
+def test_minibatch_objective_sums_to_the_cost_over_n():
+    """One epoch's batch losses, weighted by batch size, add up to J / N (at fixed params)."""
+    X, W, b, Y, R = small_problem(seed=5, n_items=8, n_users=6)
+    lam = 0.9
+    i, u = np.nonzero(R)
+    N = len(i)
+    params = {"X": torch.tensor(X), "W": torch.tensor(W), "b": torch.tensor(b[0])}
+    total = 0.0
+    for chunk in np.array_split(np.arange(N), 3):
+        uu, ii = torch.tensor(u[chunk]), torch.tensor(i[chunk])
+        pred = (params["W"][uu] * params["X"][ii]).sum(1) + params["b"][uu]
+        batch = 0.5 * (pred - torch.tensor(Y[i[chunk], u[chunk]])).pow(2).mean() \
+            + lam / (2 * N) * (params["W"].pow(2).sum() + params["X"].pow(2).sum())
+        total += float(batch) * len(chunk)
+    assert total / N == pytest.approx(cofi_cost(X, W, b, Y, R, lam) / N)
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return data.make_synthetic(n_users=300, n_items=200, n_ratings=12_000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(synth):
+    return train_cf(synth, n_features=16, lambda_=5.0, learning_rate=0.01, epochs=30, batch_size=1024,
+                    progress=False, seed=0)
+
+
+def test_training_learns_better_than_the_mean(synth):
+    split = data.random_split(synth, 0.2, seed=0)
+    m = train_cf(split.train, n_features=16, lambda_=5.0, learning_rate=0.01, epochs=40, batch_size=1024,
+                 progress=False)
+    pred = m.predict(split.test.users.external(split.test.user_idx), split.test.items.external(split.test.item_idx))
+    rmse = np.sqrt(np.mean((pred - split.test.ratings) ** 2))
+    baseline = np.sqrt(np.mean((split.train.ratings.mean() - split.test.ratings) ** 2))
+    assert rmse < 0.9 * baseline  # generous margin: learning happened
+
+
+def test_training_is_seeded(synth):
+    a = train_cf(synth, n_features=4, epochs=2, progress=False, seed=1)
+    b = train_cf(synth, n_features=4, epochs=2, progress=False, seed=1)
+    np.testing.assert_array_equal(a.X, b.X)
+
+
+def test_predict_takes_external_ids_and_clips(model, synth):
+    pred = model.predict(["u0", "u1"], ["i0", "i5"])
+    assert pred.shape == (2,) and ((pred >= 1) & (pred <= 5)).all()
+    with pytest.raises(KeyError, match="unknown user id 'zzz'"):
+        model.predict(["zzz"], ["i0"])
+
+
+def test_recommend_is_exact_brute_force_excluding_seen(model, synth):
+    u = synth.users.index("u3")
+    ids, scores = model.recommend("u3", k=5)
+    all_scores = model.X @ model.W[u] + model.user_bias[u] + model.item_offsets
+    all_scores[model.seen(u)] = -np.inf
+    expected = np.argsort(-all_scores, kind="stable")[:5]
+    np.testing.assert_array_equal(ids, synth.items.external(expected))
+    assert np.all(np.diff(scores) <= 0)
+    assert not set(synth.items.indices(ids)) & set(model.seen(u).tolist())
+    with_seen, _ = model.recommend("u3", k=5, exclude_seen=False)
+    assert len(with_seen) == 5
+    batch = model.recommend_indices(np.array([u]), k=5)
+    np.testing.assert_array_equal(batch[0], expected)
+
+
+def test_similar_items_by_squared_distance(model):
+    ids, dist = model.similar_items("i7", k=4)
+    x = model.X[model.items.index("i7")]
+    d = ((model.X - x) ** 2).sum(1)
+    d[model.items.index("i7")] = np.inf
+    np.testing.assert_array_equal(model.items.indices(ids), np.argsort(d, kind="stable")[:4])
+    np.testing.assert_allclose(dist, np.sort(d)[:4], rtol=1e-5)
+    assert "i7" not in ids and np.all(np.diff(dist) >= 0)
+
+
+def test_fold_in_matches_a_direct_minimisation(model):
+    items, ratings = ["i1", "i2", "i3", "i10"], [5.0, 4.0, 1.0, 2.0]
+    folded = model.fold_in(items, ratings)
+    idx = model.items.indices(items)
+    Xs = model.X[idx].astype(np.float64)
+    target = np.asarray(ratings) - model.item_offsets[idx]
+    lam = model.config.lambda_
+
+    def cost(theta):
+        e = Xs @ theta[:-1] + theta[-1] - target
+        return 0.5 * e @ e + lam / 2 * theta[:-1] @ theta[:-1]
+
+    theta = np.r_[folded.vector, folded.bias]
+    base = cost(theta)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # the closed form is the minimum: every perturbation costs more
+        assert cost(theta + rng.normal(0, 1e-3, theta.shape)) >= base - 1e-9
+    ids, _ = model.recommend(folded, k=3)
+    assert not set(ids) & set(items)
+
+
+def test_cold_user_gets_item_means_with_mean_normalisation():
+    ds = data.from_arrays(["a", "a", "b", "b", "c"], ["x", "y", "x", "z", "z"], [5, 3, 4, 1, 2])
+    # a user who exists in the id map but has no ratings
+    users = data.IdMap(list(ds.users.ids) + ["cold"], "user")
+    ds = data.Dataset(ds.user_idx, ds.item_idx, ds.ratings, ds.timestamps, users, ds.items)
+    m = train_cf(ds, n_features=2, epochs=20, mean_normalization=True, validation_fraction=0.0, progress=False)
+    np.testing.assert_allclose(m.predict(["cold"] * 3, ["x", "y", "z"]), [4.5, 3.0, 1.5], rtol=1e-6)
+
+
+def test_save_load_round_trip_without_pickle(model, tmp_path):
+    model.save(tmp_path / "cf")
+    loaded = CFModel.load(tmp_path / "cf")
+    np.testing.assert_array_equal(loaded.X, model.X)
+    np.testing.assert_array_equal(loaded.predict(["u0"], ["i1"]), model.predict(["u0"], ["i1"]))
+    assert loaded.recommend("u2", k=3)[0].tolist() == model.recommend("u2", k=3)[0].tolist()
+    meta = json.loads((tmp_path / "cf" / "cf.json").read_text())
+    meta["n_features"] = 99
+    (tmp_path / "cf" / "cf.json").write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="expected shape"):
+        CFModel.load(tmp_path / "cf")
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "popularity"])
+def test_bce_with_negative_sampling_learns(sampling):
+    synth = data.make_synthetic(n_users=1000, n_items=400, n_ratings=20_000, seed=0)
+    split = data.random_split(synth, 0.2, seed=0)
+    m = train_cf(split.train, loss="bce", n_features=16, lambda_=5.0, learning_rate=0.01, epochs=20,
+                 batch_size=1024, negative_sampling=sampling, progress=False)
+    assert m.metrics["best_epoch"] > 1  # the validation loss improved: it trained
+    u, i = split.test.user_idx, split.test.item_idx
+    rng = np.random.default_rng(0)
+    # AUC against negatives drawn as in training (0.5 is chance): popularity-sampled
+    # negatives teach the model to look past popularity, so it is judged on those.
+    counts = np.bincount(split.train.item_idx, minlength=synth.n_items)
+    p = counts / counts.sum() if sampling == "popularity" else None
+    pos = m.predict_indices(u, i)
+    neg = m.predict_indices(u, rng.choice(synth.n_items, len(u), p=p))
+    assert (pos > neg).mean() > 0.56
+    folded = m.fold_in(["i1", "i2"])
+    assert np.isfinite(folded.vector).all()
+
+
+def test_learning_curve_is_saved(synth, tmp_path):
+    train_cf(synth, n_features=4, epochs=3, progress=False, curve_path=tmp_path / "curve.json")
+    records = json.loads((tmp_path / "curve.json").read_text())
+    assert [r["epoch"] for r in records] == [1, 2, 3] and "val_rmse" in records[0]
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_bad_config_is_refused(synth):
+    with pytest.raises(ValueError, match="loss"):
+        train_cf(synth, loss="hinge")
+    with pytest.raises(TypeError):
+        train_cf(synth, n_factors=3)
