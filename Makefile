@@ -41,7 +41,9 @@ bench-cf: install-bench  ## B1 + B2: CF on ML-100K u1..u5 beside surprise SVD/SV
 bench-cf-scale: install  ## B6: one CF epoch on synthetic 20M ratings (ratings/s, peak RSS)
 	$(PY) bench/cf_scale.py
 
-demo: install describe  ## set up and run the pipeline end to end on the default data
+demo: install describe  ## set up, train CF on the default data, evaluate it and print recommendations
+	$(VENV)/bin/tandem train-cf --no-progress $(if $(filter auto,$(DATA)),,--data $(DATA))
+	$(VENV)/bin/tandem recommend-cf --example $(if $(filter auto,$(DATA)),,--data $(DATA))
 
 bench-synthetic: install  ## time the synthetic generator at 20M ratings (peak memory too)
 	$(PY) bench/synthetic_scale.py

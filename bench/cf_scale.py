@@ -1,12 +1,12 @@
 """Benchmark B6 for CF: training throughput and peak memory on synthetic 20M ratings.
 
 One epoch of minibatch Adam over ML-20M-sized synthetic data (~140k users, ~27k items).
-Reports ratings/s over the whole ``train_cf`` call (setup included, so conservative) and
-the peak RSS of the process (the generator's data included). Targets: >= 1M ratings/s,
+Reports ratings/s of the epoch itself and over the whole ``train_cf`` call (setup
+included), and the peak RSS of the process (the generator's data included). Targets: >= 1M ratings/s,
 <= 3 GB. Large batches are the throughput setting: the default batch of 1024 is tuned
 for ML-100K accuracy, not for speed.
 
-Usage: python bench/cf_scale.py [--n-ratings 20000000] [--batch-size 65536] [--device cpu]
+Usage: python bench/cf_scale.py [--n-ratings 20000000] [--batch-size 262144] [--device cpu]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--n-users", type=int, default=140_000)
     parser.add_argument("--n-items", type=int, default=27_000)
     parser.add_argument("--n-ratings", type=int, default=20_000_000)
-    parser.add_argument("--batch-size", type=int, default=65_536)
+    parser.add_argument("--batch-size", type=int, default=262_144)
     parser.add_argument("--n-features", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -42,14 +42,17 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     result = {"n_ratings": ds.n_ratings, "n_users": ds.n_users, "n_items": ds.n_items,
               "batch_size": args.batch_size, "n_features": args.n_features, "device": args.device,
-              "generate_s": gen_s, "train_one_epoch_s": train_s, "ratings_per_s": ds.n_ratings / train_s,
+              "generate_s": gen_s, "train_cf_call_s": train_s,
+              "ratings_per_s_whole_call": ds.n_ratings / train_s,
+              "ratings_per_s_epoch": model.metrics["ratings_per_second"],
               "peak_rss_gb": peak, "peak_rss_after_generation_gb": rss_after_data,
               "train_loss": model.metrics}
     out = Path(__file__).resolve().parent / "results" / "cf_scale.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"B6 CF: {ds.n_ratings:,} ratings, one epoch in {train_s:.1f} s = "
-          f"{result['ratings_per_s'] / 1e6:.2f} M ratings/s (target >= 1.0); peak RSS {peak:.2f} GB "
+    print(f"B6 CF: {ds.n_ratings:,} ratings, one epoch at {result['ratings_per_s_epoch'] / 1e6:.2f} M ratings/s "
+          f"(target >= 1.0; {result['ratings_per_s_whole_call'] / 1e6:.2f} M/s over the whole train_cf call "
+          f"of {train_s:.1f} s, setup included); peak RSS {peak:.2f} GB "
           f"(target <= 3.0; {rss_after_data:.2f} GB after generating the data) -> {out}")
 
 

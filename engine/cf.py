@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
@@ -365,12 +366,40 @@ def sparse_cost(params: dict, u, i, y, lambda_: float):
 
 
 def _torch_predict(params: dict, u, i):
-    pred = (params["W"][u] * params["X"][i]).sum(1) + params["b"][u]
+    from torch.nn.functional import embedding
+
+    # embedding() rather than W[u]: its backward accumulates rows several times faster
+    # on CPU than advanced indexing's, which dominates a step at B6's scale.
+    pred = (embedding(u, params["W"]) * embedding(i, params["X"])).sum(1)
+    pred = pred + embedding(u, params["b"][:, None])[:, 0]
     if "c" in params:
-        pred = pred + params["c"][i]
+        pred = pred + embedding(i, params["c"][:, None])[:, 0]
     if "mu" in params:
         pred = pred + params["mu"]
     return pred
+
+
+def mse_data_term(params: dict, u, i, y):
+    """A minibatch's data term for ``mse``: half the mean squared error."""
+    return 0.5 * (_torch_predict(params, u, i) - y).pow(2).mean()
+
+
+def add_l2_gradient(params: dict, lambda_: float, n_ratings: int) -> None:
+    """Add the gradient of :func:`l2_term` — ``(lambda / n_ratings) W`` and likewise for
+    ``X`` — to ``W.grad`` and ``X.grad``."""
+    import torch
+
+    with torch.no_grad():
+        for name in ("W", "X"):
+            params[name].grad.add_(params[name], alpha=lambda_ / n_ratings)
+
+
+def l2_term(params: dict, lambda_: float, n_ratings: int) -> float:
+    """A minibatch's share of the cost's L2 terms: ``lambda / (2 n_ratings) (|W|^2 + |X|^2)``."""
+    import torch
+
+    with torch.no_grad():
+        return float(lambda_ / (2 * n_ratings) * (params["W"].pow(2).sum() + params["X"].pow(2).sum()))
 
 
 def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str | Path | None = None,
@@ -429,7 +458,10 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
     if cfg.global_mean:
         start_mu = float(target[fit_rows].mean()) if cfg.loss == "mse" else 0.0
         params["mu"] = torch.nn.Parameter(torch.tensor(start_mu, device=device))
-    optimizer = torch.optim.Adam(params.values(), lr=cfg.learning_rate)
+    try:  # the fused kernel is ~10% faster per step where the device supports it
+        optimizer = torch.optim.Adam(params.values(), lr=cfg.learning_rate, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        optimizer = torch.optim.Adam(params.values(), lr=cfg.learning_rate)
 
     neg_cdf = None
     if cfg.loss == "bce" and cfg.negative_sampling == "popularity":
@@ -441,12 +473,14 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
         draws = torch.rand(n, generator=generator, dtype=torch.float64)
         return torch.searchsorted(neg_cdf, draws).clamp_(max=n_items - 1).to(device)
 
-    def batch_loss(u, i, y):
-        pred = _torch_predict(params, u, i)
-        reg = params["W"].pow(2).sum() + params["X"].pow(2).sum()
+    def batch_data_loss(u, i, y):
+        """The data term of a batch. Its L2 part, lambda/(2N) (|W|^2 + |X|^2), enters as
+        its exact gradient (lambda/N) W in :func:`add_l2_gradient`: the same step as
+        autograd would take, without a dense backward pass through the whole tables."""
         if cfg.loss == "mse":
-            data_term = 0.5 * (pred - y).pow(2).mean()
+            data_term = mse_data_term(params, u, i, y)
         else:
+            pred = _torch_predict(params, u, i)
             n_neg = len(u) * cfg.negative_ratio
             neg_i = sample_negatives(n_neg, gen)
             neg_u = u.repeat_interleave(cfg.negative_ratio)
@@ -455,7 +489,8 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
             # Sum over the positive and its negatives, per positive, like the mse term.
             data_term = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, labels, reduction="sum") / len(u)
-        return data_term + cfg.lambda_ / (2 * N) * reg
+        return data_term
+
 
     def validate() -> float:
         if n_val == 0:
@@ -485,22 +520,31 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
     bar = tqdm(total=cfg.epochs * steps, desc="train cf", unit="batch", disable=not cfg.progress,
                mininterval=0.5)
     for epoch in range(1, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
         order = torch.randperm(N, generator=gen).to(device)
         running, seen = 0.0, 0
         for s in range(steps):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            loss = batch_loss(U[idx], I[idx], Y[idx])
+            loss = batch_data_loss(U[idx], I[idx], Y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            add_l2_gradient(params, cfg.lambda_, N)
             optimizer.step()
             running += float(loss.detach()) * len(idx)
             seen += len(idx)
             bar.update(1)
             if s % 20 == 0:
-                bar.set_postfix(epoch=epoch, loss=f"{running / seen:.4f}")
+                bar.set_postfix(epoch=epoch, loss=f"{running / seen + l2_term(params, cfg.lambda_, N):.4f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_seconds = time.perf_counter() - epoch_start
         val = validate()
-        curve.add(epoch=epoch, train_loss=running / seen, **({val_name: val} if n_val else {}))
-        bar.set_postfix(epoch=epoch, loss=f"{running / seen:.4f}", **({val_name: f"{val:.4f}"} if n_val else {}))
+        # The epoch's mean data term plus the L2 term at the epoch's end: J / N, up to the
+        # parameters moving within the epoch.
+        train_loss = running / seen + l2_term(params, cfg.lambda_, N)
+        curve.add(epoch=epoch, train_loss=train_loss, seconds=epoch_seconds,
+                  **({val_name: val} if n_val else {}))
+        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **({val_name: f"{val:.4f}"} if n_val else {}))
         if n_val:
             improved, stop = stopper.step(val, epoch)
             if improved:
@@ -526,5 +570,6 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
         users=dataset.users, items=dataset.items, seen_indptr=ui.indptr, seen_indices=ui.indices,
         rating_range=(float(dataset.ratings.min()), float(dataset.ratings.max())) if cfg.loss == "mse" else (0.0, 1.0),
         config=cfg, metrics={"best_epoch": stopper.best_epoch, val_name: stopper.best if n_val else None,
-                             "epochs_run": len(curve.records)},
+                             "epochs_run": len(curve.records),
+                             "ratings_per_second": N / float(np.median([r["seconds"] for r in curve.records]))},
     )

@@ -7,6 +7,7 @@ setting (repeatable). Commands:
     tandem data describe [PATH] [--top N] [--json]
     tandem train-cf [--data PATH] [--split SPLIT] [--out DIR] [hyperparameters]
     tandem eval-cf [--model DIR] [--data PATH] [--split SPLIT] [--k K]
+    tandem recommend-cf [--user ID] [--similar-to ITEM_ID] [--k K]
     tandem config show
 """
 
@@ -16,6 +17,8 @@ import argparse
 import json
 import sys
 from typing import Callable
+
+import numpy as np
 
 from engine import __version__
 from pathlib import Path
@@ -124,6 +127,44 @@ def cmd_eval_cf(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def _titles_for(config: dict, source: str | None):
+    """A function item id -> readable title, from the configured dataset when it has titles."""
+    try:
+        dataset = load_dataset(config, source)
+    except TandemError:
+        return str
+    if dataset.item_titles is None:
+        return str
+    return lambda item_id: dataset.title(dataset.items.index(item_id)) if item_id in dataset.items else str(item_id)
+
+
+def cmd_recommend_cf(args: argparse.Namespace, config: dict) -> int:
+    from engine.cf import CFModel
+
+    model = CFModel.load(args.model or Path(config["paths"]["models"]) / "cf")
+    title = _titles_for(config, args.data)
+    if args.example:  # the most active user and the most rated item of the training data
+        counts = np.diff(model.seen_indptr)
+        args.user = args.user or str(model.users.ids[int(np.argmax(counts))])
+        popularity = np.bincount(model.seen_indices, minlength=len(model.items))
+        args.similar_to = args.similar_to or str(model.items.ids[int(np.argmax(popularity))])
+    if args.user is not None:
+        ids, scores = model.recommend(args.user, k=args.k)
+        print(f"Top {len(ids)} for user {args.user} (CF, seen items excluded):")
+        rated = [title(i) for i in model.items.external(model.seen(model.users.index(args.user))[:5])]
+        print(f"  (rated e.g. {'; '.join(rated)})")
+        for rank, (item, score) in enumerate(zip(ids, scores), start=1):
+            print(f"  {rank:2d}. {title(item):<50} predicted {score:.2f}")
+    if args.similar_to is not None:
+        ids, dist = model.similar_items(args.similar_to, k=args.k)
+        print(f"More like {title(args.similar_to)} (CF item vectors, squared distance):")
+        for rank, (item, d) in enumerate(zip(ids, dist), start=1):
+            print(f"  {rank:2d}. {title(item):<50} distance {d:.3f}")
+    if args.user is None and args.similar_to is None:
+        raise ConfigError("recommend-cf needs --user ID, --similar-to ITEM_ID or --example")
+    return 0
+
+
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
     p.add_argument("--split", help="auto, u1..u5, ua, ub, random, last, cold-items or none "
@@ -185,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(eval_cf)
     eval_cf.add_argument("--model", metavar="DIR", help="model directory (default: <paths.models>/cf)")
     eval_cf.set_defaults(handler=cmd_eval_cf)
+
+    rec = commands.add_parser("recommend-cf", help="print CF recommendations and similar items with titles",
+                              description="Query a trained CF model directly (exact brute force).")
+    rec.add_argument("--model", metavar="DIR", help="model directory (default: <paths.models>/cf)")
+    rec.add_argument("--data", metavar="PATH", help="dataset for titles (default: data.source)")
+    rec.add_argument("--user", help="external user id to recommend for")
+    rec.add_argument("--similar-to", metavar="ITEM_ID", help="external item id to find neighbours of")
+    rec.add_argument("--example", action="store_true",
+                     help="use the most active user and the most rated item as examples")
+    rec.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+    rec.set_defaults(handler=cmd_recommend_cf)
 
     config_parser = commands.add_parser("config", help="show the effective configuration")
     config_parser.set_defaults(group_parser=config_parser)

@@ -66,21 +66,35 @@ def test_torch_sparse_cost_and_autograd_equal_the_reference():
     np.testing.assert_allclose(params["b"].grad.numpy(), db[0], rtol=1e-10)
 
 
-def test_minibatch_objective_sums_to_the_cost_over_n():
-    """One epoch's batch losses, weighted by batch size, add up to J / N (at fixed params)."""
+def test_trainer_minibatch_steps_follow_the_cost():
+    """The trainer's pieces: over one epoch of batches, data term + L2 share add up to
+    J / N, and the summed gradients (data term by autograd, L2 added by hand) equal the
+    reference gradient of J divided by N."""
+    from engine.cf import add_l2_gradient, l2_term, mse_data_term
+
     X, W, b, Y, R = small_problem(seed=5, n_items=8, n_users=6)
     lam = 0.9
     i, u = np.nonzero(R)
     N = len(i)
-    params = {"X": torch.tensor(X), "W": torch.tensor(W), "b": torch.tensor(b[0])}
+    params = {"X": torch.tensor(X, requires_grad=True), "W": torch.tensor(W, requires_grad=True),
+              "b": torch.tensor(b[0], requires_grad=True)}
     total = 0.0
+    grads = {k: np.zeros_like(v.detach().numpy()) for k, v in params.items()}
     for chunk in np.array_split(np.arange(N), 3):
-        uu, ii = torch.tensor(u[chunk]), torch.tensor(i[chunk])
-        pred = (params["W"][uu] * params["X"][ii]).sum(1) + params["b"][uu]
-        batch = 0.5 * (pred - torch.tensor(Y[i[chunk], u[chunk]])).pow(2).mean() \
-            + lam / (2 * N) * (params["W"].pow(2).sum() + params["X"].pow(2).sum())
-        total += float(batch) * len(chunk)
+        for p in params.values():
+            p.grad = None
+        data = mse_data_term(params, torch.tensor(u[chunk]), torch.tensor(i[chunk]),
+                             torch.tensor(Y[i[chunk], u[chunk]]))
+        data.backward()
+        add_l2_gradient(params, lam, N)
+        total += (float(data.detach()) + l2_term(params, lam, N)) * len(chunk)
+        for k, p in params.items():
+            grads[k] += p.grad.numpy() * len(chunk)
     assert total / N == pytest.approx(cofi_cost(X, W, b, Y, R, lam) / N)
+    dX, dW, db = cofi_gradients(X, W, b, Y, R, lam)
+    np.testing.assert_allclose(grads["X"] / N, dX / N, rtol=1e-10)
+    np.testing.assert_allclose(grads["W"] / N, dW / N, rtol=1e-10)
+    np.testing.assert_allclose(grads["b"] / N, db[0] / N, rtol=1e-10)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,226 @@
+"""Feature pipelines for the two-tower model, fitted on training data only.
+
+A :class:`FeaturePipeline` turns a :class:`~engine.data.FeatureTable` (or raw feature
+dicts, for users and items never seen) plus training-rating statistics into a dense
+float32 matrix. Everything it learned — vocabularies, means, scales, statistics — is
+plain JSON and arrays, so it saves without pickle.
+
+Column kinds, chosen from the data:
+
+- numeric (float32 columns): standardised with the training mean/std; a missing value
+  becomes 0 and sets a ``<name>_missing`` flag;
+- categorical (string columns): one-hot over the training vocabulary (categories seen at
+  least ``min_count`` times), plus an ``<unknown>`` column for anything else or missing;
+- ``zip_code``: reduced to its region (first character) and one-hot encoded;
+- multi-hot (2-D columns, e.g. genres): copied as is;
+- the rating history: for users, the average (centred on the global mean) and
+  ``log1p`` count of their training ratings overall and per genre, as the mission's
+  reference does; for items, their average (centred) and ``log1p`` count. Users and items
+  with no training ratings get zeros: "no history".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from engine.data import Dataset, FeatureTable
+
+UNKNOWN = "<unknown>"
+
+
+@dataclass
+class ColumnEncoder:
+    """How one raw column becomes output columns (``kind``: numeric, onehot, region, multihot)."""
+
+    name: str
+    kind: str
+    mean: float = 0.0
+    std: float = 1.0
+    vocab: list[str] = field(default_factory=list)
+    width: int = 0  # multihot: number of labels
+
+    @property
+    def output_names(self) -> list[str]:
+        if self.kind == "numeric":
+            return [self.name, f"{self.name}_missing"]
+        if self.kind in ("onehot", "region"):
+            return [f"{self.name}={v}" for v in self.vocab] + [f"{self.name}={UNKNOWN}"]
+        return [f"{self.name}[{k}]" for k in range(self.width)]
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        """``values``: the raw column ``[n]`` (or ``[n, width]`` for multihot)."""
+        n = len(values)
+        if self.kind == "numeric":
+            v = np.asarray(values, np.float64)
+            missing = ~np.isfinite(v)
+            z = np.where(missing, 0.0, (np.where(missing, self.mean, v) - self.mean) / self.std)
+            return np.stack([z, missing.astype(np.float64)], axis=1).astype(np.float32)
+        if self.kind in ("onehot", "region"):
+            text = np.asarray(values).astype(str)
+            if self.kind == "region":
+                text = np.array([s.strip()[:1].upper() for s in text.tolist()])
+            lookup = {v: k for k, v in enumerate(self.vocab)}
+            cols = np.array([lookup.get(s, len(self.vocab)) if s else len(self.vocab) for s in text.tolist()],
+                            dtype=np.int64)
+            out = np.zeros((n, len(self.vocab) + 1), np.float32)
+            out[np.arange(n), cols] = 1.0
+            return out
+        v = np.asarray(values, np.float32).reshape(n, -1)
+        if v.shape[1] != self.width:
+            raise ValueError(f"feature {self.name!r} has {v.shape[1]} values, expected {self.width}")
+        return v
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "mean": self.mean, "std": self.std,
+                "vocab": self.vocab, "width": self.width}
+
+
+def fit_column(name: str, values: np.ndarray, rows: np.ndarray, min_count: int = 1) -> ColumnEncoder:
+    """Fit an encoder for one column on the training ``rows`` of ``values``."""
+    values = np.asarray(values)
+    train = values[rows] if len(rows) else values[:0]
+    if values.ndim == 2:
+        return ColumnEncoder(name, "multihot", width=values.shape[1])
+    if values.dtype.kind == "f":
+        finite = train[np.isfinite(train)]
+        mean = float(finite.mean()) if len(finite) else 0.0
+        std = float(finite.std()) if len(finite) > 1 else 1.0
+        return ColumnEncoder(name, "numeric", mean=mean, std=std if std > 1e-6 else 1.0)
+    text = train.astype(str)
+    kind = "onehot"
+    if name == "zip_code":
+        kind = "region"
+        text = np.array([s.strip()[:1].upper() for s in text.tolist()])
+    uniques, counts = np.unique(text[text != ""], return_counts=True)
+    return ColumnEncoder(name, kind, vocab=[str(u) for u, c in zip(uniques, counts) if c >= min_count])
+
+
+class FeaturePipeline:
+    """Encodes one side (users or items): raw feature columns plus rating history.
+
+    Build with :func:`fit_user_pipeline` / :func:`fit_item_pipeline`.
+    """
+
+    def __init__(self, side: str, encoders: list[ColumnEncoder], history: np.ndarray,
+                 history_names: list[str]):
+        self.side = side
+        self.encoders = encoders
+        self.history = np.asarray(history, np.float32)  # [n_entities, n_history] per known entity
+        self.history_names = list(history_names)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [n for e in self.encoders for n in e.output_names] + self.history_names
+
+    @property
+    def dim(self) -> int:
+        return len(self.output_names)
+
+    def transform_table(self, table: FeatureTable | None, rows: np.ndarray) -> np.ndarray:
+        """Feature matrix ``[len(rows), dim]`` for known entities (dense indices)."""
+        rows = np.asarray(rows, np.int64)
+        parts = [e.encode(_column(table, e, rows)) for e in self.encoders]
+        parts.append(self.history[rows])
+        return np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((len(rows), 0), np.float32)
+
+    def transform_dicts(self, rows: Iterable[Mapping[str, object]]) -> np.ndarray:
+        """Feature matrix for entities given as raw feature dicts (cold start). Missing
+        keys are missing values; unknown keys are errors; the history is empty."""
+        rows = list(rows)
+        known = {e.name for e in self.encoders}
+        for r in rows:
+            unknown = set(r) - known
+            if unknown:
+                raise ValueError(f"unknown {self.side} feature(s) {sorted(unknown)}; known: {sorted(known)}")
+        parts = []
+        for e in self.encoders:
+            if e.kind == "multihot":
+                col = np.array([np.asarray(r.get(e.name, np.zeros(e.width)), np.float32) for r in rows])
+                col = col.reshape(len(rows), e.width)
+            elif e.kind == "numeric":
+                col = np.array([_as_float(e.name, r.get(e.name)) for r in rows], np.float64)
+            else:
+                col = np.array([str(r.get(e.name, "") or "") for r in rows])
+            parts.append(e.encode(col))
+        parts.append(np.zeros((len(rows), len(self.history_names)), np.float32))
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    def to_json(self) -> dict:
+        return {"side": self.side, "encoders": [e.to_json() for e in self.encoders],
+                "history_names": self.history_names}
+
+    @classmethod
+    def from_json(cls, meta: dict, history: np.ndarray) -> "FeaturePipeline":
+        return cls(meta["side"], [ColumnEncoder(**e) for e in meta["encoders"]], history, meta["history_names"])
+
+
+def _as_float(name: str, value: object) -> float:
+    if value is None or value == "":
+        return float("nan")
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"feature {name!r} must be a number, got {value!r}") from None
+    if not np.isfinite(v):
+        raise ValueError(f"feature {name!r} must be finite, got {value!r}")
+    return v
+
+
+def _column(table: FeatureTable | None, encoder: ColumnEncoder, rows: np.ndarray) -> np.ndarray:
+    if table is None or encoder.name not in table.columns:
+        n = len(rows)
+        if encoder.kind == "multihot":
+            return np.zeros((n, encoder.width), np.float32)
+        return np.full(n, np.nan) if encoder.kind == "numeric" else np.full(n, "")
+    return table.columns[encoder.name][rows]
+
+
+def _genres(dataset: Dataset) -> tuple[np.ndarray | None, list[str]]:
+    if dataset.item_features is None or "genres" not in dataset.item_features.columns:
+        return None, []
+    return (dataset.item_features.columns["genres"].astype(np.float32),
+            list(dataset.item_features.labels.get("genres", [])))
+
+
+def fit_user_pipeline(train: Dataset, min_count: int = 1) -> FeaturePipeline:
+    """User features: the table's columns, plus each user's rating history overall and
+    per genre (average centred on the global mean, ``log1p`` count) from ``train``."""
+    has_ratings = np.unique(train.user_idx)
+    table = train.user_features
+    encoders = [fit_column(name, col, has_ratings, min_count) for name, col in (table.columns.items() if table else [])]
+    mean = float(train.ratings.mean()) if train.n_ratings else 0.0
+    centred = train.ratings - mean
+    count = np.bincount(train.user_idx, minlength=train.n_users).astype(np.float64)
+    total = np.bincount(train.user_idx, weights=centred, minlength=train.n_users)
+    history = [total / np.maximum(count, 1), np.log1p(count)]
+    names = ["avg_rating", "log_count"]
+    genres, labels = _genres(train)
+    if genres is not None:
+        g = genres[train.item_idx]  # [n_ratings, n_genres]
+        import scipy.sparse as sp
+
+        by_user = sp.csr_matrix((np.ones(train.n_ratings), (train.user_idx, np.arange(train.n_ratings))),
+                                shape=(train.n_users, train.n_ratings))
+        g_count = np.asarray(by_user @ g)
+        g_sum = np.asarray(by_user @ (g * centred[:, None]))
+        history += [g_sum / np.maximum(g_count, 1), np.log1p(g_count)]
+        names += [f"avg_rating[{l}]" for l in labels] + [f"log_count[{l}]" for l in labels]
+    hist = np.column_stack([h if h.ndim == 2 else h[:, None] for h in history]).astype(np.float32)
+    return FeaturePipeline("user", encoders, hist, names)
+
+
+def fit_item_pipeline(train: Dataset, min_count: int = 1) -> FeaturePipeline:
+    """Item features: the table's columns (genres, year, ...; titles and tags left out),
+    plus each item's training average rating (centred) and ``log1p`` count."""
+    has_ratings = np.unique(train.item_idx)
+    table = train.item_features
+    encoders = [fit_column(name, col, has_ratings, min_count) for name, col in (table.columns.items() if table else [])
+                if name not in ("tags",)]
+    mean = float(train.ratings.mean()) if train.n_ratings else 0.0
+    count = np.bincount(train.item_idx, minlength=train.n_items).astype(np.float64)
+    total = np.bincount(train.item_idx, weights=train.ratings - mean, minlength=train.n_items)
+    hist = np.column_stack([total / np.maximum(count, 1), np.log1p(count)]).astype(np.float32)
+    return FeaturePipeline("item", encoders, hist, ["avg_rating", "log_count"])

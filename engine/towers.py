@@ -1,0 +1,392 @@
+"""The content-based two-tower model (``mission.md``), with cold start.
+
+A user feature vector and an item feature vector (:mod:`engine.features`) pass through
+two separate MLPs — by default Dense 256 ReLU -> Dense 128 ReLU -> Dense 32, output
+L2-normalised — and the score is the dot product ``v_u . v_m``. Two objectives:
+
+- ``mse`` (the mission's): the dot product regresses the rating scaled to [-1, 1];
+- ``softmax``: in-batch sampled softmax over the batch's items with the log-q
+  popularity correction (each logit minus the log of its item's sampling probability,
+  so popular items are not over-penalised as negatives) and accidental hits masked.
+
+Users and items never seen in training are embedded from their features alone, through
+the same methods. Serving runs the towers in NumPy on exported weights
+(:class:`NumpyTower`): for one request that is several times faster than torch, and the
+tests check that both give the same vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from engine.data import Dataset, IdMap
+from engine.errors import TandemError
+from engine.features import FeaturePipeline, fit_item_pipeline, fit_user_pipeline
+from engine.train import EarlyStopping, LearningCurve, resolve_device, seed_everything
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TowerConfig:
+    """Training settings of :func:`train_two_tower` (the ``[towers]`` section of tandem.toml)."""
+
+    hidden_layers: tuple[int, ...] = (256, 128)
+    output_dim: int = 32
+    objective: str = "mse"  # "mse" (ratings scaled to [-1, 1]) or "softmax" (retrieval)
+    learning_rate: float = 0.01
+    epochs: int = 30
+    batch_size: int = 1024
+    temperature: float = 0.05  # softmax: logits are cosine / temperature
+    logq_correction: bool = True  # softmax: subtract log item sampling probability
+    weight_decay: float = 0.0
+    validation_fraction: float = 0.05
+    patience: int = 3
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.hidden_layers = tuple(int(h) for h in self.hidden_layers)
+        if self.objective not in ("mse", "softmax"):
+            raise ValueError(f"objective must be 'mse' or 'softmax', got {self.objective!r}")
+        if any(h < 1 for h in self.hidden_layers) or self.output_dim < 1:
+            raise ValueError("layer sizes must be positive")
+        for name in ("epochs", "batch_size", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.learning_rate <= 0 or self.temperature <= 0:
+            raise ValueError("learning_rate and temperature must be positive")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TowerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown tower setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+class NumpyTower:
+    """An MLP tower on exported weights: ReLU between layers, L2-normalised output.
+
+    ``weights[k]`` is ``[in, out]`` and ``biases[k]`` is ``[out]``.
+    """
+
+    def __init__(self, weights: list[np.ndarray], biases: list[np.ndarray]):
+        self.weights = [np.ascontiguousarray(w, np.float32) for w in weights]
+        self.biases = [np.ascontiguousarray(b, np.float32) for b in biases]
+
+    @property
+    def input_dim(self) -> int:
+        return self.weights[0].shape[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """``[n, input_dim]`` features -> ``[n, output_dim]`` unit vectors."""
+        h = np.asarray(x, np.float32)
+        last = len(self.weights) - 1
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = h @ w + b
+            if k < last:
+                np.maximum(h, 0, out=h)
+        norm = np.sqrt(np.einsum("nd,nd->n", h, h))[:, None]
+        return h / np.maximum(norm, 1e-12)
+
+
+def _torch_tower(input_dim: int, hidden: tuple[int, ...], output_dim: int):
+    import torch
+
+    layers: list = []
+    width = input_dim
+    for h in hidden:
+        layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+        width = h
+    layers.append(torch.nn.Linear(width, output_dim))
+    return torch.nn.Sequential(*layers)
+
+
+def _export(module) -> NumpyTower:
+    import torch
+
+    linear = [m for m in module if isinstance(m, torch.nn.Linear)]
+    return NumpyTower([m.weight.detach().cpu().numpy().T for m in linear],
+                      [m.bias.detach().cpu().numpy() for m in linear])
+
+
+def _forward(module, x):
+    import torch
+
+    return torch.nn.functional.normalize(module(x), dim=1, eps=1e-12)
+
+
+class TwoTowerModel:
+    """A trained two-tower model. Embeddings are ``[n, output_dim]`` unit vectors; the
+    score of a (user, item) pair is their dot product."""
+
+    def __init__(self, user_tower: NumpyTower, item_tower: NumpyTower, user_pipeline: FeaturePipeline,
+                 item_pipeline: FeaturePipeline, users: IdMap, items: IdMap, rating_range: tuple[float, float],
+                 config: TowerConfig, item_log_popularity: np.ndarray, metrics: dict | None = None):
+        self.user_tower, self.item_tower = user_tower, item_tower
+        self.user_pipeline, self.item_pipeline = user_pipeline, item_pipeline
+        self.users, self.items = users, items
+        self.rating_range = (float(rating_range[0]), float(rating_range[1]))
+        self.config = config
+        self.item_log_popularity = np.asarray(item_log_popularity, np.float32)  # [n_items] log q
+        self.metrics = metrics or {}
+        self._user_table = None  # raw feature tables of known entities, set by train/load
+        self._item_table = None
+        self.item_vectors = np.zeros((0, config.output_dim), np.float32)
+
+    def _set_tables(self, user_table, item_table) -> None:
+        self._user_table, self._item_table = user_table, item_table
+        self.item_vectors = self.item_tower(self.item_pipeline.transform_table(item_table, np.arange(len(self.items))))
+
+    # -------------------------------------------------------- embeddings
+    def user_features(self, users: Sequence[object] | Sequence[Mapping]) -> np.ndarray:
+        """Encoded user features ``[n, d]`` from external ids or raw feature dicts."""
+        return self._features(users, self.users, self.user_pipeline, self._user_table)
+
+    def item_features(self, items: Sequence[object] | Sequence[Mapping]) -> np.ndarray:
+        """Encoded item features ``[n, d]`` from external ids or raw feature dicts."""
+        return self._features(items, self.items, self.item_pipeline, self._item_table)
+
+    @staticmethod
+    def _features(entities, id_map: IdMap, pipeline: FeaturePipeline, table) -> np.ndarray:
+        entities = list(entities)
+        if entities and all(isinstance(e, Mapping) for e in entities):
+            return pipeline.transform_dicts(entities)
+        if any(isinstance(e, Mapping) for e in entities):
+            raise ValueError("pass either external ids or feature dicts, not a mix")
+        return pipeline.transform_table(table, id_map.indices(entities))
+
+    def user_embeddings(self, users: Sequence[object] | Sequence[Mapping]) -> np.ndarray:
+        """``[n, output_dim]`` user vectors from external ids (known users, with their
+        training history) or raw feature dicts such as ``{"age": 30, "gender": "F"}``
+        (new users: features alone)."""
+        return self.user_tower(self.user_features(users))
+
+    def item_embeddings(self, items: Sequence[object] | Sequence[Mapping]) -> np.ndarray:
+        """``[n, output_dim]`` item vectors from external ids or raw feature dicts
+        (``{"genres": [...multi-hot...], "year": 1995}``) for new items."""
+        if items and not isinstance(items[0], Mapping):
+            return self.item_vectors[self.items.indices(items)]
+        return self.item_tower(self.item_features(items))
+
+    # -------------------------------------------------------- prediction
+    def scores(self, user_vectors: np.ndarray, item_indices: np.ndarray | None = None) -> np.ndarray:
+        """Dot products ``[n_users, n_items]`` of user vectors with known items (all, or
+        ``item_indices``)."""
+        items = self.item_vectors if item_indices is None else self.item_vectors[item_indices]
+        return user_vectors @ items.T
+
+    def predict_ratings(self, user_ids: Sequence[object], item_ids: Sequence[object]) -> np.ndarray:
+        """Predicted ratings ``[n]`` on the original scale (``mse`` objective only)."""
+        if self.config.objective != "mse":
+            raise ValueError("predict_ratings needs a model trained with objective='mse'")
+        if len(user_ids) != len(item_ids):
+            raise ValueError(f"user_ids and item_ids differ in length: {len(user_ids)} vs {len(item_ids)}")
+        dot = np.einsum("nd,nd->n", self.user_embeddings(user_ids), self.item_embeddings(item_ids))
+        return self.unscale(dot)
+
+    def unscale(self, dot: np.ndarray) -> np.ndarray:
+        lo, hi = self.rating_range
+        return np.clip((dot + 1) / 2 * (hi - lo) + lo, lo, hi).astype(np.float32)
+
+    def recommend_indices(self, user_indices: np.ndarray, k: int, exclude) -> np.ndarray:
+        """Top ``k`` item indices ``[n, k]`` for known users by exact dot product,
+        excluding the items of CSR ``exclude`` ``[n_users, n_items]`` (``-1`` pads)."""
+        ids = self.users.external(user_indices)
+        vectors = self.user_embeddings(list(ids))
+        out = np.full((len(user_indices), k), -1, np.int64)
+        for start in range(0, len(user_indices), 1024):
+            s = self.scores(vectors[start:start + 1024])
+            for row, u in enumerate(user_indices[start:start + 1024]):
+                s[row, exclude.indices[exclude.indptr[u]:exclude.indptr[u + 1]]] = -np.inf
+                top = np.argpartition(-s[row], k - 1)[:k]
+                top = top[np.argsort(-s[row, top], kind="stable")]
+                top = top[np.isfinite(s[row, top])]
+                out[start + row, :len(top)] = top
+        return out
+
+    # ------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write ``towers.json`` and ``towers_arrays.npz`` (plain arrays, no pickle)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        arrays = {"user_ids": self.users.ids, "item_ids": self.items.ids,
+                  "user_history": self.user_pipeline.history, "item_history": self.item_pipeline.history,
+                  "item_log_popularity": self.item_log_popularity}
+        for side, tower in (("user", self.user_tower), ("item", self.item_tower)):
+            for k, (w, b) in enumerate(zip(tower.weights, tower.biases)):
+                arrays[f"{side}_w{k}"], arrays[f"{side}_b{k}"] = w, b
+        tables = {}
+        for side, table in (("user", self._user_table), ("item", self._item_table)):
+            names = []
+            for name, col in (table.columns.items() if table is not None else []):
+                arrays[f"{side}_col_{name}"] = col
+                names.append(name)
+            tables[side] = {"columns": names, "labels": table.labels if table is not None else {}}
+        np.savez(path / "towers_arrays.npz", **arrays)
+        meta = {"format_version": FORMAT_VERSION, "kind": "two_tower", "config": asdict(self.config),
+                "rating_range": list(self.rating_range), "n_layers": len(self.user_tower.weights),
+                "user_pipeline": self.user_pipeline.to_json(), "item_pipeline": self.item_pipeline.to_json(),
+                "tables": tables, "metrics": self.metrics}
+        (path / "towers.json").write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TwoTowerModel":
+        from engine.data import FeatureTable
+
+        path = Path(path)
+        try:
+            meta = json.loads((path / "towers.json").read_text())
+        except FileNotFoundError:
+            raise TandemError(f"{path}: not a two-tower model directory (towers.json missing)") from None
+        except json.JSONDecodeError as e:
+            raise TandemError(f"{path / 'towers.json'}: invalid JSON: {e}") from None
+        if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") != "two_tower":
+            raise TandemError(f"{path / 'towers.json'}: expected a two-tower model of format {FORMAT_VERSION}, "
+                              f"found kind={meta.get('kind')!r} format={meta.get('format_version')!r}")
+        try:
+            with np.load(path / "towers_arrays.npz", allow_pickle=False) as a:
+                arrays = {k: a[k] for k in a.files}
+        except (OSError, ValueError) as e:
+            raise TandemError(f"{path / 'towers_arrays.npz'}: unreadable: {e}") from None
+        towers = {}
+        for side in ("user", "item"):
+            n = meta["n_layers"]
+            towers[side] = NumpyTower([arrays[f"{side}_w{k}"] for k in range(n)],
+                                      [arrays[f"{side}_b{k}"] for k in range(n)])
+        user_p = FeaturePipeline.from_json(meta["user_pipeline"], arrays["user_history"])
+        item_p = FeaturePipeline.from_json(meta["item_pipeline"], arrays["item_history"])
+        for side, p in (("user", user_p), ("item", item_p)):
+            if towers[side].input_dim != p.dim:
+                raise TandemError(f"{path / 'towers_arrays.npz'}: {side} tower expects {towers[side].input_dim} "
+                                  f"features, the pipeline makes {p.dim}")
+        tables = {}
+        for side in ("user", "item"):
+            spec = meta["tables"][side]
+            tables[side] = (FeatureTable({n: arrays[f"{side}_col_{n}"] for n in spec["columns"]}, spec["labels"])
+                            if spec["columns"] else None)
+        config = TowerConfig(**meta["config"])
+        model = cls(towers["user"], towers["item"], user_p, item_p, IdMap(arrays["user_ids"], "user"),
+                    IdMap(arrays["item_ids"], "item"), tuple(meta["rating_range"]), config,
+                    arrays["item_log_popularity"], meta.get("metrics"))
+        model._set_tables(tables["user"], tables["item"])
+        return model
+
+
+def train_two_tower(dataset: Dataset, config: TowerConfig | None = None, curve_path: str | Path | None = None,
+                    **overrides) -> TwoTowerModel:
+    """Train both towers on ``dataset``'s interactions (its features and ratings).
+
+    Feature pipelines are fitted on ``dataset`` only. Keyword ``overrides`` replace
+    fields of ``config`` (``train_two_tower(ds, objective="softmax")``).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    cfg = TowerConfig(**{**asdict(config or TowerConfig()), **overrides})
+    if dataset.n_ratings == 0:
+        raise ValueError("cannot train on a dataset with no interactions")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    rng = np.random.default_rng(cfg.seed)
+
+    user_p, item_p = fit_user_pipeline(dataset), fit_item_pipeline(dataset)
+    xu = torch.as_tensor(user_p.transform_table(dataset.user_features, np.arange(dataset.n_users)), device=device)
+    xi = torch.as_tensor(item_p.transform_table(dataset.item_features, np.arange(dataset.n_items)), device=device)
+    lo, hi = float(dataset.ratings.min()), float(dataset.ratings.max())
+    scaled = (2 * (dataset.ratings - lo) / max(hi - lo, 1e-9) - 1).astype(np.float32)
+    counts = dataset.item_counts().astype(np.float64)
+    log_q = np.log(np.maximum(counts, 1) / counts.sum()).astype(np.float32)
+
+    n_val = int(round(dataset.n_ratings * cfg.validation_fraction))
+    perm = rng.permutation(dataset.n_ratings)
+    val_rows, fit_rows = perm[:n_val], perm[n_val:]
+    U = torch.as_tensor(dataset.user_idx.astype(np.int64), device=device)
+    I = torch.as_tensor(dataset.item_idx.astype(np.int64), device=device)
+    Y = torch.as_tensor(scaled, device=device)
+    LQ = torch.as_tensor(log_q, device=device)
+
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    user_net = _torch_tower(xu.shape[1], cfg.hidden_layers, cfg.output_dim).to(device)
+    item_net = _torch_tower(xi.shape[1], cfg.hidden_layers, cfg.output_dim).to(device)
+    parameters = list(user_net.parameters()) + list(item_net.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    def loss_on(rows):
+        u, i = U[rows], I[rows]
+        vu, vi = _forward(user_net, xu[u]), _forward(item_net, xi[i])
+        if cfg.objective == "mse":
+            return torch.nn.functional.mse_loss((vu * vi).sum(1), Y[rows])
+        logits = vu @ vi.T / cfg.temperature
+        if cfg.logq_correction:
+            logits = logits - LQ[i][None, :]
+        # The same item elsewhere in the batch is not a negative for this row.
+        same = (i[:, None] == i[None, :]) & ~torch.eye(len(i), dtype=torch.bool, device=device)
+        logits = logits.masked_fill(same, float("-inf"))
+        return torch.nn.functional.cross_entropy(logits, torch.arange(len(i), device=device))
+
+    fit_t = torch.as_tensor(fit_rows, device=device)
+    val_batches = [torch.as_tensor(val_rows[s:s + cfg.batch_size], device=device)
+                   for s in range(0, n_val, cfg.batch_size)]
+    val_name = "val_mse" if cfg.objective == "mse" else "val_softmax_loss"
+    curve, stopper = LearningCurve(), EarlyStopping(patience=cfg.patience)
+    best = None
+    steps = math.ceil(len(fit_rows) / cfg.batch_size)
+    bar = tqdm(total=cfg.epochs * steps, desc=f"train towers ({cfg.objective})", unit="batch",
+               disable=not cfg.progress, mininterval=0.5)
+    for epoch in range(1, cfg.epochs + 1):
+        user_net.train(), item_net.train()
+        order = fit_t[torch.randperm(len(fit_rows), generator=gen).to(device)]
+        running, seen = 0.0, 0
+        for s in range(steps):
+            rows = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            if cfg.objective == "softmax" and len(rows) < 2:
+                continue
+            loss = loss_on(rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += float(loss.detach()) * len(rows)
+            seen += len(rows)
+            bar.update(1)
+            if s % 20 == 0:
+                bar.set_postfix(epoch=epoch, loss=f"{running / max(seen, 1):.4f}")
+        record = {"epoch": epoch, "train_loss": running / max(seen, 1)}
+        if val_batches:
+            with torch.no_grad():
+                val = float(np.mean([float(loss_on(b)) for b in val_batches if len(b) > 1]))
+            record[val_name] = val
+            improved, stop = stopper.step(val, epoch)
+            if improved:
+                best = ([p.detach().clone() for p in user_net.state_dict().values()],
+                        [p.detach().clone() for p in item_net.state_dict().values()])
+        curve.add(**record)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
+        if val_batches and stop:
+            break
+    bar.close()
+    if best is not None:
+        for net, state in ((user_net, best[0]), (item_net, best[1])):
+            net.load_state_dict(dict(zip(net.state_dict().keys(), state)))
+    if curve_path is not None:
+        curve.save(curve_path, title=f"two towers ({cfg.objective})")
+    model = TwoTowerModel(_export(user_net), _export(item_net), user_p, item_p, dataset.users, dataset.items,
+                          (lo, hi), cfg, log_q,
+                          metrics={"best_epoch": stopper.best_epoch, val_name: stopper.best if n_val else None,
+                                   "epochs_run": len(curve.records)})
+    model._set_tables(dataset.user_features, dataset.item_features)
+    # Keep the torch modules for callers who want them (tests compare both paths).
+    model.torch_towers = (user_net.eval(), item_net.eval())
+    return model
