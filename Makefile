@@ -4,10 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= auto
 
-.PHONY: help install install-bench test demo describe train-cf eval-cf bench-cf bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test demo describe train-cf eval-cf train-towers eval-towers bench-towers bench-cf bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 12
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ train-cf: install  ## train the CF model on the configured data and split (artif
 
 eval-cf: install  ## evaluate the trained CF model (JSON metrics)
 	$(VENV)/bin/tandem eval-cf $(if $(filter auto,$(DATA)),,--data $(DATA))
+
+train-towers: install  ## train the two-tower model (softmax objective) on the configured data and split
+	$(VENV)/bin/tandem train-towers --objective softmax $(if $(filter auto,$(DATA)),,--data $(DATA))
+
+eval-towers: install  ## evaluate the trained two-tower model (JSON metrics)
+	$(VENV)/bin/tandem eval-towers $(if $(filter auto,$(DATA)),,--data $(DATA))
+
+bench-towers: install  ## B1-B3 for the towers beside popularity baselines, and inference latency
+	$(PY) bench/towers.py
 
 bench-cf: install-bench  ## B1 + B2: CF on ML-100K u1..u5 beside surprise SVD/SVD++, popularity, implicit ALS
 	$(PY) bench/cf.py

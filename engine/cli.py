@@ -7,7 +7,9 @@ setting (repeatable). Commands:
     tandem data describe [PATH] [--top N] [--json]
     tandem train-cf [--data PATH] [--split SPLIT] [--out DIR] [hyperparameters]
     tandem eval-cf [--model DIR] [--data PATH] [--split SPLIT] [--k K]
-    tandem recommend-cf [--user ID] [--similar-to ITEM_ID] [--k K]
+    tandem recommend-cf [--user ID] [--similar-to ITEM_ID] [--example] [--k K]
+    tandem train-towers [--data PATH] [--split SPLIT] [--objective mse|softmax] [--out DIR] ...
+    tandem eval-towers [--model DIR] [--data PATH] [--split SPLIT] [--k K]
     tandem config show
 """
 
@@ -127,6 +129,61 @@ def cmd_eval_cf(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+TOWER_FLAGS = ("objective", "learning_rate", "epochs", "batch_size", "output_dim", "temperature",
+               "device", "seed")
+
+
+def _towers_report(model, train, test, k: int) -> dict:
+    from engine.evaluation import check_aligned, rating_metrics, topn_metrics
+
+    check_aligned(model.users, model.items, test)
+    report = {"model": "two_tower", "objective": model.config.objective, "test": test.name,
+              "n_test_ratings": test.n_ratings}
+    if model.config.objective == "mse":
+        report.update(rating_metrics(model.predict_rating_indices, test))
+    seen = train.user_items()
+    report.update(topn_metrics(lambda users, kk: model.recommend_indices(users, kk, seen), test, k=k))
+    return report
+
+
+def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
+    from engine.towers import TowerConfig, train_two_tower
+
+    settings = dict(config["towers"])
+    for key in TOWER_FLAGS:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.layers is not None:
+        settings["hidden_layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
+    if args.no_progress:
+        settings["progress"] = False
+    try:
+        tower_config = TowerConfig.from_dict(settings)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[towers]: {e}") from None
+    train, test = _train_and_test(args, config)
+    out = Path(args.out or Path(config["paths"]["models"]) / "towers")
+    print(f"training two towers ({tower_config.objective}) on {train.name}: {train.n_users:,} users, "
+          f"{train.n_items:,} items, {train.n_ratings:,} ratings", file=sys.stderr)
+    model = train_two_tower(train, tower_config, curve_path=out / "learning_curve.json")
+    if test is not None:
+        model.metrics["test"] = _towers_report(model, train, test, args.k)
+    model.save(out)
+    print(json.dumps({"saved": str(out), **model.metrics}, indent=2))
+    return 0
+
+
+def cmd_eval_towers(args: argparse.Namespace, config: dict) -> int:
+    from engine.towers import TwoTowerModel
+
+    model = TwoTowerModel.load(args.model or Path(config["paths"]["models"]) / "towers")
+    train, test = _train_and_test(args, config)
+    if test is None:
+        raise ConfigError("eval-towers needs a test split: --split none leaves nothing to evaluate")
+    print(json.dumps(_towers_report(model, train, test, args.k), indent=2))
+    return 0
+
+
 def _titles_for(config: dict, source: str | None):
     """A function item id -> readable title, from the configured dataset when it has titles."""
     try:
@@ -226,6 +283,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(eval_cf)
     eval_cf.add_argument("--model", metavar="DIR", help="model directory (default: <paths.models>/cf)")
     eval_cf.set_defaults(handler=cmd_eval_cf)
+
+    train_towers = commands.add_parser(
+        "train-towers", help="train the two-tower content model",
+        description="Train the user and item towers on the training part of the split, save them "
+                    "(towers.json + towers_arrays.npz + learning curve) and print test metrics.")
+    _add_data_flags(train_towers)
+    train_towers.add_argument("--out", metavar="DIR", help="output directory (default: <paths.models>/towers)")
+    train_towers.add_argument("--objective", choices=["mse", "softmax"],
+                              help="mse (ratings scaled to [-1, 1]) or softmax (in-batch, log-q corrected)")
+    train_towers.add_argument("--layers", help="hidden layer sizes, e.g. 256,128")
+    train_towers.add_argument("--output-dim", type=int, help="embedding size")
+    train_towers.add_argument("--lr", dest="learning_rate", type=float, help="Adam learning rate")
+    train_towers.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    train_towers.add_argument("--batch-size", type=int, help="interactions per minibatch")
+    train_towers.add_argument("--temperature", type=float, help="softmax temperature")
+    train_towers.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    train_towers.add_argument("--seed", type=int, help="random seed")
+    train_towers.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train_towers.set_defaults(handler=cmd_train_towers)
+
+    eval_towers = commands.add_parser("eval-towers", help="evaluate a trained two-tower model (JSON metrics)",
+                                      description="Print RMSE/MAE (mse objective) and top-N metrics on the "
+                                                  "test part of the split.")
+    _add_data_flags(eval_towers)
+    eval_towers.add_argument("--model", metavar="DIR", help="model directory (default: <paths.models>/towers)")
+    eval_towers.set_defaults(handler=cmd_eval_towers)
 
     rec = commands.add_parser("recommend-cf", help="print CF recommendations and similar items with titles",
                               description="Query a trained CF model directly (exact brute force).")

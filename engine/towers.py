@@ -46,6 +46,10 @@ class TowerConfig:
     temperature: float = 0.05  # softmax: logits are cosine / temperature
     logq_correction: bool = True  # softmax: subtract log item sampling probability
     weight_decay: float = 0.0
+    # Share of training rows whose item rating-history features (average, count) are
+    # zeroed, as they are for a new item: teaches the item tower to embed from content
+    # alone, which cold-start items need (B3).
+    item_history_dropout: float = 0.3
     validation_fraction: float = 0.05
     patience: int = 3
     seed: int = 0
@@ -65,6 +69,8 @@ class TowerConfig:
             raise ValueError("learning_rate and temperature must be positive")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if not 0.0 <= self.item_history_dropout <= 1.0:
+            raise ValueError(f"item_history_dropout must be in [0, 1], got {self.item_history_dropout}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TowerConfig":
@@ -196,15 +202,26 @@ class TwoTowerModel:
         dot = np.einsum("nd,nd->n", self.user_embeddings(user_ids), self.item_embeddings(item_ids))
         return self.unscale(dot)
 
+    def user_vectors_at(self, user_indices: np.ndarray) -> np.ndarray:
+        """``[n, output_dim]`` vectors of known users by dense index."""
+        return self.user_tower(self.user_pipeline.transform_table(self._user_table, user_indices))
+
+    def predict_rating_indices(self, user_indices: np.ndarray, item_indices: np.ndarray) -> np.ndarray:
+        """Predicted ratings ``[n]`` for dense index pairs (``mse`` objective)."""
+        if self.config.objective != "mse":
+            raise ValueError("predicted ratings need a model trained with objective='mse'")
+        dot = np.einsum("nd,nd->n", self.user_vectors_at(user_indices), self.item_vectors[item_indices])
+        return self.unscale(dot)
+
     def unscale(self, dot: np.ndarray) -> np.ndarray:
+        """Map a dot product in [-1, 1] back to the training rating range."""
         lo, hi = self.rating_range
         return np.clip((dot + 1) / 2 * (hi - lo) + lo, lo, hi).astype(np.float32)
 
     def recommend_indices(self, user_indices: np.ndarray, k: int, exclude) -> np.ndarray:
         """Top ``k`` item indices ``[n, k]`` for known users by exact dot product,
         excluding the items of CSR ``exclude`` ``[n_users, n_items]`` (``-1`` pads)."""
-        ids = self.users.external(user_indices)
-        vectors = self.user_embeddings(list(ids))
+        vectors = self.user_vectors_at(np.asarray(user_indices, np.int64))
         out = np.full((len(user_indices), k), -1, np.int64)
         for start in range(0, len(user_indices), 1024):
             s = self.scores(vectors[start:start + 1024])
@@ -324,9 +341,16 @@ def train_two_tower(dataset: Dataset, config: TowerConfig | None = None, curve_p
     parameters = list(user_net.parameters()) + list(item_net.parameters())
     optimizer = torch.optim.Adam(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
-    def loss_on(rows):
+    n_item_history = len(item_p.history_names)
+
+    def loss_on(rows, training: bool = False):
         u, i = U[rows], I[rows]
-        vu, vi = _forward(user_net, xu[u]), _forward(item_net, xi[i])
+        item_x = xi[i]
+        if training and cfg.item_history_dropout > 0:
+            drop = torch.rand(len(i), generator=gen).to(device) < cfg.item_history_dropout
+            item_x = item_x.clone()
+            item_x[drop, -n_item_history:] = 0.0
+        vu, vi = _forward(user_net, xu[u]), _forward(item_net, item_x)
         if cfg.objective == "mse":
             return torch.nn.functional.mse_loss((vu * vi).sum(1), Y[rows])
         logits = vu @ vi.T / cfg.temperature
@@ -354,7 +378,7 @@ def train_two_tower(dataset: Dataset, config: TowerConfig | None = None, curve_p
             rows = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             if cfg.objective == "softmax" and len(rows) < 2:
                 continue
-            loss = loss_on(rows)
+            loss = loss_on(rows, training=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -73,3 +74,24 @@ def test_train_cf_rejects_bad_settings(tmp_path, capsys):
     assert "unknown CF setting" in capsys.readouterr().err
     assert main(["train-cf", "--data", "synthetic", "--split", "u1", "--out", str(tmp_path)]) == 2
     assert "needs an ML-100K directory" in capsys.readouterr().err
+
+
+def test_train_towers_then_eval_and_recommend_cf_example(tmp_path, capsys):
+    common = ["--set", "data.synthetic.n_ratings=4000", "--set", "data.synthetic.n_users=200",
+              "--set", "data.synthetic.n_items=100"]
+    out = tmp_path / "towers"
+    assert main(common + ["train-towers", "--data", "synthetic", "--split", "random", "--out", str(out),
+                          "--epochs", "2", "--layers", "32,16", "--output-dim", "8", "--no-progress"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert {"rmse", "recall@10"} <= set(trained["test"]) and (out / "towers.json").is_file()
+    assert main(common + ["eval-towers", "--data", "synthetic", "--split", "random", "--model", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["rmse"] == pytest.approx(trained["test"]["rmse"])
+
+    cf_dir = tmp_path / "cf"
+    assert main(common + ["train-cf", "--data", "synthetic", "--split", "none", "--out", str(cf_dir),
+                          "--epochs", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(common + ["recommend-cf", "--data", "synthetic", "--model", str(cf_dir), "--example", "--k", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "Top 3 for user" in printed and "More like Item" in printed
+    assert len(re.findall(r"distance \d", printed)) == 3
