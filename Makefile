@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= auto
 
-.PHONY: help install install-bench test demo describe train-cf eval-cf train-towers eval-towers bench-towers bench-cf bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test demo describe train index rollback train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-cf bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -29,6 +29,16 @@ test: install  ## run the test suite
 describe: install  ## describe the dataset (DATA=path|synthetic, default: ML-100K if present)
 	$(VENV)/bin/tandem data describe $(if $(filter auto,$(DATA)),,$(DATA))
 
+train: install  ## retrain CF and the towers (softmax) on all of the configured data, for serving
+	$(VENV)/bin/tandem train-cf --split none --no-progress $(if $(filter auto,$(DATA)),,--data $(DATA))
+	$(VENV)/bin/tandem train-towers --split none --objective softmax --no-progress $(if $(filter auto,$(DATA)),,--data $(DATA))
+
+index: install  ## rebuild the indexes from the latest trained models (no retraining) and publish a bundle
+	$(VENV)/bin/tandem build-index $(if $(filter auto,$(DATA)),,--data $(DATA))
+
+rollback: install  ## point artifacts/bundles/current at the previous bundle version
+	$(VENV)/bin/tandem rollback
+
 train-cf: install  ## train the CF model on the configured data and split (artifacts/models/cf)
 	$(VENV)/bin/tandem train-cf $(if $(filter auto,$(DATA)),,--data $(DATA))
 
@@ -44,15 +54,19 @@ eval-towers: install  ## evaluate the trained two-tower model (JSON metrics)
 bench-towers: install  ## B1-B3 for the towers beside popularity baselines, and inference latency
 	$(PY) bench/towers.py
 
+bench-ann: install  ## B4: exact vs HNSW vs IVF on 1M clustered vectors and on ML-100K CF vectors
+	$(PY) bench/ann.py
+
 bench-cf: install-bench  ## B1 + B2: CF on ML-100K u1..u5 beside surprise SVD/SVD++, popularity, implicit ALS
 	$(PY) bench/cf.py
 
 bench-cf-scale: install  ## B6: one CF epoch on synthetic 20M ratings (ratings/s, peak RSS)
 	$(PY) bench/cf_scale.py
 
-demo: install describe  ## set up, train CF on the default data, evaluate it and print recommendations
-	$(VENV)/bin/tandem train-cf --no-progress $(if $(filter auto,$(DATA)),,--data $(DATA))
-	$(VENV)/bin/tandem recommend-cf --example $(if $(filter auto,$(DATA)),,--data $(DATA))
+demo: install describe  ## set up, then train -> evaluate -> index -> query on the default data
+	$(VENV)/bin/tandem train-cf --no-progress --out artifacts/eval/cf $(if $(filter auto,$(DATA)),,--data $(DATA))
+	$(MAKE) --no-print-directory train index
+	$(VENV)/bin/tandem recommend-cf --example --bundle artifacts/bundles $(if $(filter auto,$(DATA)),,--data $(DATA))
 
 bench-synthetic: install  ## time the synthetic generator at 20M ratings (peak memory too)
 	$(PY) bench/synthetic_scale.py

@@ -10,6 +10,8 @@ setting (repeatable). Commands:
     tandem recommend-cf [--user ID] [--similar-to ITEM_ID] [--example] [--k K]
     tandem train-towers [--data PATH] [--split SPLIT] [--objective mse|softmax] [--out DIR] ...
     tandem eval-towers [--model DIR] [--data PATH] [--split SPLIT] [--k K]
+    tandem build-index [--data PATH] [--models DIR] [--out ROOT] [--factory F] [--recall-floor R]
+    tandem rollback [--root ROOT]
     tandem config show
 """
 
@@ -184,6 +186,41 @@ def cmd_eval_towers(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
+    from engine.cf import CFModel
+    from engine.towers import TwoTowerModel
+    from index_builder.build import build_bundle
+
+    models = Path(args.models or config["paths"]["models"])
+    for sub, name in (("cf", "cf.json"), ("towers", "towers.json")):
+        if not (models / sub / name).is_file():
+            raise ConfigError(f"{models / sub}: no trained model; run `make train` (or tandem train-cf / "
+                              f"train-towers --split none) first")
+    cf, towers = CFModel.load(models / "cf"), TwoTowerModel.load(models / "towers")
+    dataset = load_dataset(config, args.data)
+    index_cfg = config["index"]
+    root = Path(args.out or config["paths"]["bundles"])
+    print(f"building indexes for {dataset.name} ({dataset.n_items:,} items) into {root}", file=sys.stderr)
+    published = build_bundle(
+        dataset, cf, towers, root,
+        factory=args.factory or index_cfg["factory"] or None,
+        recall_floor=args.recall_floor if args.recall_floor is not None else index_cfg["recall_floor"],
+        k=index_cfg["recall_k"], keep=args.keep if args.keep is not None else index_cfg["keep"],
+        exact_below=index_cfg["exact_below"], log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps({"published": str(published), "version": published.name}, indent=2))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, config: dict) -> int:
+    from engine import bundle
+
+    root = Path(args.root or config["paths"]["bundles"])
+    before = bundle.current_version(root)
+    after = bundle.rollback(root)
+    print(f"rolled back {root}/current: {before} -> {after}")
+    return 0
+
+
 def _titles_for(config: dict, source: str | None):
     """A function item id -> readable title, from the configured dataset when it has titles."""
     try:
@@ -213,8 +250,16 @@ def cmd_recommend_cf(args: argparse.Namespace, config: dict) -> int:
         for rank, (item, score) in enumerate(zip(ids, scores), start=1):
             print(f"  {rank:2d}. {title(item):<50} predicted {score:.2f}")
     if args.similar_to is not None:
-        ids, dist = model.similar_items(args.similar_to, k=args.k)
-        print(f"More like {title(args.similar_to)} (CF item vectors, squared distance):")
+        if args.bundle:
+            from engine.bundle import LoadedBundle
+
+            published = LoadedBundle(args.bundle)
+            ids, dist = published.similar_items(args.similar_to, k=args.k)
+            source = f"FAISS {published.manifest['indexes']['cf_l2']['factory']} index of bundle {published.version}"
+        else:
+            ids, dist = model.similar_items(args.similar_to, k=args.k)
+            source = "CF item vectors, brute force"
+        print(f"More like {title(args.similar_to)} ({source}, squared distance):")
         for rank, (item, d) in enumerate(zip(ids, dist), start=1):
             print(f"  {rank:2d}. {title(item):<50} distance {d:.3f}")
     if args.user is None and args.similar_to is None:
@@ -310,12 +355,31 @@ def build_parser() -> argparse.ArgumentParser:
     eval_towers.add_argument("--model", metavar="DIR", help="model directory (default: <paths.models>/towers)")
     eval_towers.set_defaults(handler=cmd_eval_towers)
 
+    build = commands.add_parser(
+        "build-index", help="build the FAISS indexes from the trained models and publish a bundle",
+        description="Export item vectors from the latest trained models (<paths.models>/cf and /towers, "
+                    "no retraining), build and recall-check the indexes, and publish a new bundle version "
+                    "atomically as <paths.bundles>/current.")
+    build.add_argument("--data", metavar="PATH", help="the dataset the models were trained on (default: data.source)")
+    build.add_argument("--models", metavar="DIR", help="trained models directory (default: paths.models)")
+    build.add_argument("--out", metavar="ROOT", help="bundle root (default: paths.bundles)")
+    build.add_argument("--factory", help="FAISS factory string for every index (default: by catalogue size)")
+    build.add_argument("--recall-floor", type=float, help="refuse to publish below this recall@k (default 0.95)")
+    build.add_argument("--keep", type=int, help="versions to keep (default 5)")
+    build.set_defaults(handler=cmd_build_index)
+
+    rollback = commands.add_parser("rollback", help="point the bundle root's current at the previous version")
+    rollback.add_argument("--root", help="bundle root (default: paths.bundles)")
+    rollback.set_defaults(handler=cmd_rollback)
+
     rec = commands.add_parser("recommend-cf", help="print CF recommendations and similar items with titles",
                               description="Query a trained CF model directly (exact brute force).")
     rec.add_argument("--model", metavar="DIR", help="model directory (default: <paths.models>/cf)")
     rec.add_argument("--data", metavar="PATH", help="dataset for titles (default: data.source)")
     rec.add_argument("--user", help="external user id to recommend for")
     rec.add_argument("--similar-to", metavar="ITEM_ID", help="external item id to find neighbours of")
+    rec.add_argument("--bundle", metavar="ROOT", help="answer --similar-to through a published bundle's "
+                     "index (a bundle, or a root holding current) instead of brute force")
     rec.add_argument("--example", action="store_true",
                      help="use the most active user and the most rated item as examples")
     rec.add_argument("--k", type=int, default=10, help="how many items (default 10)")

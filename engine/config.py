@@ -43,6 +43,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "cf": {},
     "towers": {},
     "paths": {"models": "artifacts/models", "bundles": "artifacts/bundles"},
+    "index": {
+        "factory": "",  # FAISS factory string for every index; "" chooses by catalogue size
+        "exact_below": 50_000,  # items: exact (Flat) search below, HNSW32 above
+        "recall_floor": 0.95,  # publishing is refused below this recall@k
+        "recall_k": 10,
+        "keep": 5,  # bundle versions kept
+    },
     "server": {"host": "127.0.0.1", "port": 50051},
 }
 

@@ -1,5 +1,11 @@
 """From trained models to a published, versioned index bundle.
 
-Not implemented yet: the index builder (FAISS indexes, recall check, atomic publish)
-is tracked by its own issue. The package exists so that the layout is stable.
+``index_builder.build.build_bundle`` builds the FAISS indexes (recall-checked against
+exact search), the serving tables and the manifest, and publishes atomically;
+``python -m index_builder`` (= ``tandem build-index``, ``make index``) runs it from the
+latest trained models.
 """
+
+from index_builder.build import PublishRefused, build_bundle
+
+__all__ = ["build_bundle", "PublishRefused"]

@@ -1,0 +1,181 @@
+"""FAISS indexes over item vectors: choosing, building, tuning against exact search,
+saving and loading.
+
+Labels are dense item indices ``0..n-1`` (the order of the bundle's item ids), so a new
+item appended to the catalogue takes the next label without an id map. Every approximate
+index keeps its exact twin as the reference: :func:`measure_recall` compares the two on a
+sample of queries, and :func:`build_index` tunes ``efSearch`` (HNSW) or ``nprobe`` (IVF)
+until recall@k reaches the floor.
+
+Metrics: ``"l2"`` (squared Euclidean distance, ascending — "more like this") and
+``"ip"`` (inner product, descending — retrieval scores).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.metrics import ann_recall_at_k
+
+EXACT_BELOW = 50_000  # items: exact search is fast enough below this
+FLOAT_MEMORY_LIMIT = 8 * 1024**3  # bytes of float vectors above which HNSW gives way to IVF-PQ
+
+
+@dataclass
+class IndexReport:
+    """What was built and how well it does (written to the bundle's manifest)."""
+
+    factory: str
+    metric: str
+    n_vectors: int
+    dim: int
+    build_seconds: float
+    recall_at_k: float
+    k: int
+    n_queries: int
+    search_params: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def _metric(metric: str) -> int:
+    faiss = _faiss()
+    if metric == "l2":
+        return faiss.METRIC_L2
+    if metric == "ip":
+        return faiss.METRIC_INNER_PRODUCT
+    raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
+
+
+def choose_factory(n_vectors: int, dim: int, exact_below: int = EXACT_BELOW,
+                   float_memory_limit: int = FLOAT_MEMORY_LIMIT) -> str:
+    """A FAISS factory string for a catalogue: exact ``Flat`` below ``exact_below`` items,
+    ``HNSW32`` while the float vectors fit in ``float_memory_limit`` bytes, else IVF-PQ
+    (codes of ``dim / 2`` bytes instead of ``4 dim``)."""
+    if n_vectors < exact_below:
+        return "Flat"
+    if n_vectors * dim * 4 <= float_memory_limit:
+        return "HNSW32"
+    nlist = int(2 ** round(math.log2(4 * math.sqrt(n_vectors))))
+    m = next(m for m in (dim // 2, dim // 4, dim // 8, 1) if m >= 1 and dim % m == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force ``(scores [n, k], labels [n, k])`` — the reference for every index."""
+    faiss = _faiss()
+    index = faiss.IndexFlat(vectors.shape[1], _metric(metric))
+    index.add(np.ascontiguousarray(vectors, np.float32))
+    return index.search(np.ascontiguousarray(queries, np.float32), k)
+
+
+def set_search_params(index, params: dict) -> None:
+    """Apply ``{"efSearch": n}`` or ``{"nprobe": n}`` to a loaded index."""
+    faiss = _faiss()
+    if "efSearch" in params:
+        faiss.downcast_index(index).hnsw.efSearch = int(params["efSearch"])
+    if "nprobe" in params:
+        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+
+
+def measure_recall(index, vectors: np.ndarray, queries: np.ndarray, k: int, metric: str) -> float:
+    """recall@k of ``index`` against exact search over ``vectors`` on ``queries``."""
+    k = min(k, len(vectors))
+    _, exact = exact_search(vectors, queries, k, metric)
+    _, approx = index.search(np.ascontiguousarray(queries, np.float32), k)
+    return ann_recall_at_k(approx, exact, k)
+
+
+def build_index(vectors: np.ndarray, metric: str, factory: str | None = None, queries: np.ndarray | None = None,
+                k: int = 10, recall_floor: float = 0.95, n_queries: int = 1000, seed: int = 0):
+    """Build an index over ``vectors`` ``[n, dim]`` and measure its recall@k.
+
+    Args:
+        metric: ``"l2"`` or ``"ip"``.
+        factory: a FAISS factory string; ``None`` chooses by size (:func:`choose_factory`).
+        queries: the query sample for the recall check (default: ``n_queries`` of the
+            vectors themselves, seeded).
+        recall_floor: HNSW's ``efSearch`` / IVF's ``nprobe`` are raised until recall@k
+            reaches it (or their maximum); the caller decides whether to publish.
+
+    Returns ``(index, IndexReport)``.
+    """
+    faiss = _faiss()
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise ValueError(f"vectors must be a non-empty [n, dim] array, got shape {vectors.shape}")
+    if not np.isfinite(vectors).all():
+        raise ValueError("vectors contain NaN or infinite values")
+    n, dim = vectors.shape
+    factory = factory or choose_factory(n, dim)
+    rng = np.random.default_rng(seed)
+    if queries is None:
+        queries = vectors[rng.choice(n, min(n_queries, n), replace=False)]
+    queries = np.ascontiguousarray(queries, np.float32)
+    start = time.perf_counter()
+    try:
+        index = faiss.index_factory(dim, factory, _metric(metric))
+    except RuntimeError as e:
+        raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from None
+    try:
+        if not index.is_trained:
+            train = vectors if n <= 200_000 else vectors[rng.choice(n, 200_000, replace=False)]
+            index.train(train)
+        index.add(vectors)
+    except RuntimeError as e:  # e.g. fewer training points than clusters
+        raise ValueError(f"FAISS could not build {factory!r} on {n} vectors of dim {dim}: "
+                         f"{str(e).splitlines()[-1]}") from None
+    build_seconds = time.perf_counter() - start
+
+    kk = min(k, n)
+    _, exact = exact_search(vectors, queries, kk, metric)
+    params: dict = {}
+
+    def recall() -> float:
+        _, approx = index.search(queries, kk)
+        return ann_recall_at_k(approx, exact, kk)
+
+    measured = recall()
+    if "HNSW" in factory:
+        ef = 16
+        while True:
+            params = {"efSearch": ef}
+            set_search_params(index, params)
+            measured = recall()
+            if measured >= recall_floor or ef >= 1024:
+                break
+            ef *= 2
+    elif "IVF" in factory:
+        nlist = faiss.extract_index_ivf(index).nlist
+        nprobe = 1
+        while True:
+            params = {"nprobe": nprobe}
+            set_search_params(index, params)
+            measured = recall()
+            if measured >= recall_floor or nprobe >= nlist:
+                break
+            nprobe = min(nprobe * 2, nlist)
+    return index, IndexReport(factory, metric, n, dim, build_seconds, float(measured), kk, len(queries), params)
+
+
+def save_index(index, path: str | Path) -> None:
+    _faiss().write_index(index, str(path))
+
+
+def load_index(path: str | Path, search_params: dict | None = None):
+    """Read an index written by :func:`save_index` and apply its search parameters."""
+    index = _faiss().read_index(str(path))
+    set_search_params(index, search_params or {})
+    return index

@@ -1,0 +1,271 @@
+"""The versioned bundle: a directory of models, indexes and tables described by a
+``manifest.json``, published atomically and verified on load.
+
+Layout of a bundle root (``paths.bundles``)::
+
+    <root>/versions/<version>/manifest.json   one complete, immutable bundle per version
+    <root>/current -> versions/<version>      the version being served (a symlink)
+    <root>/.staging/                          bundles being written (never read)
+
+Publishing writes the new bundle under ``.staging``, fsyncs every file and directory,
+renames it into ``versions/`` (atomic within one filesystem), then swaps ``current`` by
+renaming a fresh symlink over it (atomic too). A crash at any moment therefore leaves
+``current`` pointing at a complete version. Loading checks the format version, that every
+file listed exists with its size and sha256, and says which file is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from engine.errors import TandemError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VERSIONS = "versions"
+CURRENT = "current"
+STAGING = ".staging"
+
+
+class BundleError(TandemError):
+    """A bundle is missing, incomplete, corrupted or of another format."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_version_name() -> str:
+    """A sortable, unique version name: UTC time to the microsecond plus the pid."""
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S.%f}Z-{os.getpid()}"
+
+
+def staging_dir(root: str | Path) -> Path:
+    """A fresh directory to write a bundle into, on the same filesystem as ``root``.
+    Leftovers of crashed publishers (their process gone) are removed first."""
+    root = Path(root)
+    staging = root / STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    for old in staging.iterdir():
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = staging / new_version_name()
+    path.mkdir()
+    return path
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish(staged: str | Path, root: str | Path, manifest: dict, keep: int = 5) -> Path:
+    """Finish a staged bundle and make it ``current``.
+
+    Adds ``format_version``, ``version``, ``created_at`` and the ``files`` table (size
+    and sha256 of every file) to ``manifest``, writes it, fsyncs, renames the directory
+    into ``versions/`` and swaps ``current``. Keeps the newest ``keep`` versions (and
+    always the current one). Returns the published version's path.
+    """
+    staged, root = Path(staged), Path(root)
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    version = staged.name
+    files = {}
+    for path in sorted(p for p in staged.rglob("*") if p.is_file()):
+        rel = path.relative_to(staged).as_posix()
+        if rel == MANIFEST:
+            continue
+        files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        _fsync_path(path)
+    full = {"format_version": FORMAT_VERSION, "version": version,
+            "created_at": datetime.now(timezone.utc).isoformat(), **manifest, "files": files}
+    manifest_path = staged / MANIFEST
+    with open(manifest_path, "w") as f:
+        json.dump(full, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    for d in sorted({p.parent for p in staged.rglob("*")} | {staged}, key=lambda p: -len(p.parts)):
+        _fsync_path(d)
+
+    versions = root / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    final = versions / version
+    os.rename(staged, final)
+    _fsync_path(versions)
+    set_current(root, version)
+    prune(root, keep)
+    return final
+
+
+def set_current(root: str | Path, version: str) -> None:
+    """Point ``current`` at ``versions/<version>`` with one atomic rename."""
+    root = Path(root)
+    if not (root / VERSIONS / version / MANIFEST).is_file():
+        raise BundleError(f"{root / VERSIONS / version}: no such complete version")
+    tmp = root / f".{CURRENT}.{os.getpid()}.{time.monotonic_ns()}"
+    os.symlink(f"{VERSIONS}/{version}", tmp)
+    os.replace(tmp, root / CURRENT)
+    _fsync_path(root)
+
+
+def list_versions(root: str | Path) -> list[str]:
+    """Complete versions, oldest first (names sort chronologically)."""
+    versions = Path(root) / VERSIONS
+    if not versions.is_dir():
+        return []
+    return sorted(p.name for p in versions.iterdir() if (p / MANIFEST).is_file())
+
+
+def current_version(root: str | Path) -> str | None:
+    link = Path(root) / CURRENT
+    if not link.is_symlink():
+        return None
+    return Path(os.readlink(link)).name
+
+
+def prune(root: str | Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` versions, never the current one."""
+    current = current_version(root)
+    versions = list_versions(root)
+    doomed = [v for v in versions[:-keep] if v != current]
+    for v in doomed:
+        shutil.rmtree(Path(root) / VERSIONS / v, ignore_errors=True)
+    return doomed
+
+
+def rollback(root: str | Path) -> str:
+    """Point ``current`` at the version published before it; returns that version."""
+    current = current_version(root)
+    versions = list_versions(root)
+    if current is None or current not in versions:
+        raise BundleError(f"{root}: no current version to roll back from")
+    position = versions.index(current)
+    if position == 0:
+        raise BundleError(f"{root}: {current} is the oldest version kept; nothing to roll back to")
+    previous = versions[position - 1]
+    set_current(root, previous)
+    return previous
+
+
+def resolve(path: str | Path) -> Path:
+    """A bundle directory from either a bundle itself or a root holding ``current``."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    if (path / CURRENT).exists():
+        return (path / CURRENT).resolve()
+    raise BundleError(f"{path}: neither a bundle (no {MANIFEST}) nor a bundle root (no {CURRENT})")
+
+
+def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
+    """Read and (by default) verify a bundle: format version, and the presence, size and
+    sha256 of every listed file. Raises :class:`BundleError` naming the bad file."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: corrupted ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: expected format version {FORMAT_VERSION}, "
+                          f"found {manifest.get('format_version')!r}")
+    if not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{path}: no file table")
+    if verify:
+        for rel, info in manifest["files"].items():
+            f = bundle / rel
+            if not f.is_file():
+                raise BundleError(f"{f}: missing from the bundle")
+            size = f.stat().st_size
+            if size != info["bytes"]:
+                raise BundleError(f"{f}: expected {info['bytes']} bytes, found {size} (truncated or replaced)")
+            digest = sha256_file(f)
+            if digest != info["sha256"]:
+                raise BundleError(f"{f}: checksum mismatch (expected sha256 {info['sha256'][:12]}..., "
+                                  f"found {digest[:12]}...)")
+    return manifest
+
+
+class LoadedBundle:
+    """A verified bundle opened for reading: manifest, item ids, and its FAISS indexes
+    (loaded on first use with the search parameters tuned at build time)."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        import numpy as np
+
+        from engine.data import IdMap
+
+        self.path = resolve(path)
+        self.manifest = read_manifest(self.path, verify=verify)
+        self.items = IdMap(np.load(self.path / "tables" / "item_ids.npy", allow_pickle=False), "item")
+        self.users = IdMap(np.load(self.path / "tables" / "user_ids.npy", allow_pickle=False), "user")
+        self._indexes: dict = {}
+        for name, report in self.manifest.get("indexes", {}).items():
+            if report["n_vectors"] != len(self.items):
+                raise BundleError(f"{self.path / MANIFEST}: index {name} holds {report['n_vectors']} vectors, "
+                                  f"expected one per item ({len(self.items)})")
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def index(self, name: str):
+        """The FAISS index ``name`` (``cf_l2``, ``cf_ip``, ``towers_ip``)."""
+        from engine import ann
+
+        if name not in self._indexes:
+            report = self.manifest["indexes"].get(name)
+            if report is None:
+                raise BundleError(f"{self.path}: no index named {name!r}")
+            index = ann.load_index(self.path / f"{name}.faiss", report["search_params"])
+            if index.d != report["dim"] or index.ntotal != report["n_vectors"]:
+                raise BundleError(f"{self.path / (name + '.faiss')}: expected {report['n_vectors']} x "
+                                  f"{report['dim']}, found {index.ntotal} x {index.d}")
+            self._indexes[name] = index
+        return self._indexes[name]
+
+    def similar_items(self, item_id: object, k: int = 10) -> tuple:
+        """Items nearest ``item_id`` by squared distance between CF item vectors, through
+        the ``cf_l2`` index, the item itself excluded: ``(item_ids [k], distances [k])``."""
+        import numpy as np
+
+        i = self.items.index(item_id)
+        if not hasattr(self, "_cf_item_vectors"):
+            # The exact vectors, not index.reconstruct(): a PQ index only holds codes.
+            with np.load(self.path / "cf" / "cf_arrays.npz", allow_pickle=False) as arrays:
+                self._cf_item_vectors = arrays["X"]
+        query = self._cf_item_vectors[i][None, :]
+        dist, labels = self.index("cf_l2").search(np.ascontiguousarray(query, np.float32), k + 1)
+        keep = (labels[0] >= 0) & (labels[0] != i)
+        labels, dist = labels[0][keep][:k], dist[0][keep][:k]
+        return self.items.external(labels), dist.astype(np.float32)

@@ -1,0 +1,189 @@
+"""From trained models and their dataset to a published bundle.
+
+:func:`build_bundle` exports item vectors, builds the FAISS indexes, measures each one's
+recall@k against exact search, refuses to publish below the floor, writes the tables the
+engine serves from (id maps, popularity globally and per user segment, each user's seen
+items, item genres and titles) and publishes the bundle atomically.
+
+Indexes (labels are dense item indices):
+
+- ``cf_l2``: CF item vectors ``x``, squared L2 — "more like this";
+- ``cf_ip``: ``[x, offset]`` with ``offset = item bias + item mean + global mean``, inner
+  product; a user queries with ``[w, 1]``, so the score is the CF prediction minus the
+  user's own bias (constant per user, so the ranking is the prediction's);
+- ``towers_ip``: L2-normalised item-tower vectors, inner product with the user-tower
+  vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from engine import ann, bundle
+from engine.cf import CFModel
+from engine.data import Dataset
+from engine.errors import TandemError
+from engine.towers import TwoTowerModel
+
+DEFAULT_SEGMENT_KEYS = ("occupation", "zip_region", "age_band")
+SEGMENT_TOP = 500  # items kept per segment
+
+
+class PublishRefused(TandemError):
+    """An index missed the recall floor; nothing was published."""
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """sha256 of the interactions and id maps: identifies the data a bundle was built from."""
+    h = hashlib.sha256()
+    for arr in (dataset.user_idx, dataset.item_idx, dataset.ratings, dataset.timestamps):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    for ids in (dataset.users.ids, dataset.items.ids):
+        h.update("\x00".join(ids.tolist()).encode())
+    return h.hexdigest()
+
+
+def user_segments(dataset: Dataset, key: str) -> np.ndarray:
+    """Each user's segment label ``[n_users]`` for a segment key ("" when unknown).
+
+    Keys: a user feature column (e.g. ``occupation``), ``zip_region`` (the zip code's
+    first character) or ``age_band`` (decade of age, e.g. ``"20s"``).
+    """
+    table = dataset.user_features
+    n = dataset.n_users
+    if table is None:
+        return np.full(n, "")
+    if key == "zip_region" and "zip_code" in table.columns:
+        return np.array([z.strip()[:1].upper() for z in table.columns["zip_code"].astype(str).tolist()])
+    if key == "age_band" and "age" in table.columns:
+        age = table.columns["age"]
+        return np.array([f"{int(a // 10 * 10)}s" if np.isfinite(a) else "" for a in age.tolist()])
+    if key in table.columns and table.columns[key].ndim == 1:
+        return table.columns[key].astype(str)
+    return np.full(n, "")
+
+
+def _check_models(dataset: Dataset, cf: CFModel, towers: TwoTowerModel) -> None:
+    for name, model in (("CF", cf), ("two-tower", towers)):
+        if model.items != dataset.items or model.users != dataset.users:
+            raise TandemError(f"the {name} model was trained on other users/items than the dataset given "
+                              "(retrain it on this dataset: make train)")
+
+
+def build_bundle(dataset: Dataset, cf: CFModel, towers: TwoTowerModel, root: str | Path, *,
+                 factory: str | None = None, recall_floor: float = 0.95, k: int = 10, n_queries: int = 1000,
+                 keep: int = 5, segment_keys=DEFAULT_SEGMENT_KEYS, exact_below: int = ann.EXACT_BELOW,
+                 log=print) -> Path:
+    """Build every index and table for ``dataset`` and publish a new bundle version.
+
+    Args:
+        root: the bundle root (``paths.bundles``); the new version becomes ``current``.
+        factory: a FAISS factory string for all indexes; ``None`` chooses by catalogue
+            size (exact below ``exact_below`` items, HNSW, or IVF-PQ when floats do not fit).
+        recall_floor: publishing is refused when an index's recall@k is below it.
+
+    Returns the published bundle's directory. Raises :class:`PublishRefused` (and
+    publishes nothing) when an index misses the floor.
+    """
+    _check_models(dataset, cf, towers)
+    root = Path(root)
+    staged = bundle.staging_dir(root)
+    try:
+        return _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep,
+                      segment_keys, exact_below, log)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep, segment_keys,
+           exact_below, log) -> Path:
+    rng = np.random.default_rng(0)
+    cf.save(staged / "cf")
+    towers.save(staged / "towers")
+
+    users_sample = rng.choice(dataset.n_users, min(n_queries, dataset.n_users), replace=False)
+    cf_ip_items = np.hstack([cf.X, cf.item_offsets[:, None]]).astype(np.float32)
+    cf_queries = np.hstack([cf.W[users_sample], np.ones((len(users_sample), 1), np.float32)])
+    specs = {
+        "cf_l2": (cf.X, "l2", None),
+        "cf_ip": (cf_ip_items, "ip", cf_queries),
+        "towers_ip": (towers.item_vectors, "ip", towers.user_vectors_at(users_sample)),
+    }
+    reports = {}
+    for name, (vectors, metric, queries) in specs.items():
+        chosen = factory or ann.choose_factory(len(vectors), vectors.shape[1], exact_below=exact_below)
+        index, report = ann.build_index(vectors, metric, chosen, queries=queries, k=k,
+                                        recall_floor=recall_floor, n_queries=n_queries)
+        log(f"  {name}: {report.factory} ({metric}) on {report.n_vectors:,} x {report.dim}, "
+            f"recall@{report.k} {report.recall_at_k:.4f} {report.search_params or ''} "
+            f"built in {report.build_seconds:.1f} s")
+        if report.recall_at_k < recall_floor:
+            raise PublishRefused(f"index {name} ({report.factory}, {report.search_params}) measured "
+                                 f"recall@{report.k} = {report.recall_at_k:.4f} on {report.n_queries} queries, "
+                                 f"below the floor {recall_floor}; nothing was published")
+        ann.save_index(index, staged / f"{name}.faiss")
+        reports[name] = report.to_json()
+
+    tables = staged / "tables"
+    tables.mkdir()
+    np.save(tables / "item_ids.npy", dataset.items.ids, allow_pickle=False)
+    np.save(tables / "user_ids.npy", dataset.users.ids, allow_pickle=False)
+    counts = dataset.item_counts().astype(np.float32)
+    np.save(tables / "popularity.npy", counts, allow_pickle=False)
+    ui = dataset.user_items()
+    np.save(tables / "seen_indptr.npy", ui.indptr.astype(np.int64), allow_pickle=False)
+    np.save(tables / "seen_indices.npy", ui.indices.astype(np.int32), allow_pickle=False)
+    if dataset.item_titles is not None:
+        np.save(tables / "item_titles.npy", dataset.item_titles, allow_pickle=False)
+    genre_labels: list[str] = []
+    if dataset.item_features is not None and "genres" in dataset.item_features.columns:
+        np.save(tables / "item_genres.npy", dataset.item_features.columns["genres"].astype(np.uint8),
+                allow_pickle=False)
+        genre_labels = list(dataset.item_features.labels.get("genres", []))
+
+    segments = {}
+    seg_dir = staged / "segments"
+    seg_dir.mkdir()
+    for key in segment_keys:
+        labels = user_segments(dataset, key)
+        values, user_segment = np.unique(labels, return_inverse=True)
+        if len(values) == 1 and values[0] == "":
+            continue
+        seg_of_rating = user_segment[dataset.user_idx]
+        top_n = min(SEGMENT_TOP, dataset.n_items)
+        top = np.zeros((len(values), top_n), np.int32)
+        top_counts = np.zeros((len(values), top_n), np.float32)
+        for s in range(len(values)):
+            c = np.bincount(dataset.item_idx[seg_of_rating == s], minlength=dataset.n_items)
+            order = np.argsort(-c, kind="stable")[:top_n]
+            top[s], top_counts[s] = order, c[order]
+        np.save(seg_dir / f"{key}_values.npy", values.astype(str), allow_pickle=False)
+        np.save(seg_dir / f"{key}_user.npy", user_segment.astype(np.int32), allow_pickle=False)
+        np.save(seg_dir / f"{key}_top_items.npy", top, allow_pickle=False)
+        np.save(seg_dir / f"{key}_top_counts.npy", top_counts, allow_pickle=False)
+        segments[key] = {"n_segments": int(len(values)), "top_n": int(top_n)}
+
+    manifest = {
+        "dataset": {"name": dataset.name, "fingerprint": data_fingerprint(dataset), "n_users": dataset.n_users,
+                    "n_items": dataset.n_items, "n_ratings": dataset.n_ratings},
+        "models": {
+            "cf": {"n_features": int(cf.X.shape[1]), "config": json.loads((staged / "cf" / "cf.json").read_text())["config"],
+                   "metrics": cf.metrics},
+            "towers": {"output_dim": int(towers.item_vectors.shape[1]),
+                       "config": json.loads((staged / "towers" / "towers.json").read_text())["config"],
+                       "metrics": towers.metrics},
+        },
+        "indexes": reports,
+        "recall_floor": recall_floor,
+        "segments": segments,
+        "genre_labels": genre_labels,
+    }
+    published = bundle.publish(staged, root, manifest, keep=keep)
+    log(f"published {published.name} -> {root / bundle.CURRENT}")
+    return published

@@ -1,0 +1,184 @@
+"""The index builder and the bundle: manifest, verification, atomic publish, rollback,
+recall floor, similar items through the index, and crash safety under SIGKILL."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import bundle, data
+from engine.bundle import BundleError, LoadedBundle
+from engine.cf import CFModel, train_cf
+from engine.towers import train_two_tower
+from index_builder import PublishRefused, build_bundle
+
+HERE = Path(__file__).resolve().parent
+
+
+def quiet(line):
+    pass
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny models saved to disk (the crash test's child process loads them)."""
+    ds = data.make_synthetic(n_users=120, n_items=80, n_ratings=2000, seed=0)
+    cf = train_cf(ds, n_features=8, epochs=5, progress=False)
+    towers = train_two_tower(ds, hidden_layers=(16,), output_dim=8, epochs=2, progress=False)
+    models = tmp_path_factory.mktemp("models")
+    cf.save(models / "cf")
+    towers.save(models / "towers")
+    return ds, cf, towers, models
+
+
+def test_build_writes_a_complete_manifest(trained, tmp_path):
+    ds, cf, towers, _ = trained
+    path = build_bundle(ds, cf, towers, tmp_path, log=quiet)
+    assert path.parent == tmp_path / "versions" and (tmp_path / "current").resolve() == path
+    m = bundle.read_manifest(path)
+    assert m["format_version"] == bundle.FORMAT_VERSION and m["version"] == path.name
+    assert m["dataset"]["n_items"] == 80 and len(m["dataset"]["fingerprint"]) == 64
+    assert set(m["indexes"]) == {"cf_l2", "cf_ip", "towers_ip"}
+    assert all(r["recall_at_k"] == 1.0 and r["factory"] == "Flat" for r in m["indexes"].values())
+    assert m["indexes"]["cf_ip"]["dim"] == 9  # CF vector plus the item offset
+    assert m["models"]["cf"]["n_features"] == 8
+    for rel, info in m["files"].items():
+        assert bundle.sha256_file(path / rel) == info["sha256"]
+    assert "tables/seen_indptr.npy" in m["files"] and "segments/occupation_top_items.npy" in m["files"]
+    assert not any(p.suffix in (".pkl", ".pickle") for p in path.rglob("*"))
+
+
+def test_cf_inner_product_index_ranks_like_the_cf_model(trained, tmp_path):
+    ds, cf, towers, _ = trained
+    b = LoadedBundle(build_bundle(ds, cf, towers, tmp_path, log=quiet))
+    u = ds.users.index("u5")
+    query = np.r_[cf.W[u], 1.0].astype(np.float32)[None, :]
+    scores, labels = b.index("cf_ip").search(query, 10)
+    expected_ids, expected_scores = cf.recommend("u5", k=10, exclude_seen=False)
+    np.testing.assert_array_equal(b.items.external(labels[0]), expected_ids)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_corrupted_files_are_refused_naming_the_file(trained, tmp_path, damage):
+    ds, cf, towers, _ = trained
+    path = build_bundle(ds, cf, towers, tmp_path, log=quiet)
+    victim = path / "cf_l2.faiss"
+    if damage == "flip":
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:100])
+    else:
+        victim.unlink()
+    with pytest.raises(BundleError, match="cf_l2.faiss"):
+        LoadedBundle(tmp_path)
+
+
+def test_bad_manifest_is_refused(trained, tmp_path):
+    ds, cf, towers, _ = trained
+    path = build_bundle(ds, cf, towers, tmp_path, log=quiet)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="expected format version 1, found 99"):
+        LoadedBundle(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="manifest.json: corrupted"):
+        LoadedBundle(path)
+    with pytest.raises(BundleError, match="neither a bundle"):
+        LoadedBundle(tmp_path / "nowhere")
+
+
+def test_keep_n_versions_and_rollback(trained, tmp_path):
+    ds, cf, towers, _ = trained
+    published = [build_bundle(ds, cf, towers, tmp_path, keep=3, log=quiet).name for _ in range(4)]
+    assert bundle.list_versions(tmp_path) == published[1:]
+    assert bundle.current_version(tmp_path) == published[-1]
+    assert bundle.rollback(tmp_path) == published[-2]
+    assert LoadedBundle(tmp_path).version == published[-2]
+    bundle.rollback(tmp_path)
+    with pytest.raises(BundleError, match="nothing to roll back to"):
+        bundle.rollback(tmp_path)
+    assert not list((tmp_path / ".staging").iterdir())
+
+
+def test_publishing_is_refused_below_the_recall_floor(trained, tmp_path):
+    ds, cf, towers, _ = trained
+    first = build_bundle(ds, cf, towers, tmp_path, log=quiet)
+    with pytest.raises(PublishRefused, match=r"recall@10 = 0\.\d+ .* below the floor 0.99"):
+        build_bundle(ds, cf, towers, tmp_path, factory="PQ2x4", recall_floor=0.99, log=quiet)
+    assert bundle.list_versions(tmp_path) == [first.name]  # nothing new, current untouched
+    assert bundle.current_version(tmp_path) == first.name
+    assert not list((tmp_path / ".staging").iterdir())
+
+
+def test_similar_items_exact_index_equals_brute_force(trained, tmp_path):
+    ds, cf, towers, _ = trained
+    b = LoadedBundle(build_bundle(ds, cf, towers, tmp_path, log=quiet))
+    for item in ("i0", "i7", "i42"):
+        got_ids, got_d = b.similar_items(item, k=10)
+        ref_ids, ref_d = cf.similar_items(item, k=10)
+        np.testing.assert_array_equal(got_ids, ref_ids)
+        np.testing.assert_allclose(got_d, ref_d, rtol=1e-4, atol=1e-5)
+
+
+def test_similar_items_approximate_index_meets_the_floor(tmp_path):
+    ds = data.make_synthetic(n_users=1500, n_items=1500, n_ratings=60_000, seed=1)
+    cf = train_cf(ds, n_features=16, epochs=5, progress=False)
+    towers = train_two_tower(ds, hidden_layers=(16,), output_dim=8, epochs=1, progress=False)
+    b = LoadedBundle(build_bundle(ds, cf, towers, tmp_path, factory="HNSW8", recall_floor=0.95, log=quiet))
+    assert b.manifest["indexes"]["cf_l2"]["factory"] == "HNSW8"
+    assert b.manifest["indexes"]["cf_l2"]["recall_at_k"] >= 0.95
+    rng = np.random.default_rng(0)
+    recalls = []
+    for i in rng.choice(ds.n_items, 200, replace=False):
+        item = ds.items.ids[i]
+        _, got_d = b.similar_items(item, k=10)
+        _, ref_d = cf.similar_items(item, k=10)
+        # tie-tolerant recall: results no farther than the exact 10th neighbour
+        recalls.append(np.mean(got_d <= ref_d[-1] * (1 + 1e-4) + 1e-6))
+    assert np.mean(recalls) >= 0.95
+
+
+def test_bad_factory_is_a_clear_error(trained, tmp_path):
+    ds, cf, towers, _ = trained
+    with pytest.raises(ValueError, match="invalid FAISS factory string 'Nonsense12'"):
+        build_bundle(ds, cf, towers, tmp_path, factory="Nonsense12", log=quiet)
+    with pytest.raises(ValueError, match="could not build 'IVF1024,Flat' on 80 vectors"):
+        build_bundle(ds, cf, towers, tmp_path, factory="IVF1024,Flat", log=quiet)
+
+
+def test_crash_safety_under_sigkill(trained, tmp_path):
+    """Kill a publishing process at random moments; current must always be complete."""
+    ds, cf, towers, models = trained
+    root = tmp_path / "bundles"
+    build_bundle(ds, cf, towers, root, keep=3, log=quiet)
+    rng = random.Random(0)
+    trials, failures, versions_seen = 24, [], set()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    for trial in range(trials):
+        child = subprocess.Popen([sys.executable, str(HERE / "publish_loop.py"), str(models), str(root), "0"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        assert child.stdout.readline().strip() == "ready", child.stderr.read()
+        time.sleep(rng.uniform(0.0, 0.4))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        try:
+            b = LoadedBundle(root)  # verifies every checksum
+            b.index("cf_l2"), b.index("cf_ip"), b.index("towers_ip")
+            CFModel.load(b.path / "cf")
+            versions_seen.add(b.version)
+        except Exception as e:  # noqa: BLE001 - any failure to load is what we count
+            failures.append(f"trial {trial}: {e}")
+    print(f"crash safety: {trials} SIGKILL trials, {len(failures)} failures, "
+          f"{len(versions_seen)} distinct current versions")
+    assert failures == []
+    assert len(versions_seen) > 3  # the children did publish between kills
