@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= auto
 
-.PHONY: help install install-bench test demo describe train index rollback train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-cf bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test demo describe train index rollback train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -56,6 +56,12 @@ bench-towers: install  ## B1-B3 for the towers beside popularity baselines, and 
 
 bench-ann: install  ## B4: exact vs HNSW vs IVF on 1M clustered vectors and on ML-100K CF vectors
 	$(PY) bench/ann.py
+
+bench-engine: install  ## in-process recommend latency and batch throughput on a 100k-item catalogue
+	$(PY) bench/engine_latency.py
+
+eval-pipeline: install-bench  ## B2 on the two-stage pipeline (ML-100K u1..u5) beside popularity and implicit ALS
+	$(VENV)/bin/tandem eval-pipeline
 
 bench-cf: install-bench  ## B1 + B2: CF on ML-100K u1..u5 beside surprise SVD/SVD++, popularity, implicit ALS
 	$(PY) bench/cf.py

@@ -23,24 +23,10 @@ import numpy as np
 from engine import data
 from engine.cf import CFConfig, train_cf
 from engine.config import resolve_data_source
-from engine.evaluation import rating_metrics, topn_metrics
+from engine.evaluation import popularity_recommender, rating_metrics, topn_metrics
 
 # The bce variant's settings for implicit top-N (B2); the mse defaults serve B1.
 BCE_SETTINGS = {"loss": "bce", "learning_rate": 0.005, "lambda_": 5.0, "batch_size": 4096}
-
-
-def popularity_recommender(train: data.Dataset):
-    counts = train.item_counts().astype(np.float64)
-    ui = train.user_items()
-
-    def recommend(users: np.ndarray, k: int) -> np.ndarray:
-        out = np.empty((len(users), k), np.int64)
-        for row, u in enumerate(users):
-            scores = counts.copy()
-            scores[ui.indices[ui.indptr[u]:ui.indptr[u + 1]]] = -np.inf
-            out[row] = np.argsort(-scores, kind="stable")[:k]
-        return out
-    return recommend
 
 
 def run_tandem(split, settings: dict) -> dict:

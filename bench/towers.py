@@ -27,24 +27,10 @@ import scipy.sparse as sp
 
 from engine import data, metrics
 from engine.config import resolve_data_source
-from engine.evaluation import rating_metrics, topn_metrics
+from engine.evaluation import popularity_recommender, rating_metrics, topn_metrics
 from engine.towers import train_two_tower
 
 BENCH_DIR = Path(__file__).resolve().parent
-
-
-def popularity_recommender(train: data.Dataset):
-    counts = train.item_counts().astype(np.float64)
-    ui = train.user_items()
-
-    def recommend(users: np.ndarray, k: int) -> np.ndarray:
-        out = np.empty((len(users), k), np.int64)
-        for row, u in enumerate(users):
-            scores = counts.copy()
-            scores[ui.indices[ui.indptr[u]:ui.indptr[u + 1]]] = -np.inf
-            out[row] = np.argsort(-scores, kind="stable")[:k]
-        return out
-    return recommend
 
 
 def b1_b2(directory: Path, folds: list[int]) -> dict:

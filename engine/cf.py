@@ -25,7 +25,6 @@ binary data.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -34,8 +33,9 @@ from typing import Sequence
 
 import numpy as np
 
+from engine.artifacts import read_model_dir, write_model_dir
 from engine.data import Dataset, IdMap
-from engine.errors import TandemError, UnknownIdError
+from engine.errors import TandemError
 from engine.train import EarlyStopping, LearningCurve, resolve_device, seed_everything
 
 FORMAT_VERSION = 1
@@ -299,36 +299,20 @@ class CFModel:
     def save(self, path: str | Path) -> Path:
         """Write the model to directory ``path``: ``cf.json`` (config, metrics, format
         version) and ``cf_arrays.npz`` (plain arrays; no pickle)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        np.savez(path / "cf_arrays.npz", X=self.X, W=self.W, user_bias=self.user_bias,
-                 item_bias=self.item_bias, item_means=self.item_means, user_ids=self.users.ids,
-                 item_ids=self.items.ids, seen_indptr=self.seen_indptr, seen_indices=self.seen_indices)
+        arrays = {"X": self.X, "W": self.W, "user_bias": self.user_bias, "item_bias": self.item_bias,
+                  "item_means": self.item_means, "user_ids": self.users.ids, "item_ids": self.items.ids,
+                  "seen_indptr": self.seen_indptr, "seen_indices": self.seen_indices}
         meta = {"format_version": FORMAT_VERSION, "kind": "cf", "config": asdict(self.config),
                 "global_mean": self.global_mean, "rating_range": list(self.rating_range),
                 "n_users": len(self.users), "n_items": len(self.items), "n_features": self.X.shape[1],
                 "metrics": self.metrics}
-        (path / "cf.json").write_text(json.dumps(meta, indent=2))
-        return path
+        return write_model_dir(path, "cf", meta, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "CFModel":
         """Read a model written by :meth:`save`, checking its format and shapes."""
         path = Path(path)
-        try:
-            meta = json.loads((path / "cf.json").read_text())
-        except FileNotFoundError:
-            raise TandemError(f"{path}: not a CF model directory (cf.json missing)") from None
-        except json.JSONDecodeError as e:
-            raise TandemError(f"{path / 'cf.json'}: invalid JSON: {e}") from None
-        if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") != "cf":
-            raise TandemError(f"{path / 'cf.json'}: expected a CF model of format {FORMAT_VERSION}, "
-                              f"found kind={meta.get('kind')!r} format={meta.get('format_version')!r}")
-        try:
-            with np.load(path / "cf_arrays.npz", allow_pickle=False) as a:
-                arrays = {k: a[k] for k in a.files}
-        except (OSError, ValueError) as e:
-            raise TandemError(f"{path / 'cf_arrays.npz'}: unreadable: {e}") from None
+        meta, arrays = read_model_dir(path, "cf", "cf", FORMAT_VERSION)
         n_users, n_items, f = meta["n_users"], meta["n_items"], meta["n_features"]
         expected = {"X": (n_items, f), "W": (n_users, f), "user_bias": (n_users,), "item_bias": (n_items,),
                     "item_means": (n_items,), "user_ids": (n_users,), "item_ids": (n_items,),

@@ -12,6 +12,7 @@ setting (repeatable). Commands:
     tandem eval-towers [--model DIR] [--data PATH] [--split SPLIT] [--k K]
     tandem build-index [--data PATH] [--models DIR] [--out ROOT] [--factory F] [--recall-floor R]
     tandem rollback [--root ROOT]
+    tandem eval-pipeline [--data DIR] [--folds ...] [--n-candidates N]
     tandem config show
 """
 
@@ -70,10 +71,23 @@ def cmd_data_describe(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
-# CLI flag -> [cf] setting. Flags left unset fall back on tandem.toml and the defaults.
-CF_FLAGS = {"n_features": "n_features", "lambda_": "lambda_", "learning_rate": "learning_rate",
-            "epochs": "epochs", "batch_size": "batch_size", "loss": "loss", "device": "device",
-            "seed": "seed", "negative_sampling": "negative_sampling", "negative_ratio": "negative_ratio"}
+# Flags that set a model setting of the same name. Unset flags fall back on
+# tandem.toml's [cf] / [towers] sections, then the defaults.
+CF_FLAGS = ("n_features", "lambda_", "learning_rate", "epochs", "batch_size", "loss", "device", "seed",
+            "negative_sampling", "negative_ratio")
+
+
+def _model_config(config_class, section: str, config: dict, args: argparse.Namespace, flags,
+                  extra: dict | None = None):
+    """A model config from the file's section, overridden by the command's flags."""
+    settings = {**config[section], **(extra or {})}
+    settings.update({key: getattr(args, key) for key in flags if getattr(args, key) is not None})
+    if args.no_progress:
+        settings["progress"] = False
+    try:
+        return config_class.from_dict(settings)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[{section}]: {e}") from None
 
 
 def _train_and_test(args: argparse.Namespace, config: dict):
@@ -98,16 +112,7 @@ def _cf_report(model, test, k: int) -> dict:
 def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
     from engine.cf import CFConfig, train_cf
 
-    settings = dict(config["cf"])
-    for flag, key in CF_FLAGS.items():
-        if getattr(args, flag) is not None:
-            settings[key] = getattr(args, flag)
-    if args.no_progress:
-        settings["progress"] = False
-    try:
-        cf_config = CFConfig.from_dict(settings)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"[cf]: {e}") from None
+    cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS)
     train, test = _train_and_test(args, config)
     out = Path(args.out or Path(config["paths"]["models"]) / "cf")
     print(f"training CF on {train.name}: {train.n_users:,} users, {train.n_items:,} items, "
@@ -151,18 +156,10 @@ def _towers_report(model, train, test, k: int) -> dict:
 def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
     from engine.towers import TowerConfig, train_two_tower
 
-    settings = dict(config["towers"])
-    for key in TOWER_FLAGS:
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+    extra = {}
     if args.layers is not None:
-        settings["hidden_layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
-    if args.no_progress:
-        settings["progress"] = False
-    try:
-        tower_config = TowerConfig.from_dict(settings)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"[towers]: {e}") from None
+        extra["hidden_layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
+    tower_config = _model_config(TowerConfig, "towers", config, args, TOWER_FLAGS, extra)
     train, test = _train_and_test(args, config)
     out = Path(args.out or Path(config["paths"]["models"]) / "towers")
     print(f"training two towers ({tower_config.objective}) on {train.name}: {train.n_users:,} users, "
@@ -218,6 +215,32 @@ def cmd_rollback(args: argparse.Namespace, config: dict) -> int:
     before = bundle.current_version(root)
     after = bundle.rollback(root)
     print(f"rolled back {root}/current: {before} -> {after}")
+    return 0
+
+
+def engine_config(config: dict):
+    """The :class:`~engine.EngineConfig` of the ``[engine]`` section."""
+    from engine.engine import EngineConfig
+
+    try:
+        return EngineConfig(**config["engine"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[engine]: {e}") from None
+
+
+def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
+    from engine.pipeline_eval import evaluate_pipeline, format_summary
+
+    source = resolve_data_source(args.data or config["data"]["source"])
+    if source == "synthetic" or not Path(source, "u1.base").is_file():
+        raise ConfigError(f"eval-pipeline runs protocol B2 on ML-100K folds: {source!r} has no u1.base")
+    report = evaluate_pipeline(source, folds=args.folds, k=args.k, n_candidates=args.n_candidates,
+                               engine_config=engine_config(config), log=lambda line: print(line, file=sys.stderr))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(format_summary(report))
+    print(f"report: {out}")
     return 0
 
 
@@ -371,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="point the bundle root's current at the previous version")
     rollback.add_argument("--root", help="bundle root (default: paths.bundles)")
     rollback.set_defaults(handler=cmd_rollback)
+
+    pipe = commands.add_parser(
+        "eval-pipeline", help="evaluate the two-stage pipeline on ML-100K folds (protocol B2)",
+        description="Train CF (bce) and towers (softmax) per fold, publish a bundle, and report per-source "
+                    "candidate recall, final Recall/NDCG@k and latency beside popularity and implicit ALS.")
+    pipe.add_argument("--data", metavar="DIR", help="ML-100K directory (default: data.source)")
+    pipe.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="folds (default 1..5)")
+    pipe.add_argument("--k", type=int, default=10, help="cut-off (default 10)")
+    pipe.add_argument("--n-candidates", type=int, default=500, help="candidates per request (default 500)")
+    pipe.add_argument("--out", default="artifacts/eval/pipeline.json", help="JSON report path")
+    pipe.set_defaults(handler=cmd_eval_pipeline)
 
     rec = commands.add_parser("recommend-cf", help="print CF recommendations and similar items with titles",
                               description="Query a trained CF model directly (exact brute force).")

@@ -50,6 +50,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "recall_k": 10,
         "keep": 5,  # bundle versions kept
     },
+    # Serving (engine.EngineConfig): candidate quotas, ranking blend, limits.
+    "engine": {
+        "source_weights": {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1},
+        "blend_towers": 0.5,
+        "blend_cf": 0.5,
+        "segment_key": "zip_region",
+        "max_k": 1000,
+        "max_candidates": 5000,
+    },
     "server": {"host": "127.0.0.1", "port": 50051},
 }
 
@@ -99,7 +108,7 @@ def _parse_value(raw: str) -> Any:
 
 
 # Sections whose keys are not fixed here: their owners validate them.
-OPEN_SECTIONS = {"cf", "towers", "data.columns", "data.synthetic"}
+OPEN_SECTIONS = {"cf", "towers", "data.columns", "data.synthetic", "engine.source_weights"}
 
 
 def _merge(base: dict, update: dict, origin: str, path: str = "") -> None:

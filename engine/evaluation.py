@@ -47,3 +47,20 @@ def topn_metrics(recommend_indices: Callable[[np.ndarray, int], np.ndarray], tes
     report = metrics.ranking_metrics(recs, relevant[users], k)
     report["n_users_evaluated"] = int(len(users))
     return report
+
+
+def popularity_recommender(train: Dataset) -> Callable[[np.ndarray, int], np.ndarray]:
+    """The popularity baseline of protocol B2: every user gets the most interacted-with
+    items of ``train`` that they have not interacted with. Returns a
+    ``recommend_indices(user_indices, k)`` function for :func:`topn_metrics`."""
+    counts = train.item_counts().astype(np.float64)
+    seen = train.user_items()
+
+    def recommend(users: np.ndarray, k: int) -> np.ndarray:
+        out = np.empty((len(users), k), np.int64)
+        for row, u in enumerate(users):
+            scores = counts.copy()
+            scores[seen.indices[seen.indptr[u]:seen.indptr[u + 1]]] = -np.inf
+            out[row] = np.argsort(-scores, kind="stable")[:k]
+        return out
+    return recommend

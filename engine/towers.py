@@ -17,7 +17,6 @@ tests check that both give the same vectors.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from engine.artifacts import read_model_dir, write_model_dir
 from engine.data import Dataset, IdMap
 from engine.errors import TandemError
 from engine.features import FeaturePipeline, fit_item_pipeline, fit_user_pipeline
@@ -236,8 +236,6 @@ class TwoTowerModel:
     # ------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """Write ``towers.json`` and ``towers_arrays.npz`` (plain arrays, no pickle)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         arrays = {"user_ids": self.users.ids, "item_ids": self.items.ids,
                   "user_history": self.user_pipeline.history, "item_history": self.item_pipeline.history,
                   "item_log_popularity": self.item_log_popularity}
@@ -251,33 +249,19 @@ class TwoTowerModel:
                 arrays[f"{side}_col_{name}"] = col
                 names.append(name)
             tables[side] = {"columns": names, "labels": table.labels if table is not None else {}}
-        np.savez(path / "towers_arrays.npz", **arrays)
         meta = {"format_version": FORMAT_VERSION, "kind": "two_tower", "config": asdict(self.config),
                 "rating_range": list(self.rating_range), "n_layers": len(self.user_tower.weights),
                 "user_pipeline": self.user_pipeline.to_json(), "item_pipeline": self.item_pipeline.to_json(),
                 "tables": tables, "metrics": self.metrics}
-        (path / "towers.json").write_text(json.dumps(meta, indent=2))
-        return path
+        return write_model_dir(path, "towers", meta, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "TwoTowerModel":
+        """Read a model written by :meth:`save`, checking its format and dimensions."""
         from engine.data import FeatureTable
 
         path = Path(path)
-        try:
-            meta = json.loads((path / "towers.json").read_text())
-        except FileNotFoundError:
-            raise TandemError(f"{path}: not a two-tower model directory (towers.json missing)") from None
-        except json.JSONDecodeError as e:
-            raise TandemError(f"{path / 'towers.json'}: invalid JSON: {e}") from None
-        if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") != "two_tower":
-            raise TandemError(f"{path / 'towers.json'}: expected a two-tower model of format {FORMAT_VERSION}, "
-                              f"found kind={meta.get('kind')!r} format={meta.get('format_version')!r}")
-        try:
-            with np.load(path / "towers_arrays.npz", allow_pickle=False) as a:
-                arrays = {k: a[k] for k in a.files}
-        except (OSError, ValueError) as e:
-            raise TandemError(f"{path / 'towers_arrays.npz'}: unreadable: {e}") from None
+        meta, arrays = read_model_dir(path, "towers", "two_tower", FORMAT_VERSION)
         towers = {}
         for side in ("user", "item"):
             n = meta["n_layers"]

@@ -68,6 +68,25 @@ def user_segments(dataset: Dataset, key: str) -> np.ndarray:
     return np.full(n, "")
 
 
+RECENT_LIKED = 5  # items per user kept for the "neighbours of recent likes" source
+
+
+def recent_liked(dataset: Dataset, n: int = RECENT_LIKED, min_rating: float = 4.0) -> np.ndarray:
+    """Each user's ``n`` most recent liked items ``[n_users, n]`` (latest first, ``-1``
+    pads). Liked: rated at least ``min_rating``, or any interaction for implicit data."""
+    implicit = dataset.n_ratings and dataset.ratings.min() == dataset.ratings.max()
+    liked = np.ones(dataset.n_ratings, bool) if implicit else dataset.ratings >= min_rating
+    u, i, t = dataset.user_idx[liked], dataset.item_idx[liked], dataset.timestamps[liked]
+    order = np.lexsort((-np.arange(len(u)), -t, u))  # by user, then newest first
+    u, i = u[order], i[order]
+    starts = np.searchsorted(u, np.arange(dataset.n_users))
+    rank = np.arange(len(u)) - starts[u]
+    out = np.full((dataset.n_users, n), -1, np.int32)
+    keep = rank < n
+    out[u[keep], rank[keep]] = i[keep]
+    return out
+
+
 def _check_models(dataset: Dataset, cf: CFModel, towers: TwoTowerModel) -> None:
     for name, model in (("CF", cf), ("two-tower", towers)):
         if model.items != dataset.items or model.users != dataset.users:
@@ -139,6 +158,7 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
     ui = dataset.user_items()
     np.save(tables / "seen_indptr.npy", ui.indptr.astype(np.int64), allow_pickle=False)
     np.save(tables / "seen_indices.npy", ui.indices.astype(np.int32), allow_pickle=False)
+    np.save(tables / "recent_liked.npy", recent_liked(dataset), allow_pickle=False)
     if dataset.item_titles is not None:
         np.save(tables / "item_titles.npy", dataset.item_titles, allow_pickle=False)
     genre_labels: list[str] = []

@@ -1,0 +1,42 @@
+"""Model directories on disk: one JSON file of metadata plus one ``.npz`` of plain
+arrays. Nothing is pickled: arrays are read with ``allow_pickle=False``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import TandemError
+
+
+def write_model_dir(path: str | Path, name: str, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """Write ``<name>.json`` and ``<name>_arrays.npz`` into directory ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / f"{name}_arrays.npz", **arrays)
+    (path / f"{name}.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def read_model_dir(path: str | Path, name: str, kind: str, format_version: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a directory written by :func:`write_model_dir`, checking ``kind`` and
+    ``format_version``; errors name the offending file."""
+    path = Path(path)
+    meta_path, arrays_path = path / f"{name}.json", path / f"{name}_arrays.npz"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise TandemError(f"{path}: not a {kind} model directory ({meta_path.name} missing)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TandemError(f"{meta_path}: invalid JSON: {e}") from None
+    if meta.get("format_version") != format_version or meta.get("kind") != kind:
+        raise TandemError(f"{meta_path}: expected a {kind} model of format {format_version}, "
+                          f"found kind={meta.get('kind')!r} format={meta.get('format_version')!r}")
+    try:
+        with np.load(arrays_path, allow_pickle=False) as a:
+            arrays = {k: a[k] for k in a.files}
+    except (OSError, ValueError) as e:
+        raise TandemError(f"{arrays_path}: unreadable: {e}") from None
+    return meta, arrays

@@ -1,0 +1,346 @@
+"""The Engine: a published bundle served in two stages.
+
+1. **Retrieval** — candidate sources (:mod:`engine.retrieval`) each propose items for the
+   request: ANN over CF vectors (``cf``), ANN over tower vectors (``towers``), global
+   popularity (``popular``), popularity in the user's segment (``segment``), and
+   squared-distance neighbours of the user's recent likes (``recent``). Their union,
+   de-duplicated under per-source quotas, is at most ``n_candidates`` items.
+2. **Ranking** — every candidate is scored exactly (:mod:`engine.ranking`) and the top
+   ``k`` come back with the sources that proposed them.
+
+Every method returns :class:`Recommendations` — ``item_ids``, ``scores`` and
+``sources``, best first — so library, CLI and gRPC speak one convention.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from engine.bundle import LoadedBundle
+from engine.cf import CFModel
+from engine.errors import UnknownIdError
+from engine.ranking import BlendWeights, ScoreScale, blend
+from engine.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Request, SegmentSource,
+                              TowerSource, merge, quotas)
+from engine.towers import TwoTowerModel
+
+SOURCE_NAMES = ("cf", "towers", "popular", "segment", "recent")
+DEFAULT_SOURCE_WEIGHTS = {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1}
+
+
+@dataclass
+class Recommendations:
+    """Ranked items, best first: ``item_ids [k]`` (external ids), ``scores [k]`` (higher
+    is better, except :meth:`Engine.similar_items`, whose scores are squared distances,
+    lower is better) and, for each item, the names of the sources that proposed it."""
+
+    item_ids: np.ndarray
+    scores: np.ndarray
+    sources: list[tuple[str, ...]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def __iter__(self):
+        return iter(zip(self.item_ids.tolist(), self.scores.tolist(), self.sources))
+
+    def to_list(self) -> list[dict]:
+        return [{"item_id": i, "score": s, "sources": list(src)} for i, s, src in self]
+
+
+@dataclass
+class EngineConfig:
+    """Serving settings (the ``[engine]`` section of tandem.toml)."""
+
+    source_weights: dict = field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
+    blend_towers: float = 0.5
+    blend_cf: float = 0.5
+    segment_key: str = "zip_region"  # occupation, zip_region or age_band
+    max_k: int = 1000
+    max_candidates: int = 5000
+
+
+class Engine:
+    """Recommendations from a published bundle. Build with :meth:`Engine.load`."""
+
+    def __init__(self, published: LoadedBundle, cf: CFModel, towers: TwoTowerModel, config: EngineConfig):
+        self.bundle, self.cf, self.towers, self.config = published, cf, towers, config
+        self._lock = threading.RLock()  # add_items swaps tables; readers take snapshots
+        path = published.path
+        tables = path / "tables"
+
+        def load(name: str, folder: Path = tables) -> np.ndarray:
+            return np.load(folder / name, allow_pickle=False)
+
+        self.items = published.items
+        self.users = published.users
+        self.popularity = load("popularity.npy").astype(np.float32)
+        self.seen_indptr, self.seen_indices = load("seen_indptr.npy"), load("seen_indices.npy")
+        self.recent = load("recent_liked.npy")
+        self.titles = load("item_titles.npy") if (tables / "item_titles.npy").is_file() else None
+        self.genres = load("item_genres.npy") if (tables / "item_genres.npy").is_file() else None
+        self.genre_labels: list[str] = list(published.manifest.get("genre_labels", []))
+        self.segment_values: dict[str, np.ndarray] = {}
+        self.segment_of_user: dict[str, np.ndarray] = {}
+        segment_tops: dict[str, np.ndarray] = {}
+        for key in published.manifest.get("segments", {}):
+            self.segment_values[key] = load(f"{key}_values.npy", path / "segments")
+            self.segment_of_user[key] = load(f"{key}_user.npy", path / "segments")
+            segment_tops[key] = load(f"{key}_top_items.npy", path / "segments")
+        self.n_cf_items = len(self.cf.items)  # items added live have no CF vector
+        self.tower_item_vectors = towers.item_vectors
+        idx = published.manifest["indexes"]
+        self.sources = {
+            "cf": CFSource(published.index("cf_ip"), idx["cf_ip"]["search_params"]),
+            "towers": TowerSource(published.index("towers_ip"), idx["towers_ip"]["search_params"]),
+            "popular": PopularitySource(self.popularity),
+            "recent": RecentNeighboursSource(published.index("cf_l2"), idx["cf_l2"]["search_params"], cf.X),
+        }
+        if config.segment_key in segment_tops:
+            self.sources["segment"] = SegmentSource(config.segment_key, segment_tops[config.segment_key])
+        self.weights = BlendWeights(config.blend_towers, config.blend_cf)
+        self._fit_scales()
+
+    @classmethod
+    def load(cls, path: str | Path, config: EngineConfig | None = None, verify: bool = True) -> "Engine":
+        """Open a bundle (or a bundle root holding ``current``), verifying its checksums."""
+        published = LoadedBundle(path, verify=verify)
+        return cls(published, CFModel.load(published.path / "cf"), TwoTowerModel.load(published.path / "towers"),
+                   config or EngineConfig())
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    def _fit_scales(self) -> None:
+        """Bundle-wide score statistics from a seeded sample of users x items."""
+        rng = np.random.default_rng(0)
+        users = rng.choice(len(self.users), min(200, len(self.users)), replace=False)
+        items = rng.choice(self.n_cf_items, min(2000, self.n_cf_items), replace=False)
+        cf_sample = (self.cf.W[users] @ self.cf.X[items].T + self.cf.user_bias[users, None]
+                     + self.cf.item_offsets[items])
+        tower_sample = self.towers.user_vectors_at(users) @ self.tower_item_vectors[items].T
+        self.cf_scale, self.tower_scale = ScoreScale.fit(cf_sample), ScoreScale.fit(tower_sample)
+        log_pop = np.log1p(self.popularity)
+        self.popularity_score = ScoreScale.fit(log_pop)(log_pop).astype(np.float32)
+
+    # ------------------------------------------------------------- users
+    def _user_request(self, user_id, user_features, ratings, exclude_seen, exclude_items, include_items,
+                      filters) -> tuple[Request, dict]:
+        """The retrieval request and the ranking context (vectors) of one user."""
+        n_items = len(self.items)
+        cf_vector, cf_bias, tower_vector, seen = None, 0.0, None, np.zeros(0, np.int64)
+        segments: dict[str, int] = {}
+        recent = None
+        # An unknown user with neither features nor ratings gets popularity (cold start).
+        known = user_id is not None and user_id in self.users
+        if known:
+            u = self.users.index(user_id)
+            seen = self.seen_indices[self.seen_indptr[u]:self.seen_indptr[u + 1]]
+            if u < len(self.cf.users):
+                cf_vector, cf_bias = self.cf.W[u], float(self.cf.user_bias[u])
+            tower_vector = self.towers.user_vectors_at(np.array([u]))[0]
+            segments = {k: int(v[u]) for k, v in self.segment_of_user.items() if self.segment_values[k][v[u]] != ""}
+            liked = self.recent[u]
+            recent = liked[liked >= 0]
+        elif user_features is not None:
+            tower_vector = self.towers.user_embeddings([dict(user_features)])[0]
+            segments = self._segments_from_features(user_features)
+        if ratings:
+            items = list(ratings.keys())
+            folded = self.cf.fold_in(items, [float(r) for r in ratings.values()])
+            cf_vector, cf_bias = folded.vector, folded.bias
+            seen = np.union1d(seen, self.items.indices(items))
+            liked = [self.items.index(i) for i, r in ratings.items() if float(r) >= 4.0]
+            recent = np.asarray(liked[::-1] or [], np.int64)
+
+        allowed = np.ones(n_items, bool)
+        if exclude_seen and len(seen):
+            allowed[seen] = False
+        if exclude_items:
+            allowed[self.items.indices(exclude_items)] = False
+        if include_items is not None:
+            only = np.zeros(n_items, bool)
+            only[self.items.indices(include_items)] = True
+            allowed &= only
+        if filters:
+            allowed &= self._filter_mask(filters)
+        cf_query = None if cf_vector is None else np.r_[cf_vector, 1.0].astype(np.float32)
+        request = Request(allowed, cf_query, tower_vector, segments, recent)
+        return request, {"cf_vector": cf_vector, "cf_bias": cf_bias, "tower_vector": tower_vector}
+
+    def _segments_from_features(self, features: Mapping) -> dict[str, int]:
+        """Segment indices of a new user, by the rules of ``index_builder.build.user_segments``."""
+        labels = {}
+        for key, values in self.segment_values.items():
+            if key == "zip_region":
+                label = str(features.get("zip_code", "") or "").strip()[:1].upper()
+            elif key == "age_band":
+                age = features.get("age")
+                label = f"{int(float(age) // 10 * 10)}s" if age not in (None, "") else ""
+            else:
+                label = str(features.get(key, "") or "")
+            at = int(np.searchsorted(values, label))
+            if label and at < len(values) and values[at] == label:
+                labels[key] = at
+        return labels
+
+    def _filter_mask(self, filters: Mapping) -> np.ndarray:
+        """Items matching attribute filters: ``{"genres": ["Comedy", ...]}`` keeps items
+        with any of the genres."""
+        mask = np.ones(len(self.items), bool)
+        for key, wanted in filters.items():
+            if key != "genres":
+                raise ValueError(f"unknown filter {key!r}; filters: genres")
+            if self.genres is None:
+                raise ValueError("this bundle has no genres to filter on")
+            wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+            unknown = [g for g in wanted if g not in self.genre_labels]
+            if unknown:
+                raise ValueError(f"unknown genre(s) {unknown}; genres: {self.genre_labels}")
+            cols = [self.genre_labels.index(g) for g in wanted]
+            mask &= self.genres[:, cols].any(axis=1)
+        return mask
+
+    # -------------------------------------------------------- scoring
+    def _rank(self, items: np.ndarray, context: dict) -> np.ndarray:
+        tower = None if context["tower_vector"] is None else self.tower_item_vectors[items] @ context["tower_vector"]
+        cf = None
+        if context["cf_vector"] is not None:
+            has_cf = items < self.n_cf_items
+            cf_items = np.where(has_cf, items, 0)
+            cf = self.cf.X[cf_items] @ context["cf_vector"] + context["cf_bias"] + self.cf.item_offsets[cf_items]
+            if not has_cf.all():  # live-added items: no CF opinion, use the CF mean
+                cf = np.where(has_cf, cf, self.cf_scale.mean)
+        return blend(tower, cf, self.popularity_score[items], self.weights, self.tower_scale, self.cf_scale)
+
+    def _check_k(self, k: int, n_candidates: int | None = None) -> None:
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.config.max_k:
+            raise ValueError(f"k must be an integer between 1 and {self.config.max_k}, got {k!r}")
+        if n_candidates is not None and not 1 <= n_candidates <= self.config.max_candidates:
+            raise ValueError(f"n_candidates must be between 1 and {self.config.max_candidates}, got {n_candidates!r}")
+
+    # ------------------------------------------------------ public API
+    def recommend(self, user_id: object | None = None, user_features: Mapping | None = None,
+                  ratings: Mapping[object, float] | None = None, k: int = 10, n_candidates: int = 500,
+                  exclude_seen: bool = True, exclude_items: Sequence[object] = (),
+                  include_items: Sequence[object] | None = None, filters: Mapping | None = None,
+                  sources: Sequence[str] | None = None) -> Recommendations:
+        """Top ``k`` items for one user.
+
+        Args:
+            user_id: an external user id. Unknown ids fall back on ``user_features`` /
+                ``ratings`` when given, else on popularity (cold start).
+            user_features: raw features of a user (``{"age": 30, "zip_code": "94043"}``):
+                the user tower and segment popularity serve a new user from them.
+            ratings: ``{item_id: rating}`` given with the request: CF fold-in for it.
+            n_candidates: how many candidates retrieval passes to ranking.
+            exclude_seen: drop the user's training items (from the bundle) and ``ratings``.
+            exclude_items / include_items: block-list / allow-list of external item ids.
+            filters: attribute filters, e.g. ``{"genres": ["Comedy", "Drama"]}`` (any of).
+            sources: restrict retrieval to these sources (default: all available).
+        """
+        self._check_k(k, n_candidates)
+        request, context = self._user_request(user_id, user_features, ratings, exclude_seen, exclude_items,
+                                              include_items, filters)
+        candidates = merge(self._propose(request, n_candidates, sources), n_candidates)
+        if len(candidates.items) == 0:
+            return Recommendations(np.zeros(0, str), np.zeros(0, np.float32), [])
+        scores = self._rank(candidates.items, context)
+        top = np.argsort(-scores, kind="stable")[:k]
+        return Recommendations(self.items.external(candidates.items[top]), scores[top],
+                               [tuple(candidates.sources[t]) for t in top])
+
+    def _propose(self, request: Request, n_candidates: int, sources: Sequence[str] | None):
+        names = list(sources) if sources is not None else list(SOURCE_NAMES)
+        unknown = [s for s in names if s not in SOURCE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown source(s) {unknown}; sources: {list(SOURCE_NAMES)}")
+        active = [s for s in names if s in self.sources and self.sources[s].available(request)]
+        share = quotas(self.config.source_weights, active, n_candidates)
+        return [(name, self.sources[name].propose(request, share[name])) for name in active]
+
+    def candidates(self, user_id: object, n_candidates: int = 500, sources: Sequence[str] | None = None,
+                   exclude_seen: bool = True) -> dict[str, np.ndarray]:
+        """Retrieval alone, for evaluation: each available source's proposals (item
+        indices, best first) for a user, under the quotas ``recommend`` would use."""
+        self._check_k(1, n_candidates)
+        request, _ = self._user_request(user_id, None, None, exclude_seen, (), None, None)
+        return dict(self._propose(request, n_candidates, sources))
+
+    def recommend_batch(self, user_ids: Iterable[object], k: int = 10, **options) -> list[Recommendations]:
+        """:meth:`recommend` for many users (same options for all), in order."""
+        return [self.recommend(user_id=u, k=k, **options) for u in user_ids]
+
+    def score(self, user_id: object | None = None, item_ids: Sequence[object] = (),
+              user_features: Mapping | None = None, ratings: Mapping[object, float] | None = None) -> Recommendations:
+        """Exact ranking scores of caller-given items for one user, best first."""
+        if not item_ids:
+            raise ValueError("score needs at least one item id")
+        _, context = self._user_request(user_id, user_features, ratings, False, (), None, None)
+        items = self.items.indices(item_ids)
+        scores = self._rank(items, context)
+        order = np.argsort(-scores, kind="stable")
+        return Recommendations(self.items.external(items[order]), scores[order], [("request",)] * len(order))
+
+    def similar_items(self, item_id: object, k: int = 10) -> Recommendations:
+        """Items nearest ``item_id`` by squared distance, ascending, the item excluded:
+        CF item vectors through the ``cf_l2`` index, or tower vectors (``|a - b|^2 =
+        2 - 2 a.b`` for unit vectors) for items added live without a CF vector."""
+        self._check_k(k)
+        i = self.items.index(item_id)
+        if i < self.n_cf_items:
+            ids, dist = self.bundle.similar_items(item_id, k)
+            return Recommendations(ids, dist, [("cf_l2",)] * len(ids))
+        sims = self.tower_item_vectors @ self.tower_item_vectors[i]
+        sims[i] = -np.inf
+        top = np.argsort(-sims, kind="stable")[:k]
+        return Recommendations(self.items.external(top), (2 - 2 * sims[top]).astype(np.float32),
+                               [("towers",)] * len(top))
+
+    def add_items(self, item_ids: Sequence[object], item_features: Sequence[Mapping]) -> int:
+        """Add new items, embedded by the item tower from their features (plus an optional
+        ``"title"``), to the live tower index; they are served at once. They live in this
+        process only: retrain and ``make index`` to persist them. Returns the catalogue
+        size after the addition."""
+        if len(item_ids) != len(item_features) or not item_ids:
+            raise ValueError("add_items needs one feature dict per item id, and at least one item")
+        new_ids = [str(i) for i in item_ids]
+        clash = [i for i in new_ids if i in self.items] or ([] if len(set(new_ids)) == len(new_ids) else new_ids)
+        if clash:
+            raise ValueError(f"item id(s) already in the catalogue or repeated: {clash[:5]}")
+        # "title" is display metadata, not a model feature.
+        vectors = self.towers.item_embeddings([{k: v for k, v in f.items() if k != "title"} for f in item_features])
+        from engine.data import IdMap
+
+        with self._lock:
+            self.sources["towers"].index.add(np.ascontiguousarray(vectors, np.float32))
+            self.tower_item_vectors = np.vstack([self.tower_item_vectors, vectors])
+            self.items = IdMap(np.concatenate([self.items.ids, np.asarray(new_ids)]), "item")
+            self.bundle.items = self.items
+            self.popularity = np.r_[self.popularity, np.zeros(len(new_ids), np.float32)]
+            self.popularity_score = np.r_[self.popularity_score,
+                                          np.full(len(new_ids), self.popularity_score.min(), np.float32)]
+            if self.genres is not None:
+                rows = np.zeros((len(new_ids), self.genres.shape[1]), np.uint8)
+                for r, f in enumerate(item_features):
+                    if "genres" in f:
+                        rows[r] = np.asarray(f["genres"], np.uint8)
+                self.genres = np.vstack([self.genres, rows])
+            if self.titles is not None:
+                self.titles = np.r_[self.titles, [str(f.get("title", i)) for i, f in zip(new_ids, item_features)]]
+        return len(self.items)
+
+    def title(self, item_id: object) -> str:
+        """A readable title (the id when the bundle has no titles)."""
+        if self.titles is None:
+            return str(item_id)
+        try:
+            return str(self.titles[self.items.index(item_id)]) or str(item_id)
+        except UnknownIdError:
+            return str(item_id)

@@ -1,0 +1,196 @@
+"""Candidate retrieval: named sources, each proposing item indices for one request, and
+their merge with per-source quotas.
+
+Every source sees the same :class:`Request` — who the user is (as vectors and tables),
+and ``allowed``, the boolean mask of items that may be returned (seen items, block-list,
+allow-list and attribute filters already applied). ANN sources pass ``allowed`` to FAISS
+as an ``IDSelectorBitmap`` so that filtering happens *inside* the search and a full
+quota still comes back when enough items qualify.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Request:
+    """One user's retrieval context. Fields a user lacks are ``None``."""
+
+    allowed: np.ndarray  # [n_items] bool
+    cf_query: np.ndarray | None = None  # [f + 1]: [w, 1] against the cf_ip index
+    tower_vector: np.ndarray | None = None  # [d] user-tower output
+    segments: dict[str, int] = field(default_factory=dict)  # segment key -> segment index
+    recent_liked: np.ndarray | None = None  # item indices, latest first
+
+    _selector: object = None
+
+    def selector(self):
+        """The FAISS selector for ``allowed`` (built once per request)."""
+        if self._selector is None:
+            import faiss
+
+            bits = np.packbits(self.allowed, bitorder="little")
+            self._bits = bits  # FAISS keeps a pointer: keep the buffer alive
+            self._selector = faiss.IDSelectorBitmap(len(self.allowed), faiss.swig_ptr(bits))
+        return self._selector
+
+
+def _search_params(index, selector, tuned: dict):
+    import faiss
+
+    if "efSearch" in tuned:
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(tuned["efSearch"]))
+    if "nprobe" in tuned:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(tuned["nprobe"]))
+    return faiss.SearchParameters(sel=selector)
+
+
+def ann_search(index, tuned: dict, query: np.ndarray, k: int, request: Request) -> np.ndarray:
+    """Labels of the top ``k`` allowed items for one query (fewer when fewer qualify)."""
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    params = _search_params(index, request.selector(), tuned)
+    _, labels = index.search(np.ascontiguousarray(query[None, :], np.float32), k, params=params)
+    labels = labels[0]
+    return labels[labels >= 0]
+
+
+class Source:
+    """A named candidate source. ``propose`` returns item indices, best first."""
+
+    name = "source"
+
+    def available(self, request: Request) -> bool:
+        return True
+
+    def propose(self, request: Request, k: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class CFSource(Source):
+    """ANN over CF item vectors with the user's CF vector (inner product with the bias
+    folded in, so the order is the CF prediction's)."""
+
+    name = "cf"
+
+    def __init__(self, index, tuned: dict):
+        self.index, self.tuned = index, tuned
+
+    def available(self, request: Request) -> bool:
+        return request.cf_query is not None
+
+    def propose(self, request: Request, k: int) -> np.ndarray:
+        return ann_search(self.index, self.tuned, request.cf_query, k, request)
+
+
+class TowerSource(Source):
+    """ANN over item-tower vectors with the user-tower vector."""
+
+    name = "towers"
+
+    def __init__(self, index, tuned: dict):
+        self.index, self.tuned = index, tuned
+
+    def available(self, request: Request) -> bool:
+        return request.tower_vector is not None
+
+    def propose(self, request: Request, k: int) -> np.ndarray:
+        return ann_search(self.index, self.tuned, request.tower_vector, k, request)
+
+
+def _first_allowed(order: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` entries of a ranked item list that are allowed."""
+    ok = order[allowed[order]]
+    return ok[:k]
+
+
+class PopularitySource(Source):
+    """The most interacted-with items overall."""
+
+    name = "popular"
+
+    def __init__(self, popularity: np.ndarray):
+        self.order = np.argsort(-popularity, kind="stable")
+
+    def propose(self, request: Request, k: int) -> np.ndarray:
+        return _first_allowed(self.order, request.allowed, k)
+
+
+class SegmentSource(Source):
+    """The most interacted-with items among users of the same segment (e.g. the same
+    zip region, occupation or age band)."""
+
+    name = "segment"
+
+    def __init__(self, key: str, top_items: np.ndarray):
+        self.key, self.top_items = key, top_items  # [n_segments, top_n]
+
+    def available(self, request: Request) -> bool:
+        return self.key in request.segments
+
+    def propose(self, request: Request, k: int) -> np.ndarray:
+        return _first_allowed(self.top_items[request.segments[self.key]], request.allowed, k)
+
+
+class RecentNeighboursSource(Source):
+    """Squared-distance neighbours (CF item vectors) of the user's most recent likes,
+    interleaved so every recent like contributes."""
+
+    name = "recent"
+
+    def __init__(self, index, tuned: dict, item_vectors: np.ndarray):
+        self.index, self.tuned, self.item_vectors = index, tuned, item_vectors
+
+    def available(self, request: Request) -> bool:
+        return request.recent_liked is not None and len(request.recent_liked) > 0
+
+    def propose(self, request: Request, k: int) -> np.ndarray:
+        liked = request.recent_liked
+        per_item = max(1, -(-k // len(liked)))
+        lists = [ann_search(self.index, self.tuned, self.item_vectors[i], per_item, request) for i in liked]
+        width = max(len(x) for x in lists)
+        padded = np.full((len(lists), width), -1, np.int64)
+        for row, x in enumerate(lists):
+            padded[row, :len(x)] = x
+        merged = padded.T.ravel()  # round-robin: the best neighbour of each like first
+        merged = merged[merged >= 0]
+        _, first = np.unique(merged, return_index=True)
+        return merged[np.sort(first)][:k]
+
+
+@dataclass
+class Candidates:
+    """The merged candidate set: item indices and, for each, the sources that proposed it."""
+
+    items: np.ndarray  # [n] int64
+    sources: list[list[str]]
+
+
+def merge(proposals: list[tuple[str, np.ndarray]], n_candidates: int) -> Candidates:
+    """De-duplicate proposals in order, recording every source that proposed each item,
+    and keep at most ``n_candidates`` items."""
+    position: dict[int, int] = {}
+    items: list[int] = []
+    sources: list[list[str]] = []
+    for name, proposed in proposals:
+        for item in proposed.tolist():
+            at = position.get(item)
+            if at is not None:
+                sources[at].append(name)
+            elif len(items) < n_candidates:
+                position[item] = len(items)
+                items.append(item)
+                sources.append([name])
+    return Candidates(np.asarray(items, np.int64), sources)
+
+
+def quotas(weights: dict[str, float], available: list[str], n_candidates: int) -> dict[str, int]:
+    """Split ``n_candidates`` among the available sources in proportion to their
+    weights (each available source gets at least one slot)."""
+    total = sum(weights.get(name, 0.0) for name in available)
+    if total <= 0:
+        return {name: n_candidates // max(len(available), 1) for name in available}
+    return {name: max(1, int(round(n_candidates * weights.get(name, 0.0) / total))) for name in available}

@@ -1,0 +1,160 @@
+"""The two-stage Engine on a small published bundle: sources, merge and quotas,
+filters, cold start, add_items, batch/single agreement, and the CF-only path against
+the CF model's brute force."""
+
+import numpy as np
+import pytest
+
+from engine import data
+from engine.cf import train_cf
+from engine.engine import Engine, EngineConfig
+from engine.retrieval import merge, quotas
+from engine.towers import train_two_tower
+from index_builder import build_bundle
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    ds = data.make_synthetic(n_users=400, n_items=300, n_ratings=12_000, seed=0)
+    cf = train_cf(ds, n_features=16, epochs=15, batch_size=1024, learning_rate=0.01, lambda_=5.0, progress=False)
+    towers = train_two_tower(ds, objective="softmax", hidden_layers=(32,), output_dim=16, epochs=3,
+                             batch_size=256, progress=False)
+    root = tmp_path_factory.mktemp("bundles")
+    build_bundle(ds, cf, towers, root, log=lambda line: None)
+    return ds, cf, towers, root
+
+
+@pytest.fixture
+def engine(world):
+    return Engine.load(world[3], EngineConfig(segment_key="occupation"))
+
+
+def test_merge_deduplicates_and_keeps_every_source():
+    c = merge([("a", np.array([1, 2, 3])), ("b", np.array([3, 4])), ("c", np.array([5, 1]))], n_candidates=4)
+    assert c.items.tolist() == [1, 2, 3, 4]
+    assert c.sources == [["a", "c"], ["a"], ["a", "b"], ["b"]]
+
+
+def test_quotas_split_by_weight_among_available_sources():
+    assert quotas({"cf": 0.5, "towers": 0.3, "popular": 0.2}, ["cf", "popular"], 70) == {"cf": 50, "popular": 20}
+    assert quotas({"cf": 1.0}, ["cf", "towers"], 10) == {"cf": 10, "towers": 1}
+
+
+def test_known_user_gets_k_unseen_items_from_several_sources(engine, world):
+    ds = world[0]
+    rec = engine.recommend("u3", k=10)
+    assert len(rec) == 10 and np.all(np.diff(rec.scores) <= 0)
+    seen = set(ds.items.external(ds.user_items()[ds.users.index("u3")].indices))
+    assert not seen & set(rec.item_ids)
+    used = {s for srcs in rec.sources for s in srcs}
+    assert {"cf", "towers"} <= used
+    for name in ("cf", "towers", "popular", "segment", "recent"):  # every source works alone
+        alone = engine.recommend("u3", k=5, sources=[name])
+        assert len(alone) == 5 and all(srcs == (name,) for srcs in alone.sources), name
+
+
+def test_cf_only_with_exact_index_equals_cf_brute_force(engine, world):
+    _, cf, _, _ = world
+    for user in ("u0", "u7", "u42"):
+        ours = engine.recommend(user, k=10, sources=["cf"], n_candidates=10)
+        ranked = engine.score(user, list(ours.item_ids))  # same blend as recommend
+        ref_ids, _ = cf.recommend(user, k=10)
+        assert set(ours.item_ids) == set(ref_ids)
+        np.testing.assert_array_equal(ranked.item_ids, ours.item_ids)
+
+
+def test_filters_apply_inside_retrieval(engine, world):
+    ds = world[0]
+    label = engine.genre_labels[2]
+    rec = engine.recommend("u5", k=10, filters={"genres": [label]})
+    assert len(rec) == 10
+    cols = engine.genres[ds.items.indices(rec.item_ids)]
+    assert cols[:, 2].all()
+    block = list(engine.recommend("u5", k=3).item_ids)
+    assert not set(block) & set(engine.recommend("u5", k=10, exclude_items=block).item_ids)
+    allow = list(ds.items.ids[:20])
+    assert set(engine.recommend("u5", k=5, include_items=allow, exclude_seen=False).item_ids) <= set(allow)
+    with pytest.raises(ValueError, match="unknown genre"):
+        engine.recommend("u5", filters={"genres": ["Nope"]})
+    with pytest.raises(ValueError, match="unknown filter"):
+        engine.recommend("u5", filters={"colour": "red"})
+
+
+def test_seen_items_can_be_kept(engine, world):
+    ds = world[0]
+    seen = set(ds.items.external(ds.user_items()[ds.users.index("u1")].indices))
+    rec = engine.recommend("u1", k=50, exclude_seen=False, n_candidates=300)
+    assert seen & set(rec.item_ids)
+
+
+def test_cold_start_paths(engine, world):
+    ds = world[0]
+    anonymous = engine.recommend("someone-new", k=5)
+    top_popular = ds.items.external(np.argsort(-ds.item_counts(), kind="stable")[:5])
+    np.testing.assert_array_equal(anonymous.item_ids, top_popular)
+    assert all(s == ("popular",) for s in anonymous.sources)
+    featured = engine.recommend(user_features={"age": 30, "occupation": "segment-1", "zip_code": "10000"}, k=5)
+    used = {s for srcs in featured.sources for s in srcs}
+    assert "towers" in used and "segment" in used and "cf" not in used
+    folded = engine.recommend(ratings={"i1": 5, "i2": 4, "i3": 1}, k=5)
+    assert "cf" in {s for srcs in folded.sources for s in srcs}
+    assert not {"i1", "i2", "i3"} & set(folded.item_ids)
+    with pytest.raises(ValueError, match="unknown user feature"):
+        engine.recommend(user_features={"shoe": 1})
+
+
+def test_batch_equals_single(engine):
+    users = ["u0", "u9", "nobody", "u17"]
+    batch = engine.recommend_batch(users, k=7)
+    for user, got in zip(users, batch):
+        single = engine.recommend(user, k=7)
+        np.testing.assert_array_equal(got.item_ids, single.item_ids)
+        np.testing.assert_allclose(got.scores, single.scores)
+
+
+def test_similar_items_and_score(engine, world):
+    _, cf, _, _ = world
+    sim = engine.similar_items("i4", k=5)
+    ref_ids, ref_d = cf.similar_items("i4", k=5)
+    np.testing.assert_array_equal(sim.item_ids, ref_ids)
+    np.testing.assert_allclose(sim.scores, ref_d, rtol=1e-4)
+    scored = engine.score("u2", ["i1", "i2", "i3"])
+    assert sorted(scored.item_ids) == ["i1", "i2", "i3"] and np.all(np.diff(scored.scores) <= 0)
+    with pytest.raises(KeyError, match="unknown item id"):
+        engine.similar_items("nope")
+
+
+def test_add_items_then_recommend_and_similar(world):
+    engine = Engine.load(world[3], EngineConfig(segment_key="occupation"))
+    genres = np.zeros(len(engine.genre_labels), np.uint8)
+    genres[0] = 1
+    n = engine.add_items(["new-1", "new-2"], [{"genres": genres, "year": 2024, "title": "Brand New"},
+                                              {"genres": genres, "year": 2023}])
+    assert n == world[0].n_items + 2
+    allowed = engine.recommend("u3", k=2, include_items=["new-1", "new-2"], sources=["towers"])
+    assert set(allowed.item_ids) == {"new-1", "new-2"}
+    sim = engine.similar_items("new-1", k=3)
+    assert len(sim) == 3 and "new-1" not in sim.item_ids and sim.sources[0] == ("towers",)
+    assert engine.title("new-1") == "Brand New"
+    with pytest.raises(ValueError, match="already in the catalogue"):
+        engine.add_items(["new-1"], [{}])
+
+
+def test_request_limits(engine):
+    with pytest.raises(ValueError, match="k must be"):
+        engine.recommend("u1", k=0)
+    with pytest.raises(ValueError, match="n_candidates"):
+        engine.recommend("u1", n_candidates=10**9)
+    with pytest.raises(ValueError, match="unknown source"):
+        engine.recommend("u1", sources=["magic"])
+
+
+def test_engine_config_from_tandem_toml_and_candidates(engine):
+    from engine.cli import engine_config
+    from engine.config import load_config
+
+    cfg = engine_config(load_config(None, ["engine.blend_cf=0.0", "engine.segment_key=occupation"]))
+    assert cfg.blend_cf == 0.0 and cfg.segment_key == "occupation"
+    proposals = engine.candidates("u3", n_candidates=100)
+    assert set(proposals) == {"cf", "towers", "popular", "segment", "recent"}
+    assert sum(len(p) for p in proposals.values()) <= 100 + len(proposals)
