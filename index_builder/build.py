@@ -159,6 +159,10 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
     np.save(tables / "seen_indptr.npy", ui.indptr.astype(np.int64), allow_pickle=False)
     np.save(tables / "seen_indices.npy", ui.indices.astype(np.int32), allow_pickle=False)
     np.save(tables / "recent_liked.npy", recent_liked(dataset), allow_pickle=False)
+    # The exported item vectors themselves, beside the indexes built from them.
+    np.save(tables / "cf_item_vectors.npy", cf.X, allow_pickle=False)
+    np.save(tables / "cf_item_offsets.npy", cf.item_offsets, allow_pickle=False)
+    np.save(tables / "tower_item_vectors.npy", towers.item_vectors, allow_pickle=False)
     if dataset.item_titles is not None:
         np.save(tables / "item_titles.npy", dataset.item_titles, allow_pickle=False)
     genre_labels: list[str] = []

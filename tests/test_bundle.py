@@ -52,6 +52,8 @@ def test_build_writes_a_complete_manifest(trained, tmp_path):
     for rel, info in m["files"].items():
         assert bundle.sha256_file(path / rel) == info["sha256"]
     assert "tables/seen_indptr.npy" in m["files"] and "segments/occupation_top_items.npy" in m["files"]
+    np.testing.assert_array_equal(np.load(path / "tables" / "cf_item_vectors.npy"), cf.X)
+    assert np.load(path / "tables" / "tower_item_vectors.npy").shape == (80, 8)
     assert not any(p.suffix in (".pkl", ".pickle") for p in path.rglob("*"))
 
 
