@@ -72,7 +72,7 @@ bench-cf-scale: install  ## B6: one CF epoch on synthetic 20M ratings (ratings/s
 demo: install describe  ## set up, then train -> evaluate -> index -> query on the default data
 	$(VENV)/bin/tandem train-cf --no-progress --out artifacts/eval/cf $(if $(filter auto,$(DATA)),,--data $(DATA))
 	$(MAKE) --no-print-directory train index
-	$(VENV)/bin/tandem recommend-cf --example --bundle artifacts/bundles $(if $(filter auto,$(DATA)),,--data $(DATA))
+	$(VENV)/bin/tandem recommend --example
 
 bench-synthetic: install  ## time the synthetic generator at 20M ratings (peak memory too)
 	$(PY) bench/synthetic_scale.py

@@ -7,6 +7,7 @@ setting (repeatable). Commands:
     tandem data describe [PATH] [--top N] [--json]
     tandem train-cf [--data PATH] [--split SPLIT] [--out DIR] [hyperparameters]
     tandem eval-cf [--model DIR] [--data PATH] [--split SPLIT] [--k K]
+    tandem recommend [--bundle ROOT] [--user ID] [--features JSON] [--similar-to ITEM_ID] [--example]
     tandem recommend-cf [--user ID] [--similar-to ITEM_ID] [--example] [--k K]
     tandem train-towers [--data PATH] [--split SPLIT] [--objective mse|softmax] [--out DIR] ...
     tandem eval-towers [--model DIR] [--data PATH] [--split SPLIT] [--k K]
@@ -244,6 +245,38 @@ def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def cmd_recommend(args: argparse.Namespace, config: dict) -> int:
+    from engine.engine import Engine
+
+    eng = Engine.load(args.bundle or config["paths"]["bundles"], engine_config(config))
+    if args.example:  # the most active user and the most popular item of the bundle
+        counts = np.diff(eng.seen_indptr)
+        args.user = args.user or str(eng.users.ids[int(np.argmax(counts))])
+        args.similar_to = args.similar_to or str(eng.items.ids[int(np.argmax(eng.popularity))])
+        args.features = args.features or json.dumps({"age": 25, "gender": "F", "occupation": "student",
+                                                     "zip_code": "94043"})
+    if not (args.user or args.features or args.similar_to):
+        raise ConfigError("recommend needs --user ID, --features JSON, --similar-to ITEM_ID or --example")
+    print(f"bundle {eng.version}")
+
+    def show(heading: str, rec, label: str) -> None:
+        print(heading)
+        for rank, (item, score, sources) in enumerate(rec, start=1):
+            print(f"  {rank:2d}. {eng.title(item):<45} {label} {score:7.3f}  via {', '.join(sources)}")
+
+    if args.user:
+        show(f"Recommended for user {args.user}:", eng.recommend(args.user, k=args.k), "score")
+    if args.features:
+        try:
+            features = json.loads(args.features)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--features must be a JSON object: {e}") from None
+        show(f"Recommended for a new user {features}:", eng.recommend(user_features=features, k=args.k), "score")
+    if args.similar_to:
+        show(f"More like {eng.title(args.similar_to)}:", eng.similar_items(args.similar_to, k=args.k), "dist ")
+    return 0
+
+
 def _titles_for(config: dict, source: str | None):
     """A function item id -> readable title, from the configured dataset when it has titles."""
     try:
@@ -405,6 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--n-candidates", type=int, default=500, help="candidates per request (default 500)")
     pipe.add_argument("--out", default="artifacts/eval/pipeline.json", help="JSON report path")
     pipe.set_defaults(handler=cmd_eval_pipeline)
+
+    recommend = commands.add_parser(
+        "recommend", help="query the published bundle through the two-stage engine",
+        description="Recommendations (with the sources that proposed them) and similar items, with titles.")
+    recommend.add_argument("--bundle", metavar="ROOT", help="bundle or bundle root (default: paths.bundles)")
+    recommend.add_argument("--user", help="external user id")
+    recommend.add_argument("--features", metavar="JSON", help='a new user\'s features, e.g. \'{"age": 30}\'')
+    recommend.add_argument("--similar-to", metavar="ITEM_ID", help="external item id to find neighbours of")
+    recommend.add_argument("--example", action="store_true",
+                           help="the most active user, a new user with features, and the most popular item")
+    recommend.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+    recommend.set_defaults(handler=cmd_recommend)
 
     rec = commands.add_parser("recommend-cf", help="print CF recommendations and similar items with titles",
                               description="Query a trained CF model directly (exact brute force).")

@@ -95,3 +95,22 @@ def test_train_towers_then_eval_and_recommend_cf_example(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Top 3 for user" in printed and "More like Item" in printed
     assert len(re.findall(r"distance \d", printed)) == 3
+
+
+def test_train_build_index_recommend_rollback(tmp_path, capsys):
+    common = ["--set", "data.synthetic.n_ratings=3000", "--set", "data.synthetic.n_users=150",
+              "--set", "data.synthetic.n_items=90", "--set", f"paths.models={tmp_path / 'models'}",
+              "--set", f"paths.bundles={tmp_path / 'bundles'}", "--set", "engine.segment_key=occupation"]
+    assert main(common + ["train-cf", "--data", "synthetic", "--split", "none", "--epochs", "2", "--no-progress"]) == 0
+    assert main(common + ["train-towers", "--data", "synthetic", "--split", "none", "--epochs", "1",
+                          "--layers", "16", "--output-dim", "8", "--no-progress"]) == 0
+    for _ in range(2):
+        assert main(common + ["build-index", "--data", "synthetic"]) == 0
+    capsys.readouterr()
+    assert main(common + ["recommend", "--example", "--k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended for user" in out and "Recommended for a new user" in out and "More like" in out
+    assert main(common + ["rollback"]) == 0
+    assert "rolled back" in capsys.readouterr().out
+    assert main(common + ["recommend", "--features", "{not json"]) == 2
+    assert "--features must be a JSON object" in capsys.readouterr().err
