@@ -114,13 +114,21 @@ def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
     from engine.cf import CFConfig, train_cf
 
     cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS)
+    return _fit_report_save(args, config, "cf", "CF", train_cf, cf_config,
+                            lambda model, train, test: _cf_report(model, test, args.k))
+
+
+def _fit_report_save(args: argparse.Namespace, config: dict, subdir: str, label: str, fit, model_config,
+                     report) -> int:
+    """Train on the split's train part, evaluate on its test part (if any), save the model
+    (default <paths.models>/<subdir>) with its learning curve, and print the metrics."""
     train, test = _train_and_test(args, config)
-    out = Path(args.out or Path(config["paths"]["models"]) / "cf")
-    print(f"training CF on {train.name}: {train.n_users:,} users, {train.n_items:,} items, "
+    out = Path(args.out or Path(config["paths"]["models"]) / subdir)
+    print(f"training {label} on {train.name}: {train.n_users:,} users, {train.n_items:,} items, "
           f"{train.n_ratings:,} ratings", file=sys.stderr)
-    model = train_cf(train, cf_config, curve_path=out / "learning_curve.json")
+    model = fit(train, model_config, curve_path=out / "learning_curve.json")
     if test is not None:
-        model.metrics["test"] = _cf_report(model, test, args.k)
+        model.metrics["test"] = report(model, train, test)
     model.save(out)
     print(json.dumps({"saved": str(out), **model.metrics}, indent=2))
     return 0
@@ -161,16 +169,8 @@ def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
     if args.layers is not None:
         extra["hidden_layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
     tower_config = _model_config(TowerConfig, "towers", config, args, TOWER_FLAGS, extra)
-    train, test = _train_and_test(args, config)
-    out = Path(args.out or Path(config["paths"]["models"]) / "towers")
-    print(f"training two towers ({tower_config.objective}) on {train.name}: {train.n_users:,} users, "
-          f"{train.n_items:,} items, {train.n_ratings:,} ratings", file=sys.stderr)
-    model = train_two_tower(train, tower_config, curve_path=out / "learning_curve.json")
-    if test is not None:
-        model.metrics["test"] = _towers_report(model, train, test, args.k)
-    model.save(out)
-    print(json.dumps({"saved": str(out), **model.metrics}, indent=2))
-    return 0
+    return _fit_report_save(args, config, "towers", f"two towers ({tower_config.objective})", train_two_tower,
+                            tower_config, lambda model, train, test: _towers_report(model, train, test, args.k))
 
 
 def cmd_eval_towers(args: argparse.Namespace, config: dict) -> int:
