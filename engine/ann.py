@@ -8,7 +8,9 @@ sample of queries, and :func:`build_index` tunes ``efSearch`` (HNSW) or ``nprobe
 until recall@k reaches the floor.
 
 Metrics: ``"l2"`` (squared Euclidean distance, ascending — "more like this") and
-``"ip"`` (inner product, descending — retrieval scores).
+``"ip"`` (inner product, descending — retrieval scores). Recall is tie-aware: a result
+as close as the exact k-th neighbour counts, since identical vectors (the zero vectors of
+items without ratings) make the exact id list itself arbitrary.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.metrics import ann_recall_at_k
 
 EXACT_BELOW = 50_000  # items: exact search is fast enough below this
 FLOAT_MEMORY_LIMIT = 8 * 1024**3  # bytes of float vectors above which HNSW gives way to IVF-PQ
@@ -90,12 +91,25 @@ def set_search_params(index, params: dict) -> None:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
 
 
+def tie_aware_recall(approx_scores: np.ndarray, approx_labels: np.ndarray, exact_scores: np.ndarray,
+                     metric: str, rtol: float = 1e-5) -> float:
+    """recall@k where a returned item counts when it is as close as the exact k-th
+    neighbour: items tied at the cut-off (identical vectors, e.g. the zero vectors of
+    items without ratings) are equally right answers. ``[n, k]`` arrays; label -1 never
+    counts."""
+    kth = exact_scores[:, -1:]
+    tol = rtol * np.maximum(np.abs(kth), 1.0)
+    good = approx_scores <= kth + tol if metric == "l2" else approx_scores >= kth - tol
+    return float((good & (approx_labels >= 0)).sum(1).mean() / exact_scores.shape[1])
+
+
 def measure_recall(index, vectors: np.ndarray, queries: np.ndarray, k: int, metric: str) -> float:
-    """recall@k of ``index`` against exact search over ``vectors`` on ``queries``."""
+    """recall@k of ``index`` against exact search over ``vectors`` on ``queries``
+    (tie-aware, see :func:`tie_aware_recall`)."""
     k = min(k, len(vectors))
-    _, exact = exact_search(vectors, queries, k, metric)
-    _, approx = index.search(np.ascontiguousarray(queries, np.float32), k)
-    return ann_recall_at_k(approx, exact, k)
+    exact_scores, _ = exact_search(vectors, queries, k, metric)
+    scores, labels = index.search(np.ascontiguousarray(queries, np.float32), k)
+    return tie_aware_recall(scores, labels, exact_scores, metric)
 
 
 def build_index(vectors: np.ndarray, metric: str, factory: str | None = None, queries: np.ndarray | None = None,
@@ -140,12 +154,14 @@ def build_index(vectors: np.ndarray, metric: str, factory: str | None = None, qu
     build_seconds = time.perf_counter() - start
 
     kk = min(k, n)
-    _, exact = exact_search(vectors, queries, kk, metric)
+    exact_scores, _ = exact_search(vectors, queries, kk, metric)
     params: dict = {}
 
     def recall() -> float:
-        _, approx = index.search(queries, kk)
-        return ann_recall_at_k(approx, exact, kk)
+        # Scores are recomputed exactly for the returned labels: PQ codes give
+        # approximate distances, which must not pass for exact ones.
+        _, labels = index.search(queries, kk)
+        return tie_aware_recall(_exact_scores(vectors, queries, labels, metric), labels, exact_scores, metric)
 
     measured = recall()
     if "HNSW" in factory:
@@ -168,6 +184,14 @@ def build_index(vectors: np.ndarray, metric: str, factory: str | None = None, qu
                 break
             nprobe = min(nprobe * 2, nlist)
     return index, IndexReport(factory, metric, n, dim, build_seconds, float(measured), kk, len(queries), params)
+
+
+def _exact_scores(vectors: np.ndarray, queries: np.ndarray, labels: np.ndarray, metric: str) -> np.ndarray:
+    """Exact distances (l2) or inner products (ip) of queries to the labelled vectors."""
+    picked = vectors[np.maximum(labels, 0)]  # [n, k, dim]
+    if metric == "l2":
+        return ((picked - queries[:, None, :]) ** 2).sum(-1)
+    return np.einsum("nkd,nd->nk", picked, queries)
 
 
 def save_index(index, path: str | Path) -> None:

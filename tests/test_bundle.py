@@ -184,3 +184,18 @@ def test_crash_safety_under_sigkill(trained, tmp_path):
           f"{len(versions_seen)} distinct current versions")
     assert failures == []
     assert len(versions_seen) > 3  # the children did publish between kills
+
+
+def test_recall_is_tie_aware():
+    from engine.ann import build_index, tie_aware_recall
+
+    # 500 identical zero vectors (unrated items) plus distinct ones: any zero vector is
+    # an exact nearest neighbour of a zero query, so ids alone would understate recall.
+    rng = np.random.default_rng(0)
+    vectors = np.vstack([np.zeros((500, 8)), rng.normal(size=(1500, 8))]).astype(np.float32)
+    _, report = build_index(vectors, "l2", "HNSW16", queries=vectors[:50], k=10, recall_floor=0.95)
+    assert report.recall_at_k >= 0.95
+    exact = np.array([[0.0, 1.0]])
+    assert tie_aware_recall(np.array([[0.0, 1.0]]), np.array([[7, 9]]), exact, "l2") == 1.0
+    assert tie_aware_recall(np.array([[0.0, 2.0]]), np.array([[7, 9]]), exact, "l2") == 0.5
+    assert tie_aware_recall(np.array([[0.0, 1.0]]), np.array([[7, -1]]), exact, "l2") == 0.5
