@@ -542,11 +542,16 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
         curve.save(curve_path, title=f"CF ({cfg.loss})")
 
     state = {k: v.cpu().numpy() for k, v in best_state.items()}
-    # Users (items) with no training interactions keep nothing but their random start
-    # shrunk by L2; zero them so that a cold user is predicted by the offsets alone.
+    # Users with no training interactions keep nothing but their random start shrunk by
+    # L2: zero them, so that a cold user is predicted by the item offsets alone. Items
+    # with none get tiny *distinct* vectors instead: thousands of identical zero vectors
+    # wreck an HNSW graph (recall@10 0.23 instead of 0.97 on a 100k catalogue with 7.5k
+    # unrated items), while 1e-3 noise leaves their predictions at the offsets.
     user_has = np.bincount(u_all, minlength=n_users) > 0
     item_has = counts > 0
-    W, X, b = state["W"] * user_has[:, None], state["X"] * item_has[:, None], state["b"] * user_has
+    W, b = state["W"] * user_has[:, None], state["b"] * user_has
+    X = state["X"].copy()
+    X[~item_has] = rng.normal(0, 1e-3, (int((~item_has).sum()), f)).astype(np.float32)
     ui = dataset.user_items()
     return CFModel(
         X=X, W=W, user_bias=b, item_bias=state.get("c", np.zeros(n_items, np.float32)),
