@@ -56,7 +56,6 @@ def read_delimited_interactions(
 
     path = os.fspath(path)
     names = [n for n, _ in fields]
-    kinds = dict(fields)
     source: object = path
     arrow_delimiter = delimiter
     if len(delimiter) > 1:
