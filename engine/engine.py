@@ -24,6 +24,7 @@ import numpy as np
 from engine.bundle import LoadedBundle
 from engine.cf import CFModel
 from engine.errors import UnknownIdError
+from engine.features import segment_labels
 from engine.ranking import BlendWeights, ScoreScale, blend
 from engine.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Request, SegmentSource,
                               TowerSource, merge, quotas)
@@ -175,16 +176,14 @@ class Engine:
         return request, {"cf_vector": cf_vector, "cf_bias": cf_bias, "tower_vector": tower_vector}
 
     def _segments_from_features(self, features: Mapping) -> dict[str, int]:
-        """Segment indices of a new user, by the rules of ``index_builder.build.user_segments``."""
+        """Segment indices of a new user, by the same rules as the bundle's users."""
+        columns = {name: np.array([value]) for name, value in features.items()
+                   if name in ("zip_code", "age", *self.segment_values)}
+        if "age" in columns:
+            columns["age"] = np.array([float(features["age"]) if features["age"] not in (None, "") else np.nan])
         labels = {}
         for key, values in self.segment_values.items():
-            if key == "zip_region":
-                label = str(features.get("zip_code", "") or "").strip()[:1].upper()
-            elif key == "age_band":
-                age = features.get("age")
-                label = f"{int(float(age) // 10 * 10)}s" if age not in (None, "") else ""
-            else:
-                label = str(features.get(key, "") or "")
+            label = str(segment_labels(key, columns, 1)[0])
             at = int(np.searchsorted(values, label))
             if label and at < len(values) and values[at] == label:
                 labels[key] = at

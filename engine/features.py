@@ -61,7 +61,7 @@ class ColumnEncoder:
         if self.kind in ("onehot", "region"):
             text = np.asarray(values).astype(str)
             if self.kind == "region":
-                text = np.array([s.strip()[:1].upper() for s in text.tolist()])
+                text = zip_regions(text)
             lookup = {v: k for k, v in enumerate(self.vocab)}
             cols = np.array([lookup.get(s, len(self.vocab)) if s else len(self.vocab) for s in text.tolist()],
                             dtype=np.int64)
@@ -76,6 +76,26 @@ class ColumnEncoder:
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "mean": self.mean, "std": self.std,
                 "vocab": self.vocab, "width": self.width}
+
+
+def zip_regions(zip_codes: np.ndarray) -> np.ndarray:
+    """The region of each zip code: its first character, upper-cased ("" when missing)."""
+    return np.array([z.strip()[:1].upper() for z in np.asarray(zip_codes).astype(str).tolist()], dtype=str)
+
+
+def segment_labels(key: str, columns: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    """Each user's segment label ``[n]`` for a segment key ("" when unknown), from raw
+    user feature columns. Keys: ``zip_region`` (the zip code's first character),
+    ``age_band`` (decade of age, e.g. ``"20s"``) or any one-dimensional column
+    (e.g. ``occupation``)."""
+    if key == "zip_region" and "zip_code" in columns:
+        return zip_regions(columns["zip_code"])
+    if key == "age_band" and "age" in columns:
+        age = np.asarray(columns["age"], np.float64)
+        return np.array([f"{int(a // 10 * 10)}s" if np.isfinite(a) else "" for a in age.tolist()], dtype=str)
+    if key in columns and np.asarray(columns[key]).ndim == 1:
+        return np.asarray(columns[key]).astype(str)
+    return np.full(n, "")
 
 
 def fit_column(name: str, values: np.ndarray, rows: np.ndarray, min_count: int = 1) -> ColumnEncoder:
@@ -93,7 +113,7 @@ def fit_column(name: str, values: np.ndarray, rows: np.ndarray, min_count: int =
     kind = "onehot"
     if name == "zip_code":
         kind = "region"
-        text = np.array([s.strip()[:1].upper() for s in text.tolist()])
+        text = zip_regions(text)
     uniques, counts = np.unique(text[text != ""], return_counts=True)
     return ColumnEncoder(name, kind, vocab=[str(u) for u, c in zip(uniques, counts) if c >= min_count])
 

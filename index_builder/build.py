@@ -28,6 +28,7 @@ from engine import ann, bundle
 from engine.cf import CFModel
 from engine.data import Dataset
 from engine.errors import TandemError
+from engine.features import segment_labels
 from engine.towers import TwoTowerModel
 
 DEFAULT_SEGMENT_KEYS = ("occupation", "zip_region", "age_band")
@@ -49,23 +50,10 @@ def data_fingerprint(dataset: Dataset) -> str:
 
 
 def user_segments(dataset: Dataset, key: str) -> np.ndarray:
-    """Each user's segment label ``[n_users]`` for a segment key ("" when unknown).
-
-    Keys: a user feature column (e.g. ``occupation``), ``zip_region`` (the zip code's
-    first character) or ``age_band`` (decade of age, e.g. ``"20s"``).
-    """
+    """Each user's segment label ``[n_users]`` for a segment key ("" when unknown);
+    see :func:`engine.features.segment_labels` for the keys."""
     table = dataset.user_features
-    n = dataset.n_users
-    if table is None:
-        return np.full(n, "")
-    if key == "zip_region" and "zip_code" in table.columns:
-        return np.array([z.strip()[:1].upper() for z in table.columns["zip_code"].astype(str).tolist()])
-    if key == "age_band" and "age" in table.columns:
-        age = table.columns["age"]
-        return np.array([f"{int(a // 10 * 10)}s" if np.isfinite(a) else "" for a in age.tolist()])
-    if key in table.columns and table.columns[key].ndim == 1:
-        return table.columns[key].astype(str)
-    return np.full(n, "")
+    return segment_labels(key, table.columns if table is not None else {}, dataset.n_users)
 
 
 RECENT_LIKED = 5  # items per user kept for the "neighbours of recent likes" source
