@@ -36,6 +36,7 @@ import numpy as np
 from engine.artifacts import read_model_dir, write_model_dir
 from engine.data import Dataset, IdMap
 from engine.errors import TandemError
+from engine.ranking import top_k_desc
 from engine.train import EarlyStopping, LearningCurve, resolve_device, seed_everything
 
 FORMAT_VERSION = 1
@@ -217,7 +218,7 @@ class CFModel:
         scores = self.X @ w + b + self.item_offsets
         if exclude_seen and len(seen):
             scores[seen] = -np.inf
-        top = _top_k_desc(scores, k)
+        top = top_k_desc(scores, k)
         top = top[np.isfinite(scores[top])]
         return self.items.external(top), self._finish(scores[top])
 
@@ -234,7 +235,7 @@ class CFModel:
                 for row, u in enumerate(us):
                     scores[row, self.seen(u)] = -np.inf
             for row in range(len(us)):
-                top = _top_k_desc(scores[row], k)
+                top = top_k_desc(scores[row], k)
                 top = top[np.isfinite(scores[row, top])]
                 out[start + row, :len(top)] = top
         return out
@@ -245,9 +246,7 @@ class CFModel:
         i = self.items.index(item_id)
         d = np.sum((self.X - self.X[i]) ** 2, axis=1)
         d[i] = np.inf
-        k = min(k, len(d) - 1)
-        top = np.argpartition(d, k - 1)[:k] if k > 0 else np.zeros(0, np.int64)
-        top = top[np.lexsort((top, d[top]))]
+        top = top_k_desc(-d, min(k, len(d) - 1))  # nearest first, ties by lower index
         return self.items.external(top), d[top].astype(np.float32)
 
     # ----------------------------------------------------------- fold-in
@@ -326,15 +325,6 @@ class CFModel:
                    arrays["item_means"], IdMap(arrays["user_ids"], "user"), IdMap(arrays["item_ids"], "item"),
                    arrays["seen_indptr"], arrays["seen_indices"], tuple(meta["rating_range"]), config,
                    meta.get("metrics"))
-
-
-def _top_k_desc(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest scores, best first (ties by lower index)."""
-    k = min(k, len(scores))
-    if k <= 0:
-        return np.zeros(0, np.int64)
-    part = np.argpartition(-scores, k - 1)[:k]
-    return part[np.lexsort((part, -scores[part]))]
 
 
 # ----------------------------------------------------------------- training

@@ -1,5 +1,6 @@
-"""Exact ranking of candidates: the two-tower score and the CF prediction, each
-standardised with statistics fixed per bundle, blended with configurable weights.
+"""Exact ranking: top-k selection, and the blend of a candidate's two-tower score and
+CF prediction, each standardised with statistics fixed per bundle, with configurable
+weights.
 
 Standardising with bundle-wide statistics (not per request) keeps a pair's score the
 same whatever else is being ranked, so ``score`` of a few items, ``recommend`` and
@@ -11,6 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def top_k_desc(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest scores, best first (ties by lower index)."""
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.lexsort((part, -scores[part]))]
 
 
 @dataclass

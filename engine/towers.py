@@ -28,6 +28,7 @@ from engine.artifacts import read_model_dir, write_model_dir
 from engine.data import Dataset, IdMap
 from engine.errors import TandemError
 from engine.features import FeaturePipeline, fit_item_pipeline, fit_user_pipeline
+from engine.ranking import top_k_desc
 from engine.train import EarlyStopping, LearningCurve, resolve_device, seed_everything
 
 FORMAT_VERSION = 1
@@ -227,8 +228,7 @@ class TwoTowerModel:
             s = self.scores(vectors[start:start + 1024])
             for row, u in enumerate(user_indices[start:start + 1024]):
                 s[row, exclude.indices[exclude.indptr[u]:exclude.indptr[u + 1]]] = -np.inf
-                top = np.argpartition(-s[row], k - 1)[:k]
-                top = top[np.argsort(-s[row, top], kind="stable")]
+                top = top_k_desc(s[row], k)
                 top = top[np.isfinite(s[row, top])]
                 out[start + row, :len(top)] = top
         return out
