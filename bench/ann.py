@@ -25,6 +25,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from _results import save_result
 from engine import ann
 from engine.metrics import ann_recall_at_k
 
@@ -151,9 +152,7 @@ def main() -> None:
         items, _ = ml
         rows += run_suite("ML-100K CF item vectors", np.ascontiguousarray(items), np.ascontiguousarray(items), 10,
                           "l2", [16, 32, 64], [1, 4, 16], 40, len(items))
-    out = Path(__file__).resolve().parent / "results" / "ann.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    out = save_result("ann", rows)
     print(f"\nB4 (k=10; single = one query per call, 1 thread; batched = {args.queries} queries per call, "
           f"{THREADS} threads)")
     print(f"{'suite':<26}{'index':<22}{'params':<16}{'recall@10':>10}{'single QPS':>12}{'x exact':>9}"

@@ -13,12 +13,12 @@ reported as skipped. Writes bench/results/cf.json and prints a summary table.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _results import save_result
 from engine import data
 from engine.cf import CFConfig, train_cf
 from engine.config import resolve_data_source
@@ -97,10 +97,8 @@ def main() -> None:
                       {key: mean(rows, key) for key in ("rmse", "mae", "fit_s", "recall@10", "ndcg@10")})
                for name, rows in systems.items()}
     ref_fit = summary.get("tandem CF (mse, defaults)", {}).get("fit_s")
-    out = Path(__file__).resolve().parent / "results" / "cf.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"folds": args.folds, "summary": summary, "per_fold": systems,
-                               "bce_settings": BCE_SETTINGS}, indent=2))
+    out = save_result("cf", {"folds": args.folds, "summary": summary, "per_fold": systems,
+                               "bce_settings": BCE_SETTINGS})
 
     def fmt(v, spec=".4f"):
         return "—" if v is None else format(v, spec)

@@ -12,11 +12,10 @@ Usage: python bench/cf_scale.py [--n-ratings 20000000] [--batch-size 262144] [--
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
-from pathlib import Path
 
+from _results import save_result
 from engine.cf import train_cf
 from engine.data import make_synthetic
 
@@ -47,9 +46,7 @@ def main() -> None:
               "ratings_per_s_epoch": model.metrics["ratings_per_second"],
               "peak_rss_gb": peak, "peak_rss_after_generation_gb": rss_after_data,
               "train_loss": model.metrics}
-    out = Path(__file__).resolve().parent / "results" / "cf_scale.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = save_result("cf_scale", result)
     print(f"B6 CF: {ds.n_ratings:,} ratings, one epoch at {result['ratings_per_s_epoch'] / 1e6:.2f} M ratings/s "
           f"(target >= 1.0; {result['ratings_per_s_whole_call'] / 1e6:.2f} M/s over the whole train_cf call "
           f"of {train_s:.1f} s, setup included); peak RSS {peak:.2f} GB "

@@ -15,10 +15,10 @@ import argparse
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
+from _results import save_result
 from engine import Engine, data
 from engine.cf import train_cf
 from engine.towers import train_two_tower
@@ -60,9 +60,7 @@ def main() -> None:
               "recommend_p50_ms": float(np.median(times) * 1e3),
               "recommend_p99_ms": float(np.percentile(times, 99) * 1e3),
               "batch_users_per_s": len(users) / batch_s}
-    out = Path(__file__).resolve().parent / "results" / "engine.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = save_result("engine", result)
     print(f"Engine on {ds.n_items:,} items, {args.n_candidates} candidates, k=10: recommend p50 "
           f"{result['recommend_p50_ms']:.2f} ms (target <= 1), p99 {result['recommend_p99_ms']:.2f} ms "
           f"(target <= 5); recommend_batch {result['batch_users_per_s']:,.0f} users/s (target >= 2,000)")

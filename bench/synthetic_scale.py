@@ -7,11 +7,10 @@ Writes bench/results/synthetic_scale.json and prints a summary.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
-from pathlib import Path
 
+from _results import save_result
 from engine.data import make_synthetic
 
 
@@ -33,9 +32,7 @@ def main() -> None:
     result = {"n_users": args.n_users, "n_items": args.n_items, "n_ratings": args.n_ratings,
               "seconds_median": times[len(times) // 2], "seconds_all": times,
               "ratings_per_second": args.n_ratings / times[len(times) // 2], "peak_rss_gb": peak_gb}
-    out = Path(__file__).resolve().parent / "results" / "synthetic_scale.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = save_result("synthetic_scale", result)
     print(f"synthetic {args.n_ratings:,} ratings ({args.n_users:,} users x {args.n_items:,} items): "
           f"{result['seconds_median']:.1f} s median of {args.repeats}, "
           f"{result['ratings_per_second'] / 1e6:.2f} M ratings/s, peak RSS {peak_gb:.2f} GB  -> {out}")

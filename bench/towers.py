@@ -18,19 +18,18 @@ Writes bench/results/towers.json and prints a summary.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
+from _results import save_result
 from engine import data, metrics
 from engine.config import resolve_data_source
 from engine.evaluation import popularity_recommender, rating_metrics, topn_metrics
 from engine.towers import train_two_tower
 
-BENCH_DIR = Path(__file__).resolve().parent
 
 
 def b1_b2(directory: Path, folds: list[int]) -> dict:
@@ -133,9 +132,7 @@ def main() -> None:
     print("latency ...", flush=True)
     lat = latency(directory)
     result = {"folds": args.folds, "b1_b2": quality, "b3": cold, "latency": lat}
-    out = BENCH_DIR / "results" / "towers.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = save_result("towers", result)
 
     pop, soft, mse = quality["popularity"], quality["towers softmax"], quality["towers mse"]
     print(f"\nB1 (ML-100K folds {args.folds}): towers mse RMSE {mse['rmse']:.4f}, MAE {mse['mae']:.4f}, "

@@ -254,17 +254,21 @@ class LoadedBundle:
             self._indexes[name] = index
         return self._indexes[name]
 
-    def similar_items(self, item_id: object, k: int = 10) -> tuple:
+    def similar_items(self, item_id: object, k: int = 10, item_vectors=None) -> tuple:
         """Items nearest ``item_id`` by squared distance between CF item vectors, through
-        the ``cf_l2`` index, the item itself excluded: ``(item_ids [k], distances [k])``."""
+        the ``cf_l2`` index, the item itself excluded: ``(item_ids [k], distances [k])``.
+
+        The query is the item's exact vector (not ``index.reconstruct``: a PQ index only
+        holds codes): from ``item_vectors`` when the caller already holds them (the
+        Engine's CF model), else from the bundle's ``tables/cf_item_vectors.npy``."""
         import numpy as np
 
         i = self.items.index(item_id)
-        if not hasattr(self, "_cf_item_vectors"):
-            # The exact vectors, not index.reconstruct(): a PQ index only holds codes.
-            with np.load(self.path / "cf" / "cf_arrays.npz", allow_pickle=False) as arrays:
-                self._cf_item_vectors = arrays["X"]
-        query = self._cf_item_vectors[i][None, :]
+        if item_vectors is None:
+            if not hasattr(self, "_cf_item_vectors"):
+                self._cf_item_vectors = np.load(self.path / "tables" / "cf_item_vectors.npy", allow_pickle=False)
+            item_vectors = self._cf_item_vectors
+        query = item_vectors[i][None, :]
         dist, labels = self.index("cf_l2").search(np.ascontiguousarray(query, np.float32), k + 1)
         keep = (labels[0] >= 0) & (labels[0] != i)
         labels, dist = labels[0][keep][:k], dist[0][keep][:k]

@@ -294,7 +294,7 @@ class Engine:
         self._check_k(k)
         i = self.items.index(item_id)
         if i < self.n_cf_items:
-            ids, dist = self.bundle.similar_items(item_id, k)
+            ids, dist = self.bundle.similar_items(item_id, k, item_vectors=self.cf.X)
             return Recommendations(ids, dist, [("cf_l2",)] * len(ids))
         sims = self.tower_item_vectors @ self.tower_item_vectors[i]
         sims[i] = -np.inf
@@ -310,9 +310,11 @@ class Engine:
         if len(item_ids) != len(item_features) or not item_ids:
             raise ValueError("add_items needs one feature dict per item id, and at least one item")
         new_ids = [str(i) for i in item_ids]
-        clash = [i for i in new_ids if i in self.items] or ([] if len(set(new_ids)) == len(new_ids) else new_ids)
-        if clash:
-            raise ValueError(f"item id(s) already in the catalogue or repeated: {clash[:5]}")
+        existing = [i for i in new_ids if i in self.items]
+        if existing:
+            raise ValueError(f"item id(s) already in the catalogue: {existing[:5]}")
+        if len(set(new_ids)) != len(new_ids):
+            raise ValueError(f"item ids repeated in the request: {new_ids[:5]}")
         # "title" is display metadata, not a model feature.
         vectors = self.towers.item_embeddings([{k: v for k, v in f.items() if k != "title"} for f in item_features])
         from engine.data import IdMap

@@ -70,35 +70,39 @@ class Source:
         raise NotImplementedError
 
 
-class CFSource(Source):
+class _AnnSource(Source):
+    """ANN search over one index with a per-user query vector (``_query``)."""
+
+    def __init__(self, index, tuned: dict):
+        self.index, self.tuned = index, tuned
+
+    def _query(self, request: Request) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def available(self, request: Request) -> bool:
+        return self._query(request) is not None
+
+    def propose(self, request: Request, k: int) -> np.ndarray:
+        return ann_search(self.index, self.tuned, self._query(request), k, request)
+
+
+class CFSource(_AnnSource):
     """ANN over CF item vectors with the user's CF vector (inner product with the bias
     folded in, so the order is the CF prediction's)."""
 
     name = "cf"
 
-    def __init__(self, index, tuned: dict):
-        self.index, self.tuned = index, tuned
-
-    def available(self, request: Request) -> bool:
-        return request.cf_query is not None
-
-    def propose(self, request: Request, k: int) -> np.ndarray:
-        return ann_search(self.index, self.tuned, request.cf_query, k, request)
+    def _query(self, request: Request) -> np.ndarray | None:
+        return request.cf_query
 
 
-class TowerSource(Source):
+class TowerSource(_AnnSource):
     """ANN over item-tower vectors with the user-tower vector."""
 
     name = "towers"
 
-    def __init__(self, index, tuned: dict):
-        self.index, self.tuned = index, tuned
-
-    def available(self, request: Request) -> bool:
-        return request.tower_vector is not None
-
-    def propose(self, request: Request, k: int) -> np.ndarray:
-        return ann_search(self.index, self.tuned, request.tower_vector, k, request)
+    def _query(self, request: Request) -> np.ndarray | None:
+        return request.tower_vector
 
 
 def _first_allowed(order: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
