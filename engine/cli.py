@@ -330,6 +330,18 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=10, help="cut-off of the top-N metrics (default 10)")
 
 
+def _add_training_flags(p: argparse.ArgumentParser, subdir: str, unit: str) -> None:
+    """Data flags plus the options every trainer has."""
+    _add_data_flags(p)
+    p.add_argument("--out", metavar="DIR", help=f"output directory (default: <paths.models>/{subdir})")
+    p.add_argument("--lr", dest="learning_rate", type=float, help="Adam learning rate")
+    p.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    p.add_argument("--batch-size", type=int, help=f"{unit} per minibatch")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def cmd_config_show(args: argparse.Namespace, config: dict) -> int:
     print(json.dumps(config, indent=2))
     return 0
@@ -364,19 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train-cf", help="train the collaborative-filtering model",
         description="Train matrix factorisation on the training part of the split, save it "
                     "(cf.json + cf_arrays.npz + learning curve) and print test metrics.")
-    _add_data_flags(train_cf)
-    train_cf.add_argument("--out", metavar="DIR", help="output directory (default: <paths.models>/cf)")
+    _add_training_flags(train_cf, "cf", "ratings")
     train_cf.add_argument("--n-features", type=int, help="latent dimension")
     train_cf.add_argument("--lambda", dest="lambda_", type=float, help="L2 strength")
-    train_cf.add_argument("--lr", dest="learning_rate", type=float, help="Adam learning rate")
-    train_cf.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
-    train_cf.add_argument("--batch-size", type=int, help="ratings per minibatch")
     train_cf.add_argument("--loss", choices=["mse", "bce"], help="mse (ratings) or bce (binary, sampled negatives)")
     train_cf.add_argument("--negative-sampling", choices=["uniform", "popularity"], help="bce negatives")
     train_cf.add_argument("--negative-ratio", type=int, help="bce negatives per positive")
-    train_cf.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    train_cf.add_argument("--seed", type=int, help="random seed")
-    train_cf.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train_cf.set_defaults(handler=cmd_train_cf)
 
     eval_cf = commands.add_parser("eval-cf", help="evaluate a trained CF model (JSON metrics)",
@@ -389,19 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train-towers", help="train the two-tower content model",
         description="Train the user and item towers on the training part of the split, save them "
                     "(towers.json + towers_arrays.npz + learning curve) and print test metrics.")
-    _add_data_flags(train_towers)
-    train_towers.add_argument("--out", metavar="DIR", help="output directory (default: <paths.models>/towers)")
+    _add_training_flags(train_towers, "towers", "interactions")
     train_towers.add_argument("--objective", choices=["mse", "softmax"],
                               help="mse (ratings scaled to [-1, 1]) or softmax (in-batch, log-q corrected)")
     train_towers.add_argument("--layers", help="hidden layer sizes, e.g. 256,128")
     train_towers.add_argument("--output-dim", type=int, help="embedding size")
-    train_towers.add_argument("--lr", dest="learning_rate", type=float, help="Adam learning rate")
-    train_towers.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
-    train_towers.add_argument("--batch-size", type=int, help="interactions per minibatch")
     train_towers.add_argument("--temperature", type=float, help="softmax temperature")
-    train_towers.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    train_towers.add_argument("--seed", type=int, help="random seed")
-    train_towers.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train_towers.set_defaults(handler=cmd_train_towers)
 
     eval_towers = commands.add_parser("eval-towers", help="evaluate a trained two-tower model (JSON metrics)",
