@@ -19,8 +19,16 @@ Two parts live here:
 Optional extras (configurable): an item bias ``c(i)`` and a global mean ``mu`` added to
 the prediction (not regularised, like ``b``); per-item mean normalisation (subtract each
 item's training mean before training, add it back when predicting — then a user with no
-ratings is predicted the item means); and a ``bce`` loss with sampled negatives for
-binary data.
+ratings is predicted the item means); a ``bce`` loss with sampled negatives for
+binary data; and ``wmse``, the weighted squared error over *all* user x item pairs for
+implicit feedback (the objective of implicit ALS, here minimised with Adam):
+
+    J = 1/2 sum_{r(i,j)=1} c (1 - w(j).x(i))^2 + 1/2 sum_{r(i,j)=0} w0 (w(j).x(i))^2
+        + lambda/2 (sum_j |w(j)|^2 + sum_i |x(i)|^2)
+
+whose sum over the unobserved pairs never enumerates them: it is the sum over all pairs,
+``w0/2 sum_kl (W^T W)_kl (X^T X)_kl``, minus the observed pairs' share — cost
+``O((n_users + n_items) f^2)``, no dense matrix (:func:`wmse_cost` is the reference).
 """
 
 from __future__ import annotations
@@ -81,12 +89,14 @@ class CFConfig:
     learning_rate: float = 0.002
     epochs: int = 100
     batch_size: int = 1024
-    loss: str = "mse"  # "mse" for ratings, "bce" for binary data with sampled negatives
+    loss: str = "mse"  # "mse" ratings; "bce" binary with sampled negatives; "wmse" implicit, all pairs
     item_bias: bool = True
     global_mean: bool = True
     mean_normalization: bool = False
     negative_ratio: int = 4  # bce: sampled negatives per positive
     negative_sampling: str = "uniform"  # bce: "uniform" or "popularity"
+    positive_weight: float = 2.0  # wmse: weight c of an observed pair (implicit ALS: 1 + alpha)
+    unobserved_weight: float = 1.0  # wmse: weight w0 of every unobserved pair
     validation_fraction: float = 0.05  # held out of the training data for early stopping
     patience: int = 5
     init_std: float = 0.1
@@ -95,8 +105,10 @@ class CFConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.loss not in ("mse", "bce"):
-            raise ValueError(f"loss must be 'mse' or 'bce', got {self.loss!r}")
+        if self.loss not in ("mse", "bce", "wmse"):
+            raise ValueError(f"loss must be 'mse', 'bce' or 'wmse', got {self.loss!r}")
+        if self.positive_weight <= 0 or self.unobserved_weight < 0:
+            raise ValueError("positive_weight must be > 0 and unobserved_weight >= 0")
         if self.negative_sampling not in ("uniform", "popularity"):
             raise ValueError(f"negative_sampling must be 'uniform' or 'popularity', got {self.negative_sampling!r}")
         for name in ("n_features", "epochs", "batch_size", "negative_ratio", "patience"):
@@ -109,6 +121,9 @@ class CFConfig:
         if self.mean_normalization:
             # The item means take the place of the item bias and the global mean.
             self.item_bias, self.global_mean = False, False
+        if self.loss == "wmse":
+            # Biases would add their own all-pairs terms; the implicit objective has none.
+            self.item_bias, self.global_mean, self.mean_normalization = False, False, False
 
     @classmethod
     def from_dict(cls, values: dict) -> "CFConfig":
@@ -118,6 +133,16 @@ class CFConfig:
         if unknown:
             raise ValueError(f"unknown CF setting(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**values)
+
+
+def wmse_cost(X: np.ndarray, W: np.ndarray, R: np.ndarray, lambda_: float, positive_weight: float,
+              unobserved_weight: float) -> float:
+    """Reference ``wmse`` cost on a dense ``[n_items, n_users]`` interaction mask ``R``
+    (tests only): every pair enumerated, observed pairs with target 1 and weight ``c``,
+    the others with target 0 and weight ``w0``."""
+    P = X @ W.T
+    weights = np.where(R == 1, positive_weight, unobserved_weight)
+    return float(0.5 * np.sum(weights * (R - P) ** 2) + lambda_ / 2 * (np.sum(W ** 2) + np.sum(X ** 2)))
 
 
 # -------------------------------------------------------------------- model
@@ -134,7 +159,8 @@ class CFModel:
     """A trained matrix-factorisation model.
 
     Scores (``predict``, ``recommend``) are on the original rating scale for ``mse``
-    (clipped to the training range) and logits for ``bce``. Every ranking method returns
+    (clipped to the training range), logits for ``bce`` and a preference near [0, 1] for
+    ``wmse``. Every ranking method returns
     ``(item_ids, scores)``: external ids first, then the score or distance of each.
     """
 
@@ -256,7 +282,9 @@ class CFModel:
         For ``mse`` this minimises the mission's cost restricted to that user —
         ``1/2 sum (w.x(i) + b + offset(i) - y(i))^2 + lambda/2 |w|^2`` — in closed form.
         For ``bce`` the given items are positives (``ratings`` ignored) against sampled
-        negatives, fitted by Newton's method on the regularised log-loss.
+        negatives, fitted by Newton's method on the regularised log-loss. For ``wmse``
+        they are positives against every other item, solved exactly:
+        ``(w0 X^T X + (c - w0) X_S^T X_S + lambda I) w = c X_S^T 1``.
         """
         i = self.items.indices(item_ids)
         if len(i) == 0:
@@ -275,6 +303,12 @@ class CFModel:
             # A tiny ridge on b keeps the system solvable with a single rating.
             theta = np.linalg.solve(A.T @ A + reg + 1e-9 * np.eye(f + 1), A.T @ target)
             return FoldedUser(theta[:f].astype(np.float32), float(theta[f]), np.unique(i))
+        if self.config.loss == "wmse":
+            c, w0 = self.config.positive_weight, self.config.unobserved_weight
+            Xs = self.X[np.unique(i)].astype(np.float64)
+            gram = self.X.T.astype(np.float64) @ self.X
+            w = np.linalg.solve(w0 * gram + (c - w0) * Xs.T @ Xs + lam * np.eye(f), c * Xs.sum(0))
+            return FoldedUser(w.astype(np.float32), 0.0, np.unique(i))
         rng = np.random.default_rng(self.config.seed)
         negatives = rng.integers(0, len(self.X), len(i) * self.config.negative_ratio)
         negatives = negatives[~np.isin(negatives, i)]
@@ -345,7 +379,8 @@ def _torch_predict(params: dict, u, i):
     # embedding() rather than W[u]: its backward accumulates rows several times faster
     # on CPU than advanced indexing's, which dominates a step at B6's scale.
     pred = (embedding(u, params["W"]) * embedding(i, params["X"])).sum(1)
-    pred = pred + embedding(u, params["b"][:, None])[:, 0]
+    if "b" in params:
+        pred = pred + embedding(u, params["b"][:, None])[:, 0]
     if "c" in params:
         pred = pred + embedding(i, params["c"][:, None])[:, 0]
     if "mu" in params:
@@ -356,6 +391,19 @@ def _torch_predict(params: dict, u, i):
 def mse_data_term(params: dict, u, i, y):
     """A minibatch's data term for ``mse``: half the mean squared error."""
     return 0.5 * (_torch_predict(params, u, i) - y).pow(2).mean()
+
+
+def wmse_data_term(params: dict, u, i, n_ratings: int, positive_weight: float, unobserved_weight: float):
+    """A minibatch's data term for ``wmse``: the observed pairs' mean of
+    ``1/2 (c (1 - p)^2 - w0 p^2)`` (their share of the all-pairs sum taken back) plus
+    ``1/n_ratings`` of the all-pairs term ``w0/2 sum_kl (W^T W)_kl (X^T X)_kl``. A batch
+    of all ``n_ratings`` pairs gives exactly ``(J - L2) / n_ratings``. The all-pairs term
+    costs ``O((n_users + n_items) f^2)`` per step, so this loss suits large batches."""
+    pred = _torch_predict(params, u, i)
+    observed = 0.5 * (positive_weight * (1 - pred).pow(2) - unobserved_weight * pred.pow(2)).sum()
+    W, X = params["W"], params["X"]
+    all_pairs = unobserved_weight / 2 * ((W.T @ W) * (X.T @ X)).sum()
+    return observed / len(u) + all_pairs / n_ratings
 
 
 def add_l2_gradient(params: dict, lambda_: float, n_ratings: int) -> None:
@@ -399,7 +447,7 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
 
     u_all, i_all = dataset.user_idx.astype(np.int64), dataset.item_idx.astype(np.int64)
     y_all = dataset.ratings.astype(np.float32)
-    if cfg.loss == "bce":
+    if cfg.loss in ("bce", "wmse"):
         y_all = np.ones_like(y_all)  # every interaction is a positive
     counts = np.bincount(i_all, minlength=n_items)
     sums = np.bincount(i_all, weights=y_all, minlength=n_items)
@@ -425,8 +473,9 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
     params = {
         "X": torch.nn.Parameter((torch.randn(n_items, f, generator=gen) * cfg.init_std).to(device)),
         "W": torch.nn.Parameter((torch.randn(n_users, f, generator=gen) * cfg.init_std).to(device)),
-        "b": torch.nn.Parameter(torch.zeros(n_users, device=device)),
     }
+    if cfg.loss != "wmse":
+        params["b"] = torch.nn.Parameter(torch.zeros(n_users, device=device))
     if cfg.item_bias:
         params["c"] = torch.nn.Parameter(torch.zeros(n_items, device=device))
     if cfg.global_mean:
@@ -453,6 +502,8 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
         autograd would take, without a dense backward pass through the whole tables."""
         if cfg.loss == "mse":
             data_term = mse_data_term(params, u, i, y)
+        elif cfg.loss == "wmse":
+            data_term = wmse_data_term(params, u, i, N, cfg.positive_weight, cfg.unobserved_weight)
         else:
             pred = _torch_predict(params, u, i)
             n_neg = len(u) * cfg.negative_ratio
@@ -476,6 +527,8 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
                 truth = Yv + torch.as_tensor(item_means, device=device)[Iv]
                 lo, hi = float(y_all.min()), float(y_all.max())
                 return float(torch.sqrt(((restored.clamp(lo, hi) - truth) ** 2).mean()))
+            if cfg.loss == "wmse":  # the objective's data part with held-out positives as observed
+                return float(wmse_data_term(params, Uv, Iv, N, cfg.positive_weight, cfg.unobserved_weight))
             # The training objective's data term on held-out positives and their
             # negatives (the same ones every epoch), so that both curves compare.
             vgen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
@@ -486,7 +539,7 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
             return float(torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, labels, reduction="sum") / len(Uv))
 
-    val_name = "val_rmse" if cfg.loss == "mse" else "val_logloss"
+    val_name = {"mse": "val_rmse", "bce": "val_logloss", "wmse": "val_loss"}[cfg.loss]
     curve = LearningCurve()
     stopper = EarlyStopping(patience=cfg.patience)
     best_state = {k: v.detach().clone() for k, v in params.items()}
@@ -539,7 +592,7 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
     # unrated items), while 1e-3 noise leaves their predictions at the offsets.
     user_has = np.bincount(u_all, minlength=n_users) > 0
     item_has = counts > 0
-    W, b = state["W"] * user_has[:, None], state["b"] * user_has
+    W, b = state["W"] * user_has[:, None], state.get("b", np.zeros(n_users, np.float32)) * user_has
     X = state["X"].copy()
     X[~item_has] = rng.normal(0, 1e-3, (int((~item_has).sum()), f)).astype(np.float32)
     ui = dataset.user_items()
