@@ -219,6 +219,33 @@ def cmd_rollback(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, config: dict) -> int:
+    import os
+
+    from engine.server import ServerConfig, TandemServer, configure_logging
+
+    cfg = dict(config["server"])
+    for key in ("host", "port", "workers", "metrics_port", "tls_cert", "tls_key", "token_all"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    cfg["token"] = args.token or os.environ.get("TANDEM_TOKEN") or None
+    cfg["metrics_port"] = None if cfg["metrics_port"] is None or int(cfg["metrics_port"]) < 0 else int(cfg["metrics_port"])
+    cfg["tls_cert"], cfg["tls_key"] = cfg["tls_cert"] or None, cfg["tls_key"] or None
+    try:
+        server_config = ServerConfig(**cfg)
+    except TypeError as e:
+        raise ConfigError(f"[server]: {e}") from None
+    configure_logging(args.log_level)
+    root = Path(args.bundle or config["paths"]["bundles"])
+    server = TandemServer(root, server_config, engine_config(config)).start()
+    if args.port_file:
+        Path(args.port_file).write_text(f"{server.port}\n")
+    print(f"serving {server.holder.engine.version} on {server_config.host}:{server.port}"
+          + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), file=sys.stderr, flush=True)
+    server.serve_until_signal()
+    return 0
+
+
 def engine_config(config: dict):
     """The :class:`~engine.EngineConfig` of the ``[engine]`` section."""
     from engine.engine import EngineConfig
@@ -379,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(train_cf, "cf", "ratings")
     train_cf.add_argument("--n-features", type=int, help="latent dimension")
     train_cf.add_argument("--lambda", dest="lambda_", type=float, help="L2 strength")
-    train_cf.add_argument("--loss", choices=["mse", "bce"], help="mse (ratings) or bce (binary, sampled negatives)")
+    train_cf.add_argument("--loss", choices=["mse", "bce", "wmse"],
+                          help="mse (ratings), bce (binary, sampled negatives) or wmse (implicit, all pairs weighted)")
     train_cf.add_argument("--negative-sampling", choices=["uniform", "popularity"], help="bce negatives")
     train_cf.add_argument("--negative-ratio", type=int, help="bce negatives per positive")
     train_cf.set_defaults(handler=cmd_train_cf)
@@ -428,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipe = commands.add_parser(
         "eval-pipeline", help="evaluate the two-stage pipeline on ML-100K folds (protocol B2)",
-        description="Train CF (bce) and towers (softmax) per fold, publish a bundle, and report per-source "
+        description="Train CF (wmse) and towers (softmax) per fold, publish a bundle, and report per-source "
                     "candidate recall, final Recall/NDCG@k and latency beside popularity and implicit ALS.")
     pipe.add_argument("--data", metavar="DIR", help="ML-100K directory (default: data.source)")
     pipe.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="folds (default 1..5)")
@@ -461,6 +489,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use the most active user and the most rated item as examples")
     rec.add_argument("--k", type=int, default=10, help="how many items (default 10)")
     rec.set_defaults(handler=cmd_recommend_cf)
+
+    serve = commands.add_parser(
+        "serve", help="serve the published bundle over gRPC (hot reload, health, reflection, metrics)",
+        description="Serve <paths.bundles> over gRPC until SIGTERM/SIGINT. The bearer token comes from "
+                    "--token or the TANDEM_TOKEN environment variable; when set it is required on the Admin "
+                    "service (and on every rpc with --token-all).")
+    serve.add_argument("--bundle", metavar="ROOT", help="bundle root holding current (default: paths.bundles)")
+    serve.add_argument("--host", help="address to bind (default: server.host)")
+    serve.add_argument("--port", type=int, help="port (default: server.port; 0 = any free port)")
+    serve.add_argument("--token", help="bearer token (default: $TANDEM_TOKEN; none = no authentication)")
+    serve.add_argument("--token-all", action="store_true", default=None, help="require the token on every rpc")
+    serve.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (TLS with --tls-key)")
+    serve.add_argument("--tls-key", metavar="PEM", help="server private key")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 = off, 0 = any free port)")
+    serve.add_argument("--workers", type=int, help="request threads (default: server.workers)")
+    serve.add_argument("--port-file", metavar="PATH", help="write the bound port there once serving (for scripts)")
+    serve.add_argument("--log-level", default="INFO", help="INFO (default) or DEBUG (a JSON line per request)")
+    serve.set_defaults(handler=cmd_serve)
 
     config_parser = commands.add_parser("config", help="show the effective configuration")
     config_parser.set_defaults(group_parser=config_parser)
