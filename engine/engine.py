@@ -14,7 +14,9 @@ Every method returns :class:`Recommendations` — ``item_ids``, ``scores`` and
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -25,7 +27,7 @@ from engine.bundle import LoadedBundle
 from engine.cf import CFModel
 from engine.errors import UnknownIdError
 from engine.features import segment_labels
-from engine.ranking import BlendWeights, ScoreScale, blend
+from engine.ranking import BlendWeights, ScoreScale, blend, top_k_desc
 from engine.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Request, SegmentSource,
                               TowerSource, merge, quotas)
 from engine.towers import TwoTowerModel
@@ -38,11 +40,15 @@ DEFAULT_SOURCE_WEIGHTS = {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment":
 class Recommendations:
     """Ranked items, best first: ``item_ids [k]`` (external ids), ``scores [k]`` (higher
     is better, except :meth:`Engine.similar_items`, whose scores are squared distances,
-    lower is better) and, for each item, the names of the sources that proposed it."""
+    lower is better), for each item the names of the sources that proposed it, and its
+    display title (the id when the bundle has no titles). ``candidates`` counts, for ``recommend``, how many candidates each source proposed
+    (for monitoring); it is empty for the other methods."""
 
     item_ids: np.ndarray
     scores: np.ndarray
     sources: list[tuple[str, ...]] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)
+    candidates: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -51,7 +57,8 @@ class Recommendations:
         return iter(zip(self.item_ids.tolist(), self.scores.tolist(), self.sources))
 
     def to_list(self) -> list[dict]:
-        return [{"item_id": i, "score": s, "sources": list(src)} for i, s, src in self]
+        return [{"item_id": i, "score": s, "sources": list(src), "title": t}
+                for (i, s, src), t in zip(self, self.titles or [""] * len(self))]
 
 
 @dataclass
@@ -64,6 +71,16 @@ class EngineConfig:
     segment_key: str = "zip_region"  # occupation, zip_region or age_band
     max_k: int = 1000
     max_candidates: int = 5000
+
+
+def _check_finite(features: Mapping, side: str) -> None:
+    """Refuse NaN / infinite numeric feature values (a missing value is left out instead)."""
+    for name, value in features.items():
+        values = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
+        for v in values:
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and not np.isfinite(v):
+                raise ValueError(f"{side} feature {name!r} is {v}: feature values must be finite "
+                                 "(leave a missing value out)")
 
 
 class Engine:
@@ -83,6 +100,8 @@ class Engine:
         self.popularity = load("popularity.npy").astype(np.float32)
         self.seen_indptr, self.seen_indices = load("seen_indptr.npy"), load("seen_indices.npy")
         self.recent = load("recent_liked.npy")
+        # Bundles built before the neighbour table existed search cf_l2 live instead.
+        neighbours = load("item_neighbours.npy") if (tables / "item_neighbours.npy").is_file() else None
         self.titles = load("item_titles.npy") if (tables / "item_titles.npy").is_file() else None
         self.genres = load("item_genres.npy") if (tables / "item_genres.npy").is_file() else None
         self.genre_labels: list[str] = list(published.manifest.get("genre_labels", []))
@@ -94,13 +113,20 @@ class Engine:
             self.segment_of_user[key] = load(f"{key}_user.npy", path / "segments")
             segment_tops[key] = load(f"{key}_top_items.npy", path / "segments")
         self.n_cf_items = len(self.cf.items)  # items added live have no CF vector
+        self.cf_item_offsets = cf.item_offsets
         self.tower_item_vectors = towers.item_vectors
+        # Known users' tower vectors, computed once: a request then only looks one up.
+        self.user_tower_vectors = np.concatenate(
+            [towers.user_vectors_at(np.arange(s, min(s + 65536, len(self.users))))
+             for s in range(0, len(self.users), 65536)] or [np.zeros((0, self.tower_item_vectors.shape[1]))]
+        ).astype(np.float32)
         idx = published.manifest["indexes"]
         self.sources = {
             "cf": CFSource(published.index("cf_ip"), idx["cf_ip"]["search_params"]),
             "towers": TowerSource(published.index("towers_ip"), idx["towers_ip"]["search_params"]),
             "popular": PopularitySource(self.popularity),
-            "recent": RecentNeighboursSource(published.index("cf_l2"), idx["cf_l2"]["search_params"], cf.X),
+            "recent": RecentNeighboursSource(published.index("cf_l2"), idx["cf_l2"]["search_params"], cf.X,
+                                             neighbours),
         }
         if config.segment_key in segment_tops:
             self.sources["segment"] = SegmentSource(config.segment_key, segment_tops[config.segment_key])
@@ -124,17 +150,31 @@ class Engine:
         users = rng.choice(len(self.users), min(200, len(self.users)), replace=False)
         items = rng.choice(self.n_cf_items, min(2000, self.n_cf_items), replace=False)
         cf_sample = (self.cf.W[users] @ self.cf.X[items].T + self.cf.user_bias[users, None]
-                     + self.cf.item_offsets[items])
-        tower_sample = self.towers.user_vectors_at(users) @ self.tower_item_vectors[items].T
+                     + self.cf_item_offsets[items])
+        tower_sample = self.user_tower_vectors[users] @ self.tower_item_vectors[items].T
         self.cf_scale, self.tower_scale = ScoreScale.fit(cf_sample), ScoreScale.fit(tower_sample)
         log_pop = np.log1p(self.popularity)
         self.popularity_score = ScoreScale.fit(log_pop)(log_pop).astype(np.float32)
 
     # ------------------------------------------------------------- users
-    def _user_request(self, user_id, user_features, ratings, exclude_seen, exclude_items, include_items,
-                      filters) -> tuple[Request, dict]:
-        """The retrieval request and the ranking context (vectors) of one user."""
-        n_items = len(self.items)
+    def _item_mask(self, exclude_items, include_items, filters) -> np.ndarray:
+        """Items a request may return before per-user exclusions: block-list, allow-list
+        and attribute filters applied."""
+        allowed = np.ones(len(self.items), bool)
+        if exclude_items:
+            allowed[self.items.indices(exclude_items)] = False
+        if include_items is not None:
+            only = np.zeros(len(self.items), bool)
+            only[self.items.indices(include_items)] = True
+            allowed &= only
+        if filters:
+            allowed &= self._filter_mask(filters)
+        return allowed
+
+    def _user_request(self, user_id, user_features, ratings, exclude_seen, item_mask: np.ndarray
+                      ) -> tuple[Request, dict]:
+        """The retrieval request and the ranking context (vectors) of one user;
+        ``item_mask`` comes from :meth:`_item_mask` (and is not modified)."""
         cf_vector, cf_bias, tower_vector, seen = None, 0.0, None, np.zeros(0, np.int64)
         segments: dict[str, int] = {}
         recent = None
@@ -145,14 +185,18 @@ class Engine:
             seen = self.seen_indices[self.seen_indptr[u]:self.seen_indptr[u + 1]]
             if u < len(self.cf.users):
                 cf_vector, cf_bias = self.cf.W[u], float(self.cf.user_bias[u])
-            tower_vector = self.towers.user_vectors_at(np.array([u]))[0]
+            tower_vector = self.user_tower_vectors[u]
             segments = {k: int(v[u]) for k, v in self.segment_of_user.items() if self.segment_values[k][v[u]] != ""}
             liked = self.recent[u]
             recent = liked[liked >= 0]
-        elif user_features is not None:
+        elif user_features:
+            _check_finite(user_features, "user")
             tower_vector = self.towers.user_embeddings([dict(user_features)])[0]
             segments = self._segments_from_features(user_features)
         if ratings:
+            bad = [i for i, r in ratings.items() if not np.isfinite(float(r))]
+            if bad:
+                raise ValueError(f"ratings must be finite numbers; not for item(s) {bad[:5]}")
             items = list(ratings.keys())
             folded = self.cf.fold_in(items, [float(r) for r in ratings.values()])
             cf_vector, cf_bias = folded.vector, folded.bias
@@ -160,17 +204,9 @@ class Engine:
             liked = [self.items.index(i) for i, r in ratings.items() if float(r) >= 4.0]
             recent = np.asarray(liked[::-1] or [], np.int64)
 
-        allowed = np.ones(n_items, bool)
+        allowed = item_mask.copy()
         if exclude_seen and len(seen):
             allowed[seen] = False
-        if exclude_items:
-            allowed[self.items.indices(exclude_items)] = False
-        if include_items is not None:
-            only = np.zeros(n_items, bool)
-            only[self.items.indices(include_items)] = True
-            allowed &= only
-        if filters:
-            allowed &= self._filter_mask(filters)
         cf_query = None if cf_vector is None else np.r_[cf_vector, 1.0].astype(np.float32)
         request = Request(allowed, cf_query, tower_vector, segments, recent)
         return request, {"cf_vector": cf_vector, "cf_bias": cf_bias, "tower_vector": tower_vector}
@@ -213,7 +249,7 @@ class Engine:
         if context["cf_vector"] is not None:
             has_cf = items < self.n_cf_items
             cf_items = np.where(has_cf, items, 0)
-            cf = self.cf.X[cf_items] @ context["cf_vector"] + context["cf_bias"] + self.cf.item_offsets[cf_items]
+            cf = self.cf.X[cf_items] @ context["cf_vector"] + context["cf_bias"] + self.cf_item_offsets[cf_items]
             if not has_cf.all():  # live-added items: no CF opinion, use the CF mean
                 cf = np.where(has_cf, cf, self.cf_scale.mean)
         return blend(tower, cf, self.popularity_score[items], self.weights, self.tower_scale, self.cf_scale)
@@ -223,6 +259,14 @@ class Engine:
             raise ValueError(f"k must be an integer between 1 and {self.config.max_k}, got {k!r}")
         if n_candidates is not None and not 1 <= n_candidates <= self.config.max_candidates:
             raise ValueError(f"n_candidates must be between 1 and {self.config.max_candidates}, got {n_candidates!r}")
+
+    def _result(self, items: np.ndarray, scores: np.ndarray, sources: list, candidates: dict | None = None
+                ) -> Recommendations:
+        """The one return convention: item indices to external ids and titles."""
+        ids = self.items.external(items)
+        titles = ([str(t) or str(i) for t, i in zip(self.titles[items].tolist(), ids.tolist())]
+                  if self.titles is not None else [str(i) for i in ids.tolist()])
+        return Recommendations(ids, np.asarray(scores, np.float32), sources, titles, candidates or {})
 
     # ------------------------------------------------------ public API
     def recommend(self, user_id: object | None = None, user_features: Mapping | None = None,
@@ -245,15 +289,21 @@ class Engine:
             sources: restrict retrieval to these sources (default: all available).
         """
         self._check_k(k, n_candidates)
-        request, context = self._user_request(user_id, user_features, ratings, exclude_seen, exclude_items,
-                                              include_items, filters)
+        item_mask = self._item_mask(exclude_items, include_items, filters)
+        return self._recommend_one(user_id, user_features, ratings, k, n_candidates, exclude_seen, item_mask,
+                                   sources)
+
+    def _recommend_one(self, user_id, user_features, ratings, k, n_candidates, exclude_seen, item_mask,
+                       sources) -> Recommendations:
+        request, context = self._user_request(user_id, user_features, ratings, exclude_seen, item_mask)
         candidates = merge(self._propose(request, n_candidates, sources), n_candidates)
         if len(candidates.items) == 0:
-            return Recommendations(np.zeros(0, str), np.zeros(0, np.float32), [])
+            return self._result(np.zeros(0, np.int64), np.zeros(0, np.float32), [])
         scores = self._rank(candidates.items, context)
-        top = np.argsort(-scores, kind="stable")[:k]
-        return Recommendations(self.items.external(candidates.items[top]), scores[top],
-                               [tuple(candidates.sources[t]) for t in top])
+        top = top_k_desc(scores, k)
+        counts = {name: int(np.count_nonzero(candidates.source_bits & (1 << j)))
+                  for j, name in enumerate(candidates.names)}
+        return self._result(candidates.items[top], scores[top], candidates.sources_at(top), counts)
 
     def _propose(self, request: Request, n_candidates: int, sources: Sequence[str] | None):
         names = list(sources) if sources is not None else list(SOURCE_NAMES)
@@ -269,23 +319,44 @@ class Engine:
         """Retrieval alone, for evaluation: each available source's proposals (item
         indices, best first) for a user, under the quotas ``recommend`` would use."""
         self._check_k(1, n_candidates)
-        request, _ = self._user_request(user_id, None, None, exclude_seen, (), None, None)
+        request, _ = self._user_request(user_id, None, None, exclude_seen, self._item_mask((), None, None))
         return dict(self._propose(request, n_candidates, sources))
 
-    def recommend_batch(self, user_ids: Iterable[object], k: int = 10, **options) -> list[Recommendations]:
-        """:meth:`recommend` for many users (same options for all), in order."""
-        return [self.recommend(user_id=u, k=k, **options) for u in user_ids]
+    def recommend_batch(self, user_ids: Iterable[object], k: int = 10, n_candidates: int = 500,
+                        exclude_seen: bool = True, exclude_items: Sequence[object] = (),
+                        include_items: Sequence[object] | None = None, filters: Mapping | None = None,
+                        sources: Sequence[str] | None = None, threads: int | None = None) -> list[Recommendations]:
+        """:meth:`recommend` for many users with the same options, in order; each result
+        equals the single call's.
+
+        The filters are resolved once for the batch, and users are served by ``threads``
+        worker threads (default: the CPU count, at most 8) — FAISS searches release the
+        GIL, so they run in parallel."""
+        users = list(user_ids)
+        self._check_k(k, n_candidates)
+        item_mask = self._item_mask(exclude_items, include_items, filters)
+
+        def serve(chunk: list) -> list[Recommendations]:
+            return [self._recommend_one(u, None, None, k, n_candidates, exclude_seen, item_mask, sources)
+                    for u in chunk]
+
+        workers = max(1, min(threads or os.cpu_count() or 1, 8, len(users) // 32 or 1))
+        if workers == 1:
+            return serve(users)
+        chunks = [users[start:start + 64] for start in range(0, len(users), 64)]
+        with ThreadPoolExecutor(workers) as pool:
+            return [rec for part in pool.map(serve, chunks) for rec in part]
 
     def score(self, user_id: object | None = None, item_ids: Sequence[object] = (),
               user_features: Mapping | None = None, ratings: Mapping[object, float] | None = None) -> Recommendations:
         """Exact ranking scores of caller-given items for one user, best first."""
         if not item_ids:
             raise ValueError("score needs at least one item id")
-        _, context = self._user_request(user_id, user_features, ratings, False, (), None, None)
+        _, context = self._user_request(user_id, user_features, ratings, False, self._item_mask((), None, None))
         items = self.items.indices(item_ids)
         scores = self._rank(items, context)
         order = np.argsort(-scores, kind="stable")
-        return Recommendations(self.items.external(items[order]), scores[order], [("request",)] * len(order))
+        return self._result(items[order], scores[order], [("request",)] * len(order))
 
     def similar_items(self, item_id: object, k: int = 10) -> Recommendations:
         """Items nearest ``item_id`` by squared distance, ascending, the item excluded:
@@ -295,11 +366,11 @@ class Engine:
         i = self.items.index(item_id)
         if i < self.n_cf_items:
             ids, dist = self.bundle.similar_items(item_id, k, item_vectors=self.cf.X)
-            return Recommendations(ids, dist, [("cf_l2",)] * len(ids))
+            return self._result(self.items.indices(ids), dist, [("cf_l2",)] * len(ids))
         sims = self.tower_item_vectors @ self.tower_item_vectors[i]
         sims[i] = -np.inf
         top = np.argsort(-sims, kind="stable")[:k]
-        return Recommendations(self.items.external(top), (2 - 2 * sims[top]).astype(np.float32),
+        return self._result(top, (2 - 2 * sims[top]).astype(np.float32),
                                [("towers",)] * len(top))
 
     def add_items(self, item_ids: Sequence[object], item_features: Sequence[Mapping]) -> int:
@@ -315,6 +386,8 @@ class Engine:
             raise ValueError(f"item id(s) already in the catalogue: {existing[:5]}")
         if len(set(new_ids)) != len(new_ids):
             raise ValueError(f"item ids repeated in the request: {new_ids[:5]}")
+        for f in item_features:
+            _check_finite(f, "item")
         # "title" is display metadata, not a model feature.
         vectors = self.towers.item_embeddings([{k: v for k, v in f.items() if k != "title"} for f in item_features])
         from engine.data import IdMap

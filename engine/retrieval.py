@@ -106,9 +106,14 @@ class TowerSource(_AnnSource):
 
 
 def _first_allowed(order: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
-    """The first ``k`` entries of a ranked item list that are allowed."""
-    ok = order[allowed[order]]
-    return ok[:k]
+    """The first ``k`` entries of a ranked item list that are allowed. Scans growing
+    prefixes, so the usual case (few items excluded) touches only a few hundred entries."""
+    found, start, width = [], 0, max(4 * k, 256)
+    while start < len(order) and sum(len(f) for f in found) < k:
+        part = order[start:start + width]
+        found.append(part[allowed[part]])
+        start, width = start + width, width * 4
+    return np.concatenate(found)[:k] if found else np.zeros(0, np.int64)
 
 
 class PopularitySource(Source):
@@ -141,20 +146,41 @@ class SegmentSource(Source):
 
 class RecentNeighboursSource(Source):
     """Squared-distance neighbours (CF item vectors) of the user's most recent likes,
-    interleaved so every recent like contributes."""
+    interleaved so every recent like contributes.
+
+    Neighbours come from the bundle's precomputed ``neighbours`` table (``[n_items, m]``,
+    nearest first, the item itself excluded, ``-1`` pads); a like whose table row runs out
+    of allowed items (heavy filters) is searched live in the ``cf_l2`` index instead.
+    """
 
     name = "recent"
 
-    def __init__(self, index, tuned: dict, item_vectors: np.ndarray):
+    def __init__(self, index, tuned: dict, item_vectors: np.ndarray, neighbours: np.ndarray | None = None):
         self.index, self.tuned, self.item_vectors = index, tuned, item_vectors
+        self.neighbours = neighbours
 
     def available(self, request: Request) -> bool:
         return request.recent_liked is not None and len(request.recent_liked) > 0
 
+    def _lists(self, liked: np.ndarray, per_item: int, request: Request) -> list[np.ndarray]:
+        if self.neighbours is None:
+            return [ann_search(self.index, self.tuned, self.item_vectors[i], per_item, request) for i in liked]
+        rows = self.neighbours[liked]
+        valid = rows >= 0
+        valid[valid] = request.allowed[rows[valid]]
+        lists = []
+        for row, ok, i in zip(rows, valid, liked):
+            found = row[ok][:per_item]
+            if len(found) < per_item and row[-1] >= 0:  # the table ran out under filters
+                found = ann_search(self.index, self.tuned, self.item_vectors[i], per_item + 1, request)
+                found = found[found != i][:per_item]
+            lists.append(found)
+        return lists
+
     def propose(self, request: Request, k: int) -> np.ndarray:
         liked = request.recent_liked
         per_item = max(1, -(-k // len(liked)))
-        lists = [ann_search(self.index, self.tuned, self.item_vectors[i], per_item, request) for i in liked]
+        lists = self._lists(liked, per_item, request)
         width = max(len(x) for x in lists)
         padded = np.full((len(lists), width), -1, np.int64)
         for row, x in enumerate(lists):
@@ -167,28 +193,41 @@ class RecentNeighboursSource(Source):
 
 @dataclass
 class Candidates:
-    """The merged candidate set: item indices and, for each, the sources that proposed it."""
+    """The merged candidate set: item indices, and for each a bit mask of the sources
+    (bit ``j`` = ``names[j]``) that proposed it."""
 
     items: np.ndarray  # [n] int64
-    sources: list[list[str]]
+    source_bits: np.ndarray  # [n] uint32
+    names: tuple[str, ...]
+
+    def sources_at(self, positions) -> list[tuple[str, ...]]:
+        """The names of the sources that proposed the candidates at ``positions``."""
+        return [tuple(name for j, name in enumerate(self.names) if bits >> j & 1)
+                for bits in self.source_bits[positions].tolist()]
+
+    @property
+    def sources(self) -> list[list[str]]:
+        return [list(s) for s in self.sources_at(np.arange(len(self.items)))]
 
 
 def merge(proposals: list[tuple[str, np.ndarray]], n_candidates: int) -> Candidates:
-    """De-duplicate proposals in order, recording every source that proposed each item,
-    and keep at most ``n_candidates`` items."""
-    position: dict[int, int] = {}
-    items: list[int] = []
-    sources: list[list[str]] = []
-    for name, proposed in proposals:
-        for item in proposed.tolist():
-            at = position.get(item)
-            if at is not None:
-                sources[at].append(name)
-            elif len(items) < n_candidates:
-                position[item] = len(items)
-                items.append(item)
-                sources.append([name])
-    return Candidates(np.asarray(items, np.int64), sources)
+    """De-duplicate proposals in order (source by source, each best first), recording
+    every source that proposed each item, and keep the first ``n_candidates`` items."""
+    names = tuple(name for name, _ in proposals)
+    if not proposals:
+        return Candidates(np.zeros(0, np.int64), np.zeros(0, np.uint32), names)
+    items = np.concatenate([np.asarray(p, np.int64) for _, p in proposals])
+    bit = np.repeat(np.left_shift(np.uint32(1), np.arange(len(proposals), dtype=np.uint32)),
+                    [len(p) for _, p in proposals])
+    if len(items) == 0:
+        return Candidates(items, np.zeros(0, np.uint32), names)
+    order = np.argsort(items, kind="stable")  # equal items stay in proposal order
+    ordered = items[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    first = order[starts]  # each distinct item's first proposal
+    bits = np.bitwise_or.reduceat(bit[order], starts)
+    keep = np.argsort(first, kind="stable")[:n_candidates]  # in order of first proposal
+    return Candidates(ordered[starts][keep], bits[keep], names)
 
 
 def quotas(weights: dict[str, float], available: list[str], n_candidates: int) -> dict[str, int]:

@@ -158,3 +158,34 @@ def test_engine_config_from_tandem_toml_and_candidates(engine):
     proposals = engine.candidates("u3", n_candidates=100)
     assert set(proposals) == {"cf", "towers", "popular", "segment", "recent"}
     assert sum(len(p) for p in proposals.values()) <= 100 + len(proposals)
+
+
+def test_threaded_batch_equals_single(engine):
+    users = [f"u{i}" for i in range(150)] + ["nobody"]
+    batch = engine.recommend_batch(users, k=5, threads=2)  # 151 users: served by two threads
+    for user, got in zip(users, batch):
+        single = engine.recommend(user, k=5)
+        np.testing.assert_array_equal(got.item_ids, single.item_ids)
+        np.testing.assert_allclose(got.scores, single.scores)
+        assert got.sources == single.sources
+
+
+def test_item_neighbour_table_is_the_exact_squared_distance_order(engine, world):
+    _, cf, _, root = world
+    table = engine.sources["recent"].neighbours
+    assert table.shape == (cf.X.shape[0], 32)
+    for i in (0, 7, 123):
+        d = ((cf.X - cf.X[i]) ** 2).sum(1)
+        d[i] = np.inf
+        np.testing.assert_allclose(d[table[i]], np.sort(d)[:32], rtol=1e-5)  # Flat index here: exact
+
+
+def test_recent_source_searches_live_when_filters_exhaust_the_table(engine):
+    request, _ = engine._user_request("u3", None, None, True, engine._item_mask((), None, None))
+    far = engine.sources["recent"].neighbours[request.recent_liked].ravel()
+    allowed = np.ones(len(engine.items), bool)
+    allowed[far[far >= 0]] = False  # every tabled neighbour filtered out
+    request.allowed = allowed
+    proposed = engine.sources["recent"].propose(request, 20)
+    # Up to 20 (likes may share neighbours), all allowed, all found beyond the table.
+    assert len(proposed) >= 15 and allowed[proposed].all()
