@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= auto
 
-.PHONY: help install install-bench test demo describe train index rollback train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test demo describe train index rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -29,8 +29,8 @@ test: install  ## run the test suite
 describe: install  ## describe the dataset (DATA=path|synthetic, default: ML-100K if present)
 	$(VENV)/bin/tandem data describe $(if $(filter auto,$(DATA)),,$(DATA))
 
-train: install  ## retrain CF and the towers (softmax) on all of the configured data, for serving
-	$(VENV)/bin/tandem train-cf --split none --no-progress $(if $(filter auto,$(DATA)),,--data $(DATA))
+train: install  ## retrain CF (top-N preset) and the towers (softmax) on all of the configured data, for serving
+	$(VENV)/bin/tandem train-cf --split none --preset topn --no-progress $(if $(filter auto,$(DATA)),,--data $(DATA))
 	$(VENV)/bin/tandem train-towers --split none --objective softmax --no-progress $(if $(filter auto,$(DATA)),,--data $(DATA))
 
 index: install  ## rebuild the indexes from the latest trained models (no retraining) and publish a bundle
@@ -38,6 +38,15 @@ index: install  ## rebuild the indexes from the latest trained models (no retrai
 
 rollback: install  ## point artifacts/bundles/current at the previous bundle version
 	$(VENV)/bin/tandem rollback
+
+serve: install  ## serve the published bundle over gRPC on server.port (hot reload; TANDEM_TOKEN for auth)
+	$(VENV)/bin/tandem serve
+
+proto: install  ## regenerate engine/rpc from protos/tandem/v1/tandem.proto (the generated code is committed)
+	$(PY) protos/generate.py
+
+bench-serve: install  ## B5: Recommend / SimilarItems / Echo QPS and p50/p99 at 1, 4, 16 clients, 100k items
+	$(PY) bench/serve.py
 
 train-cf: install  ## train the CF model on the configured data and split (artifacts/models/cf)
 	$(VENV)/bin/tandem train-cf $(if $(filter auto,$(DATA)),,--data $(DATA))
@@ -69,10 +78,10 @@ bench-cf: install-bench  ## B1 + B2: CF on ML-100K u1..u5 beside surprise SVD/SV
 bench-cf-scale: install  ## B6: one CF epoch on synthetic 20M ratings (ratings/s, peak RSS)
 	$(PY) bench/cf_scale.py
 
-demo: install describe  ## set up, then train -> evaluate -> index -> query on the default data
+demo: install describe  ## set up, then train -> evaluate -> index -> serve -> query on the default data
 	$(VENV)/bin/tandem train-cf --no-progress --out artifacts/eval/cf $(if $(filter auto,$(DATA)),,--data $(DATA))
 	$(MAKE) --no-print-directory train index
-	$(VENV)/bin/tandem recommend --example
+	$(PY) -m engine.demo
 
 bench-synthetic: install  ## time the synthetic generator at 20M ratings (peak memory too)
 	$(PY) bench/synthetic_scale.py

@@ -111,9 +111,9 @@ def _cf_report(model, test, k: int) -> dict:
 
 
 def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
-    from engine.cf import CFConfig, train_cf
+    from engine.cf import PRESETS, CFConfig, train_cf
 
-    cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS)
+    cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS, PRESETS[args.preset] if args.preset else None)
     return _fit_report_save(args, config, "cf", "CF", train_cf, cf_config,
                             lambda model, train, test: _cf_report(model, test, args.k))
 
@@ -406,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(train_cf, "cf", "ratings")
     train_cf.add_argument("--n-features", type=int, help="latent dimension")
     train_cf.add_argument("--lambda", dest="lambda_", type=float, help="L2 strength")
+    train_cf.add_argument("--preset", choices=["rating", "topn"],
+                          help="named settings over the [cf] section (flags still win): rating = B1 defaults, "
+                               "topn = wmse for top-N retrieval (what make train uses for serving)")
     train_cf.add_argument("--loss", choices=["mse", "bce", "wmse"],
                           help="mse (ratings), bce (binary, sampled negatives) or wmse (implicit, all pairs weighted)")
     train_cf.add_argument("--negative-sampling", choices=["uniform", "popularity"], help="bce negatives")

@@ -1,0 +1,93 @@
+"""The end-to-end demo's last step (``make demo``): serve the published bundle with a
+real ``tandem serve`` process, query it as a client would, print the answers, stop it.
+
+Usage: python -m engine.demo [--bundle ROOT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.client import Client
+from engine.config import load_config
+
+NEW_USER = {"age": 24, "gender": "F", "occupation": "student", "zip_code": "94110"}
+
+
+def _print(title: str, recs, distance: bool = False) -> None:
+    print(f"\n{title}")
+    for rank, (item_id, score, sources) in enumerate(recs, 1):
+        label = "distance" if distance else "score"
+        via = "" if distance else f"  via {', '.join(sources)}"
+        print(f"  {rank:>2}. {recs.titles[rank - 1]:<52} ({label} {score:.3f}){via}")
+
+
+def _examples(root: Path) -> tuple[str, str]:
+    """The most active user and the most popular item of the served bundle."""
+    from engine import bundle
+
+    path = bundle.resolve(root)
+    tables = path / "tables"
+    indptr = np.load(tables / "seen_indptr.npy", allow_pickle=False)
+    users = np.load(tables / "user_ids.npy", allow_pickle=False)
+    items = np.load(tables / "item_ids.npy", allow_pickle=False)
+    popularity = np.load(tables / "popularity.npy", allow_pickle=False)
+    return str(users[int(np.argmax(np.diff(indptr)))]), str(items[int(np.argmax(popularity))])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", help="bundle root (default: paths.bundles)")
+    args = parser.parse_args(argv)
+    root = Path(args.bundle or load_config()["paths"]["bundles"])
+    known_user, popular_item = _examples(root)
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = Path(tmp) / "port"
+        started = time.perf_counter()
+        server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--bundle", str(root), "--port", "0",
+                                   "--port-file", str(port_file)], stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "TANDEM_TOKEN": ""})
+        try:
+            while not port_file.exists():
+                if server.poll() is not None:
+                    print(server.stderr.read(), file=sys.stderr)
+                    return 1
+                if time.perf_counter() - started > 120:
+                    raise TimeoutError("the server did not start within 120 s")
+                time.sleep(0.1)
+            target = f"127.0.0.1:{port_file.read_text().strip()}"
+            with Client(target) as client:
+                client.wait_ready()
+                info = client.info()
+                print(f"tandem serve is up on {target} ({time.perf_counter() - started:.1f} s): bundle "
+                      f"{info['version']}, {int(info['n_items']):,} items, {int(info['n_users']):,} users, health "
+                      f"{client.health()}")
+                for index in info["indexes"]:
+                    print(f"  index {index['name']}: {index['factory']} {index['search_params']} "
+                          f"recall@{index['k']} {index['recall_at_k']:.3f}")
+                _print(f"Recommendations for user {known_user} (the most active user; seen items excluded):",
+                       client.recommend(known_user, k=10))
+                _print(f"Recommendations for a new user known only by features {NEW_USER}:",
+                       client.recommend(user_features=NEW_USER, k=10))
+                similar = client.similar_items(popular_item, k=10)
+                title = client.score(None, [popular_item]).titles[0]
+                _print(f"More like {title} (the most rated item), by squared distance:", similar, distance=True)
+        finally:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+            code = server.wait(timeout=30)
+        print(f"\nserver stopped (exit code {code}) after SIGTERM")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

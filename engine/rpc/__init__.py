@@ -1,0 +1,1 @@
+"""Generated gRPC code for protos/tandem/v1/tandem.proto (``make proto``; do not edit)."""

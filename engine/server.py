@@ -1,0 +1,454 @@
+"""The gRPC service: a thin servicer over :class:`engine.Engine`, with hot reload.
+
+``protos/tandem/v1/tandem.proto`` is the contract. This module only translates between
+its messages and the engine's Python API (:mod:`engine.engine` does the work), maps
+errors to status codes, and runs the server around it:
+
+- **hot reload** — :class:`EngineHolder` keeps the serving engine; ``Reload`` and a
+  watcher of the bundle root's ``current`` pointer load the new version *beside* the old
+  one and swap a single reference. A request takes the reference once, at its start, so
+  in-flight requests finish on the version they began with; a bundle that fails to load
+  leaves the old version serving and the reason is reported (reply, log, metric);
+- **errors** — a bad request (``ValueError`` from the engine or the limits here) is
+  ``INVALID_ARGUMENT``, an unknown item id ``NOT_FOUND``; only a genuine bug is
+  ``INTERNAL``;
+- **security** — an optional bearer token (``authorization: Bearer <token>`` metadata),
+  required on the Admin service, or on every rpc with ``token_all``; TLS from a
+  certificate and key;
+- **operations** — the standard health service and server reflection, Prometheus
+  metrics on an HTTP port, JSON-lines logs, graceful shutdown on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from engine import bundle
+from engine.engine import Engine, EngineConfig, Recommendations
+from engine.errors import UnknownIdError
+from engine.rpc import tandem_pb2 as pb
+from engine.rpc import tandem_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tandem.server")
+
+RECOMMENDER = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+
+
+@dataclass
+class ServerConfig:
+    """Server settings (the ``[server]`` section of tandem.toml)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    workers: int = 8  # request threads
+    max_batch: int = 1000  # users per RecommendBatch / items per AddItems
+    max_message_bytes: int = 4 * 1024 * 1024
+    token: str | None = None  # bearer token; None = no authentication
+    token_all: bool = False  # require the token on every rpc, not only on Admin
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS only
+    tls_key: str | None = None
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None = off, 0 = any free port
+    watch_interval: float = 1.0  # seconds between checks of `current`; 0 = no watching
+    grace: float = 10.0  # seconds in-flight requests get on shutdown
+
+
+class _Metrics:
+    """Prometheus metrics of one server (its own registry, so several servers can live
+    in one process, as in the tests)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tandem_requests", "Requests by rpc and status code", ["rpc", "code"],
+                                registry=self.registry)
+        self.latency = Histogram("tandem_request_seconds", "Request latency by rpc", ["rpc"], registry=self.registry,
+                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5))
+        self.candidates = Histogram("tandem_candidates", "Candidates proposed per request by source", ["source"],
+                                    registry=self.registry, buckets=(0, 10, 25, 50, 100, 200, 500, 1000, 5000))
+        self.reloads = Counter("tandem_reloads", "Bundle reloads by outcome", ["outcome"], registry=self.registry)
+        self.info = Gauge("tandem_bundle_items", "Items in the served catalogue", registry=self.registry)
+
+
+class EngineHolder:
+    """The engine being served, swapped atomically on reload."""
+
+    def __init__(self, root: str | Path, engine_config: EngineConfig | None = None, metrics: _Metrics | None = None):
+        self.root = Path(root)
+        self.engine_config = engine_config or EngineConfig()
+        self.metrics = metrics
+        self._reload_lock = threading.Lock()
+        self.reloads = 0
+        self.engine = Engine.load(self.root, self.engine_config)
+        self.loaded_at = time.time()
+        self._served_target = self._target()
+        if metrics:
+            metrics.info.set(len(self.engine.items))
+
+    def _target(self) -> str | None:
+        try:
+            return os.readlink(self.root / bundle.CURRENT)
+        except OSError:
+            return None
+
+    def reload(self) -> tuple[bool, str, str, str]:
+        """Load the version ``current`` points at and swap it in. Returns ``(reloaded,
+        version, previous_version, message)``; on failure the old engine keeps serving."""
+        with self._reload_lock:
+            previous = self.engine.version
+            target = self._target()
+            try:
+                path = bundle.resolve(self.root)
+                manifest = bundle.read_manifest(path, verify=False)
+                if manifest.get("version") == previous:
+                    self._served_target = target
+                    return False, previous, previous, f"already serving {previous}"
+                fresh = Engine.load(path, self.engine_config)
+            except Exception as e:  # noqa: BLE001 - any failure leaves the old version serving
+                self._served_target = target  # do not retry a broken bundle in a loop
+                if self.metrics:
+                    self.metrics.reloads.labels("failed").inc()
+                message = f"reload failed, still serving {previous}: {e}"
+                log.error(json.dumps({"event": "reload_failed", "serving": previous, "error": str(e)}))
+                return False, previous, previous, message
+            self.engine = fresh  # the swap: one reference assignment
+            self.loaded_at, self._served_target = time.time(), target
+            self.reloads += 1
+            if self.metrics:
+                self.metrics.reloads.labels("ok").inc()
+                self.metrics.info.set(len(fresh.items))
+            log.info(json.dumps({"event": "reloaded", "version": fresh.version, "previous": previous}))
+            return True, fresh.version, previous, ""
+
+    def changed(self) -> bool:
+        """Whether ``current`` points somewhere else than the last load looked at."""
+        return self._target() != self._served_target
+
+
+# ------------------------------------------------------------ conversions
+def _features(message_map) -> dict:
+    out = {}
+    for name, value in message_map.items():
+        kind = value.WhichOneof("value")
+        if kind == "number":
+            out[name] = value.number
+        elif kind == "text":
+            out[name] = value.text
+        elif kind == "numbers":
+            out[name] = list(value.numbers.values)
+        else:
+            raise ValueError(f"feature {name!r} has no value")
+    return out
+
+
+def _items(recs: Recommendations) -> list:
+    return [pb.ScoredItem(item_id=i, score=s, sources=src, title=t)
+            for i, s, src, t in zip(recs.item_ids.tolist(), recs.scores.tolist(), recs.sources, recs.titles)]
+
+
+def _recommend_options(request: pb.RecommendRequest) -> dict:
+    return {
+        "k": request.k or 10,
+        "n_candidates": request.n_candidates or 500,
+        "exclude_seen": not request.include_seen,
+        "exclude_items": list(request.exclude_items),
+        "include_items": list(request.include_items) or None,
+        "filters": {"genres": list(request.genres)} if request.genres else None,
+        "sources": list(request.sources) or None,
+    }
+
+
+class _BadRequest(Exception):
+    """A request the server's own limits refuse (INVALID_ARGUMENT)."""
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """Recommender rpcs: each takes the serving engine once and calls one engine method."""
+
+    def __init__(self, holder: EngineHolder, config: ServerConfig):
+        self.holder, self.config = holder, config
+
+    def Recommend(self, request, context):
+        engine = self.holder.engine
+        recs = engine.recommend(user_id=request.user_id or None, user_features=_features(request.user_features),
+                                ratings=dict(request.ratings) or None, **_recommend_options(request))
+        metrics = self.holder.metrics
+        if metrics:
+            for source, n in recs.candidates.items():
+                metrics.candidates.labels(source).observe(n)
+        return pb.RecommendResponse(items=_items(recs), version=engine.version)
+
+    def RecommendBatch(self, request, context):
+        if len(request.user_ids) > self.config.max_batch:
+            raise _BadRequest(f"{len(request.user_ids)} users in one batch; at most {self.config.max_batch}")
+        engine = self.holder.engine
+        users, options = list(request.user_ids), _recommend_options(request.options)
+        results = []
+        for start in range(0, len(users), 256):  # a long batch stops once its deadline has passed
+            if context.time_remaining() is not None and context.time_remaining() <= 0:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed after {start} of {len(users)} users")
+            results += engine.recommend_batch(users[start:start + 256], **options)
+        return pb.RecommendBatchResponse(
+            results=[pb.RecommendResponse(items=_items(r), version=engine.version) for r in results],
+            version=engine.version)
+
+    def SimilarItems(self, request, context):
+        engine = self.holder.engine
+        recs = engine.similar_items(request.item_id, k=request.k or 10)
+        return pb.SimilarItemsResponse(items=_items(recs), version=engine.version)
+
+    def Score(self, request, context):
+        engine = self.holder.engine
+        if len(request.item_ids) > engine.config.max_candidates:
+            raise _BadRequest(f"{len(request.item_ids)} items to score; at most {engine.config.max_candidates}")
+        recs = engine.score(user_id=request.user_id or None, item_ids=list(request.item_ids),
+                            user_features=_features(request.user_features), ratings=dict(request.ratings) or None)
+        return pb.ScoreResponse(items=_items(recs), version=engine.version)
+
+    def AddItems(self, request, context):
+        if len(request.items) > self.config.max_batch:
+            raise _BadRequest(f"{len(request.items)} items in one request; at most {self.config.max_batch}")
+        engine = self.holder.engine
+        features = []
+        for item in request.items:
+            f = _features(item.features)
+            if item.title:
+                f["title"] = item.title
+            features.append(f)
+        n = engine.add_items([item.item_id for item in request.items], features)
+        if self.holder.metrics:
+            self.holder.metrics.info.set(n)
+        return pb.AddItemsResponse(n_items=n, version=engine.version)
+
+    def Echo(self, request, context):
+        return pb.EchoResponse(payload=request.payload)
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, holder: EngineHolder, config: ServerConfig):
+        self.holder, self.config = holder, config
+
+    def Reload(self, request, context):
+        reloaded, version, previous, message = self.holder.reload()
+        return pb.ReloadResponse(reloaded=reloaded, version=version, previous_version=previous, message=message)
+
+    def GetInfo(self, request, context):
+        engine = self.holder.engine
+        manifest = engine.bundle.manifest
+        indexes = [pb.IndexInfo(name=name, factory=r["factory"], metric=r["metric"], n_vectors=r["n_vectors"],
+                                dim=r["dim"], search_params={k: int(v) for k, v in (r["search_params"] or {}).items()},
+                                recall_at_k=float(r["recall_at_k"] or 0.0), k=int(r["k"]))
+                   for name, r in manifest["indexes"].items()]
+        return pb.GetInfoResponse(
+            version=engine.version, created_at=manifest.get("created_at", ""), n_items=len(engine.items),
+            n_users=len(engine.users), dataset=manifest["dataset"]["name"],
+            data_fingerprint=manifest["dataset"]["fingerprint"], indexes=indexes, sources=sorted(engine.sources),
+            max_k=engine.config.max_k, max_candidates=engine.config.max_candidates, max_batch=self.config.max_batch,
+            loaded_seconds_ago=time.time() - self.holder.loaded_at, reloads=self.holder.reloads)
+
+
+# ------------------------------------------------------------ interceptor
+def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, UnknownIdError):
+        return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, (ValueError, _BadRequest)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+
+
+class _Interceptor(grpc.ServerInterceptor):
+    """Authentication, then error mapping, metrics and a log line around every rpc."""
+
+    def __init__(self, config: ServerConfig, metrics: _Metrics | None):
+        self.config, self.metrics = config, metrics
+        self._expected = f"Bearer {config.token}".encode() if config.token else None
+
+    def _authorised(self, method: str, metadata) -> bool:
+        if self._expected is None:
+            return True
+        if not (self.config.token_all or method.startswith(f"/{ADMIN}/")):
+            return True
+        given = dict(metadata or ()).get("authorization", "")
+        return hmac.compare_digest(given.encode(), self._expected)
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or not method.startswith("/tandem."):
+            return handler  # health checks and reflection stay open (load balancers, tools)
+        rpc = method.rsplit("/", 1)[-1]
+        authorised = self._authorised(method, handler_call_details.invocation_metadata)
+        inner, metrics = handler.unary_unary, self.metrics
+
+        def call(request, context):
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                if not authorised:
+                    code = grpc.StatusCode.UNAUTHENTICATED
+                    context.abort(code, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+                size = request.ByteSize()
+                if size > self.config.max_message_bytes:
+                    raise _BadRequest(f"request of {size:,} bytes; at most {self.config.max_message_bytes:,}")
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    context.abort(code, "the deadline passed before the request was served")
+                return inner(request, context)
+            except Exception as error:  # noqa: BLE001 - every failure becomes a status code
+                if code != grpc.StatusCode.OK or context.code() not in (None, grpc.StatusCode.OK):
+                    code = context.code() or code
+                    raise  # already aborted with its own status
+                code, message = _status_of(error)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception(json.dumps({"event": "internal_error", "rpc": rpc}))
+                context.abort(code, message)
+            finally:
+                seconds = time.perf_counter() - start
+                if metrics:
+                    metrics.requests.labels(rpc, code.name).inc()
+                    metrics.latency.labels(rpc).observe(seconds)
+                if log.isEnabledFor(logging.DEBUG) or code != grpc.StatusCode.OK:
+                    log.log(logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO,
+                            json.dumps({"event": "rpc", "rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3)}))
+
+        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+# ------------------------------------------------------------ the server
+class TandemServer:
+    """A running Tandem gRPC server over the bundle root ``root``.
+
+    >>> server = TandemServer("artifacts/bundles", ServerConfig(port=0)).start()
+    >>> server.port  # the bound port
+    """
+
+    def __init__(self, root: str | Path, config: ServerConfig | None = None,
+                 engine_config: EngineConfig | None = None):
+        self.config = config or ServerConfig()
+        if bool(self.config.tls_cert) != bool(self.config.tls_key):
+            raise ValueError("TLS needs both a certificate (tls_cert) and a key (tls_key)")
+        self.metrics = _Metrics()
+        self.holder = EngineHolder(root, engine_config, self.metrics)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._stop = threading.Event()
+        self._server = None
+        self._metrics_http = None
+
+    def start(self) -> "TandemServer":
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        cfg = self.config
+        # gRPC core answers RESOURCE_EXHAUSTED above its own limit, before any handler;
+        # it is set above ours so that a request over max_message_bytes reaches the
+        # interceptor and gets INVALID_ARGUMENT with the limit in the message.
+        options = [("grpc.max_receive_message_length", 4 * cfg.max_message_bytes),
+                   ("grpc.max_send_message_length", 4 * cfg.max_message_bytes),
+                   ("grpc.so_reuseport", 1)]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
+                             interceptors=[_Interceptor(cfg, self.metrics)], options=options)
+        pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(self.holder, cfg), server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.holder, cfg), server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (RECOMMENDER, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            self.port = server.add_secure_port(address, creds)
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        server.start()
+        self._server = server
+        for name in ("", RECOMMENDER, ADMIN):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        if cfg.watch_interval > 0:
+            threading.Thread(target=self._watch, name="tandem-watch-current", daemon=True).start()
+        log.info(json.dumps({"event": "started", "address": f"{cfg.host}:{self.port}", "tls": bool(cfg.tls_cert),
+                             "auth": bool(cfg.token), "version": self.holder.engine.version,
+                             "metrics_port": self.metrics_port}))
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.config.watch_interval):
+            if self.holder.changed():
+                self.holder.reload()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting requests; in-flight ones get ``grace`` seconds to finish."""
+        if self._server is None:
+            return
+        self._stop.set()
+        self.health.enter_graceful_shutdown()
+        self._server.stop(self.config.grace if grace is None else grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        log.info(json.dumps({"event": "stopped", "version": self.holder.engine.version}))
+        self._server = None
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        if self._server is not None:
+            self._server.wait_for_termination()
+
+    def serve_until_signal(self) -> None:
+        """Run until SIGTERM or SIGINT, then shut down gracefully."""
+        done = threading.Event()
+
+        def handle(signum, frame):
+            log.info(json.dumps({"event": "signal", "signal": signal.Signals(signum).name}))
+            done.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+        done.wait()
+        self.stop()
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, and the message (itself JSON when
+    the server logged an event)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            body = json.loads(record.getMessage())
+        except ValueError:
+            body = {"message": record.getMessage()}
+        out = {"time": round(record.created, 3), "level": record.levelname, "logger": record.name, **body}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger("tandem")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+

@@ -1,0 +1,56 @@
+"""Generate the Python gRPC code of protos/tandem/v1/tandem.proto into engine/rpc/
+(``make proto``). Needs grpcio-tools (the ``dev`` extra pins the version whose output is
+committed). With ``--check`` it writes nothing and fails when the committed code is stale.
+
+protoc writes ``from tandem.v1 import tandem_pb2``; the import is rewritten to the package
+the code lives in, ``engine.rpc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO = Path("tandem/v1/tandem.proto")
+OUT = ROOT / "engine" / "rpc"
+GENERATED = ("tandem_pb2.py", "tandem_pb2.pyi", "tandem_pb2_grpc.py")
+
+
+def generate() -> dict[str, str]:
+    from grpc_tools import protoc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        code = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"--python_out={tmp}", f"--pyi_out={tmp}",
+                            f"--grpc_python_out={tmp}", str(ROOT / "protos" / PROTO)])
+        if code != 0:
+            raise SystemExit(f"protoc failed on {PROTO} (exit {code})")
+        out = {}
+        for name in GENERATED:
+            text = (Path(tmp) / PROTO.parent / name).read_text()
+            out[name] = text.replace("from tandem.v1 import tandem_pb2", "from engine.rpc import tandem_pb2")
+        return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if engine/rpc/ differs from a fresh generation")
+    args = parser.parse_args()
+    fresh = generate()
+    stale = [n for n, text in fresh.items() if not (OUT / n).is_file() or (OUT / n).read_text() != text]
+    if args.check:
+        if stale:
+            print(f"stale generated code in {OUT}: {stale}; run `make proto` and commit", file=sys.stderr)
+            return 1
+        print(f"{OUT}: generated code is fresh")
+        return 0
+    for name, text in fresh.items():
+        (OUT / name).write_text(text)
+    print(f"generated {', '.join(GENERATED)} into {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The gRPC service through a real server on an ephemeral port and a real channel:
+every rpc against the library, every error path, auth, TLS, health and reflection,
+metrics, hot reload under concurrent requests, and graceful shutdown of `tandem serve`."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from engine import bundle, data
+from engine.cf import train_cf
+from engine.client import Client
+from engine.engine import Engine, EngineConfig
+from engine.rpc import tandem_pb2 as pb
+from engine.rpc import tandem_pb2_grpc as pb_grpc
+from engine.server import ServerConfig, TandemServer
+from engine.towers import train_two_tower
+from index_builder import build_bundle
+
+ENGINE_CONFIG = EngineConfig(segment_key="occupation")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Small models and a bundle root with two published versions (the second current)."""
+    ds = data.make_synthetic(n_users=400, n_items=300, n_ratings=12_000, seed=0)
+    cf = train_cf(ds, n_features=16, epochs=10, batch_size=1024, learning_rate=0.01, lambda_=5.0, progress=False)
+    towers = train_two_tower(ds, objective="softmax", hidden_layers=(32,), output_dim=16, epochs=2,
+                             batch_size=256, progress=False)
+    root = tmp_path_factory.mktemp("bundles")
+    first = build_bundle(ds, cf, towers, root, log=lambda line: None)
+    second = build_bundle(ds, cf, towers, root, log=lambda line: None)
+    return ds, root, first.name, second.name
+
+
+def start(root, **settings) -> TandemServer:
+    return TandemServer(root, ServerConfig(port=0, **settings), ENGINE_CONFIG).start()
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    s = start(world[1], max_batch=50, metrics_port=0, watch_interval=0, max_message_bytes=64 * 1024)
+    yield s
+    s.stop(0)
+
+
+@pytest.fixture
+def client(server):
+    with Client(f"127.0.0.1:{server.port}") as c:
+        yield c
+
+
+def same(a, b):
+    np.testing.assert_array_equal(a.item_ids, b.item_ids)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+    assert a.sources == b.sources and a.titles == b.titles
+
+
+def test_every_rpc_equals_the_library(client, world):
+    ds, root = world[0], world[1]
+    library = Engine.load(root, ENGINE_CONFIG)
+    genre = library.genre_labels[0]
+    cases = [dict(user_id="u3"), dict(user_id="u5", k=4, n_candidates=50),
+             dict(user_features={"age": 31, "occupation": ds.user_features.columns["occupation"][0]}),
+             dict(ratings={"i1": 5, "i2": 4, "i9": 1}), dict(user_id="stranger"),
+             dict(user_id="u7", filters={"genres": [genre]}, exclude_items=["i0"], sources=["cf", "towers"]),
+             dict(user_id="u8", include_items=["i1", "i2", "i3", "i4"], k=3, exclude_seen=False)]
+    for case in cases:
+        same(client.recommend(**case), library.recommend(**case))
+    for got, want in zip(client.recommend_batch(["u1", "u2", "nobody"], k=5), library.recommend_batch(["u1", "u2", "nobody"], k=5)):
+        same(got, want)
+    same(client.similar_items("i4", k=6), library.similar_items("i4", k=6))
+    same(client.score("u2", ["i1", "i2", "i3"]), library.score("u2", ["i1", "i2", "i3"]))
+    assert client.echo(b"ping") == b"ping"
+    info = client.info()
+    assert info["version"] == library.version and int(info["n_items"]) == ds.n_items
+    assert {i["name"] for i in info["indexes"]} == {"cf_l2", "cf_ip", "towers_ip"}
+    assert all(i["recall_at_k"] >= 0.95 for i in info["indexes"])
+
+
+def test_add_items_is_served_at_once(world):
+    s = start(world[1], watch_interval=0)
+    try:
+        with Client(f"127.0.0.1:{s.port}") as c:
+            n = c.add_items(["fresh-1"], [{"year": 2024, "title": "Fresh"}])
+            assert n == world[0].n_items + 1
+            recs = c.recommend("u1", include_items=["fresh-1"], k=1, sources=["towers"])
+            assert list(recs.item_ids) == ["fresh-1"] and recs.titles == ["Fresh"]
+            assert len(c.similar_items("fresh-1", k=3)) == 3
+            with pytest.raises(grpc.RpcError) as e:
+                c.add_items(["fresh-1"], [{}])
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        s.stop(0)
+
+
+@pytest.mark.parametrize("call, code, words", [
+    (lambda c: c.recommend("u1", k=-1), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
+    (lambda c: c.recommend("u1", k=10**6), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
+    (lambda c: c.recommend("u1", n_candidates=10**7), grpc.StatusCode.INVALID_ARGUMENT, "n_candidates"),
+    (lambda c: c.recommend_batch([f"u{i}" for i in range(51)]), grpc.StatusCode.INVALID_ARGUMENT, "at most 50"),
+    (lambda c: c.recommend(user_features={"age": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+    (lambda c: c.recommend(user_features={"age": float("inf")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+    (lambda c: c.recommend(ratings={"i1": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+    (lambda c: c.recommend(user_features={"shoe": 3}), grpc.StatusCode.INVALID_ARGUMENT, "unknown user feature"),
+    (lambda c: c.recommend("u1", sources=["magic"]), grpc.StatusCode.INVALID_ARGUMENT, "unknown source"),
+    (lambda c: c.recommend("u1", filters={"genres": ["Opera"]}), grpc.StatusCode.INVALID_ARGUMENT, "unknown genre"),
+    (lambda c: c.recommend("u1", exclude_items=["i999999"]), grpc.StatusCode.NOT_FOUND, "i999999"),
+    (lambda c: c.similar_items("nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+    (lambda c: c.score("u1", ["i1", "nope"]), grpc.StatusCode.NOT_FOUND, "nope"),
+    (lambda c: c.score("u1", []), grpc.StatusCode.INVALID_ARGUMENT, "at least one"),
+    (lambda c: c.add_items(["x"], [{"year": float("nan")}]), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+    (lambda c: c.echo(b"x" * 100_000), grpc.StatusCode.INVALID_ARGUMENT, "at most 65,536"),
+])
+def test_bad_requests_get_clear_status_codes(client, call, code, words):
+    with pytest.raises(grpc.RpcError) as e:
+        call(client)
+    assert e.value.code() == code and words in e.value.details(), (e.value.code(), e.value.details())
+
+
+def test_unknown_user_is_served_by_cold_start(client):
+    recs = client.recommend("somebody-new", k=5)
+    assert len(recs) == 5 and all(s == ("popular",) for s in recs.sources)
+
+
+def test_deadline_is_honoured(client):
+    with pytest.raises(grpc.RpcError) as e:
+        client.recommend_batch([f"u{i}" for i in range(50)], timeout=1e-4)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_health_reflection_and_metrics(client, server):
+    assert client.health() == "SERVING"
+    assert client.health("tandem.v1.Recommender") == "SERVING"
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"tandem.v1.Recommender", "tandem.v1.Admin", "grpc.health.v1.Health"} <= services
+    client.recommend("u1")
+    with pytest.raises(grpc.RpcError):
+        client.similar_items("nope")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'tandem_requests_total{code="OK",rpc="Recommend"}' in text
+    assert 'tandem_requests_total{code="NOT_FOUND",rpc="SimilarItems"}' in text
+    assert 'tandem_request_seconds_bucket{le="0.005",rpc="Recommend"}' in text
+    assert 'tandem_candidates_count{source="cf"}' in text
+
+
+def test_bearer_token_guards_admin_or_everything(world):
+    s = start(world[1], token="s3cret", watch_interval=0)
+    strict = start(world[1], token="s3cret", token_all=True, watch_interval=0)
+    try:
+        target = f"127.0.0.1:{s.port}"
+        with Client(target) as anonymous, Client(target, token="wrong") as wrong, Client(target, token="s3cret") as ok:
+            assert len(anonymous.recommend("u1", k=3)) == 3  # the token guards Admin only
+            for c in (anonymous, wrong):
+                with pytest.raises(grpc.RpcError) as e:
+                    c.info()
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert ok.info()["version"] == world[3]
+        with Client(f"127.0.0.1:{strict.port}") as anonymous, Client(f"127.0.0.1:{strict.port}", token="s3cret") as ok:
+            with pytest.raises(grpc.RpcError) as e:
+                anonymous.recommend("u1")
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert len(ok.recommend("u1", k=2)) == 2
+            assert anonymous.health() == "SERVING"  # health stays open to load balancers
+    finally:
+        s.stop(0)
+        strict.stop(0)
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "server.crt", tmp_path / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_with_a_self_signed_certificate(world, tmp_path):
+    cert, key = self_signed(tmp_path)
+    s = start(world[1], tls_cert=str(cert), tls_key=str(key), token="t0ken", watch_interval=0)
+    try:
+        with Client(f"localhost:{s.port}", root_certificates=cert, token="t0ken") as c:
+            assert len(c.recommend("u1", k=4)) == 4
+            assert c.info()["version"] == world[3]
+        with Client(f"localhost:{s.port}", timeout=2) as plaintext:  # no TLS: refused
+            with pytest.raises(grpc.RpcError) as e:
+                plaintext.recommend("u1")
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        s.stop(0)
+    with pytest.raises(ValueError, match="both a certificate"):
+        TandemServer(world[1], ServerConfig(port=0, tls_cert=str(cert)))
+
+
+def test_hot_reload_under_concurrent_requests(world, tmp_path):
+    """>= 10 swaps of `current` (by Reload and by the watcher) while 4 threads send
+    requests: no request fails, both versions serve, a broken bundle is refused."""
+    root = tmp_path / "root"
+    shutil.copytree(world[1], root, symlinks=True)
+    first, second = world[2], world[3]
+    s = start(root, watch_interval=0.05)
+    failures, versions, stop = [], set(), threading.Event()
+
+    def load():
+        with grpc.insecure_channel(f"127.0.0.1:{s.port}") as channel:
+            stub = pb_grpc.RecommenderStub(channel)
+            n = 0
+            while not stop.is_set():
+                try:
+                    reply = stub.Recommend(pb.RecommendRequest(user_id=f"u{n % 50}", k=5), timeout=10)
+                    assert len(reply.items) == 5
+                    versions.add(reply.version)
+                except Exception as e:  # noqa: BLE001 - counted, reported below
+                    failures.append(repr(e))
+                n += 1
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        with Client(f"127.0.0.1:{s.port}") as admin:
+            swaps = 0
+            for round_ in range(12):
+                target = first if round_ % 2 == 0 else second
+                bundle.set_current(root, target)
+                if round_ % 3 == 0:  # let the watcher notice this one
+                    deadline = time.time() + 10
+                    while s.holder.engine.version != target and time.time() < deadline:
+                        time.sleep(0.02)
+                else:
+                    assert admin.reload()["version"] == target
+                assert s.holder.engine.version == target
+                swaps += 1
+                time.sleep(0.05)
+            # A corrupted bundle: the reload fails, the old version keeps serving.
+            broken = root / bundle.VERSIONS / "broken"
+            shutil.copytree(root / bundle.VERSIONS / first, broken)
+            (broken / "tables" / "popularity.npy").write_bytes(b"garbage")
+            serving = s.holder.engine.version
+            bundle.set_current(root, "broken")
+            reply = admin.reload()
+            assert not reply["reloaded"] and reply["version"] == serving and "popularity.npy" in reply["message"]
+            time.sleep(0.3)  # the watcher must not replace it either
+            assert s.holder.engine.version == serving
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        s.stop(0)
+    assert swaps >= 10 and failures == [] and versions == {first, second}
+
+
+def test_tandem_serve_shuts_down_gracefully_on_sigterm(world, tmp_path):
+    port_file = tmp_path / "port"
+    env = {**os.environ, "TANDEM_TOKEN": "tok"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--set", "engine.segment_key=occupation", "serve",
+                             "--bundle", str(world[1]), "--port", "0", "--port-file", str(port_file)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not port_file.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert port_file.exists(), proc.stderr.read() if proc.poll() is not None else "server did not start"
+        with Client(f"127.0.0.1:{port_file.read_text().strip()}", token="tok", timeout=60) as c:
+            users = [f"u{i % 400}" for i in range(3000)]
+            stub = pb_grpc.RecommenderStub(c._channel)
+            future = stub.RecommendBatch.future(pb.RecommendBatchRequest(user_ids=users[:1000]), timeout=60)
+            time.sleep(0.05)  # the request is in flight
+            proc.send_signal(signal.SIGTERM)
+            reply = future.result()  # finishes despite the signal
+            assert len(reply.results) == 1000
+        assert proc.wait(timeout=30) == 0
+        log = proc.stderr.read()
+        assert '"event": "signal"' in log and '"event": "stopped"' in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
