@@ -6,6 +6,12 @@ Layout of a bundle root (``paths.bundles``)::
     <root>/versions/<version>/manifest.json   one complete, immutable bundle per version
     <root>/current -> versions/<version>      the version being served (a symlink)
     <root>/.staging/                          bundles being written (never read)
+    <root>/added_items.jsonl                  items added live (Engine.add_items), one JSON per line
+
+Items added to a running engine are appended to ``added_items.jsonl`` (fsynced) and
+replayed whenever an engine loads from the root, so they survive reloads and restarts;
+the next ``make index`` copies the journal into the new bundle (``tables/added_items.jsonl``,
+checksummed like every file), so a bundle also carries the items added before it.
 
 Publishing writes the new bundle under ``.staging``, fsyncs every file and directory,
 renames it into ``versions/`` (atomic within one filesystem), then swaps ``current`` by
@@ -35,6 +41,50 @@ STAGING = ".staging"
 
 class BundleError(TandemError):
     """A bundle is missing, incomplete, corrupted or of another format."""
+
+
+ADDED_ITEMS = "added_items.jsonl"
+
+
+def append_added_items(path: str | Path, records: list[dict]) -> None:
+    """Append items (``{"item_id", "features", "title"}``) to a journal file, durably."""
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_added_items(path: str | Path) -> list[dict]:
+    """The items of a journal file (none when it does not exist). A last line without
+    its newline — an append cut short by a crash — is ignored; any other line that is
+    not a record raises, naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]  # torn append: the records before it are whole (each was fsynced)
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("item_id"), str):
+                raise ValueError("expected an object with a string item_id")
+        except ValueError as e:
+            raise BundleError(f"{path}, line {n}: not an added-item record ({e})") from None
+        records.append({"item_id": record["item_id"], "features": dict(record.get("features") or {}),
+                        "title": str(record.get("title", ""))})
+    return records
+
+
+def root_of(bundle_path: str | Path) -> Path | None:
+    """The bundle root a version directory was published under (``None`` otherwise)."""
+    bundle_path = Path(bundle_path)
+    return bundle_path.parent.parent if bundle_path.parent.name == VERSIONS else None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -137,8 +137,29 @@ class Engine:
     def load(cls, path: str | Path, config: EngineConfig | None = None, verify: bool = True) -> "Engine":
         """Open a bundle (or a bundle root holding ``current``), verifying its checksums."""
         published = LoadedBundle(path, verify=verify)
-        return cls(published, CFModel.load(published.path / "cf"), TwoTowerModel.load(published.path / "towers"),
-                   config or EngineConfig())
+        engine = cls(published, CFModel.load(published.path / "cf"), TwoTowerModel.load(published.path / "towers"),
+                     config or EngineConfig())
+        engine._replay_added_items()
+        return engine
+
+    def _replay_added_items(self) -> None:
+        """Serve the items added live before this load: those the bundle carries, then
+        those the root's journal gained since (see :mod:`engine.bundle`)."""
+        from engine import bundle
+
+        root = bundle.root_of(self.bundle.path)
+        records = bundle.read_added_items(self.bundle.path / "tables" / bundle.ADDED_ITEMS)
+        if root is not None:
+            records += bundle.read_added_items(root / bundle.ADDED_ITEMS)
+        fresh, seen = [], set()
+        for r in records:
+            if r["item_id"] not in self.items and r["item_id"] not in seen:
+                seen.add(r["item_id"])
+                fresh.append(r)
+        if fresh:
+            self.add_items([r["item_id"] for r in fresh],
+                           [{**r["features"], **({"title": r["title"]} if r["title"] else {})} for r in fresh],
+                           persist=False)
 
     @property
     def version(self) -> str:
@@ -373,11 +394,12 @@ class Engine:
         return self._result(top, (2 - 2 * sims[top]).astype(np.float32),
                                [("towers",)] * len(top))
 
-    def add_items(self, item_ids: Sequence[object], item_features: Sequence[Mapping]) -> int:
+    def add_items(self, item_ids: Sequence[object], item_features: Sequence[Mapping], persist: bool = True) -> int:
         """Add new items, embedded by the item tower from their features (plus an optional
-        ``"title"``), to the live tower index; they are served at once. They live in this
-        process only: retrain and ``make index`` to persist them. Returns the catalogue
-        size after the addition."""
+        ``"title"``), to the live tower index; they are served at once. With ``persist``
+        (and an engine loaded from a bundle root) they are also appended to the root's
+        ``added_items.jsonl``: replayed by every later load and copied into the next
+        bundle by ``make index``. Returns the catalogue size after the addition."""
         if len(item_ids) != len(item_features) or not item_ids:
             raise ValueError("add_items needs one feature dict per item id, and at least one item")
         new_ids = [str(i) for i in item_ids]
@@ -390,6 +412,7 @@ class Engine:
             _check_finite(f, "item")
         # "title" is display metadata, not a model feature.
         vectors = self.towers.item_embeddings([{k: v for k, v in f.items() if k != "title"} for f in item_features])
+        from engine import bundle
         from engine.data import IdMap
 
         with self._lock:
@@ -408,6 +431,13 @@ class Engine:
                 self.genres = np.vstack([self.genres, rows])
             if self.titles is not None:
                 self.titles = np.r_[self.titles, [str(f.get("title", i)) for i, f in zip(new_ids, item_features)]]
+            root = bundle.root_of(self.bundle.path)
+            if persist and root is not None:
+                bundle.append_added_items(root / bundle.ADDED_ITEMS, [
+                    {"item_id": i, "title": str(f.get("title", "")),
+                     "features": {k: (np.asarray(v).tolist() if isinstance(v, (list, tuple, np.ndarray)) else v)
+                                  for k, v in f.items() if k != "title"}}
+                    for i, f in zip(new_ids, item_features)])
         return len(self.items)
 
     def title(self, item_id: object) -> str:

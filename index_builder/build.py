@@ -171,6 +171,11 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
     np.save(tables / "seen_indices.npy", ui.indices.astype(np.int32), allow_pickle=False)
     np.save(tables / "recent_liked.npy", recent_liked(dataset), allow_pickle=False)
     np.save(tables / "item_neighbours.npy", neighbours, allow_pickle=False)
+    journal = root / bundle.ADDED_ITEMS  # items added live so far travel with the bundle
+    added = [r for r in bundle.read_added_items(journal) if r["item_id"] not in dataset.items]
+    if added:
+        bundle.append_added_items(tables / bundle.ADDED_ITEMS, added)
+        log(f"  carrying {len(added)} item(s) added live (from {journal})")
     # The exported item vectors themselves, beside the indexes built from them.
     np.save(tables / "cf_item_vectors.npy", cf.X, allow_pickle=False)
     np.save(tables / "cf_item_offsets.npy", cf.item_offsets, allow_pickle=False)

@@ -189,3 +189,27 @@ def test_recent_source_searches_live_when_filters_exhaust_the_table(engine):
     proposed = engine.sources["recent"].propose(request, 20)
     # Up to 20 (likes may share neighbours), all allowed, all found beyond the table.
     assert len(proposed) >= 15 and allowed[proposed].all()
+
+
+def test_added_items_survive_reload_and_travel_with_the_next_bundle(world, tmp_path):
+    import shutil
+
+    ds, cf, towers, root = world
+    mine = tmp_path / "root"
+    shutil.copytree(root, mine, symlinks=True)
+    engine = Engine.load(mine, EngineConfig(segment_key="occupation"))
+    engine.add_items(["late-1"], [{"year": 2025, "title": "Late Arrival"}])
+    again = Engine.load(mine, EngineConfig(segment_key="occupation"))  # a reload or restart
+    assert "late-1" in again.items and again.title("late-1") == "Late Arrival"
+    build_bundle(ds, cf, towers, mine, log=lambda line: None)  # make index
+    (mine / "added_items.jsonl").unlink()  # the new bundle alone carries the item now
+    rebuilt = Engine.load(mine, EngineConfig(segment_key="occupation"))
+    assert rebuilt.version != engine.version and "late-1" in rebuilt.items
+    np.testing.assert_allclose(rebuilt.tower_item_vectors[rebuilt.items.index("late-1")],
+                               again.tower_item_vectors[again.items.index("late-1")], rtol=1e-5)
+    journal = mine / "added_items.jsonl"
+    journal.write_text('{"item_id": "y", "features": {"year": 2020}}\n{"item_id": "x", "feat')  # torn append
+    assert "y" in Engine.load(mine).items  # the whole records load, the torn one is ignored
+    journal.write_text('not json\n{"item_id": "y", "features": {}}\n')
+    with pytest.raises(Exception, match="added_items.jsonl, line 1"):
+        Engine.load(mine)
