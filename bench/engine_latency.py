@@ -32,7 +32,10 @@ def main() -> None:
     parser.add_argument("--n-ratings", type=int, default=1_000_000)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--n-candidates", type=int, default=500)
+    parser.add_argument("--bundle", help="measure an existing bundle root instead of building one")
     args = parser.parse_args()
+    if args.bundle:
+        return measure(Engine.load(args.bundle), args)
 
     ds = data.make_synthetic(n_users=args.n_users, n_items=args.n_items, n_ratings=args.n_ratings, seed=0)
     print(f"training quick models on {ds} ...", flush=True)
@@ -41,27 +44,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         print("building the bundle ...", flush=True)
         build_bundle(ds, cf, towers, root, n_queries=300)
-        engine = Engine.load(root)
-        manifest = engine.bundle.manifest
-        rng = np.random.default_rng(0)
-        users = list(ds.users.ids[rng.choice(ds.n_users, args.requests, replace=True)])
-        for u in users[:100]:  # warm-up
-            engine.recommend(u, k=10, n_candidates=args.n_candidates)
-        times = np.empty(len(users))
-        for r, u in enumerate(users):
-            start = time.perf_counter()
-            engine.recommend(u, k=10, n_candidates=args.n_candidates)
-            times[r] = time.perf_counter() - start
+        measure(Engine.load(root), args)
+
+
+def measure(engine: Engine, args) -> None:
+    manifest = engine.bundle.manifest
+    rng = np.random.default_rng(0)
+    users = list(engine.users.ids[rng.choice(len(engine.users), args.requests, replace=True)])
+    for u in users[:100]:  # warm-up
+        engine.recommend(u, k=10, n_candidates=args.n_candidates)
+    times = np.empty(len(users))
+    for r, u in enumerate(users):
         start = time.perf_counter()
-        engine.recommend_batch(users, k=10, n_candidates=args.n_candidates)
-        batch_s = time.perf_counter() - start
-    result = {"n_items": ds.n_items, "n_users": ds.n_users, "n_candidates": args.n_candidates,
+        engine.recommend(u, k=10, n_candidates=args.n_candidates)
+        times[r] = time.perf_counter() - start
+    start = time.perf_counter()
+    engine.recommend_batch(users, k=10, n_candidates=args.n_candidates)
+    batch_s = time.perf_counter() - start
+    result = {"n_items": len(engine.items), "n_users": len(engine.users), "n_candidates": args.n_candidates,
               "indexes": {k: v["factory"] + " " + json.dumps(v["search_params"]) for k, v in manifest["indexes"].items()},
               "recommend_p50_ms": float(np.median(times) * 1e3),
               "recommend_p99_ms": float(np.percentile(times, 99) * 1e3),
               "batch_users_per_s": len(users) / batch_s}
     out = save_result("engine", result)
-    print(f"Engine on {ds.n_items:,} items, {args.n_candidates} candidates, k=10: recommend p50 "
+    print(f"Engine on {len(engine.items):,} items, {args.n_candidates} candidates, k=10: recommend p50 "
           f"{result['recommend_p50_ms']:.2f} ms (target <= 1), p99 {result['recommend_p99_ms']:.2f} ms "
           f"(target <= 5); recommend_batch {result['batch_users_per_s']:,.0f} users/s (target >= 2,000)")
     print(f"indexes: {result['indexes']} -> {out}")

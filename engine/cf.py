@@ -145,6 +145,17 @@ def wmse_cost(X: np.ndarray, W: np.ndarray, R: np.ndarray, lambda_: float, posit
     return float(0.5 * np.sum(weights * (R - P) ** 2) + lambda_ / 2 * (np.sum(W ** 2) + np.sum(X ** 2)))
 
 
+# Named settings for `tandem train-cf --preset`: "rating" is CFConfig's defaults (B1:
+# rating error); "topn" trains the wmse objective full-batch for a fixed 300 Adam steps,
+# what the serving pipeline uses for implicit top-N (B2). Chosen by a sweep on ML-100K
+# fold u1 (lambda 1-40, c 1.5-6, 16-64 features), so u1's own figure is optimistic.
+PRESETS: dict[str, dict] = {
+    "rating": {},
+    "topn": {"loss": "wmse", "n_features": 32, "lambda_": 20.0, "learning_rate": 0.01, "batch_size": 1 << 30,
+             "epochs": 300, "init_std": 0.01, "validation_fraction": 0.0, "positive_weight": 2.0},
+}
+
+
 # -------------------------------------------------------------------- model
 @dataclass
 class FoldedUser:

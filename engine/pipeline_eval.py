@@ -17,18 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from engine import data, metrics
-from engine.cf import train_cf
+from engine.cf import PRESETS, train_cf
 from engine.engine import SOURCE_NAMES, Engine, EngineConfig
 from engine.evaluation import implicit_als_metrics, popularity_recommender, topn_metrics
 from engine.retrieval import merge
 from engine.towers import train_two_tower
 
-# CF for top-N on implicit data: the wmse objective, full-batch Adam for a fixed 300 steps.
-# Chosen by a sweep on fold u1 (lambda 1-40, c 1.5-6, 16-64 features; 32 / 20 / 2 best),
-# so u1's own figure is optimistic; u2-u5 were not looked at while choosing. The mse
+# CF for top-N on implicit data: the wmse objective (see engine.cf.PRESETS). The mse
 # defaults serve rating error (B1).
-CF_RETRIEVAL_SETTINGS = {"loss": "wmse", "n_features": 32, "lambda_": 20.0, "learning_rate": 0.01,
-                         "batch_size": 1 << 30, "epochs": 300, "init_std": 0.01, "validation_fraction": 0.0}
+CF_RETRIEVAL_SETTINGS = PRESETS["topn"]
 
 
 def evaluate_engine(engine: Engine, test: data.Dataset, k: int = 10, n_candidates: int = 500,
