@@ -29,7 +29,7 @@ from engine.errors import UnknownIdError
 from engine.features import segment_labels
 from engine.ranking import BlendWeights, ScoreScale, blend, top_k_desc
 from engine.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Request, SegmentSource,
-                              TowerSource, merge, quotas)
+                              TowerSource, merge, quotas, search_params)
 from engine.towers import TwoTowerModel
 
 SOURCE_NAMES = ("cf", "towers", "popular", "segment", "recent")
@@ -228,8 +228,9 @@ class Engine:
         allowed = item_mask.copy()
         if exclude_seen and len(seen):
             allowed[seen] = False
-        cf_query = None if cf_vector is None else np.r_[cf_vector, 1.0].astype(np.float32)
-        request = Request(allowed, cf_query, tower_vector, segments, recent)
+        cf_query = None if cf_vector is None else np.append(cf_vector, np.float32(1.0)).astype(np.float32)
+        request = Request(allowed, cf_query, tower_vector, segments, recent,
+                          n_excluded=len(seen) if exclude_seen else 0)
         return request, {"cf_vector": cf_vector, "cf_bias": cf_bias, "tower_vector": tower_vector}
 
     def _segments_from_features(self, features: Mapping) -> dict[str, int]:
@@ -317,7 +318,13 @@ class Engine:
     def _recommend_one(self, user_id, user_features, ratings, k, n_candidates, exclude_seen, item_mask,
                        sources) -> Recommendations:
         request, context = self._user_request(user_id, user_features, ratings, exclude_seen, item_mask)
-        candidates = merge(self._propose(request, n_candidates, sources), n_candidates)
+        return self._serve(request, context, k, n_candidates, sources)
+
+    def _serve(self, request: Request, context: dict, k: int, n_candidates: int, sources,
+               searched: dict | None = None) -> Recommendations:
+        """Retrieval, merge and ranking of one prepared request (``searched``: proposals
+        some sources already made for it in a batched search)."""
+        candidates = merge(self._propose(request, n_candidates, sources, searched), n_candidates)
         if len(candidates.items) == 0:
             return self._result(np.zeros(0, np.int64), np.zeros(0, np.float32), [])
         scores = self._rank(candidates.items, context)
@@ -326,14 +333,50 @@ class Engine:
                   for j, name in enumerate(candidates.names)}
         return self._result(candidates.items[top], scores[top], candidates.sources_at(top), counts)
 
-    def _propose(self, request: Request, n_candidates: int, sources: Sequence[str] | None):
+    def _shares(self, request: Request, n_candidates: int, sources: Sequence[str] | None) -> dict[str, int]:
+        """Each available source's quota for this request."""
         names = list(sources) if sources is not None else list(SOURCE_NAMES)
         unknown = [s for s in names if s not in SOURCE_NAMES]
         if unknown:
             raise ValueError(f"unknown source(s) {unknown}; sources: {list(SOURCE_NAMES)}")
         active = [s for s in names if s in self.sources and self.sources[s].available(request)]
-        share = quotas(self.config.source_weights, active, n_candidates)
-        return [(name, self.sources[name].propose(request, share[name])) for name in active]
+        return quotas(self.config.source_weights, active, n_candidates)
+
+    def _propose(self, request: Request, n_candidates: int, sources: Sequence[str] | None,
+                 searched: dict | None = None):
+        share = self._shares(request, n_candidates, sources)
+        searched = searched or {}
+        return [(name, searched[name] if name in searched else self.sources[name].propose(request, quota))
+                for name, quota in share.items()]
+
+    def _search_many(self, requests: list[Request], n_candidates: int, sources, item_mask: np.ndarray) -> list[dict]:
+        """The ANN sources' proposals for many requests in one FAISS call per source.
+
+        FAISS applies one ID selector to a whole batch, so the batch searches with the
+        shared mask (filters) and ``quota + (most items any user excludes)`` neighbours,
+        then drops each user's own exclusions (seen items). A user left short — possible
+        only if the excluded items crowd the list — is searched alone later. With an exact
+        index this equals the per-request search (ties aside); with HNSW it is the same
+        approximation searched more widely."""
+        searched: list[dict] = [{} for _ in requests]
+        shares = [self._shares(r, n_candidates, sources) for r in requests]
+        shared = Request(item_mask)
+        for name in ("cf", "towers"):
+            rows = [i for i, share in enumerate(shares) if name in share]
+            if not rows:
+                continue
+            source = self.sources[name]
+            excluded = max(requests[i].n_excluded for i in rows)
+            width = min(max(shares[i][name] for i in rows) + excluded, len(self.items))
+            queries = np.stack([source.query(requests[i]) for i in rows]).astype(np.float32)
+            params = search_params(source.tuned, shared.selector())
+            _, labels = source.index.search(queries, width, params=params)
+            for i, found in zip(rows, labels):
+                found = found[found >= 0]
+                ok = found[requests[i].allowed[found]][:shares[i][name]]
+                if len(ok) == shares[i][name] or len(found) < width:  # full, or all that qualify
+                    searched[i][name] = ok
+        return searched
 
     def candidates(self, user_id: object, n_candidates: int = 500, sources: Sequence[str] | None = None,
                    exclude_seen: bool = True) -> dict[str, np.ndarray]:
@@ -350,21 +393,23 @@ class Engine:
         """:meth:`recommend` for many users with the same options, in order; each result
         equals the single call's.
 
-        The filters are resolved once for the batch, and users are served by ``threads``
-        worker threads (default: the CPU count, at most 8) — FAISS searches release the
-        GIL, so they run in parallel."""
+        The filters are resolved once for the batch; the ANN sources search chunks of
+        users in one FAISS call each (:meth:`_search_many`, parallel inside FAISS); chunks
+        are served by ``threads`` worker threads (default: the CPU count, at most 8)."""
         users = list(user_ids)
         self._check_k(k, n_candidates)
         item_mask = self._item_mask(exclude_items, include_items, filters)
 
         def serve(chunk: list) -> list[Recommendations]:
-            return [self._recommend_one(u, None, None, k, n_candidates, exclude_seen, item_mask, sources)
-                    for u in chunk]
+            prepared = [self._user_request(u, None, None, exclude_seen, item_mask) for u in chunk]
+            searched = self._search_many([r for r, _ in prepared], n_candidates, sources, item_mask)
+            return [self._serve(request, context, k, n_candidates, sources, found)
+                    for (request, context), found in zip(prepared, searched)]
 
-        workers = max(1, min(threads or os.cpu_count() or 1, 8, len(users) // 32 or 1))
+        chunks = [users[start:start + 256] for start in range(0, len(users), 256)]
+        workers = max(1, min(threads or os.cpu_count() or 1, 8, len(chunks)))
         if workers == 1:
-            return serve(users)
-        chunks = [users[start:start + 64] for start in range(0, len(users), 64)]
+            return [rec for chunk in chunks for rec in serve(chunk)]
         with ThreadPoolExecutor(workers) as pool:
             return [rec for part in pool.map(serve, chunks) for rec in part]
 

@@ -24,6 +24,7 @@ class Request:
     tower_vector: np.ndarray | None = None  # [d] user-tower output
     segments: dict[str, int] = field(default_factory=dict)  # segment key -> segment index
     recent_liked: np.ndarray | None = None  # item indices, latest first
+    n_excluded: int = 0  # items this user excludes beyond the request's filters (at most)
 
     _selector: object = None
 
@@ -38,7 +39,8 @@ class Request:
         return self._selector
 
 
-def _search_params(index, selector, tuned: dict):
+def search_params(tuned: dict, selector):
+    """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a selector."""
     import faiss
 
     if "efSearch" in tuned:
@@ -52,7 +54,7 @@ def ann_search(index, tuned: dict, query: np.ndarray, k: int, request: Request) 
     """Labels of the top ``k`` allowed items for one query (fewer when fewer qualify)."""
     if k <= 0:
         return np.zeros(0, np.int64)
-    params = _search_params(index, request.selector(), tuned)
+    params = search_params(tuned, request.selector())
     _, labels = index.search(np.ascontiguousarray(query[None, :], np.float32), k, params=params)
     labels = labels[0]
     return labels[labels >= 0]
@@ -76,14 +78,14 @@ class _AnnSource(Source):
     def __init__(self, index, tuned: dict):
         self.index, self.tuned = index, tuned
 
-    def _query(self, request: Request) -> np.ndarray | None:
+    def query(self, request: Request) -> np.ndarray | None:
         raise NotImplementedError
 
     def available(self, request: Request) -> bool:
-        return self._query(request) is not None
+        return self.query(request) is not None
 
     def propose(self, request: Request, k: int) -> np.ndarray:
-        return ann_search(self.index, self.tuned, self._query(request), k, request)
+        return ann_search(self.index, self.tuned, self.query(request), k, request)
 
 
 class CFSource(_AnnSource):
@@ -92,7 +94,7 @@ class CFSource(_AnnSource):
 
     name = "cf"
 
-    def _query(self, request: Request) -> np.ndarray | None:
+    def query(self, request: Request) -> np.ndarray | None:
         return request.cf_query
 
 
@@ -101,7 +103,7 @@ class TowerSource(_AnnSource):
 
     name = "towers"
 
-    def _query(self, request: Request) -> np.ndarray | None:
+    def query(self, request: Request) -> np.ndarray | None:
         return request.tower_vector
 
 
