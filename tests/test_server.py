@@ -290,10 +290,14 @@ def test_tandem_serve_shuts_down_gracefully_on_sigterm(world, tmp_path):
             time.sleep(0.1)
         assert port_file.exists(), proc.stderr.read() if proc.poll() is not None else "server did not start"
         with Client(f"127.0.0.1:{port_file.read_text().strip()}", token="tok", timeout=60) as c:
-            users = [f"u{i % 400}" for i in range(3000)]
+            assert c.echo(b"up") == b"up"  # the channel is connected
+            users = [f"u{i % 400}" for i in range(1000)]
             stub = pb_grpc.RecommenderStub(c._channel)
-            future = stub.RecommendBatch.future(pb.RecommendBatchRequest(user_ids=users[:1000]), timeout=60)
-            time.sleep(0.05)  # the request is in flight
+            # A deliberately long request (every item a candidate, for 1000 users: seconds).
+            request = pb.RecommendBatchRequest(user_ids=users, options=pb.RecommendRequest(n_candidates=5000, k=100))
+            future = stub.RecommendBatch.future(request, timeout=60)
+            time.sleep(0.3)  # the request is in flight
+            assert not future.done(), "the request finished before the signal: make it longer"
             proc.send_signal(signal.SIGTERM)
             reply = future.result()  # finishes despite the signal
             assert len(reply.results) == 1000
