@@ -25,10 +25,11 @@ NEW_USER = {"age": 24, "gender": "F", "occupation": "student", "zip_code": "9411
 
 def _print(title: str, recs, distance: bool = False) -> None:
     print(f"\n{title}")
+    width = max((len(t) for t in recs.titles), default=0)
     for rank, (item_id, score, sources) in enumerate(recs, 1):
         label = "distance" if distance else "score"
         via = "" if distance else f"  via {', '.join(sources)}"
-        print(f"  {rank:>2}. {recs.titles[rank - 1]:<52} ({label} {score:.3f}){via}")
+        print(f"  {rank:>2}. {recs.titles[rank - 1]:<{width}}  ({label} {score:.3f}){via}")
 
 
 def _examples(root: Path) -> tuple[str, str]:
