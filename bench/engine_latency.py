@@ -18,11 +18,9 @@ import time
 
 import numpy as np
 
+from _catalogue import build_catalogue_bundle
 from _results import save_result
-from engine import Engine, data
-from engine.cf import train_cf
-from engine.towers import train_two_tower
-from index_builder import build_bundle
+from engine import Engine
 
 
 def main() -> None:
@@ -37,13 +35,8 @@ def main() -> None:
     if args.bundle:
         return measure(Engine.load(args.bundle), args)
 
-    ds = data.make_synthetic(n_users=args.n_users, n_items=args.n_items, n_ratings=args.n_ratings, seed=0)
-    print(f"training quick models on {ds} ...", flush=True)
-    cf = train_cf(ds, n_features=32, epochs=2, batch_size=65_536, learning_rate=0.01, progress=False)
-    towers = train_two_tower(ds, objective="softmax", epochs=1, batch_size=4096, progress=False)
     with tempfile.TemporaryDirectory() as root:
-        print("building the bundle ...", flush=True)
-        build_bundle(ds, cf, towers, root, n_queries=300)
+        build_catalogue_bundle(root, args.n_items, args.n_users, args.n_ratings)
         measure(Engine.load(root), args)
 
 

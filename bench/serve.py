@@ -27,23 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from _catalogue import build_catalogue_bundle
 from _results import save_result
 
 CONCURRENCY = (1, 4, 16)
 RPCS = ("Echo", "Recommend", "SimilarItems")
-
-
-def build(root: Path, n_items: int) -> None:
-    from engine import data
-    from engine.cf import train_cf
-    from engine.towers import train_two_tower
-    from index_builder import build_bundle
-
-    ds = data.make_synthetic(n_users=20_000, n_items=n_items, n_ratings=1_000_000, seed=0)
-    print(f"training quick models on {ds} ...", flush=True)
-    cf = train_cf(ds, n_features=32, epochs=2, batch_size=65_536, learning_rate=0.01, progress=False)
-    towers = train_two_tower(ds, objective="softmax", epochs=1, batch_size=4096, progress=False)
-    build_bundle(ds, cf, towers, root, n_queries=300)
 
 
 def client_worker(target: str, rpc: str, threads: int, seconds: float, users, items, seed: int, out) -> None:
@@ -127,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.bundle) if args.bundle else Path(tmp) / "bundles"
         if not args.bundle:
-            build(root, args.n_items)
+            build_catalogue_bundle(root, args.n_items)
         from engine import bundle
 
         tables = bundle.resolve(root) / "tables"
