@@ -277,9 +277,10 @@ def cmd_recommend(args: argparse.Namespace, config: dict) -> int:
 
     eng = Engine.load(args.bundle or config["paths"]["bundles"], engine_config(config))
     if args.example:  # the most active user and the most popular item of the bundle
-        counts = np.diff(eng.seen_indptr)
-        args.user = args.user or str(eng.users.ids[int(np.argmax(counts))])
-        args.similar_to = args.similar_to or str(eng.items.ids[int(np.argmax(eng.popularity))])
+        from engine.demo import example_ids
+
+        user, item = example_ids(eng.bundle.path)
+        args.user, args.similar_to = args.user or user, args.similar_to or item
         args.features = args.features or json.dumps({"age": 25, "gender": "F", "occupation": "student",
                                                      "zip_code": "94043"})
     if not (args.user or args.features or args.similar_to):

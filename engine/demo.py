@@ -32,17 +32,18 @@ def _print(title: str, recs, distance: bool = False) -> None:
         print(f"  {rank:>2}. {recs.titles[rank - 1]:<{width}}  ({label} {score:.3f}){via}")
 
 
-def _examples(root: Path) -> tuple[str, str]:
-    """The most active user and the most popular item of the served bundle."""
+def example_ids(root: str | Path) -> tuple[str, str]:
+    """The most active user and the most popular item of the bundle ``current`` points
+    at (read from its tables; no engine needed): what the examples show."""
     from engine import bundle
 
-    path = bundle.resolve(root)
-    tables = path / "tables"
-    indptr = np.load(tables / "seen_indptr.npy", allow_pickle=False)
-    users = np.load(tables / "user_ids.npy", allow_pickle=False)
-    items = np.load(tables / "item_ids.npy", allow_pickle=False)
-    popularity = np.load(tables / "popularity.npy", allow_pickle=False)
-    return str(users[int(np.argmax(np.diff(indptr)))]), str(items[int(np.argmax(popularity))])
+    tables = bundle.resolve(root) / "tables"
+
+    def load(name: str) -> np.ndarray:
+        return np.load(tables / name, allow_pickle=False)
+
+    user = load("user_ids.npy")[int(np.argmax(np.diff(load("seen_indptr.npy"))))]
+    return str(user), str(load("item_ids.npy")[int(np.argmax(load("popularity.npy")))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", help="bundle root (default: paths.bundles)")
     args = parser.parse_args(argv)
     root = Path(args.bundle or load_config()["paths"]["bundles"])
-    known_user, popular_item = _examples(root)
+    known_user, popular_item = example_ids(root)
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         started = time.perf_counter()
