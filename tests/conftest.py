@@ -21,3 +21,18 @@ def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding=encoding)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_models():
+    """A small synthetic dataset with CF and two-tower models trained on it (seeded),
+    shared by the engine and service tests: ``(dataset, cf, towers)``."""
+    from engine import data
+    from engine.cf import train_cf
+    from engine.towers import train_two_tower
+
+    ds = data.make_synthetic(n_users=400, n_items=300, n_ratings=12_000, seed=0)
+    cf = train_cf(ds, n_features=16, epochs=15, batch_size=1024, learning_rate=0.01, lambda_=5.0, progress=False)
+    towers = train_two_tower(ds, objective="softmax", hidden_layers=(32,), output_dim=16, epochs=3,
+                             batch_size=256, progress=False)
+    return ds, cf, towers

@@ -5,20 +5,14 @@ the CF model's brute force."""
 import numpy as np
 import pytest
 
-from engine import data
-from engine.cf import train_cf
 from engine.engine import Engine, EngineConfig
 from engine.retrieval import merge, quotas
-from engine.towers import train_two_tower
 from index_builder import build_bundle
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    ds = data.make_synthetic(n_users=400, n_items=300, n_ratings=12_000, seed=0)
-    cf = train_cf(ds, n_features=16, epochs=15, batch_size=1024, learning_rate=0.01, lambda_=5.0, progress=False)
-    towers = train_two_tower(ds, objective="softmax", hidden_layers=(32,), output_dim=16, epochs=3,
-                             batch_size=256, progress=False)
+def world(small_models, tmp_path_factory):
+    ds, cf, towers = small_models
     root = tmp_path_factory.mktemp("bundles")
     build_bundle(ds, cf, towers, root, log=lambda line: None)
     return ds, cf, towers, root

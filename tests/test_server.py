@@ -19,26 +19,22 @@ import grpc
 import numpy as np
 import pytest
 
-from engine import bundle, data
-from engine.cf import train_cf
+from engine import bundle
 from engine.client import Client
 from engine.engine import Engine, EngineConfig
 from engine.rpc import tandem_pb2 as pb
 from engine.rpc import tandem_pb2_grpc as pb_grpc
 from engine.server import ServerConfig, TandemServer
-from engine.towers import train_two_tower
 from index_builder import build_bundle
 
 ENGINE_CONFIG = EngineConfig(segment_key="occupation")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Small models and a bundle root with two published versions (the second current)."""
-    ds = data.make_synthetic(n_users=400, n_items=300, n_ratings=12_000, seed=0)
-    cf = train_cf(ds, n_features=16, epochs=10, batch_size=1024, learning_rate=0.01, lambda_=5.0, progress=False)
-    towers = train_two_tower(ds, objective="softmax", hidden_layers=(32,), output_dim=16, epochs=2,
-                             batch_size=256, progress=False)
+def world(small_models, tmp_path_factory):
+    """The shared small models and a bundle root with two published versions (the
+    second current)."""
+    ds, cf, towers = small_models
     root = tmp_path_factory.mktemp("bundles")
     first = build_bundle(ds, cf, towers, root, log=lambda line: None)
     second = build_bundle(ds, cf, towers, root, log=lambda line: None)
