@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,14 @@ from engine.bundle import LoadedBundle
 from engine.cf import CFModel
 from engine.errors import UnknownIdError
 from engine.features import segment_labels
-from engine.ranking import BlendWeights, ScoreScale, blend, top_k_desc
-from engine.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Request, SegmentSource,
-                              TowerSource, merge, quotas, search_params)
+from engine.ranking import BlendWeights, ScoreScale, blend, top_k_per_row
+from engine.retrieval import (CFSource, PopularitySource, Proposals, RecentNeighboursSource, Requests,
+                              SegmentSource, TowerSource, merge, quotas)
 from engine.towers import TwoTowerModel
 
 SOURCE_NAMES = ("cf", "towers", "popular", "segment", "recent")
 DEFAULT_SOURCE_WEIGHTS = {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1}
+BATCH_CHUNK = 256  # users served by one pass of the batch pipeline
 
 
 @dataclass
@@ -112,6 +114,10 @@ class Engine:
             self.segment_values[key] = load(f"{key}_values.npy", path / "segments")
             self.segment_of_user[key] = load(f"{key}_user.npy", path / "segments")
             segment_tops[key] = load(f"{key}_top_items.npy", path / "segments")
+        # Each user's segment per key (-1 where the label is empty: "" zip code, ...).
+        self.user_segments = np.full((len(self.users), len(self.segment_of_user)), -1, np.int64)
+        for j, (key, of_user) in enumerate(self.segment_of_user.items()):
+            self.user_segments[:, j] = np.where(self.segment_values[key][of_user] != "", of_user, -1)
         self.n_cf_items = len(self.cf.items)  # items added live have no CF vector
         self.cf_item_offsets = cf.item_offsets
         self.tower_item_vectors = towers.item_vectors
@@ -131,6 +137,7 @@ class Engine:
         if config.segment_key in segment_tops:
             self.sources["segment"] = SegmentSource(config.segment_key, segment_tops[config.segment_key])
         self.weights = BlendWeights(config.blend_towers, config.blend_cf)
+        self._splits: dict = {}  # quota splits by available sources (see _quotas)
         self._fit_scales()
 
     @classmethod
@@ -192,46 +199,62 @@ class Engine:
             allowed &= self._filter_mask(filters)
         return allowed
 
-    def _user_request(self, user_id, user_features, ratings, exclude_seen, item_mask: np.ndarray
-                      ) -> tuple[Request, dict]:
-        """The retrieval request and the ranking context (vectors) of one user;
-        ``item_mask`` comes from :meth:`_item_mask` (and is not modified)."""
-        cf_vector, cf_bias, tower_vector, seen = None, 0.0, None, np.zeros(0, np.int64)
-        segments: dict[str, int] = {}
-        recent = None
-        # An unknown user with neither features nor ratings gets popularity (cold start).
-        known = user_id is not None and user_id in self.users
-        if known:
-            u = self.users.index(user_id)
-            seen = self.seen_indices[self.seen_indptr[u]:self.seen_indptr[u + 1]]
-            if u < len(self.cf.users):
-                cf_vector, cf_bias = self.cf.W[u], float(self.cf.user_bias[u])
-            tower_vector = self.user_tower_vectors[u]
-            segments = {k: int(v[u]) for k, v in self.segment_of_user.items() if self.segment_values[k][v[u]] != ""}
-            liked = self.recent[u]
-            recent = liked[liked >= 0]
-        elif user_features:
+    def _requests(self, user_ids: Sequence, exclude_seen: bool, item_mask: np.ndarray,
+                  user_features: Mapping | None = None, ratings: Mapping[object, float] | None = None) -> Requests:
+        """The retrieval and ranking context of many users (``item_mask`` from
+        :meth:`_item_mask`, shared, not modified). Known users are looked up in the
+        bundle's tables all at once; ``user_features`` / ``ratings`` (cold start, fold-in)
+        are for a single user."""
+        n = len(user_ids)
+        if (user_features or ratings) and n != 1:
+            raise ValueError("user_features and ratings describe one user")
+        u = self.users.indices_or_missing(user_ids)
+        known = u >= 0
+        has_cf = known & (u < len(self.cf.users))
+        cf_vectors = np.zeros((n, self.cf.W.shape[1]), np.float32)
+        cf_bias = np.zeros(n, np.float32)
+        cf_vectors[has_cf], cf_bias[has_cf] = self.cf.W[u[has_cf]], self.cf.user_bias[u[has_cf]]
+        tower_vectors = np.zeros((n, self.user_tower_vectors.shape[1]), np.float32)
+        tower_vectors[known] = self.user_tower_vectors[u[known]]
+        recent = np.full((n, self.recent.shape[1]), -1, np.int64)
+        recent[known] = self.recent[u[known]]
+        at = np.where(known, u, 0)
+        user_segments = np.where(known[:, None], self.user_segments[at], -1)
+        segments = {key: user_segments[:, j] for j, key in enumerate(self.segment_of_user)}
+        # Seen items: each known user's slice of the bundle's CSR history.
+        if n == 1:
+            excluded = self.seen_indices[self.seen_indptr[at[0]]:self.seen_indptr[at[0] + 1]] \
+                if known[0] and exclude_seen else np.zeros(0, np.int64)
+            indptr = np.array([0, len(excluded)], np.int64)
+        else:
+            starts = np.where(known, self.seen_indptr[at], 0)
+            lengths = np.where(known & exclude_seen, self.seen_indptr[at + 1] - starts, 0)
+            indptr = np.zeros(n + 1, np.int64)
+            np.cumsum(lengths, out=indptr[1:])
+            excluded = self.seen_indices[np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])]
+        excluded = excluded.astype(np.int64)
+        has_tower = known.copy()
+
+        if n == 1 and not known[0] and user_features:  # a new user described by features
             _check_finite(user_features, "user")
-            tower_vector = self.towers.user_embeddings([dict(user_features)])[0]
-            segments = self._segments_from_features(user_features)
-        if ratings:
+            tower_vectors[0], has_tower[0] = self.towers.user_embeddings([dict(user_features)])[0], True
+            for key, at in self._segments_from_features(user_features).items():
+                segments[key][0] = at
+        if ratings:  # CF fold-in for this request
             bad = [i for i, r in ratings.items() if not np.isfinite(float(r))]
             if bad:
                 raise ValueError(f"ratings must be finite numbers; not for item(s) {bad[:5]}")
             items = list(ratings.keys())
             folded = self.cf.fold_in(items, [float(r) for r in ratings.values()])
-            cf_vector, cf_bias = folded.vector, folded.bias
-            seen = np.union1d(seen, self.items.indices(items))
-            liked = [self.items.index(i) for i, r in ratings.items() if float(r) >= 4.0]
-            recent = np.asarray(liked[::-1] or [], np.int64)
-
-        allowed = item_mask.copy()
-        if exclude_seen and len(seen):
-            allowed[seen] = False
-        cf_query = None if cf_vector is None else np.append(cf_vector, np.float32(1.0)).astype(np.float32)
-        request = Request(allowed, cf_query, tower_vector, segments, recent,
-                          n_excluded=len(seen) if exclude_seen else 0)
-        return request, {"cf_vector": cf_vector, "cf_bias": cf_bias, "tower_vector": tower_vector}
+            cf_vectors[0], cf_bias[0], has_cf[0] = folded.vector, folded.bias, True
+            if exclude_seen:
+                excluded = np.union1d(excluded, self.items.indices(items))
+                indptr = np.array([0, len(excluded)], np.int64)
+            liked = [self.items.index(i) for i, r in ratings.items() if float(r) >= 4.0][::-1]
+            recent = np.full((1, max(len(liked), 1)), -1, np.int64)
+            recent[0, :len(liked)] = liked
+        return Requests(item_mask, indptr, excluded, cf_vectors, cf_bias, has_cf, tower_vectors, has_tower,
+                        recent, segments)
 
     def _segments_from_features(self, features: Mapping) -> dict[str, int]:
         """Segment indices of a new user, by the same rules as the bundle's users."""
@@ -265,16 +288,19 @@ class Engine:
         return mask
 
     # -------------------------------------------------------- scoring
-    def _rank(self, items: np.ndarray, context: dict) -> np.ndarray:
-        tower = None if context["tower_vector"] is None else self.tower_item_vectors[items] @ context["tower_vector"]
-        cf = None
-        if context["cf_vector"] is not None:
-            has_cf = items < self.n_cf_items
-            cf_items = np.where(has_cf, items, 0)
-            cf = self.cf.X[cf_items] @ context["cf_vector"] + context["cf_bias"] + self.cf_item_offsets[cf_items]
-            if not has_cf.all():  # live-added items: no CF opinion, use the CF mean
-                cf = np.where(has_cf, cf, self.cf_scale.mean)
-        return blend(tower, cf, self.popularity_score[items], self.weights, self.tower_scale, self.cf_scale)
+    def _rank(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Exact scores of (user ``rows[j]``, item ``items[j]``) pairs: the blend of the
+        tower score and the CF prediction (items added live have no CF vector: the CF
+        mean stands in)."""
+        tower = np.einsum("nd,nd->n", self.tower_item_vectors[items], requests.tower_vectors[rows])
+        live_added = len(self.items) > self.n_cf_items
+        cf_items = np.where(items < self.n_cf_items, items, 0) if live_added else items
+        cf = (np.einsum("nf,nf->n", self.cf.X[cf_items], requests.cf_vectors[rows]) + requests.cf_bias[rows]
+              + self.cf_item_offsets[cf_items])
+        if live_added:
+            cf = np.where(items < self.n_cf_items, cf, np.float32(self.cf_scale.mean))
+        return blend(tower, cf, self.popularity_score[items], requests.has_tower[rows], requests.has_cf[rows],
+                     self.weights, self.tower_scale, self.cf_scale)
 
     def _check_k(self, k: int, n_candidates: int | None = None) -> None:
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.config.max_k:
@@ -311,116 +337,106 @@ class Engine:
             sources: restrict retrieval to these sources (default: all available).
         """
         self._check_k(k, n_candidates)
-        item_mask = self._item_mask(exclude_items, include_items, filters)
-        return self._recommend_one(user_id, user_features, ratings, k, n_candidates, exclude_seen, item_mask,
-                                   sources)
+        requests = self._requests([user_id], exclude_seen, self._item_mask(exclude_items, include_items, filters),
+                                  user_features, ratings)
+        return self._serve(requests, k, n_candidates, sources)[0]
 
-    def _recommend_one(self, user_id, user_features, ratings, k, n_candidates, exclude_seen, item_mask,
-                       sources) -> Recommendations:
-        request, context = self._user_request(user_id, user_features, ratings, exclude_seen, item_mask)
-        return self._serve(request, context, k, n_candidates, sources)
+    def _serve(self, requests: Requests, k: int, n_candidates: int, sources: Sequence[str] | None
+               ) -> list[Recommendations]:
+        """Retrieval, merge and ranking of a batch of prepared requests."""
+        shares = self._quotas(requests, n_candidates, sources)
+        proposals = [(name, self.sources[name].propose(requests, quota)) for name, quota in shares.items()]
+        candidates = merge(proposals, n_candidates)
+        scores = self._rank(requests, candidates.rows, candidates.items)
+        top = top_k_per_row(candidates.rows, scores, k, len(requests))
+        bounds = np.searchsorted(candidates.rows[top], np.arange(len(requests) + 1))
+        # For monitoring: how many items each source available to a user proposed for them.
+        if len(requests) == 1:
+            proposed = [{name: len(found.items) for name, found in proposals}]
+        else:
+            counts = {name: found.counts(len(requests)).tolist() for name, found in proposals}
+            active = {name: (quota > 0).tolist() for name, quota in shares.items()}
+            proposed = [{name: c[u] for name, c in counts.items() if active[name][u]} for u in range(len(requests))]
+        results = []
+        for u in range(len(requests)):
+            at = top[bounds[u]:bounds[u + 1]]
+            results.append(self._result(candidates.items[at], scores[at], candidates.sources_at(at), proposed[u]))
+        return results
 
-    def _serve(self, request: Request, context: dict, k: int, n_candidates: int, sources,
-               searched: dict | None = None) -> Recommendations:
-        """Retrieval, merge and ranking of one prepared request (``searched``: proposals
-        some sources already made for it in a batched search)."""
-        candidates = merge(self._propose(request, n_candidates, sources, searched), n_candidates)
-        if len(candidates.items) == 0:
-            return self._result(np.zeros(0, np.int64), np.zeros(0, np.float32), [])
-        scores = self._rank(candidates.items, context)
-        top = top_k_desc(scores, k)
-        counts = {name: int(np.count_nonzero(candidates.source_bits & (1 << j)))
-                  for j, name in enumerate(candidates.names)}
-        return self._result(candidates.items[top], scores[top], candidates.sources_at(top), counts)
-
-    def _shares(self, request: Request, n_candidates: int, sources: Sequence[str] | None) -> dict[str, int]:
-        """Each available source's quota for this request."""
+    def _quotas(self, requests: Requests, n_candidates: int, sources: Sequence[str] | None
+                ) -> dict[str, np.ndarray]:
+        """Each source's quota ``[U]`` per user: ``n_candidates`` split among the sources
+        available to that user (0 where unavailable), in source order."""
         names = list(sources) if sources is not None else list(SOURCE_NAMES)
         unknown = [s for s in names if s not in SOURCE_NAMES]
         if unknown:
             raise ValueError(f"unknown source(s) {unknown}; sources: {list(SOURCE_NAMES)}")
-        active = [s for s in names if s in self.sources and self.sources[s].available(request)]
-        return quotas(self.config.source_weights, active, n_candidates)
-
-    def _propose(self, request: Request, n_candidates: int, sources: Sequence[str] | None,
-                 searched: dict | None = None):
-        share = self._shares(request, n_candidates, sources)
-        searched = searched or {}
-        return [(name, searched[name] if name in searched else self.sources[name].propose(request, quota))
-                for name, quota in share.items()]
-
-    def _search_many(self, requests: list[Request], n_candidates: int, sources, item_mask: np.ndarray) -> list[dict]:
-        """The ANN sources' proposals for many requests in one FAISS call per source.
-
-        FAISS applies one ID selector to a whole batch, so the batch searches with the
-        shared mask (filters) and ``quota + (most items any user excludes)`` neighbours,
-        then drops each user's own exclusions (seen items). A user left short — possible
-        only if the excluded items crowd the list — is searched alone later. With an exact
-        index this equals the per-request search (ties aside); with HNSW it is the same
-        approximation searched more widely."""
-        searched: list[dict] = [{} for _ in requests]
-        shares = [self._shares(r, n_candidates, sources) for r in requests]
-        shared = Request(item_mask)
-        for name in ("cf", "towers"):
-            rows = [i for i, share in enumerate(shares) if name in share]
-            if not rows:
-                continue
-            source = self.sources[name]
-            excluded = max(requests[i].n_excluded for i in rows)
-            width = min(max(shares[i][name] for i in rows) + excluded, len(self.items))
-            queries = np.stack([source.query(requests[i]) for i in rows]).astype(np.float32)
-            params = search_params(source.tuned, shared.selector())
-            _, labels = source.index.search(queries, width, params=params)
-            for i, found in zip(rows, labels):
-                found = found[found >= 0]
-                ok = found[requests[i].allowed[found]][:shares[i][name]]
-                if len(ok) == shares[i][name] or len(found) < width:  # full, or all that qualify
-                    searched[i][name] = ok
-        return searched
+        names = [s for s in names if s in self.sources]
+        n = len(requests)
+        # Users differ only in which sources can serve them: one split per pattern (bit j: names[j]).
+        pattern = np.zeros(n, np.int64)
+        for j, name in enumerate(names):
+            pattern[self.sources[name].available(requests)] |= 1 << j
+        codes = set(pattern.tolist())
+        share: dict[str, np.ndarray] = {}
+        for code in codes:
+            key = (tuple(names), code, n_candidates)
+            if key not in self._splits:
+                self._splits[key] = quotas(self.config.source_weights, [s for j, s in enumerate(names) if code >> j & 1],
+                                           n_candidates)
+            rows = pattern == code if len(codes) > 1 else slice(None)
+            for name, q in self._splits[key].items():
+                share.setdefault(name, np.zeros(n, np.int64))[rows] = q
+        return {name: share[name] for name in names if name in share}  # in source order
 
     def candidates(self, user_id: object, n_candidates: int = 500, sources: Sequence[str] | None = None,
                    exclude_seen: bool = True) -> dict[str, np.ndarray]:
         """Retrieval alone, for evaluation: each available source's proposals (item
         indices, best first) for a user, under the quotas ``recommend`` would use."""
         self._check_k(1, n_candidates)
-        request, _ = self._user_request(user_id, None, None, exclude_seen, self._item_mask((), None, None))
-        return dict(self._propose(request, n_candidates, sources))
+        requests = self._requests([user_id], exclude_seen, self._item_mask((), None, None))
+        return {name: self.sources[name].propose(requests, quota).items
+                for name, quota in self._quotas(requests, n_candidates, sources).items()}
 
     def recommend_batch(self, user_ids: Iterable[object], k: int = 10, n_candidates: int = 500,
                         exclude_seen: bool = True, exclude_items: Sequence[object] = (),
                         include_items: Sequence[object] | None = None, filters: Mapping | None = None,
-                        sources: Sequence[str] | None = None, threads: int | None = None) -> list[Recommendations]:
-        """:meth:`recommend` for many users with the same options, in order; each result
-        equals the single call's.
+                        sources: Sequence[str] | None = None, threads: int | None = None,
+                        deadline: float | None = None) -> list[Recommendations]:
+        """:meth:`recommend` for many users with the same options, in order.
 
-        The filters are resolved once for the batch; the ANN sources search chunks of
-        users in one FAISS call each (:meth:`_search_many`, parallel inside FAISS); chunks
-        are served by ``threads`` worker threads (default: the CPU count, at most 8)."""
+        The filters are resolved once; users are served in chunks of ``BATCH_CHUNK``
+        (256), each chunk by one pass of the batch pipeline (one FAISS call per ANN
+        source, NumPy for the rest), chunks by ``threads`` worker threads (default: the
+        CPU count, at most 8). With exact indexes each result equals the single call's;
+        with HNSW the batch searches the same graph more widely (see
+        :mod:`engine.retrieval`). ``deadline`` (a ``time.monotonic()`` time): a chunk
+        that would start after it raises :class:`TimeoutError` instead."""
         users = list(user_ids)
         self._check_k(k, n_candidates)
         item_mask = self._item_mask(exclude_items, include_items, filters)
 
-        def serve(chunk: list) -> list[Recommendations]:
-            prepared = [self._user_request(u, None, None, exclude_seen, item_mask) for u in chunk]
-            searched = self._search_many([r for r, _ in prepared], n_candidates, sources, item_mask)
-            return [self._serve(request, context, k, n_candidates, sources, found)
-                    for (request, context), found in zip(prepared, searched)]
+        def serve(start: int) -> list[Recommendations]:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"deadline passed after {start} of {len(users)} users")
+            chunk = users[start:start + BATCH_CHUNK]
+            return self._serve(self._requests(chunk, exclude_seen, item_mask), k, n_candidates, sources)
 
-        chunks = [users[start:start + 256] for start in range(0, len(users), 256)]
-        workers = max(1, min(threads or os.cpu_count() or 1, 8, len(chunks)))
+        starts = range(0, len(users), BATCH_CHUNK)
+        workers = max(1, min(threads or os.cpu_count() or 1, 8, len(starts)))
         if workers == 1:
-            return [rec for chunk in chunks for rec in serve(chunk)]
+            return [rec for start in starts for rec in serve(start)]
         with ThreadPoolExecutor(workers) as pool:
-            return [rec for part in pool.map(serve, chunks) for rec in part]
+            return [rec for part in pool.map(serve, starts) for rec in part]
 
     def score(self, user_id: object | None = None, item_ids: Sequence[object] = (),
               user_features: Mapping | None = None, ratings: Mapping[object, float] | None = None) -> Recommendations:
         """Exact ranking scores of caller-given items for one user, best first."""
         if not item_ids:
             raise ValueError("score needs at least one item id")
-        _, context = self._user_request(user_id, user_features, ratings, False, self._item_mask((), None, None))
+        requests = self._requests([user_id], False, self._item_mask((), None, None), user_features, ratings)
         items = self.items.indices(item_ids)
-        scores = self._rank(items, context)
+        scores = self._rank(requests, np.zeros(len(items), np.int64), items)
         order = np.argsort(-scores, kind="stable")
         return self._result(items[order], scores[order], [("request",)] * len(order))
 

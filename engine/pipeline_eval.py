@@ -20,7 +20,7 @@ from engine import data, metrics
 from engine.cf import PRESETS, train_cf
 from engine.engine import SOURCE_NAMES, Engine, EngineConfig
 from engine.evaluation import implicit_als_metrics, popularity_recommender, topn_metrics
-from engine.retrieval import merge
+from engine.retrieval import Proposals, merge
 from engine.towers import train_two_tower
 
 # CF for top-N on implicit data: the wmse objective (see engine.cf.PRESETS). The mse
@@ -42,7 +42,7 @@ def evaluate_engine(engine: Engine, test: data.Dataset, k: int = 10, n_candidate
         user_id = test.users.ids[u]
         rel = set(relevant.indices[relevant.indptr[u]:relevant.indptr[u + 1]].tolist())
         proposals = engine.candidates(user_id, n_candidates)
-        merged = merge(list(proposals.items()), n_candidates)
+        merged = merge([(name, Proposals.of_one(items)) for name, items in proposals.items()], n_candidates)
         for name, items in [*proposals.items(), ("merged", merged.items)]:
             recall_sum[name] += len(rel & set(items.tolist())) / len(rel)
             counted[name] += 1

@@ -15,12 +15,15 @@ import numpy as np
 
 
 def top_k_desc(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest scores, best first (ties by lower index)."""
-    k = min(k, len(scores))
+    """Indices of the ``k`` largest scores, best first (ties by lower index, also at the
+    k-th place)."""
+    n = len(scores)
+    k = min(k, n)
     if k <= 0:
         return np.zeros(0, np.int64)
-    part = np.argpartition(-scores, k - 1)[:k]
-    return part[np.lexsort((part, -scores[part]))]
+    kth = np.partition(scores, n - k)[n - k]
+    chosen = np.flatnonzero(scores >= kth)  # the k best, and any ties with the k-th
+    return chosen[np.lexsort((chosen, -scores[chosen]))][:k]
 
 
 @dataclass
@@ -53,17 +56,31 @@ class BlendWeights:
             raise ValueError(f"blend weights must be >= 0 and not both 0, got towers={self.towers}, cf={self.cf}")
 
 
-def blend(tower_scores: np.ndarray | None, cf_scores: np.ndarray | None, fallback: np.ndarray,
-          weights: BlendWeights, tower_scale: ScoreScale, cf_scale: ScoreScale) -> np.ndarray:
-    """Final scores ``[n]``: the weighted mean of the available standardised components,
+def blend(tower_scores: np.ndarray, cf_scores: np.ndarray, fallback: np.ndarray, has_tower: np.ndarray,
+          has_cf: np.ndarray, weights: BlendWeights, tower_scale: ScoreScale, cf_scale: ScoreScale) -> np.ndarray:
+    """Final scores ``[n]``: per entry, the weighted mean of the standardised components
+    its user has (``has_tower`` / ``has_cf``; the other component's score is ignored),
     or ``fallback`` (e.g. standardised popularity) when the user has neither."""
-    parts, total = [], 0.0
-    if tower_scores is not None and weights.towers > 0:
-        parts.append(weights.towers * tower_scale(tower_scores))
-        total += weights.towers
-    if cf_scores is not None and weights.cf > 0:
-        parts.append(weights.cf * cf_scale(cf_scores))
-        total += weights.cf
-    if not parts:
-        return np.asarray(fallback, np.float32)
-    return (sum(parts) / total).astype(np.float32)
+    w_tower = np.where(has_tower, np.float32(weights.towers), np.float32(0))
+    w_cf = np.where(has_cf, np.float32(weights.cf), np.float32(0))
+    total = w_tower + w_cf
+    mixed = (w_tower * tower_scale(tower_scores) + w_cf * cf_scale(cf_scores)) / np.where(total > 0, total, 1)
+    return np.where(total > 0, mixed, fallback).astype(np.float32)
+
+
+def top_k_per_row(rows: np.ndarray, scores: np.ndarray, k: int, n_rows: int) -> np.ndarray:
+    """Positions of each row's ``k`` largest scores, for entries grouped by row (``rows``
+    ascending): rows in order, best first, ties by lower position (as :func:`top_k_desc`)."""
+    if len(rows) == 0 or k <= 0:
+        return np.zeros(0, np.int64)
+    if rows[0] == rows[-1]:  # one row (a lone request)
+        return top_k_desc(scores, k)
+    counts = np.bincount(rows, minlength=n_rows)
+    width = int(counts.max())
+    grid = np.full((n_rows, width), -np.inf, np.float32)
+    grid[rows, np.arange(len(rows)) - np.searchsorted(rows, rows)] = scores
+    kept = min(k, width)
+    threshold = np.partition(grid, width - kept, axis=1)[:, width - kept]  # each row's k-th best
+    chosen = np.flatnonzero(scores >= threshold[rows])  # the k best, and any ties with the k-th
+    chosen = chosen[np.lexsort((chosen, -scores[chosen], rows[chosen]))]
+    return chosen[np.arange(len(chosen)) - np.searchsorted(rows[chosen], rows[chosen]) < k]

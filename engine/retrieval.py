@@ -1,42 +1,144 @@
-"""Candidate retrieval: named sources, each proposing item indices for one request, and
-their merge with per-source quotas.
+"""Candidate retrieval for a batch of users: named sources, each proposing item indices
+for every user of a batch at once, and their merge with per-source quotas.
 
-Every source sees the same :class:`Request` — who the user is (as vectors and tables),
-and ``allowed``, the boolean mask of items that may be returned (seen items, block-list,
-allow-list and attribute filters already applied). ANN sources pass ``allowed`` to FAISS
-as an ``IDSelectorBitmap`` so that filtering happens *inside* the search and a full
-quota still comes back when enough items qualify.
+Everything here is batch-first. :class:`Requests` holds ``U`` users (row ``u`` is one
+user), a source proposes for all of them in a few NumPy and FAISS calls and returns
+:class:`Proposals` — flat ``rows`` and ``items`` arrays, grouped by row, best first
+within a row — so a batch costs no Python per user. A single request is a batch of one.
+
+What a user may be shown is ``item_mask`` (block-list, allow-list and attribute
+filters, shared by the batch) minus the user's own ``excluded`` items (seen items). ANN
+sources pass the mask to FAISS as an ``IDSelectorBitmap`` so that filtering happens
+*inside* the search and a full quota still comes back when enough items qualify: a
+batch of one searches with its exact mask; a larger batch searches with the shared mask
+for ``quota + the most items any of its users excludes`` and drops each user's own
+exclusions afterwards (a user still left short is searched alone).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 
 
+def positions_in_rows(rows: np.ndarray) -> np.ndarray:
+    """Each entry's position within its row, for ``rows`` sorted ascending."""
+    n = len(rows)
+    if n == 0 or rows[0] == rows[-1]:  # one row (a lone request)
+        return np.arange(n)
+    starts = np.ones(n, bool)
+    np.not_equal(rows[1:], rows[:-1], out=starts[1:])
+    starts = np.flatnonzero(starts)
+    return np.arange(n) - np.repeat(starts, np.diff(starts, append=n))
+
+
 @dataclass
-class Request:
-    """One user's retrieval context. Fields a user lacks are ``None``."""
+class Requests:
+    """The retrieval context of ``U`` users. Per-user vectors are stacked; ``has_cf`` /
+    ``has_tower`` say which rows have one (the others hold zeros)."""
 
-    allowed: np.ndarray  # [n_items] bool
-    cf_query: np.ndarray | None = None  # [f + 1]: [w, 1] against the cf_ip index
-    tower_vector: np.ndarray | None = None  # [d] user-tower output
-    segments: dict[str, int] = field(default_factory=dict)  # segment key -> segment index
-    recent_liked: np.ndarray | None = None  # item indices, latest first
-    n_excluded: int = 0  # items this user excludes beyond the request's filters (at most)
+    item_mask: np.ndarray  # [n_items] bool: the batch's filters
+    excluded_indptr: np.ndarray  # [U + 1] CSR rows of the item indices each user excludes
+    excluded_indices: np.ndarray
+    cf_vectors: np.ndarray  # [U, f] float32
+    cf_bias: np.ndarray  # [U] float32
+    has_cf: np.ndarray  # [U] bool
+    tower_vectors: np.ndarray  # [U, d] float32: user-tower outputs
+    has_tower: np.ndarray  # [U] bool
+    recent_liked: np.ndarray  # [U, R] item indices, latest first, -1 pads
+    segments: dict[str, np.ndarray] = field(default_factory=dict)  # key -> [U] segment, -1 unknown
 
-    _selector: object = None
+    _cache: dict = field(default_factory=dict, repr=False)
 
-    def selector(self):
-        """The FAISS selector for ``allowed`` (built once per request)."""
-        if self._selector is None:
+    def __len__(self) -> int:
+        return len(self.excluded_indptr) - 1
+
+    @property
+    def n_excluded(self) -> np.ndarray:
+        return np.diff(self.excluded_indptr)
+
+    def allowed(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Whether user ``rows[j]`` may be shown item ``items[j]`` (valid indices only)."""
+        ok = self.item_mask[items]
+        if len(self.excluded_indices) and len(items):
+            # Each user's exclusions as a bitmap (U x n_items bits, a chunk's worth of users).
+            if "excluded_bits" not in self._cache:
+                bits = np.zeros((len(self), (len(self.item_mask) + 7) // 8), np.uint8)
+                owners = np.repeat(np.arange(len(self)), self.n_excluded)
+                np.bitwise_or.at(bits, (owners, self.excluded_indices >> 3),
+                                 np.left_shift(1, self.excluded_indices & 7).astype(np.uint8))
+                self._cache["excluded_bits"] = bits
+            bits = self._cache["excluded_bits"]
+            ok &= (bits[rows, items >> 3] >> (items & 7).astype(np.uint8)) & 1 == 0
+        return ok
+
+    def allowed_row(self, u: int) -> np.ndarray:
+        """The full ``[n_items]`` mask of one user (do not modify)."""
+        key = ("row", u)
+        if key not in self._cache:
+            mask = self.item_mask.copy()
+            mask[self.excluded_indices[self.excluded_indptr[u]:self.excluded_indptr[u + 1]]] = False
+            self._cache[key] = mask
+        return self._cache[key]
+
+    def search_params(self, tuned: dict, u: int | None = None):
+        """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a
+        selector of one user's mask, or (``u`` None) of the shared filters."""
+        key = ("params", u, tuple(sorted(tuned.items())))
+        if key not in self._cache:
             import faiss
 
-            bits = np.packbits(self.allowed, bitorder="little")
-            self._bits = bits  # FAISS keeps a pointer: keep the buffer alive
-            self._selector = faiss.IDSelectorBitmap(len(self.allowed), faiss.swig_ptr(bits))
-        return self._selector
+            bits = np.packbits(self.item_mask if u is None else self.allowed_row(u), bitorder="little")
+            selector = faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits))
+            # FAISS keeps pointers: the cache keeps the buffer and selector alive with the parameters.
+            self._cache[key] = (search_params(tuned, selector), selector, bits)
+        return self._cache[key][0]
+
+
+@dataclass
+class Proposals:
+    """Items proposed by one source: flat ``rows`` (non-decreasing) and ``items``, best
+    first within each row."""
+
+    rows: np.ndarray  # [n] int64
+    items: np.ndarray  # [n] int64
+
+    @classmethod
+    def empty(cls) -> "Proposals":
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    @classmethod
+    def of_one(cls, items) -> "Proposals":
+        """One user's list (row 0)."""
+        items = np.asarray(items, np.int64)
+        return cls(np.zeros(len(items), np.int64), items)
+
+    def counts(self, n_rows: int) -> np.ndarray:
+        return np.bincount(self.rows, minlength=n_rows)
+
+    def replace_rows(self, replacements: dict[int, np.ndarray]) -> "Proposals":
+        """These proposals with some rows' lists replaced."""
+        if not replacements:
+            return self
+        keep = ~np.isin(self.rows, list(replacements))
+        rows = np.concatenate([self.rows[keep]] + [np.full(len(v), u, np.int64) for u, v in replacements.items()])
+        items = np.concatenate([self.items[keep]] + [np.asarray(v, np.int64) for v in replacements.values()])
+        order = np.argsort(rows, kind="stable")
+        return Proposals(rows[order], items[order])
+
+
+def best_allowed(requests: Requests, rows: np.ndarray, ranked: np.ndarray, quota: np.ndarray) -> Proposals:
+    """Each user's first ``quota[u]`` allowed items of a ranked list: ``ranked[j]`` is the
+    list (``-1`` pads) of user ``rows[j]`` (``rows`` ascending)."""
+    flat_rows = np.repeat(rows.astype(np.int64), ranked.shape[1])
+    flat = np.asarray(ranked, np.int64).ravel()
+    keep = flat >= 0
+    keep[keep] = requests.allowed(flat_rows[keep], flat[keep])
+    flat_rows, flat = flat_rows[keep], flat[keep]
+    take = positions_in_rows(flat_rows) < quota[flat_rows]
+    return Proposals(flat_rows[take], flat[take])
 
 
 def search_params(tuned: dict, selector):
@@ -50,52 +152,83 @@ def search_params(tuned: dict, selector):
     return faiss.SearchParameters(sel=selector)
 
 
-def ann_search(index, tuned: dict, query: np.ndarray, k: int, request: Request) -> np.ndarray:
-    """Labels of the top ``k`` allowed items for one query (fewer when fewer qualify)."""
-    if k <= 0:
-        return np.zeros(0, np.int64)
-    params = search_params(tuned, request.selector())
-    _, labels = index.search(np.ascontiguousarray(query[None, :], np.float32), k, params=params)
-    labels = labels[0]
-    return labels[labels >= 0]
+def ann_search(index, queries: np.ndarray, k: int, params) -> np.ndarray:
+    """Labels ``[n, k]`` of the top ``k`` items under ``params`` (``-1`` pads)."""
+    _, labels = index.search(np.ascontiguousarray(queries, np.float32), int(k), params=params)
+    return labels
 
 
 class Source:
-    """A named candidate source. ``propose`` returns item indices, best first."""
+    """A named candidate source: ``propose`` gives each user ``quota[u]`` items (fewer
+    when fewer qualify; none where ``quota[u]`` is 0 or the source is unavailable).
+
+    Subclasses implement both ``propose_many`` (the batch in a few array operations)
+    and ``propose_alone`` (one user with their exact mask): a lone request takes the
+    latter, which costs fewer calls, and so do a batch's users that the batched
+    operations left short (heavy filters)."""
 
     name = "source"
 
-    def available(self, request: Request) -> bool:
-        return True
+    def available(self, requests: Requests) -> np.ndarray:
+        """``[U]`` bool: users this source can serve."""
+        return np.ones(len(requests), bool)
 
-    def propose(self, request: Request, k: int) -> np.ndarray:
+    def propose(self, requests: Requests, quota: np.ndarray) -> Proposals:
+        if len(requests) == 1:
+            if quota[0] <= 0 or not self.available(requests)[0]:
+                return Proposals.empty()
+            return Proposals.of_one(self.propose_alone(requests, 0, int(quota[0])))
+        rows = np.flatnonzero((quota > 0) & self.available(requests))
+        if len(rows) == 0:
+            return Proposals.empty()
+        return self.propose_many(requests, rows, quota)
+
+    def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
+        """Proposals for users ``rows`` (available, with a quota)."""
         raise NotImplementedError
+
+    def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
+        """User ``u``'s first ``k`` items, best first."""
+        raise NotImplementedError
+
+    def _fill_short(self, requests: Requests, rows: np.ndarray, quota: np.ndarray, found: Proposals,
+                    may_have_more: np.ndarray | bool = True) -> Proposals:
+        """``found`` with the users it left short (where more may qualify) served alone."""
+        short = rows[(found.counts(len(requests))[rows] < quota[rows]) & may_have_more]
+        return found.replace_rows({int(u): self.propose_alone(requests, int(u), int(quota[u])) for u in short})
 
 
 class _AnnSource(Source):
-    """ANN search over one index with a per-user query vector (``_query``)."""
+    """ANN search over one index with a per-user query vector (``queries``)."""
 
     def __init__(self, index, tuned: dict):
         self.index, self.tuned = index, tuned
 
-    def query(self, request: Request) -> np.ndarray | None:
+    def queries(self, requests: Requests) -> np.ndarray:
         raise NotImplementedError
 
-    def available(self, request: Request) -> bool:
-        return self.query(request) is not None
+    def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
+        width = int(min(quota[rows].max() + requests.n_excluded[rows].max(), self.index.ntotal))
+        labels = ann_search(self.index, self.queries(requests)[rows], width, requests.search_params(self.tuned))
+        # A user whose exclusions crowded a full result list is searched alone.
+        return self._fill_short(requests, rows, quota, best_allowed(requests, rows, labels, quota), labels[:, -1] >= 0)
 
-    def propose(self, request: Request, k: int) -> np.ndarray:
-        return ann_search(self.index, self.tuned, self.query(request), k, request)
+    def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
+        labels = ann_search(self.index, self.queries(requests)[u:u + 1], k, requests.search_params(self.tuned, u))[0]
+        return labels[labels >= 0]
 
 
 class CFSource(_AnnSource):
-    """ANN over CF item vectors with the user's CF vector (inner product with the bias
-    folded in, so the order is the CF prediction's)."""
+    """ANN over CF item vectors with the user's CF vector (the ``cf_ip`` index holds
+    ``[x, offset]`` per item, queried with ``[w, 1]``, so its order is the CF prediction's)."""
 
     name = "cf"
 
-    def query(self, request: Request) -> np.ndarray | None:
-        return request.cf_query
+    def available(self, requests: Requests) -> np.ndarray:
+        return requests.has_cf
+
+    def queries(self, requests: Requests) -> np.ndarray:
+        return np.hstack([requests.cf_vectors, np.ones((len(requests), 1), np.float32)])
 
 
 class TowerSource(_AnnSource):
@@ -103,8 +236,11 @@ class TowerSource(_AnnSource):
 
     name = "towers"
 
-    def query(self, request: Request) -> np.ndarray | None:
-        return request.tower_vector
+    def available(self, requests: Requests) -> np.ndarray:
+        return requests.has_tower
+
+    def queries(self, requests: Requests) -> np.ndarray:
+        return requests.tower_vectors
 
 
 def _first_allowed(order: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
@@ -119,36 +255,53 @@ def _first_allowed(order: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray
 
 
 class PopularitySource(Source):
-    """The most interacted-with items overall."""
+    """The most interacted-with items overall.
+
+    The batch's filters leave one shared list; taking ``quota + the most items any user
+    excludes`` of it leaves every user a full quota after their own exclusions."""
 
     name = "popular"
 
     def __init__(self, popularity: np.ndarray):
         self.order = np.argsort(-popularity, kind="stable")
 
-    def propose(self, request: Request, k: int) -> np.ndarray:
-        return _first_allowed(self.order, request.allowed, k)
+    def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
+        shared = _first_allowed(self.order, requests.item_mask,
+                                int(quota[rows].max() + requests.n_excluded[rows].max()))
+        return best_allowed(requests, rows, np.broadcast_to(shared, (len(rows), len(shared))), quota)
+
+    def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
+        return _first_allowed(self.order, requests.allowed_row(u), k)
 
 
 class SegmentSource(Source):
     """The most interacted-with items among users of the same segment (e.g. the same
-    zip region, occupation or age band)."""
+    zip region, occupation or age band), from the bundle's ``[n_segments, top_n]`` table."""
 
     name = "segment"
 
     def __init__(self, key: str, top_items: np.ndarray):
-        self.key, self.top_items = key, top_items  # [n_segments, top_n]
+        self.key, self.top_items = key, top_items
 
-    def available(self, request: Request) -> bool:
-        return self.key in request.segments
+    def available(self, requests: Requests) -> np.ndarray:
+        if self.key not in requests.segments:
+            return np.zeros(len(requests), bool)
+        return requests.segments[self.key] >= 0
 
-    def propose(self, request: Request, k: int) -> np.ndarray:
-        return _first_allowed(self.top_items[request.segments[self.key]], request.allowed, k)
+    def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
+        width = int(min(self.top_items.shape[1], quota[rows].max() + requests.n_excluded[rows].max()))
+        found = best_allowed(requests, rows, self.top_items[requests.segments[self.key][rows], :width], quota)
+        # Filters may leave a user short within the scanned width: scan that user's whole row.
+        return self._fill_short(requests, rows, quota, found, width < self.top_items.shape[1])
+
+    def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
+        return _first_allowed(self.top_items[requests.segments[self.key][u]], requests.allowed_row(u), k)
 
 
 class RecentNeighboursSource(Source):
     """Squared-distance neighbours (CF item vectors) of the user's most recent likes,
-    interleaved so every recent like contributes.
+    interleaved so every recent like contributes: the best neighbour of each like, then
+    the second of each, ... (duplicates dropped), ``ceil(quota / likes)`` per like.
 
     Neighbours come from the bundle's precomputed ``neighbours`` table (``[n_items, m]``,
     nearest first, the item itself excluded, ``-1`` pads); a like whose table row runs out
@@ -161,28 +314,47 @@ class RecentNeighboursSource(Source):
         self.index, self.tuned, self.item_vectors = index, tuned, item_vectors
         self.neighbours = neighbours
 
-    def available(self, request: Request) -> bool:
-        return request.recent_liked is not None and len(request.recent_liked) > 0
+    def available(self, requests: Requests) -> np.ndarray:
+        return (requests.recent_liked >= 0).any(axis=1)
 
-    def _lists(self, liked: np.ndarray, per_item: int, request: Request) -> list[np.ndarray]:
-        if self.neighbours is None:
-            return [ann_search(self.index, self.tuned, self.item_vectors[i], per_item, request) for i in liked]
-        rows = self.neighbours[liked]
-        valid = rows >= 0
-        valid[valid] = request.allowed[rows[valid]]
+    def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
+        if self.neighbours is None:  # bundles built before the table: search every like live
+            return self._fill_short(requests, rows, quota, Proposals.empty())
+        liked = requests.recent_liked[rows]  # [r, R]
+        per_like = -(-quota[rows] // (liked >= 0).sum(axis=1))
+        table = self.neighbours[np.maximum(liked, 0)].astype(np.int64)  # [r, R, m]
+        valid = (liked >= 0)[:, :, None] & (table >= 0)
+        owner = np.broadcast_to(rows[:, None, None], table.shape)
+        valid[valid] = requests.allowed(owner[valid], table[valid])
+        rank = np.cumsum(valid, axis=2) - 1
+        take = valid & (rank < per_like[:, None, None])
+        # A like whose (full) table row has too few allowed neighbours needs a live search:
+        # such users are served alone.
+        ran_out = ((liked >= 0) & (take.sum(axis=2) < per_like[:, None]) & (table[:, :, -1] >= 0)).any(axis=1)
+        r_at, like_at, col_at = np.nonzero(take & ~ran_out[:, None, None])
+        order_key = rank[r_at, like_at, col_at] * liked.shape[1] + like_at  # round-robin over likes
+        picked = _first_distinct(Proposals(rows[r_at], table[r_at, like_at, col_at]), order_key, quota)
+        return picked.replace_rows({int(u): self.propose_alone(requests, int(u), int(quota[u]))
+                                    for u in rows[ran_out]})
+
+    def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
+        """One user's proposals, with live searches where the table runs short."""
+        liked = requests.recent_liked[u]
+        liked = liked[liked >= 0]
+        per_like = -(-k // len(liked))
+        allowed = requests.allowed_row(u)
         lists = []
-        for row, ok, i in zip(rows, valid, liked):
-            found = row[ok][:per_item]
-            if len(found) < per_item and row[-1] >= 0:  # the table ran out under filters
-                found = ann_search(self.index, self.tuned, self.item_vectors[i], per_item + 1, request)
-                found = found[found != i][:per_item]
+        for i in liked:
+            found, exhausted = np.zeros(0, np.int64), False
+            if self.neighbours is not None:
+                row = self.neighbours[i]
+                found = row[row >= 0]
+                found, exhausted = found[allowed[found]][:per_like], row[-1] < 0  # -1 pads: no more exist
+            if len(found) < per_like and not exhausted:
+                labels = ann_search(self.index, self.item_vectors[i][None, :], per_like + 1,
+                                    requests.search_params(self.tuned, u))[0]
+                found = labels[(labels >= 0) & (labels != i)][:per_like]
             lists.append(found)
-        return lists
-
-    def propose(self, request: Request, k: int) -> np.ndarray:
-        liked = request.recent_liked
-        per_item = max(1, -(-k // len(liked)))
-        lists = self._lists(liked, per_item, request)
         width = max(len(x) for x in lists)
         padded = np.full((len(lists), width), -1, np.int64)
         for row, x in enumerate(lists):
@@ -193,43 +365,75 @@ class RecentNeighboursSource(Source):
         return merged[np.sort(first)][:k]
 
 
+def _first_distinct(lists: Proposals, order_key: np.ndarray, quota: np.ndarray) -> Proposals:
+    """Per row: the entries in ``order_key`` order, duplicates dropped, the first ``quota``."""
+    if len(lists.rows) == 0:
+        return lists
+    by_item = np.lexsort((order_key, lists.items, lists.rows))
+    rows, items = lists.rows[by_item], lists.items[by_item]
+    first = np.ones(len(rows), bool)
+    first[1:] = (rows[1:] != rows[:-1]) | (items[1:] != items[:-1])
+    rows, items, key = rows[first], items[first], order_key[by_item][first]
+    order = np.lexsort((key, rows))
+    rows, items = rows[order], items[order]
+    take = positions_in_rows(rows) < quota[rows]
+    return Proposals(rows[take], items[take])
+
+
+@functools.lru_cache(maxsize=64)
+def _names_by_bits(names: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """For every bit mask over ``names``, the names whose bits are set."""
+    return [tuple(name for j, name in enumerate(names) if bits >> j & 1) for bits in range(1 << len(names))]
+
+
 @dataclass
 class Candidates:
-    """The merged candidate set: item indices, and for each a bit mask of the sources
-    (bit ``j`` = ``names[j]``) that proposed it."""
+    """The merged candidates of a batch: flat ``rows`` and ``items`` grouped by row (in
+    order of first proposal), and for each a bit mask of the sources (bit ``j`` =
+    ``names[j]``) that proposed it."""
 
+    rows: np.ndarray  # [n] int64
     items: np.ndarray  # [n] int64
     source_bits: np.ndarray  # [n] uint32
     names: tuple[str, ...]
 
     def sources_at(self, positions) -> list[tuple[str, ...]]:
         """The names of the sources that proposed the candidates at ``positions``."""
-        return [tuple(name for j, name in enumerate(self.names) if bits >> j & 1)
-                for bits in self.source_bits[positions].tolist()]
+        by_bits = _names_by_bits(self.names)
+        return [by_bits[bits] for bits in self.source_bits[positions].tolist()]
 
     @property
     def sources(self) -> list[list[str]]:
         return [list(s) for s in self.sources_at(np.arange(len(self.items)))]
 
 
-def merge(proposals: list[tuple[str, np.ndarray]], n_candidates: int) -> Candidates:
-    """De-duplicate proposals in order (source by source, each best first), recording
-    every source that proposed each item, and keep the first ``n_candidates`` items."""
+def merge(proposals: list[tuple[str, Proposals]], n_candidates: int) -> Candidates:
+    """De-duplicate each user's proposals in order (source by source, each best first),
+    recording every source that proposed each item, and keep each user's first
+    ``n_candidates`` items."""
     names = tuple(name for name, _ in proposals)
-    if not proposals:
-        return Candidates(np.zeros(0, np.int64), np.zeros(0, np.uint32), names)
-    items = np.concatenate([np.asarray(p, np.int64) for _, p in proposals])
+    rows = np.concatenate([p.rows for _, p in proposals] or [np.zeros(0, np.int64)])
+    items = np.concatenate([p.items for _, p in proposals] or [np.zeros(0, np.int64)])
     bit = np.repeat(np.left_shift(np.uint32(1), np.arange(len(proposals), dtype=np.uint32)),
-                    [len(p) for _, p in proposals])
+                    [len(p.rows) for _, p in proposals])
     if len(items) == 0:
-        return Candidates(items, np.zeros(0, np.uint32), names)
-    order = np.argsort(items, kind="stable")  # equal items stay in proposal order
-    ordered = items[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    first = order[starts]  # each distinct item's first proposal
+        return Candidates(rows, items, np.zeros(0, np.uint32), names)
+    # Within a row, concatenation order is proposal order (source, then rank).
+    single = rows[0] == rows[-1]  # one row (a lone request): the item alone is the key
+    key = items if single else rows * (int(items.max()) + 1) + items
+    order = np.argsort(key, kind="stable")  # equal keys keep proposal order
+    ordered = key[order]
+    is_first = np.ones(len(order), bool)
+    np.not_equal(ordered[1:], ordered[:-1], out=is_first[1:])
+    starts = np.flatnonzero(is_first)
+    first = order[starts]  # each distinct (row, item)'s first proposal
     bits = np.bitwise_or.reduceat(bit[order], starts)
-    keep = np.argsort(first, kind="stable")[:n_candidates]  # in order of first proposal
-    return Candidates(ordered[starts][keep], bits[keep], names)
+    if single:
+        keep = np.argsort(first)[:n_candidates]
+    else:  # by row, then first proposal
+        keep = np.argsort(rows[first] * len(rows) + first)
+        keep = keep[positions_in_rows(rows[first][keep]) < n_candidates]
+    return Candidates(rows[first][keep], items[first][keep], bits[keep], names)
 
 
 def quotas(weights: dict[str, float], available: list[str], n_candidates: int) -> dict[str, int]:

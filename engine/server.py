@@ -195,11 +195,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             raise _BadRequest(f"{len(request.user_ids)} users in one batch; at most {self.config.max_batch}")
         engine = self.holder.engine
         users, options = list(request.user_ids), _recommend_options(request.options)
-        results = []
-        for start in range(0, len(users), 256):  # a long batch stops once its deadline has passed
-            if context.time_remaining() is not None and context.time_remaining() <= 0:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed after {start} of {len(users)} users")
-            results += engine.recommend_batch(users[start:start + 256], **options)
+        remaining = context.time_remaining()  # a long batch stops once its deadline has passed
+        results = engine.recommend_batch(users, deadline=None if remaining is None else time.monotonic() + remaining,
+                                         **options)
         return pb.RecommendBatchResponse(
             results=[pb.RecommendResponse(items=_items(r), version=engine.version) for r in results],
             version=engine.version)
@@ -265,6 +263,8 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(error)
     if isinstance(error, (ValueError, _BadRequest)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.engine import Engine, EngineConfig
-from engine.retrieval import merge, quotas
+from engine.retrieval import Proposals, merge, quotas
 from index_builder import build_bundle
 
 
@@ -24,9 +24,19 @@ def engine(world):
 
 
 def test_merge_deduplicates_and_keeps_every_source():
-    c = merge([("a", np.array([1, 2, 3])), ("b", np.array([3, 4])), ("c", np.array([5, 1]))], n_candidates=4)
+    c = merge([("a", Proposals.of_one([1, 2, 3])), ("b", Proposals.of_one([3, 4])), ("c", Proposals.of_one([5, 1]))],
+              n_candidates=4)
     assert c.items.tolist() == [1, 2, 3, 4]
     assert c.sources == [["a", "c"], ["a"], ["a", "b"], ["b"]]
+
+
+def test_merge_keeps_users_apart_in_a_batch():
+    a = Proposals(np.array([0, 0, 1, 1, 1]), np.array([7, 8, 8, 9, 10]))
+    b = Proposals(np.array([0, 1, 1]), np.array([8, 11, 9]))
+    c = merge([("a", a), ("b", b)], n_candidates=3)
+    assert c.rows.tolist() == [0, 0, 1, 1, 1]
+    assert c.items.tolist() == [7, 8, 8, 9, 10]  # user 1's 11 is past its 3 candidates
+    assert c.sources == [["a"], ["a", "b"], ["a"], ["a", "b"], ["a"]]
 
 
 def test_quotas_split_by_weight_among_available_sources():
@@ -99,7 +109,7 @@ def test_cold_start_paths(engine, world):
 
 def test_batch_equals_single(engine):
     users = ["u0", "u9", "nobody", "u17"]
-    batch = engine.recommend_batch(users, k=7)
+    batch = engine.recommend_batch(users, k=7)  # one chunk, one thread
     for user, got in zip(users, batch):
         single = engine.recommend(user, k=7)
         np.testing.assert_array_equal(got.item_ids, single.item_ids)
@@ -154,14 +164,28 @@ def test_engine_config_from_tandem_toml_and_candidates(engine):
     assert sum(len(p) for p in proposals.values()) <= 100 + len(proposals)
 
 
-def test_threaded_batch_equals_single(engine):
+@pytest.mark.parametrize("options", [
+    {},
+    {"filters": "genre 2", "exclude_items": ["i1", "i2", "i3"]},
+    {"include_items": 60, "n_candidates": 40},  # a small allow-list: batched lists run short
+    {"exclude_seen": False, "sources": ["recent", "segment", "popular"]},
+], ids=["plain", "filtered", "allow-list", "seen-kept"])
+def test_threaded_batch_equals_single(engine, options, monkeypatch):
+    """The batched pipeline (flat arrays, shared-mask searches, stragglers served alone)
+    gives every user exactly the single request's answer (exact indexes here)."""
+    monkeypatch.setattr("engine.engine.BATCH_CHUNK", 64)  # 151 users: 3 chunks over two threads
+    options = dict(options)
+    if "filters" in options:
+        options["filters"] = {"genres": [engine.genre_labels[2]]}
+    if "include_items" in options:
+        options["include_items"] = list(engine.items.ids[::3][:options["include_items"]])
     users = [f"u{i}" for i in range(150)] + ["nobody"]
-    batch = engine.recommend_batch(users, k=5, threads=2)  # 151 users: served by two threads
+    batch = engine.recommend_batch(users, k=5, threads=2, **options)
     for user, got in zip(users, batch):
-        single = engine.recommend(user, k=5)
+        single = engine.recommend(user, k=5, **options)
         np.testing.assert_array_equal(got.item_ids, single.item_ids)
         np.testing.assert_allclose(got.scores, single.scores)
-        assert got.sources == single.sources
+        assert got.sources == single.sources and got.candidates == single.candidates
 
 
 def test_item_neighbour_table_is_the_exact_squared_distance_order(engine, world):
@@ -175,12 +199,13 @@ def test_item_neighbour_table_is_the_exact_squared_distance_order(engine, world)
 
 
 def test_recent_source_searches_live_when_filters_exhaust_the_table(engine):
-    request, _ = engine._user_request("u3", None, None, True, engine._item_mask((), None, None))
-    far = engine.sources["recent"].neighbours[request.recent_liked].ravel()
-    allowed = np.ones(len(engine.items), bool)
-    allowed[far[far >= 0]] = False  # every tabled neighbour filtered out
-    request.allowed = allowed
-    proposed = engine.sources["recent"].propose(request, 20)
+    requests = engine._requests(["u3"], True, engine._item_mask((), None, None))
+    liked = requests.recent_liked[0]
+    far = engine.sources["recent"].neighbours[liked[liked >= 0]].ravel()
+    requests.item_mask = np.ones(len(engine.items), bool)
+    requests.item_mask[far[far >= 0]] = False  # every tabled neighbour filtered out
+    allowed = requests.allowed_row(0)
+    proposed = engine.sources["recent"].propose(requests, np.array([20])).items
     # Up to 20 (likes may share neighbours), all allowed, all found beyond the table.
     assert len(proposed) >= 15 and allowed[proposed].all()
 
@@ -207,3 +232,11 @@ def test_added_items_survive_reload_and_travel_with_the_next_bundle(world, tmp_p
     journal.write_text('not json\n{"item_id": "y", "features": {}}\n')
     with pytest.raises(Exception, match="added_items.jsonl, line 1"):
         Engine.load(mine)
+
+
+def test_batch_stops_at_its_deadline(engine):
+    import time
+
+    with pytest.raises(TimeoutError, match="deadline passed after 0 of 3 users"):
+        engine.recommend_batch(["u1", "u2", "u3"], deadline=time.monotonic() - 1)
+    assert len(engine.recommend_batch(["u1", "u2", "u3"], deadline=time.monotonic() + 60)) == 3

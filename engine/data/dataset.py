@@ -66,6 +66,11 @@ class IdMap:
                 raise UnknownIdError(f"unknown {self.kind} id {e!r}") from None
         return np.asarray(out, dtype=np.int64)
 
+    def indices_or_missing(self, external_ids: Iterable[object]) -> np.ndarray:
+        """Dense indices ``[n]`` (int64) of many external ids, ``-1`` for unknown ones (or None)."""
+        lookup = self._lookup()
+        return np.fromiter((-1 if e is None else lookup.get(str(e), -1) for e in external_ids), np.int64)
+
     def external(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
         """External ids ``[n]`` of dense indices."""
         return self.ids[np.asarray(indices, dtype=np.int64)]
