@@ -292,14 +292,17 @@ class Engine:
         """Exact scores of (user ``rows[j]``, item ``items[j]``) pairs: the blend of the
         tower score and the CF prediction (items added live have no CF vector: the CF
         mean stands in)."""
-        tower = np.einsum("nd,nd->n", self.tower_item_vectors[items], requests.tower_vectors[rows])
+        # One user: broadcast their vectors instead of gathering a copy per candidate. The
+        # products, and so the row sums, are the same either way: batch equals single.
+        per = (lambda a: a[0]) if len(requests) == 1 else (lambda a: a[rows])
+        tower = (self.tower_item_vectors[items] * per(requests.tower_vectors)).sum(axis=1)
         live_added = len(self.items) > self.n_cf_items
         cf_items = np.where(items < self.n_cf_items, items, 0) if live_added else items
-        cf = (np.einsum("nf,nf->n", self.cf.X[cf_items], requests.cf_vectors[rows]) + requests.cf_bias[rows]
+        cf = ((self.cf.X[cf_items] * per(requests.cf_vectors)).sum(axis=1) + per(requests.cf_bias)
               + self.cf_item_offsets[cf_items])
         if live_added:
             cf = np.where(items < self.n_cf_items, cf, np.float32(self.cf_scale.mean))
-        return blend(tower, cf, self.popularity_score[items], requests.has_tower[rows], requests.has_cf[rows],
+        return blend(tower, cf, self.popularity_score[items], per(requests.has_tower), per(requests.has_cf),
                      self.weights, self.tower_scale, self.cf_scale)
 
     def _check_k(self, k: int, n_candidates: int | None = None) -> None:

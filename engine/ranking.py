@@ -21,6 +21,8 @@ def top_k_desc(scores: np.ndarray, k: int) -> np.ndarray:
     k = min(k, n)
     if k <= 0:
         return np.zeros(0, np.int64)
+    if n <= 4096:  # a full stable sort is cheaper than selection at this size
+        return np.argsort(-scores, kind="stable")[:k]
     kth = np.partition(scores, n - k)[n - k]
     chosen = np.flatnonzero(scores >= kth)  # the k best, and any ties with the k-th
     return chosen[np.lexsort((chosen, -scores[chosen]))][:k]
@@ -59,8 +61,9 @@ class BlendWeights:
 def blend(tower_scores: np.ndarray, cf_scores: np.ndarray, fallback: np.ndarray, has_tower: np.ndarray,
           has_cf: np.ndarray, weights: BlendWeights, tower_scale: ScoreScale, cf_scale: ScoreScale) -> np.ndarray:
     """Final scores ``[n]``: per entry, the weighted mean of the standardised components
-    its user has (``has_tower`` / ``has_cf``; the other component's score is ignored),
-    or ``fallback`` (e.g. standardised popularity) when the user has neither."""
+    its user has (``has_tower`` / ``has_cf``, per entry or one flag for all; the other
+    component's score is ignored), or ``fallback`` (e.g. standardised popularity) when
+    the user has neither."""
     w_tower = np.where(has_tower, np.float32(weights.towers), np.float32(0))
     w_cf = np.where(has_cf, np.float32(weights.cf), np.float32(0))
     total = w_tower + w_cf

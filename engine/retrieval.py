@@ -246,11 +246,13 @@ class TowerSource(_AnnSource):
 def _first_allowed(order: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
     """The first ``k`` entries of a ranked item list that are allowed. Scans growing
     prefixes, so the usual case (few items excluded) touches only a few hundred entries."""
-    found, start, width = [], 0, max(4 * k, 256)
-    while start < len(order) and sum(len(f) for f in found) < k:
+    found, n_found, start, width = [], 0, 0, max(4 * k, 256)
+    while start < len(order) and n_found < k:
         part = order[start:start + width]
         found.append(part[allowed[part]])
-        start, width = start + width, width * 4
+        n_found, start, width = n_found + len(found[-1]), start + width, width * 4
+    if len(found) == 1:
+        return found[0][:k]
     return np.concatenate(found)[:k] if found else np.zeros(0, np.int64)
 
 
@@ -355,14 +357,11 @@ class RecentNeighboursSource(Source):
                                     requests.search_params(self.tuned, u))[0]
                 found = labels[(labels >= 0) & (labels != i)][:per_like]
             lists.append(found)
-        width = max(len(x) for x in lists)
-        padded = np.full((len(lists), width), -1, np.int64)
-        for row, x in enumerate(lists):
-            padded[row, :len(x)] = x
-        merged = padded.T.ravel()  # round-robin: the best neighbour of each like first
-        merged = merged[merged >= 0]
-        _, first = np.unique(merged, return_index=True)
-        return merged[np.sort(first)][:k]
+        # Round-robin (the best neighbour of each like, then the second, ...), duplicates
+        # dropped: a few dozen items, cheaper in plain Python than in NumPy calls.
+        lists = [x.tolist() for x in lists]
+        merged = [x[r] for r in range(max(len(x) for x in lists)) for x in lists if r < len(x)]
+        return np.fromiter(dict.fromkeys(merged), np.int64)[:k]
 
 
 def _first_distinct(lists: Proposals, order_key: np.ndarray, quota: np.ndarray) -> Proposals:
@@ -418,11 +417,12 @@ def merge(proposals: list[tuple[str, Proposals]], n_candidates: int) -> Candidat
                     [len(p.rows) for _, p in proposals])
     if len(items) == 0:
         return Candidates(rows, items, np.zeros(0, np.uint32), names)
-    # Within a row, concatenation order is proposal order (source, then rank).
+    # Within a row, concatenation order is proposal order (source, then rank): sort by
+    # (row, item, position), each (row, item)'s first entry is its first proposal.
     single = rows[0] == rows[-1]  # one row (a lone request): the item alone is the key
-    key = items if single else rows * (int(items.max()) + 1) + items
-    order = np.argsort(key, kind="stable")  # equal keys keep proposal order
-    ordered = key[order]
+    pair = items if single else rows * (int(items.max()) + 1) + items
+    order = np.argsort(pair * len(items) + np.arange(len(items)))  # unique keys: any sort is stable
+    ordered = pair[order]
     is_first = np.ones(len(order), bool)
     np.not_equal(ordered[1:], ordered[:-1], out=is_first[1:])
     starts = np.flatnonzero(is_first)
