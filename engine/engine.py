@@ -138,6 +138,7 @@ class Engine:
             self.sources["segment"] = SegmentSource(config.segment_key, segment_tops[config.segment_key])
         self.weights = BlendWeights(config.blend_towers, config.blend_cf)
         self._splits: dict = {}  # quota splits by available sources (see _quotas)
+        self._every_item = np.zeros(0, bool)  # the unfiltered item mask (see _item_mask)
         self._fit_scales()
 
     @classmethod
@@ -187,7 +188,12 @@ class Engine:
     # ------------------------------------------------------------- users
     def _item_mask(self, exclude_items, include_items, filters) -> np.ndarray:
         """Items a request may return before per-user exclusions: block-list, allow-list
-        and attribute filters applied."""
+        and attribute filters applied (read-only: shared by every unfiltered request)."""
+        if not exclude_items and include_items is None and not filters:
+            if len(self._every_item) != len(self.items):  # (re)built after add_items
+                self._every_item = np.ones(len(self.items), bool)
+                self._every_item.flags.writeable = False
+            return self._every_item
         allowed = np.ones(len(self.items), bool)
         if exclude_items:
             allowed[self.items.indices(exclude_items)] = False
@@ -292,18 +298,32 @@ class Engine:
         """Exact scores of (user ``rows[j]``, item ``items[j]``) pairs: the blend of the
         tower score and the CF prediction (items added live have no CF vector: the CF
         mean stands in)."""
-        # One user: broadcast their vectors instead of gathering a copy per candidate. The
-        # products, and so the row sums, are the same either way: batch equals single.
-        per = (lambda a: a[0]) if len(requests) == 1 else (lambda a: a[rows])
-        tower = (self.tower_item_vectors[items] * per(requests.tower_vectors)).sum(axis=1)
+        tower = self._dots(self.tower_item_vectors, items, requests.tower_vectors, rows)
         live_added = len(self.items) > self.n_cf_items
         cf_items = np.where(items < self.n_cf_items, items, 0) if live_added else items
-        cf = ((self.cf.X[cf_items] * per(requests.cf_vectors)).sum(axis=1) + per(requests.cf_bias)
-              + self.cf_item_offsets[cf_items])
-        if live_added:
+        cf = self._dots(self.cf.X, cf_items, requests.cf_vectors, rows) + requests.cf_bias[rows] \
+            + self.cf_item_offsets[cf_items]
+        if live_added:  # live-added items have no CF vector: the CF mean stands in
             cf = np.where(items < self.n_cf_items, cf, np.float32(self.cf_scale.mean))
-        return blend(tower, cf, self.popularity_score[items], per(requests.has_tower), per(requests.has_cf),
-                     self.weights, self.tower_scale, self.cf_scale)
+        lone = len(requests) == 1
+        return blend(tower, cf, self.popularity_score[items],
+                     requests.has_tower[0] if lone else requests.has_tower[rows],
+                     requests.has_cf[0] if lone else requests.has_cf[rows], self.weights, self.tower_scale, self.cf_scale)
+
+    @staticmethod
+    def _dots(matrix: np.ndarray, items: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``matrix[items[j]] . vectors[rows[j]]`` for every ``j`` (``rows`` ascending):
+        one matrix-vector product per user, so that a user's scores are bitwise the same
+        alone and in a batch."""
+        gathered = matrix[items]
+        if len(vectors) == 1:
+            return gathered @ vectors[0]
+        out = np.empty(len(items), np.float32)
+        bounds = np.searchsorted(rows, np.arange(len(vectors) + 1)).tolist()
+        for u in range(len(vectors)):
+            if bounds[u + 1] > bounds[u]:
+                out[bounds[u]:bounds[u + 1]] = gathered[bounds[u]:bounds[u + 1]] @ vectors[u]
+        return out
 
     def _check_k(self, k: int, n_candidates: int | None = None) -> None:
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.config.max_k:
@@ -376,19 +396,24 @@ class Engine:
             raise ValueError(f"unknown source(s) {unknown}; sources: {list(SOURCE_NAMES)}")
         names = [s for s in names if s in self.sources]
         n = len(requests)
-        # Users differ only in which sources can serve them: one split per pattern (bit j: names[j]).
+        # Users differ only in which sources can serve them: one split per pattern (bit j:
+        # names[j]), computed once per engine.
         pattern = np.zeros(n, np.int64)
         for j, name in enumerate(names):
             pattern[self.sources[name].available(requests)] |= 1 << j
         codes = set(pattern.tolist())
-        share: dict[str, np.ndarray] = {}
         for code in codes:
             key = (tuple(names), code, n_candidates)
             if key not in self._splits:
-                self._splits[key] = quotas(self.config.source_weights, [s for j, s in enumerate(names) if code >> j & 1],
-                                           n_candidates)
+                split = quotas(self.config.source_weights, [s for j, s in enumerate(names) if code >> j & 1],
+                               n_candidates)
+                self._splits[key] = split, {name: np.array([q]) for name, q in split.items()}
+        if n == 1:  # a lone request: the cached arrays (read, never written)
+            return self._splits[(tuple(names), codes.pop(), n_candidates)][1]
+        share: dict[str, np.ndarray] = {}
+        for code in codes:
             rows = pattern == code if len(codes) > 1 else slice(None)
-            for name, q in self._splits[key].items():
+            for name, q in self._splits[(tuple(names), code, n_candidates)][0].items():
                 share.setdefault(name, np.zeros(n, np.int64))[rows] = q
         return {name: share[name] for name in names if name in share}  # in source order
 
@@ -480,13 +505,12 @@ class Engine:
         from engine.data import IdMap
 
         with self._lock:
-            self.sources["towers"].index.add(np.ascontiguousarray(vectors, np.float32))
+            # Per-item tables grow first, then the id map, then the index: a request in
+            # flight never meets an item index its tables or masks do not cover.
+            popularity_score = np.full(len(new_ids), self.popularity_score.min(), np.float32)
             self.tower_item_vectors = np.vstack([self.tower_item_vectors, vectors])
-            self.items = IdMap(np.concatenate([self.items.ids, np.asarray(new_ids)]), "item")
-            self.bundle.items = self.items
             self.popularity = np.r_[self.popularity, np.zeros(len(new_ids), np.float32)]
-            self.popularity_score = np.r_[self.popularity_score,
-                                          np.full(len(new_ids), self.popularity_score.min(), np.float32)]
+            self.popularity_score = np.r_[self.popularity_score, popularity_score]
             if self.genres is not None:
                 rows = np.zeros((len(new_ids), self.genres.shape[1]), np.uint8)
                 for r, f in enumerate(item_features):
@@ -495,6 +519,9 @@ class Engine:
                 self.genres = np.vstack([self.genres, rows])
             if self.titles is not None:
                 self.titles = np.r_[self.titles, [str(f.get("title", i)) for i, f in zip(new_ids, item_features)]]
+            self.items = IdMap(np.concatenate([self.items.ids, np.asarray(new_ids)]), "item")
+            self.bundle.items = self.items
+            self.sources["towers"].index.add(np.ascontiguousarray(vectors, np.float32))
             root = bundle.root_of(self.bundle.path)
             if persist and root is not None:
                 bundle.append_added_items(root / bundle.ADDED_ITEMS, [

@@ -64,6 +64,11 @@ def blend(tower_scores: np.ndarray, cf_scores: np.ndarray, fallback: np.ndarray,
     its user has (``has_tower`` / ``has_cf``, per entry or one flag for all; the other
     component's score is ignored), or ``fallback`` (e.g. standardised popularity) when
     the user has neither."""
+    if np.ndim(has_tower) == 0 and np.ndim(has_cf) == 0:  # one user: plain weights
+        w_tower, w_cf = weights.towers * bool(has_tower), weights.cf * bool(has_cf)
+        if w_tower + w_cf == 0:
+            return np.asarray(fallback, np.float32)
+        return ((w_tower * tower_scale(tower_scores) + w_cf * cf_scale(cf_scores)) / (w_tower + w_cf)).astype(np.float32)
     w_tower = np.where(has_tower, np.float32(weights.towers), np.float32(0))
     w_cf = np.where(has_cf, np.float32(weights.cf), np.float32(0))
     total = w_tower + w_cf

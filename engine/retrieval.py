@@ -18,6 +18,7 @@ exclusions afterwards (a user still left short is searched alone).
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -345,23 +346,23 @@ class RecentNeighboursSource(Source):
         liked = liked[liked >= 0]
         per_like = -(-k // len(liked))
         allowed = requests.allowed_row(u)
-        lists = []
-        for i in liked:
-            found, exhausted = np.zeros(0, np.int64), False
-            if self.neighbours is not None:
-                row = self.neighbours[i]
-                found = row[row >= 0]
-                found, exhausted = found[allowed[found]][:per_like], row[-1] < 0  # -1 pads: no more exist
-            if len(found) < per_like and not exhausted:
+        if self.neighbours is not None:  # the table's rows of all likes at once
+            table = self.neighbours[liked]
+            ok = (table >= 0) & allowed[np.maximum(table, 0)]
+            lists = [row[keep][:per_like] for row, keep in zip(table, ok)]
+            exhausted = (table[:, -1] < 0).tolist()  # -1 pads: no more neighbours exist
+        else:
+            lists, exhausted = [np.zeros(0, np.int64)] * len(liked), [False] * len(liked)
+        for at, i in enumerate(liked):
+            if len(lists[at]) < per_like and not exhausted[at]:  # search live beyond the table
                 labels = ann_search(self.index, self.item_vectors[i][None, :], per_like + 1,
                                     requests.search_params(self.tuned, u))[0]
-                found = labels[(labels >= 0) & (labels != i)][:per_like]
-            lists.append(found)
+                lists[at] = labels[(labels >= 0) & (labels != i)][:per_like]
         # Round-robin (the best neighbour of each like, then the second, ...), duplicates
         # dropped: a few dozen items, cheaper in plain Python than in NumPy calls.
-        lists = [x.tolist() for x in lists]
-        merged = [x[r] for r in range(max(len(x) for x in lists)) for x in lists if r < len(x)]
-        return np.fromiter(dict.fromkeys(merged), np.int64)[:k]
+        rounds = itertools.zip_longest(*(x.tolist() for x in lists))
+        merged = dict.fromkeys(i for group in rounds for i in group if i is not None)
+        return np.fromiter(merged, np.int64)[:k]
 
 
 def _first_distinct(lists: Proposals, order_key: np.ndarray, quota: np.ndarray) -> Proposals:

@@ -80,6 +80,22 @@ class _Metrics:
                                     registry=self.registry, buckets=(0, 10, 25, 50, 100, 200, 500, 1000, 5000))
         self.reloads = Counter("tandem_reloads", "Bundle reloads by outcome", ["outcome"], registry=self.registry)
         self.info = Gauge("tandem_bundle_items", "Items in the served catalogue", registry=self.registry)
+        self._children: dict = {}  # labelled series, looked up once (labels() costs a lock and a dict)
+
+    def _child(self, metric, *labels):
+        key = (metric._name, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe_request(self, rpc: str, code: str, seconds: float) -> None:
+        self._child(self.requests, rpc, code).inc()
+        self._child(self.latency, rpc).observe(seconds)
+
+    def observe_candidates(self, counts: dict[str, int]) -> None:
+        for source, n in counts.items():
+            self._child(self.candidates, source).observe(n)
 
 
 class EngineHolder:
@@ -184,10 +200,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         engine = self.holder.engine
         recs = engine.recommend(user_id=request.user_id or None, user_features=_features(request.user_features),
                                 ratings=dict(request.ratings) or None, **_recommend_options(request))
-        metrics = self.holder.metrics
-        if metrics:
-            for source, n in recs.candidates.items():
-                metrics.candidates.labels(source).observe(n)
+        if self.holder.metrics:
+            self.holder.metrics.observe_candidates(recs.candidates)
         return pb.RecommendResponse(items=_items(recs), version=engine.version)
 
     def RecommendBatch(self, request, context):
@@ -318,8 +332,7 @@ class _Interceptor(grpc.ServerInterceptor):
             finally:
                 seconds = time.perf_counter() - start
                 if metrics:
-                    metrics.requests.labels(rpc, code.name).inc()
-                    metrics.latency.labels(rpc).observe(seconds)
+                    metrics.observe_request(rpc, code.name, seconds)
                 if log.isEnabledFor(logging.DEBUG) or code != grpc.StatusCode.OK:
                     log.log(logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO,
                             json.dumps({"event": "rpc", "rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3)}))
