@@ -1,15 +1,17 @@
 """Benchmark B5: the gRPC service under load, on a 100k-item synthetic catalogue.
 
-A real ``tandem serve`` process (or several sharing one port through SO_REUSEPORT with
-``--processes``) and load-generator processes on loopback. For ``Recommend`` (known
-users, k = 10, 500 candidates), ``SimilarItems`` (k = 10) and the trivial ``Echo`` rpc
-(the ceiling, measured in the same run), at 1, 4 and 16 concurrent clients: QPS and
+A real ``tandem serve`` (one process, then several sharing the port through
+SO_REUSEPORT: ``tandem serve --processes N``) and load-generator processes on loopback.
+For ``Recommend`` (known users, k = 10, 500 candidates), ``SimilarItems`` (k = 10) and
+the trivial ``Echo`` rpc (the ceiling, measured in the same run, its payload the size of
+a Recommend reply as the protocol asks), at 1, 4 and 16 concurrent clients: QPS and
 p50/p99 latency. Target: Recommend QPS >= 0.4x Echo at 4 clients, p99 <= 10 ms at 4
 clients.
 
-Usage: python bench/serve.py [--bundle ROOT] [--seconds 4] [--processes 1]
+Usage: python bench/serve.py [--bundle ROOT] [--seconds 3] [--processes 1,2] [--workers 2]
 Without --bundle it builds one (quick models; latency does not depend on their quality).
-Writes bench/results/serve.json and prints a table.
+Writes bench/results/serve.json (one process) and serve_<N>proc.json, and prints a table
+per configuration.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import argparse
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,8 @@ CONCURRENCY = (1, 4, 16)
 RPCS = ("Echo", "Recommend", "SimilarItems")
 
 
-def client_worker(target: str, rpc: str, threads: int, seconds: float, users, items, seed: int, out) -> None:
+def client_worker(target: str, rpc: str, threads: int, seconds: float, users, items, seed: int, out,
+                  echo_bytes: int = 16) -> None:
     """One load-generator process: ``threads`` clients, each with its own channel,
     calling ``rpc`` back to back for ``seconds``; sends its latencies to ``out``."""
     import threading
@@ -52,7 +54,7 @@ def client_worker(target: str, rpc: str, threads: int, seconds: float, users, it
         rng = np.random.default_rng(seed * 100 + t)
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.RecommenderStub(channel)
-            calls = {"Echo": lambda: stub.Echo(pb.EchoRequest(payload=b"x" * 16), timeout=10),
+            calls = {"Echo": lambda: stub.Echo(pb.EchoRequest(payload=b"x" * echo_bytes), timeout=10),
                      "Recommend": lambda: stub.Recommend(pb.RecommendRequest(
                          user_id=users[rng.integers(len(users))], k=10, n_candidates=500), timeout=10),
                      "SimilarItems": lambda: stub.SimilarItems(pb.SimilarItemsRequest(
@@ -81,12 +83,12 @@ def client_worker(target: str, rpc: str, threads: int, seconds: float, users, it
     out.put(latencies)
 
 
-def measure(target: str, rpc: str, clients: int, seconds: float, users, items) -> dict:
+def measure(target: str, rpc: str, clients: int, seconds: float, users, items, echo_bytes: int = 16) -> dict:
     processes = min(clients, 4)  # the load generator itself must not be the bottleneck
     per = [clients // processes + (1 if p < clients % processes else 0) for p in range(processes)]
     queue = mp.get_context("spawn").Queue()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=client_worker, args=(target, rpc, n, seconds, users, items, p, queue))
+    procs = [ctx.Process(target=client_worker, args=(target, rpc, n, seconds, users, items, p, queue, echo_bytes))
              for p, n in enumerate(per)]
     for p in procs:
         p.start()
@@ -97,19 +99,59 @@ def measure(target: str, rpc: str, clients: int, seconds: float, users, items) -
             "p99_ms": float(np.percentile(latencies, 99) * 1e3), "requests": int(len(latencies))}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def reply_size(target: str, user: str) -> int:
+    """Bytes of one Recommend reply (k = 10, 500 candidates): the echo payload size."""
+    import grpc
+
+    from engine.rpc import tandem_pb2 as pb
+    from engine.rpc import tandem_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        reply = pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id=user, k=10, n_candidates=500),
+                                                          timeout=30)
+    return reply.ByteSize()
+
+
+def run_configuration(root: Path, processes: int, workers: int, seconds: float, users, items, tmp: str) -> dict:
+    """Start ``tandem serve --processes N``, load it cell by cell, stop it; the table."""
+    ready = Path(tmp) / f"port-{processes}"
+    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--bundle", str(root), "--port", "0",
+                               "--processes", str(processes), "--workers", str(workers), "--port-file", str(ready),
+                               "--log-level", "WARNING"], env={**os.environ, "TANDEM_TOKEN": ""})
+    try:
+        deadline = time.time() + 300
+        while not ready.exists():
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit("the server failed to start")
+            time.sleep(0.2)
+        target = f"127.0.0.1:{ready.read_text().strip()}"
+        echo_bytes = reply_size(target, users[0])
+        print(f"\n{processes} process(es) x {workers} threads on {target}; echo payload {echo_bytes} bytes "
+              "(a Recommend reply)", flush=True)
+        table = {}
+        for clients in CONCURRENCY:
+            for rpc in RPCS:
+                table[f"{rpc}@{clients}"] = row = measure(target, rpc, clients, seconds, users, items, echo_bytes)
+                print(f"  {rpc:<13} {clients:>2} clients: {row['qps']:>8,.0f} QPS  p50 {row['p50_ms']:6.2f} ms  "
+                      f"p99 {row['p99_ms']:6.2f} ms", flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+    ratio = table["Recommend@4"]["qps"] / table["Echo@4"]["qps"]
+    print(f"  Recommend / Echo QPS at 4 clients: {ratio:.2f} (target >= 0.40); Recommend p99 at 4 clients "
+          f"{table['Recommend@4']['p99_ms']:.2f} ms (target <= 10)", flush=True)
+    return {"processes": processes, "workers": workers, "echo_payload_bytes": echo_bytes, "table": table,
+            "recommend_over_echo_at_4": ratio}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="an existing bundle root to serve (default: build a 100k-item one)")
     parser.add_argument("--n-items", type=int, default=100_000)
-    parser.add_argument("--seconds", type=float, default=4.0, help="measurement time per cell")
-    parser.add_argument("--processes", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
-    parser.add_argument("--workers", type=int, default=8, help="request threads per server process")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measurement time per cell")
+    parser.add_argument("--processes", default="1,2",
+                        help="server process counts to measure, comma-separated (SO_REUSEPORT; default 1,2)")
+    parser.add_argument("--workers", type=int, default=2, help="request threads per server process")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,43 +163,12 @@ def main() -> None:
         tables = bundle.resolve(root) / "tables"
         users = [str(u) for u in np.load(tables / "user_ids.npy", allow_pickle=False)[:5000]]
         items = [str(i) for i in np.load(tables / "item_ids.npy", allow_pickle=False)[:20000]]
-        port = free_port()
-        servers = []
-        for p in range(args.processes):
-            ready = Path(tmp) / f"port{p}"
-            servers.append((subprocess.Popen(
-                [sys.executable, "-m", "engine.cli", "serve", "--bundle", str(root), "--port", str(port),
-                 "--workers", str(args.workers), "--port-file", str(ready), "--log-level", "WARNING"],
-                env={**os.environ, "TANDEM_TOKEN": ""}), ready))
-        try:
-            for proc, ready in servers:
-                deadline = time.time() + 180
-                while not ready.exists():
-                    if proc.poll() is not None or time.time() > deadline:
-                        raise SystemExit("a server process failed to start")
-                    time.sleep(0.2)
-            target = f"127.0.0.1:{port}"
-            print(f"serving {root} on {target} with {args.processes} process(es) x {args.workers} threads",
-                  flush=True)
-            table = {}
-            for clients in CONCURRENCY:
-                for rpc in RPCS:
-                    table[f"{rpc}@{clients}"] = row = measure(target, rpc, clients, args.seconds, users, items)
-                    print(f"  {rpc:<13} {clients:>2} clients: {row['qps']:>8,.0f} QPS  p50 {row['p50_ms']:6.2f} ms  "
-                          f"p99 {row['p99_ms']:6.2f} ms", flush=True)
-        finally:
-            for proc, _ in servers:
-                proc.send_signal(signal.SIGTERM)
-            for proc, _ in servers:
-                proc.wait(timeout=60)
-
-    ratio = table["Recommend@4"]["qps"] / table["Echo@4"]["qps"]
-    result = {"n_items": args.n_items if not args.bundle else None, "processes": args.processes,
-              "workers": args.workers, "seconds_per_cell": args.seconds, "cpu_count": os.cpu_count(),
-              "table": table, "recommend_over_echo_at_4": ratio}
-    out = save_result("serve" if args.processes == 1 else f"serve_{args.processes}proc", result)
-    print(f"\nRecommend / Echo QPS at 4 clients: {ratio:.2f} (target >= 0.40); Recommend p99 at 4 clients "
-          f"{table['Recommend@4']['p99_ms']:.2f} ms (target <= 10) -> {out}")
+        for processes in [int(p) for p in args.processes.split(",")]:
+            result = run_configuration(root, processes, args.workers, args.seconds, users, items, tmp)
+            result.update({"n_items": args.n_items if not args.bundle else None, "seconds_per_cell": args.seconds,
+                           "cpu_count": os.cpu_count()})
+            out = save_result("serve" if processes == 1 else f"serve_{processes}proc", result)
+            print(f"  -> {out}", flush=True)
 
 
 if __name__ == "__main__":

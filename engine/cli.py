@@ -225,9 +225,15 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
     from engine.server import ServerConfig, TandemServer, configure_logging
 
     cfg = dict(config["server"])
-    for key in ("host", "port", "workers", "metrics_port", "tls_cert", "tls_key", "token_all"):
+    for key in ("host", "port", "processes", "workers", "metrics_port", "tls_cert", "tls_key", "token_all"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    processes = int(cfg.pop("processes"))
+    if processes < 1:
+        raise ConfigError(f"server.processes must be at least 1, got {processes}")
+    root = Path(args.bundle or config["paths"]["bundles"])
+    if processes > 1:
+        return _serve_processes(args, cfg, processes, root)
     cfg["token"] = args.token or os.environ.get("TANDEM_TOKEN") or None
     cfg["metrics_port"] = None if cfg["metrics_port"] is None or int(cfg["metrics_port"]) < 0 else int(cfg["metrics_port"])
     cfg["tls_cert"], cfg["tls_key"] = cfg["tls_cert"] or None, cfg["tls_key"] or None
@@ -236,7 +242,6 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
     except TypeError as e:
         raise ConfigError(f"[server]: {e}") from None
     configure_logging(args.log_level)
-    root = Path(args.bundle or config["paths"]["bundles"])
     server = TandemServer(root, server_config, engine_config(config)).start()
     if args.port_file:
         Path(args.port_file).write_text(f"{server.port}\n")
@@ -244,6 +249,28 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
           + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), file=sys.stderr, flush=True)
     server.serve_until_signal()
     return 0
+
+
+def _serve_processes(args: argparse.Namespace, cfg: dict, processes: int, root: Path) -> int:
+    """``tandem serve --processes N``: N single-process servers on one port (see
+    :mod:`engine.processes`), each started with this command's settings."""
+    import os
+
+    from engine.processes import serve_processes
+
+    command = [sys.executable, "-m", "engine.cli"]
+    command += ["--config", args.config] if args.config else []
+    for override in args.overrides:
+        command += ["--set", override]
+    command += ["serve", "--processes", "1", "--bundle", str(root), "--host", str(cfg["host"]),
+                "--workers", str(cfg["workers"]), "--log-level", args.log_level]
+    command += ["--tls-cert", cfg["tls_cert"], "--tls-key", cfg["tls_key"]] if cfg["tls_cert"] else []
+    command += ["--token-all"] if cfg["token_all"] else []
+    if args.token:  # passed on in the environment, not on a command line others can read
+        os.environ["TANDEM_TOKEN"] = args.token
+    metrics_port = cfg["metrics_port"]
+    metrics_port = None if metrics_port is None or int(metrics_port) < 0 else int(metrics_port)
+    return serve_processes(processes, command, str(cfg["host"]), int(cfg["port"]), metrics_port, args.port_file)
 
 
 def engine_config(config: dict):
@@ -507,7 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (TLS with --tls-key)")
     serve.add_argument("--tls-key", metavar="PEM", help="server private key")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 = off, 0 = any free port)")
-    serve.add_argument("--workers", type=int, help="request threads (default: server.workers)")
+    serve.add_argument("--processes", type=int, help="server processes sharing the port through SO_REUSEPORT, "
+                       "about one per core (default: server.processes)")
+    serve.add_argument("--workers", type=int, help="request threads per process (default: server.workers)")
     serve.add_argument("--port-file", metavar="PATH", help="write the bound port there once serving (for scripts)")
     serve.add_argument("--log-level", default="INFO", help="INFO (default) or DEBUG (a JSON line per request)")
     serve.set_defaults(handler=cmd_serve)

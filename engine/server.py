@@ -52,7 +52,9 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
-    workers: int = 8  # request threads
+    # Request threads. Engine work holds the GIL, so more threads add contention, not
+    # throughput; two keep a long request from blocking the rest. Cores: `--processes`.
+    workers: int = 2
     max_batch: int = 1000  # users per RecommendBatch / items per AddItems
     max_message_bytes: int = 4 * 1024 * 1024
     token: str | None = None  # bearer token; None = no authentication

@@ -303,3 +303,29 @@ def test_tandem_serve_shuts_down_gracefully_on_sigterm(world, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_tandem_serve_runs_several_processes_on_one_port(world, tmp_path):
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--set", "engine.segment_key=occupation", "serve",
+                             "--processes", "2", "--bundle", str(world[1]), "--port", "0", "--port-file", str(port_file)],
+                            env={**os.environ, "TANDEM_TOKEN": ""}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not port_file.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert port_file.exists(), proc.stderr.read() if proc.poll() is not None else "servers did not start"
+        versions = set()
+        for _ in range(12):  # new connections: the kernel spreads them over both processes
+            with Client(f"127.0.0.1:{port_file.read_text().strip()}", timeout=30) as c:
+                assert len(c.recommend("u3", k=5)) == 5
+                versions.add(c.info()["version"])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        log = proc.stderr.read()
+        port = port_file.read_text().strip()
+        assert f"with 2 processes" in log and log.count(f"on 127.0.0.1:{port}") == 3  # two servers, one summary
+        assert log.count('"event": "stopped"') == 2 and len(versions) == 1  # both stopped gracefully
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,84 @@
+"""Several ``tandem serve`` processes sharing one port (``tandem serve --processes N``).
+
+A request's work is Python that holds the GIL, so one process serves about one core's
+worth of requests however many threads it has. To use more cores, this supervisor
+starts ``N`` ordinary ``tandem serve`` processes bound to the same address with
+``SO_REUSEPORT`` (the kernel spreads connections among them), each with its own engine,
+hot-reload watcher and, if asked, its own metrics port (``metrics_port + i``).
+
+It reserves the port first (so ``--port 0`` picks one port for all), reports it once
+every process serves, forwards SIGTERM/SIGINT so that each process shuts down
+gracefully, and stops them all if one dies (a process supervisor such as systemd then
+restarts the whole group). ``Reload`` reaches the process that answers it; the others
+pick the new version up through their watch of ``current``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound, non-listening ``SO_REUSEPORT`` socket holding ``port`` (0: any free one)
+    until the servers have joined it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((host, port))
+    return holder
+
+
+def serve_processes(n: int, child_command: list[str], host: str, port: int, metrics_port: int | None,
+                    port_file: str | None, start_timeout: float = 300.0) -> int:
+    """Run ``n`` copies of ``child_command`` (a ``tandem serve`` command line without
+    ``--port``, ``--metrics-port`` and ``--port-file``) on one port until SIGTERM or
+    SIGINT; returns the exit code (0 when every process stopped cleanly)."""
+    holder = reserve_port(host, port)
+    port = holder.getsockname()[1]
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with tempfile.TemporaryDirectory(prefix="tandem-serve-") as tmp:
+        children = []
+        for i in range(n):
+            metrics = [] if metrics_port is None else ["--metrics-port", str(metrics_port + i if metrics_port else 0)]
+            ready = Path(tmp) / f"port-{i}"
+            children.append((subprocess.Popen([*child_command, "--port", str(port), *metrics, "--port-file", str(ready)]),
+                             ready))
+        stopped_on_request = False
+        try:
+            deadline = time.monotonic() + start_timeout
+            while not all(ready.exists() for _, ready in children):
+                failed = [child.pid for child, _ in children if child.poll() is not None]
+                if failed or time.monotonic() > deadline or stop.is_set():
+                    print(f"tandem serve: a server process {'exited' if failed else 'did not start'}; stopping",
+                          file=sys.stderr, flush=True)
+                    return 1
+                time.sleep(0.1)
+            holder.close()  # every server has bound the port
+            if port_file:
+                Path(port_file).write_text(f"{port}\n")
+            print(f"serving on {host}:{port} with {n} processes (pids {', '.join(str(c.pid) for c, _ in children)})",
+                  file=sys.stderr, flush=True)
+            while not stop.wait(0.5):
+                if any(child.poll() is not None for child, _ in children):
+                    print("tandem serve: a server process exited; stopping the others", file=sys.stderr, flush=True)
+                    return 1
+            stopped_on_request = True
+        finally:
+            holder.close()
+            for child, _ in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            codes = [child.wait() for child, _ in children]
+        if any(codes):
+            print(f"tandem serve: server processes exited with {codes}", file=sys.stderr, flush=True)
+        return 0 if stopped_on_request and not any(codes) else 1
