@@ -260,7 +260,7 @@ class Engine:
             recent = np.full((1, max(len(liked), 1)), -1, np.int64)
             recent[0, :len(liked)] = liked
         return Requests(item_mask, indptr, excluded, cf_vectors, cf_bias, has_cf, tower_vectors, has_tower,
-                        recent, segments)
+                        recent, segments, filtered=item_mask is not self._every_item)
 
     def _segments_from_features(self, features: Mapping) -> dict[str, int]:
         """Segment indices of a new user, by the same rules as the bundle's users."""

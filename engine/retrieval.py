@@ -50,6 +50,7 @@ class Requests:
     has_tower: np.ndarray  # [U] bool
     recent_liked: np.ndarray  # [U, R] item indices, latest first, -1 pads
     segments: dict[str, np.ndarray] = field(default_factory=dict)  # key -> [U] segment, -1 unknown
+    filtered: bool = True  # False: item_mask allows every item (no filters), so it need not be read
 
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -62,7 +63,7 @@ class Requests:
 
     def allowed(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Whether user ``rows[j]`` may be shown item ``items[j]`` (valid indices only)."""
-        ok = self.item_mask[items]
+        ok = self.item_mask[items] if self.filtered else np.ones(len(items), bool)
         if len(self.excluded_indices) and len(items):
             # Each user's exclusions as a bitmap (U x n_items bits, a chunk's worth of users).
             if "excluded_bits" not in self._cache:
@@ -73,6 +74,22 @@ class Requests:
                 self._cache["excluded_bits"] = bits
             bits = self._cache["excluded_bits"]
             ok &= (bits[rows, items >> 3] >> (items & 7).astype(np.uint8)) & 1 == 0
+        return ok
+
+    def excluded_of(self, u: int) -> np.ndarray:
+        """The items user ``u`` excludes, sorted."""
+        key = ("excluded", u)
+        if key not in self._cache:
+            self._cache[key] = np.sort(self.excluded_indices[self.excluded_indptr[u]:self.excluded_indptr[u + 1]])
+        return self._cache[key]
+
+    def allowed_of(self, u: int, items: np.ndarray) -> np.ndarray:
+        """Whether user ``u`` may be shown each of ``items`` (valid indices). Reads only
+        those items' entries: a lone request never touches a whole ``[n_items]`` mask."""
+        ok = self.item_mask[items] if self.filtered else np.ones(len(items), bool)
+        excluded = self.excluded_of(u)
+        if len(excluded):
+            ok &= excluded[np.minimum(np.searchsorted(excluded, items), len(excluded) - 1)] != items
         return ok
 
     def allowed_row(self, u: int) -> np.ndarray:
@@ -86,15 +103,24 @@ class Requests:
 
     def search_params(self, tuned: dict, u: int | None = None):
         """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a
-        selector of one user's mask, or (``u`` None) of the shared filters."""
+        selector of one user's mask, or (``u`` None) of the shared filters. Without
+        filters, a user's selector is "not one of their excluded items" (a small hash
+        set) rather than a bitmap over the whole catalogue, and the shared one is none."""
         key = ("params", u, tuple(sorted(tuned.items())))
         if key not in self._cache:
             import faiss
 
-            bits = np.packbits(self.item_mask if u is None else self.allowed_row(u), bitorder="little")
-            selector = faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits))
-            # FAISS keeps pointers: the cache keeps the buffer and selector alive with the parameters.
-            self._cache[key] = (search_params(tuned, selector), selector, bits)
+            keep: tuple = ()  # FAISS keeps pointers: the cache keeps their targets alive
+            if not self.filtered:
+                excluded = self.excluded_of(u) if u is not None else np.zeros(0, np.int64)
+                if len(excluded):
+                    ids = np.ascontiguousarray(excluded, np.int64)
+                    inner = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+                    keep = (ids, inner, faiss.IDSelectorNot(inner))
+            else:
+                bits = np.packbits(self.item_mask if u is None else self.allowed_row(u), bitorder="little")
+                keep = (bits, faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits)))
+            self._cache[key] = (search_params(tuned, keep[-1] if keep else None), keep)
         return self._cache[key][0]
 
 
@@ -142,15 +168,17 @@ def best_allowed(requests: Requests, rows: np.ndarray, ranked: np.ndarray, quota
     return Proposals(flat_rows[take], flat[take])
 
 
-def search_params(tuned: dict, selector):
-    """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a selector."""
+def search_params(tuned: dict, selector=None):
+    """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a selector
+    (None: every item)."""
     import faiss
 
+    given = {} if selector is None else {"sel": selector}
     if "efSearch" in tuned:
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(tuned["efSearch"]))
+        return faiss.SearchParametersHNSW(efSearch=int(tuned["efSearch"]), **given)
     if "nprobe" in tuned:
-        return faiss.SearchParametersIVF(sel=selector, nprobe=int(tuned["nprobe"]))
-    return faiss.SearchParameters(sel=selector)
+        return faiss.SearchParametersIVF(nprobe=int(tuned["nprobe"]), **given)
+    return faiss.SearchParameters(**given)
 
 
 def ann_search(index, queries: np.ndarray, k: int, params) -> np.ndarray:
@@ -244,13 +272,14 @@ class TowerSource(_AnnSource):
         return requests.tower_vectors
 
 
-def _first_allowed(order: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
-    """The first ``k`` entries of a ranked item list that are allowed. Scans growing
-    prefixes, so the usual case (few items excluded) touches only a few hundred entries."""
+def _first_allowed(order: np.ndarray, allowed, k: int) -> np.ndarray:
+    """The first ``k`` entries of a ranked item list that ``allowed(items) -> bool[]``
+    keeps. Scans growing prefixes, so the usual case (few items excluded) touches only a
+    few hundred entries."""
     found, n_found, start, width = [], 0, 0, max(4 * k, 256)
     while start < len(order) and n_found < k:
         part = order[start:start + width]
-        found.append(part[allowed[part]])
+        found.append(part[allowed(part)])
         n_found, start, width = n_found + len(found[-1]), start + width, width * 4
     if len(found) == 1:
         return found[0][:k]
@@ -269,12 +298,12 @@ class PopularitySource(Source):
         self.order = np.argsort(-popularity, kind="stable")
 
     def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
-        shared = _first_allowed(self.order, requests.item_mask,
+        shared = _first_allowed(self.order, lambda items: requests.item_mask[items],
                                 int(quota[rows].max() + requests.n_excluded[rows].max()))
         return best_allowed(requests, rows, np.broadcast_to(shared, (len(rows), len(shared))), quota)
 
     def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
-        return _first_allowed(self.order, requests.allowed_row(u), k)
+        return _first_allowed(self.order, lambda items: requests.allowed_of(u, items), k)
 
 
 class SegmentSource(Source):
@@ -298,7 +327,8 @@ class SegmentSource(Source):
         return self._fill_short(requests, rows, quota, found, width < self.top_items.shape[1])
 
     def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
-        return _first_allowed(self.top_items[requests.segments[self.key][u]], requests.allowed_row(u), k)
+        return _first_allowed(self.top_items[requests.segments[self.key][u]],
+                              lambda items: requests.allowed_of(u, items), k)
 
 
 class RecentNeighboursSource(Source):
@@ -345,10 +375,10 @@ class RecentNeighboursSource(Source):
         liked = requests.recent_liked[u]
         liked = liked[liked >= 0]
         per_like = -(-k // len(liked))
-        allowed = requests.allowed_row(u)
         if self.neighbours is not None:  # the table's rows of all likes at once
             table = self.neighbours[liked]
-            ok = (table >= 0) & allowed[np.maximum(table, 0)]
+            ok = table >= 0
+            ok[ok] = requests.allowed_of(u, table[ok])
             lists = [row[keep][:per_like] for row, keep in zip(table, ok)]
             exhausted = (table[:, -1] < 0).tolist()  # -1 pads: no more neighbours exist
         else:

@@ -199,11 +199,11 @@ def test_item_neighbour_table_is_the_exact_squared_distance_order(engine, world)
 
 
 def test_recent_source_searches_live_when_filters_exhaust_the_table(engine):
-    requests = engine._requests(["u3"], True, engine._item_mask((), None, None))
-    liked = requests.recent_liked[0]
+    liked = engine._requests(["u3"], True, engine._item_mask((), None, None)).recent_liked[0]
     far = engine.sources["recent"].neighbours[liked[liked >= 0]].ravel()
-    requests.item_mask = np.ones(len(engine.items), bool)
-    requests.item_mask[far[far >= 0]] = False  # every tabled neighbour filtered out
+    mask = np.ones(len(engine.items), bool)
+    mask[far[far >= 0]] = False  # a filter that removes every tabled neighbour
+    requests = engine._requests(["u3"], True, mask)
     allowed = requests.allowed_row(0)
     proposed = engine.sources["recent"].propose(requests, np.array([20])).items
     # Up to 20 (likes may share neighbours), all allowed, all found beyond the table.
