@@ -26,10 +26,9 @@ import numpy as np
 
 from engine.bundle import LoadedBundle
 from engine.cf import CFModel
-from engine.errors import UnknownIdError
 from engine.features import segment_labels
 from engine.ranking import BlendWeights, ScoreScale, blend, top_k_per_row
-from engine.retrieval import (CFSource, PopularitySource, Proposals, RecentNeighboursSource, Requests,
+from engine.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Requests,
                               SegmentSource, TowerSource, merge, quotas)
 from engine.towers import TwoTowerModel
 
@@ -334,10 +333,15 @@ class Engine:
     def _result(self, items: np.ndarray, scores: np.ndarray, sources: list, candidates: dict | None = None
                 ) -> Recommendations:
         """The one return convention: item indices to external ids and titles."""
-        ids = self.items.external(items)
-        titles = ([str(t) or str(i) for t, i in zip(self.titles[items].tolist(), ids.tolist())]
-                  if self.titles is not None else [str(i) for i in ids.tolist()])
-        return Recommendations(ids, np.asarray(scores, np.float32), sources, titles, candidates or {})
+        return Recommendations(self.items.external(items), np.asarray(scores, np.float32), sources,
+                               self._titles(items), candidates or {})
+
+    def _titles(self, items: np.ndarray) -> list[str]:
+        """Display titles of item indices (the external id where there is none)."""
+        ids = self.items.external(items).tolist()
+        if self.titles is None:
+            return ids
+        return [str(t) or i for t, i in zip(self.titles[items].tolist(), ids)]
 
     # ------------------------------------------------------ public API
     def recommend(self, user_id: object | None = None, user_features: Mapping | None = None,
@@ -532,10 +536,7 @@ class Engine:
         return len(self.items)
 
     def title(self, item_id: object) -> str:
-        """A readable title (the id when the bundle has no titles)."""
-        if self.titles is None:
+        """A readable title (the id when the bundle has none, or the item is unknown)."""
+        if item_id not in self.items:
             return str(item_id)
-        try:
-            return str(self.titles[self.items.index(item_id)]) or str(item_id)
-        except UnknownIdError:
-            return str(item_id)
+        return self._titles(np.array([self.items.index(item_id)]))[0]

@@ -15,7 +15,6 @@ pick the new version up through their watch of ``current``.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess

@@ -324,7 +324,7 @@ def test_tandem_serve_runs_several_processes_on_one_port(world, tmp_path):
         assert proc.wait(timeout=60) == 0
         log = proc.stderr.read()
         port = port_file.read_text().strip()
-        assert f"with 2 processes" in log and log.count(f"on 127.0.0.1:{port}") == 3  # two servers, one summary
+        assert "with 2 processes" in log and log.count(f"on 127.0.0.1:{port}") == 3  # two servers, one summary
         assert log.count('"event": "stopped"') == 2 and len(versions) == 1  # both stopped gracefully
     finally:
         if proc.poll() is None:
