@@ -45,7 +45,7 @@ serve: install  ## serve the published bundle over gRPC on server.port (hot relo
 proto: install  ## regenerate engine/rpc from protos/tandem/v1/tandem.proto (the generated code is committed)
 	$(PY) protos/generate.py
 
-bench-serve: install  ## B5: Recommend / SimilarItems / Echo QPS and p50/p99 at 1, 4, 16 clients, 100k items
+bench-serve: install  ## B5: Recommend / SimilarItems / Echo QPS and p50/p99 at 1, 4, 16 clients, 100k items, 1 and 2 server processes
 	$(PY) bench/serve.py
 
 train-cf: install  ## train the CF model on the configured data and split (artifacts/models/cf)
