@@ -402,10 +402,14 @@ class Engine:
         n = len(requests)
         # Users differ only in which sources can serve them: one split per pattern (bit j:
         # names[j]), computed once per engine.
-        pattern = np.zeros(n, np.int64)
-        for j, name in enumerate(names):
-            pattern[self.sources[name].available(requests)] |= 1 << j
-        codes = set(pattern.tolist())
+        available = [self.sources[name].available(requests) for name in names]
+        if n == 1:
+            pattern, codes = None, {sum(1 << j for j, a in enumerate(available) if a[0])}
+        else:
+            pattern = np.zeros(n, np.int64)
+            for j, a in enumerate(available):
+                pattern[a] |= 1 << j
+            codes = set(pattern.tolist())
         for code in codes:
             key = (tuple(names), code, n_candidates)
             if key not in self._splits:

@@ -104,8 +104,8 @@ class Requests:
     def search_params(self, tuned: dict, u: int | None = None):
         """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a
         selector of one user's mask, or (``u`` None) of the shared filters. Without
-        filters, a user's selector is "not one of their excluded items" (a small hash
-        set) rather than a bitmap over the whole catalogue, and the shared one is none."""
+        filters, a user's bitmap is built from their excluded items alone (no copy of a
+        whole-catalogue mask), and the shared selector is none."""
         key = ("params", u, tuple(sorted(tuned.items())))
         if key not in self._cache:
             import faiss
@@ -113,10 +113,10 @@ class Requests:
             keep: tuple = ()  # FAISS keeps pointers: the cache keeps their targets alive
             if not self.filtered:
                 excluded = self.excluded_of(u) if u is not None else np.zeros(0, np.int64)
-                if len(excluded):
-                    ids = np.ascontiguousarray(excluded, np.int64)
-                    inner = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
-                    keep = (ids, inner, faiss.IDSelectorNot(inner))
+                if len(excluded):  # every bit set but the excluded items'
+                    bits = np.full((len(self.item_mask) + 7) // 8, 255, np.uint8)
+                    np.bitwise_and.at(bits, excluded >> 3, ~np.left_shift(1, excluded & 7).astype(np.uint8))
+                    keep = (bits, faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits)))
             else:
                 bits = np.packbits(self.item_mask if u is None else self.allowed_row(u), bitorder="little")
                 keep = (bits, faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits)))
