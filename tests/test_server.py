@@ -329,3 +329,10 @@ def test_tandem_serve_runs_several_processes_on_one_port(world, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_several_processes_stop_together_when_one_cannot_start(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--processes", "2", "--bundle",
+                           str(tmp_path / "nothing-here"), "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "neither a bundle" in done.stderr and "a server process exited; stopping" in done.stderr
