@@ -11,8 +11,8 @@ filters, shared by the batch) minus the user's own ``excluded`` items (seen item
 sources pass the mask to FAISS as an ``IDSelectorBitmap`` so that filtering happens
 *inside* the search and a full quota still comes back when enough items qualify: a
 batch of one searches with its exact mask; a larger batch searches with the shared mask
-for ``quota + the most items any of its users excludes`` and drops each user's own
-exclusions afterwards (a user still left short is searched alone).
+(none without filters) for ``quota + the most items any of its users excludes`` and
+drops each user's own exclusions afterwards (a user still left short is searched alone).
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+# Batches check exclusions in a U x n_items bitmap up to this size (64 MiB), beyond it by
+# binary search: memory stays bounded whatever the catalogue.
+EXCLUSION_BITMAP_BITS = 8 * 64 * 2**20
 
 
 def positions_in_rows(rows: np.ndarray) -> np.ndarray:
@@ -64,17 +69,24 @@ class Requests:
     def allowed(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Whether user ``rows[j]`` may be shown item ``items[j]`` (valid indices only)."""
         ok = self.item_mask[items] if self.filtered else np.ones(len(items), bool)
-        if len(self.excluded_indices) and len(items):
-            # Each user's exclusions as a bitmap (U x n_items bits, a chunk's worth of users).
+        if not len(self.excluded_indices) or not len(items):
+            return ok
+        n = len(self.item_mask)
+        owners = np.repeat(np.arange(len(self)), self.n_excluded)
+        if len(self) * n <= EXCLUSION_BITMAP_BITS:
+            # Each user's exclusions as a bitmap (U x n_items bits): one lookup per pair.
             if "excluded_bits" not in self._cache:
-                bits = np.zeros((len(self), (len(self.item_mask) + 7) // 8), np.uint8)
-                owners = np.repeat(np.arange(len(self)), self.n_excluded)
+                bits = np.zeros((len(self), (n + 7) // 8), np.uint8)
                 np.bitwise_or.at(bits, (owners, self.excluded_indices >> 3),
                                  np.left_shift(1, self.excluded_indices & 7).astype(np.uint8))
                 self._cache["excluded_bits"] = bits
             bits = self._cache["excluded_bits"]
-            ok &= (bits[rows, items >> 3] >> (items & 7).astype(np.uint8)) & 1 == 0
-        return ok
+            return ok & ((bits[rows, items >> 3] >> (items & 7).astype(np.uint8)) & 1 == 0)
+        # Huge catalogues: binary search in the sorted (user, item) keys instead.
+        if "excluded_keys" not in self._cache:
+            self._cache["excluded_keys"] = np.sort(owners * n + self.excluded_indices)
+        keys, wanted = self._cache["excluded_keys"], rows.astype(np.int64) * n + items
+        return ok & (keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] != wanted)
 
     def excluded_of(self, u: int) -> np.ndarray:
         """The items user ``u`` excludes, sorted."""

@@ -254,3 +254,13 @@ def test_batch_equals_single_with_live_added_items(engine, monkeypatch):
         np.testing.assert_array_equal(got.item_ids, single.item_ids)
         np.testing.assert_array_equal(got.scores, single.scores)
     assert any(i.startswith("live-") for got in batch for i in got.item_ids)
+
+
+def test_batch_exclusions_by_bitmap_and_by_search_agree(engine, monkeypatch):
+    """Past EXCLUSION_BITMAP_BITS a batch checks exclusions by binary search: same answers."""
+    users = [f"u{i}" for i in range(40)]
+    by_bitmap = engine.recommend_batch(users, k=6, threads=1)
+    monkeypatch.setattr("engine.retrieval.EXCLUSION_BITMAP_BITS", 0)
+    by_search = engine.recommend_batch(users, k=6, threads=1)
+    for a, b in zip(by_bitmap, by_search):
+        np.testing.assert_array_equal(a.item_ids, b.item_ids)
