@@ -107,15 +107,13 @@ class Engine:
         self.genres = load("item_genres.npy") if (tables / "item_genres.npy").is_file() else None
         self.genre_labels: list[str] = list(published.manifest.get("genre_labels", []))
         self.segment_values: dict[str, np.ndarray] = {}
-        self.segment_of_user: dict[str, np.ndarray] = {}
         segment_tops: dict[str, np.ndarray] = {}
-        for key in published.manifest.get("segments", {}):
+        # Each user's segment per key, a column each (-1 where the label is empty: "" zip code, ...).
+        self.user_segments = np.full((len(self.users), len(published.manifest.get("segments", {}))), -1, np.int64)
+        for j, key in enumerate(published.manifest.get("segments", {})):
             self.segment_values[key] = load(f"{key}_values.npy", path / "segments")
-            self.segment_of_user[key] = load(f"{key}_user.npy", path / "segments")
             segment_tops[key] = load(f"{key}_top_items.npy", path / "segments")
-        # Each user's segment per key (-1 where the label is empty: "" zip code, ...).
-        self.user_segments = np.full((len(self.users), len(self.segment_of_user)), -1, np.int64)
-        for j, (key, of_user) in enumerate(self.segment_of_user.items()):
+            of_user = load(f"{key}_user.npy", path / "segments")
             self.user_segments[:, j] = np.where(self.segment_values[key][of_user] != "", of_user, -1)
         self.n_cf_items = len(self.cf.items)  # items added live have no CF vector
         self.cf_item_offsets = cf.item_offsets
@@ -225,7 +223,7 @@ class Engine:
         recent[known] = self.recent[u[known]]
         at = np.where(known, u, 0)
         user_segments = np.where(known[:, None], self.user_segments[at], -1)
-        segments = {key: user_segments[:, j] for j, key in enumerate(self.segment_of_user)}
+        segments = {key: user_segments[:, j] for j, key in enumerate(self.segment_values)}
         # Seen items: each known user's slice of the bundle's CSR history.
         if n == 1:
             excluded = self.seen_indices[self.seen_indptr[at[0]]:self.seen_indptr[at[0] + 1]] \
@@ -243,8 +241,8 @@ class Engine:
         if n == 1 and not known[0] and user_features:  # a new user described by features
             _check_finite(user_features, "user")
             tower_vectors[0], has_tower[0] = self.towers.user_embeddings([dict(user_features)])[0], True
-            for key, at in self._segments_from_features(user_features).items():
-                segments[key][0] = at
+            for key, segment in self._segments_from_features(user_features).items():
+                segments[key][0] = segment
         if ratings:  # CF fold-in for this request
             bad = [i for i, r in ratings.items() if not np.isfinite(float(r))]
             if bad:

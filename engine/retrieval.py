@@ -72,21 +72,24 @@ class Requests:
         if not len(self.excluded_indices) or not len(items):
             return ok
         n = len(self.item_mask)
-        owners = np.repeat(np.arange(len(self)), self.n_excluded)
         if len(self) * n <= EXCLUSION_BITMAP_BITS:
             # Each user's exclusions as a bitmap (U x n_items bits): one lookup per pair.
             if "excluded_bits" not in self._cache:
                 bits = np.zeros((len(self), (n + 7) // 8), np.uint8)
-                np.bitwise_or.at(bits, (owners, self.excluded_indices >> 3),
+                np.bitwise_or.at(bits, (self._owners(), self.excluded_indices >> 3),
                                  np.left_shift(1, self.excluded_indices & 7).astype(np.uint8))
                 self._cache["excluded_bits"] = bits
             bits = self._cache["excluded_bits"]
             return ok & ((bits[rows, items >> 3] >> (items & 7).astype(np.uint8)) & 1 == 0)
         # Huge catalogues: binary search in the sorted (user, item) keys instead.
         if "excluded_keys" not in self._cache:
-            self._cache["excluded_keys"] = np.sort(owners * n + self.excluded_indices)
+            self._cache["excluded_keys"] = np.sort(self._owners() * n + self.excluded_indices)
         keys, wanted = self._cache["excluded_keys"], rows.astype(np.int64) * n + items
         return ok & (keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] != wanted)
+
+    def _owners(self) -> np.ndarray:
+        """The row of each entry of ``excluded_indices``."""
+        return np.repeat(np.arange(len(self)), self.n_excluded)
 
     def excluded_of(self, u: int) -> np.ndarray:
         """The items user ``u`` excludes, sorted."""
@@ -104,35 +107,26 @@ class Requests:
             ok &= excluded[np.minimum(np.searchsorted(excluded, items), len(excluded) - 1)] != items
         return ok
 
-    def allowed_row(self, u: int) -> np.ndarray:
-        """The full ``[n_items]`` mask of one user (do not modify)."""
-        key = ("row", u)
-        if key not in self._cache:
-            mask = self.item_mask.copy()
-            mask[self.excluded_indices[self.excluded_indptr[u]:self.excluded_indptr[u + 1]]] = False
-            self._cache[key] = mask
-        return self._cache[key]
-
     def search_params(self, tuned: dict, u: int | None = None):
         """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a
-        selector of one user's mask, or (``u`` None) of the shared filters. Without
-        filters, a user's bitmap is built from their excluded items alone (no copy of a
-        whole-catalogue mask), and the shared selector is none."""
+        bitmap selector of one user's mask, or (``u`` None) of the shared filters (none
+        without filters). A user's bitmap is the filters' with their excluded items'
+        bits cleared: no whole-catalogue mask is copied."""
         key = ("params", u, tuple(sorted(tuned.items())))
         if key not in self._cache:
             import faiss
 
-            keep: tuple = ()  # FAISS keeps pointers: the cache keeps their targets alive
-            if not self.filtered:
-                excluded = self.excluded_of(u) if u is not None else np.zeros(0, np.int64)
-                if len(excluded):  # every bit set but the excluded items'
-                    bits = np.full((len(self.item_mask) + 7) // 8, 255, np.uint8)
-                    np.bitwise_and.at(bits, excluded >> 3, ~np.left_shift(1, excluded & 7).astype(np.uint8))
-                    keep = (bits, faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits)))
-            else:
-                bits = np.packbits(self.item_mask if u is None else self.allowed_row(u), bitorder="little")
-                keep = (bits, faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits)))
-            self._cache[key] = (search_params(tuned, keep[-1] if keep else None), keep)
+            if self.filtered and "filter_bits" not in self._cache:
+                self._cache["filter_bits"] = np.packbits(self.item_mask, bitorder="little")
+            shared = self._cache.get("filter_bits")  # None: no filters
+            bits = shared
+            if u is not None and (self.filtered or len(self.excluded_of(u))):
+                bits = shared.copy() if self.filtered else np.full((len(self.item_mask) + 7) // 8, 255, np.uint8)
+                excluded = self.excluded_of(u)
+                np.bitwise_and.at(bits, excluded >> 3, ~np.left_shift(1, excluded & 7).astype(np.uint8))
+            # FAISS keeps pointers: the cache keeps the bitmap and the selector alive.
+            selector = None if bits is None else faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits))
+            self._cache[key] = (search_params(tuned, selector), selector, bits)
         return self._cache[key][0]
 
 

@@ -85,7 +85,7 @@ class _Metrics:
         self._children: dict = {}  # labelled series, looked up once (labels() costs a lock and a dict)
 
     def _child(self, metric, *labels):
-        key = (metric._name, labels)
+        key = (id(metric), labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)

@@ -204,7 +204,7 @@ def test_recent_source_searches_live_when_filters_exhaust_the_table(engine):
     mask = np.ones(len(engine.items), bool)
     mask[far[far >= 0]] = False  # a filter that removes every tabled neighbour
     requests = engine._requests(["u3"], True, mask)
-    allowed = requests.allowed_row(0)
+    allowed = requests.allowed_of(0, np.arange(len(engine.items)))
     proposed = engine.sources["recent"].propose(requests, np.array([20])).items
     # Up to 20 (likes may share neighbours), all allowed, all found beyond the table.
     assert len(proposed) >= 15 and allowed[proposed].all()
