@@ -27,7 +27,7 @@ import numpy as np
 from engine.bundle import LoadedBundle
 from engine.cf import CFModel
 from engine.features import segment_labels
-from engine.ranking import BlendWeights, ScoreScale, blend, top_k_per_row
+from engine.ranking import BlendWeights, FoldedBlend, ScoreScale, top_k_per_row
 from engine.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Requests,
                               SegmentSource, TowerSource, merge, quotas)
 from engine.towers import TwoTowerModel
@@ -35,6 +35,17 @@ from engine.towers import TwoTowerModel
 SOURCE_NAMES = ("cf", "towers", "popular", "segment", "recent")
 DEFAULT_SOURCE_WEIGHTS = {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1}
 BATCH_CHUNK = 256  # users served by one pass of the batch pipeline
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+# Shared one-user values of a known user's request (read-only: never written).
+_TRUE, _FALSE = _read_only(np.ones(1, bool)), _read_only(np.zeros(1, bool))
+_ZERO = _read_only(np.zeros(1, np.float32))
+_NO_ITEMS = _read_only(np.zeros(0, np.int64))
 
 
 @dataclass
@@ -135,7 +146,14 @@ class Engine:
             self.sources["segment"] = SegmentSource(config.segment_key, segment_tops[config.segment_key])
         self.weights = BlendWeights(config.blend_towers, config.blend_cf)
         self._splits: dict = {}  # quota splits by available sources (see _quotas)
+        self._names: dict = {}  # checked source lists (see _source_names)
         self._every_item = np.zeros(0, bool)  # the unfiltered item mask (see _item_mask)
+        # A known user's request holds views of these tables (see _known_user): read-only,
+        # so nothing can write through them.
+        for table in (cf.W, cf.user_bias, self.user_tower_vectors, self.recent, self.user_segments,
+                      self.seen_indices):
+            table.flags.writeable = False
+        self._no_cf_vector = _read_only(np.zeros((1, cf.W.shape[1]), np.float32))
         self._fit_scales()
 
     @classmethod
@@ -211,6 +229,10 @@ class Engine:
         n = len(user_ids)
         if (user_features or ratings) and n != 1:
             raise ValueError("user_features and ratings describe one user")
+        if n == 1 and not ratings and user_ids[0] is not None:
+            known = self.users.get(user_ids[0])
+            if known is not None:
+                return self._known_user(known, exclude_seen, item_mask)
         u = self.users.indices_or_missing(user_ids)
         known = u >= 0
         has_cf = known & (u < len(self.cf.users))
@@ -259,6 +281,18 @@ class Engine:
         return Requests(item_mask, indptr, excluded, cf_vectors, cf_bias, has_cf, tower_vectors, has_tower,
                         recent, segments, filtered=item_mask is not self._every_item)
 
+    def _known_user(self, u: int, exclude_seen: bool, item_mask: np.ndarray) -> Requests:
+        """:meth:`_requests` for one known user (the common request): read-only views of
+        the bundle's rows instead of copies, so it costs a handful of slices."""
+        row = slice(u, u + 1)
+        has_cf = u < len(self.cf.users)
+        excluded = self.seen_indices[self.seen_indptr[u]:self.seen_indptr[u + 1]] if exclude_seen else _NO_ITEMS
+        return Requests(item_mask, np.array([0, len(excluded)]), excluded.astype(np.int64),
+                        self.cf.W[row] if has_cf else self._no_cf_vector, self.cf.user_bias[row] if has_cf else _ZERO,
+                        _TRUE if has_cf else _FALSE, self.user_tower_vectors[row], _TRUE, self.recent[row],
+                        {key: self.user_segments[row, j] for j, key in enumerate(self.segment_values)},
+                        filtered=item_mask is not self._every_item)
+
     def _segments_from_features(self, features: Mapping) -> dict[str, int]:
         """Segment indices of a new user, by the same rules as the bundle's users."""
         columns = {name: np.array([value]) for name, value in features.items()
@@ -293,19 +327,34 @@ class Engine:
     # -------------------------------------------------------- scoring
     def _rank(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Exact scores of (user ``rows[j]``, item ``items[j]``) pairs: the blend of the
-        tower score and the CF prediction (items added live have no CF vector: the CF
-        mean stands in)."""
-        tower = self._dots(self.tower_item_vectors, items, requests.tower_vectors, rows)
-        live_added = len(self.items) > self.n_cf_items
-        cf_items = np.where(items < self.n_cf_items, items, 0) if live_added else items
-        cf = self._dots(self.cf.X, cf_items, requests.cf_vectors, rows) + requests.cf_bias[rows] \
-            + self.cf_item_offsets[cf_items]
-        if live_added:  # live-added items have no CF vector: the CF mean stands in
-            cf = np.where(items < self.n_cf_items, cf, np.float32(self.cf_scale.mean))
-        lone = len(requests) == 1
-        return blend(tower, cf, self.popularity_score[items],
-                     requests.has_tower[0] if lone else requests.has_tower[rows],
-                     requests.has_cf[0] if lone else requests.has_cf[rows], self.weights, self.tower_scale, self.cf_scale)
+        tower score and the CF prediction (:class:`FoldedBlend`; items added live have no
+        CF vector: the CF mean stands in), or standardised popularity for a user with
+        neither. A lone request computes the same float32 operations on scalars."""
+        n_cf_items = self.n_cf_items
+        cf_items = np.where(items < n_cf_items, items, 0) if len(self.items) > n_cf_items else items
+        if len(requests) == 1:
+            fold = FoldedBlend.of_one(bool(requests.has_tower[0]), bool(requests.has_cf[0]),
+                                      float(requests.cf_bias[0]), self.weights, self.tower_scale, self.cf_scale)
+            if fold.none:
+                return self.popularity_score[items]
+            f32 = np.float32
+            tower_query, cf_query = requests.tower_vectors * f32(fold.tower_factor), requests.cf_vectors * f32(fold.cf_factor)
+            cf_factor, tower_const, cf_const = f32(fold.cf_factor), f32(fold.tower_const), f32(fold.cf_const)
+            none = None
+        else:
+            fold = FoldedBlend.of(requests.has_tower, requests.has_cf, requests.cf_bias, self.weights,
+                                  self.tower_scale, self.cf_scale)
+            tower_query = requests.tower_vectors * fold.tower_factor.astype(np.float32)[:, None]
+            cf_query = requests.cf_vectors * fold.cf_factor.astype(np.float32)[:, None]
+            cf_factor, tower_const, cf_const = (fold.cf_factor.astype(np.float32)[rows],
+                                                fold.tower_const.astype(np.float32)[rows],
+                                                fold.cf_const.astype(np.float32)[rows])
+            none = fold.none[rows] if fold.none.any() else None
+        cf = self._dots(self.cf.X, cf_items, cf_query, rows) + cf_factor * self.cf_item_offsets[cf_items] + cf_const
+        if cf_items is not items:  # live-added items: the CF mean, standardised to 0, stands in
+            cf = np.where(items < n_cf_items, cf, np.float32(0))
+        scores = (self._dots(self.tower_item_vectors, items, tower_query, rows) + tower_const) + cf
+        return scores if none is None else np.where(none, self.popularity_score[items], scores)
 
     @staticmethod
     def _dots(matrix: np.ndarray, items: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -392,36 +441,42 @@ class Engine:
                 ) -> dict[str, np.ndarray]:
         """Each source's quota ``[U]`` per user: ``n_candidates`` split among the sources
         available to that user (0 where unavailable), in source order."""
-        names = list(sources) if sources is not None else list(SOURCE_NAMES)
-        unknown = [s for s in names if s not in SOURCE_NAMES]
-        if unknown:
-            raise ValueError(f"unknown source(s) {unknown}; sources: {list(SOURCE_NAMES)}")
-        names = [s for s in names if s in self.sources]
+        names = self._source_names(tuple(sources) if sources is not None else None)
         n = len(requests)
         # Users differ only in which sources can serve them: one split per pattern (bit j:
         # names[j]), computed once per engine.
-        available = [self.sources[name].available(requests) for name in names]
         if n == 1:
-            pattern, codes = None, {sum(1 << j for j, a in enumerate(available) if a[0])}
+            pattern = None
+            codes = {sum(1 << j for j, name in enumerate(names) if self.sources[name].available(requests)[0])}
         else:
             pattern = np.zeros(n, np.int64)
-            for j, a in enumerate(available):
-                pattern[a] |= 1 << j
+            for j, name in enumerate(names):
+                pattern[self.sources[name].available(requests)] |= 1 << j
             codes = set(pattern.tolist())
         for code in codes:
-            key = (tuple(names), code, n_candidates)
+            key = (names, code, n_candidates)
             if key not in self._splits:
                 split = quotas(self.config.source_weights, [s for j, s in enumerate(names) if code >> j & 1],
                                n_candidates)
                 self._splits[key] = split, {name: np.array([q]) for name, q in split.items()}
         if n == 1:  # a lone request: the cached arrays (read, never written)
-            return self._splits[(tuple(names), codes.pop(), n_candidates)][1]
+            return self._splits[(names, codes.pop(), n_candidates)][1]
         share: dict[str, np.ndarray] = {}
         for code in codes:
             rows = pattern == code if len(codes) > 1 else slice(None)
-            for name, q in self._splits[(tuple(names), code, n_candidates)][0].items():
+            for name, q in self._splits[(names, code, n_candidates)][0].items():
                 share.setdefault(name, np.zeros(n, np.int64))[rows] = q
         return {name: share[name] for name in names if name in share}  # in source order
+
+    def _source_names(self, sources: tuple[str, ...] | None) -> tuple[str, ...]:
+        """The sources a request asks for (default: all), checked, those this bundle has."""
+        if sources not in self._names:
+            names = sources if sources is not None else SOURCE_NAMES
+            unknown = [s for s in names if s not in SOURCE_NAMES]
+            if unknown:
+                raise ValueError(f"unknown source(s) {unknown}; sources: {list(SOURCE_NAMES)}")
+            self._names[sources] = tuple(s for s in names if s in self.sources)
+        return self._names[sources]
 
     def candidates(self, user_id: object, n_candidates: int = 500, sources: Sequence[str] | None = None,
                    exclude_seen: bool = True) -> dict[str, np.ndarray]:

@@ -58,22 +58,47 @@ class BlendWeights:
             raise ValueError(f"blend weights must be >= 0 and not both 0, got towers={self.towers}, cf={self.cf}")
 
 
-def blend(tower_scores: np.ndarray, cf_scores: np.ndarray, fallback: np.ndarray, has_tower: np.ndarray,
-          has_cf: np.ndarray, weights: BlendWeights, tower_scale: ScoreScale, cf_scale: ScoreScale) -> np.ndarray:
-    """Final scores ``[n]``: per entry, the weighted mean of the standardised components
-    its user has (``has_tower`` / ``has_cf``, per entry or one flag for all; the other
-    component's score is ignored), or ``fallback`` (e.g. standardised popularity) when
-    the user has neither."""
-    if np.ndim(has_tower) == 0 and np.ndim(has_cf) == 0:  # one user: plain weights
-        w_tower, w_cf = weights.towers * bool(has_tower), weights.cf * bool(has_cf)
-        if w_tower + w_cf == 0:
-            return np.asarray(fallback, np.float32)
-        return ((w_tower * tower_scale(tower_scores) + w_cf * cf_scale(cf_scores)) / (w_tower + w_cf)).astype(np.float32)
-    w_tower = np.where(has_tower, np.float32(weights.towers), np.float32(0))
-    w_cf = np.where(has_cf, np.float32(weights.cf), np.float32(0))
-    total = w_tower + w_cf
-    mixed = (w_tower * tower_scale(tower_scores) + w_cf * cf_scale(cf_scores)) / np.where(total > 0, total, 1)
-    return np.where(total > 0, mixed, fallback).astype(np.float32)
+@dataclass
+class FoldedBlend:
+    """The blend of one or many users, folded into per-user factors (``[U]`` arrays, or
+    scalars for one user) so that ranking costs two dot products per candidate:
+
+        score = tower . (tower_factor * u_tower) + tower_const
+              + cf_item . (cf_factor * u_cf) + cf_factor * cf_offset + cf_const
+
+    which is, exactly in real arithmetic, ``(w_t * z_tower + w_c * z_cf) / (w_t + w_c)``
+    with ``z`` the standardised tower score and CF prediction ``u_cf . cf_item + bias +
+    cf_offset``, and ``w_t`` / ``w_c`` zero where the user lacks that component. ``none``
+    marks users with neither (ranked by a fallback score instead)."""
+
+    tower_factor: np.ndarray
+    tower_const: np.ndarray
+    cf_factor: np.ndarray
+    cf_const: np.ndarray
+    none: np.ndarray
+
+    @classmethod
+    def of(cls, has_tower: np.ndarray, has_cf: np.ndarray, cf_bias: np.ndarray, weights: BlendWeights,
+           tower_scale: ScoreScale, cf_scale: ScoreScale) -> "FoldedBlend":
+        w_tower = np.where(has_tower, weights.towers, 0.0)
+        w_cf = np.where(has_cf, weights.cf, 0.0)
+        total = w_tower + w_cf
+        none = total == 0
+        total = np.where(none, 1.0, total)
+        tower_factor = w_tower / (total * tower_scale.std)
+        cf_factor = w_cf / (total * cf_scale.std)
+        return cls(tower_factor, -tower_factor * tower_scale.mean, cf_factor,
+                   cf_factor * (np.asarray(cf_bias, np.float64) - cf_scale.mean), none)
+
+    @classmethod
+    def of_one(cls, has_tower: bool, has_cf: bool, cf_bias: float, weights: BlendWeights,
+               tower_scale: ScoreScale, cf_scale: ScoreScale) -> "FoldedBlend":
+        """The same for one user, with Python floats (a lone request's few operations)."""
+        w_tower, w_cf = weights.towers * has_tower, weights.cf * has_cf
+        total = (w_tower + w_cf) or 1.0
+        tower_factor, cf_factor = w_tower / (total * tower_scale.std), w_cf / (total * cf_scale.std)
+        return cls(tower_factor, -tower_factor * tower_scale.mean, cf_factor, cf_factor * (cf_bias - cf_scale.mean),
+                   w_tower + w_cf == 0)
 
 
 def top_k_per_row(rows: np.ndarray, scores: np.ndarray, k: int, n_rows: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,42 +93,87 @@ class Requests:
         return np.repeat(np.arange(len(self)), self.n_excluded)
 
     def excluded_of(self, u: int) -> np.ndarray:
-        """The items user ``u`` excludes, sorted."""
+        """The items user ``u`` excludes, sorted, then one sentinel larger than any item
+        (so that a binary search for an item always lands on a valid position)."""
         key = ("excluded", u)
         if key not in self._cache:
-            self._cache[key] = np.sort(self.excluded_indices[self.excluded_indptr[u]:self.excluded_indptr[u + 1]])
+            excluded = self.excluded_indices[self.excluded_indptr[u]:self.excluded_indptr[u + 1]]
+            self._cache[key] = np.append(np.sort(excluded), np.iinfo(np.int64).max)
         return self._cache[key]
 
     def allowed_of(self, u: int, items: np.ndarray) -> np.ndarray:
         """Whether user ``u`` may be shown each of ``items`` (valid indices). Reads only
         those items' entries: a lone request never touches a whole ``[n_items]`` mask."""
-        ok = self.item_mask[items] if self.filtered else np.ones(len(items), bool)
         excluded = self.excluded_of(u)
-        if len(excluded):
-            ok &= excluded[np.minimum(np.searchsorted(excluded, items), len(excluded) - 1)] != items
-        return ok
+        if len(excluded) == 1:
+            return self.item_mask[items] if self.filtered else np.ones(len(items), bool)
+        ok = excluded[np.searchsorted(excluded, items)] != items
+        return ok & self.item_mask[items] if self.filtered else ok
 
     def search_params(self, tuned: dict, u: int | None = None):
         """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a
         bitmap selector of one user's mask, or (``u`` None) of the shared filters (none
         without filters). A user's bitmap is the filters' with their excluded items'
         bits cleared: no whole-catalogue mask is copied."""
+        if self.filtered and "filter_bits" not in self._cache:
+            self._cache["filter_bits"] = np.packbits(self.item_mask, bitorder="little")
+        shared = self._cache.get("filter_bits")  # None: no filters
+        if u is not None and len(self) == 1 and (shared is not None or len(self.excluded_of(u)) > 1):
+            return _THREAD_BITMAP.search_params(self, tuned, shared)
         key = ("params", u, tuple(sorted(tuned.items())))
         if key not in self._cache:
             import faiss
 
-            if self.filtered and "filter_bits" not in self._cache:
-                self._cache["filter_bits"] = np.packbits(self.item_mask, bitorder="little")
-            shared = self._cache.get("filter_bits")  # None: no filters
             bits = shared
-            if u is not None and (self.filtered or len(self.excluded_of(u))):
-                bits = shared.copy() if self.filtered else np.full((len(self.item_mask) + 7) // 8, 255, np.uint8)
-                excluded = self.excluded_of(u)
-                np.bitwise_and.at(bits, excluded >> 3, ~np.left_shift(1, excluded & 7).astype(np.uint8))
+            if u is not None and (shared is not None or len(self.excluded_of(u)) > 1):
+                bits = shared.copy() if shared is not None else np.full((len(self.item_mask) + 7) // 8, 255, np.uint8)
+                _clear_bits(bits, self.excluded_of(u)[:-1])
             # FAISS keeps pointers: the cache keeps the bitmap and the selector alive.
             selector = None if bits is None else faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits))
             self._cache[key] = (search_params(tuned, selector), selector, bits)
         return self._cache[key][0]
+
+
+def _clear_bits(bits: np.ndarray, items: np.ndarray) -> None:
+    """Clear the bits of ``items`` in a little-endian packed bitmap."""
+    np.bitwise_and.at(bits, items >> 3, ~np.left_shift(1, items & 7).astype(np.uint8))
+
+
+class _ThreadBitmap(threading.local):
+    """Per thread, one item bitmap with a FAISS selector and search parameters over it,
+    reused by every lone request the thread serves: creating the FAISS objects costs more
+    than a request's bitmap itself. The bitmap is filled with a request's mask at that
+    request's first search (requests on one thread run one after another)."""
+
+    def __init__(self):
+        self.bits = np.zeros(0, np.uint8)
+        self.n_items = -1
+        self.selector = None
+        self.params: dict = {}
+        self.holds: Requests | None = None  # whose mask the bitmap holds (a reference, not an id)
+
+    def search_params(self, requests: Requests, tuned: dict, shared: np.ndarray | None):
+        import faiss
+
+        n_items = len(requests.item_mask)
+        if n_items != self.n_items:  # first use, or a catalogue of another size
+            self.bits, self.n_items = np.empty((n_items + 7) // 8, np.uint8), n_items
+            self.selector = faiss.IDSelectorBitmap(n_items, faiss.swig_ptr(self.bits))
+            self.params, self.holds = {}, None
+        if self.holds is not requests:
+            if shared is None:
+                self.bits.fill(255)
+            else:
+                np.copyto(self.bits, shared)
+            _clear_bits(self.bits, requests.excluded_of(0)[:-1])
+            self.holds = requests
+        key = (tuned.get("efSearch"), tuned.get("nprobe"))
+        if key not in self.params:
+            self.params[key] = search_params(tuned, self.selector)
+        return self.params[key]
+
+
+_THREAD_BITMAP = _ThreadBitmap()
 
 
 @dataclass
@@ -195,7 +241,8 @@ def ann_search(index, queries: np.ndarray, k: int, params) -> np.ndarray:
 
 class Source:
     """A named candidate source: ``propose`` gives each user ``quota[u]`` items (fewer
-    when fewer qualify; none where ``quota[u]`` is 0 or the source is unavailable).
+    when fewer qualify; none where ``quota[u]`` is 0, which it must be for users the
+    source is not ``available`` to, as the engine's quotas are).
 
     Subclasses implement both ``propose_many`` (the batch in a few array operations)
     and ``propose_alone`` (one user with their exact mask): a lone request takes the
@@ -210,10 +257,8 @@ class Source:
 
     def propose(self, requests: Requests, quota: np.ndarray) -> Proposals:
         if len(requests) == 1:
-            if quota[0] <= 0 or not self.available(requests)[0]:
-                return Proposals.empty()
-            return Proposals.of_one(self.propose_alone(requests, 0, int(quota[0])))
-        rows = np.flatnonzero((quota > 0) & self.available(requests))
+            return Proposals.of_one(self.propose_alone(requests, 0, int(quota[0]))) if quota[0] > 0 else Proposals.empty()
+        rows = np.flatnonzero(quota > 0)
         if len(rows) == 0:
             return Proposals.empty()
         return self.propose_many(requests, rows, quota)
@@ -263,7 +308,10 @@ class CFSource(_AnnSource):
         return requests.has_cf
 
     def queries(self, requests: Requests) -> np.ndarray:
-        return np.hstack([requests.cf_vectors, np.ones((len(requests), 1), np.float32)])
+        vectors = requests.cf_vectors
+        queries = np.empty((len(vectors), vectors.shape[1] + 1), np.float32)
+        queries[:, :-1], queries[:, -1] = vectors, 1
+        return queries
 
 
 class TowerSource(_AnnSource):
@@ -454,22 +502,23 @@ def merge(proposals: list[tuple[str, Proposals]], n_candidates: int) -> Candidat
                     [len(p.rows) for _, p in proposals])
     if len(items) == 0:
         return Candidates(rows, items, np.zeros(0, np.uint32), names)
-    # Within a row, concatenation order is proposal order (source, then rank): sort by
-    # (row, item, position), each (row, item)'s first entry is its first proposal.
+    # Within a row, concatenation order is proposal order (source, then rank): a stable
+    # sort by (row, item) puts each (row, item)'s first proposal first among its copies.
     single = rows[0] == rows[-1]  # one row (a lone request): the item alone is the key
-    pair = items if single else rows * (int(items.max()) + 1) + items
-    order = np.argsort(pair * len(items) + np.arange(len(items)))  # unique keys: any sort is stable
-    ordered = pair[order]
-    is_first = np.ones(len(order), bool)
+    key = items if single else rows * (int(items.max()) + 1) + items
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    is_first = np.empty(len(order), bool)
+    is_first[0] = True
     np.not_equal(ordered[1:], ordered[:-1], out=is_first[1:])
     starts = np.flatnonzero(is_first)
     first = order[starts]  # each distinct (row, item)'s first proposal
     bits = np.bitwise_or.reduceat(bit[order], starts)
     if single:
         keep = np.argsort(first)[:n_candidates]
-    else:  # by row, then first proposal
-        keep = np.argsort(rows[first] * len(rows) + first)
-        keep = keep[positions_in_rows(rows[first][keep]) < n_candidates]
+        return Candidates(rows[:len(keep)], items[first[keep]], bits[keep], names)
+    keep = np.argsort(rows[first] * len(rows) + first)  # by row, then first proposal
+    keep = keep[positions_in_rows(rows[first][keep]) < n_candidates]
     return Candidates(rows[first][keep], items[first][keep], bits[keep], names)
 
 

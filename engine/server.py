@@ -21,9 +21,12 @@ errors to status codes, and runs the server around it:
 
 from __future__ import annotations
 
+import bisect
 import hmac
+import itertools
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -31,6 +34,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import grpc
 
@@ -66,38 +70,69 @@ class ServerConfig:
     grace: float = 10.0  # seconds in-flight requests get on shutdown
 
 
+class _Histogram:
+    """A Prometheus histogram with one label, counted in plain Python under one lock:
+    observing is a bisect and two additions per value (prometheus_client's own histogram
+    takes a lock for each bucket, count and sum, which is most of a request's metrics cost)."""
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: tuple, registry):
+        self.name, self.documentation, self.label = name, documentation, label
+        self.bounds = tuple(float(b) for b in buckets)
+        self._series: dict[str, list] = {}  # label value -> [count per bucket..., count above, sum]
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, values: Iterable[tuple[str, float]]) -> None:
+        """Record ``(label value, observation)`` pairs."""
+        with self._lock:
+            for label, value in values:
+                series = self._series.get(label)
+                if series is None:
+                    series = self._series[label] = [0] * (len(self.bounds) + 2)
+                series[bisect.bisect_left(self.bounds, value)] += 1  # the first bucket with le >= value
+                series[-1] += value
+
+    def collect(self):
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            snapshot = {label: list(series) for label, series in self._series.items()}
+        for label, series in sorted(snapshot.items()):
+            cumulative = list(itertools.accumulate(series[:-1]))
+            family.add_metric([label], [(floatToGoString(b), n) for b, n in zip(self.bounds + (math.inf,), cumulative)],
+                              series[-1])
+        yield family
+
+
 class _Metrics:
     """Prometheus metrics of one server (its own registry, so several servers can live
     in one process, as in the tests)."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge
 
         self.registry = CollectorRegistry()
         self.requests = Counter("tandem_requests", "Requests by rpc and status code", ["rpc", "code"],
                                 registry=self.registry)
-        self.latency = Histogram("tandem_request_seconds", "Request latency by rpc", ["rpc"], registry=self.registry,
-                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5))
-        self.candidates = Histogram("tandem_candidates", "Candidates proposed per request by source", ["source"],
-                                    registry=self.registry, buckets=(0, 10, 25, 50, 100, 200, 500, 1000, 5000))
+        self.latency = _Histogram("tandem_request_seconds", "Request latency by rpc", "rpc",
+                                  (.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5), self.registry)
+        self.candidates = _Histogram("tandem_candidates", "Candidates proposed per request by source", "source",
+                                     (0, 10, 25, 50, 100, 200, 500, 1000, 5000), self.registry)
         self.reloads = Counter("tandem_reloads", "Bundle reloads by outcome", ["outcome"], registry=self.registry)
         self.info = Gauge("tandem_bundle_items", "Items in the served catalogue", registry=self.registry)
-        self._children: dict = {}  # labelled series, looked up once (labels() costs a lock and a dict)
-
-    def _child(self, metric, *labels):
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        self._counters: dict = {}  # labelled counters, looked up once (labels() costs a lock and a dict)
 
     def observe_request(self, rpc: str, code: str, seconds: float) -> None:
-        self._child(self.requests, rpc, code).inc()
-        self._child(self.latency, rpc).observe(seconds)
+        counter = self._counters.get((rpc, code))
+        if counter is None:
+            counter = self._counters[(rpc, code)] = self.requests.labels(rpc, code)
+        counter.inc()
+        self.latency.observe(((rpc, seconds),))
 
     def observe_candidates(self, counts: dict[str, int]) -> None:
-        for source, n in counts.items():
-            self._child(self.candidates, source).observe(n)
+        self.candidates.observe(counts.items())
 
 
 class EngineHolder:
@@ -171,9 +206,13 @@ def _features(message_map) -> dict:
     return out
 
 
-def _items(recs: Recommendations) -> list:
-    return [pb.ScoredItem(item_id=i, score=s, sources=src, title=t)
-            for i, s, src, t in zip(recs.item_ids.tolist(), recs.scores.tolist(), recs.sources, recs.titles)]
+def _reply(reply, recs: Recommendations):
+    """``reply`` with ``recs`` added to its ``items`` field (in place: building ScoredItem
+    messages first and passing them in would copy each one again)."""
+    add = reply.items.add
+    for i, s, src, t in zip(recs.item_ids.tolist(), recs.scores.tolist(), recs.sources, recs.titles):
+        add(item_id=i, score=s, sources=src, title=t)
+    return reply
 
 
 def _recommend_options(request: pb.RecommendRequest) -> dict:
@@ -204,7 +243,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                                 ratings=dict(request.ratings) or None, **_recommend_options(request))
         if self.holder.metrics:
             self.holder.metrics.observe_candidates(recs.candidates)
-        return pb.RecommendResponse(items=_items(recs), version=engine.version)
+        return _reply(pb.RecommendResponse(version=engine.version), recs)
 
     def RecommendBatch(self, request, context):
         if len(request.user_ids) > self.config.max_batch:
@@ -215,13 +254,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         results = engine.recommend_batch(users, deadline=None if remaining is None else time.monotonic() + remaining,
                                          **options)
         return pb.RecommendBatchResponse(
-            results=[pb.RecommendResponse(items=_items(r), version=engine.version) for r in results],
+            results=[_reply(pb.RecommendResponse(version=engine.version), r) for r in results],
             version=engine.version)
 
     def SimilarItems(self, request, context):
         engine = self.holder.engine
         recs = engine.similar_items(request.item_id, k=request.k or 10)
-        return pb.SimilarItemsResponse(items=_items(recs), version=engine.version)
+        return _reply(pb.SimilarItemsResponse(version=engine.version), recs)
 
     def Score(self, request, context):
         engine = self.holder.engine
@@ -229,7 +268,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             raise _BadRequest(f"{len(request.item_ids)} items to score; at most {engine.config.max_candidates}")
         recs = engine.score(user_id=request.user_id or None, item_ids=list(request.item_ids),
                             user_features=_features(request.user_features), ratings=dict(request.ratings) or None)
-        return pb.ScoreResponse(items=_items(recs), version=engine.version)
+        return _reply(pb.ScoreResponse(version=engine.version), recs)
 
     def AddItems(self, request, context):
         if len(request.items) > self.config.max_batch:

@@ -67,6 +67,27 @@ def test_cf_only_with_exact_index_equals_cf_brute_force(engine, world):
         np.testing.assert_array_equal(ranked.item_ids, ours.item_ids)
 
 
+@pytest.mark.parametrize("towers_weight, cf_weight", [(0.5, 0.5), (0.2, 0.8)])
+def test_ranking_scores_are_the_blend_by_its_definition(world, towers_weight, cf_weight):
+    """Ranking folds the blend into per-user factors; its scores must equal the blend
+    computed by hand in float64: the weighted mean of the standardised tower score and
+    the standardised CF prediction (w . x + user bias + item offset)."""
+    _, cf, _, root = world
+    engine = Engine.load(root, EngineConfig(blend_towers=towers_weight, blend_cf=cf_weight))
+    for user in ("u3", "u11"):
+        single = engine.recommend(user, k=20)
+        batch = engine.recommend_batch([user, "u0"], k=20)[0]
+        u, items = engine.users.index(user), engine.items.indices(single.item_ids)
+        tower = engine.user_tower_vectors[u].astype(np.float64) @ engine.tower_item_vectors[items].T.astype(np.float64)
+        prediction = (cf.X[items].astype(np.float64) @ cf.W[u].astype(np.float64) + cf.user_bias[u]
+                      + cf.item_offsets[items])
+        z_tower = (tower - engine.tower_scale.mean) / engine.tower_scale.std
+        z_cf = (prediction - engine.cf_scale.mean) / engine.cf_scale.std
+        expected = (towers_weight * z_tower + cf_weight * z_cf) / (towers_weight + cf_weight)
+        np.testing.assert_allclose(single.scores, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(batch.scores, single.scores)
+
+
 def test_filters_apply_inside_retrieval(engine, world):
     ds = world[0]
     label = engine.genre_labels[2]

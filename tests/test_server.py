@@ -155,6 +155,29 @@ def test_health_reflection_and_metrics(client, server):
     assert 'tandem_candidates_count{source="cf"}' in text
 
 
+def test_light_histogram_matches_prometheus_client():
+    """The server's own histogram (one lock per request) exports what prometheus_client's
+    Histogram exports for the same observations: the reference."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from engine.server import _Histogram
+
+    buckets = (0, 10, 25, 50, 100, 200, 500)
+    ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    ours = _Histogram("h", "test", "source", buckets, ours_registry)
+    reference = Histogram("h", "test", ["source"], buckets=buckets, registry=reference_registry)
+    values = [("cf", 175), ("cf", 0), ("towers", 10), ("cf", 10.5), ("towers", 501), ("cf", 200), ("recent", 25)]
+    ours.observe(values)
+    for label, value in values:
+        reference.labels(label).observe(value)
+
+    def samples(registry):
+        return sorted((s.name, tuple(sorted(s.labels.items())), s.value) for family in registry.collect()
+                      for s in family.samples if not s.name.endswith("_created"))
+
+    assert samples(ours_registry) == samples(reference_registry)
+
+
 def test_bearer_token_guards_admin_or_everything(world):
     s = start(world[1], token="s3cret", watch_interval=0)
     strict = start(world[1], token="s3cret", token_all=True, watch_interval=0)

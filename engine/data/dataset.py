@@ -55,6 +55,10 @@ class IdMap:
         except KeyError:
             raise UnknownIdError(f"unknown {self.kind} id {external_id!r}") from None
 
+    def get(self, external_id: object) -> int | None:
+        """Dense index of one external id, or None if absent."""
+        return self._lookup().get(str(external_id))
+
     def indices(self, external_ids: Iterable[object]) -> np.ndarray:
         """Dense indices ``[n]`` (int64) of many external ids; raises on the first unknown one."""
         lookup = self._lookup()
