@@ -98,7 +98,10 @@ class Requests:
         key = ("excluded", u)
         if key not in self._cache:
             excluded = self.excluded_indices[self.excluded_indptr[u]:self.excluded_indptr[u + 1]]
-            self._cache[key] = np.append(np.sort(excluded), np.iinfo(np.int64).max)
+            padded = np.empty(len(excluded) + 1, np.int64)
+            padded[:-1], padded[-1] = excluded, np.iinfo(np.int64).max
+            padded[:-1].sort()
+            self._cache[key] = padded
         return self._cache[key]
 
     def allowed_of(self, u: int, items: np.ndarray) -> np.ndarray:
@@ -402,7 +405,7 @@ class RecentNeighboursSource(Source):
         self.neighbours = neighbours
 
     def available(self, requests: Requests) -> np.ndarray:
-        return (requests.recent_liked >= 0).any(axis=1)
+        return requests.recent_liked[:, 0] >= 0  # latest first, -1 pads: a user with likes has a first one
 
     def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
         if self.neighbours is None:  # bundles built before the table: search every like live
