@@ -338,7 +338,8 @@ class Engine:
             if fold.none:
                 return self.popularity_score[items]
             f32 = np.float32
-            tower_query, cf_query = requests.tower_vectors * f32(fold.tower_factor), requests.cf_vectors * f32(fold.cf_factor)
+            tower_query = requests.tower_vectors * f32(fold.tower_factor)
+            cf_query = requests.cf_vectors * f32(fold.cf_factor)
             cf_factor, tower_const, cf_const = f32(fold.cf_factor), f32(fold.tower_const), f32(fold.cf_const)
             none = None
         else:

@@ -153,7 +153,7 @@ class _ThreadBitmap(threading.local):
         self.n_items = -1
         self.selector = None
         self.params: dict = {}
-        self.holds: Requests | None = None  # whose mask the bitmap holds (a reference, not an id)
+        self.holds: object = None  # the token of the request whose mask the bitmap holds
 
     def search_params(self, requests: Requests, tuned: dict, shared: np.ndarray | None):
         import faiss
@@ -163,13 +163,16 @@ class _ThreadBitmap(threading.local):
             self.bits, self.n_items = np.empty((n_items + 7) // 8, np.uint8), n_items
             self.selector = faiss.IDSelectorBitmap(n_items, faiss.swig_ptr(self.bits))
             self.params, self.holds = {}, None
-        if self.holds is not requests:
+        # A token, not the request itself: the thread keeps no request (nor the engine
+        # tables its views point into) alive after it is served.
+        token = requests._cache.setdefault("bitmap_token", object())
+        if self.holds is not token:
             if shared is None:
                 self.bits.fill(255)
             else:
                 np.copyto(self.bits, shared)
             _clear_bits(self.bits, requests.excluded_of(0)[:-1])
-            self.holds = requests
+            self.holds = token
         key = (tuned.get("efSearch"), tuned.get("nprobe"))
         if key not in self.params:
             self.params[key] = search_params(tuned, self.selector)
@@ -260,7 +263,9 @@ class Source:
 
     def propose(self, requests: Requests, quota: np.ndarray) -> Proposals:
         if len(requests) == 1:
-            return Proposals.of_one(self.propose_alone(requests, 0, int(quota[0]))) if quota[0] > 0 else Proposals.empty()
+            if quota[0] <= 0:
+                return Proposals.empty()
+            return Proposals.of_one(self.propose_alone(requests, 0, int(quota[0])))
         rows = np.flatnonzero(quota > 0)
         if len(rows) == 0:
             return Proposals.empty()
