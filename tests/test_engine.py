@@ -209,6 +209,23 @@ def test_threaded_batch_equals_single(engine, options, monkeypatch):
         assert got.sources == single.sources and got.candidates == single.candidates
 
 
+def test_lone_requests_on_many_threads_keep_their_own_exclusions(engine):
+    """Lone requests reuse a per-thread FAISS bitmap of the user's excluded items: users
+    served concurrently, and one after another on each thread, must each get exactly
+    what they get served alone on a quiet engine."""
+    import concurrent.futures
+
+    users = [f"u{i}" for i in range(40)]
+    options = [{}, {"filters": {"genres": [engine.genre_labels[2]]}}]
+    expected = {(u, j): engine.recommend(u, k=8, **o) for u in users for j, o in enumerate(options)}
+    jobs = [(u, j) for _ in range(3) for u in users for j in range(len(options))]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda job: engine.recommend(job[0], k=8, **options[job[1]]), jobs))
+    for job, rec in zip(jobs, got):
+        np.testing.assert_array_equal(rec.item_ids, expected[job].item_ids)
+        np.testing.assert_array_equal(rec.scores, expected[job].scores)
+
+
 def test_item_neighbour_table_is_the_exact_squared_distance_order(engine, world):
     _, cf, _, root = world
     table = engine.sources["recent"].neighbours
