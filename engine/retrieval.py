@@ -117,7 +117,8 @@ class Requests:
         """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a
         bitmap selector of one user's mask, or (``u`` None) of the shared filters (none
         without filters). A user's bitmap is the filters' with their excluded items'
-        bits cleared: no whole-catalogue mask is copied."""
+        bits cleared: no whole-catalogue mask is copied. A lone request's bitmap and
+        FAISS objects are its thread's, reused from request to request (:class:`_ThreadBitmap`)."""
         if self.filtered and "filter_bits" not in self._cache:
             self._cache["filter_bits"] = np.packbits(self.item_mask, bitorder="little")
         shared = self._cache.get("filter_bits")  # None: no filters
