@@ -257,6 +257,7 @@ def _serve_processes(args: argparse.Namespace, cfg: dict, processes: int, root: 
     import os
 
     from engine.processes import serve_processes
+    from engine.server import SHUTDOWN_MARGIN
 
     command = [sys.executable, "-m", "engine.cli"]
     command += ["--config", args.config] if args.config else []
@@ -270,7 +271,10 @@ def _serve_processes(args: argparse.Namespace, cfg: dict, processes: int, root: 
         os.environ["TANDEM_TOKEN"] = args.token
     metrics_port = cfg["metrics_port"]
     metrics_port = None if metrics_port is None or int(metrics_port) < 0 else int(metrics_port)
-    return serve_processes(processes, command, str(cfg["host"]), int(cfg["port"]), metrics_port, args.port_file)
+    # Each process has server.grace seconds for its in-flight requests, and its own
+    # watchdog a little beyond; the supervisor kills only what outlives both.
+    return serve_processes(processes, command, str(cfg["host"]), int(cfg["port"]), metrics_port, args.port_file,
+                           stop_timeout=float(cfg["grace"]) + 2 * SHUTDOWN_MARGIN)
 
 
 def engine_config(config: dict):

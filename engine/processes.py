@@ -36,10 +36,12 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def serve_processes(n: int, child_command: list[str], host: str, port: int, metrics_port: int | None,
-                    port_file: str | None, start_timeout: float = 300.0) -> int:
+                    port_file: str | None, start_timeout: float = 300.0, stop_timeout: float = 60.0) -> int:
     """Run ``n`` copies of ``child_command`` (a ``tandem serve`` command line without
     ``--port``, ``--metrics-port`` and ``--port-file``) on one port until SIGTERM or
-    SIGINT; returns the exit code (0 when every process stopped cleanly)."""
+    SIGINT; returns the exit code (0 when every process stopped cleanly). A process still
+    running ``stop_timeout`` seconds after its SIGTERM is killed (and the code is 1), so
+    one stuck shutdown cannot keep the group, and its port, alive."""
     holder = reserve_port(host, port)
     port = holder.getsockname()[1]
     stop = threading.Event()
@@ -77,7 +79,18 @@ def serve_processes(n: int, child_command: list[str], host: str, port: int, metr
             for child, _ in children:
                 if child.poll() is None:
                     child.send_signal(signal.SIGTERM)
-            codes = [child.wait() for child, _ in children]
+            codes = [_wait_or_kill(child, time.monotonic() + stop_timeout) for child, _ in children]
         if any(codes):
             print(f"tandem serve: server processes exited with {codes}", file=sys.stderr, flush=True)
         return 0 if stopped_on_request and not any(codes) else 1
+
+
+def _wait_or_kill(child: subprocess.Popen, deadline: float) -> int:
+    """The child's exit code once it exits, or, past ``deadline``, after SIGKILL."""
+    try:
+        return child.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        print(f"tandem serve: process {child.pid} did not stop in time; killing it", file=sys.stderr, flush=True)
+        child.kill()
+        child.wait()
+        return 1

@@ -46,6 +46,9 @@ from engine.rpc import tandem_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tandem.server")
 
+# Seconds a graceful stop may run past server.grace before the process exits anyway.
+SHUTDOWN_MARGIN = 15.0
+
 RECOMMENDER = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
@@ -480,7 +483,20 @@ class TandemServer:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
         done.wait()
+        # A shutdown that cannot finish (a wedged thread) must not keep the process and its
+        # port alive: past grace + SHUTDOWN_MARGIN seconds the process exits with code 1.
+        watchdog = threading.Timer(self.config.grace + SHUTDOWN_MARGIN, _exit_stuck_shutdown)
+        watchdog.daemon = True
+        watchdog.start()
         self.stop()
+        watchdog.cancel()
+
+
+def _exit_stuck_shutdown() -> None:
+    # Straight to stderr: the stuck thread may hold the logging locks.
+    os.write(2, (json.dumps({"time": round(time.time(), 3), "level": "ERROR", "logger": "tandem.server",
+                             "event": "shutdown_stuck", "action": "exit 1"}) + "\n").encode())
+    os._exit(1)
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -359,3 +359,35 @@ def test_several_processes_stop_together_when_one_cannot_start(tmp_path):
                            str(tmp_path / "nothing-here"), "--port", "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "neither a bundle" in done.stderr and "a server process exited; stopping" in done.stderr
+
+
+# A stand-in server that reports ready and then ignores SIGTERM: a shutdown that never ends.
+_STUCK_SERVER = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(sys.argv[sys.argv.index("--port-file") + 1], "w").write("ready")
+time.sleep(600)
+"""
+
+
+def test_process_group_kills_a_process_whose_shutdown_hangs(tmp_path):
+    """The supervisor of `tandem serve --processes` gives each process stop_timeout
+    seconds after SIGTERM, then kills it: a stuck shutdown cannot keep the group alive."""
+    port_file = tmp_path / "port"
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from engine.processes import serve_processes; sys.exit(serve_processes("
+         f"1, [sys.executable, '-c', {_STUCK_SERVER!r}], '127.0.0.1', 0, None, {str(port_file)!r}, stop_timeout=1.0))"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not port_file.exists():
+            assert supervisor.poll() is None and time.time() < deadline, "the group did not start"
+            time.sleep(0.05)
+        started = time.time()
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=30) == 1
+        assert time.time() - started < 20
+        assert "did not stop in time; killing it" in supervisor.stderr.read()
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
