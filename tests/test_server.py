@@ -366,7 +366,7 @@ _STUCK_SERVER = """
 import signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 open(sys.argv[sys.argv.index("--port-file") + 1], "w").write("ready")
-time.sleep(600)
+time.sleep(120)  # an orphan (if the test fails) ends on its own
 """
 
 
