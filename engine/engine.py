@@ -152,7 +152,7 @@ class Engine:
         # so nothing can write through them.
         for table in (cf.W, cf.user_bias, self.user_tower_vectors, self.recent, self.user_segments,
                       self.seen_indices):
-            table.flags.writeable = False
+            _read_only(table)
         self._no_cf_vector = _read_only(np.zeros((1, cf.W.shape[1]), np.float32))
         self._fit_scales()
 
@@ -246,18 +246,13 @@ class Engine:
         at = np.where(known, u, 0)
         user_segments = np.where(known[:, None], self.user_segments[at], -1)
         segments = {key: user_segments[:, j] for j, key in enumerate(self.segment_values)}
-        # Seen items: each known user's slice of the bundle's CSR history.
-        if n == 1:
-            excluded = self.seen_indices[self.seen_indptr[at[0]]:self.seen_indptr[at[0] + 1]] \
-                if known[0] and exclude_seen else np.zeros(0, np.int64)
-            indptr = np.array([0, len(excluded)], np.int64)
-        else:
-            starts = np.where(known, self.seen_indptr[at], 0)
-            lengths = np.where(known & exclude_seen, self.seen_indptr[at + 1] - starts, 0)
-            indptr = np.zeros(n + 1, np.int64)
-            np.cumsum(lengths, out=indptr[1:])
-            excluded = self.seen_indices[np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])]
-        excluded = excluded.astype(np.int64)
+        # Seen items: each known user's slice of the bundle's CSR history. (A lone known
+        # user without ratings, the common request, takes _known_user instead.)
+        starts = np.where(known, self.seen_indptr[at], 0)
+        lengths = np.where(known & exclude_seen, self.seen_indptr[at + 1] - starts, 0)
+        indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        excluded = self.seen_indices[np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])].astype(np.int64)
         has_tower = known.copy()
 
         if n == 1 and not known[0] and user_features:  # a new user described by features

@@ -113,34 +113,44 @@ class Requests:
         ok = excluded[np.searchsorted(excluded, items)] != items
         return ok & self.item_mask[items] if self.filtered else ok
 
+    def filter_bits(self) -> np.ndarray | None:
+        """The batch's filters as a little-endian packed bitmap (packed once), None
+        without filters."""
+        if self.filtered and "filter_bits" not in self._cache:
+            self._cache["filter_bits"] = np.packbits(self.item_mask, bitorder="little")
+        return self._cache.get("filter_bits")
+
+    def user_bitmap(self, u: int, out: np.ndarray) -> np.ndarray:
+        """User ``u``'s mask as a little-endian packed bitmap, written into ``out``: the
+        filters' bits (all set without filters) with the user's excluded items cleared."""
+        if self.filtered:
+            np.copyto(out, self.filter_bits())
+        else:
+            out.fill(255)
+        excluded = self.excluded_of(u)[:-1]
+        np.bitwise_and.at(out, excluded >> 3, ~np.left_shift(1, excluded & 7).astype(np.uint8))
+        return out
+
     def search_params(self, tuned: dict, u: int | None = None):
         """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a
         bitmap selector of one user's mask, or (``u`` None) of the shared filters (none
         without filters). A user's bitmap is the filters' with their excluded items'
         bits cleared: no whole-catalogue mask is copied. A lone request's bitmap and
         FAISS objects are its thread's, reused from request to request (:class:`_ThreadBitmap`)."""
-        if self.filtered and "filter_bits" not in self._cache:
-            self._cache["filter_bits"] = np.packbits(self.item_mask, bitorder="little")
-        shared = self._cache.get("filter_bits")  # None: no filters
-        if u is not None and len(self) == 1 and (shared is not None or len(self.excluded_of(u)) > 1):
-            return _THREAD_BITMAP.search_params(self, tuned, shared)
+        shared = self.filter_bits()
+        # A user with filters or exclusions needs a bitmap of their own.
+        own = u is not None and (shared is not None or len(self.excluded_of(u)) > 1)
+        if own and len(self) == 1:
+            return _THREAD_BITMAP.search_params(self, tuned)
         key = ("params", u, tuple(sorted(tuned.items())))
         if key not in self._cache:
             import faiss
 
-            bits = shared
-            if u is not None and (shared is not None or len(self.excluded_of(u)) > 1):
-                bits = shared.copy() if shared is not None else np.full((len(self.item_mask) + 7) // 8, 255, np.uint8)
-                _clear_bits(bits, self.excluded_of(u)[:-1])
+            bits = self.user_bitmap(u, np.empty((len(self.item_mask) + 7) // 8, np.uint8)) if own else shared
             # FAISS keeps pointers: the cache keeps the bitmap and the selector alive.
             selector = None if bits is None else faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits))
             self._cache[key] = (search_params(tuned, selector), selector, bits)
         return self._cache[key][0]
-
-
-def _clear_bits(bits: np.ndarray, items: np.ndarray) -> None:
-    """Clear the bits of ``items`` in a little-endian packed bitmap."""
-    np.bitwise_and.at(bits, items >> 3, ~np.left_shift(1, items & 7).astype(np.uint8))
 
 
 class _ThreadBitmap(threading.local):
@@ -156,7 +166,7 @@ class _ThreadBitmap(threading.local):
         self.params: dict = {}
         self.holds: object = None  # the token of the request whose mask the bitmap holds
 
-    def search_params(self, requests: Requests, tuned: dict, shared: np.ndarray | None):
+    def search_params(self, requests: Requests, tuned: dict):
         import faiss
 
         n_items = len(requests.item_mask)
@@ -168,11 +178,7 @@ class _ThreadBitmap(threading.local):
         # tables its views point into) alive after it is served.
         token = requests._cache.setdefault("bitmap_token", object())
         if self.holds is not token:
-            if shared is None:
-                self.bits.fill(255)
-            else:
-                np.copyto(self.bits, shared)
-            _clear_bits(self.bits, requests.excluded_of(0)[:-1])
+            requests.user_bitmap(0, self.bits)
             self.holds = token
         key = (tuned.get("efSearch"), tuned.get("nprobe"))
         if key not in self.params:
