@@ -4,9 +4,11 @@ A real ``tandem serve`` (one process, then several sharing the port through
 SO_REUSEPORT: ``tandem serve --processes N``) and load-generator processes on loopback.
 For ``Recommend`` (known users, k = 10, 500 candidates), ``SimilarItems`` (k = 10) and
 the trivial ``Echo`` rpc (the ceiling, measured in the same run, its payload the size of
-a Recommend reply as the protocol asks), at 1, 4 and 16 concurrent clients: QPS and
-p50/p99 latency. Target: Recommend QPS >= 0.4x Echo at 4 clients, p99 <= 10 ms at 4
-clients. The 4-client pair is measured again in ``--rounds`` back-to-back rounds (the
+a Recommend reply as the protocol asks), at 1, 4 and 16 concurrent clients: QPS,
+p50/p99 latency, and the CPU time per request of the server processes and of the load
+generator (measured in the same window: all client processes start and stop together, so
+the server sees exactly that many clients throughout). Target: Recommend QPS >= 0.4x
+Echo at 4 clients, p99 <= 10 ms at 4 clients. The 4-client pair is measured again in ``--rounds`` back-to-back rounds (the
 machine's speed drifts between cells); the median of their ratios is reported beside the
 table's.
 
@@ -37,10 +39,16 @@ CONCURRENCY = (1, 4, 16)
 RPCS = ("Echo", "Recommend", "SimilarItems")
 
 
-def client_worker(target: str, rpc: str, threads: int, seconds: float, users, items, seed: int, out,
+def client_worker(target: str, rpc: str, threads: int, users, items, seed: int, ready, window, out,
                   echo_bytes: int = 16) -> None:
-    """One load-generator process: ``threads`` clients, each with its own channel,
-    calling ``rpc`` back to back for ``seconds``; sends its latencies to ``out``."""
+    """One load-generator process: ``threads`` clients, each with its own channel, calling
+    ``rpc`` back to back through the window the parent sets; sends its latencies and the
+    CPU seconds it used inside the window to ``out``.
+
+    Every process imports, connects and warms up first, then says so on ``ready`` and
+    waits for ``window`` (start and end, wall-clock), which the parent sends once all are
+    ready: no process measures while another is still starting, so the server sees
+    exactly the stated number of clients for the whole window."""
     import threading
 
     import grpc
@@ -50,7 +58,8 @@ def client_worker(target: str, rpc: str, threads: int, seconds: float, users, it
 
     latencies: list[float] = []
     lock = threading.Lock()
-    start_at = time.time() + 0.5
+    warmed = threading.Barrier(threads + 1)
+    times: dict = {}
 
     def run(t: int) -> None:
         rng = np.random.default_rng(seed * 100 + t)
@@ -64,41 +73,95 @@ def client_worker(target: str, rpc: str, threads: int, seconds: float, users, it
             call = calls[rpc]
             for _ in range(20):  # warm the channel
                 call()
+            warmed.wait()
+            warmed.wait()  # the main thread has the window
+            start, end = times["window"]
+            while time.time() < start:
+                time.sleep(0.0005)
             mine = []
-            while time.time() < start_at:
-                time.sleep(0.001)
-            end = start_at + seconds
-            while True:
+            while time.time() < end:
                 t0 = time.perf_counter()
                 call()
                 mine.append(time.perf_counter() - t0)
-                if time.time() >= end:
-                    break
             with lock:
                 latencies.extend(mine)
 
     workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
     for w in workers:
         w.start()
+    warmed.wait()
+    ready.put(seed)
+    times["window"] = window.get()
+    warmed.wait()
+    start, end = times["window"]
+    while time.time() < start:
+        time.sleep(0.0005)
+    cpu_start = time.process_time()
+    while time.time() < end:
+        time.sleep(0.001)
+    cpu = time.process_time() - cpu_start  # every thread of this process, inside the window
     for w in workers:
         w.join()
-    out.put(latencies)
+    out.put((latencies, cpu))
 
 
-def measure(target: str, rpc: str, clients: int, seconds: float, users, items, echo_bytes: int = 16) -> dict:
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (FileNotFoundError, IndexError):
+            return float("nan")
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _server_pids(pid: int, processes: int) -> list[int]:
+    """The serving processes: the server itself, or a ``--processes`` supervisor's
+    children (Linux /proc; empty elsewhere, and the CPU columns read ``nan``)."""
+    if processes == 1:
+        return [pid]
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def measure(target: str, rpc: str, clients: int, seconds: float, users, items, echo_bytes: int = 16,
+            server_pids: list[int] | None = None) -> dict:
+    """One cell: ``clients`` concurrent clients over a common window of ``seconds``; QPS,
+    p50/p99 latency, and CPU milliseconds per request of the clients and of the server
+    (``server_pids``; ``nan`` without /proc)."""
     processes = min(clients, 4)  # the load generator itself must not be the bottleneck
     per = [clients // processes + (1 if p < clients % processes else 0) for p in range(processes)]
-    queue = mp.get_context("spawn").Queue()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=client_worker, args=(target, rpc, n, seconds, users, items, p, queue, echo_bytes))
+    ready, out = ctx.Queue(), ctx.Queue()
+    windows = [ctx.Queue() for _ in per]
+    procs = [ctx.Process(target=client_worker, args=(target, rpc, n, users, items, p, ready, windows[p], out,
+                                                     echo_bytes))
              for p, n in enumerate(per)]
     for p in procs:
         p.start()
-    latencies = np.concatenate([np.asarray(queue.get(), float) for _ in procs])
+    for _ in procs:
+        ready.get(timeout=300)
+    start = time.time() + 0.2
+    for w in windows:
+        w.put((start, start + seconds))
+    while time.time() < start:
+        time.sleep(0.001)
+    server_cpu_start = _cpu_seconds(server_pids or [])
+    time.sleep(max(0.0, start + seconds - time.time()))
+    server_cpu = _cpu_seconds(server_pids or []) - server_cpu_start
+    results = [out.get() for _ in procs]
     for p in procs:
         p.join()
+    latencies = np.concatenate([np.asarray(lat, float) for lat, _ in results])
+    n = max(len(latencies), 1)
     return {"qps": len(latencies) / seconds, "p50_ms": float(np.percentile(latencies, 50) * 1e3),
-            "p99_ms": float(np.percentile(latencies, 99) * 1e3), "requests": int(len(latencies))}
+            "p99_ms": float(np.percentile(latencies, 99) * 1e3), "requests": int(len(latencies)),
+            "client_cpu_ms_per_request": 1e3 * sum(cpu for _, cpu in results) / n,
+            "server_cpu_ms_per_request": 1e3 * server_cpu / n if server_pids else float("nan")}
 
 
 def reply_size(target: str, user: str) -> int:
@@ -128,26 +191,30 @@ def run_configuration(root: Path, processes: int, workers: int, seconds: float, 
                 raise SystemExit("the server failed to start")
             time.sleep(0.2)
         target = f"127.0.0.1:{ready.read_text().strip()}"
+        pids = _server_pids(server.pid, processes)
         echo_bytes = reply_size(target, users[0])
         print(f"\n{processes} process(es) x {workers} threads on {target}; echo payload {echo_bytes} bytes "
               "(a Recommend reply)", flush=True)
         table = {}
         for clients in CONCURRENCY:
             for rpc in RPCS:
-                table[f"{rpc}@{clients}"] = row = measure(target, rpc, clients, seconds, users, items, echo_bytes)
+                table[f"{rpc}@{clients}"] = row = measure(target, rpc, clients, seconds, users, items, echo_bytes,
+                                                          pids)
                 print(f"  {rpc:<13} {clients:>2} clients: {row['qps']:>8,.0f} QPS  p50 {row['p50_ms']:6.2f} ms  "
-                      f"p99 {row['p99_ms']:6.2f} ms", flush=True)
+                      f"p99 {row['p99_ms']:6.2f} ms  CPU/request: server {row['server_cpu_ms_per_request']:.2f} ms, "
+                      f"clients {row['client_cpu_ms_per_request']:.2f} ms", flush=True)
         # The target cell again, as back-to-back Echo / Recommend pairs: this machine's
         # speed drifts from one minute to the next, so each round's ratio compares
         # neighbours, and the median of the rounds is the figure.
         pairs = []
         for r in range(rounds):
-            echo = measure(target, "Echo", 4, seconds, users, items, echo_bytes)
-            recommend = measure(target, "Recommend", 4, seconds, users, items, echo_bytes)
-            pairs.append({"echo_qps": echo["qps"], "recommend_qps": recommend["qps"],
-                          "ratio": recommend["qps"] / echo["qps"], "recommend_p99_ms": recommend["p99_ms"]})
+            echo = measure(target, "Echo", 4, seconds, users, items, echo_bytes, pids)
+            recommend = measure(target, "Recommend", 4, seconds, users, items, echo_bytes, pids)
+            pairs.append({"echo": echo, "recommend": recommend, "ratio": recommend["qps"] / echo["qps"]})
             print(f"  round {r + 1}: Echo {echo['qps']:,.0f} QPS, Recommend {recommend['qps']:,.0f} QPS "
-                  f"(ratio {pairs[-1]['ratio']:.2f}), Recommend p99 {recommend['p99_ms']:.2f} ms", flush=True)
+                  f"(ratio {pairs[-1]['ratio']:.2f}), Recommend p99 {recommend['p99_ms']:.2f} ms; server CPU/request "
+                  f"Echo {echo['server_cpu_ms_per_request']:.2f} ms, Recommend "
+                  f"{recommend['server_cpu_ms_per_request']:.2f} ms", flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
@@ -158,7 +225,7 @@ def run_configuration(root: Path, processes: int, workers: int, seconds: float, 
               "recommend_over_echo_at_4": ratio, "rounds_at_4": pairs}
     if pairs:
         result["median_ratio_at_4"] = float(np.median([p["ratio"] for p in pairs]))
-        result["median_recommend_p99_at_4_ms"] = float(np.median([p["recommend_p99_ms"] for p in pairs]))
+        result["median_recommend_p99_at_4_ms"] = float(np.median([p["recommend"]["p99_ms"] for p in pairs]))
         print(f"  median of {len(pairs)} rounds: ratio {result['median_ratio_at_4']:.2f} (target >= 0.40), "
               f"Recommend p99 {result['median_recommend_p99_at_4_ms']:.2f} ms (target <= 10)", flush=True)
     return result
