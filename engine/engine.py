@@ -27,6 +27,7 @@ import numpy as np
 from engine.bundle import LoadedBundle
 from engine.cf import CFModel
 from engine.features import segment_labels
+from engine.lone_merge import LoneMerge
 from engine.ranking import BlendWeights, FoldedBlend, ScoreScale, top_k_per_row
 from engine.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Requests,
                               SegmentSource, TowerSource, merge, quotas)
@@ -154,6 +155,8 @@ class Engine:
                       self.seen_indices):
             _read_only(table)
         self._no_cf_vector = _read_only(np.zeros((1, cf.W.shape[1]), np.float32))
+        self._lone_merge: LoneMerge | None = LoneMerge()  # None: lone requests take the generic path
+        self._lone_merge.warm_up(self.sources, len(self.items))
         self._fit_scales()
 
     @classmethod
@@ -415,18 +418,20 @@ class Engine:
                ) -> list[Recommendations]:
         """Retrieval, merge and ranking of a batch of prepared requests."""
         shares = self._quotas(requests, n_candidates, sources)
-        proposals = [(name, self.sources[name].propose(requests, quota)) for name, quota in shares.items()]
-        candidates = merge(proposals, n_candidates)
-        scores = self._rank(requests, candidates.rows, candidates.items)
-        top = top_k_per_row(candidates.rows, scores, k, len(requests))
-        bounds = np.searchsorted(candidates.rows[top], np.arange(len(requests) + 1))
-        # For monitoring: how many items each source available to a user proposed for them.
-        if len(requests) == 1:
-            proposed = [{name: len(found.items) for name, found in proposals}]
+        if len(requests) == 1 and self._lone_merge is not None:  # compiled: engine.lone_merge
+            candidates, counts = self._lone_merge.candidates(
+                self.sources, requests, {name: int(q[0]) for name, q in shares.items()}, n_candidates, len(self.items))
+            proposed = [counts]
         else:
+            proposals = [(name, self.sources[name].propose(requests, quota)) for name, quota in shares.items()]
+            candidates = merge(proposals, n_candidates)
+            # For monitoring: how many items each source available to a user proposed for them.
             counts = {name: found.counts(len(requests)).tolist() for name, found in proposals}
             active = {name: (quota > 0).tolist() for name, quota in shares.items()}
             proposed = [{name: c[u] for name, c in counts.items() if active[name][u]} for u in range(len(requests))]
+        scores = self._rank(requests, candidates.rows, candidates.items)
+        top = top_k_per_row(candidates.rows, scores, k, len(requests))
+        bounds = np.searchsorted(candidates.rows[top], np.arange(len(requests) + 1))
         results = []
         for u in range(len(requests)):
             at = top[bounds[u]:bounds[u + 1]]

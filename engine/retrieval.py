@@ -131,6 +131,13 @@ class Requests:
         np.bitwise_and.at(out, excluded >> 3, ~np.left_shift(1, excluded & 7).astype(np.uint8))
         return out
 
+    def lone_bitmap(self) -> np.ndarray | None:
+        """A lone request's mask as its thread's packed bitmap (the one its FAISS
+        searches use, see :class:`_ThreadBitmap`), or None when it may see every item."""
+        if self.filter_bits() is None and len(self.excluded_of(0)) == 1:
+            return None
+        return _THREAD_BITMAP.bitmap(self)
+
     def search_params(self, tuned: dict, u: int | None = None):
         """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a
         bitmap selector of one user's mask, or (``u`` None) of the shared filters (none
@@ -166,11 +173,12 @@ class _ThreadBitmap(threading.local):
         self.params: dict = {}
         self.holds: object = None  # the token of the request whose mask the bitmap holds
 
-    def search_params(self, requests: Requests, tuned: dict):
-        import faiss
-
+    def bitmap(self, requests: Requests) -> np.ndarray:
+        """The thread's bitmap, holding the lone request's mask."""
         n_items = len(requests.item_mask)
         if n_items != self.n_items:  # first use, or a catalogue of another size
+            import faiss
+
             self.bits, self.n_items = np.empty((n_items + 7) // 8, np.uint8), n_items
             self.selector = faiss.IDSelectorBitmap(n_items, faiss.swig_ptr(self.bits))
             self.params, self.holds = {}, None
@@ -180,6 +188,10 @@ class _ThreadBitmap(threading.local):
         if self.holds is not token:
             requests.user_bitmap(0, self.bits)
             self.holds = token
+        return self.bits
+
+    def search_params(self, requests: Requests, tuned: dict):
+        self.bitmap(requests)
         key = (tuned.get("efSearch"), tuned.get("nprobe"))
         if key not in self.params:
             self.params[key] = search_params(tuned, self.selector)

@@ -226,6 +226,58 @@ def test_lone_requests_on_many_threads_keep_their_own_exclusions(engine):
         np.testing.assert_array_equal(rec.scores, expected[job].scores)
 
 
+@pytest.mark.parametrize("options", [
+    {},
+    {"filters": "genre 2", "exclude_items": ["i1", "i2", "i3"]},
+    {"include_items": 60, "n_candidates": 40},
+    {"exclude_seen": False, "sources": ["recent", "segment", "popular"]},
+    {"n_candidates": 7},  # the cap cuts into the first sources' lists
+    {"sources": ["towers", "recent"]},
+], ids=["plain", "filtered", "allow-list", "seen-kept", "tiny-cap", "two-sources"])
+def test_compiled_lone_merge_equals_the_generic_path(engine, options):
+    """A lone request's compiled merge (engine.lone_merge) gives exactly the candidates,
+    scores, sources and counts of the generic sources-then-merge path."""
+    options = dict(options)
+    if "filters" in options:
+        options["filters"] = {"genres": [engine.genre_labels[2]]}
+    if "include_items" in options:
+        options["include_items"] = list(engine.items.ids[::3][:options["include_items"]])
+    requests = [{"user_id": f"u{i}"} for i in range(0, 150, 3)] + [
+        {"user_id": "nobody"},
+        {"user_features": {"age": 30, "occupation": "segment-1", "zip_code": "10000"}},
+        {"ratings": {"i1": 5, "i2": 4, "i3": 1, "i9": 5}},  # fold-in: recent likes from the ratings
+    ]
+    compiled = engine._lone_merge
+    for request in requests:
+        got = engine.recommend(**request, k=9, **options)
+        engine._lone_merge = None
+        try:
+            want = engine.recommend(**request, k=9, **options)
+        finally:
+            engine._lone_merge = compiled
+        np.testing.assert_array_equal(got.item_ids, want.item_ids)
+        np.testing.assert_array_equal(got.scores, want.scores)
+        assert got.sources == want.sources and got.candidates == want.candidates
+
+
+def test_compiled_lone_merge_searches_live_when_filters_exhaust_the_table(engine, monkeypatch):
+    """Where a recent like's table row runs out of allowed items, the compiled path has
+    the recent source search live, as the generic path does, with the same answer."""
+    liked = engine._requests(["u3"], True, engine._item_mask((), None, None)).recent_liked[0]
+    tabled = engine.sources["recent"].neighbours[liked[liked >= 0]].ravel()
+    blocked = list(engine.items.external(np.unique(tabled[tabled >= 0])))
+    live = []
+    search = engine.sources["recent"].propose_alone
+    monkeypatch.setattr(engine.sources["recent"], "propose_alone", lambda *a: live.append(a) or search(*a))
+    rec = engine.recommend("u3", k=20, exclude_items=blocked)
+    assert live  # the live search ran
+    assert "recent" in {s for srcs in rec.sources for s in srcs} and not set(blocked) & set(rec.item_ids)
+    engine._lone_merge = None
+    want = engine.recommend("u3", k=20, exclude_items=blocked)
+    np.testing.assert_array_equal(rec.item_ids, want.item_ids)
+    assert rec.sources == want.sources and rec.candidates == want.candidates
+
+
 def test_item_neighbour_table_is_the_exact_squared_distance_order(engine, world):
     _, cf, _, root = world
     table = engine.sources["recent"].neighbours
