@@ -448,7 +448,7 @@ class Engine:
         # names[j]), computed once per engine.
         if n == 1:
             pattern = None
-            codes = {sum(1 << j for j, name in enumerate(names) if self.sources[name].available(requests)[0])}
+            codes = {sum(1 << j for j, name in enumerate(names) if self.sources[name].available_alone(requests))}
         else:
             pattern = np.zeros(n, np.int64)
             for j, name in enumerate(names):

@@ -280,6 +280,10 @@ class Source:
         """``[U]`` bool: users this source can serve."""
         return np.ones(len(requests), bool)
 
+    def available_alone(self, requests: Requests) -> bool:
+        """``available`` for a lone request (user 0), without building arrays."""
+        return True
+
     def propose(self, requests: Requests, quota: np.ndarray) -> Proposals:
         if len(requests) == 1:
             if quota[0] <= 0:
@@ -334,6 +338,9 @@ class CFSource(_AnnSource):
     def available(self, requests: Requests) -> np.ndarray:
         return requests.has_cf
 
+    def available_alone(self, requests: Requests) -> bool:
+        return bool(requests.has_cf[0])
+
     def queries(self, requests: Requests) -> np.ndarray:
         vectors = requests.cf_vectors
         queries = np.empty((len(vectors), vectors.shape[1] + 1), np.float32)
@@ -348,6 +355,9 @@ class TowerSource(_AnnSource):
 
     def available(self, requests: Requests) -> np.ndarray:
         return requests.has_tower
+
+    def available_alone(self, requests: Requests) -> bool:
+        return bool(requests.has_tower[0])
 
     def queries(self, requests: Requests) -> np.ndarray:
         return requests.tower_vectors
@@ -401,6 +411,9 @@ class SegmentSource(Source):
             return np.zeros(len(requests), bool)
         return requests.segments[self.key] >= 0
 
+    def available_alone(self, requests: Requests) -> bool:
+        return self.key in requests.segments and requests.segments[self.key][0] >= 0
+
     def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
         width = int(min(self.top_items.shape[1], quota[rows].max() + requests.n_excluded[rows].max()))
         found = best_allowed(requests, rows, self.top_items[requests.segments[self.key][rows], :width], quota)
@@ -430,6 +443,9 @@ class RecentNeighboursSource(Source):
 
     def available(self, requests: Requests) -> np.ndarray:
         return requests.recent_liked[:, 0] >= 0  # latest first, -1 pads: a user with likes has a first one
+
+    def available_alone(self, requests: Requests) -> bool:
+        return requests.recent_liked[0, 0] >= 0
 
     def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
         if self.neighbours is None:  # bundles built before the table: search every like live
