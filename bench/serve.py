@@ -12,7 +12,7 @@ Echo at 4 clients, p99 <= 10 ms at 4 clients. The 4-client pair is measured agai
 machine's speed drifts between cells); the median of their ratios is reported beside the
 table's.
 
-Usage: python bench/serve.py [--bundle ROOT] [--seconds 3] [--processes 1,2] [--workers 2] [--rounds 3]
+Usage: python bench/serve.py [--bundle ROOT] [--seconds 3] [--processes 1,2] [--workers 2] [--rounds 5]
 Without --bundle it builds one (quick models; latency does not depend on their quality).
 Writes bench/results/serve.json (one process) and serve_<N>proc.json, and prints a table
 per configuration.
@@ -105,16 +105,17 @@ def client_worker(target: str, rpc: str, threads: int, users, items, seed: int, 
     out.put((latencies, cpu))
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by these processes (Linux /proc)."""
-    total = 0
+def _cpu_seconds(pids: list[int]) -> list[float]:
+    """User + system CPU seconds used so far by each of these processes (Linux /proc;
+    ``nan`` where it cannot be read)."""
+    seconds = []
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            seconds.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
         except (FileNotFoundError, IndexError):
-            return float("nan")
-    return total / os.sysconf("SC_CLK_TCK")
+            seconds.append(float("nan"))
+    return seconds
 
 
 def _server_pids(pid: int, processes: int) -> list[int]:
@@ -152,7 +153,10 @@ def measure(target: str, rpc: str, clients: int, seconds: float, users, items, e
         time.sleep(0.001)
     server_cpu_start = _cpu_seconds(server_pids or [])
     time.sleep(max(0.0, start + seconds - time.time()))
-    server_cpu = _cpu_seconds(server_pids or []) - server_cpu_start
+    # Per process: SO_REUSEPORT hashes each client's connection to one process, so a
+    # group of processes may share the clients unevenly; the cores each used show it.
+    server_cores = [(end - begin) / seconds for begin, end in zip(server_cpu_start, _cpu_seconds(server_pids or []))]
+    server_cpu = sum(server_cores) * seconds
     results = [out.get() for _ in procs]
     for p in procs:
         p.join()
@@ -161,7 +165,8 @@ def measure(target: str, rpc: str, clients: int, seconds: float, users, items, e
     return {"qps": len(latencies) / seconds, "p50_ms": float(np.percentile(latencies, 50) * 1e3),
             "p99_ms": float(np.percentile(latencies, 99) * 1e3), "requests": int(len(latencies)),
             "client_cpu_ms_per_request": 1e3 * sum(cpu for _, cpu in results) / n,
-            "server_cpu_ms_per_request": 1e3 * server_cpu / n if server_pids else float("nan")}
+            "server_cpu_ms_per_request": 1e3 * server_cpu / n if server_pids else float("nan"),
+            "server_cores_per_process": server_cores}
 
 
 def reply_size(target: str, user: str) -> int:
@@ -175,6 +180,12 @@ def reply_size(target: str, user: str) -> int:
         reply = pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id=user, k=10, n_candidates=500),
                                                           timeout=30)
     return reply.ByteSize()
+
+
+def _cores(row: dict) -> str:
+    """' (cores per process a / b)' for a group of processes, else ''."""
+    cores = row["server_cores_per_process"]
+    return f" (cores per process {' / '.join(f'{c:.2f}' for c in cores)})" if len(cores) > 1 else ""
 
 
 def run_configuration(root: Path, processes: int, workers: int, seconds: float, users, items, tmp: str,
@@ -201,7 +212,8 @@ def run_configuration(root: Path, processes: int, workers: int, seconds: float, 
                 table[f"{rpc}@{clients}"] = row = measure(target, rpc, clients, seconds, users, items, echo_bytes,
                                                           pids)
                 print(f"  {rpc:<13} {clients:>2} clients: {row['qps']:>8,.0f} QPS  p50 {row['p50_ms']:6.2f} ms  "
-                      f"p99 {row['p99_ms']:6.2f} ms  CPU/request: server {row['server_cpu_ms_per_request']:.2f} ms, "
+                      f"p99 {row['p99_ms']:6.2f} ms  CPU/request: server {row['server_cpu_ms_per_request']:.2f} ms"
+                      f"{_cores(row)}, "
                       f"clients {row['client_cpu_ms_per_request']:.2f} ms", flush=True)
         # The target cell again, as back-to-back Echo / Recommend pairs: this machine's
         # speed drifts from one minute to the next, so each round's ratio compares
@@ -214,7 +226,7 @@ def run_configuration(root: Path, processes: int, workers: int, seconds: float, 
             print(f"  round {r + 1}: Echo {echo['qps']:,.0f} QPS, Recommend {recommend['qps']:,.0f} QPS "
                   f"(ratio {pairs[-1]['ratio']:.2f}), Recommend p99 {recommend['p99_ms']:.2f} ms; server CPU/request "
                   f"Echo {echo['server_cpu_ms_per_request']:.2f} ms, Recommend "
-                  f"{recommend['server_cpu_ms_per_request']:.2f} ms", flush=True)
+                  f"{recommend['server_cpu_ms_per_request']:.2f} ms{_cores(recommend)}", flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
@@ -239,7 +251,7 @@ def main() -> None:
     parser.add_argument("--processes", default="1,2",
                         help="server process counts to measure, comma-separated (SO_REUSEPORT; default 1,2)")
     parser.add_argument("--workers", type=int, default=2, help="request threads per server process")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="extra back-to-back Echo/Recommend pairs at 4 clients (their median ratio is reported)")
     args = parser.parse_args()
 
