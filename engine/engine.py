@@ -28,7 +28,7 @@ from engine.bundle import LoadedBundle
 from engine.cf import CFModel
 from engine.features import segment_labels
 from engine.lone_merge import LoneMerge
-from engine.ranking import BlendWeights, FoldedBlend, ScoreScale, top_k_per_row
+from engine.ranking import BlendWeights, FoldedBlend, ScoreScale, top_k_desc, top_k_per_row
 from engine.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Requests,
                               SegmentSource, TowerSource, merge, quotas)
 from engine.towers import TwoTowerModel
@@ -54,8 +54,9 @@ class Recommendations:
     """Ranked items, best first: ``item_ids [k]`` (external ids), ``scores [k]`` (higher
     is better, except :meth:`Engine.similar_items`, whose scores are squared distances,
     lower is better), for each item the names of the sources that proposed it, and its
-    display title (the id when the bundle has no titles). ``candidates`` counts, for ``recommend``, how many candidates each source proposed
-    (for monitoring); it is empty for the other methods."""
+    display title (the id when the bundle has no titles). ``candidates`` counts, for
+    ``recommend``, how many candidates each source proposed (for monitoring); it is empty
+    for the other methods."""
 
     item_ids: np.ndarray
     scores: np.ndarray
@@ -157,6 +158,7 @@ class Engine:
         self._no_cf_vector = _read_only(np.zeros((1, cf.W.shape[1]), np.float32))
         self._lone_merge: LoneMerge | None = LoneMerge()  # None: lone requests take the generic path
         self._lone_merge.warm_up(self.sources, len(self.items))
+        top_k_desc(np.zeros(2, np.float32), 1)  # compiles (or loads) the small-k top-k now, not in a request
         self._fit_scales()
 
     @classmethod

@@ -31,7 +31,7 @@ from numba import njit
 
 from engine.retrieval import Candidates
 
-# The order of the kernel's per-source arguments and of its counts.
+# The kernels' source codes (0 = cf, ...): the order of their per-source quotas, bits and counts.
 KERNEL_ORDER = ("cf", "towers", "popular", "segment", "recent")
 
 
@@ -153,8 +153,9 @@ class LoneMerge:
             table = sources["recent"].neighbours
             needs_live_search = table is None
             if table is not None:
-                recent, needs_live_search = _recent_neighbours(table, requests.recent_liked[0].astype(np.int64, copy=False),
-                                                               quota["recent"], bitmap, everything, scratch.mark)
+                liked = requests.recent_liked[0].astype(np.int64, copy=False)
+                recent, needs_live_search = _recent_neighbours(table, liked, quota["recent"], bitmap, everything,
+                                                               scratch.mark)
             if needs_live_search:  # rare: heavy filters; the source searches the cf_l2 index
                 recent = sources["recent"].propose_alone(requests, 0, quota["recent"]).astype(np.int64, copy=False)
         segment_row = _NONE
