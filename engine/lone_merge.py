@@ -1,4 +1,4 @@
-"""A lone request's candidates in one compiled pass.
+"""A lone request's candidates in two compiled loops.
 
 The generic retrieval path (:mod:`engine.retrieval`) serves any batch with array
 operations. For one user that is some 30 NumPy calls of a few microseconds each, and

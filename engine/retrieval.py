@@ -131,12 +131,14 @@ class Requests:
         np.bitwise_and.at(out, excluded >> 3, ~np.left_shift(1, excluded & 7).astype(np.uint8))
         return out
 
+    def _needs_own_bitmap(self, u: int) -> bool:
+        """Whether user ``u``'s mask differs from "every item": filters or exclusions."""
+        return self.filter_bits() is not None or self.excluded_indptr[u + 1] > self.excluded_indptr[u]
+
     def lone_bitmap(self) -> np.ndarray | None:
         """A lone request's mask as its thread's packed bitmap (the one its FAISS
         searches use, see :class:`_ThreadBitmap`), or None when it may see every item."""
-        if self.filter_bits() is None and len(self.excluded_of(0)) == 1:
-            return None
-        return _THREAD_BITMAP.bitmap(self)
+        return _THREAD_BITMAP.bitmap(self) if self._needs_own_bitmap(0) else None
 
     def search_params(self, tuned: dict, u: int | None = None):
         """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a
@@ -145,8 +147,7 @@ class Requests:
         bits cleared: no whole-catalogue mask is copied. A lone request's bitmap and
         FAISS objects are its thread's, reused from request to request (:class:`_ThreadBitmap`)."""
         shared = self.filter_bits()
-        # A user with filters or exclusions needs a bitmap of their own.
-        own = u is not None and (shared is not None or len(self.excluded_of(u)) > 1)
+        own = u is not None and self._needs_own_bitmap(u)
         if own and len(self) == 1:
             return _THREAD_BITMAP.search_params(self, tuned)
         key = ("params", u, tuple(sorted(tuned.items())))
