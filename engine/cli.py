@@ -204,7 +204,8 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
         factory=args.factory or index_cfg["factory"] or None,
         recall_floor=args.recall_floor if args.recall_floor is not None else index_cfg["recall_floor"],
         k=index_cfg["recall_k"], keep=args.keep if args.keep is not None else index_cfg["keep"],
-        exact_below=index_cfg["exact_below"], log=lambda line: print(line, file=sys.stderr))
+        exact_below=index_cfg["exact_below"], user_top_k=index_cfg["user_top_k"],
+        log=lambda line: print(line, file=sys.stderr))
     print(json.dumps({"published": str(published), "version": published.name}, indent=2))
     return 0
 

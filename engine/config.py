@@ -49,6 +49,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "recall_floor": 0.95,  # publishing is refused below this recall@k
         "recall_k": 10,
         "keep": 5,  # bundle versions kept
+        "user_top_k": 256,  # items per user precomputed for the CF and two-tower sources (0: none)
     },
     # Serving (engine.EngineConfig): candidate quotas, ranking blend, limits.
     "engine": {

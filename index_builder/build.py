@@ -13,6 +13,10 @@ Indexes (labels are dense item indices):
   user's own bias (constant per user, so the ranking is the prediction's);
 - ``towers_ip``: L2-normalised item-tower vectors, inner product with the user-tower
   vector.
+
+Per-user tables searched once here rather than at every request: each item's nearest
+neighbours in ``cf_l2`` (the "recent likes" source) and each user's top unseen items in
+``cf_ip`` and ``towers_ip`` (the CF and two-tower sources, :func:`user_top_items`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from engine.cf import CFModel
 from engine.data import Dataset
 from engine.errors import TandemError
 from engine.features import segment_labels
+from engine.retrieval import positions_in_rows
 from engine.towers import TwoTowerModel
 
 DEFAULT_SEGMENT_KEYS = ("occupation", "zip_region", "age_band")
@@ -80,6 +85,56 @@ def item_neighbours(index, vectors: np.ndarray, m: int = ITEM_NEIGHBOURS, batch:
     return out
 
 
+USER_TOP_ITEMS = 256  # items kept per user for the CF and two-tower sources (0: no tables)
+
+
+def user_top_items(index, queries: np.ndarray, seen_indptr: np.ndarray, seen_indices: np.ndarray,
+                   k: int = USER_TOP_ITEMS, labels_per_block: int = 1 << 22, log=print, name: str = "") -> np.ndarray:
+    """Each user's first ``k`` unseen items as ``index`` ranks them for the user's query
+    ``queries[u]``: ``[n_users, k]`` int32, best first, ``-1`` padding only a row with
+    fewer than ``k`` unseen items in the whole result (a tiny catalogue). Seen items are
+    the CSR rows ``seen_indptr`` / ``seen_indices``.
+
+    A known user's request that excludes their seen items (the default) is then served a
+    prefix of this row instead of searching the index (see ``retrieval._AnnSource``).
+    Each user is searched ``k`` plus their number of seen items deep and the seen items
+    are dropped, so the row holds ``k`` unseen items whenever the index returns that
+    many. Users are searched in blocks of similar history length, so one heavy user
+    does not widen the search of everyone."""
+    n_users, n_items = len(queries), index.ntotal
+    k = min(k, n_items)
+    out = np.full((n_users, k), -1, np.int32)
+    n_seen = np.diff(seen_indptr)
+    order = np.argsort(n_seen, kind="stable")
+    start, reported = 0, 0
+    while start < n_users:
+        width = int(min(k + n_seen[order[start]], n_items))
+        # Rows per block: as many as fit the label budget at the block's widest search.
+        block = order[start:start + max(1, labels_per_block // max(width, 1))]
+        width = int(min(k + n_seen[block].max(), n_items))
+        _, labels = index.search(np.ascontiguousarray(queries[block], np.float32), width)
+        rows = np.repeat(np.arange(len(block), dtype=np.int64), width)
+        flat = labels.ravel().astype(np.int64)
+        # The block's seen items as sorted (row, item) keys, to drop them by binary search.
+        lengths = n_seen[block]
+        firsts = np.repeat(seen_indptr[block] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+        seen = np.sort(np.repeat(np.arange(len(block), dtype=np.int64), lengths) * n_items
+                       + seen_indices[firsts + np.arange(lengths.sum())])
+        wanted = rows * n_items + flat
+        keep = flat >= 0
+        if len(seen):
+            keep &= seen[np.minimum(np.searchsorted(seen, wanted), len(seen) - 1)] != wanted
+        rows, flat = rows[keep], flat[keep]
+        position = positions_in_rows(rows)
+        take = position < k
+        out[block[rows[take]], position[take]] = flat[take]
+        start += len(block)
+        if n_users > 16384 and (start - reported >= 16384 or start == n_users):
+            log(f"  user top items ({name}): {start:,} / {n_users:,} users")
+            reported = start
+    return out
+
+
 def recent_liked(dataset: Dataset, n: int = RECENT_LIKED, min_rating: float = 4.0) -> np.ndarray:
     """Each user's ``n`` most recent liked items ``[n_users, n]`` (latest first, ``-1``
     pads). Liked: rated at least ``min_rating``, or any interaction for implicit data."""
@@ -106,7 +161,7 @@ def _check_models(dataset: Dataset, cf: CFModel, towers: TwoTowerModel) -> None:
 def build_bundle(dataset: Dataset, cf: CFModel, towers: TwoTowerModel, root: str | Path, *,
                  factory: str | None = None, recall_floor: float = 0.95, k: int = 10, n_queries: int = 1000,
                  keep: int = 5, segment_keys=DEFAULT_SEGMENT_KEYS, exact_below: int = ann.EXACT_BELOW,
-                 log=print) -> Path:
+                 user_top_k: int = USER_TOP_ITEMS, log=print) -> Path:
     """Build every index and table for ``dataset`` and publish a new bundle version.
 
     Args:
@@ -114,6 +169,8 @@ def build_bundle(dataset: Dataset, cf: CFModel, towers: TwoTowerModel, root: str
         factory: a FAISS factory string for all indexes; ``None`` chooses by catalogue
             size (exact below ``exact_below`` items, HNSW, or IVF-PQ when floats do not fit).
         recall_floor: publishing is refused when an index's recall@k is below it.
+        user_top_k: items per user in the CF and two-tower sources' precomputed tables
+            (:func:`user_top_items`); 0 builds none, and every request searches.
 
     Returns the published bundle's directory. Raises :class:`PublishRefused` (and
     publishes nothing) when an index misses the floor.
@@ -123,14 +180,14 @@ def build_bundle(dataset: Dataset, cf: CFModel, towers: TwoTowerModel, root: str
     staged = bundle.staging_dir(root)
     try:
         return _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep,
-                      segment_keys, exact_below, log)
+                      segment_keys, exact_below, user_top_k, log)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
 
 
 def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep, segment_keys,
-           exact_below, log) -> Path:
+           exact_below, user_top_k, log) -> Path:
     rng = np.random.default_rng(0)
     cf.save(staged / "cf")
     towers.save(staged / "towers")
@@ -143,6 +200,15 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
         "cf_ip": (cf_ip_items, "ip", cf_queries),
         "towers_ip": (towers.item_vectors, "ip", towers.user_vectors_at(users_sample)),
     }
+    ui = dataset.user_items()
+    seen_indptr, seen_indices = ui.indptr.astype(np.int64), ui.indices.astype(np.int32)
+    # Every user's query vector for the sources whose top items are tabled per user.
+    user_queries = {
+        "cf_ip": np.hstack([cf.W, np.ones((len(cf.W), 1), np.float32)]),
+        "towers_ip": np.concatenate([towers.user_vectors_at(np.arange(s, min(s + 65536, dataset.n_users)))
+                                     for s in range(0, dataset.n_users, 65536)]),
+    }
+    user_top: dict[str, np.ndarray] = {}
     reports = {}
     for name, (vectors, metric, queries) in specs.items():
         chosen = factory or ann.choose_factory(len(vectors), vectors.shape[1], exact_below=exact_below)
@@ -159,6 +225,9 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
         reports[name] = report.to_json()
         if name == "cf_l2":
             neighbours = item_neighbours(index, cf.X, log=log)
+        elif user_top_k > 0:
+            user_top[name] = user_top_items(index, user_queries[name], seen_indptr, seen_indices, user_top_k,
+                                            log=log, name=name)
 
     tables = staged / "tables"
     tables.mkdir()
@@ -166,9 +235,10 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
     np.save(tables / "user_ids.npy", dataset.users.ids, allow_pickle=False)
     counts = dataset.item_counts().astype(np.float32)
     np.save(tables / "popularity.npy", counts, allow_pickle=False)
-    ui = dataset.user_items()
-    np.save(tables / "seen_indptr.npy", ui.indptr.astype(np.int64), allow_pickle=False)
-    np.save(tables / "seen_indices.npy", ui.indices.astype(np.int32), allow_pickle=False)
+    np.save(tables / "seen_indptr.npy", seen_indptr, allow_pickle=False)
+    np.save(tables / "seen_indices.npy", seen_indices, allow_pickle=False)
+    for name, top in user_top.items():
+        np.save(tables / f"user_top_{name}.npy", top, allow_pickle=False)
     np.save(tables / "recent_liked.npy", recent_liked(dataset), allow_pickle=False)
     np.save(tables / "item_neighbours.npy", neighbours, allow_pickle=False)
     journal = root / bundle.ADDED_ITEMS  # items added live so far travel with the bundle
@@ -221,6 +291,7 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
                        "metrics": towers.metrics},
         },
         "indexes": reports,
+        "user_top_items": {"k": int(user_top_k), "indexes": sorted(user_top)},
         "recall_floor": recall_floor,
         "segments": segments,
         "genre_labels": genre_labels,

@@ -199,3 +199,44 @@ def test_recall_is_tie_aware():
     assert tie_aware_recall(np.array([[0.0, 1.0]]), np.array([[7, 9]]), exact, "l2") == 1.0
     assert tie_aware_recall(np.array([[0.0, 2.0]]), np.array([[7, 9]]), exact, "l2") == 0.5
     assert tie_aware_recall(np.array([[0.0, 1.0]]), np.array([[7, -1]]), exact, "l2") == 0.5
+
+
+def test_user_top_items_hand_computed():
+    """Each user's first k unseen items by inner product, in blocks of different widths;
+    a user who has seen nearly everything gets a short row padded with -1."""
+    import faiss
+
+    from index_builder.build import user_top_items
+
+    items = np.array([[5.0], [4.0], [3.0], [2.0], [1.0], [0.0]], np.float32)  # score = item value x query
+    index = faiss.IndexFlatIP(1)
+    index.add(items)
+    queries = np.array([[1.0], [1.0], [-1.0], [1.0]], np.float32)
+    seen = [[0], [], [5, 4], [0, 1, 2, 3]]  # user 3 has two unseen items left
+    indptr = np.r_[0, np.cumsum([len(s) for s in seen])].astype(np.int64)
+    indices = np.array([i for s in seen for i in s], np.int32)
+    want = [[1, 2, 3], [0, 1, 2], [3, 2, 1], [4, 5, -1]]
+    for labels_per_block in (1, 4, 1 << 22):  # a block per user ... one block for all
+        got = user_top_items(index, queries, indptr, indices, k=3, labels_per_block=labels_per_block, log=quiet)
+        assert got.dtype == np.int32 and got.tolist() == want
+
+
+def test_bundle_carries_each_users_top_unseen_items(trained, tmp_path):
+    """The tables hold what the exact (Flat) indexes rank first for each user's stored
+    vectors, seen items dropped; user_top_k=0 builds none."""
+    ds, cf, towers, _ = trained
+    path = build_bundle(ds, cf, towers, tmp_path / "with", user_top_k=20, log=quiet)
+    b = LoadedBundle(path)
+    assert b.manifest["user_top_items"] == {"k": 20, "indexes": ["cf_ip", "towers_ip"]}
+    ui = ds.user_items()
+    scores = {"cf_ip": cf.W @ cf.X.T + cf.item_offsets,
+              "towers_ip": towers.user_vectors_at(np.arange(ds.n_users)) @ towers.item_vectors.T}
+    for name, score in scores.items():
+        table = np.load(path / "tables" / f"user_top_{name}.npy", allow_pickle=False)
+        assert table.shape == (ds.n_users, 20)
+        for u in (0, 5, 77):
+            s = score[u].copy()
+            s[ui[u].indices] = -np.inf
+            np.testing.assert_allclose(s[table[u]], -np.sort(-s)[:20], rtol=1e-5, atol=1e-6)
+    bare = build_bundle(ds, cf, towers, tmp_path / "without", user_top_k=0, log=quiet)
+    assert not list((bare / "tables").glob("user_top_*"))
