@@ -4,7 +4,10 @@
    request: ANN over CF vectors (``cf``), ANN over tower vectors (``towers``), global
    popularity (``popular``), popularity in the user's segment (``segment``), and
    squared-distance neighbours of the user's recent likes (``recent``). Their union,
-   de-duplicated under per-source quotas, is at most ``n_candidates`` items.
+   de-duplicated under per-source quotas, is at most ``n_candidates`` items. Known
+   users' searches are done once, when the bundle is built: ``cf`` and ``towers`` read
+   a user's top unseen items from a table, ``recent`` its likes' nearest items, and
+   only requests those tables cannot answer search at request time.
 2. **Ranking** — every candidate is scored exactly (:mod:`engine.ranking`) and the top
    ``k`` come back with the sources that proposed them.
 
@@ -137,9 +140,14 @@ class Engine:
              for s in range(0, len(self.users), 65536)] or [np.zeros((0, self.tower_item_vectors.shape[1]))]
         ).astype(np.float32)
         idx = published.manifest["indexes"]
+        # Each known user's top unseen items in cf_ip / towers_ip, searched when the bundle
+        # was built (bundles built before these tables existed search at every request).
+        top = {name: load(f"user_top_{name}.npy") if (tables / f"user_top_{name}.npy").is_file() else None
+               for name in ("cf_ip", "towers_ip")}
+        self._user_rows = _read_only(np.arange(len(self.users)))  # a lone user's top_rows entry is a view
         self.sources = {
-            "cf": CFSource(published.index("cf_ip"), idx["cf_ip"]["search_params"]),
-            "towers": TowerSource(published.index("towers_ip"), idx["towers_ip"]["search_params"]),
+            "cf": CFSource(published.index("cf_ip"), idx["cf_ip"]["search_params"], top["cf_ip"]),
+            "towers": TowerSource(published.index("towers_ip"), idx["towers_ip"]["search_params"], top["towers_ip"]),
             "popular": PopularitySource(self.popularity),
             "recent": RecentNeighboursSource(published.index("cf_l2"), idx["cf_l2"]["search_params"], cf.X,
                                              neighbours),
@@ -259,6 +267,9 @@ class Engine:
         np.cumsum(lengths, out=indptr[1:])
         excluded = self.seen_indices[np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])].astype(np.int64)
         has_tower = known.copy()
+        # Known users' rows in the sources' top-items tables, which exclude the seen items.
+        top_rows = {name: np.where(has, u, -1) for name, has in (("cf", has_cf), ("towers", known))} if exclude_seen \
+            else {}
 
         if n == 1 and not known[0] and user_features:  # a new user described by features
             _check_finite(user_features, "user")
@@ -272,6 +283,7 @@ class Engine:
             items = list(ratings.keys())
             folded = self.cf.fold_in(items, [float(r) for r in ratings.values()])
             cf_vectors[0], cf_bias[0], has_cf[0] = folded.vector, folded.bias, True
+            top_rows = {}  # another vector, and more items excluded, than the tables assume
             if exclude_seen:
                 excluded = np.union1d(excluded, self.items.indices(items))
                 indptr = np.array([0, len(excluded)], np.int64)
@@ -279,7 +291,7 @@ class Engine:
             recent = np.full((1, max(len(liked), 1)), -1, np.int64)
             recent[0, :len(liked)] = liked
         return Requests(item_mask, indptr, excluded, cf_vectors, cf_bias, has_cf, tower_vectors, has_tower,
-                        recent, segments, filtered=item_mask is not self._every_item)
+                        recent, segments, filtered=item_mask is not self._every_item, top_rows=top_rows)
 
     def _known_user(self, u: int, exclude_seen: bool, item_mask: np.ndarray) -> Requests:
         """:meth:`_requests` for one known user (the common request): read-only views of
@@ -291,7 +303,9 @@ class Engine:
                         self.cf.W[row] if has_cf else self._no_cf_vector, self.cf.user_bias[row] if has_cf else _ZERO,
                         _TRUE if has_cf else _FALSE, self.user_tower_vectors[row], _TRUE, self.recent[row],
                         {key: self.user_segments[row, j] for j, key in enumerate(self.segment_values)},
-                        filtered=item_mask is not self._every_item)
+                        filtered=item_mask is not self._every_item,
+                        top_rows=({"cf": self._user_rows[row], "towers": self._user_rows[row]} if has_cf
+                                  else {"towers": self._user_rows[row]}) if exclude_seen else {})
 
     def _segments_from_features(self, features: Mapping) -> dict[str, int]:
         """Segment indices of a new user, by the same rules as the bundle's users."""
@@ -571,6 +585,8 @@ class Engine:
         with self._lock:
             # Per-item tables grow first, then the id map, then the index: a request in
             # flight never meets an item index its tables or masks do not cover.
+            # The towers table ranks the bundle's items only: from now on that source searches.
+            self.sources["towers"].top_items = None
             popularity_score = np.full(len(new_ids), self.popularity_score.min(), np.float32)
             self.tower_item_vectors = np.vstack([self.tower_item_vectors, vectors])
             self.popularity = np.r_[self.popularity, np.zeros(len(new_ids), np.float32)]

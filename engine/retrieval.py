@@ -13,6 +13,9 @@ sources pass the mask to FAISS as an ``IDSelectorBitmap`` so that filtering happ
 batch of one searches with its exact mask; a larger batch searches with the shared mask
 (none without filters) for ``quota + the most items any of its users excludes`` and
 drops each user's own exclusions afterwards (a user still left short is searched alone).
+Most requests search nothing at all: a known user's ANN lists and their likes'
+neighbours come from tables the index builder searched (see :class:`_AnnSource` and
+:class:`RecentNeighboursSource`), filtered by the same mask.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ class Requests:
     recent_liked: np.ndarray  # [U, R] item indices, latest first, -1 pads
     segments: dict[str, np.ndarray] = field(default_factory=dict)  # key -> [U] segment, -1 unknown
     filtered: bool = True  # False: item_mask allows every item (no filters), so it need not be read
+    # Source name -> [U] each user's row in that source's table of users' top items (-1:
+    # none). Set only where the row applies: the user's stored vector is the query, and
+    # the user excludes exactly their seen items, as the table does (see _AnnSource).
+    top_rows: dict[str, np.ndarray] = field(default_factory=dict)
 
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -223,6 +230,13 @@ class Proposals:
     def counts(self, n_rows: int) -> np.ndarray:
         return np.bincount(self.rows, minlength=n_rows)
 
+    @classmethod
+    def union(cls, parts: list["Proposals"]) -> "Proposals":
+        """The proposals of disjoint sets of rows, as one."""
+        rows = np.concatenate([p.rows for p in parts])
+        order = np.argsort(rows, kind="stable")
+        return cls(rows[order], np.concatenate([p.items for p in parts])[order])
+
     def replace_rows(self, replacements: dict[int, np.ndarray]) -> "Proposals":
         """These proposals with some rows' lists replaced."""
         if not replacements:
@@ -311,21 +325,53 @@ class Source:
 
 
 class _AnnSource(Source):
-    """ANN search over one index with a per-user query vector (``queries``)."""
+    """ANN search over one index with a per-user query vector (``queries``).
 
-    def __init__(self, index, tuned: dict):
-        self.index, self.tuned = index, tuned
+    With ``top_items`` (``[n_users, K]``, from ``index_builder.build.user_top_items``),
+    a user whose request has a row there (``Requests.top_rows``) is served that row's
+    first ``k`` items that pass the request's filters, without a search: the row is what
+    this index returns for the user's stored vector, seen items dropped. Only when the
+    filters leave fewer than ``k`` of a full row, or ``k`` exceeds ``K``, does that user
+    search the index."""
+
+    def __init__(self, index, tuned: dict, top_items: np.ndarray | None = None):
+        self.index, self.tuned, self.top_items = index, tuned, top_items
 
     def queries(self, requests: Requests) -> np.ndarray:
         raise NotImplementedError
 
     def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
+        top, at = self.top_items, requests.top_rows.get(self.name)
+        tabled = np.zeros(len(rows), bool)
+        if top is not None and at is not None:
+            tabled = (at[rows] >= 0) & (quota[rows] <= top.shape[1])
+        found = []
+        if tabled.any():
+            listed = rows[tabled]
+            table = top[at[listed]]
+            # Rows the filters left short are searched (alone) unless they list every item.
+            found.append(self._fill_short(requests, listed, quota, best_allowed(requests, listed, table, quota),
+                                          table[:, -1] >= 0))
+        if not tabled.all():
+            found.append(self._search_many(requests, rows[~tabled], quota))
+        return found[0] if len(found) == 1 else Proposals.union(found)
+
+    def _search_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
         width = int(min(quota[rows].max() + requests.n_excluded[rows].max(), self.index.ntotal))
         labels = ann_search(self.index, self.queries(requests)[rows], width, requests.search_params(self.tuned))
         # A user whose exclusions crowded a full result list is searched alone.
         return self._fill_short(requests, rows, quota, best_allowed(requests, rows, labels, quota), labels[:, -1] >= 0)
 
     def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
+        top, at = self.top_items, requests.top_rows.get(self.name)
+        if top is not None and at is not None and at[u] >= 0 and k <= top.shape[1]:
+            row = top[at[u]]
+            full = row[-1] >= 0
+            listed = row if full else row[row >= 0]
+            if requests.filtered:
+                listed = listed[requests.item_mask[listed]]
+            if len(listed) >= k or not full:
+                return listed[:k]
         labels = ann_search(self.index, self.queries(requests)[u:u + 1], k, requests.search_params(self.tuned, u))[0]
         return labels[labels >= 0]
 

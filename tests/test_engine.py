@@ -278,6 +278,82 @@ def test_compiled_lone_merge_searches_live_when_filters_exhaust_the_table(engine
     assert rec.sources == want.sources and rec.candidates == want.candidates
 
 
+@pytest.fixture(scope="module")
+def tabled_engine(world, tmp_path_factory):
+    """An engine on a copy of the bundle root without items added live (other tests add
+    some, and they retire the towers table)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("pristine") / "root"
+    shutil.copytree(world[3], root, symlinks=True, ignore=shutil.ignore_patterns("added_items.jsonl"))
+    return Engine.load(root, EngineConfig(segment_key="occupation"))
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"filters": "genre 2"},
+    {"include_items": 40, "n_candidates": 40},  # rows run out of allowed items: those users search
+    {"exclude_seen": False},  # the tables drop seen items: not used
+    {"n_candidates": 3000},  # quotas beyond the rows' 256 items: searched
+    {"sources": ["towers", "cf"], "n_candidates": 60},
+], ids=["plain", "filtered", "allow-list", "seen-kept", "deep", "two-sources"])
+def test_user_top_tables_answer_as_the_live_search(tabled_engine, options, monkeypatch):
+    """The CF and two-tower sources read a known user's precomputed top unseen items
+    instead of searching: over exact (Flat) indexes that gives the live search's
+    answers, alone, in a batch, for a fold-in and for a new user alike."""
+    engine, options = tabled_engine, dict(options)
+    if "filters" in options:
+        options["filters"] = {"genres": [engine.genre_labels[2]]}
+    if "include_items" in options:
+        options["include_items"] = list(engine.items.ids[::5][:options["include_items"]])
+    users = [f"u{i}" for i in range(0, 200, 7)]
+    requests = [{"user_id": u} for u in users] + [
+        {"user_features": {"age": 30, "occupation": "segment-1", "zip_code": "10000"}},
+        {"user_id": "u3", "ratings": {"i1": 5, "i2": 4, "i9": 5}},
+    ]
+    tables = {name: engine.sources[name].top_items for name in ("cf", "towers")}
+    assert all(t is not None and t.shape == (400, 256) for t in tables.values())
+    got = [engine.recommend(**r, k=9, **options) for r in requests]
+    got_batch = engine.recommend_batch(users, k=9, **options)
+    for name in tables:
+        monkeypatch.setattr(engine.sources[name], "top_items", None)
+    want = [engine.recommend(**r, k=9, **options) for r in requests]
+    for a, b in zip(got + got_batch, want + want[:len(users)]):
+        np.testing.assert_array_equal(a.item_ids, b.item_ids)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+        assert a.sources == b.sources and a.candidates == b.candidates
+
+
+def test_known_users_plain_request_does_not_search_cf_or_towers(tabled_engine, monkeypatch):
+    engine, searched = tabled_engine, []
+    search = __import__("engine.retrieval", fromlist=["ann_search"]).ann_search
+    monkeypatch.setattr("engine.retrieval.ann_search", lambda index, *a: searched.append(index) or search(index, *a))
+    engine.recommend("u5", k=10)
+    engine.recommend_batch(["u5", "u6"], k=10)
+    assert not {id(engine.sources[name].index) for name in ("cf", "towers")} & {id(i) for i in searched}
+    engine.recommend("u5", k=10, exclude_seen=False)  # the tables do not apply: both search
+    assert {id(engine.sources[name].index) for name in ("cf", "towers")} <= {id(i) for i in searched}
+
+
+def test_added_items_retire_the_towers_table(world, tabled_engine):
+    """The towers table ranks the bundle's items only; once items are added live that
+    source searches, so they can be proposed. CF (no vector for them) keeps its table."""
+    engine = Engine.load(tabled_engine.bundle.path, EngineConfig(segment_key="occupation"))
+    assert engine.sources["towers"].top_items is not None
+    engine.add_items(["fresh"], [{"year": 2024}], persist=False)
+    assert engine.sources["towers"].top_items is None and engine.sources["cf"].top_items is not None
+    scores = engine.user_tower_vectors @ engine.tower_item_vectors.T  # exact, the added item included
+    ui = world[0].user_items()
+    for u in range(len(scores)):
+        scores[u, ui[u].indices] = -np.inf
+    fresh = engine.items.index("fresh")
+    u = int(np.argmax((scores > scores[:, [fresh]]).sum(1) * -1))  # the user who ranks it highest
+    want = np.argsort(-scores[u], kind="stable")[:50]
+    assert fresh in want
+    got = engine.candidates(engine.users.ids[u], n_candidates=50, sources=["towers"])["towers"]
+    assert set(got.tolist()) == set(want.tolist())
+
+
 def test_item_neighbour_table_is_the_exact_squared_distance_order(engine, world):
     _, cf, _, root = world
     table = engine.sources["recent"].neighbours
