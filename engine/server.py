@@ -303,9 +303,11 @@ class AdminServicer(pb_grpc.AdminServicer):
     def GetInfo(self, request, context):
         engine = self.holder.engine
         manifest = engine.bundle.manifest
+        tabled = {"cf_ip": engine.sources["cf"].top_items, "towers_ip": engine.sources["towers"].top_items}
         indexes = [pb.IndexInfo(name=name, factory=r["factory"], metric=r["metric"], n_vectors=r["n_vectors"],
                                 dim=r["dim"], search_params={k: int(v) for k, v in (r["search_params"] or {}).items()},
-                                recall_at_k=float(r["recall_at_k"] or 0.0), k=int(r["k"]))
+                                recall_at_k=float(r["recall_at_k"] or 0.0), k=int(r["k"]),
+                                user_top_k=0 if tabled.get(name) is None else tabled[name].shape[1])
                    for name, r in manifest["indexes"].items()]
         return pb.GetInfoResponse(
             version=engine.version, created_at=manifest.get("created_at", ""), n_items=len(engine.items),

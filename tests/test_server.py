@@ -84,6 +84,8 @@ def test_every_rpc_equals_the_library(client, world):
     assert info["version"] == library.version and int(info["n_items"]) == ds.n_items
     assert {i["name"] for i in info["indexes"]} == {"cf_l2", "cf_ip", "towers_ip"}
     assert all(i["recall_at_k"] >= 0.95 for i in info["indexes"])
+    tabled = {i["name"]: i["user_top_k"] for i in info["indexes"]}
+    assert tabled["cf_l2"] == 0 and tabled["cf_ip"] == 256
 
 
 def test_add_items_is_served_at_once(world):
@@ -92,6 +94,7 @@ def test_add_items_is_served_at_once(world):
         with Client(f"127.0.0.1:{s.port}") as c:
             n = c.add_items(["fresh-1"], [{"year": 2024, "title": "Fresh"}])
             assert n == world[0].n_items + 1
+            assert {i["name"]: i["user_top_k"] for i in c.info()["indexes"]}["towers_ip"] == 0  # retired
             recs = c.recommend("u1", include_items=["fresh-1"], k=1, sources=["towers"])
             assert list(recs.item_ids) == ["fresh-1"] and recs.titles == ["Fresh"]
             assert len(c.similar_items("fresh-1", k=3)) == 3

@@ -210,7 +210,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class IndexInfo(_message.Message):
-    __slots__ = ("name", "factory", "metric", "n_vectors", "dim", "search_params", "recall_at_k", "k")
+    __slots__ = ("name", "factory", "metric", "n_vectors", "dim", "search_params", "recall_at_k", "k", "user_top_k")
     class SearchParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,7 @@ class IndexInfo(_message.Message):
     SEARCH_PARAMS_FIELD_NUMBER: _ClassVar[int]
     RECALL_AT_K_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    USER_TOP_K_FIELD_NUMBER: _ClassVar[int]
     name: str
     factory: str
     metric: str
@@ -234,7 +235,8 @@ class IndexInfo(_message.Message):
     search_params: _containers.ScalarMap[str, int]
     recall_at_k: float
     k: int
-    def __init__(self, name: _Optional[str] = ..., factory: _Optional[str] = ..., metric: _Optional[str] = ..., n_vectors: _Optional[int] = ..., dim: _Optional[int] = ..., search_params: _Optional[_Mapping[str, int]] = ..., recall_at_k: _Optional[float] = ..., k: _Optional[int] = ...) -> None: ...
+    user_top_k: int
+    def __init__(self, name: _Optional[str] = ..., factory: _Optional[str] = ..., metric: _Optional[str] = ..., n_vectors: _Optional[int] = ..., dim: _Optional[int] = ..., search_params: _Optional[_Mapping[str, int]] = ..., recall_at_k: _Optional[float] = ..., k: _Optional[int] = ..., user_top_k: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
     __slots__ = ("version", "created_at", "n_items", "n_users", "dataset", "data_fingerprint", "indexes", "sources", "max_k", "max_candidates", "max_batch", "loaded_seconds_ago", "reloads")
