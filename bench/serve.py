@@ -13,7 +13,10 @@ machine's speed drifts between cells); the median of their ratios is reported be
 table's.
 
 Usage: python bench/serve.py [--bundle ROOT] [--seconds 3] [--processes 1,2] [--workers 2] [--rounds 5]
-Without --bundle it builds one (quick models; latency does not depend on their quality).
+                             [--user-top-k 256]
+Without --bundle it builds one (quick models; latency does not depend on their quality),
+with the per-user top-items tables ``make index`` builds (``--user-top-k 0``: none, so
+that every Recommend searches the CF and two-tower indexes).
 Writes bench/results/serve.json (one process) and serve_<N>proc.json, and prints a table
 per configuration.
 """
@@ -251,6 +254,8 @@ def main() -> None:
     parser.add_argument("--processes", default="1,2",
                         help="server process counts to measure, comma-separated (SO_REUSEPORT; default 1,2)")
     parser.add_argument("--workers", type=int, default=2, help="request threads per server process")
+    parser.add_argument("--user-top-k", type=int, default=None,
+                        help="width of the built bundle's per-user top-items tables (default: as make index; 0: none)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="extra back-to-back Echo/Recommend pairs at 4 clients (their median ratio is reported)")
     args = parser.parse_args()
@@ -258,7 +263,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.bundle) if args.bundle else Path(tmp) / "bundles"
         if not args.bundle:
-            build_catalogue_bundle(root, args.n_items)
+            build_catalogue_bundle(root, args.n_items, user_top_k=args.user_top_k)
         from engine import bundle
 
         tables = bundle.resolve(root) / "tables"
