@@ -330,9 +330,12 @@ class _AnnSource(Source):
     With ``top_items`` (``[n_users, K]``, from ``index_builder.build.user_top_items``),
     a user whose request has a row there (``Requests.top_rows``) is served that row's
     first ``k`` items that pass the request's filters, without a search: the row is what
-    this index returns for the user's stored vector, seen items dropped. Only when the
-    filters leave fewer than ``k`` of a full row, or ``k`` exceeds ``K``, does that user
-    search the index."""
+    this index returns for the user's stored vector, seen items dropped. A row shorter
+    than ``K`` (``-1`` pads) holds all the index returned (a tiny catalogue, or an HNSW
+    graph that reaches no more from that vector), so it answers an unfiltered request as
+    it is. The user searches the index only when the filters leave fewer than ``k`` of
+    the row's items (a search with the filters inside may reach others), or when ``k``
+    exceeds ``K``."""
 
     def __init__(self, index, tuned: dict, top_items: np.ndarray | None = None):
         self.index, self.tuned, self.top_items = index, tuned, top_items
@@ -349,9 +352,9 @@ class _AnnSource(Source):
         if tabled.any():
             listed = rows[tabled]
             table = top[at[listed]]
-            # Rows the filters left short are searched (alone) unless they list every item.
+            # Rows the filters left short are searched (alone), as propose_alone does.
             found.append(self._fill_short(requests, listed, quota, best_allowed(requests, listed, table, quota),
-                                          table[:, -1] >= 0))
+                                          (table[:, -1] >= 0) | requests.filtered))
         if not tabled.all():
             found.append(self._search_many(requests, rows[~tabled], quota))
         return found[0] if len(found) == 1 else Proposals.union(found)
@@ -370,7 +373,7 @@ class _AnnSource(Source):
             listed = row if full else row[row >= 0]
             if requests.filtered:
                 listed = listed[requests.item_mask[listed]]
-            if len(listed) >= k or not full:
+            if len(listed) >= k or not (full or requests.filtered):
                 return listed[:k]
         labels = ann_search(self.index, self.queries(requests)[u:u + 1], k, requests.search_params(self.tuned, u))[0]
         return labels[labels >= 0]

@@ -91,9 +91,10 @@ USER_TOP_ITEMS = 256  # items kept per user for the CF and two-tower sources (0:
 def user_top_items(index, queries: np.ndarray, seen_indptr: np.ndarray, seen_indices: np.ndarray,
                    k: int = USER_TOP_ITEMS, labels_per_block: int = 1 << 22, log=print, name: str = "") -> np.ndarray:
     """Each user's first ``k`` unseen items as ``index`` ranks them for the user's query
-    ``queries[u]``: ``[n_users, k]`` int32, best first, ``-1`` padding only a row with
-    fewer than ``k`` unseen items in the whole result (a tiny catalogue). Seen items are
-    the CSR rows ``seen_indptr`` / ``seen_indices``.
+    ``queries[u]``: ``[n_users, k]`` int32, best first, ``-1`` padding a row with fewer
+    than ``k`` unseen items in the whole result (a tiny catalogue, or an HNSW graph that
+    reaches fewer items from that query, as a live search would). Seen items are the CSR
+    rows ``seen_indptr`` / ``seen_indices``.
 
     A known user's request that excludes their seen items (the default) is then served a
     prefix of this row instead of searching the index (see ``retrieval._AnnSource``).

@@ -335,6 +335,24 @@ def test_known_users_plain_request_does_not_search_cf_or_towers(tabled_engine, m
     assert {id(engine.sources[name].index) for name in ("cf", "towers")} <= {id(i) for i in searched}
 
 
+def test_a_short_table_row_answers_unfiltered_requests_and_filtered_ones_search(tabled_engine, monkeypatch):
+    """A row with fewer than K items holds everything the index returned for the user:
+    an unfiltered request takes it as it is; a filtered one that it leaves short searches."""
+    engine, searched = tabled_engine, []
+    u = engine.users.index("u8")
+    table = engine.sources["towers"].top_items.copy()
+    table[u, 40:] = -1  # as if the HNSW search had found 40 items only
+    monkeypatch.setattr(engine.sources["towers"], "top_items", table)
+    search = __import__("engine.retrieval", fromlist=["ann_search"]).ann_search
+    monkeypatch.setattr("engine.retrieval.ann_search", lambda index, *a: searched.append(index) or search(index, *a))
+    plain = engine.candidates("u8", n_candidates=100, sources=["towers"])["towers"]
+    assert plain.tolist() == table[u, :40].tolist() and not searched
+    genre = engine.genre_labels[2]
+    in_row = int(engine._filter_mask({"genres": [genre]})[table[u, :40]].sum())
+    got = engine.recommend("u8", k=25, n_candidates=100, sources=["towers"], filters={"genres": [genre]})
+    assert searched and len(got) == 25 > in_row  # more than the row holds of that genre
+
+
 def test_added_items_retire_the_towers_table(world, tabled_engine):
     """The towers table ranks the bundle's items only; once items are added live that
     source searches, so they can be proposed. CF (no vector for them) keeps its table."""
