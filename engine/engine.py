@@ -109,8 +109,8 @@ class Engine:
         path = published.path
         tables = path / "tables"
 
-        def load(name: str, folder: Path = tables) -> np.ndarray:
-            return np.load(folder / name, allow_pickle=False)
+        def load(name: str, folder: Path = tables, mmap_mode: str | None = None) -> np.ndarray:
+            return np.load(folder / name, allow_pickle=False, mmap_mode=mmap_mode)
 
         self.items = published.items
         self.users = published.users
@@ -142,8 +142,10 @@ class Engine:
         idx = published.manifest["indexes"]
         # Each known user's top unseen items in cf_ip / towers_ip, searched when the bundle
         # was built (bundles built before these tables existed search at every request).
-        top = {name: load(f"user_top_{name}.npy") if (tables / f"user_top_{name}.npy").is_file() else None
-               for name in ("cf_ip", "towers_ip")}
+        # Mapped read-only, not copied: the server processes of one machine share them.
+        # (np.asarray: a plain array over the mapping; np.memmap's slices cost more.)
+        top = {name: np.asarray(load(f"user_top_{name}.npy", mmap_mode="r"))
+               if (tables / f"user_top_{name}.npy").is_file() else None for name in ("cf_ip", "towers_ip")}
         self._user_rows = _read_only(np.arange(len(self.users)))  # a lone user's top_rows entry is a view
         self.sources = {
             "cf": CFSource(published.index("cf_ip"), idx["cf_ip"]["search_params"], top["cf_ip"]),
