@@ -107,12 +107,18 @@ def user_top_items(index, queries: np.ndarray, seen_indptr: np.ndarray, seen_ind
     out = np.full((n_users, k), -1, np.int32)
     n_seen = np.diff(seen_indptr)
     order = np.argsort(n_seen, kind="stable")
+    def width_at(position: int) -> int:  # the search depth of the position-th user in order
+        return max(1, int(min(k + n_seen[order[min(position, n_users - 1)]], n_items)))
+
     start, reported = 0, 0
     while start < n_users:
-        width = int(min(k + n_seen[order[start]], n_items))
-        # Rows per block: as many as fit the label budget at the block's widest search.
-        block = order[start:start + max(1, labels_per_block // max(width, 1))]
-        width = int(min(k + n_seen[block].max(), n_items))
+        # Rows per block: as many as fit the label budget at the block's widest search
+        # (its last user's, as the order is by history length).
+        size = max(1, labels_per_block // width_at(start))
+        while size > 1 and size * width_at(start + size - 1) > labels_per_block:
+            size = max(1, labels_per_block // width_at(start + size - 1))
+        block = order[start:start + size]
+        width = width_at(start + len(block) - 1)
         _, labels = index.search(np.ascontiguousarray(queries[block], np.float32), width)
         rows = np.repeat(np.arange(len(block), dtype=np.int64), width)
         flat = labels.ravel().astype(np.int64)

@@ -216,7 +216,7 @@ def test_user_top_items_hand_computed():
     indptr = np.r_[0, np.cumsum([len(s) for s in seen])].astype(np.int64)
     indices = np.array([i for s in seen for i in s], np.int32)
     want = [[1, 2, 3], [0, 1, 2], [3, 2, 1], [4, 5, -1]]
-    for labels_per_block in (1, 4, 1 << 22):  # a block per user ... one block for all
+    for labels_per_block in (1, 4, 8, 1 << 22):  # a block per user ... one block for all
         got = user_top_items(index, queries, indptr, indices, k=3, labels_per_block=labels_per_block, log=quiet)
         assert got.dtype == np.int32 and got.tolist() == want
 
