@@ -8,9 +8,9 @@ a Recommend reply as the protocol asks), at 1, 4 and 16 concurrent clients: QPS,
 p50/p99 latency, and the CPU time per request of the server processes and of the load
 generator (measured in the same window: all client processes start and stop together, so
 the server sees exactly that many clients throughout). Target: Recommend QPS >= 0.4x
-Echo at 4 clients, p99 <= 10 ms at 4 clients. The 4-client pair is measured again in ``--rounds`` back-to-back rounds (the
-machine's speed drifts between cells); the median of their ratios is reported beside the
-table's.
+Echo at 4 clients, p99 <= 10 ms at 4 clients. The 4-client pair is measured again in
+``--rounds`` back-to-back rounds (the machine's speed drifts between cells); the median of
+their ratios and p99s is reported beside the table's.
 
 Usage: python bench/serve.py [--bundle ROOT] [--seconds 3] [--processes 1,2] [--workers 2] [--rounds 5]
                              [--user-top-k 256]

@@ -135,10 +135,7 @@ class Engine:
         self.cf_item_offsets = cf.item_offsets
         self.tower_item_vectors = towers.item_vectors
         # Known users' tower vectors, computed once: a request then only looks one up.
-        self.user_tower_vectors = np.concatenate(
-            [towers.user_vectors_at(np.arange(s, min(s + 65536, len(self.users))))
-             for s in range(0, len(self.users), 65536)] or [np.zeros((0, self.tower_item_vectors.shape[1]))]
-        ).astype(np.float32)
+        self.user_tower_vectors = towers.known_user_vectors()
         idx = published.manifest["indexes"]
         # Each known user's top unseen items in cf_ip / towers_ip, searched when the bundle
         # was built (bundles built before these tables existed search at every request).
@@ -305,9 +302,15 @@ class Engine:
                         self.cf.W[row] if has_cf else self._no_cf_vector, self.cf.user_bias[row] if has_cf else _ZERO,
                         _TRUE if has_cf else _FALSE, self.user_tower_vectors[row], _TRUE, self.recent[row],
                         {key: self.user_segments[row, j] for j, key in enumerate(self.segment_values)},
-                        filtered=item_mask is not self._every_item,
-                        top_rows=({"cf": self._user_rows[row], "towers": self._user_rows[row]} if has_cf
-                                  else {"towers": self._user_rows[row]}) if exclude_seen else {})
+                        filtered=item_mask is not self._every_item, top_rows=self._top_rows(row, has_cf, exclude_seen))
+
+    def _top_rows(self, row: slice, has_cf: bool, exclude_seen: bool) -> dict[str, np.ndarray]:
+        """A lone known user's ``Requests.top_rows``: views of their row number, for the
+        sources whose tables apply (they drop seen items, so only when the request does)."""
+        if not exclude_seen:
+            return {}
+        at = self._user_rows[row]
+        return {"cf": at, "towers": at} if has_cf else {"towers": at}
 
     def _segments_from_features(self, features: Mapping) -> dict[str, int]:
         """Segment indices of a new user, by the same rules as the bundle's users."""

@@ -207,6 +207,13 @@ class TwoTowerModel:
         """``[n, output_dim]`` vectors of known users by dense index."""
         return self.user_tower(self.user_pipeline.transform_table(self._user_table, user_indices))
 
+    def known_user_vectors(self, batch: int = 65536) -> np.ndarray:
+        """``[n_users, output_dim]`` float32 vectors of every known user, ``batch`` users
+        at a time (so the feature matrices stay small)."""
+        n = len(self.users)
+        parts = [self.user_vectors_at(np.arange(s, min(s + batch, n))) for s in range(0, n, batch)]
+        return np.concatenate(parts or [np.zeros((0, self.item_vectors.shape[1]))]).astype(np.float32)
+
     def predict_rating_indices(self, user_indices: np.ndarray, item_indices: np.ndarray) -> np.ndarray:
         """Predicted ratings ``[n]`` for dense index pairs (``mse`` objective)."""
         if self.config.objective != "mse":

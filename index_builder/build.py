@@ -210,11 +210,8 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
     ui = dataset.user_items()
     seen_indptr, seen_indices = ui.indptr.astype(np.int64), ui.indices.astype(np.int32)
     # Every user's query vector for the sources whose top items are tabled per user.
-    user_queries = {
-        "cf_ip": np.hstack([cf.W, np.ones((len(cf.W), 1), np.float32)]),
-        "towers_ip": np.concatenate([towers.user_vectors_at(np.arange(s, min(s + 65536, dataset.n_users)))
-                                     for s in range(0, dataset.n_users, 65536)]),
-    }
+    user_queries = {"cf_ip": np.hstack([cf.W, np.ones((len(cf.W), 1), np.float32)]),
+                    "towers_ip": towers.known_user_vectors()} if user_top_k > 0 else {}
     user_top: dict[str, np.ndarray] = {}
     reports = {}
     for name, (vectors, metric, queries) in specs.items():
@@ -232,7 +229,7 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
         reports[name] = report.to_json()
         if name == "cf_l2":
             neighbours = item_neighbours(index, cf.X, log=log)
-        elif user_top_k > 0:
+        elif name in user_queries:
             user_top[name] = user_top_items(index, user_queries[name], seen_indptr, seen_indices, user_top_k,
                                             log=log, name=name)
 
