@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.engine import Engine, EngineConfig
-from engine.retrieval import Proposals, merge, quotas
+from engine.retrieval import Proposals, ann_search, merge, quotas
 from index_builder import build_bundle
 
 
@@ -324,10 +324,16 @@ def test_user_top_tables_answer_as_the_live_search(tabled_engine, options, monke
         assert a.sources == b.sources and a.candidates == b.candidates
 
 
-def test_known_users_plain_request_does_not_search_cf_or_towers(tabled_engine, monkeypatch):
-    engine, searched = tabled_engine, []
-    search = __import__("engine.retrieval", fromlist=["ann_search"]).ann_search
-    monkeypatch.setattr("engine.retrieval.ann_search", lambda index, *a: searched.append(index) or search(index, *a))
+@pytest.fixture
+def searched(monkeypatch) -> list:
+    """The FAISS indexes searched (engine.retrieval.ann_search) while the test runs."""
+    indexes: list = []
+    monkeypatch.setattr("engine.retrieval.ann_search", lambda index, *a: indexes.append(index) or ann_search(index, *a))
+    return indexes
+
+
+def test_known_users_plain_request_does_not_search_cf_or_towers(tabled_engine, searched):
+    engine = tabled_engine
     engine.recommend("u5", k=10)
     engine.recommend_batch(["u5", "u6"], k=10)
     assert not {id(engine.sources[name].index) for name in ("cf", "towers")} & {id(i) for i in searched}
@@ -335,16 +341,15 @@ def test_known_users_plain_request_does_not_search_cf_or_towers(tabled_engine, m
     assert {id(engine.sources[name].index) for name in ("cf", "towers")} <= {id(i) for i in searched}
 
 
-def test_a_short_table_row_answers_unfiltered_requests_and_filtered_ones_search(tabled_engine, monkeypatch):
+def test_a_short_table_row_answers_unfiltered_requests_and_filtered_ones_search(tabled_engine, monkeypatch,
+                                                                               searched):
     """A row with fewer than K items holds everything the index returned for the user:
     an unfiltered request takes it as it is; a filtered one that it leaves short searches."""
-    engine, searched = tabled_engine, []
+    engine = tabled_engine
     u = engine.users.index("u8")
     table = engine.sources["towers"].top_items.copy()
     table[u, 40:] = -1  # as if the HNSW search had found 40 items only
     monkeypatch.setattr(engine.sources["towers"], "top_items", table)
-    search = __import__("engine.retrieval", fromlist=["ann_search"]).ann_search
-    monkeypatch.setattr("engine.retrieval.ann_search", lambda index, *a: searched.append(index) or search(index, *a))
     plain = engine.candidates("u8", n_candidates=100, sources=["towers"])["towers"]
     assert plain.tolist() == table[u, :40].tolist() and not searched
     genre = engine.genre_labels[2]
