@@ -597,7 +597,9 @@ def merge(proposals: list[tuple[str, Proposals]], n_candidates: int) -> Candidat
         return Candidates(rows, items, np.zeros(0, np.uint32), names)
     # Within a row, concatenation order is proposal order (source, then rank): a stable
     # sort by (row, item) puts each (row, item)'s first proposal first among its copies.
-    single = rows[0] == rows[-1]  # one row (a lone request): the item alone is the key
+    # One row (a lone request): the item alone is the key. The rows are concatenated
+    # source by source, so they are not sorted: every row must be checked, not the ends.
+    single = rows.min() == rows.max()
     key = items if single else rows * (int(items.max()) + 1) + items
     order = np.argsort(key, kind="stable")
     ordered = key[order]

@@ -137,6 +137,21 @@ def test_batch_equals_single(engine):
         np.testing.assert_allclose(got.scores, single.scores)
 
 
+@pytest.mark.parametrize("users", [["u3", "nobody"], ["nobody", "u3"], ["nobody", "u3", "nobody-2"]])
+def test_batch_of_one_known_user_and_unknown_ones_equals_single(engine, world, users):
+    """Only the known user has cf/towers/segment/recent proposals, so most proposals of
+    the batch belong to one row: the merge must still keep the rows apart (it once took
+    such a batch for a lone request, mixing users and returning seen items)."""
+    ds = world[0]
+    seen = set(ds.items.external(ds.user_items()[ds.users.index("u3")].indices))
+    batch = engine.recommend_batch(users, k=10)
+    for user, got in zip(users, batch):
+        single = engine.recommend(user, k=10)
+        np.testing.assert_array_equal(got.item_ids, single.item_ids)
+        np.testing.assert_array_equal(got.scores, single.scores)
+    assert not seen & set(batch[users.index("u3")].item_ids)
+
+
 def test_similar_items_and_score(engine, world):
     _, cf, _, _ = world
     sim = engine.similar_items("i4", k=5)
