@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -31,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from engine.errors import TandemError
+
+log = logging.getLogger("tandem.bundle")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -47,38 +50,73 @@ ADDED_ITEMS = "added_items.jsonl"
 
 
 def append_added_items(path: str | Path, records: list[dict]) -> None:
-    """Append items (``{"item_id", "features", "title"}``) to a journal file, durably."""
-    with open(path, "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append items (``{"item_id", "features", "title"}``) to a journal file, durably
+    (fsynced before returning), under an exclusive lock: the server processes of one
+    root append to one journal. A torn last line — an append cut short by a crash, never
+    acknowledged — is cut off first, so that the new records start on a line of their own."""
+    import fcntl
+
+    payload = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            whole = _whole_lines_length(fd, size)
+            log.warning(json.dumps({"event": "journal_torn_tail_cut", "file": str(path), "bytes": size - whole}))
+            os.ftruncate(fd, whole)
+            size = whole
+        os.pwrite(fd, payload, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
-def read_added_items(path: str | Path) -> list[dict]:
-    """The items of a journal file (none when it does not exist). A last line without
-    its newline — an append cut short by a crash — is ignored; any other line that is
-    not a record raises, naming file and line."""
+def _whole_lines_length(fd: int, size: int, chunk: int = 1 << 16) -> int:
+    """Bytes of a file up to and including its last newline (0 without one)."""
+    end = size
+    while end > 0:
+        start = max(0, end - chunk)
+        at = os.pread(fd, end - start, start).rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        end = start
+    return 0
+
+
+def read_added_items(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
+    """The items of a journal file from byte ``offset`` on (none when the file does not
+    exist), and the offset after the last whole line read, to continue from. A last line
+    without its newline (an append in progress, or cut short by a crash) is left for the
+    next read. A line that is not a record is logged, naming file and line, and skipped:
+    one bad line never stops a server from starting."""
     path = Path(path)
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
-    if lines and not text.endswith("\n"):
-        lines = lines[:-1]  # torn append: the records before it are whole (each was fsynced)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    whole = data[:data.rfind(b"\n") + 1]
     records = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(whole.split(b"\n")[:-1], 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
             if not isinstance(record, dict) or not isinstance(record.get("item_id"), str):
                 raise ValueError("expected an object with a string item_id")
-        except ValueError as e:
-            raise BundleError(f"{path}, line {n}: not an added-item record ({e})") from None
-        records.append({"item_id": record["item_id"], "features": dict(record.get("features") or {}),
-                        "title": str(record.get("title", ""))})
-    return records
+            features = record.get("features") or {}
+            if not isinstance(features, dict):
+                raise ValueError("features must be an object")
+        except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            where = f"line {n}" if offset == 0 else f"line {n} after byte {offset}"
+            log.warning(json.dumps({"event": "journal_line_skipped", "file": str(path), "where": where,
+                                    "error": str(e)[:200]}))
+            continue
+        records.append({"item_id": record["item_id"], "features": dict(features),
+                        "title": str(record.get("title", "") or "")})
+    return records, offset + len(whole)
 
 
 def root_of(bundle_path: str | Path) -> Path | None:

@@ -17,6 +17,7 @@ Every method returns :class:`Recommendations` — ``item_ids``, ``scores`` and
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -28,7 +29,9 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from engine.bundle import LoadedBundle
+from engine.catalogue import Catalogue, read_only
 from engine.cf import CFModel
+from engine.errors import InvalidRequest, shorten
 from engine.features import segment_labels
 from engine.lone_merge import LoneMerge
 from engine.ranking import BlendWeights, FoldedBlend, ScoreScale, top_k_desc, top_k_per_row
@@ -40,16 +43,13 @@ SOURCE_NAMES = ("cf", "towers", "popular", "segment", "recent")
 DEFAULT_SOURCE_WEIGHTS = {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1}
 BATCH_CHUNK = 256  # users served by one pass of the batch pipeline
 
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False
-    return array
+log = logging.getLogger("tandem.engine")
 
 
 # Shared one-user values of a known user's request (read-only: never written).
-_TRUE, _FALSE = _read_only(np.ones(1, bool)), _read_only(np.zeros(1, bool))
-_ZERO = _read_only(np.zeros(1, np.float32))
-_NO_ITEMS = _read_only(np.zeros(0, np.int64))
+_TRUE, _FALSE = read_only(np.ones(1, bool)), read_only(np.zeros(1, bool))
+_ZERO = read_only(np.zeros(1, np.float32))
+_NO_ITEMS = read_only(np.zeros(0, np.int64))
 
 
 @dataclass
@@ -88,16 +88,9 @@ class EngineConfig:
     segment_key: str = "zip_region"  # occupation, zip_region or age_band
     max_k: int = 1000
     max_candidates: int = 5000
-
-
-def _check_finite(features: Mapping, side: str) -> None:
-    """Refuse NaN / infinite numeric feature values (a missing value is left out instead)."""
-    for name, value in features.items():
-        values = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
-        for v in values:
-            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and not np.isfinite(v):
-                raise ValueError(f"{side} feature {name!r} is {v}: feature values must be finite "
-                                 "(leave a missing value out)")
+    # Longest item id / title / text feature value a request may carry (characters).
+    max_id_length: int = 256
+    max_text_length: int = 1024
 
 
 class Engine:
@@ -105,22 +98,23 @@ class Engine:
 
     def __init__(self, published: LoadedBundle, cf: CFModel, towers: TwoTowerModel, config: EngineConfig):
         self.bundle, self.cf, self.towers, self.config = published, cf, towers, config
-        self._lock = threading.RLock()  # add_items swaps tables; readers take snapshots
+        # Writers (add_items, journal syncs) one at a time; readers take no lock: they
+        # read one Catalogue reference (see engine.catalogue).
+        self._write_lock = threading.Lock()
         path = published.path
         tables = path / "tables"
 
         def load(name: str, folder: Path = tables, mmap_mode: str | None = None) -> np.ndarray:
             return np.load(folder / name, allow_pickle=False, mmap_mode=mmap_mode)
 
-        self.items = published.items
         self.users = published.users
-        self.popularity = load("popularity.npy").astype(np.float32)
+        popularity = load("popularity.npy").astype(np.float32)
         self.seen_indptr, self.seen_indices = load("seen_indptr.npy"), load("seen_indices.npy")
         self.recent = load("recent_liked.npy")
         # Bundles built before the neighbour table existed search cf_l2 live instead.
         neighbours = load("item_neighbours.npy") if (tables / "item_neighbours.npy").is_file() else None
-        self.titles = load("item_titles.npy") if (tables / "item_titles.npy").is_file() else None
-        self.genres = load("item_genres.npy") if (tables / "item_genres.npy").is_file() else None
+        titles = load("item_titles.npy") if (tables / "item_titles.npy").is_file() else None
+        genres = load("item_genres.npy") if (tables / "item_genres.npy").is_file() else None
         self.genre_labels: list[str] = list(published.manifest.get("genre_labels", []))
         self.segment_values: dict[str, np.ndarray] = {}
         segment_tops: dict[str, np.ndarray] = {}
@@ -133,7 +127,6 @@ class Engine:
             self.user_segments[:, j] = np.where(self.segment_values[key][of_user] != "", of_user, -1)
         self.n_cf_items = len(self.cf.items)  # items added live have no CF vector
         self.cf_item_offsets = cf.item_offsets
-        self.tower_item_vectors = towers.item_vectors
         # Known users' tower vectors, computed once: a request then only looks one up.
         self.user_tower_vectors = towers.known_user_vectors()
         idx = published.manifest["indexes"]
@@ -143,28 +136,32 @@ class Engine:
         # (np.asarray: a plain array over the mapping; np.memmap's slices cost more.)
         top = {name: np.asarray(load(f"user_top_{name}.npy", mmap_mode="r"))
                if (tables / f"user_top_{name}.npy").is_file() else None for name in ("cf_ip", "towers_ip")}
-        self._user_rows = _read_only(np.arange(len(self.users)))  # a lone user's top_rows entry is a view
-        self.sources = {
+        self._user_rows = read_only(np.arange(len(self.users)))  # a lone user's top_rows entry is a view
+        sources = {
             "cf": CFSource(published.index("cf_ip"), idx["cf_ip"]["search_params"], top["cf_ip"]),
             "towers": TowerSource(published.index("towers_ip"), idx["towers_ip"]["search_params"], top["towers_ip"]),
-            "popular": PopularitySource(self.popularity),
+            "popular": PopularitySource(popularity),
             "recent": RecentNeighboursSource(published.index("cf_l2"), idx["cf_l2"]["search_params"], cf.X,
                                              neighbours),
         }
         if config.segment_key in segment_tops:
-            self.sources["segment"] = SegmentSource(config.segment_key, segment_tops[config.segment_key])
+            sources["segment"] = SegmentSource(config.segment_key, segment_tops[config.segment_key])
         self.weights = BlendWeights(config.blend_towers, config.blend_cf)
         self._splits: dict = {}  # quota splits by available sources (see _quotas)
         self._names: dict = {}  # checked source lists (see _source_names)
-        self._every_item = np.zeros(0, bool)  # the unfiltered item mask (see _item_mask)
+        n_items = len(published.items)
+        self._catalogue = Catalogue(published.items, titles, genres, read_only(towers.item_vectors),
+                                    read_only(popularity), read_only(self._popularity_score(popularity)), sources,
+                                    read_only(np.ones(n_items, bool)))
+        self._journal_offset = 0  # bytes of the root's added-items journal already served
         # A known user's request holds views of these tables (see _known_user): read-only,
         # so nothing can write through them.
         for table in (cf.W, cf.user_bias, self.user_tower_vectors, self.recent, self.user_segments,
                       self.seen_indices):
-            _read_only(table)
-        self._no_cf_vector = _read_only(np.zeros((1, cf.W.shape[1]), np.float32))
+            read_only(table)
+        self._no_cf_vector = read_only(np.zeros((1, cf.W.shape[1]), np.float32))
         self._lone_merge: LoneMerge | None = LoneMerge()  # None: lone requests take the generic path
-        self._lone_merge.warm_up(self.sources, len(self.items))
+        self._lone_merge.warm_up(sources, n_items)
         top_k_desc(np.zeros(2, np.float32), 1)  # compiles (or loads) the small-k top-k now, not in a request
         self._fit_scales()
 
@@ -174,27 +171,41 @@ class Engine:
         published = LoadedBundle(path, verify=verify)
         engine = cls(published, CFModel.load(published.path / "cf"), TwoTowerModel.load(published.path / "towers"),
                      config or EngineConfig())
-        engine._replay_added_items()
-        return engine
-
-    def _replay_added_items(self) -> None:
-        """Serve the items added live before this load: those the bundle carries, then
-        those the root's journal gained since (see :mod:`engine.bundle`)."""
         from engine import bundle
 
-        root = bundle.root_of(self.bundle.path)
-        records = bundle.read_added_items(self.bundle.path / "tables" / bundle.ADDED_ITEMS)
-        if root is not None:
-            records += bundle.read_added_items(root / bundle.ADDED_ITEMS)
-        fresh, seen = [], set()
-        for r in records:
-            if r["item_id"] not in self.items and r["item_id"] not in seen:
-                seen.add(r["item_id"])
-                fresh.append(r)
-        if fresh:
-            self.add_items([r["item_id"] for r in fresh],
-                           [{**r["features"], **({"title": r["title"]} if r["title"] else {})} for r in fresh],
-                           persist=False)
+        engine._serve_added(bundle.read_added_items(published.path / "tables" / bundle.ADDED_ITEMS)[0])
+        engine.sync_added_items()
+        return engine
+
+    # ------------------------------------------------- the catalogue now
+    # Each reads the current Catalogue; a request reads it once (self._catalogue) instead.
+    @property
+    def items(self):
+        return self._catalogue.items
+
+    @property
+    def sources(self) -> dict:
+        return self._catalogue.sources
+
+    @property
+    def titles(self) -> np.ndarray | None:
+        return self._catalogue.titles
+
+    @property
+    def genres(self) -> np.ndarray | None:
+        return self._catalogue.genres
+
+    @property
+    def tower_item_vectors(self) -> np.ndarray:
+        return self._catalogue.tower_item_vectors
+
+    @property
+    def popularity(self) -> np.ndarray:
+        return self._catalogue.popularity
+
+    @property
+    def popularity_score(self) -> np.ndarray:
+        return self._catalogue.popularity_score
 
     @property
     def version(self) -> str:
@@ -207,32 +218,33 @@ class Engine:
         items = rng.choice(self.n_cf_items, min(2000, self.n_cf_items), replace=False)
         cf_sample = (self.cf.W[users] @ self.cf.X[items].T + self.cf.user_bias[users, None]
                      + self.cf_item_offsets[items])
-        tower_sample = self.user_tower_vectors[users] @ self.tower_item_vectors[items].T
+        tower_sample = self.user_tower_vectors[users] @ self.towers.item_vectors[items].T
         self.cf_scale, self.tower_scale = ScoreScale.fit(cf_sample), ScoreScale.fit(tower_sample)
-        log_pop = np.log1p(self.popularity)
-        self.popularity_score = ScoreScale.fit(log_pop)(log_pop).astype(np.float32)
+
+    @staticmethod
+    def _popularity_score(popularity: np.ndarray) -> np.ndarray:
+        """Standardised log-popularity: the score of a user with neither CF nor tower vector."""
+        log_pop = np.log1p(popularity)
+        return ScoreScale.fit(log_pop)(log_pop).astype(np.float32)
 
     # ------------------------------------------------------------- users
-    def _item_mask(self, exclude_items, include_items, filters) -> np.ndarray:
+    def _item_mask(self, cat: Catalogue, exclude_items, include_items, filters) -> np.ndarray:
         """Items a request may return before per-user exclusions: block-list, allow-list
         and attribute filters applied (read-only: shared by every unfiltered request)."""
         if not exclude_items and include_items is None and not filters:
-            if len(self._every_item) != len(self.items):  # (re)built after add_items
-                self._every_item = np.ones(len(self.items), bool)
-                self._every_item.flags.writeable = False
-            return self._every_item
-        allowed = np.ones(len(self.items), bool)
+            return cat.every_item
+        allowed = np.ones(cat.n_items, bool)
         if exclude_items:
-            allowed[self.items.indices(exclude_items)] = False
+            allowed[cat.items.indices(exclude_items)] = False
         if include_items is not None:
-            only = np.zeros(len(self.items), bool)
-            only[self.items.indices(include_items)] = True
+            only = np.zeros(cat.n_items, bool)
+            only[cat.items.indices(include_items)] = True
             allowed &= only
         if filters:
-            allowed &= self._filter_mask(filters)
+            allowed &= self._filter_mask(cat, filters)
         return allowed
 
-    def _requests(self, user_ids: Sequence, exclude_seen: bool, item_mask: np.ndarray,
+    def _requests(self, cat: Catalogue, user_ids: Sequence, exclude_seen: bool, item_mask: np.ndarray,
                   user_features: Mapping | None = None, ratings: Mapping[object, float] | None = None) -> Requests:
         """The retrieval and ranking context of many users (``item_mask`` from
         :meth:`_item_mask`, shared, not modified). Known users are looked up in the
@@ -240,11 +252,13 @@ class Engine:
         are for a single user."""
         n = len(user_ids)
         if (user_features or ratings) and n != 1:
-            raise ValueError("user_features and ratings describe one user")
+            raise InvalidRequest("user_features and ratings describe one user")
+        if user_features:
+            self._check_user_features(user_features)
         if n == 1 and not ratings and user_ids[0] is not None:
             known = self.users.get(user_ids[0])
             if known is not None:
-                return self._known_user(known, exclude_seen, item_mask)
+                return self._known_user(cat, known, exclude_seen, item_mask)
         u = self.users.indices_or_missing(user_ids)
         known = u >= 0
         has_cf = known & (u < len(self.cf.users))
@@ -271,28 +285,54 @@ class Engine:
             else {}
 
         if n == 1 and not known[0] and user_features:  # a new user described by features
-            _check_finite(user_features, "user")
             tower_vectors[0], has_tower[0] = self.towers.user_embeddings([dict(user_features)])[0], True
             for key, segment in self._segments_from_features(user_features).items():
                 segments[key][0] = segment
         if ratings:  # CF fold-in for this request
-            bad = [i for i, r in ratings.items() if not np.isfinite(float(r))]
-            if bad:
-                raise ValueError(f"ratings must be finite numbers; not for item(s) {bad[:5]}")
-            items = list(ratings.keys())
-            folded = self.cf.fold_in(items, [float(r) for r in ratings.values()])
+            items, values = self._checked_ratings(ratings)
+            folded = self.cf.fold_in(items, values)
+            if not (np.isfinite(folded.vector).all() and np.isfinite(folded.bias)):
+                raise InvalidRequest("the ratings are out of range: their fold-in gives no finite CF vector")
             cf_vectors[0], cf_bias[0], has_cf[0] = folded.vector, folded.bias, True
             top_rows = {}  # another vector, and more items excluded, than the tables assume
             if exclude_seen:
-                excluded = np.union1d(excluded, self.items.indices(items))
+                excluded = np.union1d(excluded, cat.items.indices(items))
                 indptr = np.array([0, len(excluded)], np.int64)
-            liked = [self.items.index(i) for i, r in ratings.items() if float(r) >= 4.0][::-1]
+            liked = [cat.items.index(i) for i, r in zip(items, values) if r >= 4.0][::-1]
             recent = np.full((1, max(len(liked), 1)), -1, np.int64)
             recent[0, :len(liked)] = liked
         return Requests(item_mask, indptr, excluded, cf_vectors, cf_bias, has_cf, tower_vectors, has_tower,
-                        recent, segments, filtered=item_mask is not self._every_item, top_rows=top_rows)
+                        recent, segments, filtered=item_mask is not cat.every_item, top_rows=top_rows)
 
-    def _known_user(self, u: int, exclude_seen: bool, item_mask: np.ndarray) -> Requests:
+    def _checked_ratings(self, ratings: Mapping[object, float]) -> tuple[list, list[float]]:
+        """A request's ``{item_id: rating}`` as ids and finite float ratings."""
+        items, values = list(ratings.keys()), []
+        for item, rating in ratings.items():
+            try:
+                value = float(rating)
+            except (TypeError, ValueError):
+                raise InvalidRequest(f"rating of item {shorten(item)} must be a number, got {shorten(rating)}") \
+                    from None
+            if not np.isfinite(value):
+                raise InvalidRequest(f"ratings must be finite numbers; not for item {shorten(item)}")
+            values.append(value)
+        return items, values
+
+    def _check_user_features(self, features: Mapping) -> None:
+        """Refuse a request's user features that name no feature of the user tower, or
+        carry values it cannot encode, even for a known user (whose stored vector is used)."""
+        self._check_texts(features.values(), "user feature value")
+        self.towers.user_pipeline.transform_dicts([dict(features)])
+
+    def _check_texts(self, values, what: str, limit: int | None = None) -> None:
+        """Refuse text values longer than ``limit`` (default ``max_text_length``) characters."""
+        limit = limit or self.config.max_text_length
+        for value in values:
+            if isinstance(value, str) and len(value) > limit:
+                raise InvalidRequest(f"{what} of {len(value):,} characters; at most {limit:,} "
+                                     f"(engine.max_{'id' if limit == self.config.max_id_length else 'text'}_length)")
+
+    def _known_user(self, cat: Catalogue, u: int, exclude_seen: bool, item_mask: np.ndarray) -> Requests:
         """:meth:`_requests` for one known user (the common request): read-only views of
         the bundle's rows instead of copies, so it costs a handful of slices."""
         row = slice(u, u + 1)
@@ -302,7 +342,7 @@ class Engine:
                         self.cf.W[row] if has_cf else self._no_cf_vector, self.cf.user_bias[row] if has_cf else _ZERO,
                         _TRUE if has_cf else _FALSE, self.user_tower_vectors[row], _TRUE, self.recent[row],
                         {key: self.user_segments[row, j] for j, key in enumerate(self.segment_values)},
-                        filtered=item_mask is not self._every_item, top_rows=self._top_rows(row, has_cf, exclude_seen))
+                        filtered=item_mask is not cat.every_item, top_rows=self._top_rows(row, has_cf, exclude_seen))
 
     def _top_rows(self, row: slice, has_cf: bool, exclude_seen: bool) -> dict[str, np.ndarray]:
         """A lone known user's ``Requests.top_rows``: views of their row number, for the
@@ -326,36 +366,36 @@ class Engine:
                 labels[key] = at
         return labels
 
-    def _filter_mask(self, filters: Mapping) -> np.ndarray:
+    def _filter_mask(self, cat: Catalogue, filters: Mapping) -> np.ndarray:
         """Items matching attribute filters: ``{"genres": ["Comedy", ...]}`` keeps items
         with any of the genres."""
-        mask = np.ones(len(self.items), bool)
+        mask = np.ones(cat.n_items, bool)
         for key, wanted in filters.items():
             if key != "genres":
-                raise ValueError(f"unknown filter {key!r}; filters: genres")
-            if self.genres is None:
-                raise ValueError("this bundle has no genres to filter on")
+                raise InvalidRequest(f"unknown filter {shorten(key)}; filters: genres")
+            if cat.genres is None:
+                raise InvalidRequest("this bundle has no genres to filter on")
             wanted = [wanted] if isinstance(wanted, str) else list(wanted)
             unknown = [g for g in wanted if g not in self.genre_labels]
             if unknown:
-                raise ValueError(f"unknown genre(s) {unknown}; genres: {self.genre_labels}")
+                raise InvalidRequest(f"unknown genre(s) {shorten(unknown)}; genres: {self.genre_labels}")
             cols = [self.genre_labels.index(g) for g in wanted]
-            mask &= self.genres[:, cols].any(axis=1)
+            mask &= cat.genres[:, cols].any(axis=1)
         return mask
 
     # -------------------------------------------------------- scoring
-    def _rank(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+    def _rank(self, cat: Catalogue, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Exact scores of (user ``rows[j]``, item ``items[j]``) pairs: the blend of the
         tower score and the CF prediction (:class:`FoldedBlend`; items added live have no
         CF vector: the CF mean stands in), or standardised popularity for a user with
         neither. A lone request computes the same float32 operations on scalars."""
         n_cf_items = self.n_cf_items
-        cf_items = np.where(items < n_cf_items, items, 0) if len(self.items) > n_cf_items else items
+        cf_items = np.where(items < n_cf_items, items, 0) if cat.n_items > n_cf_items else items
         if len(requests) == 1:
             fold = FoldedBlend.of_one(bool(requests.has_tower[0]), bool(requests.has_cf[0]),
                                       float(requests.cf_bias[0]), self.weights, self.tower_scale, self.cf_scale)
             if fold.none:
-                return self.popularity_score[items]
+                return cat.popularity_score[items]
             f32 = np.float32
             tower_query = requests.tower_vectors * f32(fold.tower_factor)
             cf_query = requests.cf_vectors * f32(fold.cf_factor)
@@ -373,8 +413,8 @@ class Engine:
         cf = self._dots(self.cf.X, cf_items, cf_query, rows) + cf_factor * self.cf_item_offsets[cf_items] + cf_const
         if cf_items is not items:  # live-added items: the CF mean, standardised to 0, stands in
             cf = np.where(items < n_cf_items, cf, np.float32(0))
-        scores = (self._dots(self.tower_item_vectors, items, tower_query, rows) + tower_const) + cf
-        return scores if none is None else np.where(none, self.popularity_score[items], scores)
+        scores = (self._dots(cat.tower_item_vectors, items, tower_query, rows) + tower_const) + cf
+        return scores if none is None else np.where(none, cat.popularity_score[items], scores)
 
     @staticmethod
     def _dots(matrix: np.ndarray, items: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -392,23 +432,30 @@ class Engine:
         return out
 
     def _check_k(self, k: int, n_candidates: int | None = None) -> None:
-        if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.config.max_k:
-            raise ValueError(f"k must be an integer between 1 and {self.config.max_k}, got {k!r}")
-        if n_candidates is not None and not 1 <= n_candidates <= self.config.max_candidates:
-            raise ValueError(f"n_candidates must be between 1 and {self.config.max_candidates}, got {n_candidates!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.config.max_k:
+            raise InvalidRequest(f"k must be an integer between 1 and {self.config.max_k}, got {shorten(k)}")
+        if n_candidates is not None and (isinstance(n_candidates, bool) or not isinstance(n_candidates, (int, np.integer))
+                                         or not 1 <= n_candidates <= self.config.max_candidates):
+            raise InvalidRequest(f"n_candidates must be an integer between 1 and {self.config.max_candidates}, "
+                                 f"got {shorten(n_candidates)}")
 
-    def _result(self, items: np.ndarray, scores: np.ndarray, sources: list, candidates: dict | None = None
-                ) -> Recommendations:
-        """The one return convention: item indices to external ids and titles."""
-        return Recommendations(self.items.external(items), np.asarray(scores, np.float32), sources,
-                               self._titles(items), candidates or {})
+    def _result(self, cat: Catalogue, items: np.ndarray, scores: np.ndarray, sources: list,
+                candidates: dict | None = None) -> Recommendations:
+        """The one return convention: item indices to external ids and titles. Scores
+        are finite for every request the engine accepts; a request whose values (an
+        extreme feature) would still give a non-finite one is refused, not answered."""
+        scores = np.asarray(scores, np.float32)
+        if not np.isfinite(scores).all():
+            raise InvalidRequest("the request's values give non-finite scores (a feature or rating out of range)")
+        return Recommendations(cat.items.external(items), scores, sources, self._titles(cat, items), candidates or {})
 
-    def _titles(self, items: np.ndarray) -> list[str]:
+    @staticmethod
+    def _titles(cat: Catalogue, items: np.ndarray) -> list[str]:
         """Display titles of item indices (the external id where there is none)."""
-        ids = self.items.external(items).tolist()
-        if self.titles is None:
+        ids = cat.items.external(items).tolist()
+        if cat.titles is None:
             return ids
-        return [str(t) or i for t, i in zip(self.titles[items].tolist(), ids)]
+        return [str(t) or i for t, i in zip(cat.titles[items].tolist(), ids)]
 
     # ------------------------------------------------------ public API
     def recommend(self, user_id: object | None = None, user_features: Mapping | None = None,
@@ -431,35 +478,37 @@ class Engine:
             sources: restrict retrieval to these sources (default: all available).
         """
         self._check_k(k, n_candidates)
-        requests = self._requests([user_id], exclude_seen, self._item_mask(exclude_items, include_items, filters),
-                                  user_features, ratings)
-        return self._serve(requests, k, n_candidates, sources)[0]
+        cat = self._catalogue
+        requests = self._requests(cat, [user_id], exclude_seen,
+                                  self._item_mask(cat, exclude_items, include_items, filters), user_features, ratings)
+        return self._serve(cat, requests, k, n_candidates, sources)[0]
 
-    def _serve(self, requests: Requests, k: int, n_candidates: int, sources: Sequence[str] | None
+    def _serve(self, cat: Catalogue, requests: Requests, k: int, n_candidates: int, sources: Sequence[str] | None
                ) -> list[Recommendations]:
         """Retrieval, merge and ranking of a batch of prepared requests."""
-        shares = self._quotas(requests, n_candidates, sources)
+        shares = self._quotas(cat, requests, n_candidates, sources)
         if len(requests) == 1 and self._lone_merge is not None:  # compiled: engine.lone_merge
             candidates, counts = self._lone_merge.candidates(
-                self.sources, requests, {name: int(q[0]) for name, q in shares.items()}, n_candidates, len(self.items))
+                cat.sources, requests, {name: int(q[0]) for name, q in shares.items()}, n_candidates, cat.n_items)
             proposed = [counts]
         else:
-            proposals = [(name, self.sources[name].propose(requests, quota)) for name, quota in shares.items()]
+            proposals = [(name, cat.sources[name].propose(requests, quota)) for name, quota in shares.items()]
             candidates = merge(proposals, n_candidates)
             # For monitoring: how many items each source available to a user proposed for them.
             counts = {name: found.counts(len(requests)).tolist() for name, found in proposals}
             active = {name: (quota > 0).tolist() for name, quota in shares.items()}
             proposed = [{name: c[u] for name, c in counts.items() if active[name][u]} for u in range(len(requests))]
-        scores = self._rank(requests, candidates.rows, candidates.items)
+        scores = self._rank(cat, requests, candidates.rows, candidates.items)
         top = top_k_per_row(candidates.rows, scores, k, len(requests))
         bounds = np.searchsorted(candidates.rows[top], np.arange(len(requests) + 1))
         results = []
         for u in range(len(requests)):
             at = top[bounds[u]:bounds[u + 1]]
-            results.append(self._result(candidates.items[at], scores[at], candidates.sources_at(at), proposed[u]))
+            results.append(self._result(cat, candidates.items[at], scores[at], candidates.sources_at(at),
+                                        proposed[u]))
         return results
 
-    def _quotas(self, requests: Requests, n_candidates: int, sources: Sequence[str] | None
+    def _quotas(self, cat: Catalogue, requests: Requests, n_candidates: int, sources: Sequence[str] | None
                 ) -> dict[str, np.ndarray]:
         """Each source's quota ``[U]`` per user: ``n_candidates`` split among the sources
         available to that user (0 where unavailable), in source order."""
@@ -469,15 +518,17 @@ class Engine:
         # names[j]), computed once per engine.
         if n == 1:
             pattern = None
-            codes = {sum(1 << j for j, name in enumerate(names) if self.sources[name].available_alone(requests))}
+            codes = {sum(1 << j for j, name in enumerate(names) if cat.sources[name].available_alone(requests))}
         else:
             pattern = np.zeros(n, np.int64)
             for j, name in enumerate(names):
-                pattern[self.sources[name].available(requests)] |= 1 << j
+                pattern[cat.sources[name].available(requests)] |= 1 << j
             codes = set(pattern.tolist())
         for code in codes:
             key = (names, code, n_candidates)
             if key not in self._splits:
+                if len(self._splits) >= 4096:  # bounded, whatever mix of options requests send
+                    self._splits.clear()
                 split = quotas(self.config.source_weights, [s for j, s in enumerate(names) if code >> j & 1],
                                n_candidates)
                 self._splits[key] = split, {name: np.array([q]) for name, q in split.items()}
@@ -496,7 +547,9 @@ class Engine:
             names = sources if sources is not None else SOURCE_NAMES
             unknown = [s for s in names if s not in SOURCE_NAMES]
             if unknown:
-                raise ValueError(f"unknown source(s) {unknown}; sources: {list(SOURCE_NAMES)}")
+                raise InvalidRequest(f"unknown source(s) {shorten(unknown)}; sources: {list(SOURCE_NAMES)}")
+            if len(set(names)) != len(names):  # (also keeps this cache small: orders of five names)
+                raise InvalidRequest(f"sources named more than once: {shorten(list(names))}")
             self._names[sources] = tuple(s for s in names if s in self.sources)
         return self._names[sources]
 
@@ -505,9 +558,10 @@ class Engine:
         """Retrieval alone, for evaluation: each available source's proposals (item
         indices, best first) for a user, under the quotas ``recommend`` would use."""
         self._check_k(1, n_candidates)
-        requests = self._requests([user_id], exclude_seen, self._item_mask((), None, None))
-        return {name: self.sources[name].propose(requests, quota).items
-                for name, quota in self._quotas(requests, n_candidates, sources).items()}
+        cat = self._catalogue
+        requests = self._requests(cat, [user_id], exclude_seen, cat.every_item)
+        return {name: cat.sources[name].propose(requests, quota).items
+                for name, quota in self._quotas(cat, requests, n_candidates, sources).items()}
 
     def recommend_batch(self, user_ids: Iterable[object], k: int = 10, n_candidates: int = 500,
                         exclude_seen: bool = True, exclude_items: Sequence[object] = (),
@@ -525,13 +579,15 @@ class Engine:
         that would start after it raises :class:`TimeoutError` instead."""
         users = list(user_ids)
         self._check_k(k, n_candidates)
-        item_mask = self._item_mask(exclude_items, include_items, filters)
+        self._check_texts(users, "user id", self.config.max_id_length)
+        cat = self._catalogue  # every chunk reads the same catalogue
+        item_mask = self._item_mask(cat, exclude_items, include_items, filters)
 
         def serve(start: int) -> list[Recommendations]:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"deadline passed after {start} of {len(users)} users")
             chunk = users[start:start + BATCH_CHUNK]
-            return self._serve(self._requests(chunk, exclude_seen, item_mask), k, n_candidates, sources)
+            return self._serve(cat, self._requests(cat, chunk, exclude_seen, item_mask), k, n_candidates, sources)
 
         starts = range(0, len(users), BATCH_CHUNK)
         workers = max(1, min(threads or os.cpu_count() or 1, 8, len(starts)))
@@ -544,80 +600,128 @@ class Engine:
               user_features: Mapping | None = None, ratings: Mapping[object, float] | None = None) -> Recommendations:
         """Exact ranking scores of caller-given items for one user, best first."""
         if not item_ids:
-            raise ValueError("score needs at least one item id")
-        requests = self._requests([user_id], False, self._item_mask((), None, None), user_features, ratings)
-        items = self.items.indices(item_ids)
-        scores = self._rank(requests, np.zeros(len(items), np.int64), items)
+            raise InvalidRequest("score needs at least one item id")
+        cat = self._catalogue
+        items = cat.items.indices(item_ids)
+        requests = self._requests(cat, [user_id], False, cat.every_item, user_features, ratings)
+        scores = self._rank(cat, requests, np.zeros(len(items), np.int64), items)
         order = np.argsort(-scores, kind="stable")
-        return self._result(items[order], scores[order], [("request",)] * len(order))
+        return self._result(cat, items[order], scores[order], [("request",)] * len(order))
 
     def similar_items(self, item_id: object, k: int = 10) -> Recommendations:
         """Items nearest ``item_id`` by squared distance, ascending, the item excluded:
         CF item vectors through the ``cf_l2`` index, or tower vectors (``|a - b|^2 =
         2 - 2 a.b`` for unit vectors) for items added live without a CF vector."""
         self._check_k(k)
-        i = self.items.index(item_id)
+        cat = self._catalogue
+        i = cat.items.index(item_id)
         if i < self.n_cf_items:
             ids, dist = self.bundle.similar_items(item_id, k, item_vectors=self.cf.X)
-            return self._result(self.items.indices(ids), dist, [("cf_l2",)] * len(ids))
-        sims = self.tower_item_vectors @ self.tower_item_vectors[i]
+            return self._result(cat, cat.items.indices(ids), dist, [("cf_l2",)] * len(ids))
+        sims = cat.tower_item_vectors @ cat.tower_item_vectors[i]
         sims[i] = -np.inf
         top = np.argsort(-sims, kind="stable")[:k]
-        return self._result(top, (2 - 2 * sims[top]).astype(np.float32),
-                               [("towers",)] * len(top))
+        return self._result(cat, top, (2 - 2 * sims[top]).astype(np.float32), [("towers",)] * len(top))
 
     def add_items(self, item_ids: Sequence[object], item_features: Sequence[Mapping], persist: bool = True) -> int:
         """Add new items, embedded by the item tower from their features (plus an optional
-        ``"title"``), to the live tower index; they are served at once. With ``persist``
-        (and an engine loaded from a bundle root) they are also appended to the root's
-        ``added_items.jsonl``: replayed by every later load and copied into the next
-        bundle by ``make index``. Returns the catalogue size after the addition."""
-        if len(item_ids) != len(item_features) or not item_ids:
-            raise ValueError("add_items needs one feature dict per item id, and at least one item")
-        new_ids = [str(i) for i in item_ids]
-        existing = [i for i in new_ids if i in self.items]
-        if existing:
-            raise ValueError(f"item id(s) already in the catalogue: {existing[:5]}")
-        if len(set(new_ids)) != len(new_ids):
-            raise ValueError(f"item ids repeated in the request: {new_ids[:5]}")
-        for f in item_features:
-            _check_finite(f, "item")
-        # "title" is display metadata, not a model feature.
-        vectors = self.towers.item_embeddings([{k: v for k, v in f.items() if k != "title"} for f in item_features])
+        ``"title"``); they are served from the next request on. With ``persist`` (and an
+        engine loaded from a bundle root) they are first appended to the root's
+        ``added_items.jsonl``: replayed by every later load, picked up by the other server
+        processes of the root (:meth:`sync_added_items`), and copied into the next bundle
+        by ``make index``. All or nothing: a rejected request changes nothing. Returns
+        the catalogue size after the addition."""
+        new_ids, features, titles, vectors, genres = self._checked_items(item_ids, item_features)
         from engine import bundle
-        from engine.data import IdMap
 
-        with self._lock:
-            # Per-item tables grow first, then the id map, then the index: a request in
-            # flight never meets an item index its tables or masks do not cover.
-            # The towers table ranks the bundle's items only: from now on that source searches.
-            self.sources["towers"].top_items = None
-            popularity_score = np.full(len(new_ids), self.popularity_score.min(), np.float32)
-            self.tower_item_vectors = np.vstack([self.tower_item_vectors, vectors])
-            self.popularity = np.r_[self.popularity, np.zeros(len(new_ids), np.float32)]
-            self.popularity_score = np.r_[self.popularity_score, popularity_score]
-            if self.genres is not None:
-                rows = np.zeros((len(new_ids), self.genres.shape[1]), np.uint8)
-                for r, f in enumerate(item_features):
-                    if "genres" in f:
-                        rows[r] = np.asarray(f["genres"], np.uint8)
-                self.genres = np.vstack([self.genres, rows])
-            if self.titles is not None:
-                self.titles = np.r_[self.titles, [str(f.get("title", i)) for i, f in zip(new_ids, item_features)]]
-            self.items = IdMap(np.concatenate([self.items.ids, np.asarray(new_ids)]), "item")
-            self.bundle.items = self.items
-            self.sources["towers"].index.add(np.ascontiguousarray(vectors, np.float32))
+        with self._write_lock:
+            cat = self._catalogue
+            existing = [i for i in new_ids if i in cat.items]
+            if existing:
+                raise InvalidRequest(f"item id(s) already in the catalogue: {shorten(existing[:5])}")
             root = bundle.root_of(self.bundle.path)
-            if persist and root is not None:
+            if persist and root is not None:  # durable before it is served or acknowledged
                 bundle.append_added_items(root / bundle.ADDED_ITEMS, [
-                    {"item_id": i, "title": str(f.get("title", "")),
-                     "features": {k: (np.asarray(v).tolist() if isinstance(v, (list, tuple, np.ndarray)) else v)
-                                  for k, v in f.items() if k != "title"}}
-                    for i, f in zip(new_ids, item_features)])
-        return len(self.items)
+                    {"item_id": i, "title": t, "features": f} for i, t, f in zip(new_ids, titles, features)])
+            self._append(new_ids, titles, vectors, genres)
+            return self._catalogue.n_items
+
+    def _checked_items(self, item_ids: Sequence[object], item_features: Sequence[Mapping]):
+        """Items to add, validated and embedded before anything changes: ``(ids, features
+        as JSON-ready dicts without the title, titles, tower vectors, genre rows or None)``."""
+        if len(item_ids) != len(item_features) or not item_ids:
+            raise InvalidRequest("add_items needs one feature dict per item id, and at least one item")
+        new_ids = [str(i) for i in item_ids]
+        if any(not i for i in new_ids):
+            raise InvalidRequest("item ids must not be empty")
+        self._check_texts(new_ids, "item id", self.config.max_id_length)
+        if len(set(new_ids)) != len(new_ids):
+            raise InvalidRequest(f"item ids repeated in the request: {shorten(new_ids[:5])}")
+        features, titles = [], []
+        for f in item_features:
+            if not isinstance(f, Mapping):
+                raise InvalidRequest(f"item features must be a mapping, got {shorten(f)}")
+            self._check_texts([f.get("title")], "item title")
+            self._check_texts([v for name, v in f.items() if name != "title"], "item feature value")
+            titles.append(str(f.get("title", "") or ""))
+            # "title" is display metadata, not a model feature.
+            features.append({name: (np.asarray(v).tolist() if isinstance(v, (list, tuple, np.ndarray)) else v)
+                             for name, v in f.items() if name != "title"})
+        vectors = self.towers.item_embeddings([dict(f) for f in features])  # checks names and values
+        if not np.isfinite(vectors).all():
+            raise InvalidRequest("item features out of range: the item tower gives a non-finite vector")
+        genres = None
+        if self.genres is not None:
+            genres = np.zeros((len(new_ids), self.genres.shape[1]), np.uint8)
+            for r, f in enumerate(features):
+                if "genres" in f:  # the item tower checked the width and that the flags are 0 or 1
+                    genres[r] = np.asarray(f["genres"], np.float64) != 0
+        return new_ids, features, titles, vectors, genres
+
+    def sync_added_items(self) -> int:
+        """Serve the items other processes (or an earlier run) appended to the bundle
+        root's journal since this engine last read it. Records that cannot be served (a
+        duplicate id, features this bundle's item tower does not know) are logged and
+        skipped, never fatal. Returns how many items were added."""
+        from engine import bundle
+
+        root = bundle.root_of(self.bundle.path)
+        if root is None:
+            return 0
+        with self._write_lock:
+            records, self._journal_offset = bundle.read_added_items(root / bundle.ADDED_ITEMS, self._journal_offset)
+            return self._serve_added(records)
+
+    def _serve_added(self, records: list[dict]) -> int:
+        """Add journal records not yet served, one batch where it can, one by one where a
+        record is refused (so that one bad record does not hide the rest)."""
+        fresh = {r["item_id"]: r for r in records if r["item_id"] not in self._catalogue.items}
+        if not fresh:
+            return 0
+        batch = list(fresh.values())
+        ids = [r["item_id"] for r in batch]
+        features = [{**r["features"], **({"title": r["title"]} if r["title"] else {})} for r in batch]
+        try:
+            checked = [self._checked_items(ids, features)]
+        except InvalidRequest:
+            checked = []
+            for i, f in zip(ids, features):
+                try:
+                    checked.append(self._checked_items([i], [f]))
+                except InvalidRequest as e:
+                    log.warning("added item %s skipped: %s", shorten(i), e)
+        for new_ids, _, titles, vectors, genres in checked:
+            self._append(new_ids, titles, vectors, genres)
+        return sum(len(c[0]) for c in checked)
+
+    def _append(self, new_ids: list[str], titles: list[str], vectors: np.ndarray, genres: np.ndarray | None) -> None:
+        """Swap in the catalogue with these (checked, new) items: one reference assignment."""
+        self._catalogue = self._catalogue.with_items(new_ids, vectors, genres,
+                                                     [t or i for i, t in zip(new_ids, titles)])
 
     def title(self, item_id: object) -> str:
         """A readable title (the id when the bundle has none, or the item is unknown)."""
-        if item_id not in self.items:
+        cat = self._catalogue
+        if item_id not in cat.items:
             return str(item_id)
-        return self._titles(np.array([self.items.index(item_id)]))[0]
+        return self._titles(cat, np.array([cat.items.index(item_id)]))[0]

@@ -40,3 +40,16 @@ class UnknownIdError(TandemError, KeyError):
 
 class ConfigError(TandemError, ValueError):
     """A configuration file or override is invalid."""
+
+
+class InvalidRequest(TandemError, ValueError):
+    """A request the engine refuses: a bad argument, a value out of range, an unknown
+    feature, filter or source. The gRPC service answers it ``INVALID_ARGUMENT`` (and only
+    it: any other exception inside a request is a bug, answered ``INTERNAL``)."""
+
+
+def shorten(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages: a message must
+    not echo a huge value back (gRPC caps the size of a status message's metadata)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

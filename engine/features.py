@@ -27,6 +27,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from engine.data import Dataset, FeatureTable
+from engine.errors import InvalidRequest, shorten
 
 UNKNOWN = "<unknown>"
 
@@ -70,7 +71,7 @@ class ColumnEncoder:
             return out
         v = np.asarray(values, np.float32).reshape(n, -1)
         if v.shape[1] != self.width:
-            raise ValueError(f"feature {self.name!r} has {v.shape[1]} values, expected {self.width}")
+            raise InvalidRequest(f"feature {self.name!r} has {v.shape[1]} values, expected {self.width}")
         return v
 
     def to_json(self) -> dict:
@@ -154,7 +155,7 @@ class FeaturePipeline:
         for r in rows:
             unknown = set(r) - known
             if unknown:
-                raise ValueError(f"unknown {self.side} feature(s) {sorted(unknown)}; known: {sorted(known)}")
+                raise InvalidRequest(f"unknown {self.side} feature(s) {shorten(sorted(unknown))}; known: {sorted(known)}")
         parts = []
         for e in self.encoders:
             if e.kind == "multihot":
@@ -183,9 +184,9 @@ def _as_float(name: str, value: object) -> float:
     try:
         v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"feature {name!r} must be a number, got {value!r}") from None
+        raise InvalidRequest(f"feature {name!r} must be a number, got {shorten(value)}") from None
     if not np.isfinite(v):
-        raise ValueError(f"feature {name!r} must be finite, got {value!r}")
+        raise InvalidRequest(f"feature {name!r} must be finite, got {value!r}")
     return v
 
 

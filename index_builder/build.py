@@ -246,7 +246,7 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
     np.save(tables / "recent_liked.npy", recent_liked(dataset), allow_pickle=False)
     np.save(tables / "item_neighbours.npy", neighbours, allow_pickle=False)
     journal = root / bundle.ADDED_ITEMS  # items added live so far travel with the bundle
-    added = [r for r in bundle.read_added_items(journal) if r["item_id"] not in dataset.items]
+    added = [r for r in bundle.read_added_items(journal)[0] if r["item_id"] not in dataset.items]
     if added:
         bundle.append_added_items(tables / bundle.ADDED_ITEMS, added)
         log(f"  carrying {len(added)} item(s) added live (from {journal})")

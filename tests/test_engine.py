@@ -278,7 +278,7 @@ def test_compiled_lone_merge_equals_the_generic_path(engine, options):
 def test_compiled_lone_merge_searches_live_when_filters_exhaust_the_table(engine, monkeypatch):
     """Where a recent like's table row runs out of allowed items, the compiled path has
     the recent source search live, as the generic path does, with the same answer."""
-    liked = engine._requests(["u3"], True, engine._item_mask((), None, None)).recent_liked[0]
+    liked = engine._requests(engine._catalogue, ["u3"], True, engine._catalogue.every_item).recent_liked[0]
     tabled = engine.sources["recent"].neighbours[liked[liked >= 0]].ravel()
     blocked = list(engine.items.external(np.unique(tabled[tabled >= 0])))
     live = []
@@ -368,7 +368,7 @@ def test_a_short_table_row_answers_unfiltered_requests_and_filtered_ones_search(
     plain = engine.candidates("u8", n_candidates=100, sources=["towers"])["towers"]
     assert plain.tolist() == table[u, :40].tolist() and not searched
     genre = engine.genre_labels[2]
-    in_row = int(engine._filter_mask({"genres": [genre]})[table[u, :40]].sum())
+    in_row = int(engine._filter_mask(engine._catalogue, {"genres": [genre]})[table[u, :40]].sum())
     got = engine.recommend("u8", k=25, n_candidates=100, sources=["towers"], filters={"genres": [genre]})
     assert searched and len(got) == 25 > in_row  # more than the row holds of that genre
 
@@ -403,11 +403,11 @@ def test_item_neighbour_table_is_the_exact_squared_distance_order(engine, world)
 
 
 def test_recent_source_searches_live_when_filters_exhaust_the_table(engine):
-    liked = engine._requests(["u3"], True, engine._item_mask((), None, None)).recent_liked[0]
+    liked = engine._requests(engine._catalogue, ["u3"], True, engine._catalogue.every_item).recent_liked[0]
     far = engine.sources["recent"].neighbours[liked[liked >= 0]].ravel()
     mask = np.ones(len(engine.items), bool)
     mask[far[far >= 0]] = False  # a filter that removes every tabled neighbour
-    requests = engine._requests(["u3"], True, mask)
+    requests = engine._requests(engine._catalogue, ["u3"], True, mask)
     allowed = requests.allowed_of(0, np.arange(len(engine.items)))
     proposed = engine.sources["recent"].propose(requests, np.array([20])).items
     # Up to 20 (likes may share neighbours), all allowed, all found beyond the table.
@@ -430,12 +430,29 @@ def test_added_items_survive_reload_and_travel_with_the_next_bundle(world, tmp_p
     assert rebuilt.version != engine.version and "late-1" in rebuilt.items
     np.testing.assert_allclose(rebuilt.tower_item_vectors[rebuilt.items.index("late-1")],
                                again.tower_item_vectors[again.items.index("late-1")], rtol=1e-5)
+
+
+def test_the_add_journal_survives_a_torn_tail_and_bad_lines(world, tmp_path, caplog):
+    """A crash mid-append leaves a torn last line: it is ignored at load, and cut off by
+    the next append, so the item added after it survives the next start. A bad line
+    anywhere is logged (file and line) and skipped, never a failure to start."""
+    import shutil
+
+    mine = tmp_path / "root"
+    shutil.copytree(world[3], mine, symlinks=True)
     journal = mine / "added_items.jsonl"
     journal.write_text('{"item_id": "y", "features": {"year": 2020}}\n{"item_id": "x", "feat')  # torn append
-    assert "y" in Engine.load(mine).items  # the whole records load, the torn one is ignored
-    journal.write_text('not json\n{"item_id": "y", "features": {}}\n')
-    with pytest.raises(Exception, match="added_items.jsonl, line 1"):
-        Engine.load(mine)
+    engine = Engine.load(mine)
+    assert "y" in engine.items and "x" not in engine.items
+    engine.add_items(["z"], [{"year": 2021}])
+    assert journal.read_text().endswith('"item_id": "z", "title": ""}\n')
+    again = Engine.load(mine)
+    assert {"y", "z"} <= set(again.items.ids.tolist()) and "x" not in again.items
+    journal.write_text('not json\n{"item_id": "y", "features": {}}\n{"item_id": "w", "features": {"shoe": 1}}\n')
+    with caplog.at_level("WARNING"):
+        loaded = Engine.load(mine)
+    assert "y" in loaded.items and "w" not in loaded.items  # an unknown feature: skipped alone
+    assert "added_items.jsonl" in caplog.text and "line 1" in caplog.text and "shoe" in caplog.text
 
 
 def test_batch_stops_at_its_deadline(engine):

@@ -76,8 +76,22 @@ class IdMap:
         return np.fromiter((-1 if e is None else lookup.get(str(e), -1) for e in external_ids), np.int64)
 
     def external(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
-        """External ids ``[n]`` of dense indices."""
-        return self.ids[np.asarray(indices, dtype=np.int64)]
+        """External ids ``[n]`` (unicode) of dense indices."""
+        ids = self.ids[np.asarray(indices, dtype=np.int64)]
+        return ids if ids.dtype.kind == "U" else ids.astype(str)
+
+    def extended(self, new_ids: Sequence[str]) -> "IdMap":
+        """A new map with ``new_ids`` (strings, not yet in this map) appended; this one is
+        unchanged. The ids are then held as Python strings (an object array), so that one
+        long id costs its own length, not that length for every id as a fixed-width
+        unicode array would; :meth:`external` still returns unicode arrays."""
+        grown = IdMap.__new__(IdMap)
+        grown.ids = np.array(self.ids.tolist() + list(new_ids), object)
+        grown.kind = self.kind
+        lookup = dict(self._lookup())
+        lookup.update((s, len(self.ids) + k) for k, s in enumerate(new_ids))
+        grown._index = lookup
+        return grown
 
 
 @dataclass
