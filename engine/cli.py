@@ -235,7 +235,8 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
     root = Path(args.bundle or config["paths"]["bundles"])
     if processes > 1:
         return _serve_processes(args, cfg, processes, root)
-    cfg["token"] = args.token or os.environ.get("TANDEM_TOKEN") or None
+    cfg["token"] = _token(args)
+    cfg["reuse_port"] = bool(args.reuse_port)
     cfg["metrics_port"] = None if cfg["metrics_port"] is None or int(cfg["metrics_port"]) < 0 else int(cfg["metrics_port"])
     cfg["tls_cert"], cfg["tls_key"] = cfg["tls_cert"] or None, cfg["tls_key"] or None
     try:
@@ -268,14 +269,38 @@ def _serve_processes(args: argparse.Namespace, cfg: dict, processes: int, root: 
                 "--workers", str(cfg["workers"]), "--log-level", args.log_level]
     command += ["--tls-cert", cfg["tls_cert"], "--tls-key", cfg["tls_key"]] if cfg["tls_cert"] else []
     command += ["--token-all"] if cfg["token_all"] else []
-    if args.token:  # passed on in the environment, not on a command line others can read
-        os.environ["TANDEM_TOKEN"] = args.token
+    token = _token(args)
+    if token:  # passed on in the environment, not on a command line others can read
+        os.environ["TANDEM_TOKEN"] = token
+    command += ["--reuse-port"]  # the group's processes, and only they, share the port
     metrics_port = cfg["metrics_port"]
     metrics_port = None if metrics_port is None or int(metrics_port) < 0 else int(metrics_port)
     # Each process has server.grace seconds for its in-flight requests, and its own
     # watchdog a little beyond; the supervisor kills only what outlives both.
     return serve_processes(processes, command, str(cfg["host"]), int(cfg["port"]), metrics_port, args.port_file,
                            stop_timeout=float(cfg["grace"]) + 2 * SHUTDOWN_MARGIN)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token-file, --token or $TANDEM_TOKEN (in that order), or
+    None. A token that is set but empty is refused: it would silently turn auth off."""
+    import os
+
+    if args.token_file:
+        try:
+            token, origin = Path(args.token_file).read_text(encoding="utf-8").strip(), args.token_file
+        except OSError as e:
+            raise ConfigError(f"--token-file {args.token_file}: {e.strerror}") from None
+    elif args.token is not None:
+        token, origin = args.token, "--token"
+    elif "TANDEM_TOKEN" in os.environ:
+        token, origin = os.environ["TANDEM_TOKEN"], "TANDEM_TOKEN"
+    else:
+        return None
+    if not token.strip():
+        raise ConfigError(f"{origin} is set but empty: refusing to serve without authentication by accident "
+                          "(unset it to serve without a token)")
+    return token
 
 
 def engine_config(config: dict):
@@ -529,12 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="serve the published bundle over gRPC (hot reload, health, reflection, metrics)",
         description="Serve <paths.bundles> over gRPC until SIGTERM/SIGINT. The bearer token comes from "
-                    "--token or the TANDEM_TOKEN environment variable; when set it is required on the Admin "
-                    "service (and on every rpc with --token-all).")
+                    "--token-file, --token or the TANDEM_TOKEN environment variable; when set it is required on "
+                    "the Admin service and on AddItems (and on every rpc with --token-all). An empty token is "
+                    "refused. Prefer --token-file or TANDEM_TOKEN: a --token is visible to every local user in "
+                    "the process list.")
     serve.add_argument("--bundle", metavar="ROOT", help="bundle root holding current (default: paths.bundles)")
     serve.add_argument("--host", help="address to bind (default: server.host)")
     serve.add_argument("--port", type=int, help="port (default: server.port; 0 = any free port)")
-    serve.add_argument("--token", help="bearer token (default: $TANDEM_TOKEN; none = no authentication)")
+    serve.add_argument("--token", help="bearer token (default: $TANDEM_TOKEN; none = no authentication); "
+                       "visible to other local users in the process list: prefer --token-file")
+    serve.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file (one line)")
     serve.add_argument("--token-all", action="store_true", default=None, help="require the token on every rpc")
     serve.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (TLS with --tls-key)")
     serve.add_argument("--tls-key", metavar="PEM", help="server private key")
@@ -543,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "about one per core (default: server.processes)")
     serve.add_argument("--workers", type=int, help="request threads per process (default: server.workers)")
     serve.add_argument("--port-file", metavar="PATH", help="write the bound port there once serving (for scripts)")
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set by --processes for its group
     serve.add_argument("--log-level", default="INFO", help="INFO (default) or DEBUG (a JSON line per request)")
     serve.set_defaults(handler=cmd_serve)
 

@@ -10,7 +10,10 @@ Methods mirror :class:`engine.Engine` and return the same
 ``titles``), so code can switch between the embedded library and the service.
 Failures raise :class:`grpc.RpcError`; ``error.code()`` is ``INVALID_ARGUMENT`` for a
 bad request, ``NOT_FOUND`` for an unknown item, ``UNAUTHENTICATED`` without the token,
-``DEADLINE_EXCEEDED`` past ``timeout``.
+``DEADLINE_EXCEEDED`` past ``timeout``. The first two are also the library's own types,
+as the embedded engine raises them: :class:`~engine.errors.InvalidRequest` and
+:class:`~engine.errors.UnknownIdError` (:class:`RemoteInvalidRequest`,
+:class:`RemoteUnknownId`), so one ``except`` serves both faces.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import grpc
 import numpy as np
 
 from engine.engine import Recommendations
+from engine.errors import InvalidRequest, UnknownIdError
 from engine.rpc import tandem_pb2 as pb
 from engine.rpc import tandem_pb2_grpc as pb_grpc
 
@@ -38,10 +42,39 @@ def _feature_map(features: Mapping | None) -> dict:
     return out
 
 
-def _recommendations(items) -> Recommendations:
+def _recommendations(items, candidates=None) -> Recommendations:
     return Recommendations(np.array([i.item_id for i in items], dtype=str),
                            np.array([i.score for i in items], np.float32), [tuple(i.sources) for i in items],
-                           [i.title for i in items])
+                           [i.title for i in items], dict(candidates or {}))
+
+
+class _RemoteError(grpc.RpcError):
+    """A failed call, with the failed call's ``code()`` and ``details()``."""
+
+    def __init__(self, error: grpc.RpcError):
+        self._error = error
+        super().__init__(error.details())
+
+    def code(self) -> grpc.StatusCode:
+        return self._error.code()
+
+    def details(self) -> str:
+        return self._error.details()
+
+    def __str__(self) -> str:
+        return self._error.details() or ""
+
+
+class RemoteInvalidRequest(_RemoteError, InvalidRequest):
+    """``INVALID_ARGUMENT`` from the server: an :class:`~engine.errors.InvalidRequest`."""
+
+
+class RemoteUnknownId(_RemoteError, UnknownIdError):
+    """``NOT_FOUND`` from the server: an :class:`~engine.errors.UnknownIdError`."""
+
+
+_AS_LIBRARY_ERROR = {grpc.StatusCode.INVALID_ARGUMENT: RemoteInvalidRequest,
+                     grpc.StatusCode.NOT_FOUND: RemoteUnknownId}
 
 
 class Client:
@@ -85,7 +118,13 @@ class Client:
         self._channel.close()
 
     def _call(self, method, request, timeout: float | None):
-        return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            as_library = _AS_LIBRARY_ERROR.get(error.code())
+            if as_library is None:
+                raise
+            raise as_library(error) from None
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the channel connects (raises ``grpc.FutureTimeoutError``)."""
@@ -98,7 +137,7 @@ class Client:
         filters = dict(filters or {})
         genres = filters.pop("genres", [])
         if filters:
-            raise ValueError(f"unknown filter(s) {sorted(filters)}; filters: genres")
+            raise InvalidRequest(f"unknown filter(s) {sorted(filters)}; filters: genres")
         return pb.RecommendRequest(
             user_id="" if user_id is None else str(user_id), user_features=_feature_map(user_features),
             ratings={str(i): float(r) for i, r in (ratings or {}).items()}, k=k, n_candidates=n_candidates,
@@ -114,7 +153,8 @@ class Client:
         """Top ``k`` items for one user; the arguments are :meth:`engine.Engine.recommend`'s."""
         request = self._recommend_request(user_id, user_features, ratings, k, n_candidates, exclude_seen,
                                           exclude_items, include_items, filters, sources)
-        return _recommendations(self._call(self._recommender.Recommend, request, timeout).items)
+        reply = self._call(self._recommender.Recommend, request, timeout)
+        return _recommendations(reply.items, reply.candidates)
 
     def recommend_batch(self, user_ids: Sequence[object], k: int = 10, timeout: float | None = None,
                         **options) -> list[Recommendations]:
@@ -122,7 +162,7 @@ class Client:
         request = pb.RecommendBatchRequest(user_ids=[str(u) for u in user_ids],
                                            options=self._recommend_request(k=k, **options))
         reply = self._call(self._recommender.RecommendBatch, request, timeout)
-        return [_recommendations(r.items) for r in reply.results]
+        return [_recommendations(r.items, r.candidates) for r in reply.results]
 
     def similar_items(self, item_id: object, k: int = 10, timeout: float | None = None) -> Recommendations:
         """Items nearest ``item_id`` (scores are squared distances, ascending)."""
@@ -143,7 +183,7 @@ class Client:
         """Add items (features plus an optional ``"title"``) to the live index; returns
         the catalogue size."""
         if len(item_ids) != len(item_features):
-            raise ValueError("add_items needs one feature dict per item id")
+            raise InvalidRequest("add_items needs one feature dict per item id")
         items = []
         for item_id, features in zip(item_ids, item_features):
             features = dict(features)

@@ -159,12 +159,17 @@ class FeaturePipeline:
         parts = []
         for e in self.encoders:
             if e.kind == "multihot":
-                col = np.array([np.asarray(r.get(e.name, np.zeros(e.width)), np.float32) for r in rows])
-                col = col.reshape(len(rows), e.width)
+                col = np.array([_as_flags(e, r.get(e.name)) for r in rows], np.float32).reshape(len(rows), e.width)
             elif e.kind == "numeric":
                 col = np.array([_as_float(e.name, r.get(e.name)) for r in rows], np.float64)
+                z = np.abs(col - e.mean) / e.std
+                if (z > MAX_STANDARD_SCORE).any():
+                    bad = col[np.nan_to_num(z) > MAX_STANDARD_SCORE][0]
+                    raise InvalidRequest(f"feature {e.name!r} = {bad:g} is out of range: more than "
+                                         f"{MAX_STANDARD_SCORE:g} standard deviations from the training mean "
+                                         f"({e.mean:g})")
             else:
-                col = np.array([str(r.get(e.name, "") or "") for r in rows])
+                col = np.array([_as_text(e.name, r.get(e.name)) for r in rows])
             parts.append(e.encode(col))
         parts.append(np.zeros((len(rows), len(self.history_names)), np.float32))
         return np.concatenate(parts, axis=1).astype(np.float32)
@@ -178,9 +183,40 @@ class FeaturePipeline:
         return cls(meta["side"], [ColumnEncoder(**e) for e in meta["encoders"]], history, meta["history_names"])
 
 
+# A raw numeric feature further than this from the training mean, in standard deviations,
+# is refused: the tower would compute with it in float32 and could overflow to inf / NaN.
+MAX_STANDARD_SCORE = 1e6
+
+
+def _as_flags(encoder: ColumnEncoder, value: object) -> np.ndarray:
+    """A multi-hot value: ``width`` flags, each 0 or 1 (missing: all 0)."""
+    if value is None:
+        return np.zeros(encoder.width, np.float32)
+    try:
+        flags = np.asarray(value, np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"feature {encoder.name!r} must be a list of {encoder.width} flags (0 or 1), "
+                             f"got {shorten(value)}") from None
+    if len(flags) != encoder.width or not np.isin(flags, (0.0, 1.0)).all():
+        raise InvalidRequest(f"feature {encoder.name!r} must be a list of {encoder.width} flags (0 or 1), "
+                             f"got {shorten(value)}")
+    return flags.astype(np.float32)
+
+
+def _as_text(name: str, value: object) -> str:
+    """A categorical value: one text (a number is taken as its text; missing: "")."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, dict, set, np.ndarray)):
+        raise InvalidRequest(f"feature {name!r} takes one text value, got {shorten(value)}")
+    return str(value)
+
+
 def _as_float(name: str, value: object) -> float:
     if value is None or value == "":
         return float("nan")
+    if isinstance(value, (bool, list, tuple, dict, set, np.ndarray)):
+        raise InvalidRequest(f"feature {name!r} must be a number, got {shorten(value)}")
     try:
         v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

@@ -29,6 +29,14 @@ def reserve_port(host: str, port: int) -> socket.socket:
     """A bound, non-listening ``SO_REUSEPORT`` socket holding ``port`` (0: any free one)
     until the servers have joined it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # First without SO_REUSEPORT: fails when anything else holds the port, so that this
+    # group never shares it with another server.
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot serve on {host}:{port}: {e.strerror}") from None
+        port = probe.getsockname()[1]
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((host, port))

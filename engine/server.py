@@ -9,12 +9,13 @@ errors to status codes, and runs the server around it:
   one and swap a single reference. A request takes the reference once, at its start, so
   in-flight requests finish on the version they began with; a bundle that fails to load
   leaves the old version serving and the reason is reported (reply, log, metric);
-- **errors** — a bad request (``ValueError`` from the engine or the limits here) is
-  ``INVALID_ARGUMENT``, an unknown item id ``NOT_FOUND``; only a genuine bug is
-  ``INTERNAL``;
+- **errors** — a bad request (:class:`~engine.errors.InvalidRequest` from the engine,
+  the limits here, or bytes that are not a valid message) is ``INVALID_ARGUMENT``, an
+  unknown item id ``NOT_FOUND``; anything else is a bug: logged with its traceback and
+  answered ``INTERNAL``. Messages never echo a huge value back;
 - **security** — an optional bearer token (``authorization: Bearer <token>`` metadata),
-  required on the Admin service, or on every rpc with ``token_all``; TLS from a
-  certificate and key;
+  required on the Admin service and on ``AddItems`` (a write every user sees), or on
+  every rpc with ``token_all``; TLS from a certificate and key;
 - **operations** — the standard health service and server reflection, Prometheus
   metrics on an HTTP port, JSON-lines logs, graceful shutdown on SIGTERM.
 """
@@ -40,7 +41,7 @@ import grpc
 
 from engine import bundle
 from engine.engine import Engine, EngineConfig, Recommendations
-from engine.errors import UnknownIdError
+from engine.errors import InvalidRequest, UnknownIdError, shorten
 from engine.rpc import tandem_pb2 as pb
 from engine.rpc import tandem_pb2_grpc as pb_grpc
 
@@ -51,6 +52,10 @@ SHUTDOWN_MARGIN = 15.0
 
 RECOMMENDER = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+# Recommender rpcs that change what every user sees: they need the token like Admin's.
+ADMIN_WRITES = (f"/{RECOMMENDER}/AddItems",)
+# A status message is cut to this many characters (gRPC carries it in the metadata).
+MAX_STATUS_MESSAGE = 1000
 
 
 @dataclass
@@ -63,14 +68,18 @@ class ServerConfig:
     # throughput; two keep a long request from blocking the rest. Cores: `--processes`.
     workers: int = 2
     max_batch: int = 1000  # users per RecommendBatch / items per AddItems
+    max_batch_results: int = 100_000  # users x k per RecommendBatch (keeps the reply within its size limit)
     max_message_bytes: int = 4 * 1024 * 1024
     token: str | None = None  # bearer token; None = no authentication
     token_all: bool = False  # require the token on every rpc, not only on Admin
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS only
     tls_key: str | None = None
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None = off, 0 = any free port
-    watch_interval: float = 1.0  # seconds between checks of `current`; 0 = no watching
+    watch_interval: float = 1.0  # seconds between checks of `current` and the add journal; 0 = none
     grace: float = 10.0  # seconds in-flight requests get on shutdown
+    # Share the port with other processes (SO_REUSEPORT): only the processes of one
+    # `tandem serve --processes N` group do; a lone server refuses a port in use.
+    reuse_port: bool = False
 
 
 class _Histogram:
@@ -179,6 +188,9 @@ class EngineHolder:
                 message = f"reload failed, still serving {previous}: {e}"
                 log.error(json.dumps({"event": "reload_failed", "serving": previous, "error": str(e)}))
                 return False, previous, previous, message
+            # Items added to the old engine while the new one loaded are in the journal:
+            # the new one serves them before it is swapped in.
+            fresh.sync_added_items()
             self.engine = fresh  # the swap: one reference assignment
             self.loaded_at, self._served_target = time.time(), target
             self.reloads += 1
@@ -191,6 +203,23 @@ class EngineHolder:
     def changed(self) -> bool:
         """Whether ``current`` points somewhere else than the last load looked at."""
         return self._target() != self._served_target
+
+    def add_items(self, item_ids: list, features: list) -> int:
+        """Add items to the serving engine. Under the reload lock, so that an addition
+        never lands on an engine that a reload is about to replace; the new engine would
+        also find it in the journal (:meth:`reload` syncs), but not a second time."""
+        with self._reload_lock:
+            n = self.engine.add_items(item_ids, features)
+        if self.metrics:
+            self.metrics.info.set(n)
+        return n
+
+    def sync_added_items(self) -> int:
+        """Serve the items other processes of this root added (their journal lines)."""
+        added = self.engine.sync_added_items()
+        if added and self.metrics:
+            self.metrics.info.set(len(self.engine.items))
+        return added
 
 
 # ------------------------------------------------------------ conversions
@@ -205,23 +234,27 @@ def _features(message_map) -> dict:
         elif kind == "numbers":
             out[name] = list(value.numbers.values)
         else:
-            raise ValueError(f"feature {name!r} has no value")
+            raise InvalidRequest(f"feature {shorten(name)} has no value")
     return out
 
 
 def _reply(reply, recs: Recommendations):
     """``reply`` with ``recs`` added to its ``items`` field (in place: building ScoredItem
-    messages first and passing them in would copy each one again)."""
+    messages first and passing them in would copy each one again), and the candidate
+    counts where the reply has that field."""
     add = reply.items.add
     for i, s, src, t in zip(recs.item_ids.tolist(), recs.scores.tolist(), recs.sources, recs.titles):
         add(item_id=i, score=s, sources=src, title=t)
+    if recs.candidates:
+        reply.candidates.update(recs.candidates)
     return reply
 
 
 def _recommend_options(request: pb.RecommendRequest) -> dict:
+    # Unset k / n_candidates take the defaults; a 0 sent on purpose is refused, as the library does.
     return {
-        "k": request.k or 10,
-        "n_candidates": request.n_candidates or 500,
+        "k": request.k if request.HasField("k") else 10,
+        "n_candidates": request.n_candidates if request.HasField("n_candidates") else 500,
         "exclude_seen": not request.include_seen,
         "exclude_items": list(request.exclude_items),
         "include_items": list(request.include_items) or None,
@@ -230,8 +263,29 @@ def _recommend_options(request: pb.RecommendRequest) -> dict:
     }
 
 
-class _BadRequest(Exception):
+class _BadRequest(InvalidRequest):
     """A request the server's own limits refuse (INVALID_ARGUMENT)."""
+
+
+class _Undecodable:
+    """Stands for request bytes that are not a valid message: the handler answers
+    INVALID_ARGUMENT (a deserializer cannot set a status; gRPC would say INTERNAL)."""
+
+    def __init__(self, error: Exception, size: int):
+        self.error, self.size = error, size
+
+    def ByteSize(self) -> int:
+        return self.size
+
+
+def _tolerant(deserializer):
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as error:  # noqa: BLE001 - protobuf raises DecodeError, or others on garbage
+            return _Undecodable(error, len(data))
+
+    return deserialize
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
@@ -253,16 +307,25 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             raise _BadRequest(f"{len(request.user_ids)} users in one batch; at most {self.config.max_batch}")
         engine = self.holder.engine
         users, options = list(request.user_ids), _recommend_options(request.options)
+        if isinstance(options["k"], int) and len(users) * options["k"] > self.config.max_batch_results:
+            raise _BadRequest(f"{len(users)} users x k={options['k']} results in one batch; at most "
+                              f"{self.config.max_batch_results:,} (server.max_batch_results): send fewer users "
+                              "or a smaller k")
         remaining = context.time_remaining()  # a long batch stops once its deadline has passed
         results = engine.recommend_batch(users, deadline=None if remaining is None else time.monotonic() + remaining,
                                          **options)
-        return pb.RecommendBatchResponse(
-            results=[_reply(pb.RecommendResponse(version=engine.version), r) for r in results],
-            version=engine.version)
+        reply = pb.RecommendBatchResponse(version=engine.version)
+        for r in results:
+            _reply(reply.results.add(version=engine.version), r)
+        size = reply.ByteSize()
+        if size > 4 * self.config.max_message_bytes:  # the send limit set in TandemServer.start
+            raise _BadRequest(f"the reply would be {size:,} bytes, over the {4 * self.config.max_message_bytes:,} "
+                              "byte limit: send fewer users or a smaller k")
+        return reply
 
     def SimilarItems(self, request, context):
         engine = self.holder.engine
-        recs = engine.similar_items(request.item_id, k=request.k or 10)
+        recs = engine.similar_items(request.item_id, k=request.k if request.HasField("k") else 10)
         return _reply(pb.SimilarItemsResponse(version=engine.version), recs)
 
     def Score(self, request, context):
@@ -276,17 +339,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def AddItems(self, request, context):
         if len(request.items) > self.config.max_batch:
             raise _BadRequest(f"{len(request.items)} items in one request; at most {self.config.max_batch}")
-        engine = self.holder.engine
         features = []
         for item in request.items:
             f = _features(item.features)
             if item.title:
                 f["title"] = item.title
             features.append(f)
-        n = engine.add_items([item.item_id for item in request.items], features)
-        if self.holder.metrics:
-            self.holder.metrics.info.set(n)
-        return pb.AddItemsResponse(n_items=n, version=engine.version)
+        n = self.holder.add_items([item.item_id for item in request.items], features)
+        return pb.AddItemsResponse(n_items=n, version=self.holder.engine.version)
 
     def Echo(self, request, context):
         return pb.EchoResponse(payload=request.payload)
@@ -298,6 +358,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     def Reload(self, request, context):
         reloaded, version, previous, message = self.holder.reload()
+        self.holder.sync_added_items()  # the items other processes added, whatever the version
         return pb.ReloadResponse(reloaded=reloaded, version=version, previous_version=previous, message=message)
 
     def GetInfo(self, request, context):
@@ -319,13 +380,18 @@ class AdminServicer(pb_grpc.AdminServicer):
 
 # ------------------------------------------------------------ interceptor
 def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status of an exception raised while serving: only the engine's own request
+    errors are the client's fault; anything else (a ValueError from inside NumPy
+    included) is INTERNAL."""
     if isinstance(error, UnknownIdError):
-        return grpc.StatusCode.NOT_FOUND, str(error)
-    if isinstance(error, (ValueError, _BadRequest)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+        code, message = grpc.StatusCode.NOT_FOUND, str(error)
+    elif isinstance(error, InvalidRequest):
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    elif isinstance(error, TimeoutError):
+        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
+    else:
+        code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+    return code, message if len(message) <= MAX_STATUS_MESSAGE else message[:MAX_STATUS_MESSAGE] + "..."
 
 
 class _Interceptor(grpc.ServerInterceptor):
@@ -338,7 +404,7 @@ class _Interceptor(grpc.ServerInterceptor):
     def _authorised(self, method: str, metadata) -> bool:
         if self._expected is None:
             return True
-        if not (self.config.token_all or method.startswith(f"/{ADMIN}/")):
+        if not (self.config.token_all or method.startswith(f"/{ADMIN}/") or method in ADMIN_WRITES):
             return True
         given = dict(metadata or ()).get("authorization", "")
         return hmac.compare_digest(given.encode(), self._expected)
@@ -359,6 +425,8 @@ class _Interceptor(grpc.ServerInterceptor):
                 if not authorised:
                     code = grpc.StatusCode.UNAUTHENTICATED
                     context.abort(code, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+                if isinstance(request, _Undecodable):
+                    raise _BadRequest(f"the request is not a valid {rpc} message: {str(request.error)[:200]}")
                 size = request.ByteSize()
                 if size > self.config.max_message_bytes:
                     raise _BadRequest(f"request of {size:,} bytes; at most {self.config.max_message_bytes:,}")
@@ -383,7 +451,7 @@ class _Interceptor(grpc.ServerInterceptor):
                     log.log(logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO,
                             json.dumps({"event": "rpc", "rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3)}))
 
-        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=handler.request_deserializer,
+        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=_tolerant(handler.request_deserializer),
                                                    response_serializer=handler.response_serializer)
 
 
@@ -418,7 +486,7 @@ class TandemServer:
         # interceptor and gets INVALID_ARGUMENT with the limit in the message.
         options = [("grpc.max_receive_message_length", 4 * cfg.max_message_bytes),
                    ("grpc.max_send_message_length", 4 * cfg.max_message_bytes),
-                   ("grpc.so_reuseport", 1)]
+                   ("grpc.so_reuseport", int(cfg.reuse_port))]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
                              interceptors=[_Interceptor(cfg, self.metrics)], options=options)
         pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(self.holder, cfg), server)
@@ -453,9 +521,16 @@ class TandemServer:
         return self
 
     def _watch(self) -> None:
+        """Every watch_interval: a new ``current`` is loaded, and items other processes
+        of the root added (the journal) are served, so that an acknowledged addition
+        reaches every process within about that time."""
         while not self._stop.wait(self.config.watch_interval):
-            if self.holder.changed():
-                self.holder.reload()
+            try:
+                if self.holder.changed():
+                    self.holder.reload()
+                self.holder.sync_added_items()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
+                log.exception(json.dumps({"event": "watch_failed"}))
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting requests; in-flight ones get ``grace`` seconds to finish."""
@@ -484,7 +559,11 @@ class TandemServer:
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
-        done.wait()
+        # Python runs signal handlers in the main thread, between bytecodes. A signal the
+        # kernel delivers to another thread (gRPC's) does not interrupt a wait without a
+        # timeout, so the main thread wakes up regularly to run a pending handler.
+        while not done.wait(0.2):
+            pass
         # A shutdown that cannot finish (a wedged thread) must not keep the process and its
         # port alive: past grace + SHUTDOWN_MARGIN seconds the process exits with code 1.
         watchdog = threading.Timer(self.config.grace + SHUTDOWN_MARGIN, _exit_stuck_shutdown)

@@ -101,6 +101,7 @@ class RecommenderServicer:
 
     def AddItems(self, request, context):
         """Add new items (embedded by the item tower from their features) to the live index.
+        A write every user sees: it needs the bearer token when the server has one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
