@@ -122,6 +122,24 @@ def test_add_items_is_served_at_once(world):
     (lambda c: c.score("u1", []), grpc.StatusCode.INVALID_ARGUMENT, "at least one"),
     (lambda c: c.add_items(["x"], [{"year": float("nan")}]), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
     (lambda c: c.echo(b"x" * 100_000), grpc.StatusCode.INVALID_ARGUMENT, "at most 65,536"),
+    # k = 0 sent on purpose is refused, as the library does (an unset k means 10).
+    (lambda c: c.recommend("u1", k=0), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
+    (lambda c: c.recommend("u1", n_candidates=0), grpc.StatusCode.INVALID_ARGUMENT, "n_candidates"),
+    (lambda c: c.similar_items("i4", k=0), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
+    # Values out of range: flags that are not 0/1, numbers a float32 tower would overflow on.
+    (lambda c: c.add_items(["x"], [{"genres": [300] + [0] * 5}]), grpc.StatusCode.INVALID_ARGUMENT, "flags"),
+    (lambda c: c.add_items(["x"], [{"genres": [282501] * 6}]), grpc.StatusCode.INVALID_ARGUMENT, "flags"),
+    (lambda c: c.recommend(user_features={"age": 1e39}), grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+    (lambda c: c.score(user_features={"age": 1e39}, item_ids=["i1"]), grpc.StatusCode.INVALID_ARGUMENT, "range"),
+    (lambda c: c.add_items(["x"], [{"year": 1e39}]), grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+    (lambda c: c.recommend(user_features={"occupation": [1.0, 2.0]}), grpc.StatusCode.INVALID_ARGUMENT,
+     "one text value"),
+    # A known user's request features are checked too.
+    (lambda c: c.recommend("u1", user_features={"age": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+    (lambda c: c.recommend("u1", user_features={"shoe": 1}), grpc.StatusCode.INVALID_ARGUMENT, "unknown user"),
+    # Bounded strings: no id or title may multiply memory.
+    (lambda c: c.add_items(["x" * 5000], [{}]), grpc.StatusCode.INVALID_ARGUMENT, "at most 256"),
+    (lambda c: c.add_items(["x"], [{"title": "t" * 5000}]), grpc.StatusCode.INVALID_ARGUMENT, "at most 1,024"),
 ])
 def test_bad_requests_get_clear_status_codes(client, call, code, words):
     with pytest.raises(grpc.RpcError) as e:
@@ -129,15 +147,106 @@ def test_bad_requests_get_clear_status_codes(client, call, code, words):
     assert e.value.code() == code and words in e.value.details(), (e.value.code(), e.value.details())
 
 
+def test_errors_are_the_library_types_and_do_not_echo_huge_values(client):
+    from engine.errors import InvalidRequest, UnknownIdError
+
+    with pytest.raises(UnknownIdError) as e:  # also a grpc.RpcError, NOT_FOUND
+        client.similar_items("n" * 60_000)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details()) < 1_100
+    with pytest.raises(InvalidRequest):
+        client.recommend("u1", k=0)
+
+
+def test_undecodable_request_bytes_are_invalid_argument(server):
+    """Bytes that are not a valid message, sent through a generic channel to every rpc."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for service in pb.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                call = channel.unary_unary(f"/{service.full_name}/{method.name}")
+                with pytest.raises(grpc.RpcError) as e:
+                    call(b"\xff\xff\xff\xff", timeout=10)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method.name, e.value.details())
+                assert "not a valid" in e.value.details()
+
+
+def test_a_bug_inside_a_request_is_internal_not_the_clients_fault(server, client, monkeypatch):
+    """A ValueError from inside NumPy is not a bad request: INTERNAL, logged."""
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(server.holder.engine, "recommend", broken)
+    with pytest.raises(grpc.RpcError) as e:
+        client.recommend("u1")
+    assert e.value.code() == grpc.StatusCode.INTERNAL
+
+
+def test_recommend_reply_carries_the_candidate_counts(client, world):
+    library = Engine.load(world[1], ENGINE_CONFIG)
+    assert client.recommend("u3").candidates == library.recommend("u3").candidates != {}
+    assert client.recommend_batch(["u3"])[0].candidates == library.recommend("u3").candidates
+
+
+def test_batch_over_the_results_limit_is_refused_up_front(world):
+    s = start(world[1], watch_interval=0, max_batch_results=100)
+    try:
+        with Client(f"127.0.0.1:{s.port}") as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.recommend_batch(["u1", "u2", "u3"], k=50)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_batch_results" in e.value.details()
+            assert len(c.recommend_batch(["u1", "u2"], k=50)) == 2
+    finally:
+        s.stop(0)
+
+
+def test_add_items_needs_the_token(world, tmp_path):
+    """AddItems changes what every user sees: an admin write, guarded like Reload."""
+    root = tmp_path / "root"
+    shutil.copytree(world[1], root, symlinks=True)
+    s = start(root, token="s3cret", watch_interval=0)
+    try:
+        target = f"127.0.0.1:{s.port}"
+        with Client(target) as anonymous, Client(target, token="s3cret") as ok:
+            with pytest.raises(grpc.RpcError) as e:
+                anonymous.add_items(["sneaky"], [{}])
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            before = int(ok.info()["n_items"])
+            assert ok.add_items(["allowed"], [{}]) == before + 1
+    finally:
+        s.stop(0)
+
+
 def test_unknown_user_is_served_by_cold_start(client):
     recs = client.recommend("somebody-new", k=5)
     assert len(recs) == 5 and all(s == ("popular",) for s in recs.sources)
 
 
-def test_deadline_is_honoured(client):
+def test_the_server_stops_a_batch_at_its_deadline(client, server, monkeypatch):
+    """The server itself gives up on a batch whose deadline passed (not only the client):
+    it serves no chunk after the deadline and records DEADLINE_EXCEEDED. Without the
+    server's deadline handling it would serve all 50 chunks and record OK."""
+    from engine.engine import Engine as EngineClass
+
+    monkeypatch.setattr("engine.engine.BATCH_CHUNK", 1)  # one user per chunk
+    served = []
+    serve = EngineClass._serve
+
+    def slow_serve(self, *args, **kwargs):
+        served.append(1)
+        time.sleep(0.02)
+        return serve(self, *args, **kwargs)
+
+    monkeypatch.setattr(EngineClass, "_serve", slow_serve)
+    registry = server.metrics.registry
+    labels = {"rpc": "RecommendBatch", "code": "DEADLINE_EXCEEDED"}
+    before = registry.get_sample_value("tandem_requests_total", labels) or 0
     with pytest.raises(grpc.RpcError) as e:
-        client.recommend_batch([f"u{i}" for i in range(50)], timeout=1e-4)
+        client.recommend_batch([f"u{i}" for i in range(50)], timeout=0.2)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.time() + 5
+    while (registry.get_sample_value("tandem_requests_total", labels) or 0) == before and time.time() < deadline:
+        time.sleep(0.05)  # the server answers after the client gave up
+    assert (registry.get_sample_value("tandem_requests_total", labels) or 0) == before + 1
+    assert len(served) < 25
 
 
 def test_health_reflection_and_metrics(client, server):
