@@ -603,6 +603,8 @@ class Engine:
             raise InvalidRequest("score needs at least one item id")
         cat = self._catalogue
         items = cat.items.indices(item_ids)
+        if len(np.unique(items)) != len(items):
+            raise InvalidRequest("score: item ids repeated in the request")
         requests = self._requests(cat, [user_id], False, cat.every_item, user_features, ratings)
         scores = self._rank(cat, requests, np.zeros(len(items), np.int64), items)
         order = np.argsort(-scores, kind="stable")

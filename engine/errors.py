@@ -53,3 +53,7 @@ def shorten(value: object, limit: int = 80) -> str:
     not echo a huge value back (gRPC caps the size of a status message's metadata)."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+class ServeError(TandemError, OSError):
+    """A server cannot start: its address cannot be bound (the port is in use, ...)."""

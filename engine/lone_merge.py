@@ -44,7 +44,11 @@ def _allowed(bitmap: np.ndarray, everything: bool, item: int) -> bool:
 def _propose(item: int, bit: int, position: np.ndarray, items: np.ndarray, bits: np.ndarray, n: int,
              n_candidates: int) -> int:
     """Merge one proposal: a new item is appended while there is room (its position + 1
-    is marked), a repeated one only gains the source's bit. Returns the new length."""
+    is marked), a repeated one only gains the source's bit. Returns the new length.
+    Compiled code has no bounds checks: an item outside the catalogue raises here
+    instead of reading or writing past the scratch arrays."""
+    if item < 0 or item >= position.shape[0]:
+        raise IndexError("lone merge: a proposed item is outside the catalogue")
     at = position[item]
     if at > 0:
         bits[at - 1] |= bit
@@ -73,10 +77,14 @@ def _recent_neighbours(neighbours, liked, quota, bitmap, everything, mark):
     lists = np.empty((len(likes), per_like), np.int64)
     lengths = np.zeros(len(likes), np.int64)
     for a in range(len(likes)):
+        if likes[a] >= neighbours.shape[0]:
+            raise IndexError("lone merge: a recent like is outside the neighbour table")
         row = neighbours[likes[a]]
         for c in range(width):
             if lengths[a] >= per_like or row[c] < 0:  # -1 pads: no more neighbours
                 break
+            if row[c] >= mark.shape[0]:
+                raise IndexError("lone merge: a neighbour is outside the catalogue")
             if _allowed(bitmap, everything, row[c]):
                 lists[a, lengths[a]] = row[c]
                 lengths[a] += 1
@@ -111,6 +119,8 @@ def _merge(order, source_bits, quota, cf, towers, recent, popular_order, segment
             for item in ranked:
                 if found >= quota[code]:
                     break
+                if item < 0 or item >= position.shape[0]:
+                    raise IndexError("lone merge: a ranked item is outside the catalogue")
                 if _allowed(bitmap, everything, item):
                     n = _propose(item, bit, position, items, bits, n, n_candidates)
                     found += 1

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from engine.errors import ServeError
+
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """A bound, non-listening ``SO_REUSEPORT`` socket holding ``port`` (0: any free one)
@@ -35,7 +37,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise OSError(f"cannot serve on {host}:{port}: {e.strerror}") from None
+            raise ServeError(f"cannot serve on {host}:{port}: {e.strerror}") from None
         port = probe.getsockname()[1]
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

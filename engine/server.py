@@ -41,7 +41,7 @@ import grpc
 
 from engine import bundle
 from engine.engine import Engine, EngineConfig, Recommendations
-from engine.errors import InvalidRequest, UnknownIdError, shorten
+from engine.errors import InvalidRequest, ServeError, UnknownIdError, shorten
 from engine.rpc import tandem_pb2 as pb
 from engine.rpc import tandem_pb2_grpc as pb_grpc
 
@@ -497,13 +497,17 @@ class TandemServer:
                  reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert:
-            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-            self.port = server.add_secure_port(address, creds)
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if cfg.tls_cert:
+                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind to address"
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {address}")
+            raise ServeError(f"cannot serve on {address}: the address is in use or cannot be bound "
+                             "(only the processes of one `tandem serve --processes N` share a port)")
         server.start()
         self._server = server
         for name in ("", RECOMMENDER, ADMIN):

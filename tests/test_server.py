@@ -409,6 +409,32 @@ def test_hot_reload_under_concurrent_requests(world, tmp_path):
     assert swaps >= 10 and failures == [] and versions == {first, second}
 
 
+def test_sigterm_delivered_to_a_worker_thread_still_stops_the_server(world, tmp_path):
+    """The kernel may deliver a process-directed signal to any thread: one sent to a
+    gRPC thread (not the main one) must still shut the server down."""
+    import ctypes
+
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--set", "engine.segment_key=occupation", "serve",
+                             "--bundle", str(world[1]), "--port", "0", "--port-file", str(port_file)],
+                            env={k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not port_file.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert port_file.exists(), proc.stderr.read() if proc.poll() is not None else "server did not start"
+        with Client(f"127.0.0.1:{port_file.read_text().strip()}", timeout=60) as c:
+            assert c.echo(b"up") == b"up"
+        worker = next(int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid)
+        assert ctypes.CDLL(None, use_errno=True).tgkill(proc.pid, worker, signal.SIGTERM) == 0
+        assert proc.wait(timeout=30) == 0
+        assert '"event": "stopped"' in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_tandem_serve_shuts_down_gracefully_on_sigterm(world, tmp_path):
     port_file = tmp_path / "port"
     env = {**os.environ, "TANDEM_TOKEN": "tok"}
@@ -441,9 +467,13 @@ def test_tandem_serve_shuts_down_gracefully_on_sigterm(world, tmp_path):
 
 
 def test_tandem_serve_runs_several_processes_on_one_port(world, tmp_path):
+    """Two processes share the port (and no other server may join it); an item added
+    through one process is served by both within the watch interval (1 s)."""
     port_file = tmp_path / "port"
+    root = tmp_path / "root"
+    shutil.copytree(world[1], root, symlinks=True)
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--set", "engine.segment_key=occupation", "serve",
-                             "--processes", "2", "--bundle", str(world[1]), "--port", "0", "--port-file", str(port_file)],
+                             "--processes", "2", "--bundle", str(root), "--port", "0", "--port-file", str(port_file)],
                             env={k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"}, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -452,10 +482,20 @@ def test_tandem_serve_runs_several_processes_on_one_port(world, tmp_path):
             time.sleep(0.1)
         assert port_file.exists(), proc.stderr.read() if proc.poll() is not None else "servers did not start"
         versions = set()
+        target = f"127.0.0.1:{port_file.read_text().strip()}"
         for _ in range(12):  # new connections: the kernel spreads them over both processes
-            with Client(f"127.0.0.1:{port_file.read_text().strip()}", timeout=30) as c:
+            with Client(target, timeout=30) as c:
                 assert len(c.recommend("u3", k=5)) == 5
                 versions.add(c.info()["version"])
+        with Client(target, timeout=30) as c:
+            c.add_items(["multi-1"], [{"year": 2024}])
+        time.sleep(2.5)  # the watch interval (1 s), with room to spare on a busy machine
+        for _ in range(12):
+            with Client(target, timeout=30) as c:
+                assert len(c.similar_items("multi-1", k=2)) == 2  # NOT_FOUND on a process that missed it
+        lone = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--bundle", str(root), "--port",
+                               port_file.read_text().strip()], capture_output=True, text=True, timeout=120)
+        assert lone.returncode == 2 and "cannot serve on" in lone.stderr  # refused, not silently shared
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         log = proc.stderr.read()
