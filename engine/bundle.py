@@ -6,6 +6,7 @@ Layout of a bundle root (``paths.bundles``)::
     <root>/versions/<version>/manifest.json   one complete, immutable bundle per version
     <root>/current -> versions/<version>      the version being served (a symlink)
     <root>/.staging/                          bundles being written (never read)
+    <root>/.trash/                            versions being deleted (never read)
     <root>/added_items.jsonl                  items added live (Engine.add_items), one JSON per line
 
 Items added to a running engine are appended to ``added_items.jsonl`` (fsynced) and
@@ -40,6 +41,7 @@ MANIFEST = "manifest.json"
 VERSIONS = "versions"
 CURRENT = "current"
 STAGING = ".staging"
+TRASH = ".trash"  # versions being deleted (see prune)
 
 
 class BundleError(TandemError):
@@ -210,6 +212,7 @@ def publish(staged: str | Path, root: str | Path, manifest: dict, keep: int = 5)
     _fsync_path(versions)
     set_current(root, version)
     prune(root, keep)
+    clean_leftovers(root)
     return final
 
 
@@ -240,13 +243,47 @@ def current_version(root: str | Path) -> str | None:
 
 
 def prune(root: str | Path, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` versions, never the current one."""
+    """Delete all but the newest ``keep`` versions, never the current one. Each is first
+    moved out of ``versions/`` in one atomic rename, then deleted: a deletion cut short
+    by a crash never leaves a half-deleted directory that looks like a version."""
     current = current_version(root)
     versions = list_versions(root)
     doomed = [v for v in versions[:-keep] if v != current]
     for v in doomed:
-        shutil.rmtree(Path(root) / VERSIONS / v, ignore_errors=True)
+        _discard(Path(root), Path(root) / VERSIONS / v)
     return doomed
+
+
+def clean_leftovers(root: str | Path) -> list[str]:
+    """Delete what killed publishes and prunes left: directories under ``versions/``
+    without a manifest (a complete version always has one: it arrives by one rename)
+    and ``.trash/``. Run after every publish; returns the names removed."""
+    root = Path(root)
+    removed = []
+    versions = root / VERSIONS
+    current = current_version(root)
+    for path in sorted(versions.iterdir()) if versions.is_dir() else []:
+        if path.is_dir() and not (path / MANIFEST).is_file() and path.name != current:
+            _discard(root, path)
+            removed.append(path.name)
+    trash = root / TRASH
+    if trash.is_dir():
+        for path in trash.iterdir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(f"{TRASH}/{path.name}")
+    return removed
+
+
+def _discard(root: Path, path: Path) -> None:
+    """Move ``path`` into ``<root>/.trash`` (atomic), then delete it."""
+    trash = root / TRASH
+    trash.mkdir(exist_ok=True)
+    target = trash / f"{path.name}.{os.getpid()}.{time.monotonic_ns()}"
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:  # another publish removed it first
+        return
+    shutil.rmtree(target, ignore_errors=True)
 
 
 def rollback(root: str | Path) -> str:

@@ -150,3 +150,13 @@ def test_real_ml100k(ml100k_path):
     assert ds.title(ds.items.index("50")) == "Star Wars (1977)"
     assert ds.item_features.columns["genres"].shape == (1682, 19)
     assert set(np.unique(ds.ratings)) == {1, 2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("content, line", [(b"user,item,rating\n1,caf\xe9,4\n2,b,3\n", 2),
+                                           (b"us\xe9r,item,rating\n1,a,4\n", 1)])
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, content, line):
+    p = tmp_path / "latin.csv"
+    p.write_bytes(content)
+    with pytest.raises(DataFormatError, match=rf"latin.csv, line {line}: not valid utf-8 text \(byte 0xe9"):
+        data.load(p)
+

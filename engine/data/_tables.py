@@ -76,12 +76,29 @@ def read_delimited_interactions(
                                                 strings_can_be_null=False,
                                                 quoted_strings_can_be_null=False),
         )
-    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise undecodable(path, encoding) from None
+    except pa.ArrowInvalid as e:
+        if "invalid UTF8" in str(e) or "invalid utf8" in str(e).lower():
+            raise undecodable(path, encoding) from None
         raise _explain(path, fields, delimiter, header, encoding, fallback=str(e)) from None
     try:
         return encode_columns(table, path)
     except DataFormatError as e:
         raise _explain(path, fields, delimiter, header, encoding, fallback=e.problem) from None
+
+
+def undecodable(path: str | os.PathLike, encoding: str = "utf-8") -> DataFormatError:
+    """The error for a file that is not valid ``encoding`` text, naming its first bad
+    line (read line by line in binary: only after a decoding failure)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                return DataFormatError(path, line_no, f"not valid {encoding} text (byte {raw[e.start]:#04x} at "
+                                                      f"column {e.start + 1}): convert the file to {encoding}")
+    return DataFormatError(path, None, f"not valid {encoding} text")
 
 
 def encode_columns(table, path: str) -> EncodedInteractions:

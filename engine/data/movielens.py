@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data._tables import FLOAT, ID, INT, align_ids, read_delimited_interactions
+from engine.data._tables import FLOAT, ID, INT, align_ids, read_delimited_interactions, undecodable
 from engine.data.dataset import Dataset, FeatureTable
 from engine.errors import DataFormatError
 
@@ -65,8 +65,8 @@ def _read_lines(path: Path, encoding: str):
                 line = raw.rstrip("\r\n")
                 if line.strip():
                     yield line_no, line
-    except UnicodeDecodeError as e:
-        raise DataFormatError(path, None, f"not valid {encoding} text: {e}") from None
+    except UnicodeDecodeError:
+        raise undecodable(path, encoding) from None
 
 
 def _split(path: Path, line_no: int, line: str, sep: str, n_fields: int) -> list[str]:
@@ -289,8 +289,8 @@ def _csv_rows(path: Path, expected_header: list[str]):
                         raise DataFormatError(path, reader.line_num, f"expected {len(header)} fields, "
                                                                      f"found {len(fields)}: {fields}")
                     yield reader.line_num, fields
-    except UnicodeDecodeError as e:
-        raise DataFormatError(path, None, f"not valid UTF-8 text: {e}") from None
+    except UnicodeDecodeError:
+        raise undecodable(path) from None
     except csv.Error as e:
         raise DataFormatError(path, None, f"CSV error: {e}") from None
 
@@ -303,8 +303,11 @@ def load_movielens_csv(directory: str | os.PathLike, with_tags: bool = True) -> 
     """
     d = Path(directory)
     path = d / "ratings.csv"
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().strip().split(",")
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = f.readline().strip().split(",")
+    except UnicodeDecodeError:
+        raise undecodable(path) from None
     if header[:4] != ["userId", "movieId", "rating", "timestamp"]:
         raise DataFormatError(path, 1, f"expected header userId,movieId,rating,timestamp, found {header}")
     inter = read_delimited_interactions(path, RATING_FIELDS, ",", header=True)

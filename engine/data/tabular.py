@@ -15,7 +15,7 @@ import math
 import os
 from pathlib import Path
 
-from engine.data._tables import align_ids, encode_columns
+from engine.data._tables import align_ids, encode_columns, undecodable
 from engine.data.dataset import Dataset
 from engine.errors import DataFormatError
 
@@ -88,8 +88,11 @@ def _read_csv(p: Path, columns: dict[str, str] | None, delimiter: str):
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    with open(p, encoding="utf-8", newline="") as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
+    try:
+        with open(p, encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f, delimiter=delimiter), None)
+    except UnicodeDecodeError:
+        raise undecodable(p) from None
     if not header:
         raise DataFormatError(p, 1, "empty file: a header line naming the columns is required")
     mapping = resolve_columns([h.strip() for h in header], columns, p)
@@ -101,7 +104,11 @@ def _read_csv(p: Path, columns: dict[str, str] | None, delimiter: str):
             p, parse_options=pcsv.ParseOptions(delimiter=delimiter),
             convert_options=pcsv.ConvertOptions(column_types=types, include_columns=list(mapping.values()),
                                                 strings_can_be_null=False))
-    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise undecodable(p) from None
+    except pa.ArrowInvalid as e:
+        if "utf8" in str(e).lower():
+            raise undecodable(p) from None
         raise _explain_csv(p, mapping, delimiter, str(e)) from None
     return table, mapping
 
