@@ -114,3 +114,29 @@ def test_train_build_index_recommend_rollback(tmp_path, capsys):
     assert "rolled back" in capsys.readouterr().out
     assert main(common + ["recommend", "--features", "{not json"]) == 2
     assert "--features must be a JSON object" in capsys.readouterr().err
+
+
+def test_serve_token_sources(tmp_path, monkeypatch):
+    """--token-file beats --token beats $TANDEM_TOKEN; a token set but empty is refused
+    (it would silently turn authentication off)."""
+    from engine.cli import _token, build_parser
+
+    def token(*argv):
+        return _token(build_parser().parse_args(["serve", *argv]))
+
+    monkeypatch.delenv("TANDEM_TOKEN", raising=False)
+    assert token() is None
+    monkeypatch.setenv("TANDEM_TOKEN", "from-env")
+    assert token() == "from-env" and token("--token", "flag") == "flag"
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    assert token("--token", "flag", "--token-file", str(secret)) == "from-file"
+    for argv, origin in ((["--token", ""], "--token"), (["--token-file", str(tmp_path / "empty")], "empty")):
+        (tmp_path / "empty").write_text("  \n")
+        with pytest.raises(ConfigError, match=f"{origin}.* empty"):
+            token(*argv)
+    monkeypatch.setenv("TANDEM_TOKEN", "")
+    with pytest.raises(ConfigError, match="TANDEM_TOKEN is set but empty"):
+        token()
+    with pytest.raises(ConfigError, match="no-such-file"):
+        token("--token-file", str(tmp_path / "no-such-file"))

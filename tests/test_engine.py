@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine.engine import Engine, EngineConfig
+from engine.errors import InvalidRequest
 from engine.retrieval import Proposals, ann_search, merge, quotas
 from index_builder import build_bundle
 
@@ -485,3 +486,42 @@ def test_batch_exclusions_by_bitmap_and_by_search_agree(engine, monkeypatch):
     by_search = engine.recommend_batch(users, k=6, threads=1)
     for a, b in zip(by_bitmap, by_search):
         np.testing.assert_array_equal(a.item_ids, b.item_ids)
+
+
+def test_a_rejected_add_changes_nothing(world):
+    """An add refused half-way (a genre flag of 300) leaves the catalogue as it was, and
+    the next add gets its own vector, not a neighbour's."""
+    engine = Engine.load(world[3], EngineConfig(segment_key="occupation"))
+    before = engine._catalogue
+    flags = [0] * len(engine.genre_labels)
+    with pytest.raises(InvalidRequest, match="flags"):
+        engine.add_items(["ok-1", "bad-1"], [{"year": 2020}, {"genres": [300] + flags[1:]}])
+    assert engine._catalogue is before and "ok-1" not in engine.items
+    engine.add_items(["ok-2"], [{"year": 2021, "genres": [1] + flags[1:]}])
+    expected = engine.towers.item_embeddings([{"year": 2021, "genres": [1] + flags[1:]}])[0]
+    np.testing.assert_array_equal(engine.tower_item_vectors[engine.items.index("ok-2")], expected)
+    n = len(engine.items)
+    assert engine.tower_item_vectors.shape[0] == engine.genres.shape[0] == len(engine.popularity) == n
+    assert engine.sources["towers"].index.ntotal == n and engine.genres[-1, 0] == 1
+
+
+def test_long_titles_and_ids_cost_their_own_length(world):
+    """Strings of items added live are stored one by one: a long title does not widen
+    every title (a fixed-width array would multiply it by the catalogue size)."""
+    engine = Engine.load(world[3], EngineConfig(segment_key="occupation"))
+    long_id, long_title = "i" * 256, "t" * 1024
+    engine.add_items([long_id], [{"title": long_title}])
+    assert engine.titles.dtype == object and engine.items.ids.dtype == object
+    assert engine.titles.nbytes < 16 * len(engine.items)  # pointers, not 1,024 characters per title
+    assert engine.title(long_id) == long_title and engine.similar_items(long_id, k=2).item_ids.dtype.kind == "U"
+    with pytest.raises(InvalidRequest, match="at most 256"):
+        engine.add_items(["j" * 257], [{}])
+
+
+def test_compiled_merge_refuses_an_item_outside_the_catalogue(engine, monkeypatch):
+    """The compiled merge has no bounds checks of its own: an out-of-range item must
+    raise, never read or write past its arrays."""
+    towers = engine.sources["towers"]
+    monkeypatch.setattr(towers, "propose_alone", lambda *a: np.array([len(engine.items) + 10**6]))
+    with pytest.raises(IndexError, match="outside the catalogue"):
+        engine.recommend("u3", sources=["towers"])

@@ -544,3 +544,29 @@ def test_process_group_kills_a_process_whose_shutdown_hangs(tmp_path):
     finally:
         if supervisor.poll() is None:
             supervisor.kill()
+
+
+def test_items_added_during_a_reload_are_served_after_it(world, tmp_path, monkeypatch):
+    """An add acknowledged while a reload loads the next version is in that version too:
+    the holder never swaps in an engine that missed it."""
+    from engine.server import EngineHolder
+
+    root = tmp_path / "root"
+    shutil.copytree(world[1], root, symlinks=True)
+    holder = EngineHolder(root, ENGINE_CONFIG)
+    bundle.set_current(root, world[2])  # the other version: the reload loads it
+    load = Engine.load.__func__
+    loading = threading.Event()
+
+    def slow_load(cls, *args, **kwargs):
+        loading.set()
+        time.sleep(0.5)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "load", classmethod(slow_load))
+    reloading = threading.Thread(target=holder.reload)
+    reloading.start()
+    assert loading.wait(10)
+    holder.add_items(["during-reload"], [{"year": 2024}])
+    reloading.join()
+    assert holder.engine.version == world[2] and "during-reload" in holder.engine.items
