@@ -140,3 +140,20 @@ def test_serve_token_sources(tmp_path, monkeypatch):
         token()
     with pytest.raises(ConfigError, match="no-such-file"):
         token("--token-file", str(tmp_path / "no-such-file"))
+
+
+def test_config_defaults_match_the_settings_classes():
+    """[engine] and [server] defaults are the EngineConfig / ServerConfig defaults (they
+    drifted once: a key documented in tandem.toml was unknown to the loader)."""
+    import dataclasses
+
+    from engine.config import DEFAULTS
+    from engine.engine import EngineConfig
+    from engine.server import ServerConfig
+
+    assert DEFAULTS["engine"] == dataclasses.asdict(EngineConfig())
+    server = dataclasses.asdict(ServerConfig())
+    for key in ("token", "reuse_port"):  # set by flags and the environment, never in a file
+        server.pop(key)
+    server["tls_cert"], server["tls_key"], server["metrics_port"] = "", "", -1  # the file's "unset" spellings
+    assert {k: v for k, v in DEFAULTS["server"].items() if k != "processes"} == server
