@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from engine.errors import UnknownIdError
+from engine.errors import UnknownIdError, shorten
 
 
 class IdMap:
@@ -53,7 +53,7 @@ class IdMap:
         try:
             return self._lookup()[str(external_id)]
         except KeyError:
-            raise UnknownIdError(f"unknown {self.kind} id {external_id!r}") from None
+            raise UnknownIdError(f"unknown {self.kind} id {shorten(external_id)}") from None
 
     def get(self, external_id: object) -> int | None:
         """Dense index of one external id, or None if absent."""
@@ -67,7 +67,7 @@ class IdMap:
             try:
                 out.append(lookup[str(e)])
             except KeyError:
-                raise UnknownIdError(f"unknown {self.kind} id {e!r}") from None
+                raise UnknownIdError(f"unknown {self.kind} id {shorten(e)}") from None
         return np.asarray(out, dtype=np.int64)
 
     def indices_or_missing(self, external_ids: Iterable[object]) -> np.ndarray:
