@@ -42,7 +42,7 @@ rollback: install  ## point artifacts/bundles/current at the previous bundle ver
 serve: install  ## serve the published bundle over gRPC on server.port (hot reload; TANDEM_TOKEN for auth)
 	$(VENV)/bin/tandem serve
 
-proto: install  ## regenerate engine/rpc from protos/tandem/v1/tandem.proto (the generated code is committed)
+proto: install  ## regenerate engine/service/rpc from protos/tandem/v1/tandem.proto (the generated code is committed)
 	$(PY) protos/generate.py
 
 bench-serve: install  ## B5: Recommend / SimilarItems / Echo QPS and p50/p99 at 1, 4, 16 clients, 100k items, 1 and 2 server processes
@@ -81,7 +81,7 @@ bench-cf-scale: install  ## B6: one CF epoch on synthetic 20M ratings (ratings/s
 demo: install describe  ## set up, then train -> evaluate -> index -> serve -> query on the default data
 	$(VENV)/bin/tandem train-cf --no-progress --out artifacts/eval/cf $(if $(filter auto,$(DATA)),,--data $(DATA))
 	$(MAKE) --no-print-directory train index
-	$(PY) -m engine.demo
+	$(PY) -m engine.cli.demo
 
 bench-synthetic: install  ## time the synthetic generator at 20M ratings (peak memory too)
 	$(PY) bench/synthetic_scale.py

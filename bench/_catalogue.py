@@ -13,8 +13,8 @@ def build_catalogue_bundle(root: str | Path, n_items: int = 100_000, n_users: in
     (``user_top_k``: the per-user top-items tables' width, default as ``make index``;
     0 builds none, so that known users' requests search the indexes)."""
     from engine import data
-    from engine.cf import train_cf
-    from engine.towers import train_two_tower
+    from engine.models.cf import train_cf
+    from engine.models.towers import train_two_tower
     from index_builder import build_bundle
     from index_builder.build import USER_TOP_ITEMS
 

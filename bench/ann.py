@@ -5,7 +5,7 @@ queries, k = 10; then the item vectors Tandem trains on ML-100K. For exact searc
 (IndexFlat), HNSW32 at several efSearch and IVF at several nprobe: recall@10 against
 exact, single-query QPS (one query per call, one thread), batched QPS (all queries in
 one call, all threads), build seconds and index size. Also Tandem's own path
-(``engine.ann.build_index``, which picks and tunes the index to the 0.95 floor), to
+(``engine.index.faiss_index.build_index``, which picks and tunes the index to the 0.95 floor), to
 show it loses nothing against raw FAISS.
 
 Target: an operating point with recall@10 >= 0.95 at >= 10x the single-query QPS of
@@ -26,8 +26,8 @@ import faiss
 import numpy as np
 
 from _results import save_result
-from engine import ann
-from engine.metrics import ann_recall_at_k
+from engine.index import faiss_index as ann
+from engine.evaluation.metrics import ann_recall_at_k
 
 
 def clustered(n: int, dim: int, n_centres: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +120,7 @@ def run_suite(name: str, base: np.ndarray, queries: np.ndarray, k: int, metric: 
 
 def ml100k_vectors() -> tuple[np.ndarray, np.ndarray] | None:
     from engine import data
-    from engine.cf import train_cf
+    from engine.models.cf import train_cf
     from engine.config import resolve_data_source
 
     src = Path(resolve_data_source("auto"))

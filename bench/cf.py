@@ -20,9 +20,9 @@ import numpy as np
 
 from _results import save_result
 from engine import data
-from engine.cf import CFConfig, train_cf
+from engine.models.cf import CFConfig, train_cf
 from engine.config import resolve_data_source
-from engine.evaluation import implicit_als_metrics, popularity_recommender, rating_metrics, topn_metrics
+from engine.evaluation.offline import implicit_als_metrics, popularity_recommender, rating_metrics, topn_metrics
 
 # The bce variant's settings for implicit top-N (B2); the mse defaults serve B1.
 BCE_SETTINGS = {"loss": "bce", "learning_rate": 0.005, "lambda_": 5.0, "batch_size": 4096}

@@ -16,7 +16,7 @@ import resource
 import time
 
 from _results import save_result
-from engine.cf import train_cf
+from engine.models.cf import train_cf
 from engine.data import make_synthetic
 
 

@@ -56,8 +56,8 @@ def client_worker(target: str, rpc: str, threads: int, users, items, seed: int, 
 
     import grpc
 
-    from engine.rpc import tandem_pb2 as pb
-    from engine.rpc import tandem_pb2_grpc as pb_grpc
+    from engine.service.rpc import tandem_pb2 as pb
+    from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 
     latencies: list[float] = []
     lock = threading.Lock()
@@ -176,8 +176,8 @@ def reply_size(target: str, user: str) -> int:
     """Bytes of one Recommend reply (k = 10, 500 candidates): the echo payload size."""
     import grpc
 
-    from engine.rpc import tandem_pb2 as pb
-    from engine.rpc import tandem_pb2_grpc as pb_grpc
+    from engine.service.rpc import tandem_pb2 as pb
+    from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(target) as channel:
         reply = pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id=user, k=10, n_candidates=500),
@@ -264,7 +264,7 @@ def main() -> None:
         root = Path(args.bundle) if args.bundle else Path(tmp) / "bundles"
         if not args.bundle:
             build_catalogue_bundle(root, args.n_items, user_top_k=args.user_top_k)
-        from engine import bundle
+        from engine.index import bundle
 
         tables = bundle.resolve(root) / "tables"
         users = [str(u) for u in np.load(tables / "user_ids.npy", allow_pickle=False)[:5000]]

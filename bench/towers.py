@@ -25,10 +25,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from _results import save_result
-from engine import data, metrics
+from engine import data
+from engine.evaluation import metrics
 from engine.config import resolve_data_source
-from engine.evaluation import popularity_recommender, rating_metrics, topn_metrics
-from engine.towers import train_two_tower
+from engine.evaluation.offline import popularity_recommender, rating_metrics, topn_metrics
+from engine.models.towers import train_two_tower
 
 
 

@@ -39,7 +39,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "leave_last": 1,  # "last" split: interactions per user held out
         "split_seed": 0,
     },
-    # Settings of engine.cf.CFConfig (n_features, lambda, learning_rate, epochs, ...).
+    # Settings of engine.models.cf.CFConfig (n_features, lambda, learning_rate, epochs, ...).
     "cf": {},
     "towers": {},
     "paths": {"models": "artifacts/models", "bundles": "artifacts/bundles"},

@@ -28,13 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import ann, bundle
-from engine.cf import CFModel
+from engine.index import faiss_index as ann
+
+from engine.index import bundle
+from engine.models.cf import CFModel
 from engine.data import Dataset
 from engine.errors import TandemError
-from engine.features import segment_labels
-from engine.retrieval import positions_in_rows
-from engine.towers import TwoTowerModel
+from engine.models.features import segment_labels
+from engine.serving.retrieval import positions_in_rows
+from engine.models.towers import TwoTowerModel
 
 DEFAULT_SEGMENT_KEYS = ("occupation", "zip_region", "age_band")
 SEGMENT_TOP = 500  # items kept per segment
@@ -56,7 +58,7 @@ def data_fingerprint(dataset: Dataset) -> str:
 
 def user_segments(dataset: Dataset, key: str) -> np.ndarray:
     """Each user's segment label ``[n_users]`` for a segment key ("" when unknown);
-    see :func:`engine.features.segment_labels` for the keys."""
+    see :func:`engine.models.features.segment_labels` for the keys."""
     table = dataset.user_features
     return segment_labels(key, table.columns if table is not None else {}, dataset.n_users)
 

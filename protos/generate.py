@@ -1,9 +1,9 @@
-"""Generate the Python gRPC code of protos/tandem/v1/tandem.proto into engine/rpc/
+"""Generate the Python gRPC code of protos/tandem/v1/tandem.proto into engine/service/rpc/
 (``make proto``). Needs grpcio-tools (the ``dev`` extra pins the version whose output is
 committed). With ``--check`` it writes nothing and fails when the committed code is stale.
 
 protoc writes ``from tandem.v1 import tandem_pb2``; the import is rewritten to the package
-the code lives in, ``engine.rpc``.
+the code lives in, ``engine.service.rpc``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = Path("tandem/v1/tandem.proto")
-OUT = ROOT / "engine" / "rpc"
+OUT = ROOT / "engine" / "service" / "rpc"
 GENERATED = ("tandem_pb2.py", "tandem_pb2.pyi", "tandem_pb2_grpc.py")
 
 
@@ -30,13 +30,13 @@ def generate() -> dict[str, str]:
         out = {}
         for name in GENERATED:
             text = (Path(tmp) / PROTO.parent / name).read_text()
-            out[name] = text.replace("from tandem.v1 import tandem_pb2", "from engine.rpc import tandem_pb2")
+            out[name] = text.replace("from tandem.v1 import tandem_pb2", "from engine.service.rpc import tandem_pb2")
         return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if engine/rpc/ differs from a fresh generation")
+    parser.add_argument("--check", action="store_true", help="fail if engine/service/rpc/ differs from a fresh generation")
     args = parser.parse_args()
     fresh = generate()
     stale = [n for n, text in fresh.items() if not (OUT / n).is_file() or (OUT / n).read_text() != text]

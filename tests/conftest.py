@@ -28,8 +28,8 @@ def small_models():
     """A small synthetic dataset with CF and two-tower models trained on it (seeded),
     shared by the engine and service tests: ``(dataset, cf, towers)``."""
     from engine import data
-    from engine.cf import train_cf
-    from engine.towers import train_two_tower
+    from engine.models.cf import train_cf
+    from engine.models.towers import train_two_tower
 
     ds = data.make_synthetic(n_users=400, n_items=300, n_ratings=12_000, seed=0)
     cf = train_cf(ds, n_features=16, epochs=15, batch_size=1024, learning_rate=0.01, lambda_=5.0, progress=False)

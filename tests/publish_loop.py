@@ -7,8 +7,8 @@ Prints "ready" once everything is loaded, then publishes forever.
 import sys
 
 from engine import data
-from engine.cf import CFModel
-from engine.towers import TwoTowerModel
+from engine.models.cf import CFModel
+from engine.models.towers import TwoTowerModel
 from index_builder.build import build_bundle
 
 models, root, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import bundle, data
-from engine.bundle import BundleError, LoadedBundle
-from engine.cf import CFModel, train_cf
-from engine.towers import train_two_tower
+from engine import data
+
+from engine.index import bundle
+from engine.index.bundle import BundleError, LoadedBundle
+from engine.models.cf import CFModel, train_cf
+from engine.models.towers import train_two_tower
 from index_builder import PublishRefused, build_bundle
 
 HERE = Path(__file__).resolve().parent
@@ -207,7 +209,7 @@ def test_publish_cleans_leftovers_of_killed_publishes_and_prunes(trained, tmp_pa
 
 
 def test_recall_is_tie_aware():
-    from engine.ann import build_index, tie_aware_recall
+    from engine.index.faiss_index import build_index, tie_aware_recall
 
     # 500 identical zero vectors (unrated items) plus distinct ones: any zero vector is
     # an exact nearest neighbour of a zero query, so ids alone would understate recall.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import data
-from engine.cf import CFModel, cofi_cost, cofi_gradients, sparse_cost, train_cf, wmse_cost, wmse_data_term
+from engine.models.cf import CFModel, cofi_cost, cofi_gradients, sparse_cost, train_cf, wmse_cost, wmse_data_term
 
 
 def small_problem(seed=0, n_items=5, n_users=4, f=3):
@@ -70,7 +70,7 @@ def test_trainer_minibatch_steps_follow_the_cost():
     """The trainer's pieces: over one epoch of batches, data term + L2 share add up to
     J / N, and the summed gradients (data term by autograd, L2 added by hand) equal the
     reference gradient of J divided by N."""
-    from engine.cf import add_l2_gradient, l2_term, mse_data_term
+    from engine.models.cf import add_l2_gradient, l2_term, mse_data_term
 
     X, W, b, Y, R = small_problem(seed=5, n_items=8, n_users=6)
     lam = 0.9
@@ -264,7 +264,7 @@ def test_wmse_learns_top_n_and_folds_in_exactly():
     m = train_cf(split.train, loss="wmse", n_features=16, lambda_=20.0, learning_rate=0.02, epochs=100,
                  batch_size=1 << 20, init_std=0.01, validation_fraction=0.0, progress=False)
     assert not m.config.item_bias and np.all(m.user_bias == 0)
-    from engine.evaluation import popularity_recommender, topn_metrics
+    from engine.evaluation.offline import popularity_recommender, topn_metrics
     ours = topn_metrics(lambda users, k: m.recommend_indices(users, k), split.test, min_rating=None)
     pop = topn_metrics(popularity_recommender(split.train), split.test, min_rating=None)
     assert ours["recall@10"] > 1.05 * pop["recall@10"], (ours, pop)  # 0.318 vs 0.284 when written

@@ -148,8 +148,8 @@ def test_config_defaults_match_the_settings_classes():
     import dataclasses
 
     from engine.config import DEFAULTS
-    from engine.engine import EngineConfig
-    from engine.server import ServerConfig
+    from engine.serving.engine import EngineConfig
+    from engine.service.server import ServerConfig
 
     assert DEFAULTS["engine"] == dataclasses.asdict(EngineConfig())
     server = dataclasses.asdict(ServerConfig())

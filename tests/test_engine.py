@@ -5,9 +5,9 @@ the CF model's brute force."""
 import numpy as np
 import pytest
 
-from engine.engine import Engine, EngineConfig
+from engine.serving.engine import Engine, EngineConfig
 from engine.errors import InvalidRequest
-from engine.retrieval import Proposals, ann_search, merge, quotas
+from engine.serving.retrieval import Proposals, ann_search, merge, quotas
 from index_builder import build_bundle
 
 
@@ -210,7 +210,7 @@ def test_engine_config_from_tandem_toml_and_candidates(engine):
 def test_threaded_batch_equals_single(engine, options, monkeypatch):
     """The batched pipeline (flat arrays, shared-mask searches, stragglers served alone)
     gives every user exactly the single request's answer (exact indexes here)."""
-    monkeypatch.setattr("engine.engine.BATCH_CHUNK", 64)  # 151 users: 3 chunks over two threads
+    monkeypatch.setattr("engine.serving.engine.BATCH_CHUNK", 64)  # 151 users: 3 chunks over two threads
     options = dict(options)
     if "filters" in options:
         options["filters"] = {"genres": [engine.genre_labels[2]]}
@@ -251,7 +251,7 @@ def test_lone_requests_on_many_threads_keep_their_own_exclusions(engine):
     {"sources": ["towers", "recent"]},
 ], ids=["plain", "filtered", "allow-list", "seen-kept", "tiny-cap", "two-sources"])
 def test_compiled_lone_merge_equals_the_generic_path(engine, options):
-    """A lone request's compiled merge (engine.lone_merge) gives exactly the candidates,
+    """A lone request's compiled merge (engine.serving.lone_merge) gives exactly the candidates,
     scores, sources and counts of the generic sources-then-merge path."""
     options = dict(options)
     if "filters" in options:
@@ -342,9 +342,9 @@ def test_user_top_tables_answer_as_the_live_search(tabled_engine, options, monke
 
 @pytest.fixture
 def searched(monkeypatch) -> list:
-    """The FAISS indexes searched (engine.retrieval.ann_search) while the test runs."""
+    """The FAISS indexes searched (engine.serving.retrieval.ann_search) while the test runs."""
     indexes: list = []
-    monkeypatch.setattr("engine.retrieval.ann_search", lambda index, *a: indexes.append(index) or ann_search(index, *a))
+    monkeypatch.setattr("engine.serving.retrieval.ann_search", lambda index, *a: indexes.append(index) or ann_search(index, *a))
     return indexes
 
 
@@ -466,7 +466,7 @@ def test_batch_stops_at_its_deadline(engine):
 
 def test_batch_equals_single_with_live_added_items(engine, monkeypatch):
     """Items added live (tower vector, no CF vector) rank the same alone and in a batch."""
-    monkeypatch.setattr("engine.engine.BATCH_CHUNK", 8)
+    monkeypatch.setattr("engine.serving.engine.BATCH_CHUNK", 8)
     engine.add_items([f"live-{i}" for i in range(5)], [{"year": 2020 + i} for i in range(5)], persist=False)
     users = [f"u{i}" for i in range(20)]
     allowed = [f"live-{i}" for i in range(5)] + list(engine.items.ids[:30])
@@ -482,7 +482,7 @@ def test_batch_exclusions_by_bitmap_and_by_search_agree(engine, monkeypatch):
     """Past EXCLUSION_BITMAP_BITS a batch checks exclusions by binary search: same answers."""
     users = [f"u{i}" for i in range(40)]
     by_bitmap = engine.recommend_batch(users, k=6, threads=1)
-    monkeypatch.setattr("engine.retrieval.EXCLUSION_BITMAP_BITS", 0)
+    monkeypatch.setattr("engine.serving.retrieval.EXCLUSION_BITMAP_BITS", 0)
     by_search = engine.recommend_batch(users, k=6, threads=1)
     for a, b in zip(by_bitmap, by_search):
         np.testing.assert_array_equal(a.item_ids, b.item_ids)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from engine import data
-from engine.features import fit_item_pipeline, fit_user_pipeline
+from engine.models.features import fit_item_pipeline, fit_user_pipeline
 
 
 def toy():

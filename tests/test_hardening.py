@@ -30,10 +30,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import bundle
-from engine.engine import Engine, EngineConfig
-from engine.rpc import tandem_pb2 as pb
-from engine.rpc import tandem_pb2_grpc as pb_grpc
+from engine.index import bundle
+from engine.serving.engine import Engine, EngineConfig
+from engine.service.rpc import tandem_pb2 as pb
+from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 from index_builder import build_bundle
 
 OK_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from engine import metrics
+from engine.evaluation import metrics
 from engine.data import from_arrays
 
 

@@ -1,4 +1,4 @@
-"""The committed gRPC code in engine/rpc is what `make proto` generates from protos/."""
+"""The committed gRPC code in engine/service/rpc is what `make proto` generates from protos/."""
 
 import subprocess
 import sys

@@ -4,7 +4,7 @@ index": the compiled small-k pass, the sort and the partition paths, and per row
 import numpy as np
 import pytest
 
-from engine.ranking import top_k_desc, top_k_per_row
+from engine.topk import top_k_desc, top_k_per_row
 
 
 def _scores(rng, n: int, kind: str) -> np.ndarray:

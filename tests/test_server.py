@@ -19,12 +19,12 @@ import grpc
 import numpy as np
 import pytest
 
-from engine import bundle
-from engine.client import Client
-from engine.engine import Engine, EngineConfig
-from engine.rpc import tandem_pb2 as pb
-from engine.rpc import tandem_pb2_grpc as pb_grpc
-from engine.server import ServerConfig, TandemServer
+from engine.index import bundle
+from engine.service.client import Client
+from engine.serving.engine import Engine, EngineConfig
+from engine.service.rpc import tandem_pb2 as pb
+from engine.service.rpc import tandem_pb2_grpc as pb_grpc
+from engine.service.server import ServerConfig, TandemServer
 from index_builder import build_bundle
 
 ENGINE_CONFIG = EngineConfig(segment_key="occupation")
@@ -224,9 +224,9 @@ def test_the_server_stops_a_batch_at_its_deadline(client, server, monkeypatch):
     """The server itself gives up on a batch whose deadline passed (not only the client):
     it serves no chunk after the deadline and records DEADLINE_EXCEEDED. Without the
     server's deadline handling it would serve all 50 chunks and record OK."""
-    from engine.engine import Engine as EngineClass
+    from engine.serving.engine import Engine as EngineClass
 
-    monkeypatch.setattr("engine.engine.BATCH_CHUNK", 1)  # one user per chunk
+    monkeypatch.setattr("engine.serving.engine.BATCH_CHUNK", 1)  # one user per chunk
     served = []
     serve = EngineClass._serve
 
@@ -272,7 +272,7 @@ def test_light_histogram_matches_prometheus_client():
     Histogram exports for the same observations: the reference."""
     from prometheus_client import CollectorRegistry, Histogram
 
-    from engine.server import _Histogram
+    from engine.service.server import _Histogram
 
     buckets = (0, 10, 25, 50, 100, 200, 500)
     ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
@@ -528,7 +528,7 @@ def test_process_group_kills_a_process_whose_shutdown_hangs(tmp_path):
     seconds after SIGTERM, then kills it: a stuck shutdown cannot keep the group alive."""
     port_file = tmp_path / "port"
     supervisor = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from engine.processes import serve_processes; sys.exit(serve_processes("
+        [sys.executable, "-c", "import sys; from engine.service.processes import serve_processes; sys.exit(serve_processes("
          f"1, [sys.executable, '-c', {_STUCK_SERVER!r}], '127.0.0.1', 0, None, {str(port_file)!r}, stop_timeout=1.0))"],
         stderr=subprocess.PIPE, text=True)
     try:
@@ -549,7 +549,7 @@ def test_process_group_kills_a_process_whose_shutdown_hangs(tmp_path):
 def test_items_added_during_a_reload_are_served_after_it(world, tmp_path, monkeypatch):
     """An add acknowledged while a reload loads the next version is in that version too:
     the holder never swaps in an engine that missed it."""
-    from engine.server import EngineHolder
+    from engine.service.server import EngineHolder
 
     root = tmp_path / "root"
     shutil.copytree(world[1], root, symlinks=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import data
-from engine.towers import TwoTowerModel, train_two_tower
+from engine.models.towers import TwoTowerModel, train_two_tower
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_softmax_beats_random_ranking(synth):
     split = data.random_split(synth, 0.2, seed=0)
     m = train_two_tower(split.train, objective="softmax", hidden_layers=(64, 32), output_dim=16, epochs=8,
                         batch_size=256, progress=False)
-    from engine.evaluation import topn_metrics
+    from engine.evaluation.offline import topn_metrics
 
     ui = split.train.user_items()
     got = topn_metrics(lambda u, k: m.recommend_indices(u, k, ui), split.test, k=10, min_rating=None)

@@ -1,6 +1,6 @@
 """The content-based two-tower model (``mission.md``), with cold start.
 
-A user feature vector and an item feature vector (:mod:`engine.features`) pass through
+A user feature vector and an item feature vector (:mod:`engine.models.features`) pass through
 two separate MLPs — by default Dense 256 ReLU -> Dense 128 ReLU -> Dense 32, output
 L2-normalised — and the score is the dot product ``v_u . v_m``. Two objectives:
 
@@ -24,12 +24,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from engine.artifacts import read_model_dir, write_model_dir
+from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.data import Dataset, IdMap
 from engine.errors import TandemError
-from engine.features import FeaturePipeline, fit_item_pipeline, fit_user_pipeline
-from engine.ranking import top_k_desc
-from engine.train import EarlyStopping, LearningCurve, resolve_device, seed_everything
+from engine.models.features import FeaturePipeline, fit_item_pipeline, fit_user_pipeline
+from engine.topk import top_k_desc
+from engine.models.training import EarlyStopping, LearningCurve, resolve_device, seed_everything
 
 FORMAT_VERSION = 1
 

@@ -1,6 +1,6 @@
 """A lone request's candidates in two compiled loops.
 
-The generic retrieval path (:mod:`engine.retrieval`) serves any batch with array
+The generic retrieval path (:mod:`engine.serving.retrieval`) serves any batch with array
 operations. For one user that is some 30 NumPy calls of a few microseconds each, and
 their fixed costs, not the data, are most of a ``Recommend`` request's CPU time. Here the
 same rules run as two loops compiled with numba, over the ANN sources' result lists and
@@ -10,10 +10,10 @@ the table sources' rows:
   order and of the user's segment row, as their ``propose_alone`` does;
 - ``recent`` proposes the neighbours of each recent like from the bundle's table,
   round-robin over the likes, duplicates dropped, as
-  :meth:`engine.retrieval.RecentNeighboursSource.propose_alone` does;
+  :meth:`engine.serving.retrieval.RecentNeighboursSource.propose_alone` does;
 - the lists are de-duplicated in the request's source order, every proposing source
   recorded as a bit, and the first ``n_candidates`` kept, as
-  :func:`engine.retrieval.merge` does.
+  :func:`engine.serving.retrieval.merge` does.
 
 "Allowed" reads the user's packed item bitmap (filters with the user's excluded items
 cleared), the same one the FAISS searches use. The ANN searches stay FAISS calls, and a
@@ -29,7 +29,7 @@ import threading
 import numpy as np
 from numba import njit
 
-from engine.retrieval import Candidates
+from engine.serving.retrieval import Candidates
 
 # The kernels' source codes (0 = cf, ...): the order of their per-source quotas, bits and counts.
 KERNEL_ORDER = ("cf", "towers", "popular", "segment", "recent")

@@ -366,7 +366,7 @@ class LoadedBundle:
 
     def index(self, name: str):
         """The FAISS index ``name`` (``cf_l2``, ``cf_ip``, ``towers_ip``)."""
-        from engine import ann
+        from engine.index import faiss_index as ann
 
         if name not in self._indexes:
             report = self.manifest["indexes"].get(name)

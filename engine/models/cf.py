@@ -41,11 +41,11 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.artifacts import read_model_dir, write_model_dir
+from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.data import Dataset, IdMap
 from engine.errors import TandemError
-from engine.ranking import top_k_desc
-from engine.train import EarlyStopping, LearningCurve, resolve_device, seed_everything
+from engine.topk import top_k_desc
+from engine.models.training import EarlyStopping, LearningCurve, resolve_device, seed_everything
 
 FORMAT_VERSION = 1
 

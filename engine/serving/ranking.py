@@ -1,6 +1,6 @@
-"""Exact ranking: top-k selection, and the blend of a candidate's two-tower score and
-CF prediction, each standardised with statistics fixed per bundle, with configurable
-weights.
+"""Exact ranking: the blend of a candidate's two-tower score and CF prediction, each
+standardised with statistics fixed per bundle, with configurable weights (top-k
+selection is :mod:`engine.topk`).
 
 Standardising with bundle-wide statistics (not per request) keeps a pair's score the
 same whatever else is being ranked, so ``score`` of a few items, ``recommend`` and
@@ -12,53 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
-
-
-def top_k_desc(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest scores, best first (ties by lower index, also at the
-    k-th place; NaN last)."""
-    n = len(scores)
-    k = min(k, n)
-    if k <= 0:
-        return np.zeros(0, np.int64)
-    if n <= 4096:
-        if k <= 64:  # one request's candidates: one compiled pass
-            top, has_nan = _top_k_by_insertion(scores, k)
-            if not has_nan:
-                return top
-        return np.argsort(-scores, kind="stable")[:k]  # cheaper than selection at this size
-    if np.isnan(scores).any():  # NaN ranks last in the sort; partition would put it first
-        return np.argsort(-scores, kind="stable")[:k]
-    kth = np.partition(scores, n - k)[n - k]
-    chosen = np.flatnonzero(scores >= kth)  # the k best, and any ties with the k-th
-    return chosen[np.lexsort((chosen, -scores[chosen]))][:k]
-
-
-@njit(cache=True)
-def _top_k_by_insertion(scores: np.ndarray, k: int):
-    """:func:`top_k_desc` for small ``k``: a sorted buffer of the best ``k`` so far, each
-    score inserted after those at least as large, so ties keep the lower index first.
-    ``O(n k)`` at worst, one comparison per score when most miss the buffer. Returns
-    ``(indices, has_nan)``; with a NaN the caller sorts instead."""
-    best = np.empty(k, np.int64)
-    m = 0
-    for i in range(len(scores)):
-        s = scores[i]
-        if s != s:
-            return best[:0], True
-        if m < k:
-            j = m
-            m += 1
-        elif s > scores[best[k - 1]]:
-            j = k - 1
-        else:
-            continue
-        while j > 0 and scores[best[j - 1]] < s:
-            best[j] = best[j - 1]
-            j -= 1
-        best[j] = i
-    return best, False
 
 
 @dataclass
@@ -132,21 +85,3 @@ class FoldedBlend:
         tower_factor, cf_factor = w_tower / (total * tower_scale.std), w_cf / (total * cf_scale.std)
         return cls(tower_factor, -tower_factor * tower_scale.mean, cf_factor, cf_factor * (cf_bias - cf_scale.mean),
                    w_tower + w_cf == 0)
-
-
-def top_k_per_row(rows: np.ndarray, scores: np.ndarray, k: int, n_rows: int) -> np.ndarray:
-    """Positions of each row's ``k`` largest scores, for entries grouped by row (``rows``
-    ascending): rows in order, best first, ties by lower position (as :func:`top_k_desc`)."""
-    if len(rows) == 0 or k <= 0:
-        return np.zeros(0, np.int64)
-    if rows[0] == rows[-1]:  # one row (a lone request)
-        return top_k_desc(scores, k)
-    counts = np.bincount(rows, minlength=n_rows)
-    width = int(counts.max())
-    grid = np.full((n_rows, width), -np.inf, np.float32)
-    grid[rows, np.arange(len(rows)) - np.searchsorted(rows, rows)] = scores
-    kept = min(k, width)
-    threshold = np.partition(grid, width - kept, axis=1)[:, width - kept]  # each row's k-th best
-    chosen = np.flatnonzero(scores >= threshold[rows])  # the k best, and any ties with the k-th
-    chosen = chosen[np.lexsort((chosen, -scores[chosen], rows[chosen]))]
-    return chosen[np.arange(len(chosen)) - np.searchsorted(rows[chosen], rows[chosen]) < k]

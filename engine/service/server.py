@@ -1,7 +1,7 @@
 """The gRPC service: a thin servicer over :class:`engine.Engine`, with hot reload.
 
 ``protos/tandem/v1/tandem.proto`` is the contract. This module only translates between
-its messages and the engine's Python API (:mod:`engine.engine` does the work), maps
+its messages and the engine's Python API (:mod:`engine.serving.engine` does the work), maps
 errors to status codes, and runs the server around it:
 
 - **hot reload** — :class:`EngineHolder` keeps the serving engine; ``Reload`` and a
@@ -39,11 +39,11 @@ from typing import Iterable
 
 import grpc
 
-from engine import bundle
-from engine.engine import Engine, EngineConfig, Recommendations
+from engine.index import bundle
+from engine.serving.engine import Engine, EngineConfig, Recommendations
 from engine.errors import InvalidRequest, ServeError, UnknownIdError, shorten
-from engine.rpc import tandem_pb2 as pb
-from engine.rpc import tandem_pb2_grpc as pb_grpc
+from engine.service.rpc import tandem_pb2 as pb
+from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tandem.server")
 

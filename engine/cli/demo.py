@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.client import Client
+from engine.service.client import Client
 from engine.config import load_config
 
 NEW_USER = {"age": 24, "gender": "F", "occupation": "student", "zip_code": "94110"}
@@ -35,7 +35,7 @@ def _print(title: str, recs, distance: bool = False) -> None:
 def example_ids(root: str | Path) -> tuple[str, str]:
     """The most active user and the most popular item of the bundle ``current`` points
     at (read from its tables; no engine needed): what the examples show."""
-    from engine import bundle
+    from engine.index import bundle
 
     tables = bundle.resolve(root) / "tables"
 

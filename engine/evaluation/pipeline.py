@@ -16,14 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import data, metrics
-from engine.cf import PRESETS, train_cf
-from engine.engine import SOURCE_NAMES, Engine, EngineConfig
-from engine.evaluation import implicit_als_metrics, popularity_recommender, topn_metrics
-from engine.retrieval import Proposals, merge
-from engine.towers import train_two_tower
+from engine import data
 
-# CF for top-N on implicit data: the wmse objective (see engine.cf.PRESETS). The mse
+from engine.evaluation import metrics
+from engine.models.cf import PRESETS, train_cf
+from engine.serving.engine import SOURCE_NAMES, Engine, EngineConfig
+from engine.evaluation.offline import implicit_als_metrics, popularity_recommender, topn_metrics
+from engine.serving.retrieval import Proposals, merge
+from engine.models.towers import train_two_tower
+
+# CF for top-N on implicit data: the wmse objective (see engine.models.cf.PRESETS). The mse
 # defaults serve rating error (B1).
 CF_RETRIEVAL_SETTINGS = PRESETS["topn"]
 

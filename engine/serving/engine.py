@@ -1,6 +1,6 @@
 """The Engine: a published bundle served in two stages.
 
-1. **Retrieval** — candidate sources (:mod:`engine.retrieval`) each propose items for the
+1. **Retrieval** — candidate sources (:mod:`engine.serving.retrieval`) each propose items for the
    request: ANN over CF vectors (``cf``), ANN over tower vectors (``towers``), global
    popularity (``popular``), popularity in the user's segment (``segment``), and
    squared-distance neighbours of the user's recent likes (``recent``). Their union,
@@ -8,7 +8,7 @@
    users' searches are done once, when the bundle is built: ``cf`` and ``towers`` read
    a user's top unseen items from a table, ``recent`` its likes' nearest items, and
    only requests those tables cannot answer search at request time.
-2. **Ranking** — every candidate is scored exactly (:mod:`engine.ranking`) and the top
+2. **Ranking** — every candidate is scored exactly (:mod:`engine.serving.ranking`) and the top
    ``k`` come back with the sources that proposed them.
 
 Every method returns :class:`Recommendations` — ``item_ids``, ``scores`` and
@@ -28,16 +28,17 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from engine.bundle import LoadedBundle
-from engine.catalogue import Catalogue, read_only
-from engine.cf import CFModel
+from engine.index.bundle import LoadedBundle
+from engine.serving.catalogue import Catalogue, read_only
+from engine.models.cf import CFModel
 from engine.errors import InvalidRequest, shorten
-from engine.features import segment_labels
-from engine.lone_merge import LoneMerge
-from engine.ranking import BlendWeights, FoldedBlend, ScoreScale, top_k_desc, top_k_per_row
-from engine.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Requests,
+from engine.models.features import segment_labels
+from engine.serving.lone_merge import LoneMerge
+from engine.serving.ranking import BlendWeights, FoldedBlend, ScoreScale
+from engine.topk import top_k_desc, top_k_per_row
+from engine.serving.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Requests,
                               SegmentSource, TowerSource, merge, quotas)
-from engine.towers import TwoTowerModel
+from engine.models.towers import TwoTowerModel
 
 SOURCE_NAMES = ("cf", "towers", "popular", "segment", "recent")
 DEFAULT_SOURCE_WEIGHTS = {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1}
@@ -99,7 +100,7 @@ class Engine:
     def __init__(self, published: LoadedBundle, cf: CFModel, towers: TwoTowerModel, config: EngineConfig):
         self.bundle, self.cf, self.towers, self.config = published, cf, towers, config
         # Writers (add_items, journal syncs) one at a time; readers take no lock: they
-        # read one Catalogue reference (see engine.catalogue).
+        # read one Catalogue reference (see engine.serving.catalogue).
         self._write_lock = threading.Lock()
         path = published.path
         tables = path / "tables"
@@ -171,7 +172,7 @@ class Engine:
         published = LoadedBundle(path, verify=verify)
         engine = cls(published, CFModel.load(published.path / "cf"), TwoTowerModel.load(published.path / "towers"),
                      config or EngineConfig())
-        from engine import bundle
+        from engine.index import bundle
 
         engine._serve_added(bundle.read_added_items(published.path / "tables" / bundle.ADDED_ITEMS)[0])
         engine.sync_added_items()
@@ -487,7 +488,7 @@ class Engine:
                ) -> list[Recommendations]:
         """Retrieval, merge and ranking of a batch of prepared requests."""
         shares = self._quotas(cat, requests, n_candidates, sources)
-        if len(requests) == 1 and self._lone_merge is not None:  # compiled: engine.lone_merge
+        if len(requests) == 1 and self._lone_merge is not None:  # compiled: engine.serving.lone_merge
             candidates, counts = self._lone_merge.candidates(
                 cat.sources, requests, {name: int(q[0]) for name, q in shares.items()}, n_candidates, cat.n_items)
             proposed = [counts]
@@ -575,7 +576,7 @@ class Engine:
         source, NumPy for the rest), chunks by ``threads`` worker threads (default: the
         CPU count, at most 8). With exact indexes each result equals the single call's;
         with HNSW the batch searches the same graph more widely (see
-        :mod:`engine.retrieval`). ``deadline`` (a ``time.monotonic()`` time): a chunk
+        :mod:`engine.serving.retrieval`). ``deadline`` (a ``time.monotonic()`` time): a chunk
         that would start after it raises :class:`TimeoutError` instead."""
         users = list(user_ids)
         self._check_k(k, n_candidates)
@@ -634,7 +635,7 @@ class Engine:
         by ``make index``. All or nothing: a rejected request changes nothing. Returns
         the catalogue size after the addition."""
         new_ids, features, titles, vectors, genres = self._checked_items(item_ids, item_features)
-        from engine import bundle
+        from engine.index import bundle
 
         with self._write_lock:
             cat = self._catalogue
@@ -685,7 +686,7 @@ class Engine:
         root's journal since this engine last read it. Records that cannot be served (a
         duplicate id, features this bundle's item tower does not know) are logged and
         skipped, never fatal. Returns how many items were added."""
-        from engine import bundle
+        from engine.index import bundle
 
         root = bundle.root_of(self.bundle.path)
         if root is None:

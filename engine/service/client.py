@@ -6,7 +6,7 @@
 ...     for item_id, score, sources in recs: ...
 
 Methods mirror :class:`engine.Engine` and return the same
-:class:`~engine.engine.Recommendations` (``item_ids``, ``scores``, ``sources``,
+:class:`~engine.serving.engine.Recommendations` (``item_ids``, ``scores``, ``sources``,
 ``titles``), so code can switch between the embedded library and the service.
 Failures raise :class:`grpc.RpcError`; ``error.code()`` is ``INVALID_ARGUMENT`` for a
 bad request, ``NOT_FOUND`` for an unknown item, ``UNAUTHENTICATED`` without the token,
@@ -24,10 +24,10 @@ from typing import Mapping, Sequence
 import grpc
 import numpy as np
 
-from engine.engine import Recommendations
+from engine.serving.engine import Recommendations
 from engine.errors import InvalidRequest, UnknownIdError
-from engine.rpc import tandem_pb2 as pb
-from engine.rpc import tandem_pb2_grpc as pb_grpc
+from engine.service.rpc import tandem_pb2 as pb
+from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 
 
 def _feature_map(features: Mapping | None) -> dict:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine import metrics
+from engine.evaluation import metrics
 from engine.data import Dataset
 
 

@@ -100,7 +100,7 @@ def _train_and_test(args: argparse.Namespace, config: dict):
 
 
 def _cf_report(model, test, k: int) -> dict:
-    from engine.evaluation import check_aligned, rating_metrics, topn_metrics
+    from engine.evaluation.offline import check_aligned, rating_metrics, topn_metrics
 
     check_aligned(model.users, model.items, test)
     report = {"model": "cf", "loss": model.config.loss, "test": test.name, "n_test_ratings": test.n_ratings}
@@ -111,7 +111,7 @@ def _cf_report(model, test, k: int) -> dict:
 
 
 def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
-    from engine.cf import PRESETS, CFConfig, train_cf
+    from engine.models.cf import PRESETS, CFConfig, train_cf
 
     cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS, PRESETS[args.preset] if args.preset else None)
     return _fit_report_save(args, config, "cf", "CF", train_cf, cf_config,
@@ -135,7 +135,7 @@ def _fit_report_save(args: argparse.Namespace, config: dict, subdir: str, label:
 
 
 def cmd_eval_cf(args: argparse.Namespace, config: dict) -> int:
-    from engine.cf import CFModel
+    from engine.models.cf import CFModel
 
     model = CFModel.load(args.model or Path(config["paths"]["models"]) / "cf")
     _, test = _train_and_test(args, config)
@@ -150,7 +150,7 @@ TOWER_FLAGS = ("objective", "learning_rate", "epochs", "batch_size", "output_dim
 
 
 def _towers_report(model, train, test, k: int) -> dict:
-    from engine.evaluation import check_aligned, rating_metrics, topn_metrics
+    from engine.evaluation.offline import check_aligned, rating_metrics, topn_metrics
 
     check_aligned(model.users, model.items, test)
     report = {"model": "two_tower", "objective": model.config.objective, "test": test.name,
@@ -163,7 +163,7 @@ def _towers_report(model, train, test, k: int) -> dict:
 
 
 def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
-    from engine.towers import TowerConfig, train_two_tower
+    from engine.models.towers import TowerConfig, train_two_tower
 
     extra = {}
     if args.layers is not None:
@@ -174,7 +174,7 @@ def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
 
 
 def cmd_eval_towers(args: argparse.Namespace, config: dict) -> int:
-    from engine.towers import TwoTowerModel
+    from engine.models.towers import TwoTowerModel
 
     model = TwoTowerModel.load(args.model or Path(config["paths"]["models"]) / "towers")
     train, test = _train_and_test(args, config)
@@ -185,8 +185,8 @@ def cmd_eval_towers(args: argparse.Namespace, config: dict) -> int:
 
 
 def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
-    from engine.cf import CFModel
-    from engine.towers import TwoTowerModel
+    from engine.models.cf import CFModel
+    from engine.models.towers import TwoTowerModel
     from index_builder.build import build_bundle
 
     models = Path(args.models or config["paths"]["models"])
@@ -211,7 +211,7 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, config: dict) -> int:
-    from engine import bundle
+    from engine.index import bundle
 
     root = Path(args.root or config["paths"]["bundles"])
     before = bundle.current_version(root)
@@ -223,7 +223,7 @@ def cmd_rollback(args: argparse.Namespace, config: dict) -> int:
 def cmd_serve(args: argparse.Namespace, config: dict) -> int:
     import os
 
-    from engine.server import ServerConfig, TandemServer, configure_logging
+    from engine.service.server import ServerConfig, TandemServer, configure_logging
 
     cfg = dict(config["server"])
     for key in ("host", "port", "processes", "workers", "metrics_port", "tls_cert", "tls_key", "token_all"):
@@ -255,11 +255,11 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
 
 def _serve_processes(args: argparse.Namespace, cfg: dict, processes: int, root: Path) -> int:
     """``tandem serve --processes N``: N single-process servers on one port (see
-    :mod:`engine.processes`), each started with this command's settings."""
+    :mod:`engine.service.processes`), each started with this command's settings."""
     import os
 
-    from engine.processes import serve_processes
-    from engine.server import SHUTDOWN_MARGIN
+    from engine.service.processes import serve_processes
+    from engine.service.server import SHUTDOWN_MARGIN
 
     command = [sys.executable, "-m", "engine.cli"]
     command += ["--config", args.config] if args.config else []
@@ -305,7 +305,7 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def engine_config(config: dict):
     """The :class:`~engine.EngineConfig` of the ``[engine]`` section."""
-    from engine.engine import EngineConfig
+    from engine.serving.engine import EngineConfig
 
     try:
         return EngineConfig(**config["engine"])
@@ -314,7 +314,7 @@ def engine_config(config: dict):
 
 
 def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
-    from engine.pipeline_eval import evaluate_pipeline, format_summary
+    from engine.evaluation.pipeline import evaluate_pipeline, format_summary
 
     source = resolve_data_source(args.data or config["data"]["source"])
     if source == "synthetic" or not Path(source, "u1.base").is_file():
@@ -330,11 +330,11 @@ def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace, config: dict) -> int:
-    from engine.engine import Engine
+    from engine.serving.engine import Engine
 
     eng = Engine.load(args.bundle or config["paths"]["bundles"], engine_config(config))
     if args.example:  # the most active user and the most popular item of the bundle
-        from engine.demo import example_ids
+        from engine.cli.demo import example_ids
 
         user, item = example_ids(eng.bundle.path)
         args.user, args.similar_to = args.user or user, args.similar_to or item
@@ -374,7 +374,7 @@ def _titles_for(config: dict, source: str | None):
 
 
 def cmd_recommend_cf(args: argparse.Namespace, config: dict) -> int:
-    from engine.cf import CFModel
+    from engine.models.cf import CFModel
 
     model = CFModel.load(args.model or Path(config["paths"]["models"]) / "cf")
     title = _titles_for(config, args.data)
@@ -392,7 +392,7 @@ def cmd_recommend_cf(args: argparse.Namespace, config: dict) -> int:
             print(f"  {rank:2d}. {title(item):<50} predicted {score:.2f}")
     if args.similar_to is not None:
         if args.bundle:
-            from engine.bundle import LoadedBundle
+            from engine.index.bundle import LoadedBundle
 
             published = LoadedBundle(args.bundle)
             ids, dist = published.similar_items(args.similar_to, k=args.k)
