@@ -119,7 +119,8 @@ def test_train_build_index_recommend_rollback(tmp_path, capsys):
 def test_serve_token_sources(tmp_path, monkeypatch):
     """--token-file beats --token beats $TANDEM_TOKEN; a token set but empty is refused
     (it would silently turn authentication off)."""
-    from engine.cli import _token, build_parser
+    from engine.cli import build_parser
+    from engine.cli.serve import _token
 
     def token(*argv):
         return _token(build_parser().parse_args(["serve", *argv]))

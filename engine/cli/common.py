@@ -1,0 +1,24 @@
+"""What several command groups share: the data and split flags, and the engine settings."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.errors import ConfigError
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
+    p.add_argument("--split", help="auto, u1..u5, ua, ub, random, last, cold-items or none "
+                                   "(default: data.split)")
+    p.add_argument("--k", type=int, default=10, help="cut-off of the top-N metrics (default 10)")
+
+
+def engine_config(config: dict):
+    """The :class:`~engine.EngineConfig` of the ``[engine]`` section."""
+    from engine.serving.engine import EngineConfig
+
+    try:
+        return EngineConfig(**config["engine"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[engine]: {e}") from None

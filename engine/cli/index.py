@@ -1,0 +1,67 @@
+"""``tandem build-index / rollback``: publish a bundle from the trained models, or step back a version."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.config import load_dataset
+from engine.errors import ConfigError
+
+
+def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
+    from engine.models.cf import CFModel
+    from engine.models.towers import TwoTowerModel
+    from index_builder.build import build_bundle
+
+    models = Path(args.models or config["paths"]["models"])
+    for sub, name in (("cf", "cf.json"), ("towers", "towers.json")):
+        if not (models / sub / name).is_file():
+            raise ConfigError(f"{models / sub}: no trained model; run `make train` (or tandem train-cf / "
+                              f"train-towers --split none) first")
+    cf, towers = CFModel.load(models / "cf"), TwoTowerModel.load(models / "towers")
+    dataset = load_dataset(config, args.data)
+    index_cfg = config["index"]
+    root = Path(args.out or config["paths"]["bundles"])
+    print(f"building indexes for {dataset.name} ({dataset.n_items:,} items) into {root}", file=sys.stderr)
+    published = build_bundle(
+        dataset, cf, towers, root,
+        factory=args.factory or index_cfg["factory"] or None,
+        recall_floor=args.recall_floor if args.recall_floor is not None else index_cfg["recall_floor"],
+        k=index_cfg["recall_k"], keep=args.keep if args.keep is not None else index_cfg["keep"],
+        exact_below=index_cfg["exact_below"], user_top_k=index_cfg["user_top_k"],
+        log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps({"published": str(published), "version": published.name}, indent=2))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, config: dict) -> int:
+    from engine.index import bundle
+
+    root = Path(args.root or config["paths"]["bundles"])
+    before = bundle.current_version(root)
+    after = bundle.rollback(root)
+    print(f"rolled back {root}/current: {before} -> {after}")
+    return 0
+
+
+def register(commands) -> None:
+    """Add this group's commands to the ``tandem`` parser."""
+    build = commands.add_parser(
+        "build-index", help="build the FAISS indexes from the trained models and publish a bundle",
+        description="Export item vectors from the latest trained models (<paths.models>/cf and /towers, "
+                    "no retraining), build and recall-check the indexes, and publish a new bundle version "
+                    "atomically as <paths.bundles>/current.")
+    build.add_argument("--data", metavar="PATH", help="the dataset the models were trained on (default: data.source)")
+    build.add_argument("--models", metavar="DIR", help="trained models directory (default: paths.models)")
+    build.add_argument("--out", metavar="ROOT", help="bundle root (default: paths.bundles)")
+    build.add_argument("--factory", help="FAISS factory string for every index (default: by catalogue size)")
+    build.add_argument("--recall-floor", type=float, help="refuse to publish below this recall@k (default 0.95)")
+    build.add_argument("--keep", type=int, help="versions to keep (default 5)")
+    build.set_defaults(handler=cmd_build_index)
+
+    rollback = commands.add_parser("rollback", help="point the bundle root's current at the previous version")
+    rollback.add_argument("--root", help="bundle root (default: paths.bundles)")
+    rollback.set_defaults(handler=cmd_rollback)
