@@ -7,8 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_catalogue_bundle(root: str | Path, n_items: int = 100_000, n_users: int = 20_000,
-                           n_ratings: int = 1_000_000, user_top_k: int | None = None) -> Path:
+def build_catalogue_bundle(
+    root: str | Path,
+    n_items: int = 100_000,
+    n_users: int = 20_000,
+    n_ratings: int = 1_000_000,
+    user_top_k: int | None = None,
+) -> Path:
     """Train quick models on ``make_synthetic(...)`` and publish a bundle under ``root``
     (``user_top_k``: the per-user top-items tables' width, default as ``make index``;
     0 builds none, so that known users' requests search the indexes)."""
@@ -23,5 +28,6 @@ def build_catalogue_bundle(root: str | Path, n_items: int = 100_000, n_users: in
     cf = train_cf(ds, n_features=32, epochs=2, batch_size=65_536, learning_rate=0.01, progress=False)
     towers = train_two_tower(ds, objective="softmax", epochs=1, batch_size=4096, progress=False)
     print("building the bundle ...", flush=True)
-    return build_bundle(ds, cf, towers, root, n_queries=300,
-                        user_top_k=USER_TOP_ITEMS if user_top_k is None else user_top_k)
+    return build_bundle(
+        ds, cf, towers, root, n_queries=300, user_top_k=USER_TOP_ITEMS if user_top_k is None else user_top_k
+    )

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _results import save_result
+
 from engine import data
-from engine.models.cf import CFConfig, train_cf
 from engine.config import resolve_data_source
 from engine.evaluation.offline import implicit_als_metrics, popularity_recommender, rating_metrics, topn_metrics
+from engine.models.cf import CFConfig, train_cf
 
 # The bce variant's settings for implicit top-N (B2); the mse defaults serve B1.
 BCE_SETTINGS = {"loss": "bce", "learning_rate": 0.005, "lambda_": 5.0, "batch_size": 4096}
@@ -44,7 +44,8 @@ def run_surprise(directory: Path, fold: int, algo_name: str) -> dict:
 
     reader = surprise.Reader("ml-100k")
     ds = surprise.Dataset.load_from_folds(
-        [(str(directory / f"u{fold}.base"), str(directory / f"u{fold}.test"))], reader=reader)
+        [(str(directory / f"u{fold}.base"), str(directory / f"u{fold}.test"))], reader=reader
+    )
     trainset, testset = next(surprise.model_selection.PredefinedKFold().split(ds))
     algo = {"SVD": surprise.SVD, "SVD++": surprise.SVDpp}[algo_name](random_state=0)
     start = time.perf_counter()
@@ -53,8 +54,11 @@ def run_surprise(directory: Path, fold: int, algo_name: str) -> dict:
     preds = algo.test(testset)
     truth = np.array([p.r_ui for p in preds])
     est = np.clip(np.array([p.est for p in preds]), 1, 5)
-    return {"fit_s": fit, "rmse": float(np.sqrt(np.mean((truth - est) ** 2))),
-            "mae": float(np.mean(np.abs(truth - est)))}
+    return {
+        "fit_s": fit,
+        "rmse": float(np.sqrt(np.mean((truth - est) ** 2))),
+        "mae": float(np.mean(np.abs(truth - est))),
+    }
 
 
 def main() -> None:
@@ -93,12 +97,18 @@ def main() -> None:
         values = [r[key] for r in rows if key in r]
         return float(np.mean(values)) if values else None
 
-    summary = {name: ({"skipped": rows[0]["skipped"]} if "skipped" in rows[0] else
-                      {key: mean(rows, key) for key in ("rmse", "mae", "fit_s", "recall@10", "ndcg@10")})
-               for name, rows in systems.items()}
+    summary = {
+        name: (
+            {"skipped": rows[0]["skipped"]}
+            if "skipped" in rows[0]
+            else {key: mean(rows, key) for key in ("rmse", "mae", "fit_s", "recall@10", "ndcg@10")}
+        )
+        for name, rows in systems.items()
+    }
     ref_fit = summary.get("tandem CF (mse, defaults)", {}).get("fit_s")
-    out = save_result("cf", {"folds": args.folds, "summary": summary, "per_fold": systems,
-                               "bce_settings": BCE_SETTINGS})
+    out = save_result(
+        "cf", {"folds": args.folds, "summary": summary, "per_fold": systems, "bce_settings": BCE_SETTINGS}
+    )
 
     def fmt(v, spec=".4f"):
         return "—" if v is None else format(v, spec)
@@ -110,8 +120,10 @@ def main() -> None:
             print(f"{name:<28}  skipped ({s['skipped']})")
             continue
         ratio = s["fit_s"] / ref_fit if s.get("fit_s") and ref_fit else None
-        print(f"{name:<28}{fmt(s['rmse']):>8}{fmt(s['mae']):>8}{fmt(s['fit_s'], '.2f'):>8}"
-              f"{fmt(ratio, '.2f'):>10}{fmt(s['recall@10']):>11}{fmt(s['ndcg@10']):>9}")
+        print(
+            f"{name:<28}{fmt(s['rmse']):>8}{fmt(s['mae']):>8}{fmt(s['fit_s'], '.2f'):>8}"
+            f"{fmt(ratio, '.2f'):>10}{fmt(s['recall@10']):>11}{fmt(s['ndcg@10']):>9}"
+        )
     tandem = summary.get("tandem CF (mse, defaults)", {})
     if tandem.get("rmse") is not None:
         verdict = "meets" if tandem["rmse"] <= 0.915 else "MISSES"

@@ -16,8 +16,9 @@ import resource
 import time
 
 from _results import save_result
-from engine.models.cf import train_cf
+
 from engine.data import make_synthetic
+from engine.models.cf import train_cf
 
 
 def main() -> None:
@@ -35,22 +36,40 @@ def main() -> None:
     gen_s = time.perf_counter() - start
     rss_after_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     start = time.perf_counter()
-    model = train_cf(ds, epochs=1, batch_size=args.batch_size, n_features=args.n_features,
-                     validation_fraction=0.0, learning_rate=0.01, device=args.device, progress=True)
+    model = train_cf(
+        ds,
+        epochs=1,
+        batch_size=args.batch_size,
+        n_features=args.n_features,
+        validation_fraction=0.0,
+        learning_rate=0.01,
+        device=args.device,
+        progress=True,
+    )
     train_s = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    result = {"n_ratings": ds.n_ratings, "n_users": ds.n_users, "n_items": ds.n_items,
-              "batch_size": args.batch_size, "n_features": args.n_features, "device": args.device,
-              "generate_s": gen_s, "train_cf_call_s": train_s,
-              "ratings_per_s_whole_call": ds.n_ratings / train_s,
-              "ratings_per_s_epoch": model.metrics["ratings_per_second"],
-              "peak_rss_gb": peak, "peak_rss_after_generation_gb": rss_after_data,
-              "train_loss": model.metrics}
+    result = {
+        "n_ratings": ds.n_ratings,
+        "n_users": ds.n_users,
+        "n_items": ds.n_items,
+        "batch_size": args.batch_size,
+        "n_features": args.n_features,
+        "device": args.device,
+        "generate_s": gen_s,
+        "train_cf_call_s": train_s,
+        "ratings_per_s_whole_call": ds.n_ratings / train_s,
+        "ratings_per_s_epoch": model.metrics["ratings_per_second"],
+        "peak_rss_gb": peak,
+        "peak_rss_after_generation_gb": rss_after_data,
+        "train_loss": model.metrics,
+    }
     out = save_result("cf_scale", result)
-    print(f"B6 CF: {ds.n_ratings:,} ratings, one epoch at {result['ratings_per_s_epoch'] / 1e6:.2f} M ratings/s "
-          f"(target >= 1.0; {result['ratings_per_s_whole_call'] / 1e6:.2f} M/s over the whole train_cf call "
-          f"of {train_s:.1f} s, setup included); peak RSS {peak:.2f} GB "
-          f"(target <= 3.0; {rss_after_data:.2f} GB after generating the data) -> {out}")
+    print(
+        f"B6 CF: {ds.n_ratings:,} ratings, one epoch at {result['ratings_per_s_epoch'] / 1e6:.2f} M ratings/s "
+        f"(target >= 1.0; {result['ratings_per_s_whole_call'] / 1e6:.2f} M/s over the whole train_cf call "
+        f"of {train_s:.1f} s, setup included); peak RSS {peak:.2f} GB "
+        f"(target <= 3.0; {rss_after_data:.2f} GB after generating the data) -> {out}"
+    )
 
 
 if __name__ == "__main__":

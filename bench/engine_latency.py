@@ -17,9 +17,9 @@ import tempfile
 import time
 
 import numpy as np
-
 from _catalogue import build_catalogue_bundle
 from _results import save_result
+
 from engine import Engine
 
 
@@ -54,15 +54,21 @@ def measure(engine: Engine, args) -> None:
     start = time.perf_counter()
     engine.recommend_batch(users, k=10, n_candidates=args.n_candidates)
     batch_s = time.perf_counter() - start
-    result = {"n_items": len(engine.items), "n_users": len(engine.users), "n_candidates": args.n_candidates,
-              "indexes": {k: v["factory"] + " " + json.dumps(v["search_params"]) for k, v in manifest["indexes"].items()},
-              "recommend_p50_ms": float(np.median(times) * 1e3),
-              "recommend_p99_ms": float(np.percentile(times, 99) * 1e3),
-              "batch_users_per_s": len(users) / batch_s}
+    result = {
+        "n_items": len(engine.items),
+        "n_users": len(engine.users),
+        "n_candidates": args.n_candidates,
+        "indexes": {k: v["factory"] + " " + json.dumps(v["search_params"]) for k, v in manifest["indexes"].items()},
+        "recommend_p50_ms": float(np.median(times) * 1e3),
+        "recommend_p99_ms": float(np.percentile(times, 99) * 1e3),
+        "batch_users_per_s": len(users) / batch_s,
+    }
     out = save_result("engine", result)
-    print(f"Engine on {len(engine.items):,} items, {args.n_candidates} candidates, k=10: recommend p50 "
-          f"{result['recommend_p50_ms']:.2f} ms (target <= 1), p99 {result['recommend_p99_ms']:.2f} ms "
-          f"(target <= 5); recommend_batch {result['batch_users_per_s']:,.0f} users/s (target >= 2,000)")
+    print(
+        f"Engine on {len(engine.items):,} items, {args.n_candidates} candidates, k=10: recommend p50 "
+        f"{result['recommend_p50_ms']:.2f} ms (target <= 1), p99 {result['recommend_p99_ms']:.2f} ms "
+        f"(target <= 5); recommend_batch {result['batch_users_per_s']:,.0f} users/s (target >= 2,000)"
+    )
     print(f"indexes: {result['indexes']} -> {out}")
 
 

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _catalogue import build_catalogue_bundle
 from _results import save_result
 
@@ -42,8 +41,9 @@ CONCURRENCY = (1, 4, 16)
 RPCS = ("Echo", "Recommend", "SimilarItems")
 
 
-def client_worker(target: str, rpc: str, threads: int, users, items, seed: int, ready, window, out,
-                  echo_bytes: int = 16) -> None:
+def client_worker(
+    target: str, rpc: str, threads: int, users, items, seed: int, ready, window, out, echo_bytes: int = 16
+) -> None:
     """One load-generator process: ``threads`` clients, each with its own channel, calling
     ``rpc`` back to back through the window the parent sets; sends its latencies and the
     CPU seconds it used inside the window to ``out``.
@@ -68,11 +68,15 @@ def client_worker(target: str, rpc: str, threads: int, users, items, seed: int, 
         rng = np.random.default_rng(seed * 100 + t)
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.RecommenderStub(channel)
-            calls = {"Echo": lambda: stub.Echo(pb.EchoRequest(payload=b"x" * echo_bytes), timeout=10),
-                     "Recommend": lambda: stub.Recommend(pb.RecommendRequest(
-                         user_id=users[rng.integers(len(users))], k=10, n_candidates=500), timeout=10),
-                     "SimilarItems": lambda: stub.SimilarItems(pb.SimilarItemsRequest(
-                         item_id=items[rng.integers(len(items))], k=10), timeout=10)}
+            calls = {
+                "Echo": lambda: stub.Echo(pb.EchoRequest(payload=b"x" * echo_bytes), timeout=10),
+                "Recommend": lambda: stub.Recommend(
+                    pb.RecommendRequest(user_id=users[rng.integers(len(users))], k=10, n_candidates=500), timeout=10
+                ),
+                "SimilarItems": lambda: stub.SimilarItems(
+                    pb.SimilarItemsRequest(item_id=items[rng.integers(len(items))], k=10), timeout=10
+                ),
+            }
             call = calls[rpc]
             for _ in range(20):  # warm the channel
                 call()
@@ -132,8 +136,16 @@ def _server_pids(pid: int, processes: int) -> list[int]:
         return []
 
 
-def measure(target: str, rpc: str, clients: int, seconds: float, users, items, echo_bytes: int = 16,
-            server_pids: list[int] | None = None) -> dict:
+def measure(
+    target: str,
+    rpc: str,
+    clients: int,
+    seconds: float,
+    users,
+    items,
+    echo_bytes: int = 16,
+    server_pids: list[int] | None = None,
+) -> dict:
     """One cell: ``clients`` concurrent clients over a common window of ``seconds``; QPS,
     p50/p99 latency, and CPU milliseconds per request of the clients and of the server
     (``server_pids``; ``nan`` without /proc)."""
@@ -142,9 +154,10 @@ def measure(target: str, rpc: str, clients: int, seconds: float, users, items, e
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
     windows = [ctx.Queue() for _ in per]
-    procs = [ctx.Process(target=client_worker, args=(target, rpc, n, users, items, p, ready, windows[p], out,
-                                                     echo_bytes))
-             for p, n in enumerate(per)]
+    procs = [
+        ctx.Process(target=client_worker, args=(target, rpc, n, users, items, p, ready, windows[p], out, echo_bytes))
+        for p, n in enumerate(per)
+    ]
     for p in procs:
         p.start()
     for _ in procs:
@@ -165,11 +178,15 @@ def measure(target: str, rpc: str, clients: int, seconds: float, users, items, e
         p.join()
     latencies = np.concatenate([np.asarray(lat, float) for lat, _ in results])
     n = max(len(latencies), 1)
-    return {"qps": len(latencies) / seconds, "p50_ms": float(np.percentile(latencies, 50) * 1e3),
-            "p99_ms": float(np.percentile(latencies, 99) * 1e3), "requests": int(len(latencies)),
-            "client_cpu_ms_per_request": 1e3 * sum(cpu for _, cpu in results) / n,
-            "server_cpu_ms_per_request": 1e3 * server_cpu / n if server_pids else float("nan"),
-            "server_cores_per_process": server_cores}
+    return {
+        "qps": len(latencies) / seconds,
+        "p50_ms": float(np.percentile(latencies, 50) * 1e3),
+        "p99_ms": float(np.percentile(latencies, 99) * 1e3),
+        "requests": int(len(latencies)),
+        "client_cpu_ms_per_request": 1e3 * sum(cpu for _, cpu in results) / n,
+        "server_cpu_ms_per_request": 1e3 * server_cpu / n if server_pids else float("nan"),
+        "server_cores_per_process": server_cores,
+    }
 
 
 def reply_size(target: str, user: str) -> int:
@@ -180,8 +197,9 @@ def reply_size(target: str, user: str) -> int:
     from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(target) as channel:
-        reply = pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id=user, k=10, n_candidates=500),
-                                                          timeout=30)
+        reply = pb_grpc.RecommenderStub(channel).Recommend(
+            pb.RecommendRequest(user_id=user, k=10, n_candidates=500), timeout=30
+        )
     return reply.ByteSize()
 
 
@@ -191,13 +209,32 @@ def _cores(row: dict) -> str:
     return f" (cores per process {' / '.join(f'{c:.2f}' for c in cores)})" if len(cores) > 1 else ""
 
 
-def run_configuration(root: Path, processes: int, workers: int, seconds: float, users, items, tmp: str,
-                      rounds: int = 3) -> dict:
+def run_configuration(
+    root: Path, processes: int, workers: int, seconds: float, users, items, tmp: str, rounds: int = 3
+) -> dict:
     """Start ``tandem serve --processes N``, load it cell by cell, stop it; the table."""
     ready = Path(tmp) / f"port-{processes}"
-    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--bundle", str(root), "--port", "0",
-                               "--processes", str(processes), "--workers", str(workers), "--port-file", str(ready),
-                               "--log-level", "WARNING"], env={**os.environ, "TANDEM_TOKEN": ""})
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--bundle",
+            str(root),
+            "--port",
+            "0",
+            "--processes",
+            str(processes),
+            "--workers",
+            str(workers),
+            "--port-file",
+            str(ready),
+            "--log-level",
+            "WARNING",
+        ],
+        env={**os.environ, "TANDEM_TOKEN": ""},
+    )
     try:
         deadline = time.time() + 300
         while not ready.exists():
@@ -207,17 +244,22 @@ def run_configuration(root: Path, processes: int, workers: int, seconds: float, 
         target = f"127.0.0.1:{ready.read_text().strip()}"
         pids = _server_pids(server.pid, processes)
         echo_bytes = reply_size(target, users[0])
-        print(f"\n{processes} process(es) x {workers} threads on {target}; echo payload {echo_bytes} bytes "
-              "(a Recommend reply)", flush=True)
+        print(
+            f"\n{processes} process(es) x {workers} threads on {target}; echo payload {echo_bytes} bytes "
+            "(a Recommend reply)",
+            flush=True,
+        )
         table = {}
         for clients in CONCURRENCY:
             for rpc in RPCS:
-                table[f"{rpc}@{clients}"] = row = measure(target, rpc, clients, seconds, users, items, echo_bytes,
-                                                          pids)
-                print(f"  {rpc:<13} {clients:>2} clients: {row['qps']:>8,.0f} QPS  p50 {row['p50_ms']:6.2f} ms  "
-                      f"p99 {row['p99_ms']:6.2f} ms  CPU/request: server {row['server_cpu_ms_per_request']:.2f} ms"
-                      f"{_cores(row)}, "
-                      f"clients {row['client_cpu_ms_per_request']:.2f} ms", flush=True)
+                table[f"{rpc}@{clients}"] = row = measure(target, rpc, clients, seconds, users, items, echo_bytes, pids)
+                print(
+                    f"  {rpc:<13} {clients:>2} clients: {row['qps']:>8,.0f} QPS  p50 {row['p50_ms']:6.2f} ms  "
+                    f"p99 {row['p99_ms']:6.2f} ms  CPU/request: server {row['server_cpu_ms_per_request']:.2f} ms"
+                    f"{_cores(row)}, "
+                    f"clients {row['client_cpu_ms_per_request']:.2f} ms",
+                    flush=True,
+                )
         # The target cell again, as back-to-back Echo / Recommend pairs: this machine's
         # speed drifts from one minute to the next, so each round's ratio compares
         # neighbours, and the median of the rounds is the figure.
@@ -226,23 +268,38 @@ def run_configuration(root: Path, processes: int, workers: int, seconds: float, 
             echo = measure(target, "Echo", 4, seconds, users, items, echo_bytes, pids)
             recommend = measure(target, "Recommend", 4, seconds, users, items, echo_bytes, pids)
             pairs.append({"echo": echo, "recommend": recommend, "ratio": recommend["qps"] / echo["qps"]})
-            print(f"  round {r + 1}: Echo {echo['qps']:,.0f} QPS, Recommend {recommend['qps']:,.0f} QPS "
-                  f"(ratio {pairs[-1]['ratio']:.2f}), Recommend p99 {recommend['p99_ms']:.2f} ms; server CPU/request "
-                  f"Echo {echo['server_cpu_ms_per_request']:.2f} ms, Recommend "
-                  f"{recommend['server_cpu_ms_per_request']:.2f} ms{_cores(recommend)}", flush=True)
+            print(
+                f"  round {r + 1}: Echo {echo['qps']:,.0f} QPS, Recommend {recommend['qps']:,.0f} QPS "
+                f"(ratio {pairs[-1]['ratio']:.2f}), Recommend p99 {recommend['p99_ms']:.2f} ms; server CPU/request "
+                f"Echo {echo['server_cpu_ms_per_request']:.2f} ms, Recommend "
+                f"{recommend['server_cpu_ms_per_request']:.2f} ms{_cores(recommend)}",
+                flush=True,
+            )
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
     ratio = table["Recommend@4"]["qps"] / table["Echo@4"]["qps"]
-    print(f"  Recommend / Echo QPS at 4 clients: {ratio:.2f} in the table (target >= 0.40); Recommend p99 at 4 "
-          f"clients {table['Recommend@4']['p99_ms']:.2f} ms (target <= 10)", flush=True)
-    result = {"processes": processes, "workers": workers, "echo_payload_bytes": echo_bytes, "table": table,
-              "recommend_over_echo_at_4": ratio, "rounds_at_4": pairs}
+    print(
+        f"  Recommend / Echo QPS at 4 clients: {ratio:.2f} in the table (target >= 0.40); Recommend p99 at 4 "
+        f"clients {table['Recommend@4']['p99_ms']:.2f} ms (target <= 10)",
+        flush=True,
+    )
+    result = {
+        "processes": processes,
+        "workers": workers,
+        "echo_payload_bytes": echo_bytes,
+        "table": table,
+        "recommend_over_echo_at_4": ratio,
+        "rounds_at_4": pairs,
+    }
     if pairs:
         result["median_ratio_at_4"] = float(np.median([p["ratio"] for p in pairs]))
         result["median_recommend_p99_at_4_ms"] = float(np.median([p["recommend"]["p99_ms"] for p in pairs]))
-        print(f"  median of {len(pairs)} rounds: ratio {result['median_ratio_at_4']:.2f} (target >= 0.40), "
-              f"Recommend p99 {result['median_recommend_p99_at_4_ms']:.2f} ms (target <= 10)", flush=True)
+        print(
+            f"  median of {len(pairs)} rounds: ratio {result['median_ratio_at_4']:.2f} (target >= 0.40), "
+            f"Recommend p99 {result['median_recommend_p99_at_4_ms']:.2f} ms (target <= 10)",
+            flush=True,
+        )
     return result
 
 
@@ -251,13 +308,24 @@ def main() -> None:
     parser.add_argument("--bundle", help="an existing bundle root to serve (default: build a 100k-item one)")
     parser.add_argument("--n-items", type=int, default=100_000)
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement time per cell")
-    parser.add_argument("--processes", default="1,2",
-                        help="server process counts to measure, comma-separated (SO_REUSEPORT; default 1,2)")
+    parser.add_argument(
+        "--processes",
+        default="1,2",
+        help="server process counts to measure, comma-separated (SO_REUSEPORT; default 1,2)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="request threads per server process")
-    parser.add_argument("--user-top-k", type=int, default=None,
-                        help="width of the built bundle's per-user top-items tables (default: as make index; 0: none)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="extra back-to-back Echo/Recommend pairs at 4 clients (their median ratio is reported)")
+    parser.add_argument(
+        "--user-top-k",
+        type=int,
+        default=None,
+        help="width of the built bundle's per-user top-items tables (default: as make index; 0: none)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="extra back-to-back Echo/Recommend pairs at 4 clients (their median ratio is reported)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -271,8 +339,13 @@ def main() -> None:
         items = [str(i) for i in np.load(tables / "item_ids.npy", allow_pickle=False)[:20000]]
         for processes in [int(p) for p in args.processes.split(",")]:
             result = run_configuration(root, processes, args.workers, args.seconds, users, items, tmp, args.rounds)
-            result.update({"n_items": args.n_items if not args.bundle else None, "seconds_per_cell": args.seconds,
-                           "cpu_count": os.cpu_count()})
+            result.update(
+                {
+                    "n_items": args.n_items if not args.bundle else None,
+                    "seconds_per_cell": args.seconds,
+                    "cpu_count": os.cpu_count(),
+                }
+            )
             out = save_result("serve" if processes == 1 else f"serve_{processes}proc", result)
             print(f"  -> {out}", flush=True)
 

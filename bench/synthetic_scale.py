@@ -11,6 +11,7 @@ import resource
 import time
 
 from _results import save_result
+
 from engine.data import make_synthetic
 
 
@@ -29,13 +30,21 @@ def main() -> None:
         del ds
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
     times.sort()
-    result = {"n_users": args.n_users, "n_items": args.n_items, "n_ratings": args.n_ratings,
-              "seconds_median": times[len(times) // 2], "seconds_all": times,
-              "ratings_per_second": args.n_ratings / times[len(times) // 2], "peak_rss_gb": peak_gb}
+    result = {
+        "n_users": args.n_users,
+        "n_items": args.n_items,
+        "n_ratings": args.n_ratings,
+        "seconds_median": times[len(times) // 2],
+        "seconds_all": times,
+        "ratings_per_second": args.n_ratings / times[len(times) // 2],
+        "peak_rss_gb": peak_gb,
+    }
     out = save_result("synthetic_scale", result)
-    print(f"synthetic {args.n_ratings:,} ratings ({args.n_users:,} users x {args.n_items:,} items): "
-          f"{result['seconds_median']:.1f} s median of {args.repeats}, "
-          f"{result['ratings_per_second'] / 1e6:.2f} M ratings/s, peak RSS {peak_gb:.2f} GB  -> {out}")
+    print(
+        f"synthetic {args.n_ratings:,} ratings ({args.n_users:,} users x {args.n_items:,} items): "
+        f"{result['seconds_median']:.1f} s median of {args.repeats}, "
+        f"{result['ratings_per_second'] / 1e6:.2f} M ratings/s, peak RSS {peak_gb:.2f} GB  -> {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-
 from _results import save_result
+
 from engine import data
-from engine.evaluation import metrics
 from engine.config import resolve_data_source
+from engine.evaluation import metrics
 from engine.evaluation.offline import popularity_recommender, rating_metrics, topn_metrics
 from engine.models.towers import train_two_tower
-
 
 
 def b1_b2(directory: Path, folds: list[int]) -> dict:
@@ -46,11 +45,14 @@ def b1_b2(directory: Path, folds: list[int]) -> dict:
         start = time.perf_counter()
         soft = train_two_tower(train, objective="softmax", progress=False)
         fit = time.perf_counter() - start
-        rows["towers softmax"].append({"fit_s": fit, **topn_metrics(
-            lambda u, k: soft.recommend_indices(u, k, seen), test, k=10)})
+        rows["towers softmax"].append(
+            {"fit_s": fit, **topn_metrics(lambda u, k: soft.recommend_indices(u, k, seen), test, k=10)}
+        )
         rows["popularity"].append(topn_metrics(popularity_recommender(train), test, k=10))
-    return {name: {key: float(np.mean([r[key] for r in rs])) for key in rs[0] if key != "n_users_evaluated"}
-            for name, rs in rows.items()}
+    return {
+        name: {key: float(np.mean([r[key] for r in rs])) for key in rs[0] if key != "n_users_evaluated"}
+        for name, rs in rows.items()
+    }
 
 
 def b3(directory: Path, seed: int = 0) -> dict:
@@ -104,8 +106,11 @@ def latency(directory: Path, repeats: int = 2000) -> dict:
         model.user_embeddings([train.users.ids[0]])
 
     out = {}
-    for name, fn in (("numpy forward", lambda: model.user_tower(x)), ("torch forward", torch_forward),
-                     ("numpy features+forward", features_and_forward)):
+    for name, fn in (
+        ("numpy forward", lambda: model.user_tower(x)),
+        ("torch forward", torch_forward),
+        ("numpy features+forward", features_and_forward),
+    ):
         for _ in range(100):
             fn()
         times = np.empty(repeats)
@@ -136,12 +141,16 @@ def main() -> None:
     out = save_result("towers", result)
 
     pop, soft, mse = quality["popularity"], quality["towers softmax"], quality["towers mse"]
-    print(f"\nB1 (ML-100K folds {args.folds}): towers mse RMSE {mse['rmse']:.4f}, MAE {mse['mae']:.4f}, "
-          f"fit {mse['fit_s']:.1f} s/fold")
-    print(f"B2: towers softmax Recall@10 {soft['recall@10']:.4f} NDCG@10 {soft['ndcg@10']:.4f} "
-          f"(fit {soft['fit_s']:.1f} s/fold) vs popularity {pop['recall@10']:.4f} / {pop['ndcg@10']:.4f}: "
-          f"x{soft['recall@10'] / pop['recall@10']:.2f} / x{soft['ndcg@10'] / pop['ndcg@10']:.2f} "
-          f"(target x1.30)")
+    print(
+        f"\nB1 (ML-100K folds {args.folds}): towers mse RMSE {mse['rmse']:.4f}, MAE {mse['mae']:.4f}, "
+        f"fit {mse['fit_s']:.1f} s/fold"
+    )
+    print(
+        f"B2: towers softmax Recall@10 {soft['recall@10']:.4f} NDCG@10 {soft['ndcg@10']:.4f} "
+        f"(fit {soft['fit_s']:.1f} s/fold) vs popularity {pop['recall@10']:.4f} / {pop['ndcg@10']:.4f}: "
+        f"x{soft['recall@10'] / pop['recall@10']:.2f} / x{soft['ndcg@10'] / pop['ndcg@10']:.2f} "
+        f"(target x1.30)"
+    )
     base = cold["systems"]["genre-popularity"]["ndcg@10"]
     print(f"B3 cold items ({cold['n_cold_items']} items, {cold['n_users']} users):")
     print(f"  {'system':<22}{'Recall@10':>10}{'NDCG@10':>9}{'NDCG vs genre-pop':>19}")

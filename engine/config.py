@@ -62,9 +62,21 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_id_length": 256,
         "max_text_length": 1024,
     },
-    "server": {"host": "127.0.0.1", "port": 50051, "processes": 1, "workers": 2, "max_batch": 1000,
-               "max_batch_results": 100_000, "max_message_bytes": 4194304, "token_all": False, "tls_cert": "", "tls_key": "",
-               "metrics_port": -1, "watch_interval": 1.0, "grace": 10.0},
+    "server": {
+        "host": "127.0.0.1",
+        "port": 50051,
+        "processes": 1,
+        "workers": 2,
+        "max_batch": 1000,
+        "max_batch_results": 100_000,
+        "max_message_bytes": 4194304,
+        "token_all": False,
+        "tls_cert": "",
+        "tls_key": "",
+        "metrics_port": -1,
+        "watch_interval": 1.0,
+        "grace": 10.0,
+    },
 }
 
 

@@ -28,15 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.index import faiss_index as ann
-
-from engine.index import bundle
-from engine.models.cf import CFModel
 from engine.data import Dataset
 from engine.errors import TandemError
+from engine.index import bundle
+from engine.index import faiss_index as ann
+from engine.models.cf import CFModel
 from engine.models.features import segment_labels
-from engine.serving.retrieval import positions_in_rows
 from engine.models.towers import TwoTowerModel
+from engine.serving.retrieval import positions_in_rows
 
 DEFAULT_SEGMENT_KEYS = ("occupation", "zip_region", "age_band")
 SEGMENT_TOP = 500  # items kept per segment
@@ -67,8 +66,7 @@ RECENT_LIKED = 5  # items per user kept for the "neighbours of recent likes" sou
 ITEM_NEIGHBOURS = 32  # nearest CF neighbours kept per item for that source
 
 
-def item_neighbours(index, vectors: np.ndarray, m: int = ITEM_NEIGHBOURS, batch: int = 16384,
-                    log=print) -> np.ndarray:
+def item_neighbours(index, vectors: np.ndarray, m: int = ITEM_NEIGHBOURS, batch: int = 16384, log=print) -> np.ndarray:
     """Each item's ``m`` nearest items by squared distance ``[n_items, m]`` (nearest
     first, the item itself excluded, ``-1`` pads), searched in ``index`` (an L2 index
     over ``vectors`` with its tuned search parameters set). The engine reads these
@@ -81,7 +79,7 @@ def item_neighbours(index, vectors: np.ndarray, m: int = ITEM_NEIGHBOURS, batch:
         _, labels = index.search(np.ascontiguousarray(vectors[rows], np.float32), m + 1)
         for r, found in zip(rows, labels):
             found = found[(found >= 0) & (found != r)][:m]
-            out[r, :len(found)] = found
+            out[r, : len(found)] = found
         if n > batch:
             log(f"  item neighbours: {rows[-1] + 1:,} / {n:,} items")
     return out
@@ -90,8 +88,16 @@ def item_neighbours(index, vectors: np.ndarray, m: int = ITEM_NEIGHBOURS, batch:
 USER_TOP_ITEMS = 256  # items kept per user for the CF and two-tower sources (0: no tables)
 
 
-def user_top_items(index, queries: np.ndarray, seen_indptr: np.ndarray, seen_indices: np.ndarray,
-                   k: int = USER_TOP_ITEMS, labels_per_block: int = 1 << 22, log=print, name: str = "") -> np.ndarray:
+def user_top_items(
+    index,
+    queries: np.ndarray,
+    seen_indptr: np.ndarray,
+    seen_indices: np.ndarray,
+    k: int = USER_TOP_ITEMS,
+    labels_per_block: int = 1 << 22,
+    log=print,
+    name: str = "",
+) -> np.ndarray:
     """Each user's first ``k`` unseen items as ``index`` ranks them for the user's query
     ``queries[u]``: ``[n_users, k]`` int32, best first, ``-1`` padding a row with fewer
     than ``k`` unseen items in the whole result (a tiny catalogue, or an HNSW graph that
@@ -109,6 +115,7 @@ def user_top_items(index, queries: np.ndarray, seen_indptr: np.ndarray, seen_ind
     out = np.full((n_users, k), -1, np.int32)
     n_seen = np.diff(seen_indptr)
     order = np.argsort(n_seen, kind="stable")
+
     def width_at(position: int) -> int:  # the search depth of the position-th user in order
         return max(1, int(min(k + n_seen[order[min(position, n_users - 1)]], n_items)))
 
@@ -119,7 +126,7 @@ def user_top_items(index, queries: np.ndarray, seen_indptr: np.ndarray, seen_ind
         size = max(1, labels_per_block // width_at(start))
         while size > 1 and size * width_at(start + size - 1) > labels_per_block:
             size = max(1, labels_per_block // width_at(start + size - 1))
-        block = order[start:start + size]
+        block = order[start : start + size]
         width = width_at(start + len(block) - 1)
         _, labels = index.search(np.ascontiguousarray(queries[block], np.float32), width)
         rows = np.repeat(np.arange(len(block), dtype=np.int64), width)
@@ -127,8 +134,10 @@ def user_top_items(index, queries: np.ndarray, seen_indptr: np.ndarray, seen_ind
         # The block's seen items as sorted (row, item) keys, to drop them by binary search.
         lengths = n_seen[block]
         firsts = np.repeat(seen_indptr[block] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
-        seen = np.sort(np.repeat(np.arange(len(block), dtype=np.int64), lengths) * n_items
-                       + seen_indices[firsts + np.arange(lengths.sum())])
+        seen = np.sort(
+            np.repeat(np.arange(len(block), dtype=np.int64), lengths) * n_items
+            + seen_indices[firsts + np.arange(lengths.sum())]
+        )
         wanted = rows * n_items + flat
         keep = flat >= 0
         if len(seen):
@@ -163,14 +172,28 @@ def recent_liked(dataset: Dataset, n: int = RECENT_LIKED, min_rating: float = 4.
 def _check_models(dataset: Dataset, cf: CFModel, towers: TwoTowerModel) -> None:
     for name, model in (("CF", cf), ("two-tower", towers)):
         if model.items != dataset.items or model.users != dataset.users:
-            raise TandemError(f"the {name} model was trained on other users/items than the dataset given "
-                              "(retrain it on this dataset: make train)")
+            raise TandemError(
+                f"the {name} model was trained on other users/items than the dataset given "
+                "(retrain it on this dataset: make train)"
+            )
 
 
-def build_bundle(dataset: Dataset, cf: CFModel, towers: TwoTowerModel, root: str | Path, *,
-                 factory: str | None = None, recall_floor: float = 0.95, k: int = 10, n_queries: int = 1000,
-                 keep: int = 5, segment_keys=DEFAULT_SEGMENT_KEYS, exact_below: int = ann.EXACT_BELOW,
-                 user_top_k: int = USER_TOP_ITEMS, log=print) -> Path:
+def build_bundle(
+    dataset: Dataset,
+    cf: CFModel,
+    towers: TwoTowerModel,
+    root: str | Path,
+    *,
+    factory: str | None = None,
+    recall_floor: float = 0.95,
+    k: int = 10,
+    n_queries: int = 1000,
+    keep: int = 5,
+    segment_keys=DEFAULT_SEGMENT_KEYS,
+    exact_below: int = ann.EXACT_BELOW,
+    user_top_k: int = USER_TOP_ITEMS,
+    log=print,
+) -> Path:
     """Build every index and table for ``dataset`` and publish a new bundle version.
 
     Args:
@@ -188,15 +211,43 @@ def build_bundle(dataset: Dataset, cf: CFModel, towers: TwoTowerModel, root: str
     root = Path(root)
     staged = bundle.staging_dir(root)
     try:
-        return _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep,
-                      segment_keys, exact_below, user_top_k, log)
+        return _build(
+            dataset,
+            cf,
+            towers,
+            root,
+            staged,
+            factory,
+            recall_floor,
+            k,
+            n_queries,
+            keep,
+            segment_keys,
+            exact_below,
+            user_top_k,
+            log,
+        )
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
 
 
-def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep, segment_keys,
-           exact_below, user_top_k, log) -> Path:
+def _build(
+    dataset,
+    cf,
+    towers,
+    root,
+    staged,
+    factory,
+    recall_floor,
+    k,
+    n_queries,
+    keep,
+    segment_keys,
+    exact_below,
+    user_top_k,
+    log,
+) -> Path:
     rng = np.random.default_rng(0)
     cf.save(staged / "cf")
     towers.save(staged / "towers")
@@ -212,28 +263,37 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
     ui = dataset.user_items()
     seen_indptr, seen_indices = ui.indptr.astype(np.int64), ui.indices.astype(np.int32)
     # Every user's query vector for the sources whose top items are tabled per user.
-    user_queries = {"cf_ip": np.hstack([cf.W, np.ones((len(cf.W), 1), np.float32)]),
-                    "towers_ip": towers.known_user_vectors()} if user_top_k > 0 else {}
+    user_queries = (
+        {"cf_ip": np.hstack([cf.W, np.ones((len(cf.W), 1), np.float32)]), "towers_ip": towers.known_user_vectors()}
+        if user_top_k > 0
+        else {}
+    )
     user_top: dict[str, np.ndarray] = {}
     reports = {}
     for name, (vectors, metric, queries) in specs.items():
         chosen = factory or ann.choose_factory(len(vectors), vectors.shape[1], exact_below=exact_below)
-        index, report = ann.build_index(vectors, metric, chosen, queries=queries, k=k,
-                                        recall_floor=recall_floor, n_queries=n_queries)
-        log(f"  {name}: {report.factory} ({metric}) on {report.n_vectors:,} x {report.dim}, "
+        index, report = ann.build_index(
+            vectors, metric, chosen, queries=queries, k=k, recall_floor=recall_floor, n_queries=n_queries
+        )
+        log(
+            f"  {name}: {report.factory} ({metric}) on {report.n_vectors:,} x {report.dim}, "
             f"recall@{report.k} {report.recall_at_k:.4f} {report.search_params or ''} "
-            f"built in {report.build_seconds:.1f} s")
+            f"built in {report.build_seconds:.1f} s"
+        )
         if report.recall_at_k < recall_floor:
-            raise PublishRefused(f"index {name} ({report.factory}, {report.search_params}) measured "
-                                 f"recall@{report.k} = {report.recall_at_k:.4f} on {report.n_queries} queries, "
-                                 f"below the floor {recall_floor}; nothing was published")
+            raise PublishRefused(
+                f"index {name} ({report.factory}, {report.search_params}) measured "
+                f"recall@{report.k} = {report.recall_at_k:.4f} on {report.n_queries} queries, "
+                f"below the floor {recall_floor}; nothing was published"
+            )
         ann.save_index(index, staged / f"{name}.faiss")
         reports[name] = report.to_json()
         if name == "cf_l2":
             neighbours = item_neighbours(index, cf.X, log=log)
         elif name in user_queries:
-            user_top[name] = user_top_items(index, user_queries[name], seen_indptr, seen_indices, user_top_k,
-                                            log=log, name=name)
+            user_top[name] = user_top_items(
+                index, user_queries[name], seen_indptr, seen_indices, user_top_k, log=log, name=name
+            )
 
     tables = staged / "tables"
     tables.mkdir()
@@ -260,8 +320,9 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
         np.save(tables / "item_titles.npy", dataset.item_titles, allow_pickle=False)
     genre_labels: list[str] = []
     if dataset.item_features is not None and "genres" in dataset.item_features.columns:
-        np.save(tables / "item_genres.npy", dataset.item_features.columns["genres"].astype(np.uint8),
-                allow_pickle=False)
+        np.save(
+            tables / "item_genres.npy", dataset.item_features.columns["genres"].astype(np.uint8), allow_pickle=False
+        )
         genre_labels = list(dataset.item_features.labels.get("genres", []))
 
     segments = {}
@@ -287,14 +348,24 @@ def _build(dataset, cf, towers, root, staged, factory, recall_floor, k, n_querie
         segments[key] = {"n_segments": int(len(values)), "top_n": int(top_n)}
 
     manifest = {
-        "dataset": {"name": dataset.name, "fingerprint": data_fingerprint(dataset), "n_users": dataset.n_users,
-                    "n_items": dataset.n_items, "n_ratings": dataset.n_ratings},
+        "dataset": {
+            "name": dataset.name,
+            "fingerprint": data_fingerprint(dataset),
+            "n_users": dataset.n_users,
+            "n_items": dataset.n_items,
+            "n_ratings": dataset.n_ratings,
+        },
         "models": {
-            "cf": {"n_features": int(cf.X.shape[1]), "config": json.loads((staged / "cf" / "cf.json").read_text())["config"],
-                   "metrics": cf.metrics},
-            "towers": {"output_dim": int(towers.item_vectors.shape[1]),
-                       "config": json.loads((staged / "towers" / "towers.json").read_text())["config"],
-                       "metrics": towers.metrics},
+            "cf": {
+                "n_features": int(cf.X.shape[1]),
+                "config": json.loads((staged / "cf" / "cf.json").read_text())["config"],
+                "metrics": cf.metrics,
+            },
+            "towers": {
+                "output_dim": int(towers.item_vectors.shape[1]),
+                "config": json.loads((staged / "towers" / "towers.json").read_text())["config"],
+                "metrics": towers.metrics,
+            },
         },
         "indexes": reports,
         "user_top_items": {"k": int(user_top_k), "indexes": sorted(user_top)},

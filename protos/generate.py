@@ -23,8 +23,16 @@ def generate() -> dict[str, str]:
     from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as tmp:
-        code = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                            f"--grpc_python_out={tmp}", str(ROOT / "protos" / PROTO)])
+        code = protoc.main(
+            [
+                "protoc",
+                f"-I{ROOT / 'protos'}",
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                str(ROOT / "protos" / PROTO),
+            ]
+        )
         if code != 0:
             raise SystemExit(f"protoc failed on {PROTO} (exit {code})")
         out = {}
@@ -36,7 +44,9 @@ def generate() -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if engine/service/rpc/ differs from a fresh generation")
+    parser.add_argument(
+        "--check", action="store_true", help="fail if engine/service/rpc/ differs from a fresh generation"
+    )
     args = parser.parse_args()
     fresh = generate()
     stale = [n for n, text in fresh.items() if not (OUT / n).is_file() or (OUT / n).read_text() != text]

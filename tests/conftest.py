@@ -33,6 +33,7 @@ def small_models():
 
     ds = data.make_synthetic(n_users=400, n_items=300, n_ratings=12_000, seed=0)
     cf = train_cf(ds, n_features=16, epochs=15, batch_size=1024, learning_rate=0.01, lambda_=5.0, progress=False)
-    towers = train_two_tower(ds, objective="softmax", hidden_layers=(32,), output_dim=16, epochs=3,
-                             batch_size=256, progress=False)
+    towers = train_two_tower(
+        ds, objective="softmax", hidden_layers=(32,), output_dim=16, epochs=3, batch_size=256, progress=False
+    )
     return ds, cf, towers

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from engine import data
-
 from engine.index import bundle
 from engine.index.bundle import BundleError, LoadedBundle
 from engine.models.cf import CFModel, train_cf
@@ -169,8 +168,13 @@ def test_crash_safety_under_sigkill(trained, tmp_path):
     trials, failures, versions_seen = 24, [], set()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     for trial in range(trials):
-        child = subprocess.Popen([sys.executable, str(HERE / "publish_loop.py"), str(models), str(root), "0"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        child = subprocess.Popen(
+            [sys.executable, str(HERE / "publish_loop.py"), str(models), str(root), "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert child.stdout.readline().strip() == "ready", child.stderr.read()
         time.sleep(rng.uniform(0.0, 0.4))
         assert child.poll() is None  # killed while publishing, not after a failure
@@ -183,8 +187,10 @@ def test_crash_safety_under_sigkill(trained, tmp_path):
             versions_seen.add(b.version)
         except Exception as e:  # noqa: BLE001 - any failure to load is what we count
             failures.append(f"trial {trial}: {e}")
-    print(f"crash safety: {trials} SIGKILL trials, {len(failures)} failures, "
-          f"{len(versions_seen)} distinct current versions")
+    print(
+        f"crash safety: {trials} SIGKILL trials, {len(failures)} failures, "
+        f"{len(versions_seen)} distinct current versions"
+    )
     assert failures == []  # every `current` observed loads, however fast the machine published
     # The next publish removes whatever the kills left half-written or half-deleted.
     build_bundle(ds, cf, towers, root, keep=3, log=quiet)
@@ -251,8 +257,10 @@ def test_bundle_carries_each_users_top_unseen_items(trained, tmp_path):
     b = LoadedBundle(path)
     assert b.manifest["user_top_items"] == {"k": 20, "indexes": ["cf_ip", "towers_ip"]}
     ui = ds.user_items()
-    scores = {"cf_ip": cf.W @ cf.X.T + cf.item_offsets,
-              "towers_ip": towers.user_vectors_at(np.arange(ds.n_users)) @ towers.item_vectors.T}
+    scores = {
+        "cf_ip": cf.W @ cf.X.T + cf.item_offsets,
+        "towers_ip": towers.user_vectors_at(np.arange(ds.n_users)) @ towers.item_vectors.T,
+    }
     for name, score in scores.items():
         table = np.load(path / "tables" / f"user_top_{name}.npy", allow_pickle=False)
         assert table.shape == (ds.n_users, 20)

@@ -55,8 +55,11 @@ def test_torch_sparse_cost_and_autograd_equal_the_reference():
     X, W, b, Y, R = small_problem(seed=3)
     lam = 1.3
     i, u = np.nonzero(R)  # the ratings as sparse (item, user) pairs
-    params = {"X": torch.tensor(X, requires_grad=True), "W": torch.tensor(W, requires_grad=True),
-              "b": torch.tensor(b[0], requires_grad=True)}
+    params = {
+        "X": torch.tensor(X, requires_grad=True),
+        "W": torch.tensor(W, requires_grad=True),
+        "b": torch.tensor(b[0], requires_grad=True),
+    }
     cost = sparse_cost(params, torch.tensor(u), torch.tensor(i), torch.tensor(Y[i, u]), lam)
     assert float(cost.detach()) == pytest.approx(cofi_cost(X, W, b, Y, R, lam), rel=1e-12)
     cost.backward()
@@ -76,15 +79,19 @@ def test_trainer_minibatch_steps_follow_the_cost():
     lam = 0.9
     i, u = np.nonzero(R)
     N = len(i)
-    params = {"X": torch.tensor(X, requires_grad=True), "W": torch.tensor(W, requires_grad=True),
-              "b": torch.tensor(b[0], requires_grad=True)}
+    params = {
+        "X": torch.tensor(X, requires_grad=True),
+        "W": torch.tensor(W, requires_grad=True),
+        "b": torch.tensor(b[0], requires_grad=True),
+    }
     total = 0.0
     grads = {k: np.zeros_like(v.detach().numpy()) for k, v in params.items()}
     for chunk in np.array_split(np.arange(N), 3):
         for p in params.values():
             p.grad = None
-        data = mse_data_term(params, torch.tensor(u[chunk]), torch.tensor(i[chunk]),
-                             torch.tensor(Y[i[chunk], u[chunk]]))
+        data = mse_data_term(
+            params, torch.tensor(u[chunk]), torch.tensor(i[chunk]), torch.tensor(Y[i[chunk], u[chunk]])
+        )
         data.backward()
         add_l2_gradient(params, lam, N)
         total += (float(data.detach()) + l2_term(params, lam, N)) * len(chunk)
@@ -104,14 +111,16 @@ def synth():
 
 @pytest.fixture(scope="module")
 def model(synth):
-    return train_cf(synth, n_features=16, lambda_=5.0, learning_rate=0.01, epochs=30, batch_size=1024,
-                    progress=False, seed=0)
+    return train_cf(
+        synth, n_features=16, lambda_=5.0, learning_rate=0.01, epochs=30, batch_size=1024, progress=False, seed=0
+    )
 
 
 def test_training_learns_better_than_the_mean(synth):
     split = data.random_split(synth, 0.2, seed=0)
-    m = train_cf(split.train, n_features=16, lambda_=5.0, learning_rate=0.01, epochs=40, batch_size=1024,
-                 progress=False)
+    m = train_cf(
+        split.train, n_features=16, lambda_=5.0, learning_rate=0.01, epochs=40, batch_size=1024, progress=False
+    )
     pred = m.predict(split.test.users.external(split.test.user_idx), split.test.items.external(split.test.item_idx))
     rmse = np.sqrt(np.mean((pred - split.test.ratings) ** 2))
     baseline = np.sqrt(np.mean((split.train.ratings.mean() - split.test.ratings) ** 2))
@@ -203,8 +212,17 @@ def test_save_load_round_trip_without_pickle(model, tmp_path):
 def test_bce_with_negative_sampling_learns(sampling):
     synth = data.make_synthetic(n_users=1000, n_items=400, n_ratings=20_000, seed=0)
     split = data.random_split(synth, 0.2, seed=0)
-    m = train_cf(split.train, loss="bce", n_features=16, lambda_=5.0, learning_rate=0.01, epochs=20,
-                 batch_size=1024, negative_sampling=sampling, progress=False)
+    m = train_cf(
+        split.train,
+        loss="bce",
+        n_features=16,
+        lambda_=5.0,
+        learning_rate=0.01,
+        epochs=20,
+        batch_size=1024,
+        negative_sampling=sampling,
+        progress=False,
+    )
     assert m.metrics["best_epoch"] > 1  # the validation loss improved: it trained
     u, i = split.test.user_idx, split.test.item_idx
     rng = np.random.default_rng(0)
@@ -253,18 +271,31 @@ def test_wmse_trainer_term_equals_the_all_pairs_reference():
             plus[idx] += eps
             minus[idx] -= eps
             args = {"X": X, "W": W}
-            fd = (wmse_cost(**{**args, name: plus}, R=R, lambda_=lam, positive_weight=c, unobserved_weight=w0)
-                  - wmse_cost(**{**args, name: minus}, R=R, lambda_=lam, positive_weight=c, unobserved_weight=w0)) / (2 * eps)
+            fd = (
+                wmse_cost(**{**args, name: plus}, R=R, lambda_=lam, positive_weight=c, unobserved_weight=w0)
+                - wmse_cost(**{**args, name: minus}, R=R, lambda_=lam, positive_weight=c, unobserved_weight=w0)
+            ) / (2 * eps)
             assert float(grad[idx]) == pytest.approx(fd, rel=1e-5, abs=1e-8), (name, idx)
 
 
 def test_wmse_learns_top_n_and_folds_in_exactly():
     synth = data.make_synthetic(n_users=1000, n_items=400, n_ratings=20_000, seed=0)
     split = data.random_split(synth, 0.2, seed=0)
-    m = train_cf(split.train, loss="wmse", n_features=16, lambda_=20.0, learning_rate=0.02, epochs=100,
-                 batch_size=1 << 20, init_std=0.01, validation_fraction=0.0, progress=False)
+    m = train_cf(
+        split.train,
+        loss="wmse",
+        n_features=16,
+        lambda_=20.0,
+        learning_rate=0.02,
+        epochs=100,
+        batch_size=1 << 20,
+        init_std=0.01,
+        validation_fraction=0.0,
+        progress=False,
+    )
     assert not m.config.item_bias and np.all(m.user_bias == 0)
     from engine.evaluation.offline import popularity_recommender, topn_metrics
+
     ours = topn_metrics(lambda users, k: m.recommend_indices(users, k), split.test, min_rating=None)
     pop = topn_metrics(popularity_recommender(split.train), split.test, min_rating=None)
     assert ours["recall@10"] > 1.05 * pop["recall@10"], (ours, pop)  # 0.318 vs 0.284 when written

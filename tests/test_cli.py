@@ -55,11 +55,35 @@ def test_python_dash_m_engine_help():
 
 
 def test_train_cf_then_eval_cf_on_synthetic(tmp_path, capsys):
-    common = ["--set", "data.synthetic.n_ratings=4000", "--set", "data.synthetic.n_users=200",
-              "--set", "data.synthetic.n_items=100"]
+    common = [
+        "--set",
+        "data.synthetic.n_ratings=4000",
+        "--set",
+        "data.synthetic.n_users=200",
+        "--set",
+        "data.synthetic.n_items=100",
+    ]
     out = tmp_path / "cf"
-    assert main(common + ["train-cf", "--data", "synthetic", "--split", "random", "--out", str(out),
-                          "--epochs", "3", "--n-features", "8", "--no-progress"]) == 0
+    assert (
+        main(
+            common
+            + [
+                "train-cf",
+                "--data",
+                "synthetic",
+                "--split",
+                "random",
+                "--out",
+                str(out),
+                "--epochs",
+                "3",
+                "--n-features",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     trained = json.loads(capsys.readouterr().out)
     assert trained["saved"] == str(out) and trained["epochs_run"] == 3
     assert {"rmse", "mae", "recall@10", "ndcg@10"} <= set(trained["test"])
@@ -77,19 +101,61 @@ def test_train_cf_rejects_bad_settings(tmp_path, capsys):
 
 
 def test_train_towers_then_eval_and_recommend_cf_example(tmp_path, capsys):
-    common = ["--set", "data.synthetic.n_ratings=4000", "--set", "data.synthetic.n_users=200",
-              "--set", "data.synthetic.n_items=100"]
+    common = [
+        "--set",
+        "data.synthetic.n_ratings=4000",
+        "--set",
+        "data.synthetic.n_users=200",
+        "--set",
+        "data.synthetic.n_items=100",
+    ]
     out = tmp_path / "towers"
-    assert main(common + ["train-towers", "--data", "synthetic", "--split", "random", "--out", str(out),
-                          "--epochs", "2", "--layers", "32,16", "--output-dim", "8", "--no-progress"]) == 0
+    assert (
+        main(
+            common
+            + [
+                "train-towers",
+                "--data",
+                "synthetic",
+                "--split",
+                "random",
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--layers",
+                "32,16",
+                "--output-dim",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     trained = json.loads(capsys.readouterr().out)
     assert {"rmse", "recall@10"} <= set(trained["test"]) and (out / "towers.json").is_file()
     assert main(common + ["eval-towers", "--data", "synthetic", "--split", "random", "--model", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["rmse"] == pytest.approx(trained["test"]["rmse"])
 
     cf_dir = tmp_path / "cf"
-    assert main(common + ["train-cf", "--data", "synthetic", "--split", "none", "--out", str(cf_dir),
-                          "--epochs", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            common
+            + [
+                "train-cf",
+                "--data",
+                "synthetic",
+                "--split",
+                "none",
+                "--out",
+                str(cf_dir),
+                "--epochs",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(common + ["recommend-cf", "--data", "synthetic", "--model", str(cf_dir), "--example", "--k", "3"]) == 0
     printed = capsys.readouterr().out
@@ -98,12 +164,41 @@ def test_train_towers_then_eval_and_recommend_cf_example(tmp_path, capsys):
 
 
 def test_train_build_index_recommend_rollback(tmp_path, capsys):
-    common = ["--set", "data.synthetic.n_ratings=3000", "--set", "data.synthetic.n_users=150",
-              "--set", "data.synthetic.n_items=90", "--set", f"paths.models={tmp_path / 'models'}",
-              "--set", f"paths.bundles={tmp_path / 'bundles'}", "--set", "engine.segment_key=occupation"]
+    common = [
+        "--set",
+        "data.synthetic.n_ratings=3000",
+        "--set",
+        "data.synthetic.n_users=150",
+        "--set",
+        "data.synthetic.n_items=90",
+        "--set",
+        f"paths.models={tmp_path / 'models'}",
+        "--set",
+        f"paths.bundles={tmp_path / 'bundles'}",
+        "--set",
+        "engine.segment_key=occupation",
+    ]
     assert main(common + ["train-cf", "--data", "synthetic", "--split", "none", "--epochs", "2", "--no-progress"]) == 0
-    assert main(common + ["train-towers", "--data", "synthetic", "--split", "none", "--epochs", "1",
-                          "--layers", "16", "--output-dim", "8", "--no-progress"]) == 0
+    assert (
+        main(
+            common
+            + [
+                "train-towers",
+                "--data",
+                "synthetic",
+                "--split",
+                "none",
+                "--epochs",
+                "1",
+                "--layers",
+                "16",
+                "--output-dim",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     for _ in range(2):
         assert main(common + ["build-index", "--data", "synthetic"]) == 0
     capsys.readouterr()
@@ -149,8 +244,8 @@ def test_config_defaults_match_the_settings_classes():
     import dataclasses
 
     from engine.config import DEFAULTS
-    from engine.serving.engine import EngineConfig
     from engine.service.server import ServerConfig
+    from engine.serving.engine import EngineConfig
 
     assert DEFAULTS["engine"] == dataclasses.asdict(EngineConfig())
     server = dataclasses.asdict(ServerConfig())

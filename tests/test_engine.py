@@ -5,8 +5,8 @@ the CF model's brute force."""
 import numpy as np
 import pytest
 
-from engine.serving.engine import Engine, EngineConfig
 from engine.errors import InvalidRequest
+from engine.serving.engine import Engine, EngineConfig
 from engine.serving.retrieval import Proposals, ann_search, merge, quotas
 from index_builder import build_bundle
 
@@ -25,8 +25,10 @@ def engine(world):
 
 
 def test_merge_deduplicates_and_keeps_every_source():
-    c = merge([("a", Proposals.of_one([1, 2, 3])), ("b", Proposals.of_one([3, 4])), ("c", Proposals.of_one([5, 1]))],
-              n_candidates=4)
+    c = merge(
+        [("a", Proposals.of_one([1, 2, 3])), ("b", Proposals.of_one([3, 4])), ("c", Proposals.of_one([5, 1]))],
+        n_candidates=4,
+    )
     assert c.items.tolist() == [1, 2, 3, 4]
     assert c.sources == [["a", "c"], ["a"], ["a", "b"], ["b"]]
 
@@ -80,8 +82,9 @@ def test_ranking_scores_are_the_blend_by_its_definition(world, towers_weight, cf
         batch = engine.recommend_batch([user, "u0"], k=20)[0]
         u, items = engine.users.index(user), engine.items.indices(single.item_ids)
         tower = engine.user_tower_vectors[u].astype(np.float64) @ engine.tower_item_vectors[items].T.astype(np.float64)
-        prediction = (cf.X[items].astype(np.float64) @ cf.W[u].astype(np.float64) + cf.user_bias[u]
-                      + cf.item_offsets[items])
+        prediction = (
+            cf.X[items].astype(np.float64) @ cf.W[u].astype(np.float64) + cf.user_bias[u] + cf.item_offsets[items]
+        )
         z_tower = (tower - engine.tower_scale.mean) / engine.tower_scale.std
         z_cf = (prediction - engine.cf_scale.mean) / engine.cf_scale.std
         expected = (towers_weight * z_tower + cf_weight * z_cf) / (towers_weight + cf_weight)
@@ -169,8 +172,9 @@ def test_add_items_then_recommend_and_similar(world):
     engine = Engine.load(world[3], EngineConfig(segment_key="occupation"))
     genres = np.zeros(len(engine.genre_labels), np.uint8)
     genres[0] = 1
-    n = engine.add_items(["new-1", "new-2"], [{"genres": genres, "year": 2024, "title": "Brand New"},
-                                              {"genres": genres, "year": 2023}])
+    n = engine.add_items(
+        ["new-1", "new-2"], [{"genres": genres, "year": 2024, "title": "Brand New"}, {"genres": genres, "year": 2023}]
+    )
     assert n == world[0].n_items + 2
     allowed = engine.recommend("u3", k=2, include_items=["new-1", "new-2"], sources=["towers"])
     assert set(allowed.item_ids) == {"new-1", "new-2"}
@@ -201,12 +205,16 @@ def test_engine_config_from_tandem_toml_and_candidates(engine):
     assert sum(len(p) for p in proposals.values()) <= 100 + len(proposals)
 
 
-@pytest.mark.parametrize("options", [
-    {},
-    {"filters": "genre 2", "exclude_items": ["i1", "i2", "i3"]},
-    {"include_items": 60, "n_candidates": 40},  # a small allow-list: batched lists run short
-    {"exclude_seen": False, "sources": ["recent", "segment", "popular"]},
-], ids=["plain", "filtered", "allow-list", "seen-kept"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"filters": "genre 2", "exclude_items": ["i1", "i2", "i3"]},
+        {"include_items": 60, "n_candidates": 40},  # a small allow-list: batched lists run short
+        {"exclude_seen": False, "sources": ["recent", "segment", "popular"]},
+    ],
+    ids=["plain", "filtered", "allow-list", "seen-kept"],
+)
 def test_threaded_batch_equals_single(engine, options, monkeypatch):
     """The batched pipeline (flat arrays, shared-mask searches, stragglers served alone)
     gives every user exactly the single request's answer (exact indexes here)."""
@@ -215,7 +223,7 @@ def test_threaded_batch_equals_single(engine, options, monkeypatch):
     if "filters" in options:
         options["filters"] = {"genres": [engine.genre_labels[2]]}
     if "include_items" in options:
-        options["include_items"] = list(engine.items.ids[::3][:options["include_items"]])
+        options["include_items"] = list(engine.items.ids[::3][: options["include_items"]])
     users = [f"u{i}" for i in range(150)] + ["nobody"]
     batch = engine.recommend_batch(users, k=5, threads=2, **options)
     for user, got in zip(users, batch):
@@ -242,14 +250,18 @@ def test_lone_requests_on_many_threads_keep_their_own_exclusions(engine):
         np.testing.assert_array_equal(rec.scores, expected[job].scores)
 
 
-@pytest.mark.parametrize("options", [
-    {},
-    {"filters": "genre 2", "exclude_items": ["i1", "i2", "i3"]},
-    {"include_items": 60, "n_candidates": 40},
-    {"exclude_seen": False, "sources": ["recent", "segment", "popular"]},
-    {"n_candidates": 7},  # the cap cuts into the first sources' lists
-    {"sources": ["towers", "recent"]},
-], ids=["plain", "filtered", "allow-list", "seen-kept", "tiny-cap", "two-sources"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"filters": "genre 2", "exclude_items": ["i1", "i2", "i3"]},
+        {"include_items": 60, "n_candidates": 40},
+        {"exclude_seen": False, "sources": ["recent", "segment", "popular"]},
+        {"n_candidates": 7},  # the cap cuts into the first sources' lists
+        {"sources": ["towers", "recent"]},
+    ],
+    ids=["plain", "filtered", "allow-list", "seen-kept", "tiny-cap", "two-sources"],
+)
 def test_compiled_lone_merge_equals_the_generic_path(engine, options):
     """A lone request's compiled merge (engine.serving.lone_merge) gives exactly the candidates,
     scores, sources and counts of the generic sources-then-merge path."""
@@ -257,7 +269,7 @@ def test_compiled_lone_merge_equals_the_generic_path(engine, options):
     if "filters" in options:
         options["filters"] = {"genres": [engine.genre_labels[2]]}
     if "include_items" in options:
-        options["include_items"] = list(engine.items.ids[::3][:options["include_items"]])
+        options["include_items"] = list(engine.items.ids[::3][: options["include_items"]])
     requests = [{"user_id": f"u{i}"} for i in range(0, 150, 3)] + [
         {"user_id": "nobody"},
         {"user_features": {"age": 30, "occupation": "segment-1", "zip_code": "10000"}},
@@ -305,14 +317,18 @@ def tabled_engine(world, tmp_path_factory):
     return Engine.load(root, EngineConfig(segment_key="occupation"))
 
 
-@pytest.mark.parametrize("options", [
-    {},
-    {"filters": "genre 2"},
-    {"include_items": 40, "n_candidates": 40},  # rows run out of allowed items: those users search
-    {"exclude_seen": False},  # the tables drop seen items: not used
-    {"n_candidates": 3000},  # quotas beyond the rows' 256 items: searched
-    {"sources": ["towers", "cf"], "n_candidates": 60},
-], ids=["plain", "filtered", "allow-list", "seen-kept", "deep", "two-sources"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"filters": "genre 2"},
+        {"include_items": 40, "n_candidates": 40},  # rows run out of allowed items: those users search
+        {"exclude_seen": False},  # the tables drop seen items: not used
+        {"n_candidates": 3000},  # quotas beyond the rows' 256 items: searched
+        {"sources": ["towers", "cf"], "n_candidates": 60},
+    ],
+    ids=["plain", "filtered", "allow-list", "seen-kept", "deep", "two-sources"],
+)
 def test_user_top_tables_answer_as_the_live_search(tabled_engine, options, monkeypatch):
     """The CF and two-tower sources read a known user's precomputed top unseen items
     instead of searching: over exact (Flat) indexes that gives the live search's
@@ -321,7 +337,7 @@ def test_user_top_tables_answer_as_the_live_search(tabled_engine, options, monke
     if "filters" in options:
         options["filters"] = {"genres": [engine.genre_labels[2]]}
     if "include_items" in options:
-        options["include_items"] = list(engine.items.ids[::5][:options["include_items"]])
+        options["include_items"] = list(engine.items.ids[::5][: options["include_items"]])
     users = [f"u{i}" for i in range(0, 200, 7)]
     requests = [{"user_id": u} for u in users] + [
         {"user_features": {"age": 30, "occupation": "segment-1", "zip_code": "10000"}},
@@ -334,7 +350,7 @@ def test_user_top_tables_answer_as_the_live_search(tabled_engine, options, monke
     for name in tables:
         monkeypatch.setattr(engine.sources[name], "top_items", None)
     want = [engine.recommend(**r, k=9, **options) for r in requests]
-    for a, b in zip(got + got_batch, want + want[:len(users)]):
+    for a, b in zip(got + got_batch, want + want[: len(users)]):
         np.testing.assert_array_equal(a.item_ids, b.item_ids)
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
         assert a.sources == b.sources and a.candidates == b.candidates
@@ -344,7 +360,9 @@ def test_user_top_tables_answer_as_the_live_search(tabled_engine, options, monke
 def searched(monkeypatch) -> list:
     """The FAISS indexes searched (engine.serving.retrieval.ann_search) while the test runs."""
     indexes: list = []
-    monkeypatch.setattr("engine.serving.retrieval.ann_search", lambda index, *a: indexes.append(index) or ann_search(index, *a))
+    monkeypatch.setattr(
+        "engine.serving.retrieval.ann_search", lambda index, *a: indexes.append(index) or ann_search(index, *a)
+    )
     return indexes
 
 
@@ -357,8 +375,7 @@ def test_known_users_plain_request_does_not_search_cf_or_towers(tabled_engine, s
     assert {id(engine.sources[name].index) for name in ("cf", "towers")} <= {id(i) for i in searched}
 
 
-def test_a_short_table_row_answers_unfiltered_requests_and_filtered_ones_search(tabled_engine, monkeypatch,
-                                                                               searched):
+def test_a_short_table_row_answers_unfiltered_requests_and_filtered_ones_search(tabled_engine, monkeypatch, searched):
     """A row with fewer than K items holds everything the index returned for the user:
     an unfiltered request takes it as it is; a filtered one that it leaves short searches."""
     engine = tabled_engine
@@ -429,8 +446,11 @@ def test_added_items_survive_reload_and_travel_with_the_next_bundle(world, tmp_p
     (mine / "added_items.jsonl").unlink()  # the new bundle alone carries the item now
     rebuilt = Engine.load(mine, EngineConfig(segment_key="occupation"))
     assert rebuilt.version != engine.version and "late-1" in rebuilt.items
-    np.testing.assert_allclose(rebuilt.tower_item_vectors[rebuilt.items.index("late-1")],
-                               again.tower_item_vectors[again.items.index("late-1")], rtol=1e-5)
+    np.testing.assert_allclose(
+        rebuilt.tower_item_vectors[rebuilt.items.index("late-1")],
+        again.tower_item_vectors[again.items.index("late-1")],
+        rtol=1e-5,
+    )
 
 
 def test_the_add_journal_survives_a_torn_tail_and_bad_lines(world, tmp_path, caplog):

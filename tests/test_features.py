@@ -7,15 +7,27 @@ from engine.models.features import fit_item_pipeline, fit_user_pipeline
 
 def toy():
     ds = data.from_arrays(["a", "a", "b", "c"], ["x", "y", "x", "z"], [5, 1, 3, 4])
-    users = data.FeatureTable({
-        "age": np.array([20, np.nan, 40], np.float32),
-        "occupation": np.array(["writer", "artist", ""]),
-        "zip_code": np.array(["94043", "10001", "E2A"]),
-    })
-    items = data.FeatureTable({"genres": np.array([[1, 0], [0, 1], [1, 1]], np.uint8),
-                               "year": np.array([1990, 2000, np.nan], np.float32)}, {"genres": ["Action", "Drama"]})
-    return data.Dataset(ds.user_idx, ds.item_idx, ds.ratings, ds.timestamps, ds.users, ds.items,
-                        user_features=users, item_features=items)
+    users = data.FeatureTable(
+        {
+            "age": np.array([20, np.nan, 40], np.float32),
+            "occupation": np.array(["writer", "artist", ""]),
+            "zip_code": np.array(["94043", "10001", "E2A"]),
+        }
+    )
+    items = data.FeatureTable(
+        {"genres": np.array([[1, 0], [0, 1], [1, 1]], np.uint8), "year": np.array([1990, 2000, np.nan], np.float32)},
+        {"genres": ["Action", "Drama"]},
+    )
+    return data.Dataset(
+        ds.user_idx,
+        ds.item_idx,
+        ds.ratings,
+        ds.timestamps,
+        ds.users,
+        ds.items,
+        user_features=users,
+        item_features=items,
+    )
 
 
 def test_user_pipeline_hand_computed():

@@ -15,10 +15,8 @@ failed test, not a dead test run.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -31,15 +29,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.index import bundle
-from engine.serving.engine import Engine, EngineConfig
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
+from engine.serving.engine import Engine, EngineConfig
 from index_builder import build_bundle
 
 OK_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 # Examples per fuzzed rpc; TANDEM_FUZZ_EXAMPLES=2000 for a deeper run.
-FUZZ = settings(max_examples=int(os.environ.get("TANDEM_FUZZ_EXAMPLES", 150)), deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("TANDEM_FUZZ_EXAMPLES", 150)),
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +56,38 @@ def served(small_models, tmp_path_factory):
     build_bundle(ds, cf, towers, root, log=lambda line: None)
     port_file = root.parent / "port"
     env = {k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--set", "engine.segment_key=occupation",
-                             "--set", "server.watch_interval=0.2", "serve", "--bundle", str(root), "--port", "0",
-                             "--port-file", str(port_file), "--log-level", "WARNING"],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "--set",
+            "engine.segment_key=occupation",
+            "--set",
+            "server.watch_interval=0.2",
+            "serve",
+            "--bundle",
+            str(root),
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--log-level",
+            "WARNING",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not port_file.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     assert port_file.exists(), proc.stderr.read() if proc.poll() is not None else "the server did not start"
     library = Engine.load(root, EngineConfig(segment_key="occupation"))
     tally: collections.Counter = collections.Counter()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port_file.read_text().strip()}",
-                                    options=[("grpc.max_receive_message_length", 64 * 2**20)])
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port_file.read_text().strip()}", options=[("grpc.max_receive_message_length", 64 * 2**20)]
+    )
     yield proc, channel, library, root, tally
     channel.close()
     proc.terminate()
@@ -76,20 +99,26 @@ def served(small_models, tmp_path_factory):
 # ------------------------------------------------------------------ strategies
 def ids(prefix: str, n: int):
     """Known ids (prefix0 .. prefix{n-1}) and arbitrary text, long and odd included."""
-    return st.one_of(st.integers(0, n - 1).map(lambda i: f"{prefix}{i}"),
-                     st.text(max_size=40), st.text(min_size=200, max_size=3000))
+    return st.one_of(
+        st.integers(0, n - 1).map(lambda i: f"{prefix}{i}"), st.text(max_size=40), st.text(min_size=200, max_size=3000)
+    )
 
 
-NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6).map(float),
-                    st.sampled_from([1e39, -1e39, 1e300, 0.0, 1.0]))
+NUMBERS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(10**6), 10**6).map(float),
+    st.sampled_from([1e39, -1e39, 1e300, 0.0, 1.0]),
+)
 FEATURE_NAMES = st.sampled_from(["age", "occupation", "zip_code", "gender", "genres", "year", "shoe", ""])
 
 
 def feature_values():
-    return st.one_of(NUMBERS.map(lambda x: pb.FeatureValue(number=x)),
-                     st.text(max_size=30).map(lambda t: pb.FeatureValue(text=t)),
-                     st.lists(NUMBERS, max_size=25).map(lambda v: pb.FeatureValue(numbers=pb.NumberList(values=v))),
-                     st.just(pb.FeatureValue()))
+    return st.one_of(
+        NUMBERS.map(lambda x: pb.FeatureValue(number=x)),
+        st.text(max_size=30).map(lambda t: pb.FeatureValue(text=t)),
+        st.lists(NUMBERS, max_size=25).map(lambda v: pb.FeatureValue(numbers=pb.NumberList(values=v))),
+        st.just(pb.FeatureValue()),
+    )
 
 
 FEATURES = st.dictionaries(FEATURE_NAMES, feature_values(), max_size=4)
@@ -98,7 +127,11 @@ FEATURES = st.dictionaries(FEATURE_NAMES, feature_values(), max_size=4)
 def set_features(message_map, features: dict) -> None:
     for name, value in features.items():
         message_map[name].CopyFrom(value)
-SIZES = st.one_of(st.none(), st.integers(-3, 40), st.integers(-2**31, 2**31 - 1), st.sampled_from([1000, 1001, 5000, 5001]))
+
+
+SIZES = st.one_of(
+    st.none(), st.integers(-3, 40), st.integers(-(2**31), 2**31 - 1), st.sampled_from([1000, 1001, 5000, 5001])
+)
 
 
 @st.composite
@@ -115,16 +148,19 @@ def recommend_requests(draw, with_user: bool = True):
     request.include_seen = draw(st.booleans())
     request.exclude_items.extend(draw(st.lists(ids("i", 300), max_size=5)))
     request.include_items.extend(draw(st.lists(st.integers(0, 299).map(lambda i: f"i{i}"), max_size=30)))
-    request.genres.extend(draw(st.lists(st.one_of(st.sampled_from([f"genre {g}" for g in range(6)]),
-                                                  st.text(max_size=10)), max_size=3)))
-    request.sources.extend(draw(st.lists(st.sampled_from(["cf", "towers", "popular", "segment", "recent", "x"]),
-                                         max_size=3)))
+    request.genres.extend(
+        draw(st.lists(st.one_of(st.sampled_from([f"genre {g}" for g in range(6)]), st.text(max_size=10)), max_size=3))
+    )
+    request.sources.extend(
+        draw(st.lists(st.sampled_from(["cf", "towers", "popular", "segment", "recent", "x"]), max_size=3))
+    )
     return request
 
 
 # ------------------------------------------------------------------ contract
-def check_items(reply_items, k: int, library: Engine, request: pb.RecommendRequest | None = None,
-                user_id: str = "") -> None:
+def check_items(
+    reply_items, k: int, library: Engine, request: pb.RecommendRequest | None = None, user_id: str = ""
+) -> None:
     """The contract of an OK reply's items."""
     items = [i.item_id for i in reply_items]
     assert len(items) <= k
@@ -141,7 +177,7 @@ def check_items(reply_items, k: int, library: Engine, request: pb.RecommendReque
         assert library.genres[library.items.indices(known)][:, cols].any(axis=1).all(), "a filtered-out genre"
     u = library.users.get(user_id) if user_id else None
     if u is not None and not request.include_seen and not request.ratings:
-        seen = set(library.items.external(library.seen_indices[library.seen_indptr[u]:library.seen_indptr[u + 1]]))
+        seen = set(library.items.external(library.seen_indices[library.seen_indptr[u] : library.seen_indptr[u + 1]]))
         assert not seen & set(items), "a seen item"
 
 
@@ -192,8 +228,12 @@ def test_fuzz_similar_items(served, item, k):
 
 
 @FUZZ
-@given(user=st.one_of(st.just(""), ids("u", 400)), items=st.lists(ids("i", 300), max_size=20), features=FEATURES,
-       ratings=st.dictionaries(ids("i", 300), NUMBERS, max_size=3))
+@given(
+    user=st.one_of(st.just(""), ids("u", 400)),
+    items=st.lists(ids("i", 300), max_size=20),
+    features=FEATURES,
+    ratings=st.dictionaries(ids("i", 300), NUMBERS, max_size=3),
+)
 def test_fuzz_score(served, user, items, features, ratings):
     request = pb.ScoreRequest(user_id=user, item_ids=items, ratings=ratings)
     set_features(request.user_features, features)
@@ -203,8 +243,14 @@ def test_fuzz_score(served, user, items, features, ratings):
 
 
 @FUZZ
-@given(new=st.lists(st.tuples(st.one_of(st.text(max_size=20), st.text(min_size=300, max_size=2000)),
-                              st.text(max_size=50), FEATURES), max_size=6))
+@given(
+    new=st.lists(
+        st.tuples(
+            st.one_of(st.text(max_size=20), st.text(min_size=300, max_size=2000)), st.text(max_size=50), FEATURES
+        ),
+        max_size=6,
+    )
+)
 def test_fuzz_add_items(served, new):
     request = pb.AddItemsRequest(items=[pb.NewItem(item_id=f"fz-{i}", title=t) for i, t, _ in new])
     for item, (_, _, features) in zip(request.items, new):
@@ -215,9 +261,10 @@ def test_fuzz_add_items(served, new):
 
 
 @FUZZ
-@given(payload=st.binary(max_size=300),
-       method=st.sampled_from([(s.full_name, m.name) for s in pb.DESCRIPTOR.services_by_name.values()
-                               for m in s.methods]))
+@given(
+    payload=st.binary(max_size=300),
+    method=st.sampled_from([(s.full_name, m.name) for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods]),
+)
 def test_fuzz_raw_bytes(served, payload, method):
     """Arbitrary bytes to every rpc: a valid message by chance is served, anything else
     is INVALID_ARGUMENT."""
@@ -253,8 +300,9 @@ def test_readers_while_items_are_added_and_the_bundle_reloads(served):
                     body(local)
                     counts[name] += 1
                 except Exception as e:  # noqa: BLE001 - every failure is reported
-                    errors.append(f"{name}: {type(e).__name__}: {getattr(e, 'details', lambda: e)()}")
+                    errors.append(f"{name}: {type(e).__name__}: {e.details() if isinstance(e, grpc.RpcError) else e}")
                     return
+
         return threading.Thread(target=run, name=name)
 
     def recommend(local):
@@ -264,8 +312,9 @@ def test_readers_while_items_are_added_and_the_bundle_reloads(served):
 
     def batch(local):
         users = [f"u{u}" for u in local.integers(0, 400, 20)] + ["nobody"]
-        reply = recommender.RecommendBatch(pb.RecommendBatchRequest(user_ids=users, options=pb.RecommendRequest(k=5)),
-                                           timeout=30)
+        reply = recommender.RecommendBatch(
+            pb.RecommendBatchRequest(user_ids=users, options=pb.RecommendRequest(k=5)), timeout=30
+        )
         for user, result in zip(users, reply.results):
             check_items(result.items, 5, library, pb.RecommendRequest(), user)
 
@@ -282,9 +331,17 @@ def test_readers_while_items_are_added_and_the_bundle_reloads(served):
         n = int(local.integers(1, 51))
         new = [f"live-{len(added) + j}" for j in range(n)]
         flags = [float(x) for x in (local.random(len(library.genre_labels)) < 0.3)]
-        recommender.AddItems(pb.AddItemsRequest(items=[
-            pb.NewItem(item_id=i, title=i, features={"genres": pb.FeatureValue(numbers=pb.NumberList(values=flags))})
-            for i in new]), timeout=30)
+        recommender.AddItems(
+            pb.AddItemsRequest(
+                items=[
+                    pb.NewItem(
+                        item_id=i, title=i, features={"genres": pb.FeatureValue(numbers=pb.NumberList(values=flags))}
+                    )
+                    for i in new
+                ]
+            ),
+            timeout=30,
+        )
         added.extend(new)
         time.sleep(0.05)
 
@@ -295,9 +352,18 @@ def test_readers_while_items_are_added_and_the_bundle_reloads(served):
         assert admin.Reload(pb.ReloadRequest(), timeout=60).version
         time.sleep(0.1)
 
-    threads = [guarded(name, body) for name, body in
-               [("recommend", recommend), ("recommend-2", recommend), ("batch", batch), ("similar", similar),
-                ("score", score), ("add", add), ("reload", reload)]]
+    threads = [
+        guarded(name, body)
+        for name, body in [
+            ("recommend", recommend),
+            ("recommend-2", recommend),
+            ("batch", batch),
+            ("similar", similar),
+            ("score", score),
+            ("add", add),
+            ("reload", reload),
+        ]
+    ]
     for t in threads:
         t.start()
     time.sleep(8)

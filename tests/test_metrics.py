@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from engine.evaluation import metrics
 from engine.data import from_arrays
+from engine.evaluation import metrics
 
 
 def rel(rows: list[list[int]], n_items: int = 10) -> sp.csr_matrix:
@@ -27,8 +27,7 @@ RELEVANT = rel([[1, 3, 5], [7], []])
 
 
 def test_hits():
-    np.testing.assert_array_equal(metrics.hits_at_k(RECS, RELEVANT, 3),
-                                  [[1, 0, 1], [0, 1, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(metrics.hits_at_k(RECS, RELEVANT, 3), [[1, 0, 1], [0, 1, 0], [0, 0, 0]])
 
 
 def test_precision_recall_hitrate_hand_computed():

@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_generated_code_is_fresh():
     pytest.importorskip("grpc_tools", reason="grpcio-tools (the dev extra) regenerates the code")
-    run = subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--check"], capture_output=True,
-                         text=True)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "protos" / "generate.py"), "--check"], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
 
 
@@ -24,5 +25,6 @@ def test_every_rpc_and_field_is_commented():
             above = lines[n - 1].strip()
             # A field or rpc needs a comment of its own, or belongs to a commented group
             # (consecutive fields documented once above the group).
-            assert above.startswith("//") or (above.endswith(";") and "=" in above) or above.startswith("oneof"), \
+            assert above.startswith("//") or (above.endswith(";") and "=" in above) or above.startswith("oneof"), (
                 f"tandem.proto line {n + 1} has no comment: {text}"
+            )

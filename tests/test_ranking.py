@@ -30,7 +30,7 @@ def test_top_k_desc_equals_a_stable_sort(kind):
     for n, k in [(1, 1), (5, 10), (500, 10), (500, 64), (500, 65), (3000, 7), (6000, 10), (6000, 100)]:
         for _ in range(20):
             s = _scores(rng, n, kind)
-            want = np.argsort(-s, kind="stable")[:min(k, n)]
+            want = np.argsort(-s, kind="stable")[: min(k, n)]
             got = top_k_desc(s, k)
             assert got.dtype == np.int64
             np.testing.assert_array_equal(got, want)
@@ -41,7 +41,8 @@ def test_top_k_per_row_equals_each_rows_stable_sort():
     rows = np.sort(rng.integers(0, 6, 400))
     scores = rng.integers(0, 5, 400).astype(np.float32)  # many ties
     got = top_k_per_row(rows, scores, 7, 6)
-    want = np.concatenate([np.flatnonzero(rows == r)[np.argsort(-scores[rows == r], kind="stable")[:7]]
-                           for r in range(6)])
+    want = np.concatenate(
+        [np.flatnonzero(rows == r)[np.argsort(-scores[rows == r], kind="stable")[:7]] for r in range(6)]
+    )
     np.testing.assert_array_equal(got, want)
     assert top_k_desc(np.zeros(0, np.float32), 5).tolist() == [] and top_k_desc(scores, 0).tolist() == []

@@ -21,10 +21,10 @@ import pytest
 
 from engine.index import bundle
 from engine.service.client import Client
-from engine.serving.engine import Engine, EngineConfig
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 from engine.service.server import ServerConfig, TandemServer
+from engine.serving.engine import Engine, EngineConfig
 from index_builder import build_bundle
 
 ENGINE_CONFIG = EngineConfig(segment_key="occupation")
@@ -68,14 +68,20 @@ def test_every_rpc_equals_the_library(client, world):
     ds, root = world[0], world[1]
     library = Engine.load(root, ENGINE_CONFIG)
     genre = library.genre_labels[0]
-    cases = [dict(user_id="u3"), dict(user_id="u5", k=4, n_candidates=50),
-             dict(user_features={"age": 31, "occupation": ds.user_features.columns["occupation"][0]}),
-             dict(ratings={"i1": 5, "i2": 4, "i9": 1}), dict(user_id="stranger"),
-             dict(user_id="u7", filters={"genres": [genre]}, exclude_items=["i0"], sources=["cf", "towers"]),
-             dict(user_id="u8", include_items=["i1", "i2", "i3", "i4"], k=3, exclude_seen=False)]
+    cases = [
+        dict(user_id="u3"),
+        dict(user_id="u5", k=4, n_candidates=50),
+        dict(user_features={"age": 31, "occupation": ds.user_features.columns["occupation"][0]}),
+        dict(ratings={"i1": 5, "i2": 4, "i9": 1}),
+        dict(user_id="stranger"),
+        dict(user_id="u7", filters={"genres": [genre]}, exclude_items=["i0"], sources=["cf", "towers"]),
+        dict(user_id="u8", include_items=["i1", "i2", "i3", "i4"], k=3, exclude_seen=False),
+    ]
     for case in cases:
         same(client.recommend(**case), library.recommend(**case))
-    for got, want in zip(client.recommend_batch(["u1", "u2", "nobody"], k=5), library.recommend_batch(["u1", "u2", "nobody"], k=5)):
+    for got, want in zip(
+        client.recommend_batch(["u1", "u2", "nobody"], k=5), library.recommend_batch(["u1", "u2", "nobody"], k=5)
+    ):
         same(got, want)
     same(client.similar_items("i4", k=6), library.similar_items("i4", k=6))
     same(client.score("u2", ["i1", "i2", "i3"]), library.score("u2", ["i1", "i2", "i3"]))
@@ -105,42 +111,48 @@ def test_add_items_is_served_at_once(world):
         s.stop(0)
 
 
-@pytest.mark.parametrize("call, code, words", [
-    (lambda c: c.recommend("u1", k=-1), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
-    (lambda c: c.recommend("u1", k=10**6), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
-    (lambda c: c.recommend("u1", n_candidates=10**7), grpc.StatusCode.INVALID_ARGUMENT, "n_candidates"),
-    (lambda c: c.recommend_batch([f"u{i}" for i in range(51)]), grpc.StatusCode.INVALID_ARGUMENT, "at most 50"),
-    (lambda c: c.recommend(user_features={"age": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-    (lambda c: c.recommend(user_features={"age": float("inf")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-    (lambda c: c.recommend(ratings={"i1": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-    (lambda c: c.recommend(user_features={"shoe": 3}), grpc.StatusCode.INVALID_ARGUMENT, "unknown user feature"),
-    (lambda c: c.recommend("u1", sources=["magic"]), grpc.StatusCode.INVALID_ARGUMENT, "unknown source"),
-    (lambda c: c.recommend("u1", filters={"genres": ["Opera"]}), grpc.StatusCode.INVALID_ARGUMENT, "unknown genre"),
-    (lambda c: c.recommend("u1", exclude_items=["i999999"]), grpc.StatusCode.NOT_FOUND, "i999999"),
-    (lambda c: c.similar_items("nope"), grpc.StatusCode.NOT_FOUND, "nope"),
-    (lambda c: c.score("u1", ["i1", "nope"]), grpc.StatusCode.NOT_FOUND, "nope"),
-    (lambda c: c.score("u1", []), grpc.StatusCode.INVALID_ARGUMENT, "at least one"),
-    (lambda c: c.add_items(["x"], [{"year": float("nan")}]), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-    (lambda c: c.echo(b"x" * 100_000), grpc.StatusCode.INVALID_ARGUMENT, "at most 65,536"),
-    # k = 0 sent on purpose is refused, as the library does (an unset k means 10).
-    (lambda c: c.recommend("u1", k=0), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
-    (lambda c: c.recommend("u1", n_candidates=0), grpc.StatusCode.INVALID_ARGUMENT, "n_candidates"),
-    (lambda c: c.similar_items("i4", k=0), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
-    # Values out of range: flags that are not 0/1, numbers a float32 tower would overflow on.
-    (lambda c: c.add_items(["x"], [{"genres": [300] + [0] * 5}]), grpc.StatusCode.INVALID_ARGUMENT, "flags"),
-    (lambda c: c.add_items(["x"], [{"genres": [282501] * 6}]), grpc.StatusCode.INVALID_ARGUMENT, "flags"),
-    (lambda c: c.recommend(user_features={"age": 1e39}), grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
-    (lambda c: c.score(user_features={"age": 1e39}, item_ids=["i1"]), grpc.StatusCode.INVALID_ARGUMENT, "range"),
-    (lambda c: c.add_items(["x"], [{"year": 1e39}]), grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
-    (lambda c: c.recommend(user_features={"occupation": [1.0, 2.0]}), grpc.StatusCode.INVALID_ARGUMENT,
-     "one text value"),
-    # A known user's request features are checked too.
-    (lambda c: c.recommend("u1", user_features={"age": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-    (lambda c: c.recommend("u1", user_features={"shoe": 1}), grpc.StatusCode.INVALID_ARGUMENT, "unknown user"),
-    # Bounded strings: no id or title may multiply memory.
-    (lambda c: c.add_items(["x" * 5000], [{}]), grpc.StatusCode.INVALID_ARGUMENT, "at most 256"),
-    (lambda c: c.add_items(["x"], [{"title": "t" * 5000}]), grpc.StatusCode.INVALID_ARGUMENT, "at most 1,024"),
-])
+@pytest.mark.parametrize(
+    "call, code, words",
+    [
+        (lambda c: c.recommend("u1", k=-1), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
+        (lambda c: c.recommend("u1", k=10**6), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
+        (lambda c: c.recommend("u1", n_candidates=10**7), grpc.StatusCode.INVALID_ARGUMENT, "n_candidates"),
+        (lambda c: c.recommend_batch([f"u{i}" for i in range(51)]), grpc.StatusCode.INVALID_ARGUMENT, "at most 50"),
+        (lambda c: c.recommend(user_features={"age": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+        (lambda c: c.recommend(user_features={"age": float("inf")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+        (lambda c: c.recommend(ratings={"i1": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+        (lambda c: c.recommend(user_features={"shoe": 3}), grpc.StatusCode.INVALID_ARGUMENT, "unknown user feature"),
+        (lambda c: c.recommend("u1", sources=["magic"]), grpc.StatusCode.INVALID_ARGUMENT, "unknown source"),
+        (lambda c: c.recommend("u1", filters={"genres": ["Opera"]}), grpc.StatusCode.INVALID_ARGUMENT, "unknown genre"),
+        (lambda c: c.recommend("u1", exclude_items=["i999999"]), grpc.StatusCode.NOT_FOUND, "i999999"),
+        (lambda c: c.similar_items("nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+        (lambda c: c.score("u1", ["i1", "nope"]), grpc.StatusCode.NOT_FOUND, "nope"),
+        (lambda c: c.score("u1", []), grpc.StatusCode.INVALID_ARGUMENT, "at least one"),
+        (lambda c: c.add_items(["x"], [{"year": float("nan")}]), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+        (lambda c: c.echo(b"x" * 100_000), grpc.StatusCode.INVALID_ARGUMENT, "at most 65,536"),
+        # k = 0 sent on purpose is refused, as the library does (an unset k means 10).
+        (lambda c: c.recommend("u1", k=0), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
+        (lambda c: c.recommend("u1", n_candidates=0), grpc.StatusCode.INVALID_ARGUMENT, "n_candidates"),
+        (lambda c: c.similar_items("i4", k=0), grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
+        # Values out of range: flags that are not 0/1, numbers a float32 tower would overflow on.
+        (lambda c: c.add_items(["x"], [{"genres": [300] + [0] * 5}]), grpc.StatusCode.INVALID_ARGUMENT, "flags"),
+        (lambda c: c.add_items(["x"], [{"genres": [282501] * 6}]), grpc.StatusCode.INVALID_ARGUMENT, "flags"),
+        (lambda c: c.recommend(user_features={"age": 1e39}), grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+        (lambda c: c.score(user_features={"age": 1e39}, item_ids=["i1"]), grpc.StatusCode.INVALID_ARGUMENT, "range"),
+        (lambda c: c.add_items(["x"], [{"year": 1e39}]), grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+        (
+            lambda c: c.recommend(user_features={"occupation": [1.0, 2.0]}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "one text value",
+        ),
+        # A known user's request features are checked too.
+        (lambda c: c.recommend("u1", user_features={"age": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+        (lambda c: c.recommend("u1", user_features={"shoe": 1}), grpc.StatusCode.INVALID_ARGUMENT, "unknown user"),
+        # Bounded strings: no id or title may multiply memory.
+        (lambda c: c.add_items(["x" * 5000], [{}]), grpc.StatusCode.INVALID_ARGUMENT, "at most 256"),
+        (lambda c: c.add_items(["x"], [{"title": "t" * 5000}]), grpc.StatusCode.INVALID_ARGUMENT, "at most 1,024"),
+    ],
+)
 def test_bad_requests_get_clear_status_codes(client, call, code, words):
     with pytest.raises(grpc.RpcError) as e:
         call(client)
@@ -171,6 +183,7 @@ def test_undecodable_request_bytes_are_invalid_argument(server):
 
 def test_a_bug_inside_a_request_is_internal_not_the_clients_fault(server, client, monkeypatch):
     """A ValueError from inside NumPy is not a bad request: INTERNAL, logged."""
+
     def broken(*args, **kwargs):
         raise ValueError("operands could not be broadcast together")
 
@@ -284,8 +297,12 @@ def test_light_histogram_matches_prometheus_client():
         reference.labels(label).observe(value)
 
     def samples(registry):
-        return sorted((s.name, tuple(sorted(s.labels.items())), s.value) for family in registry.collect()
-                      for s in family.samples if not s.name.endswith("_created"))
+        return sorted(
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for family in registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        )
 
     assert samples(ours_registry) == samples(reference_registry)
 
@@ -322,15 +339,22 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "server.crt", tmp_path / "server.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -415,10 +439,25 @@ def test_sigterm_delivered_to_a_worker_thread_still_stops_the_server(world, tmp_
     import ctypes
 
     port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--set", "engine.segment_key=occupation", "serve",
-                             "--bundle", str(world[1]), "--port", "0", "--port-file", str(port_file)],
-                            env={k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"},
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "--set",
+            "engine.segment_key=occupation",
+            "serve",
+            "--bundle",
+            str(world[1]),
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+        ],
+        env={k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while not port_file.exists() and time.time() < deadline and proc.poll() is None:
@@ -438,9 +477,25 @@ def test_sigterm_delivered_to_a_worker_thread_still_stops_the_server(world, tmp_
 def test_tandem_serve_shuts_down_gracefully_on_sigterm(world, tmp_path):
     port_file = tmp_path / "port"
     env = {**os.environ, "TANDEM_TOKEN": "tok"}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--set", "engine.segment_key=occupation", "serve",
-                             "--bundle", str(world[1]), "--port", "0", "--port-file", str(port_file)],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "--set",
+            "engine.segment_key=occupation",
+            "serve",
+            "--bundle",
+            str(world[1]),
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while not port_file.exists() and time.time() < deadline and proc.poll() is None:
@@ -472,10 +527,27 @@ def test_tandem_serve_runs_several_processes_on_one_port(world, tmp_path):
     port_file = tmp_path / "port"
     root = tmp_path / "root"
     shutil.copytree(world[1], root, symlinks=True)
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--set", "engine.segment_key=occupation", "serve",
-                             "--processes", "2", "--bundle", str(root), "--port", "0", "--port-file", str(port_file)],
-                            env={k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"}, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "--set",
+            "engine.segment_key=occupation",
+            "serve",
+            "--processes",
+            "2",
+            "--bundle",
+            str(root),
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+        ],
+        env={k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not port_file.exists() and time.time() < deadline and proc.poll() is None:
@@ -493,8 +565,21 @@ def test_tandem_serve_runs_several_processes_on_one_port(world, tmp_path):
         for _ in range(12):
             with Client(target, timeout=30) as c:
                 assert len(c.similar_items("multi-1", k=2)) == 2  # NOT_FOUND on a process that missed it
-        lone = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--bundle", str(root), "--port",
-                               port_file.read_text().strip()], capture_output=True, text=True, timeout=120)
+        lone = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "serve",
+                "--bundle",
+                str(root),
+                "--port",
+                port_file.read_text().strip(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert lone.returncode == 2 and "cannot serve on" in lone.stderr  # refused, not silently shared
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -508,8 +593,23 @@ def test_tandem_serve_runs_several_processes_on_one_port(world, tmp_path):
 
 
 def test_several_processes_stop_together_when_one_cannot_start(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--processes", "2", "--bundle",
-                           str(tmp_path / "nothing-here"), "--port", "0"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--processes",
+            "2",
+            "--bundle",
+            str(tmp_path / "nothing-here"),
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert "neither a bundle" in done.stderr and "a server process exited; stopping" in done.stderr
 
@@ -528,9 +628,16 @@ def test_process_group_kills_a_process_whose_shutdown_hangs(tmp_path):
     seconds after SIGTERM, then kills it: a stuck shutdown cannot keep the group alive."""
     port_file = tmp_path / "port"
     supervisor = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from engine.service.processes import serve_processes; sys.exit(serve_processes("
-         f"1, [sys.executable, '-c', {_STUCK_SERVER!r}], '127.0.0.1', 0, None, {str(port_file)!r}, stop_timeout=1.0))"],
-        stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from engine.service.processes import serve_processes; sys.exit(serve_processes("
+            f"1, [sys.executable, '-c', {_STUCK_SERVER!r}], '127.0.0.1', 0, None, {str(port_file)!r}, "
+            "stop_timeout=1.0))",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while not port_file.exists():

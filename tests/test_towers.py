@@ -15,8 +15,9 @@ def synth():
 
 @pytest.fixture(scope="module")
 def mse_model(synth):
-    return train_two_tower(synth, objective="mse", hidden_layers=(64, 32), output_dim=16, epochs=8,
-                           batch_size=512, progress=False)
+    return train_two_tower(
+        synth, objective="mse", hidden_layers=(64, 32), output_dim=16, epochs=8, batch_size=512, progress=False
+    )
 
 
 def test_default_architecture_is_the_missions():
@@ -35,17 +36,21 @@ def test_embeddings_are_unit_vectors_and_numpy_equals_torch(mse_model, synth):
     user_net, item_net = mse_model.torch_towers
     with torch.no_grad():
         ref = torch.nn.functional.normalize(user_net(torch.as_tensor(mse_model.user_features(ids))), dim=1)
-        ref_items = torch.nn.functional.normalize(item_net(torch.as_tensor(mse_model.item_features(["i1", "i2"]))), dim=1)
+        ref_items = torch.nn.functional.normalize(
+            item_net(torch.as_tensor(mse_model.item_features(["i1", "i2"]))), dim=1
+        )
     np.testing.assert_allclose(v, ref.numpy(), atol=1e-5)
     np.testing.assert_allclose(mse_model.item_embeddings(["i1", "i2"]), ref_items.numpy(), atol=1e-5)
 
 
 def test_mse_predicts_ratings_better_than_the_mean(synth):
     split = data.random_split(synth, 0.2, seed=0)
-    m = train_two_tower(split.train, objective="mse", hidden_layers=(64, 32), output_dim=16, epochs=10,
-                        batch_size=512, progress=False)
-    pred = m.predict_ratings(list(split.test.users.external(split.test.user_idx)),
-                             list(split.test.items.external(split.test.item_idx)))
+    m = train_two_tower(
+        split.train, objective="mse", hidden_layers=(64, 32), output_dim=16, epochs=10, batch_size=512, progress=False
+    )
+    pred = m.predict_ratings(
+        list(split.test.users.external(split.test.user_idx)), list(split.test.items.external(split.test.item_idx))
+    )
     rmse = np.sqrt(np.mean((pred - split.test.ratings) ** 2))
     baseline = np.sqrt(np.mean((split.train.ratings.mean() - split.test.ratings) ** 2))
     assert rmse < 0.95 * baseline and ((pred >= 1) & (pred <= 5)).all()
@@ -53,23 +58,32 @@ def test_mse_predicts_ratings_better_than_the_mean(synth):
 
 def test_softmax_beats_random_ranking(synth):
     split = data.random_split(synth, 0.2, seed=0)
-    m = train_two_tower(split.train, objective="softmax", hidden_layers=(64, 32), output_dim=16, epochs=8,
-                        batch_size=256, progress=False)
+    m = train_two_tower(
+        split.train,
+        objective="softmax",
+        hidden_layers=(64, 32),
+        output_dim=16,
+        epochs=8,
+        batch_size=256,
+        progress=False,
+    )
     from engine.evaluation.offline import topn_metrics
 
     ui = split.train.user_items()
     got = topn_metrics(lambda u, k: m.recommend_indices(u, k, ui), split.test, k=10, min_rating=None)
     rng = np.random.default_rng(0)
-    rand = topn_metrics(lambda u, k: np.array([rng.permutation(synth.n_items)[:k] for _ in u]), split.test,
-                        k=10, min_rating=None)
+    rand = topn_metrics(
+        lambda u, k: np.array([rng.permutation(synth.n_items)[:k] for _ in u]), split.test, k=10, min_rating=None
+    )
     assert got["recall@10"] > 2 * rand["recall@10"]
     with pytest.raises(ValueError, match="objective='mse'"):
         m.predict_ratings(["u0"], ["i0"])
 
 
 def test_cold_start_users_and_items_from_features(mse_model):
-    users = mse_model.user_embeddings([{"age": 30, "gender": "F", "occupation": "segment-2", "zip_code": "20000"},
-                                       {"occupation": "never-seen"}])
+    users = mse_model.user_embeddings(
+        [{"age": 30, "gender": "F", "occupation": "segment-2", "zip_code": "20000"}, {"occupation": "never-seen"}]
+    )
     assert users.shape == (2, 16) and np.isfinite(users).all()
     genres = np.zeros(12)
     genres[3] = 1
@@ -106,8 +120,9 @@ def test_save_load_round_trip(mse_model, tmp_path, synth):
 
 
 def test_learning_curve_and_seeding(synth, tmp_path):
-    a = train_two_tower(synth, hidden_layers=(16,), output_dim=4, epochs=2, progress=False, seed=5,
-                        curve_path=tmp_path / "curve.json")
+    a = train_two_tower(
+        synth, hidden_layers=(16,), output_dim=4, epochs=2, progress=False, seed=5, curve_path=tmp_path / "curve.json"
+    )
     b = train_two_tower(synth, hidden_layers=(16,), output_dim=4, epochs=2, progress=False, seed=5)
     np.testing.assert_array_equal(a.user_tower.weights[0], b.user_tower.weights[0])
     assert (tmp_path / "curve.json").is_file()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from engine import __version__
 from engine.cli import data, evaluate, index, recommend, serve, settings, train
@@ -40,10 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings come from defaults, then tandem.toml, then --set overrides.",
     )
     parser.add_argument("--version", action="version", version=f"tandem {__version__}")
-    parser.add_argument("--config", metavar="PATH", help="TOML configuration file "
-                        "(default: ./tandem.toml when it exists)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set data.synthetic.seed=3 (repeatable)")
+    parser.add_argument(
+        "--config", metavar="PATH", help="TOML configuration file (default: ./tandem.toml when it exists)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set data.synthetic.seed=3 (repeatable)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:
         group.register(commands)

@@ -23,8 +23,7 @@ def _format_describe(stats: dict) -> str:
     lines.append(f"  sparsity     {100 * stats['sparsity']:.2f}% of user-item pairs unrated")
     for label, key in (("per user", "ratings_per_user"), ("per item", "ratings_per_item")):
         s = stats[key]
-        lines.append(f"  ratings {label}: min {s['min']}, median {s['median']:g}, "
-                     f"mean {s['mean']:.1f}, max {s['max']}")
+        lines.append(f"  ratings {label}: min {s['min']}, median {s['median']:g}, mean {s['mean']:.1f}, max {s['max']}")
     if stats["user_feature_columns"]:
         lines.append("  user features: " + ", ".join(stats["user_feature_columns"]))
     if stats["item_feature_columns"]:
@@ -53,9 +52,11 @@ def register(commands) -> None:
     data.set_defaults(group_parser=data)
     data_commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     describe = data_commands.add_parser(
-        "describe", help="print users, items, ratings, rating scale, sparsity and top items",
+        "describe",
+        help="print users, items, ratings, rating scale, sparsity and top items",
         description="PATH is a MovieLens directory (100K, 1M, or the ratings.csv family), "
-                    "a CSV/Parquet interaction file, or 'synthetic'. Default: data.source.")
+        "a CSV/Parquet interaction file, or 'synthetic'. Default: data.source.",
+    )
     describe.add_argument("path", nargs="?", help="dataset path or 'synthetic'")
     describe.add_argument("--top", type=int, default=10, help="how many top items to list (default 10)")
     describe.add_argument("--json", action="store_true", help="print JSON instead of a summary")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.service.client import Client
 from engine.config import load_config
+from engine.service.client import Client
 
 NEW_USER = {"age": 24, "gender": "F", "occupation": "student", "zip_code": "94110"}
 
@@ -26,7 +26,7 @@ NEW_USER = {"age": 24, "gender": "F", "occupation": "student", "zip_code": "9411
 def _print(title: str, recs, distance: bool = False) -> None:
     print(f"\n{title}")
     width = max((len(t) for t in recs.titles), default=0)
-    for rank, (item_id, score, sources) in enumerate(recs, 1):
+    for rank, (_item_id, score, sources) in enumerate(recs, 1):
         label = "distance" if distance else "score"
         via = "" if distance else f"  via {', '.join(sources)}"
         print(f"  {rank:>2}. {recs.titles[rank - 1]:<{width}}  ({label} {score:.3f}){via}")
@@ -55,9 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         started = time.perf_counter()
-        server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--bundle", str(root), "--port", "0",
-                                   "--port-file", str(port_file)], stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, "TANDEM_TOKEN": ""})
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "serve",
+                "--bundle",
+                str(root),
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TANDEM_TOKEN": ""},
+        )
         try:
             while not port_file.exists():
                 if server.poll() is not None:
@@ -70,16 +84,24 @@ def main(argv: list[str] | None = None) -> int:
             with Client(target) as client:
                 client.wait_ready()
                 info = client.info()
-                print(f"tandem serve is up on {target} ({time.perf_counter() - started:.1f} s): bundle "
-                      f"{info['version']}, {int(info['n_items']):,} items, {int(info['n_users']):,} users, health "
-                      f"{client.health()}")
+                print(
+                    f"tandem serve is up on {target} ({time.perf_counter() - started:.1f} s): bundle "
+                    f"{info['version']}, {int(info['n_items']):,} items, {int(info['n_users']):,} users, health "
+                    f"{client.health()}"
+                )
                 for index in info["indexes"]:
-                    print(f"  index {index['name']}: {index['factory']} {index['search_params']} "
-                          f"recall@{index['k']} {index['recall_at_k']:.3f}")
-                _print(f"Recommendations for user {known_user} (the most active user; seen items excluded):",
-                       client.recommend(known_user, k=10))
-                _print(f"Recommendations for a new user known only by features {NEW_USER}:",
-                       client.recommend(user_features=NEW_USER, k=10))
+                    print(
+                        f"  index {index['name']}: {index['factory']} {index['search_params']} "
+                        f"recall@{index['k']} {index['recall_at_k']:.3f}"
+                    )
+                _print(
+                    f"Recommendations for user {known_user} (the most active user; seen items excluded):",
+                    client.recommend(known_user, k=10),
+                )
+                _print(
+                    f"Recommendations for a new user known only by features {NEW_USER}:",
+                    client.recommend(user_features=NEW_USER, k=10),
+                )
                 similar = client.similar_items(popular_item, k=10)
                 title = client.score(None, [popular_item]).titles[0]
                 _print(f"More like {title} (the most rated item), by squared distance:", similar, distance=True)

@@ -19,20 +19,28 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
     models = Path(args.models or config["paths"]["models"])
     for sub, name in (("cf", "cf.json"), ("towers", "towers.json")):
         if not (models / sub / name).is_file():
-            raise ConfigError(f"{models / sub}: no trained model; run `make train` (or tandem train-cf / "
-                              f"train-towers --split none) first")
+            raise ConfigError(
+                f"{models / sub}: no trained model; run `make train` (or tandem train-cf / "
+                f"train-towers --split none) first"
+            )
     cf, towers = CFModel.load(models / "cf"), TwoTowerModel.load(models / "towers")
     dataset = load_dataset(config, args.data)
     index_cfg = config["index"]
     root = Path(args.out or config["paths"]["bundles"])
     print(f"building indexes for {dataset.name} ({dataset.n_items:,} items) into {root}", file=sys.stderr)
     published = build_bundle(
-        dataset, cf, towers, root,
+        dataset,
+        cf,
+        towers,
+        root,
         factory=args.factory or index_cfg["factory"] or None,
         recall_floor=args.recall_floor if args.recall_floor is not None else index_cfg["recall_floor"],
-        k=index_cfg["recall_k"], keep=args.keep if args.keep is not None else index_cfg["keep"],
-        exact_below=index_cfg["exact_below"], user_top_k=index_cfg["user_top_k"],
-        log=lambda line: print(line, file=sys.stderr))
+        k=index_cfg["recall_k"],
+        keep=args.keep if args.keep is not None else index_cfg["keep"],
+        exact_below=index_cfg["exact_below"],
+        user_top_k=index_cfg["user_top_k"],
+        log=lambda line: print(line, file=sys.stderr),
+    )
     print(json.dumps({"published": str(published), "version": published.name}, indent=2))
     return 0
 
@@ -50,10 +58,12 @@ def cmd_rollback(args: argparse.Namespace, config: dict) -> int:
 def register(commands) -> None:
     """Add this group's commands to the ``tandem`` parser."""
     build = commands.add_parser(
-        "build-index", help="build the FAISS indexes from the trained models and publish a bundle",
+        "build-index",
+        help="build the FAISS indexes from the trained models and publish a bundle",
         description="Export item vectors from the latest trained models (<paths.models>/cf and /towers, "
-                    "no retraining), build and recall-check the indexes, and publish a new bundle version "
-                    "atomically as <paths.bundles>/current.")
+        "no retraining), build and recall-check the indexes, and publish a new bundle version "
+        "atomically as <paths.bundles>/current.",
+    )
     build.add_argument("--data", metavar="PATH", help="the dataset the models were trained on (default: data.source)")
     build.add_argument("--models", metavar="DIR", help="trained models directory (default: paths.models)")
     build.add_argument("--out", metavar="ROOT", help="bundle root (default: paths.bundles)")

@@ -22,8 +22,9 @@ def cmd_recommend(args: argparse.Namespace, config: dict) -> int:
 
         user, item = example_ids(eng.bundle.path)
         args.user, args.similar_to = args.user or user, args.similar_to or item
-        args.features = args.features or json.dumps({"age": 25, "gender": "F", "occupation": "student",
-                                                     "zip_code": "94043"})
+        args.features = args.features or json.dumps(
+            {"age": 25, "gender": "F", "occupation": "student", "zip_code": "94043"}
+        )
     if not (args.user or args.features or args.similar_to):
         raise ConfigError("recommend needs --user ID, --features JSON, --similar-to ITEM_ID or --example")
     print(f"bundle {eng.version}")
@@ -95,26 +96,39 @@ def cmd_recommend_cf(args: argparse.Namespace, config: dict) -> int:
 def register(commands) -> None:
     """Add this group's commands to the ``tandem`` parser."""
     recommend = commands.add_parser(
-        "recommend", help="query the published bundle through the two-stage engine",
-        description="Recommendations (with the sources that proposed them) and similar items, with titles.")
+        "recommend",
+        help="query the published bundle through the two-stage engine",
+        description="Recommendations (with the sources that proposed them) and similar items, with titles.",
+    )
     recommend.add_argument("--bundle", metavar="ROOT", help="bundle or bundle root (default: paths.bundles)")
     recommend.add_argument("--user", help="external user id")
-    recommend.add_argument("--features", metavar="JSON", help='a new user\'s features, e.g. \'{"age": 30}\'')
+    recommend.add_argument("--features", metavar="JSON", help="a new user's features, e.g. '{\"age\": 30}'")
     recommend.add_argument("--similar-to", metavar="ITEM_ID", help="external item id to find neighbours of")
-    recommend.add_argument("--example", action="store_true",
-                           help="the most active user, a new user with features, and the most popular item")
+    recommend.add_argument(
+        "--example",
+        action="store_true",
+        help="the most active user, a new user with features, and the most popular item",
+    )
     recommend.add_argument("--k", type=int, default=10, help="how many items (default 10)")
     recommend.set_defaults(handler=cmd_recommend)
 
-    rec = commands.add_parser("recommend-cf", help="print CF recommendations and similar items with titles",
-                              description="Query a trained CF model directly (exact brute force).")
+    rec = commands.add_parser(
+        "recommend-cf",
+        help="print CF recommendations and similar items with titles",
+        description="Query a trained CF model directly (exact brute force).",
+    )
     rec.add_argument("--model", metavar="DIR", help="model directory (default: <paths.models>/cf)")
     rec.add_argument("--data", metavar="PATH", help="dataset for titles (default: data.source)")
     rec.add_argument("--user", help="external user id to recommend for")
     rec.add_argument("--similar-to", metavar="ITEM_ID", help="external item id to find neighbours of")
-    rec.add_argument("--bundle", metavar="ROOT", help="answer --similar-to through a published bundle's "
-                     "index (a bundle, or a root holding current) instead of brute force")
-    rec.add_argument("--example", action="store_true",
-                     help="use the most active user and the most rated item as examples")
+    rec.add_argument(
+        "--bundle",
+        metavar="ROOT",
+        help="answer --similar-to through a published bundle's "
+        "index (a bundle, or a root holding current) instead of brute force",
+    )
+    rec.add_argument(
+        "--example", action="store_true", help="use the most active user and the most rated item as examples"
+    )
     rec.add_argument("--k", type=int, default=10, help="how many items (default 10)")
     rec.set_defaults(handler=cmd_recommend_cf)

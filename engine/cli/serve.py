@@ -26,7 +26,9 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
         return _serve_processes(args, cfg, processes, root)
     cfg["token"] = _token(args)
     cfg["reuse_port"] = bool(args.reuse_port)
-    cfg["metrics_port"] = None if cfg["metrics_port"] is None or int(cfg["metrics_port"]) < 0 else int(cfg["metrics_port"])
+    cfg["metrics_port"] = (
+        None if cfg["metrics_port"] is None or int(cfg["metrics_port"]) < 0 else int(cfg["metrics_port"])
+    )
     cfg["tls_cert"], cfg["tls_key"] = cfg["tls_cert"] or None, cfg["tls_key"] or None
     try:
         server_config = ServerConfig(**cfg)
@@ -36,8 +38,12 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
     server = TandemServer(root, server_config, engine_config(config)).start()
     if args.port_file:
         Path(args.port_file).write_text(f"{server.port}\n")
-    print(f"serving {server.holder.engine.version} on {server_config.host}:{server.port}"
-          + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), file=sys.stderr, flush=True)
+    print(
+        f"serving {server.holder.engine.version} on {server_config.host}:{server.port}"
+        + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     server.serve_until_signal()
     return 0
 
@@ -54,8 +60,19 @@ def _serve_processes(args: argparse.Namespace, cfg: dict, processes: int, root: 
     command += ["--config", args.config] if args.config else []
     for override in args.overrides:
         command += ["--set", override]
-    command += ["serve", "--processes", "1", "--bundle", str(root), "--host", str(cfg["host"]),
-                "--workers", str(cfg["workers"]), "--log-level", args.log_level]
+    command += [
+        "serve",
+        "--processes",
+        "1",
+        "--bundle",
+        str(root),
+        "--host",
+        str(cfg["host"]),
+        "--workers",
+        str(cfg["workers"]),
+        "--log-level",
+        args.log_level,
+    ]
     command += ["--tls-cert", cfg["tls_cert"], "--tls-key", cfg["tls_key"]] if cfg["tls_cert"] else []
     command += ["--token-all"] if cfg["token_all"] else []
     token = _token(args)
@@ -66,8 +83,15 @@ def _serve_processes(args: argparse.Namespace, cfg: dict, processes: int, root: 
     metrics_port = None if metrics_port is None or int(metrics_port) < 0 else int(metrics_port)
     # Each process has server.grace seconds for its in-flight requests, and its own
     # watchdog a little beyond; the supervisor kills only what outlives both.
-    return serve_processes(processes, command, str(cfg["host"]), int(cfg["port"]), metrics_port, args.port_file,
-                           stop_timeout=float(cfg["grace"]) + 2 * SHUTDOWN_MARGIN)
+    return serve_processes(
+        processes,
+        command,
+        str(cfg["host"]),
+        int(cfg["port"]),
+        metrics_port,
+        args.port_file,
+        stop_timeout=float(cfg["grace"]) + 2 * SHUTDOWN_MARGIN,
+    )
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -87,32 +111,42 @@ def _token(args: argparse.Namespace) -> str | None:
     else:
         return None
     if not token.strip():
-        raise ConfigError(f"{origin} is set but empty: refusing to serve without authentication by accident "
-                          "(unset it to serve without a token)")
+        raise ConfigError(
+            f"{origin} is set but empty: refusing to serve without authentication by accident "
+            "(unset it to serve without a token)"
+        )
     return token
 
 
 def register(commands) -> None:
     """Add this group's commands to the ``tandem`` parser."""
     serve = commands.add_parser(
-        "serve", help="serve the published bundle over gRPC (hot reload, health, reflection, metrics)",
+        "serve",
+        help="serve the published bundle over gRPC (hot reload, health, reflection, metrics)",
         description="Serve <paths.bundles> over gRPC until SIGTERM/SIGINT. The bearer token comes from "
-                    "--token-file, --token or the TANDEM_TOKEN environment variable; when set it is required on "
-                    "the Admin service and on AddItems (and on every rpc with --token-all). An empty token is "
-                    "refused. Prefer --token-file or TANDEM_TOKEN: a --token is visible to every local user in "
-                    "the process list.")
+        "--token-file, --token or the TANDEM_TOKEN environment variable; when set it is required on "
+        "the Admin service and on AddItems (and on every rpc with --token-all). An empty token is "
+        "refused. Prefer --token-file or TANDEM_TOKEN: a --token is visible to every local user in "
+        "the process list.",
+    )
     serve.add_argument("--bundle", metavar="ROOT", help="bundle root holding current (default: paths.bundles)")
     serve.add_argument("--host", help="address to bind (default: server.host)")
     serve.add_argument("--port", type=int, help="port (default: server.port; 0 = any free port)")
-    serve.add_argument("--token", help="bearer token (default: $TANDEM_TOKEN; none = no authentication); "
-                       "visible to other local users in the process list: prefer --token-file")
+    serve.add_argument(
+        "--token",
+        help="bearer token (default: $TANDEM_TOKEN; none = no authentication); "
+        "visible to other local users in the process list: prefer --token-file",
+    )
     serve.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file (one line)")
     serve.add_argument("--token-all", action="store_true", default=None, help="require the token on every rpc")
     serve.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (TLS with --tls-key)")
     serve.add_argument("--tls-key", metavar="PEM", help="server private key")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 = off, 0 = any free port)")
-    serve.add_argument("--processes", type=int, help="server processes sharing the port through SO_REUSEPORT, "
-                       "about one per core (default: server.processes)")
+    serve.add_argument(
+        "--processes",
+        type=int,
+        help="server processes sharing the port through SO_REUSEPORT, about one per core (default: server.processes)",
+    )
     serve.add_argument("--workers", type=int, help="request threads per process (default: server.workers)")
     serve.add_argument("--port-file", metavar="PATH", help="write the bound port there once serving (for scripts)")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set by --processes for its group

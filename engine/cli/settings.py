@@ -6,7 +6,6 @@ import argparse
 import json
 
 
-
 def cmd_config_show(args: argparse.Namespace, config: dict) -> int:
     print(json.dumps(config, indent=2))
     return 0

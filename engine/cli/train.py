@@ -1,4 +1,5 @@
-"""``tandem train-cf / eval-cf / train-towers / eval-towers``: train a model on a split, save it, report its test metrics."""
+"""``tandem train-cf / eval-cf / train-towers / eval-towers``: train a model on a split, save
+it, report its test metrics."""
 
 from __future__ import annotations
 
@@ -11,15 +12,23 @@ from engine.cli.common import add_data_flags
 from engine.config import load_dataset, load_split
 from engine.errors import ConfigError
 
-
 # Flags that set a model setting of the same name. Unset flags fall back on
 # tandem.toml's [cf] / [towers] sections, then the defaults.
-CF_FLAGS = ("n_features", "lambda_", "learning_rate", "epochs", "batch_size", "loss", "device", "seed",
-            "negative_sampling", "negative_ratio")
+CF_FLAGS = (
+    "n_features",
+    "lambda_",
+    "learning_rate",
+    "epochs",
+    "batch_size",
+    "loss",
+    "device",
+    "seed",
+    "negative_sampling",
+    "negative_ratio",
+)
 
 
-def _model_config(config_class, section: str, config: dict, args: argparse.Namespace, flags,
-                  extra: dict | None = None):
+def _model_config(config_class, section: str, config: dict, args: argparse.Namespace, flags, extra: dict | None = None):
     """A model config from the file's section, overridden by the command's flags."""
     settings = {**config[section], **(extra or {})}
     settings.update({key: getattr(args, key) for key in flags if getattr(args, key) is not None})
@@ -54,18 +63,21 @@ def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
     from engine.models.cf import PRESETS, CFConfig, train_cf
 
     cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS, PRESETS[args.preset] if args.preset else None)
-    return _fit_report_save(args, config, "cf", "CF", train_cf, cf_config,
-                            lambda model, train, test: _cf_report(model, test, args.k))
+    return _fit_report_save(
+        args, config, "cf", "CF", train_cf, cf_config, lambda model, train, test: _cf_report(model, test, args.k)
+    )
 
 
-def _fit_report_save(args: argparse.Namespace, config: dict, subdir: str, label: str, fit, model_config,
-                     report) -> int:
+def _fit_report_save(args: argparse.Namespace, config: dict, subdir: str, label: str, fit, model_config, report) -> int:
     """Train on the split's train part, evaluate on its test part (if any), save the model
     (default <paths.models>/<subdir>) with its learning curve, and print the metrics."""
     train, test = _train_and_test(args, config)
     out = Path(args.out or Path(config["paths"]["models"]) / subdir)
-    print(f"training {label} on {train.name}: {train.n_users:,} users, {train.n_items:,} items, "
-          f"{train.n_ratings:,} ratings", file=sys.stderr)
+    print(
+        f"training {label} on {train.name}: {train.n_users:,} users, {train.n_items:,} items, "
+        f"{train.n_ratings:,} ratings",
+        file=sys.stderr,
+    )
     model = fit(train, model_config, curve_path=out / "learning_curve.json")
     if test is not None:
         model.metrics["test"] = report(model, train, test)
@@ -85,16 +97,19 @@ def cmd_eval_cf(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
-TOWER_FLAGS = ("objective", "learning_rate", "epochs", "batch_size", "output_dim", "temperature",
-               "device", "seed")
+TOWER_FLAGS = ("objective", "learning_rate", "epochs", "batch_size", "output_dim", "temperature", "device", "seed")
 
 
 def _towers_report(model, train, test, k: int) -> dict:
     from engine.evaluation.offline import check_aligned, rating_metrics, topn_metrics
 
     check_aligned(model.users, model.items, test)
-    report = {"model": "two_tower", "objective": model.config.objective, "test": test.name,
-              "n_test_ratings": test.n_ratings}
+    report = {
+        "model": "two_tower",
+        "objective": model.config.objective,
+        "test": test.name,
+        "n_test_ratings": test.n_ratings,
+    }
     if model.config.objective == "mse":
         report.update(rating_metrics(model.predict_rating_indices, test))
     seen = train.user_items()
@@ -109,8 +124,15 @@ def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
     if args.layers is not None:
         extra["hidden_layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
     tower_config = _model_config(TowerConfig, "towers", config, args, TOWER_FLAGS, extra)
-    return _fit_report_save(args, config, "towers", f"two towers ({tower_config.objective})", train_two_tower,
-                            tower_config, lambda model, train, test: _towers_report(model, train, test, args.k))
+    return _fit_report_save(
+        args,
+        config,
+        "towers",
+        f"two towers ({tower_config.objective})",
+        train_two_tower,
+        tower_config,
+        lambda model, train, test: _towers_report(model, train, test, args.k),
+    )
 
 
 def cmd_eval_towers(args: argparse.Namespace, config: dict) -> int:
@@ -139,42 +161,60 @@ def _add_training_flags(p: argparse.ArgumentParser, subdir: str, unit: str) -> N
 def register(commands) -> None:
     """Add this group's commands to the ``tandem`` parser."""
     train_cf = commands.add_parser(
-        "train-cf", help="train the collaborative-filtering model",
+        "train-cf",
+        help="train the collaborative-filtering model",
         description="Train matrix factorisation on the training part of the split, save it "
-                    "(cf.json + cf_arrays.npz + learning curve) and print test metrics.")
+        "(cf.json + cf_arrays.npz + learning curve) and print test metrics.",
+    )
     _add_training_flags(train_cf, "cf", "ratings")
     train_cf.add_argument("--n-features", type=int, help="latent dimension")
     train_cf.add_argument("--lambda", dest="lambda_", type=float, help="L2 strength")
-    train_cf.add_argument("--preset", choices=["rating", "topn"],
-                          help="named settings over the [cf] section (flags still win): rating = B1 defaults, "
-                               "topn = wmse for top-N retrieval (what make train uses for serving)")
-    train_cf.add_argument("--loss", choices=["mse", "bce", "wmse"],
-                          help="mse (ratings), bce (binary, sampled negatives) or wmse (implicit, all pairs weighted)")
+    train_cf.add_argument(
+        "--preset",
+        choices=["rating", "topn"],
+        help="named settings over the [cf] section (flags still win): rating = B1 defaults, "
+        "topn = wmse for top-N retrieval (what make train uses for serving)",
+    )
+    train_cf.add_argument(
+        "--loss",
+        choices=["mse", "bce", "wmse"],
+        help="mse (ratings), bce (binary, sampled negatives) or wmse (implicit, all pairs weighted)",
+    )
     train_cf.add_argument("--negative-sampling", choices=["uniform", "popularity"], help="bce negatives")
     train_cf.add_argument("--negative-ratio", type=int, help="bce negatives per positive")
     train_cf.set_defaults(handler=cmd_train_cf)
 
-    eval_cf = commands.add_parser("eval-cf", help="evaluate a trained CF model (JSON metrics)",
-                                  description="Print RMSE/MAE and top-N metrics on the test part of the split.")
+    eval_cf = commands.add_parser(
+        "eval-cf",
+        help="evaluate a trained CF model (JSON metrics)",
+        description="Print RMSE/MAE and top-N metrics on the test part of the split.",
+    )
     add_data_flags(eval_cf)
     eval_cf.add_argument("--model", metavar="DIR", help="model directory (default: <paths.models>/cf)")
     eval_cf.set_defaults(handler=cmd_eval_cf)
 
     train_towers = commands.add_parser(
-        "train-towers", help="train the two-tower content model",
+        "train-towers",
+        help="train the two-tower content model",
         description="Train the user and item towers on the training part of the split, save them "
-                    "(towers.json + towers_arrays.npz + learning curve) and print test metrics.")
+        "(towers.json + towers_arrays.npz + learning curve) and print test metrics.",
+    )
     _add_training_flags(train_towers, "towers", "interactions")
-    train_towers.add_argument("--objective", choices=["mse", "softmax"],
-                              help="mse (ratings scaled to [-1, 1]) or softmax (in-batch, log-q corrected)")
+    train_towers.add_argument(
+        "--objective",
+        choices=["mse", "softmax"],
+        help="mse (ratings scaled to [-1, 1]) or softmax (in-batch, log-q corrected)",
+    )
     train_towers.add_argument("--layers", help="hidden layer sizes, e.g. 256,128")
     train_towers.add_argument("--output-dim", type=int, help="embedding size")
     train_towers.add_argument("--temperature", type=float, help="softmax temperature")
     train_towers.set_defaults(handler=cmd_train_towers)
 
-    eval_towers = commands.add_parser("eval-towers", help="evaluate a trained two-tower model (JSON metrics)",
-                                      description="Print RMSE/MAE (mse objective) and top-N metrics on the "
-                                                  "test part of the split.")
+    eval_towers = commands.add_parser(
+        "eval-towers",
+        help="evaluate a trained two-tower model (JSON metrics)",
+        description="Print RMSE/MAE (mse objective) and top-N metrics on the test part of the split.",
+    )
     add_data_flags(eval_towers)
     eval_towers.add_argument("--model", metavar="DIR", help="model directory (default: <paths.models>/towers)")
     eval_towers.set_defaults(handler=cmd_eval_towers)

@@ -15,17 +15,31 @@ import os
 from pathlib import Path
 
 from engine.data.dataset import Dataset, FeatureTable, IdMap, factorize, from_arrays
-from engine.data.movielens import detect_flavour, load_ml100k, load_ml1m, load_movielens_csv
+from engine.data.movielens import detect_flavour, load_ml1m, load_ml100k, load_movielens_csv
 from engine.data.splits import Split, item_cold_start_split, leave_last_n, predefined_split, random_split
 from engine.data.synthetic import make_synthetic
 from engine.data.tabular import load_table
 from engine.errors import DataFormatError
 
 __all__ = [
-    "Dataset", "FeatureTable", "IdMap", "Split", "DataFormatError",
-    "from_arrays", "factorize", "load", "load_table", "load_ml100k", "load_ml1m",
-    "load_movielens_csv", "detect_flavour", "make_synthetic",
-    "predefined_split", "random_split", "leave_last_n", "item_cold_start_split",
+    "Dataset",
+    "FeatureTable",
+    "IdMap",
+    "Split",
+    "DataFormatError",
+    "from_arrays",
+    "factorize",
+    "load",
+    "load_table",
+    "load_ml100k",
+    "load_ml1m",
+    "load_movielens_csv",
+    "detect_flavour",
+    "make_synthetic",
+    "predefined_split",
+    "random_split",
+    "leave_last_n",
+    "item_cold_start_split",
 ]
 
 

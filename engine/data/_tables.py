@@ -69,12 +69,11 @@ def read_delimited_interactions(
     try:
         table = pcsv.read_csv(
             source,
-            read_options=pcsv.ReadOptions(column_names=names, skip_rows=1 if header else 0,
-                                          encoding=encoding),
+            read_options=pcsv.ReadOptions(column_names=names, skip_rows=1 if header else 0, encoding=encoding),
             parse_options=pcsv.ParseOptions(delimiter=arrow_delimiter, quote_char=False),
-            convert_options=pcsv.ConvertOptions(column_types=types, include_columns=wanted,
-                                                strings_can_be_null=False,
-                                                quoted_strings_can_be_null=False),
+            convert_options=pcsv.ConvertOptions(
+                column_types=types, include_columns=wanted, strings_can_be_null=False, quoted_strings_can_be_null=False
+            ),
         )
     except UnicodeDecodeError:
         raise undecodable(path, encoding) from None
@@ -96,8 +95,12 @@ def undecodable(path: str | os.PathLike, encoding: str = "utf-8") -> DataFormatE
             try:
                 raw.decode(encoding)
             except UnicodeDecodeError as e:
-                return DataFormatError(path, line_no, f"not valid {encoding} text (byte {raw[e.start]:#04x} at "
-                                                      f"column {e.start + 1}): convert the file to {encoding}")
+                return DataFormatError(
+                    path,
+                    line_no,
+                    f"not valid {encoding} text (byte {raw[e.start]:#04x} at "
+                    f"column {e.start + 1}): convert the file to {encoding}",
+                )
     return DataFormatError(path, None, f"not valid {encoding} text")
 
 
@@ -124,8 +127,10 @@ def encode_columns(table, path: str) -> EncodedInteractions:
         if pc.any(empty).as_py():
             raise bad(name, empty, "has an empty id")
         enc = col.dictionary_encode()
-        return (enc.indices.to_numpy().astype(np.int32),
-                np.asarray(enc.dictionary.to_numpy(zero_copy_only=False), dtype=str))
+        return (
+            enc.indices.to_numpy().astype(np.int32),
+            np.asarray(enc.dictionary.to_numpy(zero_copy_only=False), dtype=str),
+        )
 
     u_codes, u_ids = encode("user")
     i_codes, i_ids = encode("item")
@@ -150,18 +155,23 @@ def encode_columns(table, path: str) -> EncodedInteractions:
         elif pa.types.is_floating(col.type):
             col = pc.cast(pc.floor(col), pa.int64())
         elif not pa.types.is_integer(col.type):
-            raise DataFormatError(path, None, f"column 'timestamp' has type {col.type}, "
-                                              "expected integer seconds or a datetime")
+            raise DataFormatError(
+                path, None, f"column 'timestamp' has type {col.type}, expected integer seconds or a datetime"
+            )
         timestamps = pc.cast(col, pa.int64()).to_numpy()
     else:
         timestamps = np.zeros(n, np.int64)
-    return EncodedInteractions(u_codes, u_ids, i_codes, i_ids,
-                               np.ascontiguousarray(ratings, np.float32),
-                               np.ascontiguousarray(timestamps, np.int64))
+    return EncodedInteractions(
+        u_codes,
+        u_ids,
+        i_codes,
+        i_ids,
+        np.ascontiguousarray(ratings, np.float32),
+        np.ascontiguousarray(timestamps, np.int64),
+    )
 
 
-def _explain(path: str, fields, delimiter: str, header: bool, encoding: str,
-             fallback: str) -> DataFormatError:
+def _explain(path: str, fields, delimiter: str, header: bool, encoding: str, fallback: str) -> DataFormatError:
     """Find the first bad line of a delimited file (slow path, only after a failure)."""
     expected = len(fields)
     try:
@@ -174,8 +184,11 @@ def _explain(path: str, fields, delimiter: str, header: bool, encoding: str,
                     continue
                 parts = line.split(delimiter)
                 if len(parts) != expected:
-                    return DataFormatError(path, line_no, f"expected {expected} fields separated by "
-                                           f"{delimiter!r}, found {len(parts)}: {line[:80]!r}")
+                    return DataFormatError(
+                        path,
+                        line_no,
+                        f"expected {expected} fields separated by {delimiter!r}, found {len(parts)}: {line[:80]!r}",
+                    )
                 for (name, kind), value in zip(fields, parts):
                     problem = _check_field(name, kind, value)
                     if problem:
@@ -198,8 +211,7 @@ def _check_field(name: str, kind: str, value: str) -> str | None:
     return None
 
 
-def align_ids(codes: np.ndarray, ids: np.ndarray, known_ids: np.ndarray | None,
-              kind: str) -> tuple[np.ndarray, IdMap]:
+def align_ids(codes: np.ndarray, ids: np.ndarray, known_ids: np.ndarray | None, kind: str) -> tuple[np.ndarray, IdMap]:
     """Re-index dictionary codes onto one id map holding ``known_ids`` (e.g. every item
     of ``u.item``, rated or not) plus any id seen only in the interactions.
 
@@ -208,5 +220,5 @@ def align_ids(codes: np.ndarray, ids: np.ndarray, known_ids: np.ndarray | None,
     all_ids = ids if known_ids is None else np.concatenate([np.asarray(known_ids, str), ids])
     all_codes, uniques = factorize(all_ids)
     # The last len(ids) codes map the dictionary entries; index them by the row codes.
-    dictionary_to_dense = all_codes[len(all_ids) - len(ids):]
+    dictionary_to_dense = all_codes[len(all_ids) - len(ids) :]
     return dictionary_to_dense[codes].astype(np.int32), IdMap(uniques, kind)

@@ -8,8 +8,8 @@ Nothing here ever materialises a dense users x items matrix.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -80,7 +80,7 @@ class IdMap:
         ids = self.ids[np.asarray(indices, dtype=np.int64)]
         return ids if ids.dtype.kind == "U" else ids.astype(str)
 
-    def extended(self, new_ids: Sequence[str]) -> "IdMap":
+    def extended(self, new_ids: Sequence[str]) -> IdMap:
         """A new map with ``new_ids`` (strings, not yet in this map) appended; this one is
         unchanged. The ids are then held as Python strings (an object array), so that one
         long id costs its own length, not that length for every id as a fixed-width
@@ -119,7 +119,7 @@ class FeatureTable:
     def n_rows(self) -> int:
         return len(next(iter(self.columns.values()))) if self.columns else 0
 
-    def take(self, rows: np.ndarray) -> "FeatureTable":
+    def take(self, rows: np.ndarray) -> FeatureTable:
         """The table restricted to ``rows`` (dense indices), in that order."""
         return FeatureTable({k: v[rows] for k, v in self.columns.items()}, dict(self.labels))
 
@@ -169,8 +169,7 @@ class Dataset:
 
     def _validate(self) -> None:
         n = len(self.user_idx)
-        for label, arr in (("item_idx", self.item_idx), ("ratings", self.ratings),
-                           ("timestamps", self.timestamps)):
+        for label, arr in (("item_idx", self.item_idx), ("ratings", self.ratings), ("timestamps", self.timestamps)):
             if arr.ndim != 1 or len(arr) != n:
                 raise ValueError(f"{label} has shape {arr.shape}, expected ({n},) like user_idx")
         if n:
@@ -214,8 +213,7 @@ class Dataset:
         return len(self.ratings)
 
     def __repr__(self) -> str:
-        return (f"Dataset({self.name!r}, n_users={self.n_users}, n_items={self.n_items}, "
-                f"n_ratings={self.n_ratings})")
+        return f"Dataset({self.name!r}, n_users={self.n_users}, n_items={self.n_items}, n_ratings={self.n_ratings})"
 
     # ----------------------------------------------------------- sparse views
     def user_items(self) -> sp.csr_matrix:
@@ -244,14 +242,22 @@ class Dataset:
         return np.bincount(self.item_idx, minlength=self.n_items)
 
     # ---------------------------------------------------------------- subsets
-    def subset(self, mask_or_rows: np.ndarray, name: str | None = None) -> "Dataset":
+    def subset(self, mask_or_rows: np.ndarray, name: str | None = None) -> Dataset:
         """The interactions selected by a boolean mask or row indices, with the same
         id maps and features (so indices stay aligned across splits)."""
         sel = np.asarray(mask_or_rows)
         return Dataset(
-            self.user_idx[sel], self.item_idx[sel], self.ratings[sel], self.timestamps[sel],
-            self.users, self.items, self.user_features, self.item_features, self.item_titles,
-            name=name or self.name, drop_duplicates=False,
+            self.user_idx[sel],
+            self.item_idx[sel],
+            self.ratings[sel],
+            self.timestamps[sel],
+            self.users,
+            self.items,
+            self.user_features,
+            self.item_features,
+            self.item_titles,
+            name=name or self.name,
+            drop_duplicates=False,
         )
 
     # ----------------------------------------------------------- description
@@ -282,17 +288,21 @@ class Dataset:
             "implicit": bool(len(distinct) == 1),
             "ratings_per_user": _spread(users_c),
             "ratings_per_item": _spread(items_c),
-            "timestamp_range": ([int(self.timestamps.min()), int(self.timestamps.max())]
-                                if self.n_ratings else None),
+            "timestamp_range": ([int(self.timestamps.min()), int(self.timestamps.max())] if self.n_ratings else None),
             "user_feature_columns": sorted(self.user_features.columns) if self.user_features else [],
             "item_feature_columns": sorted(self.item_features.columns) if self.item_features else [],
         }
         order = np.argsort(-items_c, kind="stable")[:top]
         sums = np.bincount(self.item_idx, weights=self.ratings, minlength=self.n_items)
         out["top_items"] = [
-            {"item_id": str(self.items.ids[i]), "title": self.title(i), "n_ratings": int(items_c[i]),
-             "mean_rating": float(sums[i] / items_c[i]) if items_c[i] else None}
-            for i in order if items_c[i] > 0
+            {
+                "item_id": str(self.items.ids[i]),
+                "title": self.title(i),
+                "n_ratings": int(items_c[i]),
+                "mean_rating": float(sums[i] / items_c[i]) if items_c[i] else None,
+            }
+            for i in order
+            if items_c[i] > 0
         ]
         return out
 
@@ -300,8 +310,12 @@ class Dataset:
 def _spread(counts: np.ndarray) -> dict:
     if len(counts) == 0:
         return {"min": 0, "median": 0.0, "max": 0, "mean": 0.0}
-    return {"min": int(counts.min()), "median": float(np.median(counts)),
-            "max": int(counts.max()), "mean": float(counts.mean())}
+    return {
+        "min": int(counts.min()),
+        "median": float(np.median(counts)),
+        "max": int(counts.max()),
+        "mean": float(counts.mean()),
+    }
 
 
 def factorize(external_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

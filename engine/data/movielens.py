@@ -26,17 +26,50 @@ from engine.data.dataset import Dataset, FeatureTable
 from engine.errors import DataFormatError
 
 ML100K_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 
 # MovieLens 1M codes occupations as integers (its README gives the names).
 ML1M_OCCUPATIONS = [
-    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
-    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
-    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
-    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
 ]
 
 _YEAR_IN_TITLE = re.compile(r"\((\d{4})(?:[-–]\d{0,4})?\)\s*$")
@@ -53,8 +86,11 @@ def detect_flavour(directory: str | os.PathLike) -> str:
         return "ml-1m"
     if (d / "ratings.csv").is_file():
         return "ml-csv"
-    raise DataFormatError(d, None, "not a MovieLens directory: expected u.data (100K), "
-                                   "ratings.dat (1M) or ratings.csv (latest-small/25M/32M)")
+    raise DataFormatError(
+        d,
+        None,
+        "not a MovieLens directory: expected u.data (100K), ratings.dat (1M) or ratings.csv (latest-small/25M/32M)",
+    )
 
 
 def _read_lines(path: Path, encoding: str):
@@ -72,8 +108,9 @@ def _read_lines(path: Path, encoding: str):
 def _split(path: Path, line_no: int, line: str, sep: str, n_fields: int) -> list[str]:
     parts = line.split(sep)
     if len(parts) != n_fields:
-        raise DataFormatError(path, line_no, f"expected {n_fields} fields separated by {sep!r}, "
-                                             f"found {len(parts)}: {line[:80]!r}")
+        raise DataFormatError(
+            path, line_no, f"expected {n_fields} fields separated by {sep!r}, found {len(parts)}: {line[:80]!r}"
+        )
     return parts
 
 
@@ -92,8 +129,9 @@ def year_from_title(title: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-def _item_features(genre_rows: np.ndarray, genre_labels: list[str], years: np.ndarray,
-                   extra: dict[str, np.ndarray] | None = None) -> FeatureTable:
+def _item_features(
+    genre_rows: np.ndarray, genre_labels: list[str], years: np.ndarray, extra: dict[str, np.ndarray] | None = None
+) -> FeatureTable:
     columns = {"genres": genre_rows.astype(np.uint8), "year": years.astype(np.float32)}
     columns.update(extra or {})
     return FeatureTable(columns, {"genres": list(genre_labels)})
@@ -131,20 +169,33 @@ def _assemble(name: str, inter, item_meta: dict, user_meta: dict | None) -> Data
     titles = _take_or_missing(np.asarray(item_meta["titles"], dtype=str), rows, "")
     genres = _take_or_missing(item_meta["genres"], rows, 0)
     years = _take_or_missing(item_meta["years"], rows, np.nan)
-    extra = {k: _take_or_missing(v, rows, "" if v.dtype.kind == "U" else np.nan)
-             for k, v in item_meta.get("extra", {}).items()}
+    extra = {
+        k: _take_or_missing(v, rows, "" if v.dtype.kind == "U" else np.nan)
+        for k, v in item_meta.get("extra", {}).items()
+    }
     item_features = _item_features(genres, item_meta["genre_labels"], years, extra)
 
     user_features = None
     if user_meta is not None:
         urows = _reindex_rows({s: k for k, s in enumerate(user_meta["ids"])}, users)
-        user_features = FeatureTable({
-            k: _take_or_missing(v, urows, "" if v.dtype.kind == "U" else np.nan)
-            for k, v in user_meta["columns"].items()
-        })
-    return Dataset(user_codes, item_codes, inter.ratings, inter.timestamps, users, items,
-                   user_features=user_features, item_features=item_features,
-                   item_titles=titles, name=name)
+        user_features = FeatureTable(
+            {
+                k: _take_or_missing(v, urows, "" if v.dtype.kind == "U" else np.nan)
+                for k, v in user_meta["columns"].items()
+            }
+        )
+    return Dataset(
+        user_codes,
+        item_codes,
+        inter.ratings,
+        inter.timestamps,
+        users,
+        items,
+        user_features=user_features,
+        item_features=item_features,
+        item_titles=titles,
+        name=name,
+    )
 
 
 # --------------------------------------------------------------------------- 100K
@@ -153,7 +204,7 @@ def _read_ml100k_items(d: Path) -> dict:
     genre_file = d / "u.genre"
     if genre_file.is_file():
         labels = []
-        for line_no, line in _read_lines(genre_file, "latin-1"):
+        for _line_no, line in _read_lines(genre_file, "latin-1"):
             name, _, _ = line.partition("|")
             labels.append(name)
     n_fields = 5 + len(labels)
@@ -173,9 +224,13 @@ def _read_ml100k_items(d: Path) -> dict:
         year = float(date[-4:]) if re.fullmatch(r"\d{2}-\w{3}-\d{4}", date) else year_from_title(parts[1])
         years.append(year)
         genres.append([int(f) for f in flags])
-    return {"ids": np.asarray(ids, dtype=str), "titles": titles,
-            "genres": np.asarray(genres, dtype=np.uint8).reshape(len(ids), len(labels)),
-            "genre_labels": labels, "years": np.asarray(years, dtype=np.float32)}
+    return {
+        "ids": np.asarray(ids, dtype=str),
+        "titles": titles,
+        "genres": np.asarray(genres, dtype=np.uint8).reshape(len(ids), len(labels)),
+        "genre_labels": labels,
+        "years": np.asarray(years, dtype=np.float32),
+    }
 
 
 def _read_ml100k_users(d: Path) -> dict:
@@ -190,9 +245,15 @@ def _read_ml100k_users(d: Path) -> dict:
         gender.append(g)
         occupation.append(occ)
         zips.append(z)
-    return {"ids": np.asarray(ids, dtype=str), "columns": {
-        "age": np.asarray(age, np.float32), "gender": np.asarray(gender, str),
-        "occupation": np.asarray(occupation, str), "zip_code": np.asarray(zips, str)}}
+    return {
+        "ids": np.asarray(ids, dtype=str),
+        "columns": {
+            "age": np.asarray(age, np.float32),
+            "gender": np.asarray(gender, str),
+            "occupation": np.asarray(occupation, str),
+            "zip_code": np.asarray(zips, str),
+        },
+    }
 
 
 def read_ml100k_ratings(path: str | os.PathLike):
@@ -211,8 +272,13 @@ def load_ml100k(directory: str | os.PathLike, ratings_file: str = "u.data") -> D
 
 
 def _no_items() -> dict:
-    return {"ids": np.asarray([], dtype=str), "titles": [], "genres": np.zeros((0, 0), np.uint8),
-            "genre_labels": [], "years": np.zeros(0, np.float32)}
+    return {
+        "ids": np.asarray([], dtype=str),
+        "titles": [],
+        "genres": np.zeros((0, 0), np.uint8),
+        "genre_labels": [],
+        "years": np.zeros(0, np.float32),
+    }
 
 
 # ---------------------------------------------------------------------------- 1M
@@ -236,8 +302,7 @@ def _parse_genres(text: str) -> list[str]:
 def load_ml1m(directory: str | os.PathLike) -> Dataset:
     """MovieLens 1M: ``ratings.dat``, ``movies.dat``, ``users.dat`` with ``::`` separators."""
     d = Path(directory)
-    inter = read_delimited_interactions(d / "ratings.dat", RATING_FIELDS, "::", header=False,
-                                        encoding="latin-1")
+    inter = read_delimited_interactions(d / "ratings.dat", RATING_FIELDS, "::", header=False, encoding="latin-1")
     items = _no_items()
     path = d / "movies.dat"
     if path.is_file():
@@ -250,9 +315,13 @@ def load_ml1m(directory: str | os.PathLike) -> Dataset:
             titles.append(title)
             genre_lists.append(_parse_genres(genres))
         matrix, labels = _genre_matrix(genre_lists)
-        items = {"ids": np.asarray(ids, str), "titles": titles, "genres": matrix,
-                 "genre_labels": labels,
-                 "years": np.asarray([year_from_title(t) for t in titles], np.float32)}
+        items = {
+            "ids": np.asarray(ids, str),
+            "titles": titles,
+            "genres": matrix,
+            "genre_labels": labels,
+            "years": np.asarray([year_from_title(t) for t in titles], np.float32),
+        }
     users = None
     path = d / "users.dat"
     if path.is_file():
@@ -267,9 +336,15 @@ def load_ml1m(directory: str | os.PathLike) -> Dataset:
                 raise DataFormatError(path, line_no, f"occupation code must be 0..20, found {occ!r}")
             occupation.append(ML1M_OCCUPATIONS[int(code)])
             zips.append(z)
-        users = {"ids": np.asarray(ids, str), "columns": {
-            "age": np.asarray(age, np.float32), "gender": np.asarray(gender, str),
-            "occupation": np.asarray(occupation, str), "zip_code": np.asarray(zips, str)}}
+        users = {
+            "ids": np.asarray(ids, str),
+            "columns": {
+                "age": np.asarray(age, np.float32),
+                "gender": np.asarray(gender, str),
+                "occupation": np.asarray(occupation, str),
+                "zip_code": np.asarray(zips, str),
+            },
+        }
     return _assemble("ml-1m", inter, items, users)
 
 
@@ -281,13 +356,14 @@ def _csv_rows(path: Path, expected_header: list[str]):
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
-            if header is None or [h.strip() for h in header[:len(expected_header)]] != expected_header:
+            if header is None or [h.strip() for h in header[: len(expected_header)]] != expected_header:
                 raise DataFormatError(path, 1, f"expected header {','.join(expected_header)}, found {header}")
             for fields in reader:
                 if fields:
                     if len(fields) != len(header):
-                        raise DataFormatError(path, reader.line_num, f"expected {len(header)} fields, "
-                                                                     f"found {len(fields)}: {fields}")
+                        raise DataFormatError(
+                            path, reader.line_num, f"expected {len(header)} fields, found {len(fields)}: {fields}"
+                        )
                     yield reader.line_num, fields
     except UnicodeDecodeError:
         raise undecodable(path) from None
@@ -322,9 +398,13 @@ def load_movielens_csv(directory: str | os.PathLike, with_tags: bool = True) -> 
             titles.append(title.strip())
             genre_lists.append(_parse_genres(genres))
         matrix, labels = _genre_matrix(genre_lists)
-        items = {"ids": np.asarray(ids, str), "titles": titles, "genres": matrix,
-                 "genre_labels": labels,
-                 "years": np.asarray([year_from_title(t) for t in titles], np.float32)}
+        items = {
+            "ids": np.asarray(ids, str),
+            "titles": titles,
+            "genres": matrix,
+            "genre_labels": labels,
+            "years": np.asarray([year_from_title(t) for t in titles], np.float32),
+        }
     path = d / "tags.csv"
     if with_tags and path.is_file() and len(items["ids"]):
         tags: dict[str, set[str]] = {}

@@ -31,11 +31,12 @@ class Split:
         return iter((self.train, self.test))
 
 
-def _split(ds: Dataset, test_mask: np.ndarray, label: str,
-           cold_items: np.ndarray | None = None) -> Split:
-    return Split(ds.subset(~test_mask, name=f"{ds.name}:{label}:train"),
-                 ds.subset(test_mask, name=f"{ds.name}:{label}:test"),
-                 np.zeros(0, np.int64) if cold_items is None else cold_items)
+def _split(ds: Dataset, test_mask: np.ndarray, label: str, cold_items: np.ndarray | None = None) -> Split:
+    return Split(
+        ds.subset(~test_mask, name=f"{ds.name}:{label}:train"),
+        ds.subset(test_mask, name=f"{ds.name}:{label}:test"),
+        np.zeros(0, np.int64) if cold_items is None else cold_items,
+    )
 
 
 def predefined_split(directory: str | os.PathLike, fold: str | int = 1) -> Split:
@@ -52,9 +53,20 @@ def predefined_split(directory: str | os.PathLike, fold: str | int = 1) -> Split
         inter = read_ml100k_ratings(d / f"u{fold}.{suffix}")
         users = full.users.indices(inter.user_ids)[inter.user_codes]
         items = full.items.indices(inter.item_ids)[inter.item_codes]
-        parts.append(Dataset(users, items, inter.ratings, inter.timestamps, full.users, full.items,
-                             full.user_features, full.item_features, full.item_titles,
-                             name=f"ml-100k:u{fold}.{suffix}"))
+        parts.append(
+            Dataset(
+                users,
+                items,
+                inter.ratings,
+                inter.timestamps,
+                full.users,
+                full.items,
+                full.user_features,
+                full.item_features,
+                full.item_titles,
+                name=f"ml-100k:u{fold}.{suffix}",
+            )
+        )
     return Split(parts[0], parts[1], np.zeros(0, np.int64))
 
 

@@ -46,14 +46,22 @@ def make_synthetic(
     ``genres`` (multi-hot), ``year`` and titles. All arguments must be positive, and
     ``n_ratings`` at most half of ``n_users * n_items`` (so distinct pairs can be drawn).
     """
-    for label, value in (("n_users", n_users), ("n_items", n_items), ("n_ratings", n_ratings),
-                         ("n_factors", n_factors), ("n_genres", n_genres),
-                         ("n_segments", n_segments), ("n_choices", n_choices)):
+    for label, value in (
+        ("n_users", n_users),
+        ("n_items", n_items),
+        ("n_ratings", n_ratings),
+        ("n_factors", n_factors),
+        ("n_genres", n_genres),
+        ("n_segments", n_segments),
+        ("n_choices", n_choices),
+    ):
         if int(value) != value or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
     if n_ratings > n_users * n_items // 2:
-        raise ValueError(f"n_ratings={n_ratings} is too dense for {n_users} users x {n_items} items "
-                         f"(at most {n_users * n_items // 2})")
+        raise ValueError(
+            f"n_ratings={n_ratings} is too dense for {n_users} users x {n_items} items "
+            f"(at most {n_users * n_items // 2})"
+        )
     rng = np.random.default_rng(seed)
     f = n_factors
 
@@ -87,8 +95,9 @@ def make_synthetic(
     sampler = _PowerLawRanks(n_items, popularity_exponent)
     log_pop = np.empty(n_items)
     log_pop[item_at_rank] = np.log(sampler.probabilities())
-    item_bias = (0.2 * (log_pop - log_pop.mean()) / (log_pop.std() + 1e-9)
-                 + rng.normal(0, 0.3, n_items)).astype(np.float32)
+    item_bias = (0.2 * (log_pop - log_pop.mean()) / (log_pop.std() + 1e-9) + rng.normal(0, 0.3, n_items)).astype(
+        np.float32
+    )
 
     # --- user activity: log-normal weights; interactions are drawn in rounds until
     # n_ratings distinct pairs exist (popular items make repeats, which are dropped).
@@ -113,25 +122,31 @@ def make_synthetic(
 
     ratings = np.empty(len(users), np.float32)
     for start in range(0, len(users), _CHUNK):
-        u, i = users[start:start + _CHUNK], items[start:start + _CHUNK]
+        u, i = users[start : start + _CHUNK], items[start : start + _CHUNK]
         z = 3.0 + user_bias[u] + item_bias[i] + np.einsum("nf,nf->n", U[u], V[i]) * 4.0
         z += rng.normal(0, noise, len(u)).astype(np.float32)
-        ratings[start:start + _CHUNK] = np.clip(np.rint(z), 1, 5)
+        ratings[start : start + _CHUNK] = np.clip(np.rint(z), 1, 5)
     start_time = rng.integers(946_684_800, 1_600_000_000, n_users)  # 2000 .. 2020
     timestamps = start_time[users] + rng.integers(0, 3 * 365 * 86_400, len(users))
 
-    user_features = FeatureTable({"age": age, "gender": gender.astype(str),
-                                  "occupation": occupation, "zip_code": zip_code})
+    user_features = FeatureTable(
+        {"age": age, "gender": gender.astype(str), "occupation": occupation, "zip_code": zip_code}
+    )
     genre_labels = [f"genre-{g}" for g in range(n_genres)]
-    item_features = FeatureTable({"genres": genres, "year": year.astype(np.float32)},
-                                 {"genres": genre_labels})
+    item_features = FeatureTable({"genres": genres, "year": year.astype(np.float32)}, {"genres": genre_labels})
     titles = np.array([f"Item {i} ({int(y)})" for i, y in enumerate(year)])
     return Dataset(
-        users, items, ratings, timestamps.astype(np.int64),
+        users,
+        items,
+        ratings,
+        timestamps.astype(np.int64),
         IdMap(np.char.add("u", np.arange(n_users).astype(str)), "user"),
         IdMap(np.char.add("i", np.arange(n_items).astype(str)), "item"),
-        user_features=user_features, item_features=item_features, item_titles=titles,
-        name=f"synthetic(seed={seed})", drop_duplicates=False,
+        user_features=user_features,
+        item_features=item_features,
+        item_titles=titles,
+        name=f"synthetic(seed={seed})",
+        drop_duplicates=False,
     )
 
 
@@ -154,7 +169,7 @@ class _PowerLawRanks:
             cdf = np.log(r) / np.log(self.n + 1.0)
         else:
             e = 1.0 - self.a
-            cdf = (r ** e - 1.0) / ((self.n + 1.0) ** e - 1.0)
+            cdf = (r**e - 1.0) / ((self.n + 1.0) ** e - 1.0)
         return np.maximum(np.diff(cdf), 1e-300)
 
     def draw(self, rng: np.random.Generator, shape) -> np.ndarray:
@@ -162,17 +177,18 @@ class _PowerLawRanks:
         return np.clip(r, 0, self.n - 1)
 
 
-def _choose_items(rng: np.random.Generator, users: np.ndarray, U: np.ndarray, V: np.ndarray,
-                  draw_items, n_choices: int) -> np.ndarray:
+def _choose_items(
+    rng: np.random.Generator, users: np.ndarray, U: np.ndarray, V: np.ndarray, draw_items, n_choices: int
+) -> np.ndarray:
     """For each entry of ``users``, the best-liked of ``n_choices`` popularity-drawn items
     (``draw_items(shape)`` draws item indices by popularity)."""
     items = np.empty(len(users), np.int32)
     for start in range(0, len(users), _CHUNK):
-        u = users[start:start + _CHUNK]
+        u = users[start : start + _CHUNK]
         cand = draw_items((len(u), n_choices))
         taste = np.einsum("nf,ncf->nc", U[u], V[cand]) * 8.0
         taste += rng.gumbel(0, 1, taste.shape).astype(np.float32)
-        items[start:start + _CHUNK] = cand[np.arange(len(u)), taste.argmax(axis=1)]
+        items[start : start + _CHUNK] = cand[np.arange(len(u)), taste.argmax(axis=1)]
     return items
 
 

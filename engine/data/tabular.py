@@ -41,16 +41,18 @@ def resolve_columns(available: list[str], columns: dict[str, str] | None, path: 
         raise DataFormatError(path, None, f"unknown column roles {sorted(unknown_roles)}; roles are {ROLES}")
     for role in ("user", "item"):
         if role not in columns:
-            raise DataFormatError(path, None, f"no {role!r} column: map one with columns={{'{role}': NAME}}; "
-                                              f"the file has {available}")
+            raise DataFormatError(
+                path, None, f"no {role!r} column: map one with columns={{'{role}': NAME}}; the file has {available}"
+            )
     for role, name in columns.items():
         if name not in available:
             raise DataFormatError(path, 1, f"column {name!r} (for {role}) is not in the header {available}")
     return dict(columns)
 
 
-def load_table(path: str | os.PathLike, columns: dict[str, str] | None = None,
-               delimiter: str = ",", name: str | None = None) -> Dataset:
+def load_table(
+    path: str | os.PathLike, columns: dict[str, str] | None = None, delimiter: str = ",", name: str | None = None
+) -> Dataset:
     """Load a CSV (``.csv``, ``.tsv``, ``.txt``) or Parquet (``.parquet``) interaction file."""
     p = Path(path)
     if not p.is_file():
@@ -68,8 +70,7 @@ def load_table(path: str | os.PathLike, columns: dict[str, str] | None = None,
         raise _explain_csv(p, mapping, delimiter, e.problem) from None
     user_codes, users = align_ids(inter.user_codes, inter.user_ids, None, "user")
     item_codes, items = align_ids(inter.item_codes, inter.item_ids, None, "item")
-    return Dataset(user_codes, item_codes, inter.ratings, inter.timestamps, users, items,
-                   name=name or p.stem)
+    return Dataset(user_codes, item_codes, inter.ratings, inter.timestamps, users, items, name=name or p.stem)
 
 
 def _read_parquet(p: Path, columns: dict[str, str] | None):
@@ -101,9 +102,12 @@ def _read_csv(p: Path, columns: dict[str, str] | None, delimiter: str):
         types[mapping["rating"]] = pa.float32()
     try:
         table = pcsv.read_csv(
-            p, parse_options=pcsv.ParseOptions(delimiter=delimiter),
-            convert_options=pcsv.ConvertOptions(column_types=types, include_columns=list(mapping.values()),
-                                                strings_can_be_null=False))
+            p,
+            parse_options=pcsv.ParseOptions(delimiter=delimiter),
+            convert_options=pcsv.ConvertOptions(
+                column_types=types, include_columns=list(mapping.values()), strings_can_be_null=False
+            ),
+        )
     except UnicodeDecodeError:
         raise undecodable(p) from None
     except pa.ArrowInvalid as e:
@@ -136,8 +140,9 @@ def _explain_csv(p: Path, mapping: dict[str, str], delimiter: str, fallback: str
                     except ValueError:
                         ok = False
                     if not ok:
-                        return DataFormatError(p, line, f"column {mapping['rating']!r} (rating) should "
-                                                        f"be a finite number, found {value!r}")
+                        return DataFormatError(
+                            p, line, f"column {mapping['rating']!r} (rating) should be a finite number, found {value!r}"
+                        )
     except UnicodeDecodeError as e:
         return DataFormatError(p, None, f"not valid UTF-8 text: {e}")
     except csv.Error as e:

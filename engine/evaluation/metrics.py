@@ -160,7 +160,9 @@ def relevant_matrix(test, min_rating: float | None = 4.0) -> sp.csr_matrix:
     """Relevance CSR ``[n_users, n_items]`` from a test :class:`~engine.data.Dataset`:
     the test interactions rated at least ``min_rating`` (all of them when ``None``)."""
     keep = np.ones(test.n_ratings, bool) if min_rating is None else test.ratings >= min_rating
-    m = sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (test.user_idx[keep], test.item_idx[keep])),
-                      shape=(test.n_users, test.n_items))
+    m = sp.csr_matrix(
+        (np.ones(int(keep.sum()), np.float32), (test.user_idx[keep], test.item_idx[keep])),
+        shape=(test.n_users, test.n_items),
+    )
     m.sum_duplicates()
     return m

@@ -7,23 +7,28 @@ averaged over users with at least one relevant item.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from engine.evaluation import metrics
 from engine.data import Dataset
+from engine.evaluation import metrics
 
 
 def check_aligned(model_users, model_items, dataset: Dataset) -> None:
     """Refuse to evaluate a model on data indexed by different id maps."""
     if model_users != dataset.users or model_items != dataset.items:
-        raise ValueError("the model and the test data use different user/item id maps: "
-                         "evaluate on a split of the dataset the model was trained on")
+        raise ValueError(
+            "the model and the test data use different user/item id maps: "
+            "evaluate on a split of the dataset the model was trained on"
+        )
 
 
-def rating_metrics(predict_indices: Callable[[np.ndarray, np.ndarray], np.ndarray], test: Dataset,
-                   clip: tuple[float, float] | None = None) -> dict[str, float]:
+def rating_metrics(
+    predict_indices: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    test: Dataset,
+    clip: tuple[float, float] | None = None,
+) -> dict[str, float]:
     """RMSE and MAE of ``predict_indices(user_idx, item_idx)`` on the test ratings
     (predictions clipped to ``clip`` when given, as protocol B1 asks)."""
     pred = predict_indices(test.user_idx, test.item_idx)
@@ -32,8 +37,12 @@ def rating_metrics(predict_indices: Callable[[np.ndarray, np.ndarray], np.ndarra
     return {"rmse": metrics.rmse(test.ratings, pred), "mae": metrics.mae(test.ratings, pred)}
 
 
-def topn_metrics(recommend_indices: Callable[[np.ndarray, int], np.ndarray], test: Dataset, k: int = 10,
-                 min_rating: float | None = 4.0) -> dict[str, float]:
+def topn_metrics(
+    recommend_indices: Callable[[np.ndarray, int], np.ndarray],
+    test: Dataset,
+    k: int = 10,
+    min_rating: float | None = 4.0,
+) -> dict[str, float]:
     """Top-N metrics at ``k`` for the users with relevant test items.
 
     ``recommend_indices(user_indices, k)`` returns ``[n, k]`` item indices with the
@@ -60,9 +69,10 @@ def popularity_recommender(train: Dataset) -> Callable[[np.ndarray, int], np.nda
         out = np.empty((len(users), k), np.int64)
         for row, u in enumerate(users):
             scores = counts.copy()
-            scores[seen.indices[seen.indptr[u]:seen.indptr[u + 1]]] = -np.inf
+            scores[seen.indices[seen.indptr[u] : seen.indptr[u + 1]]] = -np.inf
             out[row] = np.argsort(-scores, kind="stable")[:k]
         return out
+
     return recommend
 
 
@@ -86,4 +96,5 @@ def implicit_als_metrics(train: Dataset, test: Dataset, k: int = 10) -> dict[str
     def recommend(users: np.ndarray, kk: int) -> np.ndarray:
         ids, _ = model.recommend(users, ui[users], N=kk, filter_already_liked_items=True)
         return np.asarray(ids)
+
     return {"fit_s": fit, **topn_metrics(recommend, test, k=k)}

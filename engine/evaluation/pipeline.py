@@ -17,21 +17,21 @@ from pathlib import Path
 import numpy as np
 
 from engine import data
-
 from engine.evaluation import metrics
-from engine.models.cf import PRESETS, train_cf
-from engine.serving.engine import SOURCE_NAMES, Engine, EngineConfig
 from engine.evaluation.offline import implicit_als_metrics, popularity_recommender, topn_metrics
-from engine.serving.retrieval import Proposals, merge
+from engine.models.cf import PRESETS, train_cf
 from engine.models.towers import train_two_tower
+from engine.serving.engine import SOURCE_NAMES, Engine, EngineConfig
+from engine.serving.retrieval import Proposals, merge
 
 # CF for top-N on implicit data: the wmse objective (see engine.models.cf.PRESETS). The mse
 # defaults serve rating error (B1).
 CF_RETRIEVAL_SETTINGS = PRESETS["topn"]
 
 
-def evaluate_engine(engine: Engine, test: data.Dataset, k: int = 10, n_candidates: int = 500,
-                    min_rating: float = 4.0) -> dict:
+def evaluate_engine(
+    engine: Engine, test: data.Dataset, k: int = 10, n_candidates: int = 500, min_rating: float = 4.0
+) -> dict:
     """Candidate recall per source and merged, final Recall/NDCG@k and latency on ``test``
     (whose id maps must be the engine's)."""
     relevant = metrics.relevant_matrix(test, min_rating)
@@ -42,7 +42,7 @@ def evaluate_engine(engine: Engine, test: data.Dataset, k: int = 10, n_candidate
     latencies = np.empty(len(users))
     for row, u in enumerate(users):
         user_id = test.users.ids[u]
-        rel = set(relevant.indices[relevant.indptr[u]:relevant.indptr[u + 1]].tolist())
+        rel = set(relevant.indices[relevant.indptr[u] : relevant.indptr[u + 1]].tolist())
         proposals = engine.candidates(user_id, n_candidates)
         merged = merge([(name, Proposals.of_one(items)) for name, items in proposals.items()], n_candidates)
         for name, items in [*proposals.items(), ("merged", merged.items)]:
@@ -51,17 +51,25 @@ def evaluate_engine(engine: Engine, test: data.Dataset, k: int = 10, n_candidate
         start = time.perf_counter()
         rec = engine.recommend(user_id, k=k, n_candidates=n_candidates)
         latencies[row] = time.perf_counter() - start
-        recs[row, :len(rec)] = engine.items.indices(rec.item_ids)
+        recs[row, : len(rec)] = engine.items.indices(rec.item_ids)
     report = metrics.ranking_metrics(recs, relevant[users], k)
     report["candidate_recall"] = {name: recall_sum[name] / counted[name] for name in recall_sum if counted[name]}
-    report["latency_ms"] = {"p50": float(np.percentile(latencies, 50) * 1e3),
-                            "p99": float(np.percentile(latencies, 99) * 1e3)}
+    report["latency_ms"] = {
+        "p50": float(np.percentile(latencies, 50) * 1e3),
+        "p99": float(np.percentile(latencies, 99) * 1e3),
+    }
     report["n_users"] = int(len(users))
     return report
 
 
-def evaluate_pipeline(directory: str | Path, folds=(1, 2, 3, 4, 5), k: int = 10, n_candidates: int = 500,
-                      engine_config: EngineConfig | None = None, log=print) -> dict:
+def evaluate_pipeline(
+    directory: str | Path,
+    folds=(1, 2, 3, 4, 5),
+    k: int = 10,
+    n_candidates: int = 500,
+    engine_config: EngineConfig | None = None,
+    log=print,
+) -> dict:
     """Protocol B2 end to end on ML-100K folds; returns per-fold and mean figures."""
     from index_builder.build import build_bundle
 
@@ -74,17 +82,22 @@ def evaluate_pipeline(directory: str | Path, folds=(1, 2, 3, 4, 5), k: int = 10,
         with tempfile.TemporaryDirectory() as root:
             build_bundle(train, cf, towers, root, log=lambda line: None)
             engine = Engine.load(root, engine_config)
-            row = {"fold": fold, "pipeline": evaluate_engine(engine, test, k, n_candidates),
-                   "popularity": topn_metrics(popularity_recommender(train), test, k=k)}
+            row = {
+                "fold": fold,
+                "pipeline": evaluate_engine(engine, test, k, n_candidates),
+                "popularity": topn_metrics(popularity_recommender(train), test, k=k),
+            }
         try:
             als = implicit_als_metrics(train, test, k)
             row["implicit_als"] = als
         except ImportError:  # the bench extra is not installed: report without the peer
             als = None
         per_fold.append(row)
-        log(f"  recall@{k}: pipeline {row['pipeline'][f'recall@{k}']:.4f}, "
+        log(
+            f"  recall@{k}: pipeline {row['pipeline'][f'recall@{k}']:.4f}, "
             f"popularity {row['popularity'][f'recall@{k}']:.4f}"
-            + (f", implicit ALS {als[f'recall@{k}']:.4f}" if als else ""))
+            + (f", implicit ALS {als[f'recall@{k}']:.4f}" if als else "")
+        )
 
     def mean(system: str, key: str) -> float | None:
         values = [r[system][key] for r in per_fold if system in r]
@@ -95,23 +108,32 @@ def evaluate_pipeline(directory: str | Path, folds=(1, 2, 3, 4, 5), k: int = 10,
         if any(system in r for r in per_fold):
             summary[system] = {key: mean(system, key) for key in (f"recall@{k}", f"ndcg@{k}")}
     summary["pipeline"]["candidate_recall"] = {
-        name: float(np.mean([r["pipeline"]["candidate_recall"][name] for r in per_fold
-                             if name in r["pipeline"]["candidate_recall"]]))
-        for name in per_fold[0]["pipeline"]["candidate_recall"]}
-    summary["pipeline"]["latency_ms"] = {q: float(np.mean([r["pipeline"]["latency_ms"][q] for r in per_fold]))
-                                         for q in ("p50", "p99")}
+        name: float(
+            np.mean(
+                [r["pipeline"]["candidate_recall"][name] for r in per_fold if name in r["pipeline"]["candidate_recall"]]
+            )
+        )
+        for name in per_fold[0]["pipeline"]["candidate_recall"]
+    }
+    summary["pipeline"]["latency_ms"] = {
+        q: float(np.mean([r["pipeline"]["latency_ms"][q] for r in per_fold])) for q in ("p50", "p99")
+    }
     return {"folds": list(folds), "k": k, "n_candidates": n_candidates, "summary": summary, "per_fold": per_fold}
 
 
 def format_summary(report: dict) -> str:
     k, s = report["k"], report["summary"]
-    lines = [f"Pipeline evaluation (B2) on ML-100K folds {report['folds']}, {report['n_candidates']} candidates",
-             f"  {'system':<14}{f'Recall@{k}':>11}{f'NDCG@{k}':>10}"]
+    lines = [
+        f"Pipeline evaluation (B2) on ML-100K folds {report['folds']}, {report['n_candidates']} candidates",
+        f"  {'system':<14}{f'Recall@{k}':>11}{f'NDCG@{k}':>10}",
+    ]
     for system in ("pipeline", "popularity", "implicit_als"):
         if system in s:
             lines.append(f"  {system:<14}{s[system][f'recall@{k}']:>11.4f}{s[system][f'ndcg@{k}']:>10.4f}")
-    lines.append(f"  candidate recall@{report['n_candidates']} per source: " + ", ".join(
-        f"{name} {value:.3f}" for name, value in s["pipeline"]["candidate_recall"].items()))
+    lines.append(
+        f"  candidate recall@{report['n_candidates']} per source: "
+        + ", ".join(f"{name} {value:.3f}" for name, value in s["pipeline"]["candidate_recall"].items())
+    )
     lat = s["pipeline"]["latency_ms"]
     lines.append(f"  recommend latency: p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms")
     target = s["pipeline"][f"recall@{k}"] >= 0.39

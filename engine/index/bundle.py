@@ -99,7 +99,7 @@ def read_added_items(path: str | Path, offset: int = 0) -> tuple[list[dict], int
             data = f.read()
     except FileNotFoundError:
         return [], offset
-    whole = data[:data.rfind(b"\n") + 1]
+    whole = data[: data.rfind(b"\n") + 1]
     records = []
     for n, line in enumerate(whole.split(b"\n")[:-1], 1):
         if not line.strip():
@@ -113,11 +113,13 @@ def read_added_items(path: str | Path, offset: int = 0) -> tuple[list[dict], int
                 raise ValueError("features must be an object")
         except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
             where = f"line {n}" if offset == 0 else f"line {n} after byte {offset}"
-            log.warning(json.dumps({"event": "journal_line_skipped", "file": str(path), "where": where,
-                                    "error": str(e)[:200]}))
+            log.warning(
+                json.dumps({"event": "journal_line_skipped", "file": str(path), "where": where, "error": str(e)[:200]})
+            )
             continue
-        records.append({"item_id": record["item_id"], "features": dict(features),
-                        "title": str(record.get("title", "") or "")})
+        records.append(
+            {"item_id": record["item_id"], "features": dict(features), "title": str(record.get("title", "") or "")}
+        )
     return records, offset + len(whole)
 
 
@@ -195,8 +197,13 @@ def publish(staged: str | Path, root: str | Path, manifest: dict, keep: int = 5)
             continue
         files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         _fsync_path(path)
-    full = {"format_version": FORMAT_VERSION, "version": version,
-            "created_at": datetime.now(timezone.utc).isoformat(), **manifest, "files": files}
+    full = {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        **manifest,
+        "files": files,
+    }
     manifest_path = staged / MANIFEST
     with open(manifest_path, "w") as f:
         json.dump(full, f, indent=2)
@@ -322,8 +329,7 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: corrupted ({e})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: expected format version {FORMAT_VERSION}, "
-                          f"found {manifest.get('format_version')!r}")
+        raise BundleError(f"{path}: expected format version {FORMAT_VERSION}, found {manifest.get('format_version')!r}")
     if not isinstance(manifest.get("files"), dict):
         raise BundleError(f"{path}: no file table")
     if verify:
@@ -336,8 +342,9 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
                 raise BundleError(f"{f}: expected {info['bytes']} bytes, found {size} (truncated or replaced)")
             digest = sha256_file(f)
             if digest != info["sha256"]:
-                raise BundleError(f"{f}: checksum mismatch (expected sha256 {info['sha256'][:12]}..., "
-                                  f"found {digest[:12]}...)")
+                raise BundleError(
+                    f"{f}: checksum mismatch (expected sha256 {info['sha256'][:12]}..., found {digest[:12]}...)"
+                )
     return manifest
 
 
@@ -357,8 +364,10 @@ class LoadedBundle:
         self._indexes: dict = {}
         for name, report in self.manifest.get("indexes", {}).items():
             if report["n_vectors"] != len(self.items):
-                raise BundleError(f"{self.path / MANIFEST}: index {name} holds {report['n_vectors']} vectors, "
-                                  f"expected one per item ({len(self.items)})")
+                raise BundleError(
+                    f"{self.path / MANIFEST}: index {name} holds {report['n_vectors']} vectors, "
+                    f"expected one per item ({len(self.items)})"
+                )
 
     @property
     def version(self) -> str:
@@ -374,8 +383,10 @@ class LoadedBundle:
                 raise BundleError(f"{self.path}: no index named {name!r}")
             index = ann.load_index(self.path / f"{name}.faiss", report["search_params"])
             if index.d != report["dim"] or index.ntotal != report["n_vectors"]:
-                raise BundleError(f"{self.path / (name + '.faiss')}: expected {report['n_vectors']} x "
-                                  f"{report['dim']}, found {index.ntotal} x {index.d}")
+                raise BundleError(
+                    f"{self.path / (name + '.faiss')}: expected {report['n_vectors']} x "
+                    f"{report['dim']}, found {index.ntotal} x {index.d}"
+                )
             self._indexes[name] = index
         return self._indexes[name]
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 EXACT_BELOW = 50_000  # items: exact search is fast enough below this
 FLOAT_MEMORY_LIMIT = 8 * 1024**3  # bytes of float vectors above which HNSW gives way to IVF-PQ
 
@@ -60,8 +59,9 @@ def _metric(metric: str) -> int:
     raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
 
 
-def choose_factory(n_vectors: int, dim: int, exact_below: int = EXACT_BELOW,
-                   float_memory_limit: int = FLOAT_MEMORY_LIMIT) -> str:
+def choose_factory(
+    n_vectors: int, dim: int, exact_below: int = EXACT_BELOW, float_memory_limit: int = FLOAT_MEMORY_LIMIT
+) -> str:
     """A FAISS factory string for a catalogue: exact ``Flat`` below ``exact_below`` items,
     ``HNSW32`` while the float vectors fit in ``float_memory_limit`` bytes, else IVF-PQ
     (codes of ``dim / 2`` bytes instead of ``4 dim``)."""
@@ -91,8 +91,9 @@ def set_search_params(index, params: dict) -> None:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
 
 
-def tie_aware_recall(approx_scores: np.ndarray, approx_labels: np.ndarray, exact_scores: np.ndarray,
-                     metric: str, rtol: float = 1e-5) -> float:
+def tie_aware_recall(
+    approx_scores: np.ndarray, approx_labels: np.ndarray, exact_scores: np.ndarray, metric: str, rtol: float = 1e-5
+) -> float:
     """recall@k where a returned item counts when it is as close as the exact k-th
     neighbour: items tied at the cut-off (identical vectors, e.g. the zero vectors of
     items without ratings) are equally right answers. ``[n, k]`` arrays; label -1 never
@@ -112,8 +113,16 @@ def measure_recall(index, vectors: np.ndarray, queries: np.ndarray, k: int, metr
     return tie_aware_recall(scores, labels, exact_scores, metric)
 
 
-def build_index(vectors: np.ndarray, metric: str, factory: str | None = None, queries: np.ndarray | None = None,
-                k: int = 10, recall_floor: float = 0.95, n_queries: int = 1000, seed: int = 0):
+def build_index(
+    vectors: np.ndarray,
+    metric: str,
+    factory: str | None = None,
+    queries: np.ndarray | None = None,
+    k: int = 10,
+    recall_floor: float = 0.95,
+    n_queries: int = 1000,
+    seed: int = 0,
+):
     """Build an index over ``vectors`` ``[n, dim]`` and measure its recall@k.
 
     Args:
@@ -149,8 +158,9 @@ def build_index(vectors: np.ndarray, metric: str, factory: str | None = None, qu
             index.train(train)
         index.add(vectors)
     except RuntimeError as e:  # e.g. fewer training points than clusters
-        raise ValueError(f"FAISS could not build {factory!r} on {n} vectors of dim {dim}: "
-                         f"{str(e).splitlines()[-1]}") from None
+        raise ValueError(
+            f"FAISS could not build {factory!r} on {n} vectors of dim {dim}: {str(e).splitlines()[-1]}"
+        ) from None
     build_seconds = time.perf_counter() - start
 
     kk = min(k, n)

@@ -32,8 +32,10 @@ def read_model_dir(path: str | Path, name: str, kind: str, format_version: int) 
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TandemError(f"{meta_path}: invalid JSON: {e}") from None
     if meta.get("format_version") != format_version or meta.get("kind") != kind:
-        raise TandemError(f"{meta_path}: expected a {kind} model of format {format_version}, "
-                          f"found kind={meta.get('kind')!r} format={meta.get('format_version')!r}")
+        raise TandemError(
+            f"{meta_path}: expected a {kind} model of format {format_version}, "
+            f"found kind={meta.get('kind')!r} format={meta.get('format_version')!r}"
+        )
     try:
         with np.load(arrays_path, allow_pickle=False) as a:
             arrays = {k: a[k] for k in a.files}

@@ -35,24 +35,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.data import Dataset, IdMap
 from engine.errors import TandemError
-from engine.topk import top_k_desc
+from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.training import EarlyStopping, LearningCurve, resolve_device, seed_everything
+from engine.topk import top_k_desc
 
 FORMAT_VERSION = 1
 
 
 # ---------------------------------------------------------------- reference
-def cofi_cost(X: np.ndarray, W: np.ndarray, b: np.ndarray, Y: np.ndarray, R: np.ndarray,
-              lambda_: float) -> float:
+def cofi_cost(X: np.ndarray, W: np.ndarray, b: np.ndarray, Y: np.ndarray, R: np.ndarray, lambda_: float) -> float:
     """The mission's cost on dense matrices (reference only).
 
     Args:
@@ -64,11 +63,12 @@ def cofi_cost(X: np.ndarray, W: np.ndarray, b: np.ndarray, Y: np.ndarray, R: np.
         lambda_: L2 strength.
     """
     E = (X @ W.T + b - Y) * R
-    return float(0.5 * np.sum(E ** 2) + lambda_ / 2 * (np.sum(W ** 2) + np.sum(X ** 2)))
+    return float(0.5 * np.sum(E**2) + lambda_ / 2 * (np.sum(W**2) + np.sum(X**2)))
 
 
-def cofi_gradients(X: np.ndarray, W: np.ndarray, b: np.ndarray, Y: np.ndarray, R: np.ndarray,
-                   lambda_: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cofi_gradients(
+    X: np.ndarray, W: np.ndarray, b: np.ndarray, Y: np.ndarray, R: np.ndarray, lambda_: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hand-derived gradients of :func:`cofi_cost`: ``(dX [n_items, f], dW [n_users, f],
     db [1, n_users])``. With ``E = (X W^T + b - Y) * R``: ``dX = E W + lambda X``,
     ``dW = E^T X + lambda W``, ``db = sum_i E``."""
@@ -126,7 +126,7 @@ class CFConfig:
             self.item_bias, self.global_mean, self.mean_normalization = False, False, False
 
     @classmethod
-    def from_dict(cls, values: dict) -> "CFConfig":
+    def from_dict(cls, values: dict) -> CFConfig:
         known = {f.name for f in fields(cls)}
         values = {("lambda_" if k == "lambda" else k): v for k, v in values.items()}
         unknown = set(values) - known
@@ -135,14 +135,15 @@ class CFConfig:
         return cls(**values)
 
 
-def wmse_cost(X: np.ndarray, W: np.ndarray, R: np.ndarray, lambda_: float, positive_weight: float,
-              unobserved_weight: float) -> float:
+def wmse_cost(
+    X: np.ndarray, W: np.ndarray, R: np.ndarray, lambda_: float, positive_weight: float, unobserved_weight: float
+) -> float:
     """Reference ``wmse`` cost on a dense ``[n_items, n_users]`` interaction mask ``R``
     (tests only): every pair enumerated, observed pairs with target 1 and weight ``c``,
     the others with target 0 and weight ``w0``."""
     P = X @ W.T
     weights = np.where(R == 1, positive_weight, unobserved_weight)
-    return float(0.5 * np.sum(weights * (R - P) ** 2) + lambda_ / 2 * (np.sum(W ** 2) + np.sum(X ** 2)))
+    return float(0.5 * np.sum(weights * (R - P) ** 2) + lambda_ / 2 * (np.sum(W**2) + np.sum(X**2)))
 
 
 # Named settings for `tandem train-cf --preset`: "rating" is CFConfig's defaults (B1:
@@ -151,8 +152,17 @@ def wmse_cost(X: np.ndarray, W: np.ndarray, R: np.ndarray, lambda_: float, posit
 # fold u1 (lambda 1-40, c 1.5-6, 16-64 features), so u1's own figure is optimistic.
 PRESETS: dict[str, dict] = {
     "rating": {},
-    "topn": {"loss": "wmse", "n_features": 32, "lambda_": 20.0, "learning_rate": 0.01, "batch_size": 1 << 30,
-             "epochs": 300, "init_std": 0.01, "validation_fraction": 0.0, "positive_weight": 2.0},
+    "topn": {
+        "loss": "wmse",
+        "n_features": 32,
+        "lambda_": 20.0,
+        "learning_rate": 0.01,
+        "batch_size": 1 << 30,
+        "epochs": 300,
+        "init_std": 0.01,
+        "validation_fraction": 0.0,
+        "positive_weight": 2.0,
+    },
 }
 
 
@@ -175,10 +185,22 @@ class CFModel:
     ``(item_ids, scores)``: external ids first, then the score or distance of each.
     """
 
-    def __init__(self, X: np.ndarray, W: np.ndarray, user_bias: np.ndarray, item_bias: np.ndarray,
-                 global_mean: float, item_means: np.ndarray, users: IdMap, items: IdMap,
-                 seen_indptr: np.ndarray, seen_indices: np.ndarray, rating_range: tuple[float, float],
-                 config: CFConfig, metrics: dict | None = None):
+    def __init__(
+        self,
+        X: np.ndarray,
+        W: np.ndarray,
+        user_bias: np.ndarray,
+        item_bias: np.ndarray,
+        global_mean: float,
+        item_means: np.ndarray,
+        users: IdMap,
+        items: IdMap,
+        seen_indptr: np.ndarray,
+        seen_indices: np.ndarray,
+        rating_range: tuple[float, float],
+        config: CFConfig,
+        metrics: dict | None = None,
+    ):
         self.X = np.ascontiguousarray(X, np.float32)  # [n_items, f]
         self.W = np.ascontiguousarray(W, np.float32)  # [n_users, f]
         self.user_bias = np.ascontiguousarray(user_bias, np.float32)  # [n_users]
@@ -210,7 +232,7 @@ class CFModel:
 
     def seen(self, user_index: int) -> np.ndarray:
         """Item indices a user interacted with in training."""
-        return self.seen_indices[self.seen_indptr[user_index]:self.seen_indptr[user_index + 1]]
+        return self.seen_indices[self.seen_indptr[user_index] : self.seen_indptr[user_index + 1]]
 
     # ------------------------------------------------------- prediction
     def _finish(self, raw: np.ndarray) -> np.ndarray:
@@ -229,7 +251,7 @@ class CFModel:
 
     def predict_indices(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
         """Unclipped scores ``[n]`` for dense index pairs."""
-        return (np.einsum("nf,nf->n", self.W[u], self.X[i]) + self.user_bias[u] + self.item_offsets[i])
+        return np.einsum("nf,nf->n", self.W[u], self.X[i]) + self.user_bias[u] + self.item_offsets[i]
 
     def predict_user(self, user: object | FoldedUser, item_ids: Sequence[object]) -> np.ndarray:
         """Scores ``[n]`` of items for one user: an external id or a :class:`FoldedUser`."""
@@ -244,8 +266,9 @@ class CFModel:
         return self.W[u], float(self.user_bias[u]), self.seen(u)
 
     # --------------------------------------------------------- retrieval
-    def recommend(self, user: object | FoldedUser, k: int = 10, exclude_seen: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def recommend(
+        self, user: object | FoldedUser, k: int = 10, exclude_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` items for a user by exact brute force over every item.
 
         Returns ``(item_ids [k'], scores [k'])``, best first (``k' < k`` only when fewer
@@ -259,14 +282,15 @@ class CFModel:
         top = top[np.isfinite(scores[top])]
         return self.items.external(top), self._finish(scores[top])
 
-    def recommend_indices(self, user_indices: np.ndarray, k: int = 10, exclude_seen: bool = True,
-                          chunk: int = 1024) -> np.ndarray:
+    def recommend_indices(
+        self, user_indices: np.ndarray, k: int = 10, exclude_seen: bool = True, chunk: int = 1024
+    ) -> np.ndarray:
         """Top ``k`` item indices ``[n_users, k]`` for many users (``-1`` pads), exact."""
         user_indices = np.asarray(user_indices, np.int64)
         out = np.full((len(user_indices), k), -1, np.int64)
         offsets = self.item_offsets
         for start in range(0, len(user_indices), chunk):
-            us = user_indices[start:start + chunk]
+            us = user_indices[start : start + chunk]
             scores = self.W[us] @ self.X.T + offsets  # user bias does not change the order
             if exclude_seen:
                 for row, u in enumerate(us):
@@ -274,7 +298,7 @@ class CFModel:
             for row in range(len(us)):
                 top = top_k_desc(scores[row], k)
                 top = top[np.isfinite(scores[row, top])]
-                out[start + row, :len(top)] = top
+                out[start + row, : len(top)] = top
         return out
 
     def similar_items(self, item_id: object, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -343,33 +367,66 @@ class CFModel:
     def save(self, path: str | Path) -> Path:
         """Write the model to directory ``path``: ``cf.json`` (config, metrics, format
         version) and ``cf_arrays.npz`` (plain arrays; no pickle)."""
-        arrays = {"X": self.X, "W": self.W, "user_bias": self.user_bias, "item_bias": self.item_bias,
-                  "item_means": self.item_means, "user_ids": self.users.ids, "item_ids": self.items.ids,
-                  "seen_indptr": self.seen_indptr, "seen_indices": self.seen_indices}
-        meta = {"format_version": FORMAT_VERSION, "kind": "cf", "config": asdict(self.config),
-                "global_mean": self.global_mean, "rating_range": list(self.rating_range),
-                "n_users": len(self.users), "n_items": len(self.items), "n_features": self.X.shape[1],
-                "metrics": self.metrics}
+        arrays = {
+            "X": self.X,
+            "W": self.W,
+            "user_bias": self.user_bias,
+            "item_bias": self.item_bias,
+            "item_means": self.item_means,
+            "user_ids": self.users.ids,
+            "item_ids": self.items.ids,
+            "seen_indptr": self.seen_indptr,
+            "seen_indices": self.seen_indices,
+        }
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": "cf",
+            "config": asdict(self.config),
+            "global_mean": self.global_mean,
+            "rating_range": list(self.rating_range),
+            "n_users": len(self.users),
+            "n_items": len(self.items),
+            "n_features": self.X.shape[1],
+            "metrics": self.metrics,
+        }
         return write_model_dir(path, "cf", meta, arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CFModel":
+    def load(cls, path: str | Path) -> CFModel:
         """Read a model written by :meth:`save`, checking its format and shapes."""
         path = Path(path)
         meta, arrays = read_model_dir(path, "cf", "cf", FORMAT_VERSION)
         n_users, n_items, f = meta["n_users"], meta["n_items"], meta["n_features"]
-        expected = {"X": (n_items, f), "W": (n_users, f), "user_bias": (n_users,), "item_bias": (n_items,),
-                    "item_means": (n_items,), "user_ids": (n_users,), "item_ids": (n_items,),
-                    "seen_indptr": (n_users + 1,)}
+        expected = {
+            "X": (n_items, f),
+            "W": (n_users, f),
+            "user_bias": (n_users,),
+            "item_bias": (n_items,),
+            "item_means": (n_items,),
+            "user_ids": (n_users,),
+            "item_ids": (n_items,),
+            "seen_indptr": (n_users + 1,),
+        }
         for name, shape in expected.items():
             if name not in arrays or arrays[name].shape != shape:
                 found = arrays[name].shape if name in arrays else "nothing"
                 raise TandemError(f"{path / 'cf_arrays.npz'}: {name} expected shape {shape}, found {found}")
         config = CFConfig(**meta["config"])
-        return cls(arrays["X"], arrays["W"], arrays["user_bias"], arrays["item_bias"], meta["global_mean"],
-                   arrays["item_means"], IdMap(arrays["user_ids"], "user"), IdMap(arrays["item_ids"], "item"),
-                   arrays["seen_indptr"], arrays["seen_indices"], tuple(meta["rating_range"]), config,
-                   meta.get("metrics"))
+        return cls(
+            arrays["X"],
+            arrays["W"],
+            arrays["user_bias"],
+            arrays["item_bias"],
+            meta["global_mean"],
+            arrays["item_means"],
+            IdMap(arrays["user_ids"], "user"),
+            IdMap(arrays["item_ids"], "item"),
+            arrays["seen_indptr"],
+            arrays["seen_indices"],
+            tuple(meta["rating_range"]),
+            config,
+            meta.get("metrics"),
+        )
 
 
 # ----------------------------------------------------------------- training
@@ -435,8 +492,9 @@ def l2_term(params: dict, lambda_: float, n_ratings: int) -> float:
         return float(lambda_ / (2 * n_ratings) * (params["W"].pow(2).sum() + params["X"].pow(2).sum()))
 
 
-def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str | Path | None = None,
-             **overrides) -> CFModel:
+def train_cf(
+    dataset: Dataset, config: CFConfig | None = None, curve_path: str | Path | None = None, **overrides
+) -> CFModel:
     """Train matrix factorisation on ``dataset``'s interactions.
 
     Args:
@@ -476,8 +534,16 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
     def to_t(a, dtype):
         return torch.as_tensor(a, dtype=dtype, device=device)
 
-    U, I, Y = to_t(u_all[fit_rows], torch.long), to_t(i_all[fit_rows], torch.long), to_t(target[fit_rows], torch.float32)
-    Uv, Iv, Yv = to_t(u_all[val_rows], torch.long), to_t(i_all[val_rows], torch.long), to_t(target[val_rows], torch.float32)
+    U, I, Y = (
+        to_t(u_all[fit_rows], torch.long),
+        to_t(i_all[fit_rows], torch.long),
+        to_t(target[fit_rows], torch.float32),
+    )
+    Uv, Iv, Yv = (
+        to_t(u_all[val_rows], torch.long),
+        to_t(i_all[val_rows], torch.long),
+        to_t(target[val_rows], torch.float32),
+    )
     N = len(fit_rows)
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -501,7 +567,7 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
     if cfg.loss == "bce" and cfg.negative_sampling == "popularity":
         neg_cdf = torch.as_tensor(np.cumsum(counts) / counts.sum(), dtype=torch.float64)
 
-    def sample_negatives(n: int, generator) -> "torch.Tensor":
+    def sample_negatives(n: int, generator) -> torch.Tensor:
         if neg_cdf is None:
             return torch.randint(0, n_items, (n,), generator=generator).to(device)
         draws = torch.rand(n, generator=generator, dtype=torch.float64)
@@ -523,10 +589,8 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
             logits = torch.cat([pred, _torch_predict(params, neg_u, neg_i)])
             labels = torch.cat([torch.ones_like(pred), torch.zeros(n_neg, device=device)])
             # Sum over the positive and its negatives, per positive, like the mse term.
-            data_term = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, labels, reduction="sum") / len(u)
+            data_term = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / len(u)
         return data_term
-
 
     def validate() -> float:
         if n_val == 0:
@@ -547,22 +611,22 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
             neg_u = Uv.repeat_interleave(cfg.negative_ratio)
             logits = torch.cat([pred, _torch_predict(params, neg_u, neg_i)])
             labels = torch.cat([torch.ones_like(pred), torch.zeros(len(neg_i), device=device)])
-            return float(torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, labels, reduction="sum") / len(Uv))
+            return float(
+                torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / len(Uv)
+            )
 
     val_name = {"mse": "val_rmse", "bce": "val_logloss", "wmse": "val_loss"}[cfg.loss]
     curve = LearningCurve()
     stopper = EarlyStopping(patience=cfg.patience)
     best_state = {k: v.detach().clone() for k, v in params.items()}
     steps = math.ceil(N / cfg.batch_size)
-    bar = tqdm(total=cfg.epochs * steps, desc="train cf", unit="batch", disable=not cfg.progress,
-               mininterval=0.5)
+    bar = tqdm(total=cfg.epochs * steps, desc="train cf", unit="batch", disable=not cfg.progress, mininterval=0.5)
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         order = torch.randperm(N, generator=gen).to(device)
         running, seen = 0.0, 0
         for s in range(steps):
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             loss = batch_data_loss(U[idx], I[idx], Y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -580,8 +644,7 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
         # The epoch's mean data term plus the L2 term at the epoch's end: J / N, up to the
         # parameters moving within the epoch.
         train_loss = running / seen + l2_term(params, cfg.lambda_, N)
-        curve.add(epoch=epoch, train_loss=train_loss, seconds=epoch_seconds,
-                  **({val_name: val} if n_val else {}))
+        curve.add(epoch=epoch, train_loss=train_loss, seconds=epoch_seconds, **({val_name: val} if n_val else {}))
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **({val_name: f"{val:.4f}"} if n_val else {}))
         if n_val:
             improved, stop = stopper.step(val, epoch)
@@ -608,11 +671,22 @@ def train_cf(dataset: Dataset, config: CFConfig | None = None, curve_path: str |
     X[~item_has] = rng.normal(0, 1e-3, (int((~item_has).sum()), f)).astype(np.float32)
     ui = dataset.user_items()
     return CFModel(
-        X=X, W=W, user_bias=b, item_bias=state.get("c", np.zeros(n_items, np.float32)),
-        global_mean=float(state.get("mu", 0.0)), item_means=item_means,
-        users=dataset.users, items=dataset.items, seen_indptr=ui.indptr, seen_indices=ui.indices,
+        X=X,
+        W=W,
+        user_bias=b,
+        item_bias=state.get("c", np.zeros(n_items, np.float32)),
+        global_mean=float(state.get("mu", 0.0)),
+        item_means=item_means,
+        users=dataset.users,
+        items=dataset.items,
+        seen_indptr=ui.indptr,
+        seen_indices=ui.indices,
         rating_range=(float(dataset.ratings.min()), float(dataset.ratings.max())) if cfg.loss == "mse" else (0.0, 1.0),
-        config=cfg, metrics={"best_epoch": stopper.best_epoch, val_name: stopper.best if n_val else None,
-                             "epochs_run": len(curve.records),
-                             "ratings_per_second": N / float(np.median([r["seconds"] for r in curve.records]))},
+        config=cfg,
+        metrics={
+            "best_epoch": stopper.best_epoch,
+            val_name: stopper.best if n_val else None,
+            "epochs_run": len(curve.records),
+            "ratings_per_second": N / float(np.median([r["seconds"] for r in curve.records])),
+        },
     )

@@ -21,8 +21,8 @@ Column kinds, chosen from the data:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -64,8 +64,9 @@ class ColumnEncoder:
             if self.kind == "region":
                 text = zip_regions(text)
             lookup = {v: k for k, v in enumerate(self.vocab)}
-            cols = np.array([lookup.get(s, len(self.vocab)) if s else len(self.vocab) for s in text.tolist()],
-                            dtype=np.int64)
+            cols = np.array(
+                [lookup.get(s, len(self.vocab)) if s else len(self.vocab) for s in text.tolist()], dtype=np.int64
+            )
             out = np.zeros((n, len(self.vocab) + 1), np.float32)
             out[np.arange(n), cols] = 1.0
             return out
@@ -75,8 +76,14 @@ class ColumnEncoder:
         return v
 
     def to_json(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "mean": self.mean, "std": self.std,
-                "vocab": self.vocab, "width": self.width}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "mean": self.mean,
+            "std": self.std,
+            "vocab": self.vocab,
+            "width": self.width,
+        }
 
 
 def zip_regions(zip_codes: np.ndarray) -> np.ndarray:
@@ -125,8 +132,7 @@ class FeaturePipeline:
     Build with :func:`fit_user_pipeline` / :func:`fit_item_pipeline`.
     """
 
-    def __init__(self, side: str, encoders: list[ColumnEncoder], history: np.ndarray,
-                 history_names: list[str]):
+    def __init__(self, side: str, encoders: list[ColumnEncoder], history: np.ndarray, history_names: list[str]):
         self.side = side
         self.encoders = encoders
         self.history = np.asarray(history, np.float32)  # [n_entities, n_history] per known entity
@@ -155,7 +161,9 @@ class FeaturePipeline:
         for r in rows:
             unknown = set(r) - known
             if unknown:
-                raise InvalidRequest(f"unknown {self.side} feature(s) {shorten(sorted(unknown))}; known: {sorted(known)}")
+                raise InvalidRequest(
+                    f"unknown {self.side} feature(s) {shorten(sorted(unknown))}; known: {sorted(known)}"
+                )
         parts = []
         for e in self.encoders:
             if e.kind == "multihot":
@@ -165,9 +173,11 @@ class FeaturePipeline:
                 z = np.abs(col - e.mean) / e.std
                 if (z > MAX_STANDARD_SCORE).any():
                     bad = col[np.nan_to_num(z) > MAX_STANDARD_SCORE][0]
-                    raise InvalidRequest(f"feature {e.name!r} = {bad:g} is out of range: more than "
-                                         f"{MAX_STANDARD_SCORE:g} standard deviations from the training mean "
-                                         f"({e.mean:g})")
+                    raise InvalidRequest(
+                        f"feature {e.name!r} = {bad:g} is out of range: more than "
+                        f"{MAX_STANDARD_SCORE:g} standard deviations from the training mean "
+                        f"({e.mean:g})"
+                    )
             else:
                 col = np.array([_as_text(e.name, r.get(e.name)) for r in rows])
             parts.append(e.encode(col))
@@ -175,11 +185,14 @@ class FeaturePipeline:
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     def to_json(self) -> dict:
-        return {"side": self.side, "encoders": [e.to_json() for e in self.encoders],
-                "history_names": self.history_names}
+        return {
+            "side": self.side,
+            "encoders": [e.to_json() for e in self.encoders],
+            "history_names": self.history_names,
+        }
 
     @classmethod
-    def from_json(cls, meta: dict, history: np.ndarray) -> "FeaturePipeline":
+    def from_json(cls, meta: dict, history: np.ndarray) -> FeaturePipeline:
         return cls(meta["side"], [ColumnEncoder(**e) for e in meta["encoders"]], history, meta["history_names"])
 
 
@@ -195,11 +208,13 @@ def _as_flags(encoder: ColumnEncoder, value: object) -> np.ndarray:
     try:
         flags = np.asarray(value, np.float64).reshape(-1)
     except (TypeError, ValueError):
-        raise InvalidRequest(f"feature {encoder.name!r} must be a list of {encoder.width} flags (0 or 1), "
-                             f"got {shorten(value)}") from None
+        raise InvalidRequest(
+            f"feature {encoder.name!r} must be a list of {encoder.width} flags (0 or 1), got {shorten(value)}"
+        ) from None
     if len(flags) != encoder.width or not np.isin(flags, (0.0, 1.0)).all():
-        raise InvalidRequest(f"feature {encoder.name!r} must be a list of {encoder.width} flags (0 or 1), "
-                             f"got {shorten(value)}")
+        raise InvalidRequest(
+            f"feature {encoder.name!r} must be a list of {encoder.width} flags (0 or 1), got {shorten(value)}"
+        )
     return flags.astype(np.float32)
 
 
@@ -238,8 +253,10 @@ def _column(table: FeatureTable | None, encoder: ColumnEncoder, rows: np.ndarray
 def _genres(dataset: Dataset) -> tuple[np.ndarray | None, list[str]]:
     if dataset.item_features is None or "genres" not in dataset.item_features.columns:
         return None, []
-    return (dataset.item_features.columns["genres"].astype(np.float32),
-            list(dataset.item_features.labels.get("genres", [])))
+    return (
+        dataset.item_features.columns["genres"].astype(np.float32),
+        list(dataset.item_features.labels.get("genres", [])),
+    )
 
 
 def fit_user_pipeline(train: Dataset, min_count: int = 1) -> FeaturePipeline:
@@ -259,8 +276,10 @@ def fit_user_pipeline(train: Dataset, min_count: int = 1) -> FeaturePipeline:
         g = genres[train.item_idx]  # [n_ratings, n_genres]
         import scipy.sparse as sp
 
-        by_user = sp.csr_matrix((np.ones(train.n_ratings), (train.user_idx, np.arange(train.n_ratings))),
-                                shape=(train.n_users, train.n_ratings))
+        by_user = sp.csr_matrix(
+            (np.ones(train.n_ratings), (train.user_idx, np.arange(train.n_ratings))),
+            shape=(train.n_users, train.n_ratings),
+        )
         g_count = np.asarray(by_user @ g)
         g_sum = np.asarray(by_user @ (g * centred[:, None]))
         history += [g_sum / np.maximum(g_count, 1), np.log1p(g_count)]
@@ -274,8 +293,11 @@ def fit_item_pipeline(train: Dataset, min_count: int = 1) -> FeaturePipeline:
     plus each item's training average rating (centred) and ``log1p`` count."""
     has_ratings = np.unique(train.item_idx)
     table = train.item_features
-    encoders = [fit_column(name, col, has_ratings, min_count) for name, col in (table.columns.items() if table else [])
-                if name not in ("tags",)]
+    encoders = [
+        fit_column(name, col, has_ratings, min_count)
+        for name, col in (table.columns.items() if table else [])
+        if name not in ("tags",)
+    ]
     mean = float(train.ratings.mean()) if train.n_ratings else 0.0
     count = np.bincount(train.item_idx, minlength=train.n_items).astype(np.float64)
     total = np.bincount(train.item_idx, weights=train.ratings - mean, minlength=train.n_items)

@@ -18,18 +18,18 @@ tests check that both give the same vectors.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
-from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.data import Dataset, IdMap
 from engine.errors import TandemError
+from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.features import FeaturePipeline, fit_item_pipeline, fit_user_pipeline
-from engine.topk import top_k_desc
 from engine.models.training import EarlyStopping, LearningCurve, resolve_device, seed_everything
+from engine.topk import top_k_desc
 
 FORMAT_VERSION = 1
 
@@ -74,7 +74,7 @@ class TowerConfig:
             raise ValueError(f"item_history_dropout must be in [0, 1], got {self.item_history_dropout}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TowerConfig":
+    def from_dict(cls, values: dict) -> TowerConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -124,8 +124,9 @@ def _export(module) -> NumpyTower:
     import torch
 
     linear = [m for m in module if isinstance(m, torch.nn.Linear)]
-    return NumpyTower([m.weight.detach().cpu().numpy().T for m in linear],
-                      [m.bias.detach().cpu().numpy() for m in linear])
+    return NumpyTower(
+        [m.weight.detach().cpu().numpy().T for m in linear], [m.bias.detach().cpu().numpy() for m in linear]
+    )
 
 
 def _forward(module, x):
@@ -138,9 +139,19 @@ class TwoTowerModel:
     """A trained two-tower model. Embeddings are ``[n, output_dim]`` unit vectors; the
     score of a (user, item) pair is their dot product."""
 
-    def __init__(self, user_tower: NumpyTower, item_tower: NumpyTower, user_pipeline: FeaturePipeline,
-                 item_pipeline: FeaturePipeline, users: IdMap, items: IdMap, rating_range: tuple[float, float],
-                 config: TowerConfig, item_log_popularity: np.ndarray, metrics: dict | None = None):
+    def __init__(
+        self,
+        user_tower: NumpyTower,
+        item_tower: NumpyTower,
+        user_pipeline: FeaturePipeline,
+        item_pipeline: FeaturePipeline,
+        users: IdMap,
+        items: IdMap,
+        rating_range: tuple[float, float],
+        config: TowerConfig,
+        item_log_popularity: np.ndarray,
+        metrics: dict | None = None,
+    ):
         self.user_tower, self.item_tower = user_tower, item_tower
         self.user_pipeline, self.item_pipeline = user_pipeline, item_pipeline
         self.users, self.items = users, items
@@ -232,38 +243,49 @@ class TwoTowerModel:
         vectors = self.user_vectors_at(np.asarray(user_indices, np.int64))
         out = np.full((len(user_indices), k), -1, np.int64)
         for start in range(0, len(user_indices), 1024):
-            s = self.scores(vectors[start:start + 1024])
-            for row, u in enumerate(user_indices[start:start + 1024]):
-                s[row, exclude.indices[exclude.indptr[u]:exclude.indptr[u + 1]]] = -np.inf
+            s = self.scores(vectors[start : start + 1024])
+            for row, u in enumerate(user_indices[start : start + 1024]):
+                s[row, exclude.indices[exclude.indptr[u] : exclude.indptr[u + 1]]] = -np.inf
                 top = top_k_desc(s[row], k)
                 top = top[np.isfinite(s[row, top])]
-                out[start + row, :len(top)] = top
+                out[start + row, : len(top)] = top
         return out
 
     # ------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """Write ``towers.json`` and ``towers_arrays.npz`` (plain arrays, no pickle)."""
-        arrays = {"user_ids": self.users.ids, "item_ids": self.items.ids,
-                  "user_history": self.user_pipeline.history, "item_history": self.item_pipeline.history,
-                  "item_log_popularity": self.item_log_popularity}
+        arrays = {
+            "user_ids": self.users.ids,
+            "item_ids": self.items.ids,
+            "user_history": self.user_pipeline.history,
+            "item_history": self.item_pipeline.history,
+            "item_log_popularity": self.item_log_popularity,
+        }
         for side, tower in (("user", self.user_tower), ("item", self.item_tower)):
             for k, (w, b) in enumerate(zip(tower.weights, tower.biases)):
                 arrays[f"{side}_w{k}"], arrays[f"{side}_b{k}"] = w, b
         tables = {}
         for side, table in (("user", self._user_table), ("item", self._item_table)):
             names = []
-            for name, col in (table.columns.items() if table is not None else []):
+            for name, col in table.columns.items() if table is not None else []:
                 arrays[f"{side}_col_{name}"] = col
                 names.append(name)
             tables[side] = {"columns": names, "labels": table.labels if table is not None else {}}
-        meta = {"format_version": FORMAT_VERSION, "kind": "two_tower", "config": asdict(self.config),
-                "rating_range": list(self.rating_range), "n_layers": len(self.user_tower.weights),
-                "user_pipeline": self.user_pipeline.to_json(), "item_pipeline": self.item_pipeline.to_json(),
-                "tables": tables, "metrics": self.metrics}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": "two_tower",
+            "config": asdict(self.config),
+            "rating_range": list(self.rating_range),
+            "n_layers": len(self.user_tower.weights),
+            "user_pipeline": self.user_pipeline.to_json(),
+            "item_pipeline": self.item_pipeline.to_json(),
+            "tables": tables,
+            "metrics": self.metrics,
+        }
         return write_model_dir(path, "towers", meta, arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TwoTowerModel":
+    def load(cls, path: str | Path) -> TwoTowerModel:
         """Read a model written by :meth:`save`, checking its format and dimensions."""
         from engine.data import FeatureTable
 
@@ -272,29 +294,45 @@ class TwoTowerModel:
         towers = {}
         for side in ("user", "item"):
             n = meta["n_layers"]
-            towers[side] = NumpyTower([arrays[f"{side}_w{k}"] for k in range(n)],
-                                      [arrays[f"{side}_b{k}"] for k in range(n)])
+            towers[side] = NumpyTower(
+                [arrays[f"{side}_w{k}"] for k in range(n)], [arrays[f"{side}_b{k}"] for k in range(n)]
+            )
         user_p = FeaturePipeline.from_json(meta["user_pipeline"], arrays["user_history"])
         item_p = FeaturePipeline.from_json(meta["item_pipeline"], arrays["item_history"])
         for side, p in (("user", user_p), ("item", item_p)):
             if towers[side].input_dim != p.dim:
-                raise TandemError(f"{path / 'towers_arrays.npz'}: {side} tower expects {towers[side].input_dim} "
-                                  f"features, the pipeline makes {p.dim}")
+                raise TandemError(
+                    f"{path / 'towers_arrays.npz'}: {side} tower expects {towers[side].input_dim} "
+                    f"features, the pipeline makes {p.dim}"
+                )
         tables = {}
         for side in ("user", "item"):
             spec = meta["tables"][side]
-            tables[side] = (FeatureTable({n: arrays[f"{side}_col_{n}"] for n in spec["columns"]}, spec["labels"])
-                            if spec["columns"] else None)
+            tables[side] = (
+                FeatureTable({n: arrays[f"{side}_col_{n}"] for n in spec["columns"]}, spec["labels"])
+                if spec["columns"]
+                else None
+            )
         config = TowerConfig(**meta["config"])
-        model = cls(towers["user"], towers["item"], user_p, item_p, IdMap(arrays["user_ids"], "user"),
-                    IdMap(arrays["item_ids"], "item"), tuple(meta["rating_range"]), config,
-                    arrays["item_log_popularity"], meta.get("metrics"))
+        model = cls(
+            towers["user"],
+            towers["item"],
+            user_p,
+            item_p,
+            IdMap(arrays["user_ids"], "user"),
+            IdMap(arrays["item_ids"], "item"),
+            tuple(meta["rating_range"]),
+            config,
+            arrays["item_log_popularity"],
+            meta.get("metrics"),
+        )
         model._set_tables(tables["user"], tables["item"])
         return model
 
 
-def train_two_tower(dataset: Dataset, config: TowerConfig | None = None, curve_path: str | Path | None = None,
-                    **overrides) -> TwoTowerModel:
+def train_two_tower(
+    dataset: Dataset, config: TowerConfig | None = None, curve_path: str | Path | None = None, **overrides
+) -> TwoTowerModel:
     """Train both towers on ``dataset``'s interactions (its features and ratings).
 
     Feature pipelines are fitted on ``dataset`` only. Keyword ``overrides`` replace
@@ -353,20 +391,26 @@ def train_two_tower(dataset: Dataset, config: TowerConfig | None = None, curve_p
         return torch.nn.functional.cross_entropy(logits, torch.arange(len(i), device=device))
 
     fit_t = torch.as_tensor(fit_rows, device=device)
-    val_batches = [torch.as_tensor(val_rows[s:s + cfg.batch_size], device=device)
-                   for s in range(0, n_val, cfg.batch_size)]
+    val_batches = [
+        torch.as_tensor(val_rows[s : s + cfg.batch_size], device=device) for s in range(0, n_val, cfg.batch_size)
+    ]
     val_name = "val_mse" if cfg.objective == "mse" else "val_softmax_loss"
     curve, stopper = LearningCurve(), EarlyStopping(patience=cfg.patience)
     best = None
     steps = math.ceil(len(fit_rows) / cfg.batch_size)
-    bar = tqdm(total=cfg.epochs * steps, desc=f"train towers ({cfg.objective})", unit="batch",
-               disable=not cfg.progress, mininterval=0.5)
+    bar = tqdm(
+        total=cfg.epochs * steps,
+        desc=f"train towers ({cfg.objective})",
+        unit="batch",
+        disable=not cfg.progress,
+        mininterval=0.5,
+    )
     for epoch in range(1, cfg.epochs + 1):
         user_net.train(), item_net.train()
         order = fit_t[torch.randperm(len(fit_rows), generator=gen).to(device)]
         running, seen = 0.0, 0
         for s in range(steps):
-            rows = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            rows = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             if cfg.objective == "softmax" and len(rows) < 2:
                 continue
             loss = loss_on(rows, training=True)
@@ -385,8 +429,10 @@ def train_two_tower(dataset: Dataset, config: TowerConfig | None = None, curve_p
             record[val_name] = val
             improved, stop = stopper.step(val, epoch)
             if improved:
-                best = ([p.detach().clone() for p in user_net.state_dict().values()],
-                        [p.detach().clone() for p in item_net.state_dict().values()])
+                best = (
+                    [p.detach().clone() for p in user_net.state_dict().values()],
+                    [p.detach().clone() for p in item_net.state_dict().values()],
+                )
         curve.add(**record)
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
         if val_batches and stop:
@@ -397,10 +443,22 @@ def train_two_tower(dataset: Dataset, config: TowerConfig | None = None, curve_p
             net.load_state_dict(dict(zip(net.state_dict().keys(), state)))
     if curve_path is not None:
         curve.save(curve_path, title=f"two towers ({cfg.objective})")
-    model = TwoTowerModel(_export(user_net), _export(item_net), user_p, item_p, dataset.users, dataset.items,
-                          (lo, hi), cfg, log_q,
-                          metrics={"best_epoch": stopper.best_epoch, val_name: stopper.best if n_val else None,
-                                   "epochs_run": len(curve.records)})
+    model = TwoTowerModel(
+        _export(user_net),
+        _export(item_net),
+        user_p,
+        item_p,
+        dataset.users,
+        dataset.items,
+        (lo, hi),
+        cfg,
+        log_q,
+        metrics={
+            "best_epoch": stopper.best_epoch,
+            val_name: stopper.best if n_val else None,
+            "epochs_run": len(curve.records),
+        },
+    )
     model._set_tables(dataset.user_features, dataset.item_features)
     # Keep the torch modules for callers who want them (tests compare both paths).
     model.torch_towers = (user_net.eval(), item_net.eval())

@@ -17,7 +17,7 @@ def seed_everything(seed: int) -> None:
     import torch
 
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - the legacy global generator, for libraries that still use it
     torch.manual_seed(seed)
 
 

@@ -18,16 +18,16 @@ as the embedded engine raises them: :class:`~engine.errors.InvalidRequest` and
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import grpc
 import numpy as np
 
-from engine.serving.engine import Recommendations
 from engine.errors import InvalidRequest, UnknownIdError
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
+from engine.serving.engine import Recommendations
 
 
 def _feature_map(features: Mapping | None) -> dict:
@@ -43,9 +43,13 @@ def _feature_map(features: Mapping | None) -> dict:
 
 
 def _recommendations(items, candidates=None) -> Recommendations:
-    return Recommendations(np.array([i.item_id for i in items], dtype=str),
-                           np.array([i.score for i in items], np.float32), [tuple(i.sources) for i in items],
-                           [i.title for i in items], dict(candidates or {}))
+    return Recommendations(
+        np.array([i.item_id for i in items], dtype=str),
+        np.array([i.score for i in items], np.float32),
+        [tuple(i.sources) for i in items],
+        [i.title for i in items],
+        dict(candidates or {}),
+    )
 
 
 class _RemoteError(grpc.RpcError):
@@ -73,8 +77,7 @@ class RemoteUnknownId(_RemoteError, UnknownIdError):
     """``NOT_FOUND`` from the server: an :class:`~engine.errors.UnknownIdError`."""
 
 
-_AS_LIBRARY_ERROR = {grpc.StatusCode.INVALID_ARGUMENT: RemoteInvalidRequest,
-                     grpc.StatusCode.NOT_FOUND: RemoteUnknownId}
+_AS_LIBRARY_ERROR = {grpc.StatusCode.INVALID_ARGUMENT: RemoteInvalidRequest, grpc.StatusCode.NOT_FOUND: RemoteUnknownId}
 
 
 class Client:
@@ -89,9 +92,15 @@ class Client:
         server_name: TLS host name to verify when it differs from ``target``'s host.
     """
 
-    def __init__(self, target: str, token: str | None = None, tls: bool = False,
-                 root_certificates: bytes | str | Path | None = None, timeout: float = 10.0,
-                 server_name: str | None = None):
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | str | Path | None = None,
+        timeout: float = 10.0,
+        server_name: str | None = None,
+    ):
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         if tls or root_certificates is not None:
             roots = root_certificates
@@ -108,7 +117,7 @@ class Client:
         self._admin = pb_grpc.AdminStub(self._channel)
 
     # -------------------------------------------------------------- plumbing
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -132,35 +141,72 @@ class Client:
 
     # ------------------------------------------------------------ recommender
     @staticmethod
-    def _recommend_request(user_id=None, user_features=None, ratings=None, k=10, n_candidates=500,
-                           exclude_seen=True, exclude_items=(), include_items=None, filters=None, sources=None):
+    def _recommend_request(
+        user_id=None,
+        user_features=None,
+        ratings=None,
+        k=10,
+        n_candidates=500,
+        exclude_seen=True,
+        exclude_items=(),
+        include_items=None,
+        filters=None,
+        sources=None,
+    ):
         filters = dict(filters or {})
         genres = filters.pop("genres", [])
         if filters:
             raise InvalidRequest(f"unknown filter(s) {sorted(filters)}; filters: genres")
         return pb.RecommendRequest(
-            user_id="" if user_id is None else str(user_id), user_features=_feature_map(user_features),
-            ratings={str(i): float(r) for i, r in (ratings or {}).items()}, k=k, n_candidates=n_candidates,
-            include_seen=not exclude_seen, exclude_items=[str(i) for i in exclude_items],
+            user_id="" if user_id is None else str(user_id),
+            user_features=_feature_map(user_features),
+            ratings={str(i): float(r) for i, r in (ratings or {}).items()},
+            k=k,
+            n_candidates=n_candidates,
+            include_seen=not exclude_seen,
+            exclude_items=[str(i) for i in exclude_items],
             include_items=[str(i) for i in include_items or ()],
-            genres=[genres] if isinstance(genres, str) else list(genres), sources=list(sources or ()))
+            genres=[genres] if isinstance(genres, str) else list(genres),
+            sources=list(sources or ()),
+        )
 
-    def recommend(self, user_id: object | None = None, user_features: Mapping | None = None,
-                  ratings: Mapping[object, float] | None = None, k: int = 10, n_candidates: int = 500,
-                  exclude_seen: bool = True, exclude_items: Sequence[object] = (),
-                  include_items: Sequence[object] | None = None, filters: Mapping | None = None,
-                  sources: Sequence[str] | None = None, timeout: float | None = None) -> Recommendations:
+    def recommend(
+        self,
+        user_id: object | None = None,
+        user_features: Mapping | None = None,
+        ratings: Mapping[object, float] | None = None,
+        k: int = 10,
+        n_candidates: int = 500,
+        exclude_seen: bool = True,
+        exclude_items: Sequence[object] = (),
+        include_items: Sequence[object] | None = None,
+        filters: Mapping | None = None,
+        sources: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> Recommendations:
         """Top ``k`` items for one user; the arguments are :meth:`engine.Engine.recommend`'s."""
-        request = self._recommend_request(user_id, user_features, ratings, k, n_candidates, exclude_seen,
-                                          exclude_items, include_items, filters, sources)
+        request = self._recommend_request(
+            user_id,
+            user_features,
+            ratings,
+            k,
+            n_candidates,
+            exclude_seen,
+            exclude_items,
+            include_items,
+            filters,
+            sources,
+        )
         reply = self._call(self._recommender.Recommend, request, timeout)
         return _recommendations(reply.items, reply.candidates)
 
-    def recommend_batch(self, user_ids: Sequence[object], k: int = 10, timeout: float | None = None,
-                        **options) -> list[Recommendations]:
+    def recommend_batch(
+        self, user_ids: Sequence[object], k: int = 10, timeout: float | None = None, **options
+    ) -> list[Recommendations]:
         """:meth:`recommend` for many users with the same options, in order."""
-        request = pb.RecommendBatchRequest(user_ids=[str(u) for u in user_ids],
-                                           options=self._recommend_request(k=k, **options))
+        request = pb.RecommendBatchRequest(
+            user_ids=[str(u) for u in user_ids], options=self._recommend_request(k=k, **options)
+        )
         reply = self._call(self._recommender.RecommendBatch, request, timeout)
         return [_recommendations(r.items, r.candidates) for r in reply.results]
 
@@ -169,17 +215,26 @@ class Client:
         reply = self._call(self._recommender.SimilarItems, pb.SimilarItemsRequest(item_id=str(item_id), k=k), timeout)
         return _recommendations(reply.items)
 
-    def score(self, user_id: object | None = None, item_ids: Sequence[object] = (),
-              user_features: Mapping | None = None, ratings: Mapping[object, float] | None = None,
-              timeout: float | None = None) -> Recommendations:
+    def score(
+        self,
+        user_id: object | None = None,
+        item_ids: Sequence[object] = (),
+        user_features: Mapping | None = None,
+        ratings: Mapping[object, float] | None = None,
+        timeout: float | None = None,
+    ) -> Recommendations:
         """Exact scores of the given items for one user, best first."""
-        request = pb.ScoreRequest(user_id="" if user_id is None else str(user_id), item_ids=[str(i) for i in item_ids],
-                                  user_features=_feature_map(user_features),
-                                  ratings={str(i): float(r) for i, r in (ratings or {}).items()})
+        request = pb.ScoreRequest(
+            user_id="" if user_id is None else str(user_id),
+            item_ids=[str(i) for i in item_ids],
+            user_features=_feature_map(user_features),
+            ratings={str(i): float(r) for i, r in (ratings or {}).items()},
+        )
         return _recommendations(self._call(self._recommender.Score, request, timeout).items)
 
-    def add_items(self, item_ids: Sequence[object], item_features: Sequence[Mapping],
-                  timeout: float | None = None) -> int:
+    def add_items(
+        self, item_ids: Sequence[object], item_features: Sequence[Mapping], timeout: float | None = None
+    ) -> int:
         """Add items (features plus an optional ``"title"``) to the live index; returns
         the catalogue size."""
         if len(item_ids) != len(item_features):
@@ -199,8 +254,12 @@ class Client:
         """Ask the server to load the bundle ``current`` points at: ``{"reloaded",
         "version", "previous_version", "message"}``."""
         reply = self._call(self._admin.Reload, pb.ReloadRequest(), timeout)
-        return {"reloaded": reply.reloaded, "version": reply.version, "previous_version": reply.previous_version,
-                "message": reply.message}
+        return {
+            "reloaded": reply.reloaded,
+            "version": reply.version,
+            "previous_version": reply.previous_version,
+            "message": reply.message,
+        }
 
     def info(self, timeout: float | None = None) -> dict:
         """What the server is serving (GetInfo) as a dict."""
@@ -214,5 +273,6 @@ class Client:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         reply = health_pb2_grpc.HealthStub(self._channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout if timeout is None else timeout)
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout if timeout is None else timeout
+        )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

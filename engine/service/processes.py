@@ -45,8 +45,16 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return holder
 
 
-def serve_processes(n: int, child_command: list[str], host: str, port: int, metrics_port: int | None,
-                    port_file: str | None, start_timeout: float = 300.0, stop_timeout: float = 60.0) -> int:
+def serve_processes(
+    n: int,
+    child_command: list[str],
+    host: str,
+    port: int,
+    metrics_port: int | None,
+    port_file: str | None,
+    start_timeout: float = 300.0,
+    stop_timeout: float = 60.0,
+) -> int:
     """Run ``n`` copies of ``child_command`` (a ``tandem serve`` command line without
     ``--port``, ``--metrics-port`` and ``--port-file``) on one port until SIGTERM or
     SIGINT; returns the exit code (0 when every process stopped cleanly). A process still
@@ -62,23 +70,30 @@ def serve_processes(n: int, child_command: list[str], host: str, port: int, metr
         for i in range(n):
             metrics = [] if metrics_port is None else ["--metrics-port", str(metrics_port + i if metrics_port else 0)]
             ready = Path(tmp) / f"port-{i}"
-            children.append((subprocess.Popen([*child_command, "--port", str(port), *metrics, "--port-file", str(ready)]),
-                             ready))
+            children.append(
+                (subprocess.Popen([*child_command, "--port", str(port), *metrics, "--port-file", str(ready)]), ready)
+            )
         stopped_on_request = False
         try:
             deadline = time.monotonic() + start_timeout
             while not all(ready.exists() for _, ready in children):
                 failed = [child.pid for child, _ in children if child.poll() is not None]
                 if failed or time.monotonic() > deadline or stop.is_set():
-                    print(f"tandem serve: a server process {'exited' if failed else 'did not start'}; stopping",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"tandem serve: a server process {'exited' if failed else 'did not start'}; stopping",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return 1
                 time.sleep(0.1)
             holder.close()  # every server has bound the port
             if port_file:
                 Path(port_file).write_text(f"{port}\n")
-            print(f"serving on {host}:{port} with {n} processes (pids {', '.join(str(c.pid) for c, _ in children)})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"serving on {host}:{port} with {n} processes (pids {', '.join(str(c.pid) for c, _ in children)})",
+                file=sys.stderr,
+                flush=True,
+            )
             while not stop.wait(0.5):
                 if any(child.poll() is not None for child, _ in children):
                     print("tandem serve: a server process exited; stopping the others", file=sys.stderr, flush=True)

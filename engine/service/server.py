@@ -32,18 +32,18 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import grpc
 
-from engine.index import bundle
-from engine.serving.engine import Engine, EngineConfig, Recommendations
 from engine.errors import InvalidRequest, ServeError, UnknownIdError, shorten
+from engine.index import bundle
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
+from engine.serving.engine import Engine, EngineConfig, Recommendations
 
 log = logging.getLogger("tandem.server")
 
@@ -113,8 +113,9 @@ class _Histogram:
             snapshot = {label: list(series) for label, series in self._series.items()}
         for label, series in sorted(snapshot.items()):
             cumulative = list(itertools.accumulate(series[:-1]))
-            family.add_metric([label], [(floatToGoString(b), n) for b, n in zip(self.bounds + (math.inf,), cumulative)],
-                              series[-1])
+            family.add_metric(
+                [label], [(floatToGoString(b), n) for b, n in zip(self.bounds + (math.inf,), cumulative)], series[-1]
+            )
         yield family
 
 
@@ -126,12 +127,23 @@ class _Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("tandem_requests", "Requests by rpc and status code", ["rpc", "code"],
-                                registry=self.registry)
-        self.latency = _Histogram("tandem_request_seconds", "Request latency by rpc", "rpc",
-                                  (.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5), self.registry)
-        self.candidates = _Histogram("tandem_candidates", "Candidates proposed per request by source", "source",
-                                     (0, 10, 25, 50, 100, 200, 500, 1000, 5000), self.registry)
+        self.requests = Counter(
+            "tandem_requests", "Requests by rpc and status code", ["rpc", "code"], registry=self.registry
+        )
+        self.latency = _Histogram(
+            "tandem_request_seconds",
+            "Request latency by rpc",
+            "rpc",
+            (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            self.registry,
+        )
+        self.candidates = _Histogram(
+            "tandem_candidates",
+            "Candidates proposed per request by source",
+            "source",
+            (0, 10, 25, 50, 100, 200, 500, 1000, 5000),
+            self.registry,
+        )
         self.reloads = Counter("tandem_reloads", "Bundle reloads by outcome", ["outcome"], registry=self.registry)
         self.info = Gauge("tandem_bundle_items", "Items in the served catalogue", registry=self.registry)
         self._counters: dict = {}  # labelled counters, looked up once (labels() costs a lock and a dict)
@@ -296,8 +308,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def Recommend(self, request, context):
         engine = self.holder.engine
-        recs = engine.recommend(user_id=request.user_id or None, user_features=_features(request.user_features),
-                                ratings=dict(request.ratings) or None, **_recommend_options(request))
+        recs = engine.recommend(
+            user_id=request.user_id or None,
+            user_features=_features(request.user_features),
+            ratings=dict(request.ratings) or None,
+            **_recommend_options(request),
+        )
         if self.holder.metrics:
             self.holder.metrics.observe_candidates(recs.candidates)
         return _reply(pb.RecommendResponse(version=engine.version), recs)
@@ -308,19 +324,24 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         engine = self.holder.engine
         users, options = list(request.user_ids), _recommend_options(request.options)
         if isinstance(options["k"], int) and len(users) * options["k"] > self.config.max_batch_results:
-            raise _BadRequest(f"{len(users)} users x k={options['k']} results in one batch; at most "
-                              f"{self.config.max_batch_results:,} (server.max_batch_results): send fewer users "
-                              "or a smaller k")
+            raise _BadRequest(
+                f"{len(users)} users x k={options['k']} results in one batch; at most "
+                f"{self.config.max_batch_results:,} (server.max_batch_results): send fewer users "
+                "or a smaller k"
+            )
         remaining = context.time_remaining()  # a long batch stops once its deadline has passed
-        results = engine.recommend_batch(users, deadline=None if remaining is None else time.monotonic() + remaining,
-                                         **options)
+        results = engine.recommend_batch(
+            users, deadline=None if remaining is None else time.monotonic() + remaining, **options
+        )
         reply = pb.RecommendBatchResponse(version=engine.version)
         for r in results:
             _reply(reply.results.add(version=engine.version), r)
         size = reply.ByteSize()
         if size > 4 * self.config.max_message_bytes:  # the send limit set in TandemServer.start
-            raise _BadRequest(f"the reply would be {size:,} bytes, over the {4 * self.config.max_message_bytes:,} "
-                              "byte limit: send fewer users or a smaller k")
+            raise _BadRequest(
+                f"the reply would be {size:,} bytes, over the {4 * self.config.max_message_bytes:,} "
+                "byte limit: send fewer users or a smaller k"
+            )
         return reply
 
     def SimilarItems(self, request, context):
@@ -332,8 +353,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         engine = self.holder.engine
         if len(request.item_ids) > engine.config.max_candidates:
             raise _BadRequest(f"{len(request.item_ids)} items to score; at most {engine.config.max_candidates}")
-        recs = engine.score(user_id=request.user_id or None, item_ids=list(request.item_ids),
-                            user_features=_features(request.user_features), ratings=dict(request.ratings) or None)
+        recs = engine.score(
+            user_id=request.user_id or None,
+            item_ids=list(request.item_ids),
+            user_features=_features(request.user_features),
+            ratings=dict(request.ratings) or None,
+        )
         return _reply(pb.ScoreResponse(version=engine.version), recs)
 
     def AddItems(self, request, context):
@@ -365,17 +390,35 @@ class AdminServicer(pb_grpc.AdminServicer):
         engine = self.holder.engine
         manifest = engine.bundle.manifest
         tabled = {"cf_ip": engine.sources["cf"].top_items, "towers_ip": engine.sources["towers"].top_items}
-        indexes = [pb.IndexInfo(name=name, factory=r["factory"], metric=r["metric"], n_vectors=r["n_vectors"],
-                                dim=r["dim"], search_params={k: int(v) for k, v in (r["search_params"] or {}).items()},
-                                recall_at_k=float(r["recall_at_k"] or 0.0), k=int(r["k"]),
-                                user_top_k=0 if tabled.get(name) is None else tabled[name].shape[1])
-                   for name, r in manifest["indexes"].items()]
+        indexes = [
+            pb.IndexInfo(
+                name=name,
+                factory=r["factory"],
+                metric=r["metric"],
+                n_vectors=r["n_vectors"],
+                dim=r["dim"],
+                search_params={k: int(v) for k, v in (r["search_params"] or {}).items()},
+                recall_at_k=float(r["recall_at_k"] or 0.0),
+                k=int(r["k"]),
+                user_top_k=0 if tabled.get(name) is None else tabled[name].shape[1],
+            )
+            for name, r in manifest["indexes"].items()
+        ]
         return pb.GetInfoResponse(
-            version=engine.version, created_at=manifest.get("created_at", ""), n_items=len(engine.items),
-            n_users=len(engine.users), dataset=manifest["dataset"]["name"],
-            data_fingerprint=manifest["dataset"]["fingerprint"], indexes=indexes, sources=sorted(engine.sources),
-            max_k=engine.config.max_k, max_candidates=engine.config.max_candidates, max_batch=self.config.max_batch,
-            loaded_seconds_ago=time.time() - self.holder.loaded_at, reloads=self.holder.reloads)
+            version=engine.version,
+            created_at=manifest.get("created_at", ""),
+            n_items=len(engine.items),
+            n_users=len(engine.users),
+            dataset=manifest["dataset"]["name"],
+            data_fingerprint=manifest["dataset"]["fingerprint"],
+            indexes=indexes,
+            sources=sorted(engine.sources),
+            max_k=engine.config.max_k,
+            max_candidates=engine.config.max_candidates,
+            max_batch=self.config.max_batch,
+            loaded_seconds_ago=time.time() - self.holder.loaded_at,
+            reloads=self.holder.reloads,
+        )
 
 
 # ------------------------------------------------------------ interceptor
@@ -448,11 +491,16 @@ class _Interceptor(grpc.ServerInterceptor):
                 if metrics:
                     metrics.observe_request(rpc, code.name, seconds)
                 if log.isEnabledFor(logging.DEBUG) or code != grpc.StatusCode.OK:
-                    log.log(logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO,
-                            json.dumps({"event": "rpc", "rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3)}))
+                    log.log(
+                        logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO,
+                        json.dumps({"event": "rpc", "rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3)}),
+                    )
 
-        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=_tolerant(handler.request_deserializer),
-                                                   response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
 
 
 # ------------------------------------------------------------ the server
@@ -463,8 +511,7 @@ class TandemServer:
     >>> server.port  # the bound port
     """
 
-    def __init__(self, root: str | Path, config: ServerConfig | None = None,
-                 engine_config: EngineConfig | None = None):
+    def __init__(self, root: str | Path, config: ServerConfig | None = None, engine_config: EngineConfig | None = None):
         self.config = config or ServerConfig()
         if bool(self.config.tls_cert) != bool(self.config.tls_key):
             raise ValueError("TLS needs both a certificate (tls_cert) and a key (tls_key)")
@@ -476,7 +523,7 @@ class TandemServer:
         self._server = None
         self._metrics_http = None
 
-    def start(self) -> "TandemServer":
+    def start(self) -> TandemServer:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
@@ -484,17 +531,26 @@ class TandemServer:
         # gRPC core answers RESOURCE_EXHAUSTED above its own limit, before any handler;
         # it is set above ours so that a request over max_message_bytes reaches the
         # interceptor and gets INVALID_ARGUMENT with the limit in the message.
-        options = [("grpc.max_receive_message_length", 4 * cfg.max_message_bytes),
-                   ("grpc.max_send_message_length", 4 * cfg.max_message_bytes),
-                   ("grpc.so_reuseport", int(cfg.reuse_port))]
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
-                             interceptors=[_Interceptor(cfg, self.metrics)], options=options)
+        options = [
+            ("grpc.max_receive_message_length", 4 * cfg.max_message_bytes),
+            ("grpc.max_send_message_length", 4 * cfg.max_message_bytes),
+            ("grpc.so_reuseport", int(cfg.reuse_port)),
+        ]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.workers),
+            interceptors=[_Interceptor(cfg, self.metrics)],
+            options=options,
+        )
         pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(self.holder, cfg), server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self.holder, cfg), server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (RECOMMENDER, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME)
+        names = (
+            RECOMMENDER,
+            ADMIN,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, server)
         address = f"{cfg.host}:{cfg.port}"
         try:
@@ -506,8 +562,10 @@ class TandemServer:
         except RuntimeError:  # grpc's "Failed to bind to address"
             self.port = 0
         if self.port == 0:
-            raise ServeError(f"cannot serve on {address}: the address is in use or cannot be bound "
-                             "(only the processes of one `tandem serve --processes N` share a port)")
+            raise ServeError(
+                f"cannot serve on {address}: the address is in use or cannot be bound "
+                "(only the processes of one `tandem serve --processes N` share a port)"
+            )
         server.start()
         self._server = server
         for name in ("", RECOMMENDER, ADMIN):
@@ -519,9 +577,18 @@ class TandemServer:
             self.metrics_port = self._metrics_http.server_port
         if cfg.watch_interval > 0:
             threading.Thread(target=self._watch, name="tandem-watch-current", daemon=True).start()
-        log.info(json.dumps({"event": "started", "address": f"{cfg.host}:{self.port}", "tls": bool(cfg.tls_cert),
-                             "auth": bool(cfg.token), "version": self.holder.engine.version,
-                             "metrics_port": self.metrics_port}))
+        log.info(
+            json.dumps(
+                {
+                    "event": "started",
+                    "address": f"{cfg.host}:{self.port}",
+                    "tls": bool(cfg.tls_cert),
+                    "auth": bool(cfg.token),
+                    "version": self.holder.engine.version,
+                    "metrics_port": self.metrics_port,
+                }
+            )
+        )
         return self
 
     def _watch(self) -> None:
@@ -579,8 +646,21 @@ class TandemServer:
 
 def _exit_stuck_shutdown() -> None:
     # Straight to stderr: the stuck thread may hold the logging locks.
-    os.write(2, (json.dumps({"time": round(time.time(), 3), "level": "ERROR", "logger": "tandem.server",
-                             "event": "shutdown_stuck", "action": "exit 1"}) + "\n").encode())
+    os.write(
+        2,
+        (
+            json.dumps(
+                {
+                    "time": round(time.time(), 3),
+                    "level": "ERROR",
+                    "logger": "tandem.server",
+                    "event": "shutdown_stuck",
+                    "action": "exit 1",
+                }
+            )
+            + "\n"
+        ).encode(),
+    )
     os._exit(1)
 
 
@@ -606,4 +686,3 @@ def configure_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
-

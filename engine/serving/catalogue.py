@@ -44,8 +44,9 @@ class Catalogue:
     def n_items(self) -> int:
         return len(self.items)
 
-    def with_items(self, item_ids: list[str], vectors: np.ndarray, genres: np.ndarray | None,
-                   titles: list[str]) -> "Catalogue":
+    def with_items(
+        self, item_ids: list[str], vectors: np.ndarray, genres: np.ndarray | None, titles: list[str]
+    ) -> Catalogue:
         """A new version with these items appended (ids already checked to be new).
         The towers source of the new version searches a copy of the index holding the
         new vectors, and no longer reads the per-user table: that table ranks the
@@ -68,8 +69,7 @@ class Catalogue:
             tower_item_vectors=concat(self.tower_item_vectors, vectors.astype(np.float32)),
             popularity=concat(self.popularity, np.zeros(n_new, np.float32)),
             # Items added live have no interactions: the least popular item's score.
-            popularity_score=concat(self.popularity_score,
-                                    np.full(n_new, self.popularity_score.min(), np.float32)),
+            popularity_score=concat(self.popularity_score, np.full(n_new, self.popularity_score.min(), np.float32)),
             sources=sources,
             every_item=read_only(np.ones(self.n_items + n_new, bool)),
         )

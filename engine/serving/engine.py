@@ -21,24 +21,32 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from engine.index.bundle import LoadedBundle
-from engine.serving.catalogue import Catalogue, read_only
-from engine.models.cf import CFModel
 from engine.errors import InvalidRequest, shorten
+from engine.index.bundle import LoadedBundle
+from engine.models.cf import CFModel
 from engine.models.features import segment_labels
+from engine.models.towers import TwoTowerModel
+from engine.serving.catalogue import Catalogue, read_only
 from engine.serving.lone_merge import LoneMerge
 from engine.serving.ranking import BlendWeights, FoldedBlend, ScoreScale
+from engine.serving.retrieval import (
+    CFSource,
+    PopularitySource,
+    RecentNeighboursSource,
+    Requests,
+    SegmentSource,
+    TowerSource,
+    merge,
+    quotas,
+)
 from engine.topk import top_k_desc, top_k_per_row
-from engine.serving.retrieval import (CFSource, PopularitySource, RecentNeighboursSource, Requests,
-                              SegmentSource, TowerSource, merge, quotas)
-from engine.models.towers import TwoTowerModel
 
 SOURCE_NAMES = ("cf", "towers", "popular", "segment", "recent")
 DEFAULT_SOURCE_WEIGHTS = {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1}
@@ -75,8 +83,10 @@ class Recommendations:
         return iter(zip(self.item_ids.tolist(), self.scores.tolist(), self.sources))
 
     def to_list(self) -> list[dict]:
-        return [{"item_id": i, "score": s, "sources": list(src), "title": t}
-                for (i, s, src), t in zip(self, self.titles or [""] * len(self))]
+        return [
+            {"item_id": i, "score": s, "sources": list(src), "title": t}
+            for (i, s, src), t in zip(self, self.titles or [""] * len(self))
+        ]
 
 
 @dataclass
@@ -135,15 +145,18 @@ class Engine:
         # was built (bundles built before these tables existed search at every request).
         # Mapped read-only, not copied: the server processes of one machine share them.
         # (np.asarray: a plain array over the mapping; np.memmap's slices cost more.)
-        top = {name: np.asarray(load(f"user_top_{name}.npy", mmap_mode="r"))
-               if (tables / f"user_top_{name}.npy").is_file() else None for name in ("cf_ip", "towers_ip")}
+        top = {
+            name: np.asarray(load(f"user_top_{name}.npy", mmap_mode="r"))
+            if (tables / f"user_top_{name}.npy").is_file()
+            else None
+            for name in ("cf_ip", "towers_ip")
+        }
         self._user_rows = read_only(np.arange(len(self.users)))  # a lone user's top_rows entry is a view
         sources = {
             "cf": CFSource(published.index("cf_ip"), idx["cf_ip"]["search_params"], top["cf_ip"]),
             "towers": TowerSource(published.index("towers_ip"), idx["towers_ip"]["search_params"], top["towers_ip"]),
             "popular": PopularitySource(popularity),
-            "recent": RecentNeighboursSource(published.index("cf_l2"), idx["cf_l2"]["search_params"], cf.X,
-                                             neighbours),
+            "recent": RecentNeighboursSource(published.index("cf_l2"), idx["cf_l2"]["search_params"], cf.X, neighbours),
         }
         if config.segment_key in segment_tops:
             sources["segment"] = SegmentSource(config.segment_key, segment_tops[config.segment_key])
@@ -151,14 +164,20 @@ class Engine:
         self._splits: dict = {}  # quota splits by available sources (see _quotas)
         self._names: dict = {}  # checked source lists (see _source_names)
         n_items = len(published.items)
-        self._catalogue = Catalogue(published.items, titles, genres, read_only(towers.item_vectors),
-                                    read_only(popularity), read_only(self._popularity_score(popularity)), sources,
-                                    read_only(np.ones(n_items, bool)))
+        self._catalogue = Catalogue(
+            published.items,
+            titles,
+            genres,
+            read_only(towers.item_vectors),
+            read_only(popularity),
+            read_only(self._popularity_score(popularity)),
+            sources,
+            read_only(np.ones(n_items, bool)),
+        )
         self._journal_offset = 0  # bytes of the root's added-items journal already served
         # A known user's request holds views of these tables (see _known_user): read-only,
         # so nothing can write through them.
-        for table in (cf.W, cf.user_bias, self.user_tower_vectors, self.recent, self.user_segments,
-                      self.seen_indices):
+        for table in (cf.W, cf.user_bias, self.user_tower_vectors, self.recent, self.user_segments, self.seen_indices):
             read_only(table)
         self._no_cf_vector = read_only(np.zeros((1, cf.W.shape[1]), np.float32))
         self._lone_merge: LoneMerge | None = LoneMerge()  # None: lone requests take the generic path
@@ -167,11 +186,15 @@ class Engine:
         self._fit_scales()
 
     @classmethod
-    def load(cls, path: str | Path, config: EngineConfig | None = None, verify: bool = True) -> "Engine":
+    def load(cls, path: str | Path, config: EngineConfig | None = None, verify: bool = True) -> Engine:
         """Open a bundle (or a bundle root holding ``current``), verifying its checksums."""
         published = LoadedBundle(path, verify=verify)
-        engine = cls(published, CFModel.load(published.path / "cf"), TwoTowerModel.load(published.path / "towers"),
-                     config or EngineConfig())
+        engine = cls(
+            published,
+            CFModel.load(published.path / "cf"),
+            TwoTowerModel.load(published.path / "towers"),
+            config or EngineConfig(),
+        )
         from engine.index import bundle
 
         engine._serve_added(bundle.read_added_items(published.path / "tables" / bundle.ADDED_ITEMS)[0])
@@ -217,8 +240,7 @@ class Engine:
         rng = np.random.default_rng(0)
         users = rng.choice(len(self.users), min(200, len(self.users)), replace=False)
         items = rng.choice(self.n_cf_items, min(2000, self.n_cf_items), replace=False)
-        cf_sample = (self.cf.W[users] @ self.cf.X[items].T + self.cf.user_bias[users, None]
-                     + self.cf_item_offsets[items])
+        cf_sample = self.cf.W[users] @ self.cf.X[items].T + self.cf.user_bias[users, None] + self.cf_item_offsets[items]
         tower_sample = self.user_tower_vectors[users] @ self.towers.item_vectors[items].T
         self.cf_scale, self.tower_scale = ScoreScale.fit(cf_sample), ScoreScale.fit(tower_sample)
 
@@ -245,8 +267,15 @@ class Engine:
             allowed &= self._filter_mask(cat, filters)
         return allowed
 
-    def _requests(self, cat: Catalogue, user_ids: Sequence, exclude_seen: bool, item_mask: np.ndarray,
-                  user_features: Mapping | None = None, ratings: Mapping[object, float] | None = None) -> Requests:
+    def _requests(
+        self,
+        cat: Catalogue,
+        user_ids: Sequence,
+        exclude_seen: bool,
+        item_mask: np.ndarray,
+        user_features: Mapping | None = None,
+        ratings: Mapping[object, float] | None = None,
+    ) -> Requests:
         """The retrieval and ranking context of many users (``item_mask`` from
         :meth:`_item_mask`, shared, not modified). Known users are looked up in the
         bundle's tables all at once; ``user_features`` / ``ratings`` (cold start, fold-in)
@@ -282,8 +311,9 @@ class Engine:
         excluded = self.seen_indices[np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])].astype(np.int64)
         has_tower = known.copy()
         # Known users' rows in the sources' top-items tables, which exclude the seen items.
-        top_rows = {name: np.where(has, u, -1) for name, has in (("cf", has_cf), ("towers", known))} if exclude_seen \
-            else {}
+        top_rows = (
+            {name: np.where(has, u, -1) for name, has in (("cf", has_cf), ("towers", known))} if exclude_seen else {}
+        )
 
         if n == 1 and not known[0] and user_features:  # a new user described by features
             tower_vectors[0], has_tower[0] = self.towers.user_embeddings([dict(user_features)])[0], True
@@ -301,9 +331,21 @@ class Engine:
                 indptr = np.array([0, len(excluded)], np.int64)
             liked = [cat.items.index(i) for i, r in zip(items, values) if r >= 4.0][::-1]
             recent = np.full((1, max(len(liked), 1)), -1, np.int64)
-            recent[0, :len(liked)] = liked
-        return Requests(item_mask, indptr, excluded, cf_vectors, cf_bias, has_cf, tower_vectors, has_tower,
-                        recent, segments, filtered=item_mask is not cat.every_item, top_rows=top_rows)
+            recent[0, : len(liked)] = liked
+        return Requests(
+            item_mask,
+            indptr,
+            excluded,
+            cf_vectors,
+            cf_bias,
+            has_cf,
+            tower_vectors,
+            has_tower,
+            recent,
+            segments,
+            filtered=item_mask is not cat.every_item,
+            top_rows=top_rows,
+        )
 
     def _checked_ratings(self, ratings: Mapping[object, float]) -> tuple[list, list[float]]:
         """A request's ``{item_id: rating}`` as ids and finite float ratings."""
@@ -312,8 +354,9 @@ class Engine:
             try:
                 value = float(rating)
             except (TypeError, ValueError):
-                raise InvalidRequest(f"rating of item {shorten(item)} must be a number, got {shorten(rating)}") \
-                    from None
+                raise InvalidRequest(
+                    f"rating of item {shorten(item)} must be a number, got {shorten(rating)}"
+                ) from None
             if not np.isfinite(value):
                 raise InvalidRequest(f"ratings must be finite numbers; not for item {shorten(item)}")
             values.append(value)
@@ -330,20 +373,31 @@ class Engine:
         limit = limit or self.config.max_text_length
         for value in values:
             if isinstance(value, str) and len(value) > limit:
-                raise InvalidRequest(f"{what} of {len(value):,} characters; at most {limit:,} "
-                                     f"(engine.max_{'id' if limit == self.config.max_id_length else 'text'}_length)")
+                raise InvalidRequest(
+                    f"{what} of {len(value):,} characters; at most {limit:,} "
+                    f"(engine.max_{'id' if limit == self.config.max_id_length else 'text'}_length)"
+                )
 
     def _known_user(self, cat: Catalogue, u: int, exclude_seen: bool, item_mask: np.ndarray) -> Requests:
         """:meth:`_requests` for one known user (the common request): read-only views of
         the bundle's rows instead of copies, so it costs a handful of slices."""
         row = slice(u, u + 1)
         has_cf = u < len(self.cf.users)
-        excluded = self.seen_indices[self.seen_indptr[u]:self.seen_indptr[u + 1]] if exclude_seen else _NO_ITEMS
-        return Requests(item_mask, np.array([0, len(excluded)]), excluded.astype(np.int64),
-                        self.cf.W[row] if has_cf else self._no_cf_vector, self.cf.user_bias[row] if has_cf else _ZERO,
-                        _TRUE if has_cf else _FALSE, self.user_tower_vectors[row], _TRUE, self.recent[row],
-                        {key: self.user_segments[row, j] for j, key in enumerate(self.segment_values)},
-                        filtered=item_mask is not cat.every_item, top_rows=self._top_rows(row, has_cf, exclude_seen))
+        excluded = self.seen_indices[self.seen_indptr[u] : self.seen_indptr[u + 1]] if exclude_seen else _NO_ITEMS
+        return Requests(
+            item_mask,
+            np.array([0, len(excluded)]),
+            excluded.astype(np.int64),
+            self.cf.W[row] if has_cf else self._no_cf_vector,
+            self.cf.user_bias[row] if has_cf else _ZERO,
+            _TRUE if has_cf else _FALSE,
+            self.user_tower_vectors[row],
+            _TRUE,
+            self.recent[row],
+            {key: self.user_segments[row, j] for j, key in enumerate(self.segment_values)},
+            filtered=item_mask is not cat.every_item,
+            top_rows=self._top_rows(row, has_cf, exclude_seen),
+        )
 
     def _top_rows(self, row: slice, has_cf: bool, exclude_seen: bool) -> dict[str, np.ndarray]:
         """A lone known user's ``Requests.top_rows``: views of their row number, for the
@@ -355,8 +409,11 @@ class Engine:
 
     def _segments_from_features(self, features: Mapping) -> dict[str, int]:
         """Segment indices of a new user, by the same rules as the bundle's users."""
-        columns = {name: np.array([value]) for name, value in features.items()
-                   if name in ("zip_code", "age", *self.segment_values)}
+        columns = {
+            name: np.array([value])
+            for name, value in features.items()
+            if name in ("zip_code", "age", *self.segment_values)
+        }
         if "age" in columns:
             columns["age"] = np.array([float(features["age"]) if features["age"] not in (None, "") else np.nan])
         labels = {}
@@ -393,8 +450,14 @@ class Engine:
         n_cf_items = self.n_cf_items
         cf_items = np.where(items < n_cf_items, items, 0) if cat.n_items > n_cf_items else items
         if len(requests) == 1:
-            fold = FoldedBlend.of_one(bool(requests.has_tower[0]), bool(requests.has_cf[0]),
-                                      float(requests.cf_bias[0]), self.weights, self.tower_scale, self.cf_scale)
+            fold = FoldedBlend.of_one(
+                bool(requests.has_tower[0]),
+                bool(requests.has_cf[0]),
+                float(requests.cf_bias[0]),
+                self.weights,
+                self.tower_scale,
+                self.cf_scale,
+            )
             if fold.none:
                 return cat.popularity_score[items]
             f32 = np.float32
@@ -403,13 +466,16 @@ class Engine:
             cf_factor, tower_const, cf_const = f32(fold.cf_factor), f32(fold.tower_const), f32(fold.cf_const)
             none = None
         else:
-            fold = FoldedBlend.of(requests.has_tower, requests.has_cf, requests.cf_bias, self.weights,
-                                  self.tower_scale, self.cf_scale)
+            fold = FoldedBlend.of(
+                requests.has_tower, requests.has_cf, requests.cf_bias, self.weights, self.tower_scale, self.cf_scale
+            )
             tower_query = requests.tower_vectors * fold.tower_factor.astype(np.float32)[:, None]
             cf_query = requests.cf_vectors * fold.cf_factor.astype(np.float32)[:, None]
-            cf_factor, tower_const, cf_const = (fold.cf_factor.astype(np.float32)[rows],
-                                                fold.tower_const.astype(np.float32)[rows],
-                                                fold.cf_const.astype(np.float32)[rows])
+            cf_factor, tower_const, cf_const = (
+                fold.cf_factor.astype(np.float32)[rows],
+                fold.tower_const.astype(np.float32)[rows],
+                fold.cf_const.astype(np.float32)[rows],
+            )
             none = fold.none[rows] if fold.none.any() else None
         cf = self._dots(self.cf.X, cf_items, cf_query, rows) + cf_factor * self.cf_item_offsets[cf_items] + cf_const
         if cf_items is not items:  # live-added items: the CF mean, standardised to 0, stands in
@@ -429,19 +495,25 @@ class Engine:
         bounds = np.searchsorted(rows, np.arange(len(vectors) + 1)).tolist()
         for u in range(len(vectors)):
             if bounds[u + 1] > bounds[u]:
-                out[bounds[u]:bounds[u + 1]] = gathered[bounds[u]:bounds[u + 1]] @ vectors[u]
+                out[bounds[u] : bounds[u + 1]] = gathered[bounds[u] : bounds[u + 1]] @ vectors[u]
         return out
 
     def _check_k(self, k: int, n_candidates: int | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.config.max_k:
             raise InvalidRequest(f"k must be an integer between 1 and {self.config.max_k}, got {shorten(k)}")
-        if n_candidates is not None and (isinstance(n_candidates, bool) or not isinstance(n_candidates, (int, np.integer))
-                                         or not 1 <= n_candidates <= self.config.max_candidates):
-            raise InvalidRequest(f"n_candidates must be an integer between 1 and {self.config.max_candidates}, "
-                                 f"got {shorten(n_candidates)}")
+        if n_candidates is not None and (
+            isinstance(n_candidates, bool)
+            or not isinstance(n_candidates, (int, np.integer))
+            or not 1 <= n_candidates <= self.config.max_candidates
+        ):
+            raise InvalidRequest(
+                f"n_candidates must be an integer between 1 and {self.config.max_candidates}, "
+                f"got {shorten(n_candidates)}"
+            )
 
-    def _result(self, cat: Catalogue, items: np.ndarray, scores: np.ndarray, sources: list,
-                candidates: dict | None = None) -> Recommendations:
+    def _result(
+        self, cat: Catalogue, items: np.ndarray, scores: np.ndarray, sources: list, candidates: dict | None = None
+    ) -> Recommendations:
         """The one return convention: item indices to external ids and titles. Scores
         are finite for every request the engine accepts; a request whose values (an
         extreme feature) would still give a non-finite one is refused, not answered."""
@@ -459,11 +531,19 @@ class Engine:
         return [str(t) or i for t, i in zip(cat.titles[items].tolist(), ids)]
 
     # ------------------------------------------------------ public API
-    def recommend(self, user_id: object | None = None, user_features: Mapping | None = None,
-                  ratings: Mapping[object, float] | None = None, k: int = 10, n_candidates: int = 500,
-                  exclude_seen: bool = True, exclude_items: Sequence[object] = (),
-                  include_items: Sequence[object] | None = None, filters: Mapping | None = None,
-                  sources: Sequence[str] | None = None) -> Recommendations:
+    def recommend(
+        self,
+        user_id: object | None = None,
+        user_features: Mapping | None = None,
+        ratings: Mapping[object, float] | None = None,
+        k: int = 10,
+        n_candidates: int = 500,
+        exclude_seen: bool = True,
+        exclude_items: Sequence[object] = (),
+        include_items: Sequence[object] | None = None,
+        filters: Mapping | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> Recommendations:
         """Top ``k`` items for one user.
 
         Args:
@@ -480,17 +560,25 @@ class Engine:
         """
         self._check_k(k, n_candidates)
         cat = self._catalogue
-        requests = self._requests(cat, [user_id], exclude_seen,
-                                  self._item_mask(cat, exclude_items, include_items, filters), user_features, ratings)
+        requests = self._requests(
+            cat,
+            [user_id],
+            exclude_seen,
+            self._item_mask(cat, exclude_items, include_items, filters),
+            user_features,
+            ratings,
+        )
         return self._serve(cat, requests, k, n_candidates, sources)[0]
 
-    def _serve(self, cat: Catalogue, requests: Requests, k: int, n_candidates: int, sources: Sequence[str] | None
-               ) -> list[Recommendations]:
+    def _serve(
+        self, cat: Catalogue, requests: Requests, k: int, n_candidates: int, sources: Sequence[str] | None
+    ) -> list[Recommendations]:
         """Retrieval, merge and ranking of a batch of prepared requests."""
         shares = self._quotas(cat, requests, n_candidates, sources)
         if len(requests) == 1 and self._lone_merge is not None:  # compiled: engine.serving.lone_merge
             candidates, counts = self._lone_merge.candidates(
-                cat.sources, requests, {name: int(q[0]) for name, q in shares.items()}, n_candidates, cat.n_items)
+                cat.sources, requests, {name: int(q[0]) for name, q in shares.items()}, n_candidates, cat.n_items
+            )
             proposed = [counts]
         else:
             proposals = [(name, cat.sources[name].propose(requests, quota)) for name, quota in shares.items()]
@@ -504,13 +592,13 @@ class Engine:
         bounds = np.searchsorted(candidates.rows[top], np.arange(len(requests) + 1))
         results = []
         for u in range(len(requests)):
-            at = top[bounds[u]:bounds[u + 1]]
-            results.append(self._result(cat, candidates.items[at], scores[at], candidates.sources_at(at),
-                                        proposed[u]))
+            at = top[bounds[u] : bounds[u + 1]]
+            results.append(self._result(cat, candidates.items[at], scores[at], candidates.sources_at(at), proposed[u]))
         return results
 
-    def _quotas(self, cat: Catalogue, requests: Requests, n_candidates: int, sources: Sequence[str] | None
-                ) -> dict[str, np.ndarray]:
+    def _quotas(
+        self, cat: Catalogue, requests: Requests, n_candidates: int, sources: Sequence[str] | None
+    ) -> dict[str, np.ndarray]:
         """Each source's quota ``[U]`` per user: ``n_candidates`` split among the sources
         available to that user (0 where unavailable), in source order."""
         names = self._source_names(tuple(sources) if sources is not None else None)
@@ -530,8 +618,9 @@ class Engine:
             if key not in self._splits:
                 if len(self._splits) >= 4096:  # bounded, whatever mix of options requests send
                     self._splits.clear()
-                split = quotas(self.config.source_weights, [s for j, s in enumerate(names) if code >> j & 1],
-                               n_candidates)
+                split = quotas(
+                    self.config.source_weights, [s for j, s in enumerate(names) if code >> j & 1], n_candidates
+                )
                 self._splits[key] = split, {name: np.array([q]) for name, q in split.items()}
         if n == 1:  # a lone request: the cached arrays (read, never written)
             return self._splits[(names, codes.pop(), n_candidates)][1]
@@ -554,21 +643,32 @@ class Engine:
             self._names[sources] = tuple(s for s in names if s in self.sources)
         return self._names[sources]
 
-    def candidates(self, user_id: object, n_candidates: int = 500, sources: Sequence[str] | None = None,
-                   exclude_seen: bool = True) -> dict[str, np.ndarray]:
+    def candidates(
+        self, user_id: object, n_candidates: int = 500, sources: Sequence[str] | None = None, exclude_seen: bool = True
+    ) -> dict[str, np.ndarray]:
         """Retrieval alone, for evaluation: each available source's proposals (item
         indices, best first) for a user, under the quotas ``recommend`` would use."""
         self._check_k(1, n_candidates)
         cat = self._catalogue
         requests = self._requests(cat, [user_id], exclude_seen, cat.every_item)
-        return {name: cat.sources[name].propose(requests, quota).items
-                for name, quota in self._quotas(cat, requests, n_candidates, sources).items()}
+        return {
+            name: cat.sources[name].propose(requests, quota).items
+            for name, quota in self._quotas(cat, requests, n_candidates, sources).items()
+        }
 
-    def recommend_batch(self, user_ids: Iterable[object], k: int = 10, n_candidates: int = 500,
-                        exclude_seen: bool = True, exclude_items: Sequence[object] = (),
-                        include_items: Sequence[object] | None = None, filters: Mapping | None = None,
-                        sources: Sequence[str] | None = None, threads: int | None = None,
-                        deadline: float | None = None) -> list[Recommendations]:
+    def recommend_batch(
+        self,
+        user_ids: Iterable[object],
+        k: int = 10,
+        n_candidates: int = 500,
+        exclude_seen: bool = True,
+        exclude_items: Sequence[object] = (),
+        include_items: Sequence[object] | None = None,
+        filters: Mapping | None = None,
+        sources: Sequence[str] | None = None,
+        threads: int | None = None,
+        deadline: float | None = None,
+    ) -> list[Recommendations]:
         """:meth:`recommend` for many users with the same options, in order.
 
         The filters are resolved once; users are served in chunks of ``BATCH_CHUNK``
@@ -587,7 +687,7 @@ class Engine:
         def serve(start: int) -> list[Recommendations]:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"deadline passed after {start} of {len(users)} users")
-            chunk = users[start:start + BATCH_CHUNK]
+            chunk = users[start : start + BATCH_CHUNK]
             return self._serve(cat, self._requests(cat, chunk, exclude_seen, item_mask), k, n_candidates, sources)
 
         starts = range(0, len(users), BATCH_CHUNK)
@@ -597,8 +697,13 @@ class Engine:
         with ThreadPoolExecutor(workers) as pool:
             return [rec for part in pool.map(serve, starts) for rec in part]
 
-    def score(self, user_id: object | None = None, item_ids: Sequence[object] = (),
-              user_features: Mapping | None = None, ratings: Mapping[object, float] | None = None) -> Recommendations:
+    def score(
+        self,
+        user_id: object | None = None,
+        item_ids: Sequence[object] = (),
+        user_features: Mapping | None = None,
+        ratings: Mapping[object, float] | None = None,
+    ) -> Recommendations:
         """Exact ranking scores of caller-given items for one user, best first."""
         if not item_ids:
             raise InvalidRequest("score needs at least one item id")
@@ -644,8 +749,10 @@ class Engine:
                 raise InvalidRequest(f"item id(s) already in the catalogue: {shorten(existing[:5])}")
             root = bundle.root_of(self.bundle.path)
             if persist and root is not None:  # durable before it is served or acknowledged
-                bundle.append_added_items(root / bundle.ADDED_ITEMS, [
-                    {"item_id": i, "title": t, "features": f} for i, t, f in zip(new_ids, titles, features)])
+                bundle.append_added_items(
+                    root / bundle.ADDED_ITEMS,
+                    [{"item_id": i, "title": t, "features": f} for i, t, f in zip(new_ids, titles, features)],
+                )
             self._append(new_ids, titles, vectors, genres)
             return self._catalogue.n_items
 
@@ -668,8 +775,13 @@ class Engine:
             self._check_texts([v for name, v in f.items() if name != "title"], "item feature value")
             titles.append(str(f.get("title", "") or ""))
             # "title" is display metadata, not a model feature.
-            features.append({name: (np.asarray(v).tolist() if isinstance(v, (list, tuple, np.ndarray)) else v)
-                             for name, v in f.items() if name != "title"})
+            features.append(
+                {
+                    name: (np.asarray(v).tolist() if isinstance(v, (list, tuple, np.ndarray)) else v)
+                    for name, v in f.items()
+                    if name != "title"
+                }
+            )
         vectors = self.towers.item_embeddings([dict(f) for f in features])  # checks names and values
         if not np.isfinite(vectors).all():
             raise InvalidRequest("item features out of range: the item tower gives a non-finite vector")
@@ -719,8 +831,9 @@ class Engine:
 
     def _append(self, new_ids: list[str], titles: list[str], vectors: np.ndarray, genres: np.ndarray | None) -> None:
         """Swap in the catalogue with these (checked, new) items: one reference assignment."""
-        self._catalogue = self._catalogue.with_items(new_ids, vectors, genres,
-                                                     [t or i for i, t in zip(new_ids, titles)])
+        self._catalogue = self._catalogue.with_items(
+            new_ids, vectors, genres, [t or i for i, t in zip(new_ids, titles)]
+        )
 
     def title(self, item_id: object) -> str:
         """A readable title (the id when the bundle has none, or the item is unknown)."""

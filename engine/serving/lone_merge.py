@@ -41,8 +41,9 @@ def _allowed(bitmap: np.ndarray, everything: bool, item: int) -> bool:
 
 
 @njit(cache=True)
-def _propose(item: int, bit: int, position: np.ndarray, items: np.ndarray, bits: np.ndarray, n: int,
-             n_candidates: int) -> int:
+def _propose(
+    item: int, bit: int, position: np.ndarray, items: np.ndarray, bits: np.ndarray, n: int, n_candidates: int
+) -> int:
     """Merge one proposal: a new item is appended while there is room (its position + 1
     is marked), a repeated one only gains the source's bit. Returns the new length.
     Compiled code has no bounds checks: an item outside the catalogue raises here
@@ -103,8 +104,23 @@ def _recent_neighbours(neighbours, liked, quota, bitmap, everything, mark):
 
 
 @njit(cache=True)
-def _merge(order, source_bits, quota, cf, towers, recent, popular_order, segment_row, bitmap, everything,
-           n_candidates, position, items, bits, counts):
+def _merge(
+    order,
+    source_bits,
+    quota,
+    cf,
+    towers,
+    recent,
+    popular_order,
+    segment_row,
+    bitmap,
+    everything,
+    n_candidates,
+    position,
+    items,
+    bits,
+    counts,
+):
     """Merge the sources in ``order`` (codes: 0 cf, 1 towers, 2 popular, 3 segment,
     4 recent): the given lists of cf, towers and recent, and the first ``quota[code]``
     allowed items of the popularity order and the segment row. Fills ``items`` / ``bits``
@@ -142,19 +158,26 @@ class LoneMerge:
         self._local = threading.local()
         self._plans: dict = {}  # source names in merge order -> (kernel order, bits)
 
-    def candidates(self, sources: dict, requests, quota: dict[str, int], n_candidates: int, n_items: int
-                   ) -> tuple[Candidates, dict[str, int]]:
+    def candidates(
+        self, sources: dict, requests, quota: dict[str, int], n_candidates: int, n_items: int
+    ) -> tuple[Candidates, dict[str, int]]:
         """The merged :class:`Candidates` of the lone request ``requests`` and how many
         items each source proposed. ``quota`` gives the sources in merge order (the
         request's source order) with their quotas, as the engine's quota split does."""
         names = tuple(quota)
         if names not in self._plans:
-            self._plans[names] = (np.array([KERNEL_ORDER.index(name) for name in names], np.int64),
-                                  np.array([1 << names.index(s) if s in names else 0 for s in KERNEL_ORDER], np.int64))
+            self._plans[names] = (
+                np.array([KERNEL_ORDER.index(name) for name in names], np.int64),
+                np.array([1 << names.index(s) if s in names else 0 for s in KERNEL_ORDER], np.int64),
+            )
         order, source_bits = self._plans[names]
         quotas = np.array([quota.get(name, 0) for name in KERNEL_ORDER], np.int64)
-        lists = {name: sources[name].propose_alone(requests, 0, quota[name]).astype(np.int64, copy=False)
-                 if quota.get(name, 0) > 0 else _NONE for name in ("cf", "towers")}
+        lists = {
+            name: sources[name].propose_alone(requests, 0, quota[name]).astype(np.int64, copy=False)
+            if quota.get(name, 0) > 0
+            else _NONE
+            for name in ("cf", "towers")
+        }
         bitmap = requests.lone_bitmap()
         everything, bitmap = bitmap is None, _ALL if bitmap is None else bitmap
         scratch = self._scratch(n_items, n_candidates)
@@ -164,8 +187,9 @@ class LoneMerge:
             needs_live_search = table is None
             if table is not None:
                 liked = requests.recent_liked[0].astype(np.int64, copy=False)
-                recent, needs_live_search = _recent_neighbours(table, liked, quota["recent"], bitmap, everything,
-                                                               scratch.mark)
+                recent, needs_live_search = _recent_neighbours(
+                    table, liked, quota["recent"], bitmap, everything, scratch.mark
+                )
             if needs_live_search:  # rare: heavy filters; the source searches the cf_l2 index
                 recent = sources["recent"].propose_alone(requests, 0, quota["recent"]).astype(np.int64, copy=False)
         segment_row = _NONE
@@ -173,12 +197,27 @@ class LoneMerge:
             segment = sources["segment"]
             segment_row = segment.top_items[requests.segments[segment.key][0]].astype(np.int64, copy=False)
         counts = np.zeros(len(KERNEL_ORDER), np.int64)
-        n = _merge(order, source_bits, quotas, lists["cf"], lists["towers"], recent, sources["popular"].order,
-                   segment_row, bitmap, everything, n_candidates, scratch.position, scratch.items, scratch.bits,
-                   counts)
+        n = _merge(
+            order,
+            source_bits,
+            quotas,
+            lists["cf"],
+            lists["towers"],
+            recent,
+            sources["popular"].order,
+            segment_row,
+            bitmap,
+            everything,
+            n_candidates,
+            scratch.position,
+            scratch.items,
+            scratch.bits,
+            counts,
+        )
         proposed = {name: int(counts[KERNEL_ORDER.index(name)]) for name in names}
-        return Candidates(np.zeros(n, np.int64), scratch.items[:n].copy(), scratch.bits[:n].astype(np.uint32),
-                          names), proposed
+        return Candidates(
+            np.zeros(n, np.int64), scratch.items[:n].copy(), scratch.bits[:n].astype(np.uint32), names
+        ), proposed
 
     def warm_up(self, sources: dict, n_items: int) -> None:
         """Compile the kernels for these sources' array types now (or load them from
@@ -188,8 +227,23 @@ class LoneMerge:
         if recent is not None and recent.neighbours is not None:
             _recent_neighbours(recent.neighbours, _NONE, 0, _ALL, True, scratch.mark)
         zeros = np.zeros(len(KERNEL_ORDER), np.int64)
-        _merge(np.arange(len(KERNEL_ORDER)), zeros, zeros, _NONE, _NONE, _NONE, sources["popular"].order, _NONE,
-               _ALL, True, 1, scratch.position, scratch.items, scratch.bits, zeros.copy())
+        _merge(
+            np.arange(len(KERNEL_ORDER)),
+            zeros,
+            zeros,
+            _NONE,
+            _NONE,
+            _NONE,
+            sources["popular"].order,
+            _NONE,
+            _ALL,
+            True,
+            1,
+            scratch.position,
+            scratch.items,
+            scratch.bits,
+            zeros.copy(),
+        )
 
     def _scratch(self, n_items: int, n_candidates: int):
         scratch = self._local

@@ -25,7 +25,7 @@ class ScoreScale:
         return (scores - self.mean) / self.std
 
     @classmethod
-    def fit(cls, samples: np.ndarray) -> "ScoreScale":
+    def fit(cls, samples: np.ndarray) -> ScoreScale:
         samples = np.asarray(samples, np.float64).ravel()
         std = float(samples.std()) if samples.size > 1 else 1.0
         return cls(float(samples.mean()) if samples.size else 0.0, std if std > 1e-9 else 1.0)
@@ -64,8 +64,15 @@ class FoldedBlend:
     none: np.ndarray
 
     @classmethod
-    def of(cls, has_tower: np.ndarray, has_cf: np.ndarray, cf_bias: np.ndarray, weights: BlendWeights,
-           tower_scale: ScoreScale, cf_scale: ScoreScale) -> "FoldedBlend":
+    def of(
+        cls,
+        has_tower: np.ndarray,
+        has_cf: np.ndarray,
+        cf_bias: np.ndarray,
+        weights: BlendWeights,
+        tower_scale: ScoreScale,
+        cf_scale: ScoreScale,
+    ) -> FoldedBlend:
         w_tower = np.where(has_tower, weights.towers, 0.0)
         w_cf = np.where(has_cf, weights.cf, 0.0)
         total = w_tower + w_cf
@@ -73,15 +80,32 @@ class FoldedBlend:
         total = np.where(none, 1.0, total)
         tower_factor = w_tower / (total * tower_scale.std)
         cf_factor = w_cf / (total * cf_scale.std)
-        return cls(tower_factor, -tower_factor * tower_scale.mean, cf_factor,
-                   cf_factor * (np.asarray(cf_bias, np.float64) - cf_scale.mean), none)
+        return cls(
+            tower_factor,
+            -tower_factor * tower_scale.mean,
+            cf_factor,
+            cf_factor * (np.asarray(cf_bias, np.float64) - cf_scale.mean),
+            none,
+        )
 
     @classmethod
-    def of_one(cls, has_tower: bool, has_cf: bool, cf_bias: float, weights: BlendWeights,
-               tower_scale: ScoreScale, cf_scale: ScoreScale) -> "FoldedBlend":
+    def of_one(
+        cls,
+        has_tower: bool,
+        has_cf: bool,
+        cf_bias: float,
+        weights: BlendWeights,
+        tower_scale: ScoreScale,
+        cf_scale: ScoreScale,
+    ) -> FoldedBlend:
         """The same for one user, with Python floats (a lone request's few operations)."""
         w_tower, w_cf = weights.towers * has_tower, weights.cf * has_cf
         total = (w_tower + w_cf) or 1.0
         tower_factor, cf_factor = w_tower / (total * tower_scale.std), w_cf / (total * cf_scale.std)
-        return cls(tower_factor, -tower_factor * tower_scale.mean, cf_factor, cf_factor * (cf_bias - cf_scale.mean),
-                   w_tower + w_cf == 0)
+        return cls(
+            tower_factor,
+            -tower_factor * tower_scale.mean,
+            cf_factor,
+            cf_factor * (cf_bias - cf_scale.mean),
+            w_tower + w_cf == 0,
+        )

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
 # Batches check exclusions in a U x n_items bitmap up to this size (64 MiB), beyond it by
 # binary search: memory stays bounded whatever the catalogue.
 EXCLUSION_BITMAP_BITS = 8 * 64 * 2**20
@@ -84,8 +83,11 @@ class Requests:
             # Each user's exclusions as a bitmap (U x n_items bits): one lookup per pair.
             if "excluded_bits" not in self._cache:
                 bits = np.zeros((len(self), (n + 7) // 8), np.uint8)
-                np.bitwise_or.at(bits, (self._owners(), self.excluded_indices >> 3),
-                                 np.left_shift(1, self.excluded_indices & 7).astype(np.uint8))
+                np.bitwise_or.at(
+                    bits,
+                    (self._owners(), self.excluded_indices >> 3),
+                    np.left_shift(1, self.excluded_indices & 7).astype(np.uint8),
+                )
                 self._cache["excluded_bits"] = bits
             bits = self._cache["excluded_bits"]
             return ok & ((bits[rows, items >> 3] >> (items & 7).astype(np.uint8)) & 1 == 0)
@@ -104,7 +106,7 @@ class Requests:
         (so that a binary search for an item always lands on a valid position)."""
         key = ("excluded", u)
         if key not in self._cache:
-            excluded = self.excluded_indices[self.excluded_indptr[u]:self.excluded_indptr[u + 1]]
+            excluded = self.excluded_indices[self.excluded_indptr[u] : self.excluded_indptr[u + 1]]
             padded = np.empty(len(excluded) + 1, np.int64)
             padded[:-1], padded[-1] = excluded, np.iinfo(np.int64).max
             padded[:-1].sort()
@@ -218,11 +220,11 @@ class Proposals:
     items: np.ndarray  # [n] int64
 
     @classmethod
-    def empty(cls) -> "Proposals":
+    def empty(cls) -> Proposals:
         return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     @classmethod
-    def of_one(cls, items) -> "Proposals":
+    def of_one(cls, items) -> Proposals:
         """One user's list (row 0)."""
         items = np.asarray(items, np.int64)
         return cls(np.zeros(len(items), np.int64), items)
@@ -231,13 +233,13 @@ class Proposals:
         return np.bincount(self.rows, minlength=n_rows)
 
     @classmethod
-    def union(cls, parts: list["Proposals"]) -> "Proposals":
+    def union(cls, parts: list[Proposals]) -> Proposals:
         """The proposals of disjoint sets of rows, as one."""
         rows = np.concatenate([p.rows for p in parts])
         order = np.argsort(rows, kind="stable")
         return cls(rows[order], np.concatenate([p.items for p in parts])[order])
 
-    def replace_rows(self, replacements: dict[int, np.ndarray]) -> "Proposals":
+    def replace_rows(self, replacements: dict[int, np.ndarray]) -> Proposals:
         """These proposals with some rows' lists replaced."""
         if not replacements:
             return self
@@ -317,8 +319,14 @@ class Source:
         """User ``u``'s first ``k`` items, best first."""
         raise NotImplementedError
 
-    def _fill_short(self, requests: Requests, rows: np.ndarray, quota: np.ndarray, found: Proposals,
-                    may_have_more: np.ndarray | bool = True) -> Proposals:
+    def _fill_short(
+        self,
+        requests: Requests,
+        rows: np.ndarray,
+        quota: np.ndarray,
+        found: Proposals,
+        may_have_more: np.ndarray | bool = True,
+    ) -> Proposals:
         """``found`` with the users it left short (where more may qualify) served alone."""
         short = rows[(found.counts(len(requests))[rows] < quota[rows]) & may_have_more]
         return found.replace_rows({int(u): self.propose_alone(requests, int(u), int(quota[u])) for u in short})
@@ -353,8 +361,15 @@ class _AnnSource(Source):
             listed = rows[tabled]
             table = top[at[listed]]
             # Rows the filters left short are searched (alone), as propose_alone does.
-            found.append(self._fill_short(requests, listed, quota, best_allowed(requests, listed, table, quota),
-                                          (table[:, -1] >= 0) | requests.filtered))
+            found.append(
+                self._fill_short(
+                    requests,
+                    listed,
+                    quota,
+                    best_allowed(requests, listed, table, quota),
+                    (table[:, -1] >= 0) | requests.filtered,
+                )
+            )
         if not tabled.all():
             found.append(self._search_many(requests, rows[~tabled], quota))
         return found[0] if len(found) == 1 else Proposals.union(found)
@@ -375,7 +390,7 @@ class _AnnSource(Source):
                 listed = listed[requests.item_mask[listed]]
             if len(listed) >= k or not (full or requests.filtered):
                 return listed[:k]
-        labels = ann_search(self.index, self.queries(requests)[u:u + 1], k, requests.search_params(self.tuned, u))[0]
+        labels = ann_search(self.index, self.queries(requests)[u : u + 1], k, requests.search_params(self.tuned, u))[0]
         return labels[labels >= 0]
 
 
@@ -419,7 +434,7 @@ def _first_allowed(order: np.ndarray, allowed, k: int) -> np.ndarray:
     few hundred entries."""
     found, n_found, start, width = [], 0, 0, max(4 * k, 256)
     while start < len(order) and n_found < k:
-        part = order[start:start + width]
+        part = order[start : start + width]
         found.append(part[allowed(part)])
         n_found, start, width = n_found + len(found[-1]), start + width, width * 4
     if len(found) == 1:
@@ -439,8 +454,11 @@ class PopularitySource(Source):
         self.order = np.argsort(-popularity, kind="stable")
 
     def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
-        shared = _first_allowed(self.order, lambda items: requests.item_mask[items],
-                                int(quota[rows].max() + requests.n_excluded[rows].max()))
+        shared = _first_allowed(
+            self.order,
+            lambda items: requests.item_mask[items],
+            int(quota[rows].max() + requests.n_excluded[rows].max()),
+        )
         return best_allowed(requests, rows, np.broadcast_to(shared, (len(rows), len(shared))), quota)
 
     def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
@@ -471,8 +489,9 @@ class SegmentSource(Source):
         return self._fill_short(requests, rows, quota, found, width < self.top_items.shape[1])
 
     def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
-        return _first_allowed(self.top_items[requests.segments[self.key][u]],
-                              lambda items: requests.allowed_of(u, items), k)
+        return _first_allowed(
+            self.top_items[requests.segments[self.key][u]], lambda items: requests.allowed_of(u, items), k
+        )
 
 
 class RecentNeighboursSource(Source):
@@ -514,8 +533,7 @@ class RecentNeighboursSource(Source):
         r_at, like_at, col_at = np.nonzero(take & ~ran_out[:, None, None])
         order_key = rank[r_at, like_at, col_at] * liked.shape[1] + like_at  # round-robin over likes
         picked = _first_distinct(Proposals(rows[r_at], table[r_at, like_at, col_at]), order_key, quota)
-        return picked.replace_rows({int(u): self.propose_alone(requests, int(u), int(quota[u]))
-                                    for u in rows[ran_out]})
+        return picked.replace_rows({int(u): self.propose_alone(requests, int(u), int(quota[u])) for u in rows[ran_out]})
 
     def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
         """One user's proposals, with live searches where the table runs short."""
@@ -532,8 +550,9 @@ class RecentNeighboursSource(Source):
             lists, exhausted = [np.zeros(0, np.int64)] * len(liked), [False] * len(liked)
         for at, i in enumerate(liked):
             if len(lists[at]) < per_like and not exhausted[at]:  # search live beyond the table
-                labels = ann_search(self.index, self.item_vectors[i][None, :], per_like + 1,
-                                    requests.search_params(self.tuned, u))[0]
+                labels = ann_search(
+                    self.index, self.item_vectors[i][None, :], per_like + 1, requests.search_params(self.tuned, u)
+                )[0]
                 lists[at] = labels[(labels >= 0) & (labels != i)][:per_like]
         # Round-robin (the best neighbour of each like, then the second, ...), duplicates
         # dropped: a few dozen items, cheaper in plain Python than in NumPy calls.
@@ -591,8 +610,9 @@ def merge(proposals: list[tuple[str, Proposals]], n_candidates: int) -> Candidat
     names = tuple(name for name, _ in proposals)
     rows = np.concatenate([p.rows for _, p in proposals] or [np.zeros(0, np.int64)])
     items = np.concatenate([p.items for _, p in proposals] or [np.zeros(0, np.int64)])
-    bit = np.repeat(np.left_shift(np.uint32(1), np.arange(len(proposals), dtype=np.uint32)),
-                    [len(p.rows) for _, p in proposals])
+    bit = np.repeat(
+        np.left_shift(np.uint32(1), np.arange(len(proposals), dtype=np.uint32)), [len(p.rows) for _, p in proposals]
+    )
     if len(items) == 0:
         return Candidates(rows, items, np.zeros(0, np.uint32), names)
     # Within a row, concatenation order is proposal order (source, then rank): a stable
@@ -611,7 +631,7 @@ def merge(proposals: list[tuple[str, Proposals]], n_candidates: int) -> Candidat
     bits = np.bitwise_or.reduceat(bit[order], starts)
     if single:
         keep = np.argsort(first)[:n_candidates]
-        return Candidates(rows[:len(keep)], items[first[keep]], bits[keep], names)
+        return Candidates(rows[: len(keep)], items[first[keep]], bits[keep], names)
     keep = np.argsort(rows[first] * len(rows) + first)  # by row, then first proposal
     keep = keep[positions_in_rows(rows[first][keep]) < n_candidates]
     return Candidates(rows[first][keep], items[first][keep], bits[keep], names)
