@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= auto
 
-.PHONY: help install install-bench test demo describe train index rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test lint typecheck demo describe train index rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -25,6 +25,13 @@ install-bench: $(VENV)/.installed-bench  ## add the benchmark peers (scikit-surp
 
 test: install  ## run the test suite
 	$(PY) -m pytest -q
+
+lint: install  ## ruff: lint and format check (configured in pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install  ## mypy over engine/ and index_builder/ (configured in pyproject.toml)
+	$(VENV)/bin/mypy
 
 describe: install  ## describe the dataset (DATA=path|synthetic, default: ML-100K if present)
 	$(VENV)/bin/tandem data describe $(if $(filter auto,$(DATA)),,$(DATA))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict[str, dict[str, Any]]:
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """The effective configuration: defaults, then the TOML file, then ``overrides``.
 
     Args:

@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             ],
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "TANDEM_TOKEN": ""},
+            env={k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"},  # the demo runs without auth
         )
         try:
             while not port_file.exists():
                 if server.poll() is not None:
-                    print(server.stderr.read(), file=sys.stderr)
+                    print(server.stderr.read() if server.stderr else "", file=sys.stderr)
                     return 1
                 if time.perf_counter() - started > 120:
                     raise TimeoutError("the server did not start within 120 s")

@@ -132,7 +132,7 @@ def year_from_title(title: str) -> float:
 def _item_features(
     genre_rows: np.ndarray, genre_labels: list[str], years: np.ndarray, extra: dict[str, np.ndarray] | None = None
 ) -> FeatureTable:
-    columns = {"genres": genre_rows.astype(np.uint8), "year": years.astype(np.float32)}
+    columns: dict[str, np.ndarray] = {"genres": genre_rows.astype(np.uint8), "year": years.astype(np.float32)}
     columns.update(extra or {})
     return FeatureTable(columns, {"genres": list(genre_labels)})
 

@@ -116,7 +116,7 @@ def map_at_k(recommended: np.ndarray, relevant: sp.csr_matrix, k: int) -> float:
 def hit_rate_at_k(recommended: np.ndarray, relevant: sp.csr_matrix, k: int) -> float:
     """Share of users with at least one relevant item in their top k."""
     hits = hits_at_k(recommended, relevant, k)
-    return _mean_over_relevant(hits.any(1).astype(np.float64), _n_relevant(relevant))
+    return _mean_over_relevant(np.asarray(hits.any(1), np.float64), _n_relevant(relevant))
 
 
 def ranking_metrics(recommended: np.ndarray, relevant: sp.csr_matrix, k: int = 10) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def evaluate_engine(
         rec = engine.recommend(user_id, k=k, n_candidates=n_candidates)
         latencies[row] = time.perf_counter() - start
         recs[row, : len(rec)] = engine.items.indices(rec.item_ids)
-    report = metrics.ranking_metrics(recs, relevant[users], k)
+    report: dict[str, Any] = dict(metrics.ranking_metrics(recs, relevant[users], k))
     report["candidate_recall"] = {name: recall_sum[name] / counted[name] for name in recall_sum if counted[name]}
     report["latency_ms"] = {
         "p50": float(np.percentile(latencies, 50) * 1e3),
@@ -103,7 +104,7 @@ def evaluate_pipeline(
         values = [r[system][key] for r in per_fold if system in r]
         return float(np.mean(values)) if values else None
 
-    summary = {}
+    summary: dict[str, dict[str, Any]] = {}
     for system in ("pipeline", "popularity", "implicit_als"):
         if any(system in r for r in per_fold):
             summary[system] = {key: mean(system, key) for key in (f"recall@{k}", f"ndcg@{k}")}

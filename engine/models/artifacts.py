@@ -15,7 +15,7 @@ def write_model_dir(path: str | Path, name: str, meta: dict, arrays: dict[str, n
     """Write ``<name>.json`` and ``<name>_arrays.npz`` into directory ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    np.savez(path / f"{name}_arrays.npz", **arrays)
+    np.savez(path / f"{name}_arrays.npz", **arrays)  # type: ignore[arg-type]  # (numpy's stub: **kwds as allow_pickle)
     (path / f"{name}.json").write_text(json.dumps(meta, indent=2))
     return path
 

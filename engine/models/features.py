@@ -70,10 +70,10 @@ class ColumnEncoder:
             out = np.zeros((n, len(self.vocab) + 1), np.float32)
             out[np.arange(n), cols] = 1.0
             return out
-        v = np.asarray(values, np.float32).reshape(n, -1)
-        if v.shape[1] != self.width:
-            raise InvalidRequest(f"feature {self.name!r} has {v.shape[1]} values, expected {self.width}")
-        return v
+        flags = np.asarray(values, np.float32).reshape(n, -1)
+        if flags.shape[1] != self.width:
+            raise InvalidRequest(f"feature {self.name!r} has {flags.shape[1]} values, expected {self.width}")
+        return flags
 
     def to_json(self) -> dict:
         return {

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data import Dataset, IdMap
+from engine.data import Dataset, FeatureTable, IdMap
 from engine.errors import TandemError
 from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.features import FeaturePipeline, fit_item_pipeline, fit_user_pipeline
@@ -159,8 +159,9 @@ class TwoTowerModel:
         self.config = config
         self.item_log_popularity = np.asarray(item_log_popularity, np.float32)  # [n_items] log q
         self.metrics = metrics or {}
-        self._user_table = None  # raw feature tables of known entities, set by train/load
-        self._item_table = None
+        self._user_table: FeatureTable | None = None  # raw feature tables of known entities, set by train/load
+        self._item_table: FeatureTable | None = None
+        self.torch_towers: tuple | None = None  # the trained torch modules, kept by train_two_tower
         self.item_vectors = np.zeros((0, config.output_dim), np.float32)
 
     def _set_tables(self, user_table, item_table) -> None:
@@ -267,7 +268,8 @@ class TwoTowerModel:
         tables = {}
         for side, table in (("user", self._user_table), ("item", self._item_table)):
             names = []
-            for name, col in table.columns.items() if table is not None else []:
+            columns: dict[str, np.ndarray] = table.columns if table is not None else {}
+            for name, col in columns.items():
                 arrays[f"{side}_col_{name}"] = col
                 names.append(name)
             tables[side] = {"columns": names, "labels": table.labels if table is not None else {}}

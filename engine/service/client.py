@@ -101,7 +101,7 @@ class Client:
         timeout: float = 10.0,
         server_name: str | None = None,
     ):
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         if tls or root_certificates is not None:
             roots = root_certificates
             if isinstance(roots, (str, Path)):

@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -521,7 +522,7 @@ class TandemServer:
         self.metrics_port: int | None = None
         self._stop = threading.Event()
         self._server = None
-        self._metrics_http = None
+        self._metrics_http: Any = None
 
     def start(self) -> TandemServer:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -554,7 +555,7 @@ class TandemServer:
         reflection.enable_server_reflection(names, server)
         address = f"{cfg.host}:{cfg.port}"
         try:
-            if cfg.tls_cert:
+            if cfg.tls_cert and cfg.tls_key:
                 creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
                 self.port = server.add_secure_port(address, creds)
             else:

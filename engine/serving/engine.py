@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -115,7 +116,7 @@ class Engine:
         path = published.path
         tables = path / "tables"
 
-        def load(name: str, folder: Path = tables, mmap_mode: str | None = None) -> np.ndarray:
+        def load(name: str, folder: Path = tables, mmap_mode: Literal["r"] | None = None) -> np.ndarray:
             return np.load(folder / name, allow_pickle=False, mmap_mode=mmap_mode)
 
         self.users = published.users
@@ -286,9 +287,9 @@ class Engine:
         if user_features:
             self._check_user_features(user_features)
         if n == 1 and not ratings and user_ids[0] is not None:
-            known = self.users.get(user_ids[0])
-            if known is not None:
-                return self._known_user(cat, known, exclude_seen, item_mask)
+            lone = self.users.get(user_ids[0])
+            if lone is not None:
+                return self._known_user(cat, lone, exclude_seen, item_mask)
         u = self.users.indices_or_missing(user_ids)
         known = u >= 0
         has_cf = known & (u < len(self.cf.users))
@@ -584,9 +585,9 @@ class Engine:
             proposals = [(name, cat.sources[name].propose(requests, quota)) for name, quota in shares.items()]
             candidates = merge(proposals, n_candidates)
             # For monitoring: how many items each source available to a user proposed for them.
-            counts = {name: found.counts(len(requests)).tolist() for name, found in proposals}
+            per_user = {name: found.counts(len(requests)).tolist() for name, found in proposals}
             active = {name: (quota > 0).tolist() for name, quota in shares.items()}
-            proposed = [{name: c[u] for name, c in counts.items() if active[name][u]} for u in range(len(requests))]
+            proposed = [{name: c[u] for name, c in per_user.items() if active[name][u]} for u in range(len(requests))]
         scores = self._rank(cat, requests, candidates.rows, candidates.items)
         top = top_k_per_row(candidates.rows, scores, k, len(requests))
         bounds = np.searchsorted(candidates.rows[top], np.arange(len(requests) + 1))

@@ -10,6 +10,7 @@ same whatever else is being ranked, so ``score`` of a few items, ``recommend`` a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,11 +58,12 @@ class FoldedBlend:
     cf_offset``, and ``w_t`` / ``w_c`` zero where the user lacks that component. ``none``
     marks users with neither (ranked by a fallback score instead)."""
 
-    tower_factor: np.ndarray
-    tower_const: np.ndarray
-    cf_factor: np.ndarray
-    cf_const: np.ndarray
-    none: np.ndarray
+    # [U] arrays (of), or Python scalars (of_one)
+    tower_factor: Any
+    tower_const: Any
+    cf_factor: Any
+    cf_const: Any
+    none: Any
 
     @classmethod
     def of(

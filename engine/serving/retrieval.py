@@ -132,8 +132,9 @@ class Requests:
     def user_bitmap(self, u: int, out: np.ndarray) -> np.ndarray:
         """User ``u``'s mask as a little-endian packed bitmap, written into ``out``: the
         filters' bits (all set without filters) with the user's excluded items cleared."""
-        if self.filtered:
-            np.copyto(out, self.filter_bits())
+        shared = self.filter_bits()  # None exactly when the batch has no filters
+        if shared is not None:
+            np.copyto(out, shared)
         else:
             out.fill(255)
         excluded = self.excluded_of(u)[:-1]
@@ -163,7 +164,8 @@ class Requests:
         if key not in self._cache:
             import faiss
 
-            bits = self.user_bitmap(u, np.empty((len(self.item_mask) + 7) // 8, np.uint8)) if own else shared
+            own_bits = np.empty((len(self.item_mask) + 7) // 8, np.uint8)
+            bits = self.user_bitmap(u, own_bits) if own and u is not None else shared
             # FAISS keeps pointers: the cache keeps the bitmap and the selector alive.
             selector = None if bits is None else faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits))
             self._cache[key] = (search_params(tuned, selector), selector, bits)
@@ -357,7 +359,7 @@ class _AnnSource(Source):
         if top is not None and at is not None:
             tabled = (at[rows] >= 0) & (quota[rows] <= top.shape[1])
         found = []
-        if tabled.any():
+        if top is not None and at is not None and tabled.any():
             listed = rows[tabled]
             table = top[at[listed]]
             # Rows the filters left short are searched (alone), as propose_alone does.
