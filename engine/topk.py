@@ -70,3 +70,22 @@ def top_k_per_row(rows: np.ndarray, scores: np.ndarray, k: int, n_rows: int) -> 
     chosen = np.flatnonzero(scores >= threshold[rows])  # the k best, and any ties with the k-th
     chosen = chosen[np.lexsort((chosen, -scores[chosen], rows[chosen]))]
     return chosen[np.arange(len(chosen)) - np.searchsorted(rows[chosen], rows[chosen]) < k]
+
+
+def top_k_rows(scores: np.ndarray, k: int, excluded=None, rows=None) -> np.ndarray:
+    """Each row's ``k`` best columns ``[n, k]`` (best first, ties by lower column, ``-1``
+    padding a row with fewer than ``k`` finite scores). ``excluded`` (a CSR matrix, one
+    row per entity) drops, for row ``j``, the columns of its row ``rows[j]`` (default
+    ``j``). ``scores`` is modified in place where columns are excluded. The exact top-k
+    of every brute-force ranking (models, evaluation peers, the exact vector index)."""
+    n = len(scores)
+    out = np.full((n, k), -1, np.int64)
+    for j in range(n):
+        values = scores[j]
+        if excluded is not None:
+            r = j if rows is None else rows[j]
+            values[excluded.indices[excluded.indptr[r] : excluded.indptr[r + 1]]] = -np.inf
+        top = top_k_desc(values, k)
+        top = top[np.isfinite(values[top])]
+        out[j, : len(top)] = top
+    return out

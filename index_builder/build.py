@@ -76,7 +76,7 @@ def item_neighbours(index, vectors: np.ndarray, m: int = ITEM_NEIGHBOURS, batch:
     out = np.full((n, m), -1, np.int32)
     for start in range(0, n, batch):
         rows = np.arange(start, min(start + batch, n))
-        _, labels = index.search(np.ascontiguousarray(vectors[rows], np.float32), m + 1)
+        _, labels = index.search(vectors[rows], m + 1)
         for r, found in zip(rows, labels):
             found = found[(found >= 0) & (found != r)][:m]
             out[r, : len(found)] = found
@@ -110,7 +110,7 @@ def user_top_items(
     are dropped, so the row holds ``k`` unseen items whenever the index returns that
     many. Users are searched in blocks of similar history length, so one heavy user
     does not widen the search of everyone."""
-    n_users, n_items = len(queries), index.ntotal
+    n_users, n_items = len(queries), len(index)
     k = min(k, n_items)
     out = np.full((n_users, k), -1, np.int32)
     n_seen = np.diff(seen_indptr)
@@ -128,7 +128,7 @@ def user_top_items(
             size = max(1, labels_per_block // width_at(start + size - 1))
         block = order[start : start + size]
         width = width_at(start + len(block) - 1)
-        _, labels = index.search(np.ascontiguousarray(queries[block], np.float32), width)
+        _, labels = index.search(queries[block], width)
         rows = np.repeat(np.arange(len(block), dtype=np.int64), width)
         flat = labels.ravel().astype(np.int64)
         # The block's seen items as sorted (row, item) keys, to drop them by binary search.
@@ -286,7 +286,7 @@ def _build(
                 f"recall@{report.k} = {report.recall_at_k:.4f} on {report.n_queries} queries, "
                 f"below the floor {recall_floor}; nothing was published"
             )
-        ann.save_index(index, staged / f"{name}.faiss")
+        index.save(staged / f"{name}.faiss")
         reports[name] = report.to_json()
         if name == "cf_l2":
             neighbours = item_neighbours(index, cf.X, log=log)

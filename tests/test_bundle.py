@@ -232,13 +232,11 @@ def test_recall_is_tie_aware():
 def test_user_top_items_hand_computed():
     """Each user's first k unseen items by inner product, in blocks of different widths;
     a user who has seen nearly everything gets a short row padded with -1."""
-    import faiss
-
+    from engine.index.exact import ExactIndex
     from index_builder.build import user_top_items
 
     items = np.array([[5.0], [4.0], [3.0], [2.0], [1.0], [0.0]], np.float32)  # score = item value x query
-    index = faiss.IndexFlatIP(1)
-    index.add(items)
+    index = ExactIndex(items, "ip")
     queries = np.array([[1.0], [1.0], [-1.0], [1.0]], np.float32)
     seen = [[0], [], [5, 4], [0, 1, 2, 3]]  # user 3 has two unseen items left
     indptr = np.r_[0, np.cumsum([len(s) for s in seen])].astype(np.int64)

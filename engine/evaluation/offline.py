@@ -13,6 +13,7 @@ import numpy as np
 
 from engine.data import Dataset
 from engine.evaluation import metrics
+from engine.topk import top_k_rows
 
 
 def check_aligned(model_users, model_items, dataset: Dataset) -> None:
@@ -65,13 +66,13 @@ def popularity_recommender(train: Dataset) -> Callable[[np.ndarray, int], np.nda
     counts = train.item_counts().astype(np.float64)
     seen = train.user_items()
 
-    def recommend(users: np.ndarray, k: int) -> np.ndarray:
-        out = np.empty((len(users), k), np.int64)
-        for row, u in enumerate(users):
-            scores = counts.copy()
-            scores[seen.indices[seen.indptr[u] : seen.indptr[u + 1]]] = -np.inf
-            out[row] = np.argsort(-scores, kind="stable")[:k]
-        return out
+    def recommend(users: np.ndarray, k: int, block: int = 256) -> np.ndarray:
+        return np.concatenate(
+            [
+                top_k_rows(np.tile(counts, (len(part), 1)), k, seen, part)
+                for part in np.array_split(users, max(1, -(-len(users) // block)))
+            ]
+        )
 
     return recommend
 

@@ -374,18 +374,19 @@ class LoadedBundle:
         return self.manifest["version"]
 
     def index(self, name: str):
-        """The FAISS index ``name`` (``cf_l2``, ``cf_ip``, ``towers_ip``)."""
-        from engine.index import faiss_index as ann
+        """The vector index ``name`` (``cf_l2``, ``cf_ip``, ``towers_ip``): a
+        :class:`~engine.index.faiss_index.FaissIndex` with its tuned search parameters."""
+        from engine.index.faiss_index import FaissIndex
 
         if name not in self._indexes:
             report = self.manifest["indexes"].get(name)
             if report is None:
                 raise BundleError(f"{self.path}: no index named {name!r}")
-            index = ann.load_index(self.path / f"{name}.faiss", report["search_params"])
-            if index.d != report["dim"] or index.ntotal != report["n_vectors"]:
+            index = FaissIndex.load(self.path / f"{name}.faiss", report["metric"], report["search_params"])
+            if index.dim != report["dim"] or len(index) != report["n_vectors"]:
                 raise BundleError(
                     f"{self.path / (name + '.faiss')}: expected {report['n_vectors']} x "
-                    f"{report['dim']}, found {index.ntotal} x {index.d}"
+                    f"{report['dim']}, found {len(index)} x {index.dim}"
                 )
             self._indexes[name] = index
         return self._indexes[name]
@@ -405,7 +406,7 @@ class LoadedBundle:
                 self._cf_item_vectors = np.load(self.path / "tables" / "cf_item_vectors.npy", allow_pickle=False)
             item_vectors = self._cf_item_vectors
         query = item_vectors[i][None, :]
-        dist, labels = self.index("cf_l2").search(np.ascontiguousarray(query, np.float32), k + 1)
+        dist, labels = self.index("cf_l2").search(query, k + 1)
         keep = (labels[0] >= 0) & (labels[0] != i)
         labels, dist = labels[0][keep][:k], dist[0][keep][:k]
         return self.items.external(labels), dist.astype(np.float32)

@@ -1,5 +1,5 @@
-"""FAISS indexes over item vectors: choosing, building, tuning against exact search,
-saving and loading.
+"""FAISS indexes over item vectors: :class:`FaissIndex` (the :class:`VectorIndex` of
+FAISS), and choosing, building, tuning against exact search, saving and loading.
 
 Labels are dense item indices ``0..n-1`` (the order of the bundle's item ids), so a new
 item appended to the catalogue takes the next label without an id map. Every approximate
@@ -16,11 +16,15 @@ items without ratings) make the exact id list itself arbitrary.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from engine.index.exact import ExactIndex
+from engine.index.vector_index import as_queries, check_metric
 
 EXACT_BELOW = 50_000  # items: exact search is fast enough below this
 FLOAT_MEMORY_LIMIT = 8 * 1024**3  # bytes of float vectors above which HNSW gives way to IVF-PQ
@@ -52,11 +56,84 @@ def _faiss():
 
 def _metric(metric: str) -> int:
     faiss = _faiss()
-    if metric == "l2":
-        return faiss.METRIC_L2
-    if metric == "ip":
-        return faiss.METRIC_INNER_PRODUCT
-    raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
+    return faiss.METRIC_L2 if check_metric(metric) == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+class _Selectors(threading.local):
+    """Per thread, the FAISS search parameters last built for a few filter bitmaps.
+    Building a selector and parameters costs more than a lone request's bitmap: a thread
+    that reuses one bitmap buffer request after request (engine.serving.retrieval) reuses
+    them too. Each entry holds its bitmap, so the memory FAISS points to stays alive."""
+
+    def __init__(self):
+        self.entries: dict = {}  # (tuned parameters, id(bits)) -> (bits, params, selector)
+
+
+_SELECTORS = _Selectors()
+_SELECTORS_KEPT = 8
+
+
+class FaissIndex:
+    """A FAISS index with the search parameters tuned when it was built (``efSearch``
+    for HNSW, ``nprobe`` for IVF): a :class:`~engine.index.vector_index.VectorIndex`.
+
+    The ``allowed`` filter is handed to FAISS as an ``IDSelectorBitmap`` over the packed
+    bitmap itself (no copy), so filtering happens inside the search."""
+
+    def __init__(self, index, metric: str, search_params: dict | None = None):
+        self.index, self.metric = index, check_metric(metric)
+        self.search_params = dict(search_params or {})
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        queries = as_queries(queries, self.dim)
+        scores, labels = self.index.search(queries, int(k), params=self._params(allowed))
+        return scores, labels
+
+    def _params(self, allowed: np.ndarray | None):
+        key = (tuple(sorted(self.search_params.items())), None if allowed is None else id(allowed))
+        entry = _SELECTORS.entries.get(key)
+        if entry is not None and entry[0] is allowed:
+            return entry[1]
+        faiss = _faiss()
+        given = {}
+        if allowed is not None:
+            if len(allowed) * 8 < len(self):
+                raise ValueError(f"the filter bitmap covers {len(allowed) * 8} items; the index holds {len(self)}")
+            # (FAISS's n is the bitmap's length in bytes: an id beyond it is not selected.)
+            given["sel"] = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(allowed))
+        tuned = self.search_params
+        if "efSearch" in tuned:
+            params = faiss.SearchParametersHNSW(efSearch=int(tuned["efSearch"]), **given)
+        elif "nprobe" in tuned:
+            params = faiss.SearchParametersIVF(nprobe=int(tuned["nprobe"]), **given)
+        else:
+            params = faiss.SearchParameters(**given)
+        if len(_SELECTORS.entries) >= _SELECTORS_KEPT:
+            _SELECTORS.entries.pop(next(iter(_SELECTORS.entries)))
+        _SELECTORS.entries[key] = (allowed, params, given.get("sel"))  # FAISS keeps raw pointers to both
+        return params
+
+    def added(self, vectors: np.ndarray) -> FaissIndex:
+        """A copy of this index with ``vectors`` added (FAISS adds in place, so the copy
+        keeps this index unchanged for the requests that read it)."""
+        copy = _faiss().clone_index(self.index)
+        copy.add(as_queries(vectors, self.dim))
+        return FaissIndex(copy, self.metric, self.search_params)
+
+    def save(self, path: str | Path) -> None:
+        _faiss().write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, metric: str, search_params: dict | None = None) -> FaissIndex:
+        """Read an index written by :meth:`save`, with its tuned search parameters."""
+        return cls(_faiss().read_index(str(path)), metric, search_params)
 
 
 def choose_factory(
@@ -74,16 +151,9 @@ def choose_factory(
     return f"IVF{nlist},PQ{m}"
 
 
-def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force ``(scores [n, k], labels [n, k])`` — the reference for every index."""
-    faiss = _faiss()
-    index = faiss.IndexFlat(vectors.shape[1], _metric(metric))
-    index.add(np.ascontiguousarray(vectors, np.float32))
-    return index.search(np.ascontiguousarray(queries, np.float32), k)
-
-
 def set_search_params(index, params: dict) -> None:
-    """Apply ``{"efSearch": n}`` or ``{"nprobe": n}`` to a loaded index."""
+    """Apply ``{"efSearch": n}`` or ``{"nprobe": n}`` to a raw FAISS index (the defaults
+    of searches without explicit parameters)."""
     faiss = _faiss()
     if "efSearch" in params:
         faiss.downcast_index(index).hnsw.efSearch = int(params["efSearch"])
@@ -105,11 +175,11 @@ def tie_aware_recall(
 
 
 def measure_recall(index, vectors: np.ndarray, queries: np.ndarray, k: int, metric: str) -> float:
-    """recall@k of ``index`` against exact search over ``vectors`` on ``queries``
-    (tie-aware, see :func:`tie_aware_recall`)."""
+    """recall@k of a :class:`VectorIndex` against exact search over ``vectors`` on
+    ``queries`` (tie-aware, see :func:`tie_aware_recall`)."""
     k = min(k, len(vectors))
-    exact_scores, _ = exact_search(vectors, queries, k, metric)
-    scores, labels = index.search(np.ascontiguousarray(queries, np.float32), k)
+    exact_scores, _ = ExactIndex(vectors, metric).search(queries, k)
+    scores, labels = index.search(queries, k)
     return tie_aware_recall(scores, labels, exact_scores, metric)
 
 
@@ -133,7 +203,7 @@ def build_index(
         recall_floor: HNSW's ``efSearch`` / IVF's ``nprobe`` are raised until recall@k
             reaches it (or their maximum); the caller decides whether to publish.
 
-    Returns ``(index, IndexReport)``.
+    Returns ``(FaissIndex, IndexReport)``.
     """
     faiss = _faiss()
     vectors = np.ascontiguousarray(vectors, np.float32)
@@ -164,7 +234,7 @@ def build_index(
     build_seconds = time.perf_counter() - start
 
     kk = min(k, n)
-    exact_scores, _ = exact_search(vectors, queries, kk, metric)
+    exact_scores, _ = ExactIndex(vectors, metric).search(queries, kk)
     params: dict = {}
 
     def recall() -> float:
@@ -193,7 +263,8 @@ def build_index(
             if measured >= recall_floor or nprobe >= nlist:
                 break
             nprobe = min(nprobe * 2, nlist)
-    return index, IndexReport(factory, metric, n, dim, build_seconds, float(measured), kk, len(queries), params)
+    report = IndexReport(factory, metric, n, dim, build_seconds, float(measured), kk, len(queries), params)
+    return FaissIndex(index, metric, params), report
 
 
 def _exact_scores(vectors: np.ndarray, queries: np.ndarray, labels: np.ndarray, metric: str) -> np.ndarray:
@@ -202,14 +273,3 @@ def _exact_scores(vectors: np.ndarray, queries: np.ndarray, labels: np.ndarray, 
     if metric == "l2":
         return ((picked - queries[:, None, :]) ** 2).sum(-1)
     return np.einsum("nkd,nd->nk", picked, queries)
-
-
-def save_index(index, path: str | Path) -> None:
-    _faiss().write_index(index, str(path))
-
-
-def load_index(path: str | Path, search_params: dict | None = None):
-    """Read an index written by :func:`save_index` and apply its search parameters."""
-    index = _faiss().read_index(str(path))
-    set_search_params(index, search_params or {})
-    return index

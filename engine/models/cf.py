@@ -40,12 +40,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from engine.data import Dataset, IdMap
 from engine.errors import TandemError
 from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.training import EarlyStopping, LearningCurve, resolve_device, seed_everything
-from engine.topk import top_k_desc
+from engine.topk import top_k_desc, top_k_rows
 
 FORMAT_VERSION = 1
 
@@ -288,17 +289,18 @@ class CFModel:
         """Top ``k`` item indices ``[n_users, k]`` for many users (``-1`` pads), exact."""
         user_indices = np.asarray(user_indices, np.int64)
         out = np.full((len(user_indices), k), -1, np.int64)
-        offsets = self.item_offsets
+        seen = (
+            sp.csr_matrix(
+                (np.ones(len(self.seen_indices)), self.seen_indices, self.seen_indptr),
+                shape=(len(self.users), len(self.items)),
+            )
+            if exclude_seen
+            else None
+        )
         for start in range(0, len(user_indices), chunk):
             us = user_indices[start : start + chunk]
-            scores = self.W[us] @ self.X.T + offsets  # user bias does not change the order
-            if exclude_seen:
-                for row, u in enumerate(us):
-                    scores[row, self.seen(u)] = -np.inf
-            for row in range(len(us)):
-                top = top_k_desc(scores[row], k)
-                top = top[np.isfinite(scores[row, top])]
-                out[start + row, : len(top)] = top
+            scores = self.W[us] @ self.X.T + self.item_offsets  # user bias does not change the order
+            out[start : start + len(us)] = top_k_rows(scores, k, seen, us)
         return out
 
     def similar_items(self, item_id: object, k: int = 10) -> tuple[np.ndarray, np.ndarray]:

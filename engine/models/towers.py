@@ -29,7 +29,7 @@ from engine.errors import TandemError
 from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.features import FeaturePipeline, fit_item_pipeline, fit_user_pipeline
 from engine.models.training import EarlyStopping, LearningCurve, resolve_device, seed_everything
-from engine.topk import top_k_desc
+from engine.topk import top_k_rows
 
 FORMAT_VERSION = 1
 
@@ -241,15 +241,12 @@ class TwoTowerModel:
     def recommend_indices(self, user_indices: np.ndarray, k: int, exclude) -> np.ndarray:
         """Top ``k`` item indices ``[n, k]`` for known users by exact dot product,
         excluding the items of CSR ``exclude`` ``[n_users, n_items]`` (``-1`` pads)."""
-        vectors = self.user_vectors_at(np.asarray(user_indices, np.int64))
+        user_indices = np.asarray(user_indices, np.int64)
+        vectors = self.user_vectors_at(user_indices)
         out = np.full((len(user_indices), k), -1, np.int64)
         for start in range(0, len(user_indices), 1024):
-            s = self.scores(vectors[start : start + 1024])
-            for row, u in enumerate(user_indices[start : start + 1024]):
-                s[row, exclude.indices[exclude.indptr[u] : exclude.indptr[u + 1]]] = -np.inf
-                top = top_k_desc(s[row], k)
-                top = top[np.isfinite(s[row, top])]
-                out[start + row, : len(top)] = top
+            block = user_indices[start : start + 1024]
+            out[start : start + len(block)] = top_k_rows(self.scores(vectors[start : start + 1024]), k, exclude, block)
         return out
 
     # ------------------------------------------------------- persistence

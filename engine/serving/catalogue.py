@@ -51,13 +51,9 @@ class Catalogue:
         The towers source of the new version searches a copy of the index holding the
         new vectors, and no longer reads the per-user table: that table ranks the
         bundle's items only."""
-        import faiss
-
         n_new = len(item_ids)
         towers = self.sources["towers"]
-        index = faiss.clone_index(towers.index)
-        index.add(np.ascontiguousarray(vectors, np.float32))
-        sources = {**self.sources, "towers": type(towers)(index, towers.tuned, None)}
+        sources = {**self.sources, "towers": type(towers)(towers.index.added(vectors), None)}
         concat = lambda old, new: read_only(np.concatenate([old, new]))  # noqa: E731
         return replace(
             self,

@@ -31,6 +31,7 @@ import numpy as np
 
 from engine.errors import InvalidRequest, shorten
 from engine.index.bundle import LoadedBundle
+from engine.index.exact import ExactIndex
 from engine.models.cf import CFModel
 from engine.models.features import segment_labels
 from engine.models.towers import TwoTowerModel
@@ -141,7 +142,6 @@ class Engine:
         self.cf_item_offsets = cf.item_offsets
         # Known users' tower vectors, computed once: a request then only looks one up.
         self.user_tower_vectors = towers.known_user_vectors()
-        idx = published.manifest["indexes"]
         # Each known user's top unseen items in cf_ip / towers_ip, searched when the bundle
         # was built (bundles built before these tables existed search at every request).
         # Mapped read-only, not copied: the server processes of one machine share them.
@@ -154,10 +154,10 @@ class Engine:
         }
         self._user_rows = read_only(np.arange(len(self.users)))  # a lone user's top_rows entry is a view
         sources = {
-            "cf": CFSource(published.index("cf_ip"), idx["cf_ip"]["search_params"], top["cf_ip"]),
-            "towers": TowerSource(published.index("towers_ip"), idx["towers_ip"]["search_params"], top["towers_ip"]),
+            "cf": CFSource(published.index("cf_ip"), top["cf_ip"]),
+            "towers": TowerSource(published.index("towers_ip"), top["towers_ip"]),
             "popular": PopularitySource(popularity),
-            "recent": RecentNeighboursSource(published.index("cf_l2"), idx["cf_l2"]["search_params"], cf.X, neighbours),
+            "recent": RecentNeighboursSource(published.index("cf_l2"), cf.X, neighbours),
         }
         if config.segment_key in segment_tops:
             sources["segment"] = SegmentSource(config.segment_key, segment_tops[config.segment_key])
@@ -727,10 +727,10 @@ class Engine:
         if i < self.n_cf_items:
             ids, dist = self.bundle.similar_items(item_id, k, item_vectors=self.cf.X)
             return self._result(cat, cat.items.indices(ids), dist, [("cf_l2",)] * len(ids))
-        sims = cat.tower_item_vectors @ cat.tower_item_vectors[i]
-        sims[i] = -np.inf
-        top = np.argsort(-sims, kind="stable")[:k]
-        return self._result(cat, top, (2 - 2 * sims[top]).astype(np.float32), [("towers",)] * len(top))
+        sims, top = ExactIndex(cat.tower_item_vectors, "ip").search(cat.tower_item_vectors[i : i + 1], k + 1)
+        keep = (top[0] >= 0) & (top[0] != i)
+        sims, top = sims[0][keep][:k], top[0][keep][:k]
+        return self._result(cat, top, (2 - 2 * sims).astype(np.float32), [("towers",)] * len(top))
 
     def add_items(self, item_ids: Sequence[object], item_features: Sequence[Mapping], persist: bool = True) -> int:
         """Add new items, embedded by the item tower from their features (plus an optional

@@ -146,54 +146,42 @@ class Requests:
         return self.filter_bits() is not None or self.excluded_indptr[u + 1] > self.excluded_indptr[u]
 
     def lone_bitmap(self) -> np.ndarray | None:
-        """A lone request's mask as its thread's packed bitmap (the one its FAISS
-        searches use, see :class:`_ThreadBitmap`), or None when it may see every item."""
+        """A lone request's mask as its thread's packed bitmap (see :class:`_ThreadBitmap`),
+        or None when it may see every item."""
         return _THREAD_BITMAP.bitmap(self) if self._needs_own_bitmap(0) else None
 
-    def search_params(self, tuned: dict, u: int | None = None):
-        """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a
-        bitmap selector of one user's mask, or (``u`` None) of the shared filters (none
-        without filters). A user's bitmap is the filters' with their excluded items'
-        bits cleared: no whole-catalogue mask is copied. A lone request's bitmap and
-        FAISS objects are its thread's, reused from request to request (:class:`_ThreadBitmap`)."""
-        shared = self.filter_bits()
-        own = u is not None and self._needs_own_bitmap(u)
-        if own and len(self) == 1:
-            return _THREAD_BITMAP.search_params(self, tuned)
-        key = ("params", u, tuple(sorted(tuned.items())))
+    def allowed_bits(self, u: int | None = None) -> np.ndarray | None:
+        """The ``allowed`` filter of a vector search (a packed bitmap, see
+        :mod:`engine.index.vector_index`): user ``u``'s mask — the filters' bits with the
+        user's excluded items cleared, no whole-catalogue mask copied — or, ``u`` None,
+        the batch's shared filters. None when every item is allowed. A lone request's
+        bitmap is its thread's buffer, reused from request to request, so that the index
+        reuses its search objects too."""
+        if u is None or not self._needs_own_bitmap(u):
+            return self.filter_bits()
+        if len(self) == 1:
+            return _THREAD_BITMAP.bitmap(self)
+        key = ("bits", u)
         if key not in self._cache:
-            import faiss
-
-            own_bits = np.empty((len(self.item_mask) + 7) // 8, np.uint8)
-            bits = self.user_bitmap(u, own_bits) if own and u is not None else shared
-            # FAISS keeps pointers: the cache keeps the bitmap and the selector alive.
-            selector = None if bits is None else faiss.IDSelectorBitmap(len(self.item_mask), faiss.swig_ptr(bits))
-            self._cache[key] = (search_params(tuned, selector), selector, bits)
-        return self._cache[key][0]
+            self._cache[key] = self.user_bitmap(u, np.empty((len(self.item_mask) + 7) // 8, np.uint8))
+        return self._cache[key]
 
 
 class _ThreadBitmap(threading.local):
-    """Per thread, one item bitmap with a FAISS selector and search parameters over it,
-    reused by every lone request the thread serves: creating the FAISS objects costs more
-    than a request's bitmap itself. The bitmap is filled with a request's mask at that
-    request's first search (requests on one thread run one after another)."""
+    """Per thread, one item bitmap reused by every lone request the thread serves,
+    filled with a request's mask at that request's first search (requests on one thread
+    run one after another). Reusing the buffer lets the vector index reuse the search
+    objects it built over it (see ``engine.index.faiss_index``)."""
 
     def __init__(self):
         self.bits = np.zeros(0, np.uint8)
-        self.n_items = -1
-        self.selector = None
-        self.params: dict = {}
         self.holds: object = None  # the token of the request whose mask the bitmap holds
 
     def bitmap(self, requests: Requests) -> np.ndarray:
         """The thread's bitmap, holding the lone request's mask."""
-        n_items = len(requests.item_mask)
-        if n_items != self.n_items:  # first use, or a catalogue of another size
-            import faiss
-
-            self.bits, self.n_items = np.empty((n_items + 7) // 8, np.uint8), n_items
-            self.selector = faiss.IDSelectorBitmap(n_items, faiss.swig_ptr(self.bits))
-            self.params, self.holds = {}, None
+        n_bytes = (len(requests.item_mask) + 7) // 8
+        if len(self.bits) != n_bytes:  # first use, or a catalogue of another size
+            self.bits, self.holds = np.empty(n_bytes, np.uint8), None
         # A token, not the request itself: the thread keeps no request (nor the engine
         # tables its views point into) alive after it is served.
         token = requests._cache.setdefault("bitmap_token", object())
@@ -201,13 +189,6 @@ class _ThreadBitmap(threading.local):
             requests.user_bitmap(0, self.bits)
             self.holds = token
         return self.bits
-
-    def search_params(self, requests: Requests, tuned: dict):
-        self.bitmap(requests)
-        key = (tuned.get("efSearch"), tuned.get("nprobe"))
-        if key not in self.params:
-            self.params[key] = search_params(tuned, self.selector)
-        return self.params[key]
 
 
 _THREAD_BITMAP = _ThreadBitmap()
@@ -264,23 +245,11 @@ def best_allowed(requests: Requests, rows: np.ndarray, ranked: np.ndarray, quota
     return Proposals(flat_rows[take], flat[take])
 
 
-def search_params(tuned: dict, selector=None):
-    """FAISS search parameters: the index's tuned ``efSearch``/``nprobe`` and a selector
-    (None: every item)."""
-    import faiss
-
-    given = {} if selector is None else {"sel": selector}
-    if "efSearch" in tuned:
-        return faiss.SearchParametersHNSW(efSearch=int(tuned["efSearch"]), **given)
-    if "nprobe" in tuned:
-        return faiss.SearchParametersIVF(nprobe=int(tuned["nprobe"]), **given)
-    return faiss.SearchParameters(**given)
-
-
-def ann_search(index, queries: np.ndarray, k: int, params) -> np.ndarray:
-    """Labels ``[n, k]`` of the top ``k`` items under ``params`` (``-1`` pads)."""
-    _, labels = index.search(np.ascontiguousarray(queries, np.float32), int(k), params=params)
-    return labels
+def ann_search(index, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
+    """Labels ``[n, k]`` of the top ``k`` allowed items of a
+    :class:`~engine.index.vector_index.VectorIndex` (``-1`` pads): every search of the
+    retrieval sources goes through here."""
+    return index.search(queries, int(k), allowed)[1]
 
 
 class Source:
@@ -347,8 +316,8 @@ class _AnnSource(Source):
     the row's items (a search with the filters inside may reach others), or when ``k``
     exceeds ``K``."""
 
-    def __init__(self, index, tuned: dict, top_items: np.ndarray | None = None):
-        self.index, self.tuned, self.top_items = index, tuned, top_items
+    def __init__(self, index, top_items: np.ndarray | None = None):
+        self.index, self.top_items = index, top_items
 
     def queries(self, requests: Requests) -> np.ndarray:
         raise NotImplementedError
@@ -377,8 +346,8 @@ class _AnnSource(Source):
         return found[0] if len(found) == 1 else Proposals.union(found)
 
     def _search_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
-        width = int(min(quota[rows].max() + requests.n_excluded[rows].max(), self.index.ntotal))
-        labels = ann_search(self.index, self.queries(requests)[rows], width, requests.search_params(self.tuned))
+        width = int(min(quota[rows].max() + requests.n_excluded[rows].max(), len(self.index)))
+        labels = ann_search(self.index, self.queries(requests)[rows], width, requests.allowed_bits())
         # A user whose exclusions crowded a full result list is searched alone.
         return self._fill_short(requests, rows, quota, best_allowed(requests, rows, labels, quota), labels[:, -1] >= 0)
 
@@ -392,7 +361,7 @@ class _AnnSource(Source):
                 listed = listed[requests.item_mask[listed]]
             if len(listed) >= k or not (full or requests.filtered):
                 return listed[:k]
-        labels = ann_search(self.index, self.queries(requests)[u : u + 1], k, requests.search_params(self.tuned, u))[0]
+        labels = ann_search(self.index, self.queries(requests)[u : u + 1], k, requests.allowed_bits(u))[0]
         return labels[labels >= 0]
 
 
@@ -508,8 +477,8 @@ class RecentNeighboursSource(Source):
 
     name = "recent"
 
-    def __init__(self, index, tuned: dict, item_vectors: np.ndarray, neighbours: np.ndarray | None = None):
-        self.index, self.tuned, self.item_vectors = index, tuned, item_vectors
+    def __init__(self, index, item_vectors: np.ndarray, neighbours: np.ndarray | None = None):
+        self.index, self.item_vectors = index, item_vectors
         self.neighbours = neighbours
 
     def available(self, requests: Requests) -> np.ndarray:
@@ -552,9 +521,9 @@ class RecentNeighboursSource(Source):
             lists, exhausted = [np.zeros(0, np.int64)] * len(liked), [False] * len(liked)
         for at, i in enumerate(liked):
             if len(lists[at]) < per_like and not exhausted[at]:  # search live beyond the table
-                labels = ann_search(
-                    self.index, self.item_vectors[i][None, :], per_like + 1, requests.search_params(self.tuned, u)
-                )[0]
+                labels = ann_search(self.index, self.item_vectors[i][None, :], per_like + 1, requests.allowed_bits(u))[
+                    0
+                ]
                 lists[at] = labels[(labels >= 0) & (labels != i)][:per_like]
         # Round-robin (the best neighbour of each like, then the second, ...), duplicates
         # dropped: a few dozen items, cheaper in plain Python than in NumPy calls.
