@@ -153,11 +153,10 @@ def user_top_items(
     return out
 
 
-def recent_liked(dataset: Dataset, n: int = RECENT_LIKED, min_rating: float = 4.0) -> np.ndarray:
+def recent_liked(dataset: Dataset, n: int = RECENT_LIKED) -> np.ndarray:
     """Each user's ``n`` most recent liked items ``[n_users, n]`` (latest first, ``-1``
-    pads). Liked: rated at least ``min_rating``, or any interaction for implicit data."""
-    implicit = dataset.n_ratings and dataset.ratings.min() == dataset.ratings.max()
-    liked = np.ones(dataset.n_ratings, bool) if implicit else dataset.ratings >= min_rating
+    pads; liked: :func:`engine.data.dataset.liked_mask`)."""
+    liked = dataset.liked()
     u, i, t = dataset.user_idx[liked], dataset.item_idx[liked], dataset.timestamps[liked]
     order = np.lexsort((-np.arange(len(u)), -t, u))  # by user, then newest first
     u, i = u[order], i[order]
@@ -354,6 +353,9 @@ def _build(
             "n_users": dataset.n_users,
             "n_items": dataset.n_items,
             "n_ratings": dataset.n_ratings,
+            # What a like is on this data: the engine applies the same rule to the ratings
+            # given with a request (engine.data.dataset.liked_mask).
+            "implicit": dataset.implicit,
         },
         "models": {
             "cf": {

@@ -545,3 +545,26 @@ def test_compiled_merge_refuses_an_item_outside_the_catalogue(engine, monkeypatc
     monkeypatch.setattr(towers, "propose_alone", lambda *a: np.array([len(engine.items) + 10**6]))
     with pytest.raises(IndexError, match="outside the catalogue"):
         engine.recommend("u3", sources=["towers"])
+
+
+def test_likes_given_with_a_request_follow_the_datas_rule(world, tmp_path):
+    """On implicit data every interaction is a like, in the bundle's recent likes and in
+    the ratings a request brings alike (the two once disagreed: a folded-in user on
+    implicit data got no "recent" candidates)."""
+    import json
+    import shutil
+
+    from engine.data.dataset import liked_mask
+
+    assert liked_mask(np.array([1.0, 1.0]), implicit=True).all()
+    assert liked_mask(np.array([5.0, 3.0]), implicit=False).tolist() == [True, False]
+    assert world[0].implicit is False and world[0].liked().tolist() == (world[0].ratings >= 4).tolist()
+    version = tmp_path / "bundle"
+    shutil.copytree(world[3] / "current", version)
+    explicit = Engine.load(version)
+    assert explicit.recommend(ratings={"i1": 1.0, "i2": 1.0}).candidates.get("recent") is None
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["dataset"]["implicit"] = True
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    implicit = Engine.load(version)
+    assert implicit.recommend(ratings={"i1": 1.0, "i2": 1.0}).candidates["recent"] > 0

@@ -16,6 +16,17 @@ import scipy.sparse as sp
 
 from engine.errors import UnknownIdError, shorten
 
+# A rating at least this high is a like (explicit data); see liked_mask.
+LIKE_RATING = 4.0
+
+
+def liked_mask(ratings: np.ndarray, implicit: bool, min_rating: float = LIKE_RATING) -> np.ndarray:
+    """Which interactions are likes: every one for implicit data (an interaction is the
+    signal), else the ratings of at least ``min_rating``. The one rule the index builder
+    (each user's recent likes) and the engine (likes given with a request) share."""
+    ratings = np.asarray(ratings, np.float64)
+    return np.ones(len(ratings), bool) if implicit else ratings >= min_rating
+
 
 class IdMap:
     """Bidirectional map between external ids (strings) and dense indices ``0..n-1``.
@@ -215,6 +226,15 @@ class Dataset:
     def __repr__(self) -> str:
         return f"Dataset({self.name!r}, n_users={self.n_users}, n_items={self.n_items}, n_ratings={self.n_ratings})"
 
+    @property
+    def implicit(self) -> bool:
+        """Implicit feedback: every interaction has the same value (no rating scale)."""
+        return bool(self.n_ratings) and float(self.ratings.min()) == float(self.ratings.max())
+
+    def liked(self, min_rating: float = LIKE_RATING) -> np.ndarray:
+        """``[n_ratings]`` bool: the interactions that are likes (see :func:`liked_mask`)."""
+        return liked_mask(self.ratings, self.implicit, min_rating)
+
     # ----------------------------------------------------------- sparse views
     def user_items(self) -> sp.csr_matrix:
         """Ratings as CSR ``[n_users, n_items]`` (float32). Cached."""
@@ -285,7 +305,7 @@ class Dataset:
             "rating_mean": float(self.ratings.mean()) if self.n_ratings else None,
             # The scale is the set of distinct values when it is small (stars), else a range.
             "rating_values": [float(v) for v in distinct] if len(distinct) <= 20 else None,
-            "implicit": bool(len(distinct) == 1),
+            "implicit": self.implicit,
             "ratings_per_user": _spread(users_c),
             "ratings_per_item": _spread(items_c),
             "timestamp_range": ([int(self.timestamps.min()), int(self.timestamps.max())] if self.n_ratings else None),

@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 
+from engine.data.dataset import liked_mask
 from engine.errors import InvalidRequest, shorten
 from engine.index.bundle import LoadedBundle
 from engine.index.exact import ExactIndex
@@ -121,6 +122,8 @@ class Engine:
             return np.load(folder / name, allow_pickle=False, mmap_mode=mmap_mode)
 
         self.users = published.users
+        # Likes follow the data's rule (bundles from before it was recorded: explicit).
+        self.implicit = bool(published.manifest["dataset"].get("implicit", False))
         popularity = load("popularity.npy").astype(np.float32)
         self.seen_indptr, self.seen_indices = load("seen_indptr.npy"), load("seen_indices.npy")
         self.recent = load("recent_liked.npy")
@@ -330,7 +333,8 @@ class Engine:
             if exclude_seen:
                 excluded = np.union1d(excluded, cat.items.indices(items))
                 indptr = np.array([0, len(excluded)], np.int64)
-            liked = [cat.items.index(i) for i, r in zip(items, values) if r >= 4.0][::-1]
+            likes = liked_mask(np.array(values), self.implicit)
+            liked = [cat.items.index(i) for i, like in zip(items, likes) if like][::-1]
             recent = np.full((1, max(len(liked), 1)), -1, np.int64)
             recent[0, : len(liked)] = liked
         return Requests(
