@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from engine.errors import ConfigError
+from engine.settings import EngineConfig, IndexConfig, ServerConfig
 
 DEFAULT_ML100K = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "ml-100k"
 
@@ -44,40 +46,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "cf": {},
     "towers": {},
     "paths": {"models": "artifacts/models", "bundles": "artifacts/bundles"},
-    "index": {
-        "factory": "",  # FAISS factory string for every index; "" chooses by catalogue size
-        "exact_below": 50_000,  # items: exact (Flat) search below, HNSW32 above
-        "recall_floor": 0.95,  # publishing is refused below this recall@k
-        "recall_k": 10,
-        "keep": 5,  # bundle versions kept
-        "user_top_k": 256,  # items per user precomputed for the CF and two-tower sources (0: none)
-    },
-    # Serving (engine.EngineConfig): candidate quotas, ranking blend, limits.
-    "engine": {
-        "source_weights": {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1},
-        "blend_towers": 0.5,
-        "blend_cf": 0.5,
-        "segment_key": "zip_region",
-        "max_k": 1000,
-        "max_candidates": 5000,
-        "max_id_length": 256,
-        "max_text_length": 1024,
-    },
-    "server": {
-        "host": "127.0.0.1",
-        "port": 50051,
-        "processes": 1,
-        "workers": 2,
-        "max_batch": 1000,
-        "max_batch_results": 100_000,
-        "max_message_bytes": 4194304,
-        "token_all": False,
-        "tls_cert": "",
-        "tls_key": "",
-        "metrics_port": -1,
-        "watch_interval": 1.0,
-        "grace": 10.0,
-    },
+    # Index building, serving and the service: the classes of engine.settings.
+    "index": asdict(IndexConfig()),
+    "engine": asdict(EngineConfig()),
+    "server": {key: value for key, value in asdict(ServerConfig()).items() if key not in ServerConfig.NOT_IN_FILE},
 }
 
 

@@ -36,6 +36,7 @@ from engine.models.cf import CFModel
 from engine.models.features import segment_labels
 from engine.models.towers import TwoTowerModel
 from engine.serving.retrieval import positions_in_rows
+from engine.settings import IndexConfig
 
 DEFAULT_SEGMENT_KEYS = ("occupation", "zip_region", "age_band")
 SEGMENT_TOP = 500  # items kept per segment
@@ -85,7 +86,7 @@ def item_neighbours(index, vectors: np.ndarray, m: int = ITEM_NEIGHBOURS, batch:
     return out
 
 
-USER_TOP_ITEMS = 256  # items kept per user for the CF and two-tower sources (0: no tables)
+USER_TOP_ITEMS = IndexConfig.user_top_k  # items kept per user for the CF and two-tower sources (0: no tables)
 
 
 def user_top_items(
@@ -184,10 +185,10 @@ def build_bundle(
     root: str | Path,
     *,
     factory: str | None = None,
-    recall_floor: float = 0.95,
-    k: int = 10,
+    recall_floor: float = IndexConfig.recall_floor,
+    k: int = IndexConfig.recall_k,
     n_queries: int = 1000,
-    keep: int = 5,
+    keep: int = IndexConfig.keep,
     segment_keys=DEFAULT_SEGMENT_KEYS,
     exact_below: int = ann.EXACT_BELOW,
     user_top_k: int = USER_TOP_ITEMS,

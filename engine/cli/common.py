@@ -15,7 +15,7 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
 
 def engine_config(config: dict):
     """The :class:`~engine.EngineConfig` of the ``[engine]`` section."""
-    from engine.serving.engine import EngineConfig
+    from engine.settings import EngineConfig
 
     try:
         return EngineConfig(**config["engine"])

@@ -18,7 +18,7 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
     for key in ("host", "port", "processes", "workers", "metrics_port", "tls_cert", "tls_key", "token_all"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    processes = int(cfg.pop("processes"))
+    processes = int(cfg["processes"])
     if processes < 1:
         raise ConfigError(f"server.processes must be at least 1, got {processes}")
     root = Path(args.bundle or config["paths"]["bundles"])

@@ -25,8 +25,9 @@ import numpy as np
 
 from engine.index.exact import ExactIndex
 from engine.index.vector_index import as_queries, check_metric
+from engine.settings import IndexConfig
 
-EXACT_BELOW = 50_000  # items: exact search is fast enough below this
+EXACT_BELOW = IndexConfig.exact_below  # items: exact search is fast enough below this
 FLOAT_MEMORY_LIMIT = 8 * 1024**3  # bytes of float vectors above which HNSW gives way to IVF-PQ
 
 

@@ -34,7 +34,6 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from engine.index import bundle
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 from engine.serving.engine import Engine, EngineConfig, Recommendations
+from engine.settings import ServerConfig
 
 log = logging.getLogger("tandem.server")
 
@@ -57,30 +57,6 @@ ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 ADMIN_WRITES = (f"/{RECOMMENDER}/AddItems",)
 # A status message is cut to this many characters (gRPC carries it in the metadata).
 MAX_STATUS_MESSAGE = 1000
-
-
-@dataclass
-class ServerConfig:
-    """Server settings (the ``[server]`` section of tandem.toml)."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0 picks a free port
-    # Request threads. Engine work holds the GIL, so more threads add contention, not
-    # throughput; two keep a long request from blocking the rest. Cores: `--processes`.
-    workers: int = 2
-    max_batch: int = 1000  # users per RecommendBatch / items per AddItems
-    max_batch_results: int = 100_000  # users x k per RecommendBatch (keeps the reply within its size limit)
-    max_message_bytes: int = 4 * 1024 * 1024
-    token: str | None = None  # bearer token; None = no authentication
-    token_all: bool = False  # require the token on every rpc, not only on Admin
-    tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS only
-    tls_key: str | None = None
-    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None = off, 0 = any free port
-    watch_interval: float = 1.0  # seconds between checks of `current` and the add journal; 0 = none
-    grace: float = 10.0  # seconds in-flight requests get on shutdown
-    # Share the port with other processes (SO_REUSEPORT): only the processes of one
-    # `tandem serve --processes N` group do; a lone server refuses a port in use.
-    reuse_port: bool = False
 
 
 class _Histogram:

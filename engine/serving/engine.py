@@ -49,10 +49,10 @@ from engine.serving.retrieval import (
     merge,
     quotas,
 )
+from engine.settings import EngineConfig
 from engine.topk import top_k_desc, top_k_per_row
 
 SOURCE_NAMES = ("cf", "towers", "popular", "segment", "recent")
-DEFAULT_SOURCE_WEIGHTS = {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1}
 BATCH_CHUNK = 256  # users served by one pass of the batch pipeline
 
 log = logging.getLogger("tandem.engine")
@@ -90,21 +90,6 @@ class Recommendations:
             {"item_id": i, "score": s, "sources": list(src), "title": t}
             for (i, s, src), t in zip(self, self.titles or [""] * len(self))
         ]
-
-
-@dataclass
-class EngineConfig:
-    """Serving settings (the ``[engine]`` section of tandem.toml)."""
-
-    source_weights: dict = field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
-    blend_towers: float = 0.5
-    blend_cf: float = 0.5
-    segment_key: str = "zip_region"  # occupation, zip_region or age_band
-    max_k: int = 1000
-    max_candidates: int = 5000
-    # Longest item id / title / text feature value a request may carry (characters).
-    max_id_length: int = 256
-    max_text_length: int = 1024
 
 
 class Engine:
