@@ -12,13 +12,13 @@ help:  ## list the targets
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[train,dev]"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install Tandem with its dev tools
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m pip install --quiet -e ".[train,dev,bench]"
 	touch $@
 
 install-bench: $(VENV)/.installed-bench  ## add the benchmark peers (scikit-surprise, implicit, hnswlib)

@@ -45,7 +45,7 @@ import scipy.sparse as sp
 from engine.data import Dataset, IdMap
 from engine.errors import TandemError
 from engine.models.artifacts import read_model_dir, write_model_dir
-from engine.models.training import EarlyStopping, LearningCurve, resolve_device, seed_everything
+from engine.models.training import EarlyStopping, LearningCurve, require_torch, resolve_device, seed_everything
 from engine.topk import top_k_desc, top_k_rows
 
 FORMAT_VERSION = 1
@@ -505,7 +505,7 @@ def train_cf(
             (``train_cf(ds, n_features=32, loss="bce")``).
         curve_path: where to save the learning curve as JSON (and PNG) — optional.
     """
-    import torch
+    torch = require_torch()
     from tqdm.auto import tqdm
 
     cfg = CFConfig(**{**asdict(config or CFConfig()), **overrides})
@@ -569,7 +569,7 @@ def train_cf(
     if cfg.loss == "bce" and cfg.negative_sampling == "popularity":
         neg_cdf = torch.as_tensor(np.cumsum(counts) / counts.sum(), dtype=torch.float64)
 
-    def sample_negatives(n: int, generator) -> torch.Tensor:
+    def sample_negatives(n: int, generator):  # -> torch.Tensor
         if neg_cdf is None:
             return torch.randint(0, n_items, (n,), generator=generator).to(device)
         draws = torch.rand(n, generator=generator, dtype=torch.float64)

@@ -28,7 +28,7 @@ from engine.data import Dataset, FeatureTable, IdMap
 from engine.errors import TandemError
 from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.features import FeaturePipeline, fit_item_pipeline, fit_user_pipeline
-from engine.models.training import EarlyStopping, LearningCurve, resolve_device, seed_everything
+from engine.models.training import EarlyStopping, LearningCurve, require_torch, resolve_device, seed_everything
 from engine.topk import top_k_rows
 
 FORMAT_VERSION = 1
@@ -337,7 +337,7 @@ def train_two_tower(
     Feature pipelines are fitted on ``dataset`` only. Keyword ``overrides`` replace
     fields of ``config`` (``train_two_tower(ds, objective="softmax")``).
     """
-    import torch
+    torch = require_torch()
     from tqdm.auto import tqdm
 
     cfg = TowerConfig(**{**asdict(config or TowerConfig()), **overrides})

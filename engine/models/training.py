@@ -11,10 +11,24 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import TandemError
+
+
+def require_torch():
+    """The ``torch`` module, or a clear error: training needs PyTorch, which is the
+    ``train`` extra (serving, index building and evaluation of saved models do not)."""
+    try:
+        import torch
+    except ModuleNotFoundError:
+        raise TandemError(
+            "training needs PyTorch, which is not installed: pip install 'tandem[train]' (make install does)"
+        ) from None
+    return torch
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) generators."""
-    import torch
+    torch = require_torch()
 
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - the legacy global generator, for libraries that still use it
@@ -23,7 +37,7 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(device: str | None):
     """``"cpu"``, ``"cuda"``, ``"cuda:1"``... or ``None``/``"auto"`` (CUDA when available)."""
-    import torch
+    torch = require_torch()
 
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
