@@ -24,7 +24,8 @@ def test_serving_and_index_building_never_import_torch(small_models, tmp_path):
         from index_builder import build_bundle
 
         ds = data.make_synthetic(n_users=400, n_items=300, n_ratings=12_000, seed=0)
-        cf, towers = CFModel.load({str(tmp_path / "models" / "cf")!r}), TwoTowerModel.load({str(tmp_path / "models" / "towers")!r})
+        models = {str(tmp_path / "models")!r}
+        cf, towers = CFModel.load(models + "/cf"), TwoTowerModel.load(models + "/towers")
         build_bundle(ds, cf, towers, {str(tmp_path / "root")!r}, log=lambda line: None)
         engine = Engine.load({str(tmp_path / "root")!r})
         assert len(engine.recommend("u3", k=5)) == 5 and len(engine.recommend(user_features={{"age": 30}})) == 10
