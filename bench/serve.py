@@ -334,9 +334,9 @@ def main() -> None:
             build_catalogue_bundle(root, args.n_items, user_top_k=args.user_top_k)
         from engine.index import bundle
 
-        tables = bundle.resolve(root) / "tables"
-        users = [str(u) for u in np.load(tables / "user_ids.npy", allow_pickle=False)[:5000]]
-        items = [str(i) for i in np.load(tables / "item_ids.npy", allow_pickle=False)[:20000]]
+        layout = bundle.BundleLayout(bundle.resolve(root))
+        users = [str(u) for u in layout.load_table("user_ids")[:5000]]
+        items = [str(i) for i in layout.load_table("item_ids")[:20000]]
         for processes in [int(p) for p in args.processes.split(",")]:
             result = run_configuration(root, processes, args.workers, args.seconds, users, items, tmp, args.rounds)
             result.update(

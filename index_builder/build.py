@@ -249,8 +249,9 @@ def _build(
     log,
 ) -> Path:
     rng = np.random.default_rng(0)
-    cf.save(staged / "cf")
-    towers.save(staged / "towers")
+    layout = bundle.BundleLayout(staged)
+    cf.save(layout.model("cf"))
+    towers.save(layout.model("towers"))
 
     users_sample = rng.choice(dataset.n_users, min(n_queries, dataset.n_users), replace=False)
     cf_ip_items = np.hstack([cf.X, cf.item_offsets[:, None]]).astype(np.float32)
@@ -286,7 +287,7 @@ def _build(
                 f"recall@{report.k} = {report.recall_at_k:.4f} on {report.n_queries} queries, "
                 f"below the floor {recall_floor}; nothing was published"
             )
-        index.save(staged / f"{name}.faiss")
+        index.save(layout.index(name))
         reports[name] = report.to_json()
         if name == "cf_l2":
             neighbours = item_neighbours(index, cf.X, log=log)
@@ -295,39 +296,32 @@ def _build(
                 index, user_queries[name], seen_indptr, seen_indices, user_top_k, log=log, name=name
             )
 
-    tables = staged / "tables"
-    tables.mkdir()
-    np.save(tables / "item_ids.npy", dataset.items.ids, allow_pickle=False)
-    np.save(tables / "user_ids.npy", dataset.users.ids, allow_pickle=False)
-    counts = dataset.item_counts().astype(np.float32)
-    np.save(tables / "popularity.npy", counts, allow_pickle=False)
-    np.save(tables / "seen_indptr.npy", seen_indptr, allow_pickle=False)
-    np.save(tables / "seen_indices.npy", seen_indices, allow_pickle=False)
+    layout.save_table("item_ids", dataset.items.ids)
+    layout.save_table("user_ids", dataset.users.ids)
+    layout.save_table("popularity", dataset.item_counts().astype(np.float32))
+    layout.save_table("seen_indptr", seen_indptr)
+    layout.save_table("seen_indices", seen_indices)
     for name, top in user_top.items():
-        np.save(tables / f"user_top_{name}.npy", top, allow_pickle=False)
-    np.save(tables / "recent_liked.npy", recent_liked(dataset), allow_pickle=False)
-    np.save(tables / "item_neighbours.npy", neighbours, allow_pickle=False)
+        layout.save_table(f"user_top_{name}", top)
+    layout.save_table("recent_liked", recent_liked(dataset))
+    layout.save_table("item_neighbours", neighbours)
     journal = root / bundle.ADDED_ITEMS  # items added live so far travel with the bundle
     added = [r for r in bundle.read_added_items(journal)[0] if r["item_id"] not in dataset.items]
     if added:
-        bundle.append_added_items(tables / bundle.ADDED_ITEMS, added)
+        bundle.append_added_items(layout.added_items, added)
         log(f"  carrying {len(added)} item(s) added live (from {journal})")
     # The exported item vectors themselves, beside the indexes built from them.
-    np.save(tables / "cf_item_vectors.npy", cf.X, allow_pickle=False)
-    np.save(tables / "cf_item_offsets.npy", cf.item_offsets, allow_pickle=False)
-    np.save(tables / "tower_item_vectors.npy", towers.item_vectors, allow_pickle=False)
+    layout.save_table("cf_item_vectors", cf.X)
+    layout.save_table("cf_item_offsets", cf.item_offsets)
+    layout.save_table("tower_item_vectors", towers.item_vectors)
     if dataset.item_titles is not None:
-        np.save(tables / "item_titles.npy", dataset.item_titles, allow_pickle=False)
+        layout.save_table("item_titles", dataset.item_titles)
     genre_labels: list[str] = []
     if dataset.item_features is not None and "genres" in dataset.item_features.columns:
-        np.save(
-            tables / "item_genres.npy", dataset.item_features.columns["genres"].astype(np.uint8), allow_pickle=False
-        )
+        layout.save_table("item_genres", dataset.item_features.columns["genres"].astype(np.uint8))
         genre_labels = list(dataset.item_features.labels.get("genres", []))
 
     segments = {}
-    seg_dir = staged / "segments"
-    seg_dir.mkdir()
     for key in segment_keys:
         labels = user_segments(dataset, key)
         values, user_segment = np.unique(labels, return_inverse=True)
@@ -341,10 +335,10 @@ def _build(
             c = np.bincount(dataset.item_idx[seg_of_rating == s], minlength=dataset.n_items)
             order = np.argsort(-c, kind="stable")[:top_n]
             top[s], top_counts[s] = order, c[order]
-        np.save(seg_dir / f"{key}_values.npy", values.astype(str), allow_pickle=False)
-        np.save(seg_dir / f"{key}_user.npy", user_segment.astype(np.int32), allow_pickle=False)
-        np.save(seg_dir / f"{key}_top_items.npy", top, allow_pickle=False)
-        np.save(seg_dir / f"{key}_top_counts.npy", top_counts, allow_pickle=False)
+        layout.save_segment(key, "values", values.astype(str))
+        layout.save_segment(key, "user", user_segment.astype(np.int32))
+        layout.save_segment(key, "top_items", top)
+        layout.save_segment(key, "top_counts", top_counts)
         segments[key] = {"n_segments": int(len(values)), "top_n": int(top_n)}
 
     manifest = {
@@ -361,12 +355,12 @@ def _build(
         "models": {
             "cf": {
                 "n_features": int(cf.X.shape[1]),
-                "config": json.loads((staged / "cf" / "cf.json").read_text())["config"],
+                "config": json.loads((layout.model("cf") / "cf.json").read_text())["config"],
                 "metrics": cf.metrics,
             },
             "towers": {
                 "output_dim": int(towers.item_vectors.shape[1]),
-                "config": json.loads((staged / "towers" / "towers.json").read_text())["config"],
+                "config": json.loads((layout.model("towers") / "towers.json").read_text())["config"],
                 "metrics": towers.metrics,
             },
         },

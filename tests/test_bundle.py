@@ -268,3 +268,21 @@ def test_bundle_carries_each_users_top_unseen_items(trained, tmp_path):
             np.testing.assert_allclose(s[table[u]], -np.sort(-s)[:20], rtol=1e-5, atol=1e-6)
     bare = build_bundle(ds, cf, towers, tmp_path / "without", user_top_k=0, log=quiet)
     assert not list((bare / "tables").glob("user_top_*"))
+
+
+def test_the_layout_names_every_file_of_a_bundle(trained, tmp_path):
+    """BundleLayout is the one owner of the file names: every file the builder writes is
+    one it names (a model directory, an index, a table, a segment part, the manifest)."""
+    ds, cf, towers, _ = trained
+    path = build_bundle(ds, cf, towers, tmp_path / "root", log=quiet)
+    layout = bundle.BundleLayout(path)
+    named = {layout.manifest} | {layout.index(n) for n in ("cf_l2", "cf_ip", "towers_ip")}
+    named |= {layout.table(n) for n in layout.TABLES if layout.has_table(n)}
+    named |= {
+        layout.segment(key, part) for key in LoadedBundle(path).manifest["segments"] for part in layout.SEGMENT_PARTS
+    }
+    for f in path.rglob("*"):
+        if f.is_file():
+            assert f in named or f.parent.parent == path and f.parent.name in ("cf", "towers"), f
+    with pytest.raises(KeyError, match="no bundle table named 'nope'"):
+        layout.table("nope")

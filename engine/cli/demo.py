@@ -37,13 +37,9 @@ def example_ids(root: str | Path) -> tuple[str, str]:
     at (read from its tables; no engine needed): what the examples show."""
     from engine.index import bundle
 
-    tables = bundle.resolve(root) / "tables"
-
-    def load(name: str) -> np.ndarray:
-        return np.load(tables / name, allow_pickle=False)
-
-    user = load("user_ids.npy")[int(np.argmax(np.diff(load("seen_indptr.npy"))))]
-    return str(user), str(load("item_ids.npy")[int(np.argmax(load("popularity.npy")))])
+    load = bundle.BundleLayout(bundle.resolve(root)).load_table
+    user = load("user_ids")[int(np.argmax(np.diff(load("seen_indptr"))))]
+    return str(user), str(load("item_ids")[int(np.argmax(load("popularity")))])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,97 @@ class BundleError(TandemError):
 ADDED_ITEMS = "added_items.jsonl"
 
 
+class BundleLayout:
+    """Where each part of one bundle version lives: the only code that knows the file
+    names. The index builder writes through it, the engine and tools read through it::
+
+        <version>/manifest.json                 format, dataset, models, indexes, recall, checksums
+        <version>/cf/, towers/                  the models (engine.models.artifacts format)
+        <version>/<index>.faiss                 the vector indexes (cf_l2, cf_ip, towers_ip)
+        <version>/tables/<table>.npy            per-item and per-user tables (TABLES)
+        <version>/tables/added_items.jsonl      items added live before this version was built
+        <version>/segments/<key>_<part>.npy     segment popularity (SEGMENT_PARTS)
+    """
+
+    # name -> what it holds (every table is a .npy read with allow_pickle=False)
+    TABLES = {
+        "item_ids": "[n_items] external item ids, in label order",
+        "user_ids": "[n_users] external user ids",
+        "popularity": "[n_items] interaction counts",
+        "seen_indptr": "[n_users + 1] CSR row pointers of each user's training items",
+        "seen_indices": "the CSR item indices",
+        "recent_liked": "[n_users, 5] each user's latest likes, latest first, -1 pads",
+        "item_neighbours": "[n_items, 32] nearest items by CF squared distance, -1 pads",
+        "user_top_cf_ip": "[n_users, user_top_k] each user's top unseen items in cf_ip, -1 pads",
+        "user_top_towers_ip": "[n_users, user_top_k] the same in towers_ip",
+        "cf_item_vectors": "[n_items, f] CF item vectors",
+        "cf_item_offsets": "[n_items] CF item offsets",
+        "tower_item_vectors": "[n_items, d] item-tower vectors",
+        "item_titles": "[n_items] display titles (when the data has them)",
+        "item_genres": "[n_items, n_genres] genre flags (when the data has them)",
+    }
+    SEGMENT_PARTS = ("values", "user", "top_items", "top_counts")
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / MANIFEST
+
+    def model(self, name: str) -> Path:
+        """The directory of model ``name`` (``cf``, ``towers``)."""
+        return self.path / name
+
+    def index(self, name: str) -> Path:
+        return self.path / f"{name}.faiss"
+
+    def table(self, name: str) -> Path:
+        if name not in self.TABLES:
+            raise KeyError(f"no bundle table named {name!r}; tables: {sorted(self.TABLES)}")
+        return self.path / "tables" / f"{name}.npy"
+
+    @property
+    def added_items(self) -> Path:
+        return self.path / "tables" / ADDED_ITEMS
+
+    def segment(self, key: str, part: str) -> Path:
+        if part not in self.SEGMENT_PARTS:
+            raise KeyError(f"no segment part {part!r}; parts: {self.SEGMENT_PARTS}")
+        return self.path / "segments" / f"{key}_{part}.npy"
+
+    def has_table(self, name: str) -> bool:
+        """Whether this version has the table (optional ones, and bundles built before a table existed)."""
+        return self.table(name).is_file()
+
+    def load_table(self, name: str, mmap: bool = False, optional: bool = False):
+        """A table's array (``mmap``: mapped read-only instead of read); None for a
+        missing ``optional`` table."""
+        import numpy as np
+
+        if optional and not self.has_table(name):
+            return None
+        return np.load(self.table(name), allow_pickle=False, mmap_mode="r" if mmap else None)
+
+    def load_segment(self, key: str, part: str):
+        import numpy as np
+
+        return np.load(self.segment(key, part), allow_pickle=False)
+
+    def save_table(self, name: str, array) -> None:
+        """Write a table (into a version being staged)."""
+        import numpy as np
+
+        self.table(name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(self.table(name), array, allow_pickle=False)
+
+    def save_segment(self, key: str, part: str, array) -> None:
+        import numpy as np
+
+        self.segment(key, part).parent.mkdir(parents=True, exist_ok=True)
+        np.save(self.segment(key, part), array, allow_pickle=False)
+
+
 def append_added_items(path: str | Path, records: list[dict]) -> None:
     """Append items (``{"item_id", "features", "title"}``) to a journal file, durably
     (fsynced before returning), under an exclusive lock: the server processes of one
@@ -353,14 +444,14 @@ class LoadedBundle:
     (loaded on first use with the search parameters tuned at build time)."""
 
     def __init__(self, path: str | Path, verify: bool = True):
-        import numpy as np
 
         from engine.data import IdMap
 
         self.path = resolve(path)
         self.manifest = read_manifest(self.path, verify=verify)
-        self.items = IdMap(np.load(self.path / "tables" / "item_ids.npy", allow_pickle=False), "item")
-        self.users = IdMap(np.load(self.path / "tables" / "user_ids.npy", allow_pickle=False), "user")
+        self.layout = BundleLayout(self.path)
+        self.items = IdMap(self.layout.load_table("item_ids"), "item")
+        self.users = IdMap(self.layout.load_table("user_ids"), "user")
         self._indexes: dict = {}
         for name, report in self.manifest.get("indexes", {}).items():
             if report["n_vectors"] != len(self.items):
@@ -382,7 +473,7 @@ class LoadedBundle:
             report = self.manifest["indexes"].get(name)
             if report is None:
                 raise BundleError(f"{self.path}: no index named {name!r}")
-            index = FaissIndex.load(self.path / f"{name}.faiss", report["metric"], report["search_params"])
+            index = FaissIndex.load(self.layout.index(name), report["metric"], report["search_params"])
             if index.dim != report["dim"] or len(index) != report["n_vectors"]:
                 raise BundleError(
                     f"{self.path / (name + '.faiss')}: expected {report['n_vectors']} x "
@@ -403,7 +494,7 @@ class LoadedBundle:
         i = self.items.index(item_id)
         if item_vectors is None:
             if not hasattr(self, "_cf_item_vectors"):
-                self._cf_item_vectors = np.load(self.path / "tables" / "cf_item_vectors.npy", allow_pickle=False)
+                self._cf_item_vectors = self.layout.load_table("cf_item_vectors")
             item_vectors = self._cf_item_vectors
         query = item_vectors[i][None, :]
         dist, labels = self.index("cf_l2").search(query, k + 1)

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -100,31 +99,26 @@ class Engine:
         # Writers (add_items, journal syncs) one at a time; readers take no lock: they
         # read one Catalogue reference (see engine.serving.catalogue).
         self._write_lock = threading.Lock()
-        path = published.path
-        tables = path / "tables"
-
-        def load(name: str, folder: Path = tables, mmap_mode: Literal["r"] | None = None) -> np.ndarray:
-            return np.load(folder / name, allow_pickle=False, mmap_mode=mmap_mode)
-
+        layout = published.layout
+        load = layout.load_table
         self.users = published.users
         # Likes follow the data's rule (bundles from before it was recorded: explicit).
         self.implicit = bool(published.manifest["dataset"].get("implicit", False))
-        popularity = load("popularity.npy").astype(np.float32)
-        self.seen_indptr, self.seen_indices = load("seen_indptr.npy"), load("seen_indices.npy")
-        self.recent = load("recent_liked.npy")
+        popularity = load("popularity").astype(np.float32)
+        self.seen_indptr, self.seen_indices = load("seen_indptr"), load("seen_indices")
+        self.recent = load("recent_liked")
         # Bundles built before the neighbour table existed search cf_l2 live instead.
-        neighbours = load("item_neighbours.npy") if (tables / "item_neighbours.npy").is_file() else None
-        titles = load("item_titles.npy") if (tables / "item_titles.npy").is_file() else None
-        genres = load("item_genres.npy") if (tables / "item_genres.npy").is_file() else None
+        neighbours = load("item_neighbours", optional=True)
+        titles, genres = load("item_titles", optional=True), load("item_genres", optional=True)
         self.genre_labels: list[str] = list(published.manifest.get("genre_labels", []))
         self.segment_values: dict[str, np.ndarray] = {}
         segment_tops: dict[str, np.ndarray] = {}
         # Each user's segment per key, a column each (-1 where the label is empty: "" zip code, ...).
         self.user_segments = np.full((len(self.users), len(published.manifest.get("segments", {}))), -1, np.int64)
         for j, key in enumerate(published.manifest.get("segments", {})):
-            self.segment_values[key] = load(f"{key}_values.npy", path / "segments")
-            segment_tops[key] = load(f"{key}_top_items.npy", path / "segments")
-            of_user = load(f"{key}_user.npy", path / "segments")
+            self.segment_values[key] = layout.load_segment(key, "values")
+            segment_tops[key] = layout.load_segment(key, "top_items")
+            of_user = layout.load_segment(key, "user")
             self.user_segments[:, j] = np.where(self.segment_values[key][of_user] != "", of_user, -1)
         self.n_cf_items = len(self.cf.items)  # items added live have no CF vector
         self.cf_item_offsets = cf.item_offsets
@@ -135,8 +129,8 @@ class Engine:
         # Mapped read-only, not copied: the server processes of one machine share them.
         # (np.asarray: a plain array over the mapping; np.memmap's slices cost more.)
         top = {
-            name: np.asarray(load(f"user_top_{name}.npy", mmap_mode="r"))
-            if (tables / f"user_top_{name}.npy").is_file()
+            name: np.asarray(layout.load_table(f"user_top_{name}", mmap=True))
+            if layout.has_table(f"user_top_{name}")
             else None
             for name in ("cf_ip", "towers_ip")
         }
@@ -180,13 +174,13 @@ class Engine:
         published = LoadedBundle(path, verify=verify)
         engine = cls(
             published,
-            CFModel.load(published.path / "cf"),
-            TwoTowerModel.load(published.path / "towers"),
+            CFModel.load(published.layout.model("cf")),
+            TwoTowerModel.load(published.layout.model("towers")),
             config or EngineConfig(),
         )
         from engine.index import bundle
 
-        engine._serve_added(bundle.read_added_items(published.path / "tables" / bundle.ADDED_ITEMS)[0])
+        engine._serve_added(bundle.read_added_items(published.layout.added_items)[0])
         engine.sync_added_items()
         return engine
 
