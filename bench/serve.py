@@ -27,8 +27,6 @@ import argparse
 import multiprocessing as mp
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from _catalogue import build_catalogue_bundle
 from _results import save_result
+
+from engine.service.processes import spawn_server
 
 CONCURRENCY = (1, 4, 16)
 RPCS = ("Echo", "Recommend", "SimilarItems")
@@ -213,35 +213,19 @@ def run_configuration(
     root: Path, processes: int, workers: int, seconds: float, users, items, tmp: str, rounds: int = 3
 ) -> dict:
     """Start ``tandem serve --processes N``, load it cell by cell, stop it; the table."""
-    ready = Path(tmp) / f"port-{processes}"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "serve",
-            "--bundle",
-            str(root),
-            "--port",
-            "0",
-            "--processes",
-            str(processes),
-            "--workers",
-            str(workers),
-            "--port-file",
-            str(ready),
-            "--log-level",
-            "WARNING",
-        ],
-        env={k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"},  # no auth in the bench
-    )
+    server, port = spawn_server(
+        root,
+        Path(tmp) / f"port-{processes}",
+        "--processes",
+        str(processes),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "WARNING",
+        timeout=300,
+    )  # no auth in the bench
     try:
-        deadline = time.time() + 300
-        while not ready.exists():
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit("the server failed to start")
-            time.sleep(0.2)
-        target = f"127.0.0.1:{ready.read_text().strip()}"
+        target = f"127.0.0.1:{port}"
         pids = _server_pids(server.pid, processes)
         echo_bytes = reply_size(target, users[0])
         print(

@@ -18,7 +18,6 @@ import collections
 import math
 import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -29,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.index import bundle
+from engine.service.processes import spawn_server
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 from engine.serving.engine import Engine, EngineConfig
@@ -54,40 +54,17 @@ def served(small_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("hardening") / "root"
     build_bundle(ds, cf, towers, root, log=lambda line: None)
     build_bundle(ds, cf, towers, root, log=lambda line: None)
-    port_file = root.parent / "port"
-    env = {k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "--set",
-            "engine.segment_key=occupation",
-            "--set",
-            "server.watch_interval=0.2",
-            "serve",
-            "--bundle",
-            str(root),
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-            "--log-level",
-            "WARNING",
-        ],
-        env=env,
+    proc, port = spawn_server(
+        root,
+        root.parent / "port",
+        "--log-level",
+        "WARNING",
+        settings=("engine.segment_key=occupation", "server.watch_interval=0.2"),
         stderr=subprocess.PIPE,
-        text=True,
     )
-    deadline = time.time() + 120
-    while not port_file.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert port_file.exists(), proc.stderr.read() if proc.poll() is not None else "the server did not start"
     library = Engine.load(root, EngineConfig(segment_key="occupation"))
     tally: collections.Counter = collections.Counter()
-    channel = grpc.insecure_channel(
-        f"127.0.0.1:{port_file.read_text().strip()}", options=[("grpc.max_receive_message_length", 64 * 2**20)]
-    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 * 2**20)])
     yield proc, channel, library, root, tally
     channel.close()
     proc.terminate()

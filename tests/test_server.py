@@ -21,6 +21,7 @@ import pytest
 
 from engine.index import bundle
 from engine.service.client import Client
+from engine.service.processes import spawn_server
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 from engine.service.server import ServerConfig, TandemServer
@@ -28,6 +29,7 @@ from engine.serving.engine import Engine, EngineConfig
 from index_builder import build_bundle
 
 ENGINE_CONFIG = EngineConfig(segment_key="occupation")
+SETTINGS = ("engine.segment_key=occupation",)  # the same, for a `tandem serve` process
 
 
 @pytest.fixture(scope="module")
@@ -438,32 +440,9 @@ def test_sigterm_delivered_to_a_worker_thread_still_stops_the_server(world, tmp_
     gRPC thread (not the main one) must still shut the server down."""
     import ctypes
 
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "--set",
-            "engine.segment_key=occupation",
-            "serve",
-            "--bundle",
-            str(world[1]),
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-        ],
-        env={k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, port = spawn_server(world[1], tmp_path / "port", settings=SETTINGS, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 60
-        while not port_file.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        assert port_file.exists(), proc.stderr.read() if proc.poll() is not None else "server did not start"
-        with Client(f"127.0.0.1:{port_file.read_text().strip()}", timeout=60) as c:
+        with Client(f"127.0.0.1:{port}", timeout=60) as c:
             assert c.echo(b"up") == b"up"
         worker = next(int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid)
         assert ctypes.CDLL(None, use_errno=True).tgkill(proc.pid, worker, signal.SIGTERM) == 0
@@ -475,33 +454,9 @@ def test_sigterm_delivered_to_a_worker_thread_still_stops_the_server(world, tmp_
 
 
 def test_tandem_serve_shuts_down_gracefully_on_sigterm(world, tmp_path):
-    port_file = tmp_path / "port"
-    env = {**os.environ, "TANDEM_TOKEN": "tok"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "--set",
-            "engine.segment_key=occupation",
-            "serve",
-            "--bundle",
-            str(world[1]),
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, port = spawn_server(world[1], tmp_path / "port", settings=SETTINGS, token="tok", stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 60
-        while not port_file.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        assert port_file.exists(), proc.stderr.read() if proc.poll() is not None else "server did not start"
-        with Client(f"127.0.0.1:{port_file.read_text().strip()}", token="tok", timeout=60) as c:
+        with Client(f"127.0.0.1:{port}", token="tok", timeout=60) as c:
             assert c.echo(b"up") == b"up"  # the channel is connected
             users = [f"u{i % 400}" for i in range(1000)]
             stub = pb_grpc.RecommenderStub(c._channel)
@@ -524,37 +479,12 @@ def test_tandem_serve_shuts_down_gracefully_on_sigterm(world, tmp_path):
 def test_tandem_serve_runs_several_processes_on_one_port(world, tmp_path):
     """Two processes share the port (and no other server may join it); an item added
     through one process is served by both within the watch interval (1 s)."""
-    port_file = tmp_path / "port"
     root = tmp_path / "root"
     shutil.copytree(world[1], root, symlinks=True)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "--set",
-            "engine.segment_key=occupation",
-            "serve",
-            "--processes",
-            "2",
-            "--bundle",
-            str(root),
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-        ],
-        env={k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, port = spawn_server(root, tmp_path / "port", "--processes", "2", settings=SETTINGS, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 120
-        while not port_file.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        assert port_file.exists(), proc.stderr.read() if proc.poll() is not None else "servers did not start"
         versions = set()
-        target = f"127.0.0.1:{port_file.read_text().strip()}"
+        target = f"127.0.0.1:{port}"
         for _ in range(12):  # new connections: the kernel spreads them over both processes
             with Client(target, timeout=30) as c:
                 assert len(c.recommend("u3", k=5)) == 5
@@ -574,7 +504,7 @@ def test_tandem_serve_runs_several_processes_on_one_port(world, tmp_path):
                 "--bundle",
                 str(root),
                 "--port",
-                port_file.read_text().strip(),
+                str(port),
             ],
             capture_output=True,
             text=True,
@@ -584,7 +514,6 @@ def test_tandem_serve_runs_several_processes_on_one_port(world, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         log = proc.stderr.read()
-        port = port_file.read_text().strip()
         assert "with 2 processes" in log and log.count(f"on 127.0.0.1:{port}") == 3  # two servers, one summary
         assert log.count('"event": "stopped"') == 2 and len(versions) == 1  # both stopped gracefully
     finally:

@@ -7,7 +7,6 @@ Usage: python -m engine.demo [--bundle ROOT]
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import load_config
+from engine.errors import ServeError
 from engine.service.client import Client
+from engine.service.processes import spawn_server
 
 NEW_USER = {"age": 24, "gender": "F", "occupation": "student", "zip_code": "94110"}
 
@@ -51,32 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         started = time.perf_counter()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "engine.cli",
-                "serve",
-                "--bundle",
-                str(root),
-                "--port",
-                "0",
-                "--port-file",
-                str(port_file),
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"},  # the demo runs without auth
-        )
         try:
-            while not port_file.exists():
-                if server.poll() is not None:
-                    print(server.stderr.read() if server.stderr else "", file=sys.stderr)
-                    return 1
-                if time.perf_counter() - started > 120:
-                    raise TimeoutError("the server did not start within 120 s")
-                time.sleep(0.1)
-            target = f"127.0.0.1:{port_file.read_text().strip()}"
+            server, port = spawn_server(root, port_file, stderr=subprocess.PIPE)  # the demo runs without auth
+        except ServeError as e:
+            print(e, file=sys.stderr)
+            return 1
+        try:
+            target = f"127.0.0.1:{port}"
             with Client(target) as client:
                 client.wait_ready()
                 info = client.info()

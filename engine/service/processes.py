@@ -15,6 +15,7 @@ pick the new version up through their watch of ``current``.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -119,3 +120,39 @@ def _wait_or_kill(child: subprocess.Popen, deadline: float) -> int:
         child.kill()
         child.wait()
         return 1
+
+
+def spawn_server(
+    root: str | Path,
+    port_file: str | Path,
+    *serve_args: str,
+    settings: tuple[str, ...] = (),
+    token: str | None = None,
+    stderr=None,
+    timeout: float = 120.0,
+) -> tuple[subprocess.Popen, int]:
+    """Start ``tandem serve`` on the bundle root ``root`` at a free port, as a child
+    process, and wait until it serves: ``(process, port)``. ``serve_args`` are more
+    ``serve`` flags, ``settings`` ``--set`` overrides, ``token`` the child's
+    ``TANDEM_TOKEN`` (None: no authentication). The caller stops the process. A child
+    that exits, or does not serve within ``timeout`` seconds, raises :class:`ServeError`
+    (with what it wrote to ``stderr`` when that is a pipe)."""
+    env = {key: value for key, value in os.environ.items() if key != "TANDEM_TOKEN"}
+    if token is not None:
+        env["TANDEM_TOKEN"] = token
+    overrides = [word for setting in settings for word in ("--set", setting)]
+    command = [sys.executable, "-m", "engine.cli", *overrides, "serve", "--bundle", str(root), "--port", "0"]
+    process = subprocess.Popen(
+        [*command, "--port-file", str(port_file), *serve_args], env=env, stderr=stderr, text=True
+    )
+    deadline = time.monotonic() + timeout
+    port_file = Path(port_file)
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if process.poll() is not None:
+            said = process.stderr.read() if process.stderr else ""
+            raise ServeError(f"tandem serve exited with code {process.returncode}: {said[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise ServeError(f"tandem serve did not start within {timeout:g} s")
+        time.sleep(0.05)
+    return process, int(port_file.read_text())
