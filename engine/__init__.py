@@ -9,6 +9,8 @@ models, ``engine.evaluation.metrics`` the evaluation metrics.
 
 __version__ = "0.1.0"
 
-from engine.serving.engine import Engine, EngineConfig, Recommendations  # noqa: E402  (the public surface)
+from engine.results import Recommendations  # noqa: E402  (the public surface)
+from engine.serving.engine import Engine  # noqa: E402
+from engine.settings import EngineConfig  # noqa: E402
 
 __all__ = ["Engine", "EngineConfig", "Recommendations", "__version__"]

@@ -64,7 +64,8 @@ def test_cf_inner_product_index_ranks_like_the_cf_model(trained, tmp_path):
     u = ds.users.index("u5")
     query = np.r_[cf.W[u], 1.0].astype(np.float32)[None, :]
     scores, labels = b.index("cf_ip").search(query, 10)
-    expected_ids, expected_scores = cf.recommend("u5", k=10, exclude_seen=False)
+    expected = cf.recommend("u5", k=10, exclude_seen=False)
+    expected_ids = expected.item_ids
     np.testing.assert_array_equal(b.items.external(labels[0]), expected_ids)
 
 
@@ -127,8 +128,8 @@ def test_similar_items_exact_index_equals_brute_force(trained, tmp_path):
     ds, cf, towers, _ = trained
     b = LoadedBundle(build_bundle(ds, cf, towers, tmp_path, log=quiet))
     for item in ("i0", "i7", "i42"):
-        got_ids, got_d = b.similar_items(item, k=10)
-        ref_ids, ref_d = cf.similar_items(item, k=10)
+        got, ref = b.similar_items(item, k=10), cf.similar_items(item, k=10)
+        got_ids, got_d, ref_ids, ref_d = got.item_ids, got.distances, ref.item_ids, ref.distances
         np.testing.assert_array_equal(got_ids, ref_ids)
         np.testing.assert_allclose(got_d, ref_d, rtol=1e-4, atol=1e-5)
 
@@ -144,8 +145,7 @@ def test_similar_items_approximate_index_meets_the_floor(tmp_path):
     recalls = []
     for i in rng.choice(ds.n_items, 200, replace=False):
         item = ds.items.ids[i]
-        _, got_d = b.similar_items(item, k=10)
-        _, ref_d = cf.similar_items(item, k=10)
+        got_d, ref_d = b.similar_items(item, k=10).distances, cf.similar_items(item, k=10).distances
         # tie-tolerant recall: results no farther than the exact 10th neighbour
         recalls.append(np.mean(got_d <= ref_d[-1] * (1 + 1e-4) + 1e-6))
     assert np.mean(recalls) >= 0.95

@@ -142,21 +142,23 @@ def test_predict_takes_external_ids_and_clips(model, synth):
 
 def test_recommend_is_exact_brute_force_excluding_seen(model, synth):
     u = synth.users.index("u3")
-    ids, scores = model.recommend("u3", k=5)
+    recs = model.recommend("u3", k=5)
+    ids, scores = recs.item_ids, recs.scores
     all_scores = model.X @ model.W[u] + model.user_bias[u] + model.item_offsets
     all_scores[model.seen(u)] = -np.inf
     expected = np.argsort(-all_scores, kind="stable")[:5]
     np.testing.assert_array_equal(ids, synth.items.external(expected))
     assert np.all(np.diff(scores) <= 0)
     assert not set(synth.items.indices(ids)) & set(model.seen(u).tolist())
-    with_seen, _ = model.recommend("u3", k=5, exclude_seen=False)
+    with_seen = model.recommend("u3", k=5, exclude_seen=False).item_ids
     assert len(with_seen) == 5
     batch = model.recommend_indices(np.array([u]), k=5)
     np.testing.assert_array_equal(batch[0], expected)
 
 
 def test_similar_items_by_squared_distance(model):
-    ids, dist = model.similar_items("i7", k=4)
+    similar = model.similar_items("i7", k=4)
+    ids, dist = similar.item_ids, similar.distances
     x = model.X[model.items.index("i7")]
     d = ((model.X - x) ** 2).sum(1)
     d[model.items.index("i7")] = np.inf
@@ -182,7 +184,7 @@ def test_fold_in_matches_a_direct_minimisation(model):
     rng = np.random.default_rng(0)
     for _ in range(20):  # the closed form is the minimum: every perturbation costs more
         assert cost(theta + rng.normal(0, 1e-3, theta.shape)) >= base - 1e-9
-    ids, _ = model.recommend(folded, k=3)
+    ids = model.recommend(folded, k=3).item_ids
     assert not set(ids) & set(items)
 
 
@@ -200,7 +202,7 @@ def test_save_load_round_trip_without_pickle(model, tmp_path):
     loaded = CFModel.load(tmp_path / "cf")
     np.testing.assert_array_equal(loaded.X, model.X)
     np.testing.assert_array_equal(loaded.predict(["u0"], ["i1"]), model.predict(["u0"], ["i1"]))
-    assert loaded.recommend("u2", k=3)[0].tolist() == model.recommend("u2", k=3)[0].tolist()
+    assert loaded.recommend("u2", k=3).item_ids.tolist() == model.recommend("u2", k=3).item_ids.tolist()
     meta = json.loads((tmp_path / "cf" / "cf.json").read_text())
     meta["n_features"] = 99
     (tmp_path / "cf" / "cf.json").write_text(json.dumps(meta))

@@ -69,24 +69,24 @@ def cmd_recommend_cf(args: argparse.Namespace, config: dict) -> int:
         popularity = np.bincount(model.seen_indices, minlength=len(model.items))
         args.similar_to = args.similar_to or str(model.items.ids[int(np.argmax(popularity))])
     if args.user is not None:
-        ids, scores = model.recommend(args.user, k=args.k)
-        print(f"Top {len(ids)} for user {args.user} (CF, seen items excluded):")
+        recs = model.recommend(args.user, k=args.k)
+        print(f"Top {len(recs)} for user {args.user} (CF, seen items excluded):")
         rated = [title(i) for i in model.items.external(model.seen(model.users.index(args.user))[:5])]
         print(f"  (rated e.g. {'; '.join(rated)})")
-        for rank, (item, score) in enumerate(zip(ids, scores), start=1):
+        for rank, (item, score, _) in enumerate(recs, start=1):
             print(f"  {rank:2d}. {title(item):<50} predicted {score:.2f}")
     if args.similar_to is not None:
         if args.bundle:
             from engine.index.bundle import LoadedBundle
 
             published = LoadedBundle(args.bundle)
-            ids, dist = published.similar_items(args.similar_to, k=args.k)
+            similar = published.similar_items(args.similar_to, k=args.k)
             source = f"FAISS {published.manifest['indexes']['cf_l2']['factory']} index of bundle {published.version}"
         else:
-            ids, dist = model.similar_items(args.similar_to, k=args.k)
+            similar = model.similar_items(args.similar_to, k=args.k)
             source = "CF item vectors, brute force"
         print(f"More like {title(args.similar_to)} ({source}, squared distance):")
-        for rank, (item, d) in enumerate(zip(ids, dist), start=1):
+        for rank, (item, d, _) in enumerate(similar, start=1):
             print(f"  {rank:2d}. {title(item):<50} distance {d:.3f}")
     if args.user is None and args.similar_to is None:
         raise ConfigError("recommend-cf needs --user ID, --similar-to ITEM_ID or --example")

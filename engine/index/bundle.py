@@ -482,9 +482,10 @@ class LoadedBundle:
             self._indexes[name] = index
         return self._indexes[name]
 
-    def similar_items(self, item_id: object, k: int = 10, item_vectors=None) -> tuple:
+    def similar_items(self, item_id: object, k: int = 10, item_vectors=None):
         """Items nearest ``item_id`` by squared distance between CF item vectors, through
-        the ``cf_l2`` index, the item itself excluded: ``(item_ids [k], distances [k])``.
+        the ``cf_l2`` index, the item itself excluded: :class:`~engine.results.Recommendations`
+        whose scores are squared distances, nearest first.
 
         The query is the item's exact vector (not ``index.reconstruct``: a PQ index only
         holds codes): from ``item_vectors`` when the caller already holds them (the
@@ -500,4 +501,7 @@ class LoadedBundle:
         dist, labels = self.index("cf_l2").search(query, k + 1)
         keep = (labels[0] >= 0) & (labels[0] != i)
         labels, dist = labels[0][keep][:k], dist[0][keep][:k]
-        return self.items.external(labels), dist.astype(np.float32)
+        from engine.results import SQUARED_DISTANCE, Recommendations
+
+        ids = self.items.external(labels)
+        return Recommendations(ids, dist.astype(np.float32), [("cf_l2",)] * len(ids), metric=SQUARED_DISTANCE)

@@ -46,6 +46,7 @@ from engine.data import Dataset, IdMap
 from engine.errors import TandemError
 from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.training import EarlyStopping, LearningCurve, require_torch, resolve_device, seed_everything
+from engine.results import SQUARED_DISTANCE, Recommendations
 from engine.topk import top_k_desc, top_k_rows
 
 FORMAT_VERSION = 1
@@ -267,21 +268,17 @@ class CFModel:
         return self.W[u], float(self.user_bias[u]), self.seen(u)
 
     # --------------------------------------------------------- retrieval
-    def recommend(
-        self, user: object | FoldedUser, k: int = 10, exclude_seen: bool = True
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` items for a user by exact brute force over every item.
-
-        Returns ``(item_ids [k'], scores [k'])``, best first (``k' < k`` only when fewer
-        items remain after excluding the seen ones).
-        """
+    def recommend(self, user: object | FoldedUser, k: int = 10, exclude_seen: bool = True) -> Recommendations:
+        """Top ``k`` items for a user by exact brute force over every item: the
+        predictions as scores, best first (fewer than ``k`` only when fewer items remain
+        after excluding the seen ones)."""
         w, b, seen = self._user_parts(user)
         scores = self.X @ w + b + self.item_offsets
         if exclude_seen and len(seen):
             scores[seen] = -np.inf
         top = top_k_desc(scores, k)
         top = top[np.isfinite(scores[top])]
-        return self.items.external(top), self._finish(scores[top])
+        return Recommendations(self.items.external(top), self._finish(scores[top]), [("cf",)] * len(top))
 
     def recommend_indices(
         self, user_indices: np.ndarray, k: int = 10, exclude_seen: bool = True, chunk: int = 1024
@@ -303,14 +300,15 @@ class CFModel:
             out[start : start + len(us)] = top_k_rows(scores, k, seen, us)
         return out
 
-    def similar_items(self, item_id: object, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def similar_items(self, item_id: object, k: int = 10) -> Recommendations:
         """The ``k`` items nearest to ``item_id`` by squared distance ``|x(k) - x(i)|^2``,
-        ascending, the item itself excluded. Returns ``(item_ids [k], distances [k])``."""
+        ascending, the item itself excluded (scores are the squared distances)."""
         i = self.items.index(item_id)
         d = np.sum((self.X - self.X[i]) ** 2, axis=1)
         d[i] = np.inf
         top = top_k_desc(-d, min(k, len(d) - 1))  # nearest first, ties by lower index
-        return self.items.external(top), d[top].astype(np.float32)
+        ids = self.items.external(top)
+        return Recommendations(ids, d[top].astype(np.float32), [("cf",)] * len(top), metric=SQUARED_DISTANCE)
 
     # ----------------------------------------------------------- fold-in
     def fold_in(self, item_ids: Sequence[object], ratings: Sequence[float] | None = None) -> FoldedUser:

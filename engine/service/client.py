@@ -25,9 +25,9 @@ import grpc
 import numpy as np
 
 from engine.errors import InvalidRequest, UnknownIdError
+from engine.results import SCORE, SQUARED_DISTANCE, Recommendations
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
-from engine.serving.engine import Recommendations
 
 
 def _feature_map(features: Mapping | None) -> dict:
@@ -42,13 +42,14 @@ def _feature_map(features: Mapping | None) -> dict:
     return out
 
 
-def _recommendations(items, candidates=None) -> Recommendations:
+def _recommendations(items, candidates=None, metric: str = SCORE) -> Recommendations:
     return Recommendations(
         np.array([i.item_id for i in items], dtype=str),
         np.array([i.score for i in items], np.float32),
         [tuple(i.sources) for i in items],
         [i.title for i in items],
         dict(candidates or {}),
+        metric,
     )
 
 
@@ -213,7 +214,7 @@ class Client:
     def similar_items(self, item_id: object, k: int = 10, timeout: float | None = None) -> Recommendations:
         """Items nearest ``item_id`` (scores are squared distances, ascending)."""
         reply = self._call(self._recommender.SimilarItems, pb.SimilarItemsRequest(item_id=str(item_id), k=k), timeout)
-        return _recommendations(reply.items)
+        return _recommendations(reply.items, metric=SQUARED_DISTANCE)
 
     def score(
         self,

@@ -41,9 +41,10 @@ import grpc
 
 from engine.errors import InvalidRequest, ServeError, UnknownIdError, shorten
 from engine.index import bundle
+from engine.results import Recommendations
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
-from engine.serving.engine import Engine, EngineConfig, Recommendations
+from engine.serving.engine import Engine, EngineConfig
 from engine.settings import ServerConfig
 
 log = logging.getLogger("tandem.server")

@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from engine.index.exact import ExactIndex
 from engine.models.cf import CFModel
 from engine.models.features import segment_labels
 from engine.models.towers import TwoTowerModel
+from engine.results import SCORE, SQUARED_DISTANCE, Recommendations
 from engine.serving.catalogue import Catalogue, read_only
 from engine.serving.lone_merge import LoneMerge
 from engine.serving.ranking import BlendWeights, FoldedBlend, ScoreScale
@@ -61,34 +61,6 @@ log = logging.getLogger("tandem.engine")
 _TRUE, _FALSE = read_only(np.ones(1, bool)), read_only(np.zeros(1, bool))
 _ZERO = read_only(np.zeros(1, np.float32))
 _NO_ITEMS = read_only(np.zeros(0, np.int64))
-
-
-@dataclass
-class Recommendations:
-    """Ranked items, best first: ``item_ids [k]`` (external ids), ``scores [k]`` (higher
-    is better, except :meth:`Engine.similar_items`, whose scores are squared distances,
-    lower is better), for each item the names of the sources that proposed it, and its
-    display title (the id when the bundle has no titles). ``candidates`` counts, for
-    ``recommend``, how many candidates each source proposed (for monitoring); it is empty
-    for the other methods."""
-
-    item_ids: np.ndarray
-    scores: np.ndarray
-    sources: list[tuple[str, ...]] = field(default_factory=list)
-    titles: list[str] = field(default_factory=list)
-    candidates: dict[str, int] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    def __iter__(self):
-        return iter(zip(self.item_ids.tolist(), self.scores.tolist(), self.sources))
-
-    def to_list(self) -> list[dict]:
-        return [
-            {"item_id": i, "score": s, "sources": list(src), "title": t}
-            for (i, s, src), t in zip(self, self.titles or [""] * len(self))
-        ]
 
 
 class Engine:
@@ -496,7 +468,13 @@ class Engine:
             )
 
     def _result(
-        self, cat: Catalogue, items: np.ndarray, scores: np.ndarray, sources: list, candidates: dict | None = None
+        self,
+        cat: Catalogue,
+        items: np.ndarray,
+        scores: np.ndarray,
+        sources: list,
+        candidates: dict | None = None,
+        metric: str = SCORE,
     ) -> Recommendations:
         """The one return convention: item indices to external ids and titles. Scores
         are finite for every request the engine accepts; a request whose values (an
@@ -504,7 +482,8 @@ class Engine:
         scores = np.asarray(scores, np.float32)
         if not np.isfinite(scores).all():
             raise InvalidRequest("the request's values give non-finite scores (a feature or rating out of range)")
-        return Recommendations(cat.items.external(items), scores, sources, self._titles(cat, items), candidates or {})
+        titles = self._titles(cat, items)
+        return Recommendations(cat.items.external(items), scores, sources, titles, candidates or {}, metric)
 
     @staticmethod
     def _titles(cat: Catalogue, items: np.ndarray) -> list[str]:
@@ -708,12 +687,14 @@ class Engine:
         cat = self._catalogue
         i = cat.items.index(item_id)
         if i < self.n_cf_items:
-            ids, dist = self.bundle.similar_items(item_id, k, item_vectors=self.cf.X)
-            return self._result(cat, cat.items.indices(ids), dist, [("cf_l2",)] * len(ids))
+            found = self.bundle.similar_items(item_id, k, item_vectors=self.cf.X)
+            items = cat.items.indices(found.item_ids)
+            return self._result(cat, items, found.distances, [("cf_l2",)] * len(items), metric=SQUARED_DISTANCE)
         sims, top = ExactIndex(cat.tower_item_vectors, "ip").search(cat.tower_item_vectors[i : i + 1], k + 1)
         keep = (top[0] >= 0) & (top[0] != i)
         sims, top = sims[0][keep][:k], top[0][keep][:k]
-        return self._result(cat, top, (2 - 2 * sims).astype(np.float32), [("towers",)] * len(top))
+        distances = (2 - 2 * sims).astype(np.float32)
+        return self._result(cat, top, distances, [("towers",)] * len(top), metric=SQUARED_DISTANCE)
 
     def add_items(self, item_ids: Sequence[object], item_features: Sequence[Mapping], persist: bool = True) -> int:
         """Add new items, embedded by the item tower from their features (plus an optional
