@@ -33,6 +33,7 @@ from engine.errors import TandemError
 from engine.index import bundle
 from engine.index import faiss_index as ann
 from engine.models.cf import CFModel
+from engine.models.embedding import EmbeddingModel
 from engine.models.features import segment_labels
 from engine.models.towers import TwoTowerModel
 from engine.serving.retrieval import positions_in_rows
@@ -254,20 +255,22 @@ def _build(
     towers.save(layout.model("towers"))
 
     users_sample = rng.choice(dataset.n_users, min(n_queries, dataset.n_users), replace=False)
-    cf_ip_items = np.hstack([cf.X, cf.item_offsets[:, None]]).astype(np.float32)
-    cf_queries = np.hstack([cf.W[users_sample], np.ones((len(users_sample), 1), np.float32)])
-    specs = {
-        "cf_l2": (cf.X, "l2", None),
-        "cf_ip": (cf_ip_items, "ip", cf_queries),
-        "towers_ip": (towers.item_vectors, "ip", towers.user_vectors_at(users_sample)),
-    }
+    # "More like this" by squared distance between CF vectors, then one inner-product
+    # index per embedding model (its retrieval source: "ANN over model M").
+    specs: dict[str, tuple[np.ndarray, str, np.ndarray | None]] = {"cf_l2": (cf.X, "l2", None)}
+    models: list[EmbeddingModel] = [cf, towers]
+    for model in models:
+        specs[f"{model.name}_ip"] = (
+            model.retrieval_item_vectors(),
+            "ip",
+            model.retrieval_user_vectors(users_sample),
+        )
     ui = dataset.user_items()
     seen_indptr, seen_indices = ui.indptr.astype(np.int64), ui.indices.astype(np.int32)
     # Every user's query vector for the sources whose top items are tabled per user.
+    every_user = np.arange(dataset.n_users)
     user_queries = (
-        {"cf_ip": np.hstack([cf.W, np.ones((len(cf.W), 1), np.float32)]), "towers_ip": towers.known_user_vectors()}
-        if user_top_k > 0
-        else {}
+        {f"{model.name}_ip": model.retrieval_user_vectors(every_user) for model in models} if user_top_k > 0 else {}
     )
     user_top: dict[str, np.ndarray] = {}
     reports = {}

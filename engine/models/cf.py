@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -266,6 +266,28 @@ class CFModel:
             return user.vector, user.bias, user.seen
         u = self.users.index(user)
         return self.W[u], float(self.user_bias[u]), self.seen(u)
+
+    # ------------------------------------------------ EmbeddingModel
+    name = "cf"
+    embeds_from_features = False  # a new user comes in through fold_in (ratings), not features
+
+    def retrieval_item_vectors(self) -> np.ndarray:
+        """``[x, offset]`` per item: with :meth:`retrieval_user_vectors` (``[w, 1]``) the
+        inner product is the prediction without the user bias."""
+        return np.hstack([self.X, self.item_offsets[:, None]]).astype(np.float32)
+
+    def retrieval_user_vectors(self, user_indices: np.ndarray) -> np.ndarray:
+        w = self.W[np.asarray(user_indices, np.int64)]
+        return np.hstack([w, np.ones((len(w), 1), np.float32)]).astype(np.float32)
+
+    def user_biases(self, user_indices: np.ndarray) -> np.ndarray:
+        return self.user_bias[np.asarray(user_indices, np.int64)]
+
+    def cold_user_vectors(self, features: Sequence[Mapping]) -> np.ndarray:
+        raise NotImplementedError("CF embeds no features: fold a new user in from ratings (fold_in)")
+
+    def cold_item_vectors(self, features: Sequence[Mapping]) -> np.ndarray:
+        raise NotImplementedError("CF embeds no features: a new item has no CF vector until retraining")
 
     # --------------------------------------------------------- retrieval
     def recommend(self, user: object | FoldedUser, k: int = 10, exclude_seen: bool = True) -> Recommendations:

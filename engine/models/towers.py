@@ -199,6 +199,29 @@ class TwoTowerModel:
             return self.item_vectors[self.items.indices(items)]
         return self.item_tower(self.item_features(items))
 
+    # ------------------------------------------------ EmbeddingModel
+    name = "towers"
+    embeds_from_features = True
+
+    def retrieval_item_vectors(self) -> np.ndarray:
+        return self.item_vectors
+
+    def retrieval_user_vectors(self, user_indices: np.ndarray, batch: int = 65536) -> np.ndarray:
+        """Known users' tower vectors, ``batch`` users at a time (so that the feature
+        matrices stay small)."""
+        user_indices = np.asarray(user_indices, np.int64)
+        parts = [self.user_vectors_at(user_indices[s : s + batch]) for s in range(0, len(user_indices), batch)]
+        return np.concatenate(parts or [np.zeros((0, self.item_vectors.shape[1]))]).astype(np.float32)
+
+    def user_biases(self, user_indices: np.ndarray) -> np.ndarray:
+        return np.zeros(len(user_indices), np.float32)
+
+    def cold_user_vectors(self, features: Sequence[Mapping]) -> np.ndarray:
+        return self.user_embeddings([dict(f) for f in features])
+
+    def cold_item_vectors(self, features: Sequence[Mapping]) -> np.ndarray:
+        return self.item_embeddings([dict(f) for f in features])
+
     # -------------------------------------------------------- prediction
     def scores(self, user_vectors: np.ndarray, item_indices: np.ndarray | None = None) -> np.ndarray:
         """Dot products ``[n_users, n_items]`` of user vectors with known items (all, or
@@ -219,12 +242,9 @@ class TwoTowerModel:
         """``[n, output_dim]`` vectors of known users by dense index."""
         return self.user_tower(self.user_pipeline.transform_table(self._user_table, user_indices))
 
-    def known_user_vectors(self, batch: int = 65536) -> np.ndarray:
-        """``[n_users, output_dim]`` float32 vectors of every known user, ``batch`` users
-        at a time (so the feature matrices stay small)."""
-        n = len(self.users)
-        parts = [self.user_vectors_at(np.arange(s, min(s + batch, n))) for s in range(0, n, batch)]
-        return np.concatenate(parts or [np.zeros((0, self.item_vectors.shape[1]))]).astype(np.float32)
+    def known_user_vectors(self) -> np.ndarray:
+        """``[n_users, output_dim]`` float32 vectors of every known user."""
+        return self.retrieval_user_vectors(np.arange(len(self.users)))
 
     def predict_rating_indices(self, user_indices: np.ndarray, item_indices: np.ndarray) -> np.ndarray:
         """Predicted ratings ``[n]`` for dense index pairs (``mse`` objective)."""
