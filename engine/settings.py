@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+PIPELINES = ("compiled", "batch")  # engine.serving.pipeline
 DEFAULT_SOURCE_WEIGHTS = {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1}
 
 
@@ -41,6 +42,13 @@ class EngineConfig:
     # Longest item id / title / text feature value a request may carry (characters).
     max_id_length: int = 256
     max_text_length: int = 1024
+    # How candidates are merged (engine.serving.pipeline): "compiled" serves a lone
+    # request with numba kernels, "batch" with array operations (the same results).
+    pipeline: str = "compiled"
+
+    def __post_init__(self) -> None:
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"engine.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
 
 
 @dataclass

@@ -24,6 +24,12 @@ def engine(world):
     return Engine.load(world[3], EngineConfig(segment_key="occupation"))
 
 
+@pytest.fixture
+def batch_engine(world):
+    """The same bundle served by the array pipeline alone (engine.pipeline = "batch")."""
+    return Engine.load(world[3], EngineConfig(segment_key="occupation", pipeline="batch"))
+
+
 def test_merge_deduplicates_and_keeps_every_source():
     c = merge(
         [("a", Proposals.of_one([1, 2, 3])), ("b", Proposals.of_one([3, 4])), ("c", Proposals.of_one([5, 1]))],
@@ -186,6 +192,11 @@ def test_add_items_then_recommend_and_similar(world):
         engine.add_items(["new-1"], [{}])
 
 
+def test_an_unknown_pipeline_is_refused():
+    with pytest.raises(ValueError, match="engine.pipeline must be one of"):
+        EngineConfig(pipeline="quantum")
+
+
 def test_request_limits(engine):
     with pytest.raises(ValueError, match="k must be"):
         engine.recommend("u1", k=0)
@@ -263,9 +274,9 @@ def test_lone_requests_on_many_threads_keep_their_own_exclusions(engine):
     ],
     ids=["plain", "filtered", "allow-list", "seen-kept", "tiny-cap", "two-sources"],
 )
-def test_compiled_lone_merge_equals_the_generic_path(engine, options):
-    """A lone request's compiled merge (engine.serving.lone_merge) gives exactly the candidates,
-    scores, sources and counts of the generic sources-then-merge path."""
+def test_compiled_lone_merge_equals_the_generic_path(engine, batch_engine, options):
+    """A lone request's compiled merge (engine.pipeline = "compiled") gives exactly the
+    candidates, scores, sources and counts of the array pipeline ("batch")."""
     options = dict(options)
     if "filters" in options:
         options["filters"] = {"genres": [engine.genre_labels[2]]}
@@ -276,20 +287,15 @@ def test_compiled_lone_merge_equals_the_generic_path(engine, options):
         {"user_features": {"age": 30, "occupation": "segment-1", "zip_code": "10000"}},
         {"ratings": {"i1": 5, "i2": 4, "i3": 1, "i9": 5}},  # fold-in: recent likes from the ratings
     ]
-    compiled = engine._lone_merge
     for request in requests:
         got = engine.recommend(**request, k=9, **options)
-        engine._lone_merge = None
-        try:
-            want = engine.recommend(**request, k=9, **options)
-        finally:
-            engine._lone_merge = compiled
+        want = batch_engine.recommend(**request, k=9, **options)
         np.testing.assert_array_equal(got.item_ids, want.item_ids)
         np.testing.assert_array_equal(got.scores, want.scores)
         assert got.sources == want.sources and got.candidates == want.candidates
 
 
-def test_compiled_lone_merge_searches_live_when_filters_exhaust_the_table(engine, monkeypatch):
+def test_compiled_lone_merge_searches_live_when_filters_exhaust_the_table(engine, batch_engine, monkeypatch):
     """Where a recent like's table row runs out of allowed items, the compiled path has
     the recent source search live, as the generic path does, with the same answer."""
     liked = engine._requests(engine._catalogue, ["u3"], True, engine._catalogue.every_item).recent_liked[0]
@@ -301,8 +307,7 @@ def test_compiled_lone_merge_searches_live_when_filters_exhaust_the_table(engine
     rec = engine.recommend("u3", k=20, exclude_items=blocked)
     assert live  # the live search ran
     assert "recent" in {s for srcs in rec.sources for s in srcs} and not set(blocked) & set(rec.item_ids)
-    engine._lone_merge = None
-    want = engine.recommend("u3", k=20, exclude_items=blocked)
+    want = batch_engine.recommend("u3", k=20, exclude_items=blocked)
     np.testing.assert_array_equal(rec.item_ids, want.item_ids)
     assert rec.sources == want.sources and rec.candidates == want.candidates
 

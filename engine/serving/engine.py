@@ -36,7 +36,7 @@ from engine.models.features import segment_labels
 from engine.models.towers import TwoTowerModel
 from engine.results import SCORE, SQUARED_DISTANCE, Recommendations
 from engine.serving.catalogue import Catalogue, read_only
-from engine.serving.lone_merge import LoneMerge
+from engine.serving.pipeline import make_pipeline
 from engine.serving.ranking import BlendWeights, FoldedBlend, ScoreScale
 from engine.serving.retrieval import (
     CFSource,
@@ -45,7 +45,6 @@ from engine.serving.retrieval import (
     Requests,
     SegmentSource,
     TowerSource,
-    merge,
     quotas,
 )
 from engine.settings import EngineConfig
@@ -135,8 +134,7 @@ class Engine:
         for table in (cf.W, cf.user_bias, self.user_tower_vectors, self.recent, self.user_segments, self.seen_indices):
             read_only(table)
         self._no_cf_vector = read_only(np.zeros((1, cf.W.shape[1]), np.float32))
-        self._lone_merge: LoneMerge | None = LoneMerge()  # None: lone requests take the generic path
-        self._lone_merge.warm_up(sources, n_items)
+        self._pipeline = make_pipeline(config.pipeline, sources, n_items)  # engine.serving.pipeline
         top_k_desc(np.zeros(2, np.float32), 1)  # compiles (or loads) the small-k top-k now, not in a request
         self._fit_scales()
 
@@ -538,18 +536,7 @@ class Engine:
     ) -> list[Recommendations]:
         """Retrieval, merge and ranking of a batch of prepared requests."""
         shares = self._quotas(cat, requests, n_candidates, sources)
-        if len(requests) == 1 and self._lone_merge is not None:  # compiled: engine.serving.lone_merge
-            candidates, counts = self._lone_merge.candidates(
-                cat.sources, requests, {name: int(q[0]) for name, q in shares.items()}, n_candidates, cat.n_items
-            )
-            proposed = [counts]
-        else:
-            proposals = [(name, cat.sources[name].propose(requests, quota)) for name, quota in shares.items()]
-            candidates = merge(proposals, n_candidates)
-            # For monitoring: how many items each source available to a user proposed for them.
-            per_user = {name: found.counts(len(requests)).tolist() for name, found in proposals}
-            active = {name: (quota > 0).tolist() for name, quota in shares.items()}
-            proposed = [{name: c[u] for name, c in per_user.items() if active[name][u]} for u in range(len(requests))]
+        candidates, proposed = self._pipeline.candidates(cat.sources, requests, shares, n_candidates, cat.n_items)
         scores = self._rank(cat, requests, candidates.rows, candidates.items)
         top = top_k_per_row(candidates.rows, scores, k, len(requests))
         bounds = np.searchsorted(candidates.rows[top], np.arange(len(requests) + 1))
