@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -210,45 +209,17 @@ def build_bundle(
     """
     _check_models(dataset, cf, towers)
     root = Path(root)
-    staged = bundle.staging_dir(root)
-    try:
+    with bundle.staging(root) as staged:
         return _build(
-            dataset,
-            cf,
-            towers,
-            root,
-            staged,
-            factory,
-            recall_floor,
-            k,
-            n_queries,
-            keep,
-            segment_keys,
-            exact_below,
-            user_top_k,
-            log,
-        )
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+            dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep, segment_keys, exact_below,
+            user_top_k, log,
+        )  # fmt: skip
 
 
 def _build(
-    dataset,
-    cf,
-    towers,
-    root,
-    staged,
-    factory,
-    recall_floor,
-    k,
-    n_queries,
-    keep,
-    segment_keys,
-    exact_below,
-    user_top_k,
-    log,
-) -> Path:
+    dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep, segment_keys, exact_below,
+    user_top_k, log,
+) -> Path:  # fmt: skip
     rng = np.random.default_rng(0)
     layout = bundle.BundleLayout(staged)
     cf.save(layout.model("cf"))

@@ -282,6 +282,19 @@ def _no_items() -> dict:
 
 
 # ---------------------------------------------------------------------------- 1M
+def _items_table(ids: list[str], titles: list[str], genre_lists: list[list[str]]) -> dict:
+    """The item side of a movies file: ids, titles, genre flags and labels, and the year
+    from each title."""
+    matrix, labels = _genre_matrix(genre_lists)
+    return {
+        "ids": np.asarray(ids, str),
+        "titles": titles,
+        "genres": matrix,
+        "genre_labels": labels,
+        "years": np.asarray([year_from_title(t) for t in titles], np.float32),
+    }
+
+
 def _genre_matrix(genre_lists: list[list[str]]) -> tuple[np.ndarray, list[str]]:
     labels = sorted({g for gs in genre_lists for g in gs})
     col = {g: k for k, g in enumerate(labels)}
@@ -314,14 +327,7 @@ def load_ml1m(directory: str | os.PathLike) -> Dataset:
             ids.append(mid)
             titles.append(title)
             genre_lists.append(_parse_genres(genres))
-        matrix, labels = _genre_matrix(genre_lists)
-        items = {
-            "ids": np.asarray(ids, str),
-            "titles": titles,
-            "genres": matrix,
-            "genre_labels": labels,
-            "years": np.asarray([year_from_title(t) for t in titles], np.float32),
-        }
+        items = _items_table(ids, titles, genre_lists)
     users = None
     path = d / "users.dat"
     if path.is_file():
@@ -397,14 +403,7 @@ def load_movielens_csv(directory: str | os.PathLike, with_tags: bool = True) -> 
             ids.append(mid.strip())
             titles.append(title.strip())
             genre_lists.append(_parse_genres(genres))
-        matrix, labels = _genre_matrix(genre_lists)
-        items = {
-            "ids": np.asarray(ids, str),
-            "titles": titles,
-            "genres": matrix,
-            "genre_labels": labels,
-            "years": np.asarray([year_from_title(t) for t in titles], np.float32),
-        }
+        items = _items_table(ids, titles, genre_lists)
     path = d / "tags.csv"
     if with_tags and path.is_file() and len(items["ids"]):
         tags: dict[str, set[str]] = {}

@@ -23,6 +23,7 @@ file listed exists with its size and sha256, and says which file is wrong.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -255,6 +256,18 @@ def staging_dir(root: str | Path) -> Path:
     path = staging / new_version_name()
     path.mkdir()
     return path
+
+
+@contextlib.contextmanager
+def staging(root: str | Path):
+    """:func:`staging_dir` as a context: the directory is removed if the body raises
+    (a publish refused or failed leaves nothing behind)."""
+    path = staging_dir(root)
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _process_alive(pid: int) -> bool:
