@@ -287,11 +287,11 @@ def test_light_histogram_matches_prometheus_client():
     Histogram exports for the same observations: the reference."""
     from prometheus_client import CollectorRegistry, Histogram
 
-    from engine.service.server import _Histogram
+    from engine.service.metrics import LightHistogram
 
     buckets = (0, 10, 25, 50, 100, 200, 500)
     ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
-    ours = _Histogram("h", "test", "source", buckets, ours_registry)
+    ours = LightHistogram("h", "test", "source", buckets, ours_registry)
     reference = Histogram("h", "test", ["source"], buckets=buckets, registry=reference_registry)
     values = [("cf", 175), ("cf", 0), ("towers", 10), ("cf", 10.5), ("towers", 501), ("cf", 200), ("recent", 25)]
     ours.observe(values)
@@ -585,7 +585,7 @@ def test_process_group_kills_a_process_whose_shutdown_hangs(tmp_path):
 def test_items_added_during_a_reload_are_served_after_it(world, tmp_path, monkeypatch):
     """An add acknowledged while a reload loads the next version is in that version too:
     the holder never swaps in an engine that missed it."""
-    from engine.service.server import EngineHolder
+    from engine.service.holder import EngineHolder
 
     root = tmp_path / "root"
     shutil.copytree(world[1], root, symlinks=True)

@@ -22,29 +22,26 @@ errors to status codes, and runs the server around it:
 
 from __future__ import annotations
 
-import bisect
 import hmac
-import itertools
 import json
 import logging
-import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from engine.errors import InvalidRequest, ServeError, UnknownIdError, shorten
-from engine.index import bundle
-from engine.results import Recommendations
+from engine.errors import InvalidRequest, ServeError, UnknownIdError
+from engine.service.holder import EngineHolder
+from engine.service.metrics import Metrics
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
-from engine.serving.engine import Engine, EngineConfig
+from engine.service.servicers import AdminServicer, RecommenderServicer, _BadRequest, _tolerant, _Undecodable
+from engine.serving.engine import EngineConfig
 from engine.settings import ServerConfig
 
 log = logging.getLogger("tandem.server")
@@ -58,345 +55,6 @@ ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 ADMIN_WRITES = (f"/{RECOMMENDER}/AddItems",)
 # A status message is cut to this many characters (gRPC carries it in the metadata).
 MAX_STATUS_MESSAGE = 1000
-
-
-class _Histogram:
-    """A Prometheus histogram with one label, counted in plain Python under one lock:
-    observing is a bisect and two additions per value (prometheus_client's own histogram
-    takes a lock for each bucket, count and sum, which is most of a request's metrics cost)."""
-
-    def __init__(self, name: str, documentation: str, label: str, buckets: tuple, registry):
-        self.name, self.documentation, self.label = name, documentation, label
-        self.bounds = tuple(float(b) for b in buckets)
-        self._series: dict[str, list] = {}  # label value -> [count per bucket..., count above, sum]
-        self._lock = threading.Lock()
-        registry.register(self)
-
-    def observe(self, values: Iterable[tuple[str, float]]) -> None:
-        """Record ``(label value, observation)`` pairs."""
-        with self._lock:
-            for label, value in values:
-                series = self._series.get(label)
-                if series is None:
-                    series = self._series[label] = [0] * (len(self.bounds) + 2)
-                series[bisect.bisect_left(self.bounds, value)] += 1  # the first bucket with le >= value
-                series[-1] += value
-
-    def collect(self):
-        from prometheus_client.core import HistogramMetricFamily
-        from prometheus_client.utils import floatToGoString
-
-        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
-        with self._lock:
-            snapshot = {label: list(series) for label, series in self._series.items()}
-        for label, series in sorted(snapshot.items()):
-            cumulative = list(itertools.accumulate(series[:-1]))
-            family.add_metric(
-                [label], [(floatToGoString(b), n) for b, n in zip(self.bounds + (math.inf,), cumulative)], series[-1]
-            )
-        yield family
-
-
-class _Metrics:
-    """Prometheus metrics of one server (its own registry, so several servers can live
-    in one process, as in the tests)."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "tandem_requests", "Requests by rpc and status code", ["rpc", "code"], registry=self.registry
-        )
-        self.latency = _Histogram(
-            "tandem_request_seconds",
-            "Request latency by rpc",
-            "rpc",
-            (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            self.registry,
-        )
-        self.candidates = _Histogram(
-            "tandem_candidates",
-            "Candidates proposed per request by source",
-            "source",
-            (0, 10, 25, 50, 100, 200, 500, 1000, 5000),
-            self.registry,
-        )
-        self.reloads = Counter("tandem_reloads", "Bundle reloads by outcome", ["outcome"], registry=self.registry)
-        self.info = Gauge("tandem_bundle_items", "Items in the served catalogue", registry=self.registry)
-        self._counters: dict = {}  # labelled counters, looked up once (labels() costs a lock and a dict)
-
-    def observe_request(self, rpc: str, code: str, seconds: float) -> None:
-        counter = self._counters.get((rpc, code))
-        if counter is None:
-            counter = self._counters[(rpc, code)] = self.requests.labels(rpc, code)
-        counter.inc()
-        self.latency.observe(((rpc, seconds),))
-
-    def observe_candidates(self, counts: dict[str, int]) -> None:
-        self.candidates.observe(counts.items())
-
-
-class EngineHolder:
-    """The engine being served, swapped atomically on reload."""
-
-    def __init__(self, root: str | Path, engine_config: EngineConfig | None = None, metrics: _Metrics | None = None):
-        self.root = Path(root)
-        self.engine_config = engine_config or EngineConfig()
-        self.metrics = metrics
-        self._reload_lock = threading.Lock()
-        self.reloads = 0
-        self.engine = Engine.load(self.root, self.engine_config)
-        self.loaded_at = time.time()
-        self._served_target = self._target()
-        if metrics:
-            metrics.info.set(len(self.engine.items))
-
-    def _target(self) -> str | None:
-        try:
-            return os.readlink(self.root / bundle.CURRENT)
-        except OSError:
-            return None
-
-    def reload(self) -> tuple[bool, str, str, str]:
-        """Load the version ``current`` points at and swap it in. Returns ``(reloaded,
-        version, previous_version, message)``; on failure the old engine keeps serving."""
-        with self._reload_lock:
-            previous = self.engine.version
-            target = self._target()
-            try:
-                path = bundle.resolve(self.root)
-                manifest = bundle.read_manifest(path, verify=False)
-                if manifest.get("version") == previous:
-                    self._served_target = target
-                    return False, previous, previous, f"already serving {previous}"
-                fresh = Engine.load(path, self.engine_config)
-            except Exception as e:  # noqa: BLE001 - any failure leaves the old version serving
-                self._served_target = target  # do not retry a broken bundle in a loop
-                if self.metrics:
-                    self.metrics.reloads.labels("failed").inc()
-                message = f"reload failed, still serving {previous}: {e}"
-                log.error(json.dumps({"event": "reload_failed", "serving": previous, "error": str(e)}))
-                return False, previous, previous, message
-            # Items added to the old engine while the new one loaded are in the journal:
-            # the new one serves them before it is swapped in.
-            fresh.sync_added_items()
-            self.engine = fresh  # the swap: one reference assignment
-            self.loaded_at, self._served_target = time.time(), target
-            self.reloads += 1
-            if self.metrics:
-                self.metrics.reloads.labels("ok").inc()
-                self.metrics.info.set(len(fresh.items))
-            log.info(json.dumps({"event": "reloaded", "version": fresh.version, "previous": previous}))
-            return True, fresh.version, previous, ""
-
-    def changed(self) -> bool:
-        """Whether ``current`` points somewhere else than the last load looked at."""
-        return self._target() != self._served_target
-
-    def add_items(self, item_ids: list, features: list) -> int:
-        """Add items to the serving engine. Under the reload lock, so that an addition
-        never lands on an engine that a reload is about to replace; the new engine would
-        also find it in the journal (:meth:`reload` syncs), but not a second time."""
-        with self._reload_lock:
-            n = self.engine.add_items(item_ids, features)
-        if self.metrics:
-            self.metrics.info.set(n)
-        return n
-
-    def sync_added_items(self) -> int:
-        """Serve the items other processes of this root added (their journal lines)."""
-        added = self.engine.sync_added_items()
-        if added and self.metrics:
-            self.metrics.info.set(len(self.engine.items))
-        return added
-
-
-# ------------------------------------------------------------ conversions
-def _features(message_map) -> dict:
-    out = {}
-    for name, value in message_map.items():
-        kind = value.WhichOneof("value")
-        if kind == "number":
-            out[name] = value.number
-        elif kind == "text":
-            out[name] = value.text
-        elif kind == "numbers":
-            out[name] = list(value.numbers.values)
-        else:
-            raise InvalidRequest(f"feature {shorten(name)} has no value")
-    return out
-
-
-def _reply(reply, recs: Recommendations):
-    """``reply`` with ``recs`` added to its ``items`` field (in place: building ScoredItem
-    messages first and passing them in would copy each one again), and the candidate
-    counts where the reply has that field."""
-    add = reply.items.add
-    for i, s, src, t in zip(recs.item_ids.tolist(), recs.scores.tolist(), recs.sources, recs.titles):
-        add(item_id=i, score=s, sources=src, title=t)
-    if recs.candidates:
-        reply.candidates.update(recs.candidates)
-    return reply
-
-
-def _recommend_options(request: pb.RecommendRequest) -> dict:
-    # Unset k / n_candidates take the defaults; a 0 sent on purpose is refused, as the library does.
-    return {
-        "k": request.k if request.HasField("k") else 10,
-        "n_candidates": request.n_candidates if request.HasField("n_candidates") else 500,
-        "exclude_seen": not request.include_seen,
-        "exclude_items": list(request.exclude_items),
-        "include_items": list(request.include_items) or None,
-        "filters": {"genres": list(request.genres)} if request.genres else None,
-        "sources": list(request.sources) or None,
-    }
-
-
-class _BadRequest(InvalidRequest):
-    """A request the server's own limits refuse (INVALID_ARGUMENT)."""
-
-
-class _Undecodable:
-    """Stands for request bytes that are not a valid message: the handler answers
-    INVALID_ARGUMENT (a deserializer cannot set a status; gRPC would say INTERNAL)."""
-
-    def __init__(self, error: Exception, size: int):
-        self.error, self.size = error, size
-
-    def ByteSize(self) -> int:
-        return self.size
-
-
-def _tolerant(deserializer):
-    def deserialize(data: bytes):
-        try:
-            return deserializer(data)
-        except Exception as error:  # noqa: BLE001 - protobuf raises DecodeError, or others on garbage
-            return _Undecodable(error, len(data))
-
-    return deserialize
-
-
-class RecommenderServicer(pb_grpc.RecommenderServicer):
-    """Recommender rpcs: each takes the serving engine once and calls one engine method."""
-
-    def __init__(self, holder: EngineHolder, config: ServerConfig):
-        self.holder, self.config = holder, config
-
-    def Recommend(self, request, context):
-        engine = self.holder.engine
-        recs = engine.recommend(
-            user_id=request.user_id or None,
-            user_features=_features(request.user_features),
-            ratings=dict(request.ratings) or None,
-            **_recommend_options(request),
-        )
-        if self.holder.metrics:
-            self.holder.metrics.observe_candidates(recs.candidates)
-        return _reply(pb.RecommendResponse(version=engine.version), recs)
-
-    def RecommendBatch(self, request, context):
-        if len(request.user_ids) > self.config.max_batch:
-            raise _BadRequest(f"{len(request.user_ids)} users in one batch; at most {self.config.max_batch}")
-        engine = self.holder.engine
-        users, options = list(request.user_ids), _recommend_options(request.options)
-        if isinstance(options["k"], int) and len(users) * options["k"] > self.config.max_batch_results:
-            raise _BadRequest(
-                f"{len(users)} users x k={options['k']} results in one batch; at most "
-                f"{self.config.max_batch_results:,} (server.max_batch_results): send fewer users "
-                "or a smaller k"
-            )
-        remaining = context.time_remaining()  # a long batch stops once its deadline has passed
-        results = engine.recommend_batch(
-            users, deadline=None if remaining is None else time.monotonic() + remaining, **options
-        )
-        reply = pb.RecommendBatchResponse(version=engine.version)
-        for r in results:
-            _reply(reply.results.add(version=engine.version), r)
-        size = reply.ByteSize()
-        if size > 4 * self.config.max_message_bytes:  # the send limit set in TandemServer.start
-            raise _BadRequest(
-                f"the reply would be {size:,} bytes, over the {4 * self.config.max_message_bytes:,} "
-                "byte limit: send fewer users or a smaller k"
-            )
-        return reply
-
-    def SimilarItems(self, request, context):
-        engine = self.holder.engine
-        recs = engine.similar_items(request.item_id, k=request.k if request.HasField("k") else 10)
-        return _reply(pb.SimilarItemsResponse(version=engine.version), recs)
-
-    def Score(self, request, context):
-        engine = self.holder.engine
-        if len(request.item_ids) > engine.config.max_candidates:
-            raise _BadRequest(f"{len(request.item_ids)} items to score; at most {engine.config.max_candidates}")
-        recs = engine.score(
-            user_id=request.user_id or None,
-            item_ids=list(request.item_ids),
-            user_features=_features(request.user_features),
-            ratings=dict(request.ratings) or None,
-        )
-        return _reply(pb.ScoreResponse(version=engine.version), recs)
-
-    def AddItems(self, request, context):
-        if len(request.items) > self.config.max_batch:
-            raise _BadRequest(f"{len(request.items)} items in one request; at most {self.config.max_batch}")
-        features = []
-        for item in request.items:
-            f = _features(item.features)
-            if item.title:
-                f["title"] = item.title
-            features.append(f)
-        n = self.holder.add_items([item.item_id for item in request.items], features)
-        return pb.AddItemsResponse(n_items=n, version=self.holder.engine.version)
-
-    def Echo(self, request, context):
-        return pb.EchoResponse(payload=request.payload)
-
-
-class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, holder: EngineHolder, config: ServerConfig):
-        self.holder, self.config = holder, config
-
-    def Reload(self, request, context):
-        reloaded, version, previous, message = self.holder.reload()
-        self.holder.sync_added_items()  # the items other processes added, whatever the version
-        return pb.ReloadResponse(reloaded=reloaded, version=version, previous_version=previous, message=message)
-
-    def GetInfo(self, request, context):
-        engine = self.holder.engine
-        manifest = engine.bundle.manifest
-        tabled = {"cf_ip": engine.sources["cf"].top_items, "towers_ip": engine.sources["towers"].top_items}
-        indexes = [
-            pb.IndexInfo(
-                name=name,
-                factory=r["factory"],
-                metric=r["metric"],
-                n_vectors=r["n_vectors"],
-                dim=r["dim"],
-                search_params={k: int(v) for k, v in (r["search_params"] or {}).items()},
-                recall_at_k=float(r["recall_at_k"] or 0.0),
-                k=int(r["k"]),
-                user_top_k=0 if tabled.get(name) is None else tabled[name].shape[1],
-            )
-            for name, r in manifest["indexes"].items()
-        ]
-        return pb.GetInfoResponse(
-            version=engine.version,
-            created_at=manifest.get("created_at", ""),
-            n_items=len(engine.items),
-            n_users=len(engine.users),
-            dataset=manifest["dataset"]["name"],
-            data_fingerprint=manifest["dataset"]["fingerprint"],
-            indexes=indexes,
-            sources=sorted(engine.sources),
-            max_k=engine.config.max_k,
-            max_candidates=engine.config.max_candidates,
-            max_batch=self.config.max_batch,
-            loaded_seconds_ago=time.time() - self.holder.loaded_at,
-            reloads=self.holder.reloads,
-        )
 
 
 # ------------------------------------------------------------ interceptor
@@ -418,7 +76,7 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
 class _Interceptor(grpc.ServerInterceptor):
     """Authentication, then error mapping, metrics and a log line around every rpc."""
 
-    def __init__(self, config: ServerConfig, metrics: _Metrics | None):
+    def __init__(self, config: ServerConfig, metrics: Metrics | None):
         self.config, self.metrics = config, metrics
         self._expected = f"Bearer {config.token}".encode() if config.token else None
 
@@ -493,7 +151,7 @@ class TandemServer:
         self.config = config or ServerConfig()
         if bool(self.config.tls_cert) != bool(self.config.tls_key):
             raise ValueError("TLS needs both a certificate (tls_cert) and a key (tls_key)")
-        self.metrics = _Metrics()
+        self.metrics = Metrics()
         self.holder = EngineHolder(root, engine_config, self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None

@@ -1,0 +1,201 @@
+"""The gRPC servicers: each rpc translates its request message into one engine call
+and the result into its reply message (the engine does the work); request limits of
+the server, and request bytes that are not a message, are refused here."""
+
+from __future__ import annotations
+
+import time
+
+from engine.errors import InvalidRequest, shorten
+from engine.results import Recommendations
+from engine.service.holder import EngineHolder
+from engine.service.rpc import tandem_pb2 as pb
+from engine.service.rpc import tandem_pb2_grpc as pb_grpc
+from engine.settings import ServerConfig
+
+
+# ------------------------------------------------------------ conversions
+def _features(message_map) -> dict:
+    out = {}
+    for name, value in message_map.items():
+        kind = value.WhichOneof("value")
+        if kind == "number":
+            out[name] = value.number
+        elif kind == "text":
+            out[name] = value.text
+        elif kind == "numbers":
+            out[name] = list(value.numbers.values)
+        else:
+            raise InvalidRequest(f"feature {shorten(name)} has no value")
+    return out
+
+
+def _reply(reply, recs: Recommendations):
+    """``reply`` with ``recs`` added to its ``items`` field (in place: building ScoredItem
+    messages first and passing them in would copy each one again), and the candidate
+    counts where the reply has that field."""
+    add = reply.items.add
+    for i, s, src, t in zip(recs.item_ids.tolist(), recs.scores.tolist(), recs.sources, recs.titles):
+        add(item_id=i, score=s, sources=src, title=t)
+    if recs.candidates:
+        reply.candidates.update(recs.candidates)
+    return reply
+
+
+def _recommend_options(request: pb.RecommendRequest) -> dict:
+    # Unset k / n_candidates take the defaults; a 0 sent on purpose is refused, as the library does.
+    return {
+        "k": request.k if request.HasField("k") else 10,
+        "n_candidates": request.n_candidates if request.HasField("n_candidates") else 500,
+        "exclude_seen": not request.include_seen,
+        "exclude_items": list(request.exclude_items),
+        "include_items": list(request.include_items) or None,
+        "filters": {"genres": list(request.genres)} if request.genres else None,
+        "sources": list(request.sources) or None,
+    }
+
+
+class _BadRequest(InvalidRequest):
+    """A request the server's own limits refuse (INVALID_ARGUMENT)."""
+
+
+class _Undecodable:
+    """Stands for request bytes that are not a valid message: the handler answers
+    INVALID_ARGUMENT (a deserializer cannot set a status; gRPC would say INTERNAL)."""
+
+    def __init__(self, error: Exception, size: int):
+        self.error, self.size = error, size
+
+    def ByteSize(self) -> int:
+        return self.size
+
+
+def _tolerant(deserializer):
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as error:  # noqa: BLE001 - protobuf raises DecodeError, or others on garbage
+            return _Undecodable(error, len(data))
+
+    return deserialize
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """Recommender rpcs: each takes the serving engine once and calls one engine method."""
+
+    def __init__(self, holder: EngineHolder, config: ServerConfig):
+        self.holder, self.config = holder, config
+
+    def Recommend(self, request, context):
+        engine = self.holder.engine
+        recs = engine.recommend(
+            user_id=request.user_id or None,
+            user_features=_features(request.user_features),
+            ratings=dict(request.ratings) or None,
+            **_recommend_options(request),
+        )
+        if self.holder.metrics:
+            self.holder.metrics.observe_candidates(recs.candidates)
+        return _reply(pb.RecommendResponse(version=engine.version), recs)
+
+    def RecommendBatch(self, request, context):
+        if len(request.user_ids) > self.config.max_batch:
+            raise _BadRequest(f"{len(request.user_ids)} users in one batch; at most {self.config.max_batch}")
+        engine = self.holder.engine
+        users, options = list(request.user_ids), _recommend_options(request.options)
+        if isinstance(options["k"], int) and len(users) * options["k"] > self.config.max_batch_results:
+            raise _BadRequest(
+                f"{len(users)} users x k={options['k']} results in one batch; at most "
+                f"{self.config.max_batch_results:,} (server.max_batch_results): send fewer users "
+                "or a smaller k"
+            )
+        remaining = context.time_remaining()  # a long batch stops once its deadline has passed
+        results = engine.recommend_batch(
+            users, deadline=None if remaining is None else time.monotonic() + remaining, **options
+        )
+        reply = pb.RecommendBatchResponse(version=engine.version)
+        for r in results:
+            _reply(reply.results.add(version=engine.version), r)
+        size = reply.ByteSize()
+        if size > 4 * self.config.max_message_bytes:  # the send limit set in TandemServer.start
+            raise _BadRequest(
+                f"the reply would be {size:,} bytes, over the {4 * self.config.max_message_bytes:,} "
+                "byte limit: send fewer users or a smaller k"
+            )
+        return reply
+
+    def SimilarItems(self, request, context):
+        engine = self.holder.engine
+        recs = engine.similar_items(request.item_id, k=request.k if request.HasField("k") else 10)
+        return _reply(pb.SimilarItemsResponse(version=engine.version), recs)
+
+    def Score(self, request, context):
+        engine = self.holder.engine
+        if len(request.item_ids) > engine.config.max_candidates:
+            raise _BadRequest(f"{len(request.item_ids)} items to score; at most {engine.config.max_candidates}")
+        recs = engine.score(
+            user_id=request.user_id or None,
+            item_ids=list(request.item_ids),
+            user_features=_features(request.user_features),
+            ratings=dict(request.ratings) or None,
+        )
+        return _reply(pb.ScoreResponse(version=engine.version), recs)
+
+    def AddItems(self, request, context):
+        if len(request.items) > self.config.max_batch:
+            raise _BadRequest(f"{len(request.items)} items in one request; at most {self.config.max_batch}")
+        features = []
+        for item in request.items:
+            f = _features(item.features)
+            if item.title:
+                f["title"] = item.title
+            features.append(f)
+        n = self.holder.add_items([item.item_id for item in request.items], features)
+        return pb.AddItemsResponse(n_items=n, version=self.holder.engine.version)
+
+    def Echo(self, request, context):
+        return pb.EchoResponse(payload=request.payload)
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, holder: EngineHolder, config: ServerConfig):
+        self.holder, self.config = holder, config
+
+    def Reload(self, request, context):
+        reloaded, version, previous, message = self.holder.reload()
+        self.holder.sync_added_items()  # the items other processes added, whatever the version
+        return pb.ReloadResponse(reloaded=reloaded, version=version, previous_version=previous, message=message)
+
+    def GetInfo(self, request, context):
+        engine = self.holder.engine
+        manifest = engine.bundle.manifest
+        tabled = {"cf_ip": engine.sources["cf"].top_items, "towers_ip": engine.sources["towers"].top_items}
+        indexes = [
+            pb.IndexInfo(
+                name=name,
+                factory=r["factory"],
+                metric=r["metric"],
+                n_vectors=r["n_vectors"],
+                dim=r["dim"],
+                search_params={k: int(v) for k, v in (r["search_params"] or {}).items()},
+                recall_at_k=float(r["recall_at_k"] or 0.0),
+                k=int(r["k"]),
+                user_top_k=0 if tabled.get(name) is None else tabled[name].shape[1],
+            )
+            for name, r in manifest["indexes"].items()
+        ]
+        return pb.GetInfoResponse(
+            version=engine.version,
+            created_at=manifest.get("created_at", ""),
+            n_items=len(engine.items),
+            n_users=len(engine.users),
+            dataset=manifest["dataset"]["name"],
+            data_fingerprint=manifest["dataset"]["fingerprint"],
+            indexes=indexes,
+            sources=sorted(engine.sources),
+            max_k=engine.config.max_k,
+            max_candidates=engine.config.max_candidates,
+            max_batch=self.config.max_batch,
+            loaded_seconds_ago=time.time() - self.holder.loaded_at,
+            reloads=self.holder.reloads,
+        )
