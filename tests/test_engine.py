@@ -298,7 +298,7 @@ def test_compiled_lone_merge_equals_the_generic_path(engine, batch_engine, optio
 def test_compiled_lone_merge_searches_live_when_filters_exhaust_the_table(engine, batch_engine, monkeypatch):
     """Where a recent like's table row runs out of allowed items, the compiled path has
     the recent source search live, as the generic path does, with the same answer."""
-    liked = engine._requests(engine._catalogue, ["u3"], True, engine._catalogue.every_item).recent_liked[0]
+    liked = engine.user_context.requests(engine._catalogue, ["u3"], True, engine._catalogue.every_item).recent_liked[0]
     tabled = engine.sources["recent"].neighbours[liked[liked >= 0]].ravel()
     blocked = list(engine.items.external(np.unique(tabled[tabled >= 0])))
     live = []
@@ -427,11 +427,11 @@ def test_item_neighbour_table_is_the_exact_squared_distance_order(engine, world)
 
 
 def test_recent_source_searches_live_when_filters_exhaust_the_table(engine):
-    liked = engine._requests(engine._catalogue, ["u3"], True, engine._catalogue.every_item).recent_liked[0]
+    liked = engine.user_context.requests(engine._catalogue, ["u3"], True, engine._catalogue.every_item).recent_liked[0]
     far = engine.sources["recent"].neighbours[liked[liked >= 0]].ravel()
     mask = np.ones(len(engine.items), bool)
     mask[far[far >= 0]] = False  # a filter that removes every tabled neighbour
-    requests = engine._requests(engine._catalogue, ["u3"], True, mask)
+    requests = engine.user_context.requests(engine._catalogue, ["u3"], True, mask)
     allowed = requests.allowed_of(0, np.arange(len(engine.items)))
     proposed = engine.sources["recent"].propose(requests, np.array([20])).items
     # Up to 20 (likes may share neighbours), all allowed, all found beyond the table.

@@ -27,12 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.dataset import liked_mask
 from engine.errors import InvalidRequest, shorten
 from engine.index.bundle import LoadedBundle
 from engine.index.exact import ExactIndex
 from engine.models.cf import CFModel
-from engine.models.features import segment_labels
 from engine.models.towers import TwoTowerModel
 from engine.results import SCORE, SQUARED_DISTANCE, Recommendations
 from engine.serving.catalogue import Catalogue, read_only
@@ -47,6 +45,7 @@ from engine.serving.retrieval import (
     TowerSource,
     quotas,
 )
+from engine.serving.users import UserContext
 from engine.settings import EngineConfig
 from engine.topk import top_k_desc, top_k_per_row
 
@@ -54,12 +53,6 @@ SOURCE_NAMES = ("cf", "towers", "popular", "segment", "recent")
 BATCH_CHUNK = 256  # users served by one pass of the batch pipeline
 
 log = logging.getLogger("tandem.engine")
-
-
-# Shared one-user values of a known user's request (read-only: never written).
-_TRUE, _FALSE = read_only(np.ones(1, bool)), read_only(np.zeros(1, bool))
-_ZERO = read_only(np.zeros(1, np.float32))
-_NO_ITEMS = read_only(np.zeros(0, np.int64))
 
 
 class Engine:
@@ -72,29 +65,15 @@ class Engine:
         self._write_lock = threading.Lock()
         layout = published.layout
         load = layout.load_table
-        self.users = published.users
-        # Likes follow the data's rule (bundles from before it was recorded: explicit).
-        self.implicit = bool(published.manifest["dataset"].get("implicit", False))
+        # The user side of every request (engine.serving.users).
+        self.user_context = UserContext(published, cf, towers, config)
         popularity = load("popularity").astype(np.float32)
-        self.seen_indptr, self.seen_indices = load("seen_indptr"), load("seen_indices")
-        self.recent = load("recent_liked")
         # Bundles built before the neighbour table existed search cf_l2 live instead.
         neighbours = load("item_neighbours", optional=True)
         titles, genres = load("item_titles", optional=True), load("item_genres", optional=True)
         self.genre_labels: list[str] = list(published.manifest.get("genre_labels", []))
-        self.segment_values: dict[str, np.ndarray] = {}
-        segment_tops: dict[str, np.ndarray] = {}
-        # Each user's segment per key, a column each (-1 where the label is empty: "" zip code, ...).
-        self.user_segments = np.full((len(self.users), len(published.manifest.get("segments", {}))), -1, np.int64)
-        for j, key in enumerate(published.manifest.get("segments", {})):
-            self.segment_values[key] = layout.load_segment(key, "values")
-            segment_tops[key] = layout.load_segment(key, "top_items")
-            of_user = layout.load_segment(key, "user")
-            self.user_segments[:, j] = np.where(self.segment_values[key][of_user] != "", of_user, -1)
         self.n_cf_items = len(self.cf.items)  # items added live have no CF vector
         self.cf_item_offsets = cf.item_offsets
-        # Known users' tower vectors, computed once: a request then only looks one up.
-        self.user_tower_vectors = towers.known_user_vectors()
         # Each known user's top unseen items in cf_ip / towers_ip, searched when the bundle
         # was built (bundles built before these tables existed search at every request).
         # Mapped read-only, not copied: the server processes of one machine share them.
@@ -105,15 +84,14 @@ class Engine:
             else None
             for name in ("cf_ip", "towers_ip")
         }
-        self._user_rows = read_only(np.arange(len(self.users)))  # a lone user's top_rows entry is a view
         sources = {
             "cf": CFSource(published.index("cf_ip"), top["cf_ip"]),
             "towers": TowerSource(published.index("towers_ip"), top["towers_ip"]),
             "popular": PopularitySource(popularity),
             "recent": RecentNeighboursSource(published.index("cf_l2"), cf.X, neighbours),
         }
-        if config.segment_key in segment_tops:
-            sources["segment"] = SegmentSource(config.segment_key, segment_tops[config.segment_key])
+        if config.segment_key in published.manifest.get("segments", {}):
+            sources["segment"] = SegmentSource(config.segment_key, layout.load_segment(config.segment_key, "top_items"))
         self.weights = BlendWeights(config.blend_towers, config.blend_cf)
         self._splits: dict = {}  # quota splits by available sources (see _quotas)
         self._names: dict = {}  # checked source lists (see _source_names)
@@ -129,11 +107,6 @@ class Engine:
             read_only(np.ones(n_items, bool)),
         )
         self._journal_offset = 0  # bytes of the root's added-items journal already served
-        # A known user's request holds views of these tables (see _known_user): read-only,
-        # so nothing can write through them.
-        for table in (cf.W, cf.user_bias, self.user_tower_vectors, self.recent, self.user_segments, self.seen_indices):
-            read_only(table)
-        self._no_cf_vector = read_only(np.zeros((1, cf.W.shape[1]), np.float32))
         self._pipeline = make_pipeline(config.pipeline, sources, n_items)  # engine.serving.pipeline
         top_k_desc(np.zeros(2, np.float32), 1)  # compiles (or loads) the small-k top-k now, not in a request
         self._fit_scales()
@@ -184,6 +157,23 @@ class Engine:
     def popularity_score(self) -> np.ndarray:
         return self._catalogue.popularity_score
 
+    # The bundle's users (engine.serving.users.UserContext holds them).
+    @property
+    def users(self):
+        return self.user_context.users
+
+    @property
+    def seen_indptr(self) -> np.ndarray:
+        return self.user_context.seen_indptr
+
+    @property
+    def seen_indices(self) -> np.ndarray:
+        return self.user_context.seen_indices
+
+    @property
+    def user_tower_vectors(self) -> np.ndarray:
+        return self.user_context.user_tower_vectors
+
     @property
     def version(self) -> str:
         return self.bundle.version
@@ -219,164 +209,6 @@ class Engine:
         if filters:
             allowed &= self._filter_mask(cat, filters)
         return allowed
-
-    def _requests(
-        self,
-        cat: Catalogue,
-        user_ids: Sequence,
-        exclude_seen: bool,
-        item_mask: np.ndarray,
-        user_features: Mapping | None = None,
-        ratings: Mapping[object, float] | None = None,
-    ) -> Requests:
-        """The retrieval and ranking context of many users (``item_mask`` from
-        :meth:`_item_mask`, shared, not modified). Known users are looked up in the
-        bundle's tables all at once; ``user_features`` / ``ratings`` (cold start, fold-in)
-        are for a single user."""
-        n = len(user_ids)
-        if (user_features or ratings) and n != 1:
-            raise InvalidRequest("user_features and ratings describe one user")
-        if user_features:
-            self._check_user_features(user_features)
-        if n == 1 and not ratings and user_ids[0] is not None:
-            lone = self.users.get(user_ids[0])
-            if lone is not None:
-                return self._known_user(cat, lone, exclude_seen, item_mask)
-        u = self.users.indices_or_missing(user_ids)
-        known = u >= 0
-        has_cf = known & (u < len(self.cf.users))
-        cf_vectors = np.zeros((n, self.cf.W.shape[1]), np.float32)
-        cf_bias = np.zeros(n, np.float32)
-        cf_vectors[has_cf], cf_bias[has_cf] = self.cf.W[u[has_cf]], self.cf.user_bias[u[has_cf]]
-        tower_vectors = np.zeros((n, self.user_tower_vectors.shape[1]), np.float32)
-        tower_vectors[known] = self.user_tower_vectors[u[known]]
-        recent = np.full((n, self.recent.shape[1]), -1, np.int64)
-        recent[known] = self.recent[u[known]]
-        at = np.where(known, u, 0)
-        user_segments = np.where(known[:, None], self.user_segments[at], -1)
-        segments = {key: user_segments[:, j] for j, key in enumerate(self.segment_values)}
-        # Seen items: each known user's slice of the bundle's CSR history. (A lone known
-        # user without ratings, the common request, takes _known_user instead.)
-        starts = np.where(known, self.seen_indptr[at], 0)
-        lengths = np.where(known & exclude_seen, self.seen_indptr[at + 1] - starts, 0)
-        indptr = np.zeros(n + 1, np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        excluded = self.seen_indices[np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])].astype(np.int64)
-        has_tower = known.copy()
-        # Known users' rows in the sources' top-items tables, which exclude the seen items.
-        top_rows = (
-            {name: np.where(has, u, -1) for name, has in (("cf", has_cf), ("towers", known))} if exclude_seen else {}
-        )
-
-        if n == 1 and not known[0] and user_features:  # a new user described by features
-            tower_vectors[0], has_tower[0] = self.towers.user_embeddings([dict(user_features)])[0], True
-            for key, segment in self._segments_from_features(user_features).items():
-                segments[key][0] = segment
-        if ratings:  # CF fold-in for this request
-            items, values = self._checked_ratings(ratings)
-            folded = self.cf.fold_in(items, values)
-            if not (np.isfinite(folded.vector).all() and np.isfinite(folded.bias)):
-                raise InvalidRequest("the ratings are out of range: their fold-in gives no finite CF vector")
-            cf_vectors[0], cf_bias[0], has_cf[0] = folded.vector, folded.bias, True
-            top_rows = {}  # another vector, and more items excluded, than the tables assume
-            if exclude_seen:
-                excluded = np.union1d(excluded, cat.items.indices(items))
-                indptr = np.array([0, len(excluded)], np.int64)
-            likes = liked_mask(np.array(values), self.implicit)
-            liked = [cat.items.index(i) for i, like in zip(items, likes) if like][::-1]
-            recent = np.full((1, max(len(liked), 1)), -1, np.int64)
-            recent[0, : len(liked)] = liked
-        return Requests(
-            item_mask,
-            indptr,
-            excluded,
-            cf_vectors,
-            cf_bias,
-            has_cf,
-            tower_vectors,
-            has_tower,
-            recent,
-            segments,
-            filtered=item_mask is not cat.every_item,
-            top_rows=top_rows,
-        )
-
-    def _checked_ratings(self, ratings: Mapping[object, float]) -> tuple[list, list[float]]:
-        """A request's ``{item_id: rating}`` as ids and finite float ratings."""
-        items, values = list(ratings.keys()), []
-        for item, rating in ratings.items():
-            try:
-                value = float(rating)
-            except (TypeError, ValueError):
-                raise InvalidRequest(
-                    f"rating of item {shorten(item)} must be a number, got {shorten(rating)}"
-                ) from None
-            if not np.isfinite(value):
-                raise InvalidRequest(f"ratings must be finite numbers; not for item {shorten(item)}")
-            values.append(value)
-        return items, values
-
-    def _check_user_features(self, features: Mapping) -> None:
-        """Refuse a request's user features that name no feature of the user tower, or
-        carry values it cannot encode, even for a known user (whose stored vector is used)."""
-        self._check_texts(features.values(), "user feature value")
-        self.towers.user_pipeline.transform_dicts([dict(features)])
-
-    def _check_texts(self, values, what: str, limit: int | None = None) -> None:
-        """Refuse text values longer than ``limit`` (default ``max_text_length``) characters."""
-        limit = limit or self.config.max_text_length
-        for value in values:
-            if isinstance(value, str) and len(value) > limit:
-                raise InvalidRequest(
-                    f"{what} of {len(value):,} characters; at most {limit:,} "
-                    f"(engine.max_{'id' if limit == self.config.max_id_length else 'text'}_length)"
-                )
-
-    def _known_user(self, cat: Catalogue, u: int, exclude_seen: bool, item_mask: np.ndarray) -> Requests:
-        """:meth:`_requests` for one known user (the common request): read-only views of
-        the bundle's rows instead of copies, so it costs a handful of slices."""
-        row = slice(u, u + 1)
-        has_cf = u < len(self.cf.users)
-        excluded = self.seen_indices[self.seen_indptr[u] : self.seen_indptr[u + 1]] if exclude_seen else _NO_ITEMS
-        return Requests(
-            item_mask,
-            np.array([0, len(excluded)]),
-            excluded.astype(np.int64),
-            self.cf.W[row] if has_cf else self._no_cf_vector,
-            self.cf.user_bias[row] if has_cf else _ZERO,
-            _TRUE if has_cf else _FALSE,
-            self.user_tower_vectors[row],
-            _TRUE,
-            self.recent[row],
-            {key: self.user_segments[row, j] for j, key in enumerate(self.segment_values)},
-            filtered=item_mask is not cat.every_item,
-            top_rows=self._top_rows(row, has_cf, exclude_seen),
-        )
-
-    def _top_rows(self, row: slice, has_cf: bool, exclude_seen: bool) -> dict[str, np.ndarray]:
-        """A lone known user's ``Requests.top_rows``: views of their row number, for the
-        sources whose tables apply (they drop seen items, so only when the request does)."""
-        if not exclude_seen:
-            return {}
-        at = self._user_rows[row]
-        return {"cf": at, "towers": at} if has_cf else {"towers": at}
-
-    def _segments_from_features(self, features: Mapping) -> dict[str, int]:
-        """Segment indices of a new user, by the same rules as the bundle's users."""
-        columns = {
-            name: np.array([value])
-            for name, value in features.items()
-            if name in ("zip_code", "age", *self.segment_values)
-        }
-        if "age" in columns:
-            columns["age"] = np.array([float(features["age"]) if features["age"] not in (None, "") else np.nan])
-        labels = {}
-        for key, values in self.segment_values.items():
-            label = str(segment_labels(key, columns, 1)[0])
-            at = int(np.searchsorted(values, label))
-            if label and at < len(values) and values[at] == label:
-                labels[key] = at
-        return labels
 
     def _filter_mask(self, cat: Catalogue, filters: Mapping) -> np.ndarray:
         """Items matching attribute filters: ``{"genres": ["Comedy", ...]}`` keeps items
@@ -521,7 +353,7 @@ class Engine:
         """
         self._check_k(k, n_candidates)
         cat = self._catalogue
-        requests = self._requests(
+        requests = self.user_context.requests(
             cat,
             [user_id],
             exclude_seen,
@@ -600,7 +432,7 @@ class Engine:
         indices, best first) for a user, under the quotas ``recommend`` would use."""
         self._check_k(1, n_candidates)
         cat = self._catalogue
-        requests = self._requests(cat, [user_id], exclude_seen, cat.every_item)
+        requests = self.user_context.requests(cat, [user_id], exclude_seen, cat.every_item)
         return {
             name: cat.sources[name].propose(requests, quota).items
             for name, quota in self._quotas(cat, requests, n_candidates, sources).items()
@@ -630,7 +462,7 @@ class Engine:
         that would start after it raises :class:`TimeoutError` instead."""
         users = list(user_ids)
         self._check_k(k, n_candidates)
-        self._check_texts(users, "user id", self.config.max_id_length)
+        self.user_context.check_texts(users, "user id", self.config.max_id_length)
         cat = self._catalogue  # every chunk reads the same catalogue
         item_mask = self._item_mask(cat, exclude_items, include_items, filters)
 
@@ -638,7 +470,9 @@ class Engine:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"deadline passed after {start} of {len(users)} users")
             chunk = users[start : start + BATCH_CHUNK]
-            return self._serve(cat, self._requests(cat, chunk, exclude_seen, item_mask), k, n_candidates, sources)
+            return self._serve(
+                cat, self.user_context.requests(cat, chunk, exclude_seen, item_mask), k, n_candidates, sources
+            )
 
         starts = range(0, len(users), BATCH_CHUNK)
         workers = max(1, min(threads or os.cpu_count() or 1, 8, len(starts)))
@@ -661,7 +495,7 @@ class Engine:
         items = cat.items.indices(item_ids)
         if len(np.unique(items)) != len(items):
             raise InvalidRequest("score: item ids repeated in the request")
-        requests = self._requests(cat, [user_id], False, cat.every_item, user_features, ratings)
+        requests = self.user_context.requests(cat, [user_id], False, cat.every_item, user_features, ratings)
         scores = self._rank(cat, requests, np.zeros(len(items), np.int64), items)
         order = np.argsort(-scores, kind="stable")
         return self._result(cat, items[order], scores[order], [("request",)] * len(order))
@@ -716,15 +550,15 @@ class Engine:
         new_ids = [str(i) for i in item_ids]
         if any(not i for i in new_ids):
             raise InvalidRequest("item ids must not be empty")
-        self._check_texts(new_ids, "item id", self.config.max_id_length)
+        self.user_context.check_texts(new_ids, "item id", self.config.max_id_length)
         if len(set(new_ids)) != len(new_ids):
             raise InvalidRequest(f"item ids repeated in the request: {shorten(new_ids[:5])}")
         features, titles = [], []
         for f in item_features:
             if not isinstance(f, Mapping):
                 raise InvalidRequest(f"item features must be a mapping, got {shorten(f)}")
-            self._check_texts([f.get("title")], "item title")
-            self._check_texts([v for name, v in f.items() if name != "title"], "item feature value")
+            self.user_context.check_texts([f.get("title")], "item title")
+            self.user_context.check_texts([v for name, v in f.items() if name != "title"], "item feature value")
             titles.append(str(f.get("title", "") or ""))
             # "title" is display metadata, not a model feature.
             features.append(

@@ -1,0 +1,211 @@
+"""A request's users as rows of a :class:`~engine.serving.retrieval.Requests`: what the
+bundle knows of its users (CF and tower vectors, seen items, recent likes, segments), and
+how a request's user becomes a row — a known user from those tables, a new user from
+features, a user with ratings by CF fold-in — with the request's user values checked."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from engine.data.dataset import liked_mask
+from engine.errors import InvalidRequest, shorten
+from engine.index.bundle import LoadedBundle
+from engine.models.cf import CFModel
+from engine.models.features import segment_labels
+from engine.models.towers import TwoTowerModel
+from engine.serving.catalogue import Catalogue, read_only
+from engine.serving.retrieval import Requests
+from engine.settings import EngineConfig
+
+# Shared one-user values of a known user's request (read-only: never written).
+_TRUE, _FALSE = read_only(np.ones(1, bool)), read_only(np.zeros(1, bool))
+_ZERO = read_only(np.zeros(1, np.float32))
+_NO_ITEMS = read_only(np.zeros(0, np.int64))
+
+
+class UserContext:
+    """The bundle's users, and the user side of every request."""
+
+    def __init__(self, published: LoadedBundle, cf: CFModel, towers: TwoTowerModel, config: EngineConfig):
+        self.cf, self.towers, self.config = cf, towers, config
+        layout = published.layout
+        self.users = published.users
+        # Likes follow the data's rule (bundles from before it was recorded: explicit).
+        self.implicit = bool(published.manifest["dataset"].get("implicit", False))
+        self.seen_indptr, self.seen_indices = layout.load_table("seen_indptr"), layout.load_table("seen_indices")
+        self.recent = layout.load_table("recent_liked")
+        self.segment_values: dict[str, np.ndarray] = {}
+        # Each user's segment per key, a column each (-1 where the label is empty: "" zip code, ...).
+        segments = published.manifest.get("segments", {})
+        self.user_segments = np.full((len(self.users), len(segments)), -1, np.int64)
+        for j, key in enumerate(segments):
+            self.segment_values[key] = layout.load_segment(key, "values")
+            of_user = layout.load_segment(key, "user")
+            self.user_segments[:, j] = np.where(self.segment_values[key][of_user] != "", of_user, -1)
+        # Known users' tower vectors, computed once: a request then only looks one up.
+        self.user_tower_vectors = towers.known_user_vectors()
+        self._user_rows = read_only(np.arange(len(self.users)))  # a lone user's top_rows entry is a view
+        # A known user's request holds views of these tables (see known_user): read-only,
+        # so nothing can write through them.
+        for table in (cf.W, cf.user_bias, self.user_tower_vectors, self.recent, self.user_segments, self.seen_indices):
+            read_only(table)
+        self._no_cf_vector = read_only(np.zeros((1, cf.W.shape[1]), np.float32))
+
+    def requests(
+        self,
+        cat: Catalogue,
+        user_ids: Sequence,
+        exclude_seen: bool,
+        item_mask: np.ndarray,
+        user_features: Mapping | None = None,
+        ratings: Mapping[object, float] | None = None,
+    ) -> Requests:
+        """The retrieval and ranking context of many users, under the request's item mask
+        (shared, not modified). Known users are looked up in the bundle's tables all at
+        once; ``user_features`` / ``ratings`` (cold start, fold-in) are for a single user."""
+        n = len(user_ids)
+        if (user_features or ratings) and n != 1:
+            raise InvalidRequest("user_features and ratings describe one user")
+        if user_features:
+            self.check_user_features(user_features)
+        if n == 1 and not ratings and user_ids[0] is not None:
+            lone = self.users.get(user_ids[0])
+            if lone is not None:
+                return self.known_user(cat, lone, exclude_seen, item_mask)
+        u = self.users.indices_or_missing(user_ids)
+        known = u >= 0
+        has_cf = known & (u < len(self.cf.users))
+        cf_vectors = np.zeros((n, self.cf.W.shape[1]), np.float32)
+        cf_bias = np.zeros(n, np.float32)
+        cf_vectors[has_cf], cf_bias[has_cf] = self.cf.W[u[has_cf]], self.cf.user_bias[u[has_cf]]
+        tower_vectors = np.zeros((n, self.user_tower_vectors.shape[1]), np.float32)
+        tower_vectors[known] = self.user_tower_vectors[u[known]]
+        recent = np.full((n, self.recent.shape[1]), -1, np.int64)
+        recent[known] = self.recent[u[known]]
+        at = np.where(known, u, 0)
+        user_segments = np.where(known[:, None], self.user_segments[at], -1)
+        segments = {key: user_segments[:, j] for j, key in enumerate(self.segment_values)}
+        # Seen items: each known user's slice of the bundle's CSR history. (A lone known
+        # user without ratings, the common request, takes _known_user instead.)
+        starts = np.where(known, self.seen_indptr[at], 0)
+        lengths = np.where(known & exclude_seen, self.seen_indptr[at + 1] - starts, 0)
+        indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        excluded = self.seen_indices[np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])].astype(np.int64)
+        has_tower = known.copy()
+        # Known users' rows in the sources' top-items tables, which exclude the seen items.
+        top_rows = (
+            {name: np.where(has, u, -1) for name, has in (("cf", has_cf), ("towers", known))} if exclude_seen else {}
+        )
+
+        if n == 1 and not known[0] and user_features:  # a new user described by features
+            tower_vectors[0], has_tower[0] = self.towers.user_embeddings([dict(user_features)])[0], True
+            for key, segment in self.segments_from_features(user_features).items():
+                segments[key][0] = segment
+        if ratings:  # CF fold-in for this request
+            items, values = self.checked_ratings(ratings)
+            folded = self.cf.fold_in(items, values)
+            if not (np.isfinite(folded.vector).all() and np.isfinite(folded.bias)):
+                raise InvalidRequest("the ratings are out of range: their fold-in gives no finite CF vector")
+            cf_vectors[0], cf_bias[0], has_cf[0] = folded.vector, folded.bias, True
+            top_rows = {}  # another vector, and more items excluded, than the tables assume
+            if exclude_seen:
+                excluded = np.union1d(excluded, cat.items.indices(items))
+                indptr = np.array([0, len(excluded)], np.int64)
+            likes = liked_mask(np.array(values), self.implicit)
+            liked = [cat.items.index(i) for i, like in zip(items, likes) if like][::-1]
+            recent = np.full((1, max(len(liked), 1)), -1, np.int64)
+            recent[0, : len(liked)] = liked
+        return Requests(
+            item_mask,
+            indptr,
+            excluded,
+            cf_vectors,
+            cf_bias,
+            has_cf,
+            tower_vectors,
+            has_tower,
+            recent,
+            segments,
+            filtered=item_mask is not cat.every_item,
+            top_rows=top_rows,
+        )
+
+    def checked_ratings(self, ratings: Mapping[object, float]) -> tuple[list, list[float]]:
+        """A request's ``{item_id: rating}`` as ids and finite float ratings."""
+        items, values = list(ratings.keys()), []
+        for item, rating in ratings.items():
+            try:
+                value = float(rating)
+            except (TypeError, ValueError):
+                raise InvalidRequest(
+                    f"rating of item {shorten(item)} must be a number, got {shorten(rating)}"
+                ) from None
+            if not np.isfinite(value):
+                raise InvalidRequest(f"ratings must be finite numbers; not for item {shorten(item)}")
+            values.append(value)
+        return items, values
+
+    def check_user_features(self, features: Mapping) -> None:
+        """Refuse a request's user features that name no feature of the user tower, or
+        carry values it cannot encode, even for a known user (whose stored vector is used)."""
+        self.check_texts(features.values(), "user feature value")
+        self.towers.user_pipeline.transform_dicts([dict(features)])
+
+    def check_texts(self, values, what: str, limit: int | None = None) -> None:
+        """Refuse text values longer than ``limit`` (default ``max_text_length``) characters."""
+        limit = limit or self.config.max_text_length
+        for value in values:
+            if isinstance(value, str) and len(value) > limit:
+                raise InvalidRequest(
+                    f"{what} of {len(value):,} characters; at most {limit:,} "
+                    f"(engine.max_{'id' if limit == self.config.max_id_length else 'text'}_length)"
+                )
+
+    def known_user(self, cat: Catalogue, u: int, exclude_seen: bool, item_mask: np.ndarray) -> Requests:
+        """:meth:`requests` for one known user (the common request): read-only views of
+        the bundle's rows instead of copies, so it costs a handful of slices."""
+        row = slice(u, u + 1)
+        has_cf = u < len(self.cf.users)
+        excluded = self.seen_indices[self.seen_indptr[u] : self.seen_indptr[u + 1]] if exclude_seen else _NO_ITEMS
+        return Requests(
+            item_mask,
+            np.array([0, len(excluded)]),
+            excluded.astype(np.int64),
+            self.cf.W[row] if has_cf else self._no_cf_vector,
+            self.cf.user_bias[row] if has_cf else _ZERO,
+            _TRUE if has_cf else _FALSE,
+            self.user_tower_vectors[row],
+            _TRUE,
+            self.recent[row],
+            {key: self.user_segments[row, j] for j, key in enumerate(self.segment_values)},
+            filtered=item_mask is not cat.every_item,
+            top_rows=self._top_rows(row, has_cf, exclude_seen),
+        )
+
+    def _top_rows(self, row: slice, has_cf: bool, exclude_seen: bool) -> dict[str, np.ndarray]:
+        """A lone known user's ``Requests.top_rows``: views of their row number, for the
+        sources whose tables apply (they drop seen items, so only when the request does)."""
+        if not exclude_seen:
+            return {}
+        at = self._user_rows[row]
+        return {"cf": at, "towers": at} if has_cf else {"towers": at}
+
+    def segments_from_features(self, features: Mapping) -> dict[str, int]:
+        """Segment indices of a new user, by the same rules as the bundle's users."""
+        columns = {
+            name: np.array([value])
+            for name, value in features.items()
+            if name in ("zip_code", "age", *self.segment_values)
+        }
+        if "age" in columns:
+            columns["age"] = np.array([float(features["age"]) if features["age"] not in (None, "") else np.nan])
+        labels = {}
+        for key, values in self.segment_values.items():
+            label = str(segment_labels(key, columns, 1)[0])
+            at = int(np.searchsorted(values, label))
+            if label and at < len(values) and values[at] == label:
+                labels[key] = at
+        return labels
