@@ -14,7 +14,12 @@ setting (repeatable). Commands:
     tandem build-index [--data PATH] [--models DIR] [--out ROOT] [--factory F] [--recall-floor R]
     tandem rollback [--root ROOT]
     tandem eval-pipeline [--data DIR] [--folds ...] [--n-candidates N]
+    tandem serve [--bundle ROOT] [--port P] [--processes N] [--token-file PATH] ...
     tandem config show
+
+The command line is the application: it drives the library and, for ``build-index``
+and ``eval-pipeline``, the index builder — the one place in ``engine`` that imports
+``index_builder`` (lazily, inside those commands); the library itself never does.
 """
 
 from __future__ import annotations

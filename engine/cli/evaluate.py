@@ -13,7 +13,7 @@ from engine.errors import ConfigError
 
 
 def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
-    from engine.evaluation.pipeline import evaluate_pipeline, format_summary
+    from index_builder.evaluate import evaluate_pipeline, format_summary
 
     source = resolve_data_source(args.data or config["data"]["source"])
     if source == "synthetic" or not Path(source, "u1.base").is_file():
