@@ -58,7 +58,7 @@ def measure(engine: Engine, args) -> None:
         "n_items": len(engine.items),
         "n_users": len(engine.users),
         "n_candidates": args.n_candidates,
-        "indexes": {k: v["factory"] + " " + json.dumps(v["search_params"]) for k, v in manifest["indexes"].items()},
+        "indexes": {k: v["factory"] + " " + json.dumps(v["search_params"]) for k, v in manifest.indexes.items()},
         "recommend_p50_ms": float(np.median(times) * 1e3),
         "recommend_p99_ms": float(np.percentile(times, 99) * 1e3),
         "batch_users_per_s": len(users) / batch_s,

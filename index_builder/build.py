@@ -315,18 +315,18 @@ def _build(
         layout.save_segment(key, "top_counts", top_counts)
         segments[key] = {"n_segments": int(len(values)), "top_n": int(top_n)}
 
-    manifest = {
-        "dataset": {
-            "name": dataset.name,
-            "fingerprint": data_fingerprint(dataset),
-            "n_users": dataset.n_users,
-            "n_items": dataset.n_items,
-            "n_ratings": dataset.n_ratings,
+    manifest = bundle.Manifest(
+        dataset=bundle.DatasetInfo(
+            name=dataset.name,
+            fingerprint=data_fingerprint(dataset),
+            n_users=dataset.n_users,
+            n_items=dataset.n_items,
+            n_ratings=dataset.n_ratings,
             # What a like is on this data: the engine applies the same rule to the ratings
             # given with a request (engine.data.dataset.liked_mask).
-            "implicit": dataset.implicit,
-        },
-        "models": {
+            implicit=dataset.implicit,
+        ),
+        models={
             "cf": {
                 "n_features": int(cf.X.shape[1]),
                 "config": json.loads((layout.model("cf") / "cf.json").read_text())["config"],
@@ -338,12 +338,12 @@ def _build(
                 "metrics": towers.metrics,
             },
         },
-        "indexes": reports,
-        "user_top_items": {"k": int(user_top_k), "indexes": sorted(user_top)},
-        "recall_floor": recall_floor,
-        "segments": segments,
-        "genre_labels": genre_labels,
-    }
+        indexes=reports,
+        user_top_items={"k": int(user_top_k), "indexes": sorted(user_top)},
+        recall_floor=recall_floor,
+        segments=segments,
+        genre_labels=genre_labels,
+    )
     published = bundle.publish(staged, root, manifest, keep=keep)
     log(f"published {published.name} -> {root / bundle.CURRENT}")
     return published

@@ -44,15 +44,17 @@ def test_build_writes_a_complete_manifest(trained, tmp_path):
     path = build_bundle(ds, cf, towers, tmp_path, log=quiet)
     assert path.parent == tmp_path / "versions" and (tmp_path / "current").resolve() == path
     m = bundle.read_manifest(path)
-    assert m["format_version"] == bundle.FORMAT_VERSION and m["version"] == path.name
-    assert m["dataset"]["n_items"] == 80 and len(m["dataset"]["fingerprint"]) == 64
-    assert set(m["indexes"]) == {"cf_l2", "cf_ip", "towers_ip"}
-    assert all(r["recall_at_k"] == 1.0 and r["factory"] == "Flat" for r in m["indexes"].values())
-    assert m["indexes"]["cf_ip"]["dim"] == 9  # CF vector plus the item offset
-    assert m["models"]["cf"]["n_features"] == 8
-    for rel, info in m["files"].items():
+    assert m.format_version == bundle.FORMAT_VERSION and m.version == path.name
+    assert m.dataset.n_items == 80 and len(m.dataset.fingerprint) == 64 and m.dataset.implicit is False
+    assert set(m.indexes) == {"cf_l2", "cf_ip", "towers_ip"}
+    assert all(r["recall_at_k"] == 1.0 and r["factory"] == "Flat" for r in m.indexes.values())
+    assert m.indexes["cf_ip"]["dim"] == 9  # CF vector plus the item offset
+    assert m.models["cf"]["n_features"] == 8
+    for rel, info in m.files.items():
         assert bundle.sha256_file(path / rel) == info["sha256"]
-    assert "tables/seen_indptr.npy" in m["files"] and "segments/occupation_top_items.npy" in m["files"]
+    assert "tables/seen_indptr.npy" in m.files and "segments/occupation_top_items.npy" in m.files
+    raw = json.loads((path / bundle.MANIFEST).read_text())
+    assert bundle.Manifest.from_json(raw) == m and m.to_json() == raw  # typed, and round-trips
     np.testing.assert_array_equal(np.load(path / "tables" / "cf_item_vectors.npy"), cf.X)
     assert np.load(path / "tables" / "tower_item_vectors.npy").shape == (80, 8)
     assert not any(p.suffix in (".pkl", ".pickle") for p in path.rglob("*"))
@@ -139,8 +141,8 @@ def test_similar_items_approximate_index_meets_the_floor(tmp_path):
     cf = train_cf(ds, n_features=16, epochs=5, progress=False)
     towers = train_two_tower(ds, hidden_layers=(16,), output_dim=8, epochs=1, progress=False)
     b = LoadedBundle(build_bundle(ds, cf, towers, tmp_path, factory="HNSW8", recall_floor=0.95, log=quiet))
-    assert b.manifest["indexes"]["cf_l2"]["factory"] == "HNSW8"
-    assert b.manifest["indexes"]["cf_l2"]["recall_at_k"] >= 0.95
+    assert b.manifest.indexes["cf_l2"]["factory"] == "HNSW8"
+    assert b.manifest.indexes["cf_l2"]["recall_at_k"] >= 0.95
     rng = np.random.default_rng(0)
     recalls = []
     for i in rng.choice(ds.n_items, 200, replace=False):
@@ -253,7 +255,7 @@ def test_bundle_carries_each_users_top_unseen_items(trained, tmp_path):
     ds, cf, towers, _ = trained
     path = build_bundle(ds, cf, towers, tmp_path / "with", user_top_k=20, log=quiet)
     b = LoadedBundle(path)
-    assert b.manifest["user_top_items"] == {"k": 20, "indexes": ["cf_ip", "towers_ip"]}
+    assert b.manifest.user_top_items == {"k": 20, "indexes": ["cf_ip", "towers_ip"]}
     ui = ds.user_items()
     scores = {
         "cf_ip": cf.W @ cf.X.T + cf.item_offsets,
@@ -279,7 +281,7 @@ def test_the_layout_names_every_file_of_a_bundle(trained, tmp_path):
     named = {layout.manifest} | {layout.index(n) for n in ("cf_l2", "cf_ip", "towers_ip")}
     named |= {layout.table(n) for n in layout.TABLES if layout.has_table(n)}
     named |= {
-        layout.segment(key, part) for key in LoadedBundle(path).manifest["segments"] for part in layout.SEGMENT_PARTS
+        layout.segment(key, part) for key in LoadedBundle(path).manifest.segments for part in layout.SEGMENT_PARTS
     }
     for f in path.rglob("*"):
         if f.is_file():

@@ -234,7 +234,7 @@ def test_fuzz_add_items(served, new):
         set_features(item.features, features)
     reply = call(served, "AddItems", request)
     if reply is not None:
-        assert reply.n_items >= served[2].bundle.manifest["dataset"]["n_items"] + len(new)
+        assert reply.n_items >= served[2].bundle.manifest.dataset.n_items + len(new)
 
 
 @FUZZ

@@ -81,7 +81,7 @@ def cmd_recommend_cf(args: argparse.Namespace, config: dict) -> int:
 
             published = LoadedBundle(args.bundle)
             similar = published.similar_items(args.similar_to, k=args.k)
-            source = f"FAISS {published.manifest['indexes']['cf_l2']['factory']} index of bundle {published.version}"
+            source = f"FAISS {published.manifest.indexes['cf_l2']['factory']} index of bundle {published.version}"
         else:
             similar = model.similar_items(args.similar_to, k=args.k)
             source = "CF item vectors, brute force"

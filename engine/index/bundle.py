@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,6 +51,49 @@ class BundleError(TandemError):
 
 
 ADDED_ITEMS = "added_items.jsonl"
+
+
+@dataclass
+class DatasetInfo:
+    """The data a bundle was built from."""
+
+    name: str
+    fingerprint: str
+    n_users: int
+    n_items: int
+    n_ratings: int
+    implicit: bool = False  # what a like is on this data (engine.data.dataset.liked_mask)
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``, typed: what a bundle version holds and how it was built.
+    :func:`publish` fills ``version``, ``created_at`` and ``files``; readers get one from
+    :class:`LoadedBundle`. Keys missing from bundles of earlier builds take defaults."""
+
+    dataset: DatasetInfo
+    models: dict  # per model: its size, config and training metrics (as the model saved them)
+    indexes: dict  # name -> the IndexReport of engine.index.faiss_index, as JSON
+    recall_floor: float
+    user_top_items: dict = field(default_factory=lambda: {"k": 0, "indexes": []})
+    segments: dict = field(default_factory=dict)  # key -> {"n_segments", "top_n"}
+    genre_labels: list = field(default_factory=list)
+    version: str = ""
+    created_at: str = ""
+    files: dict = field(default_factory=dict)  # relative path -> {"bytes", "sha256"}
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Manifest:
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in raw.items() if key in known}
+        values["dataset"] = DatasetInfo(
+            **{key: value for key, value in raw["dataset"].items() if key in {f.name for f in fields(DatasetInfo)}}
+        )
+        return cls(**values)
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 class BundleLayout:
@@ -282,13 +326,13 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def publish(staged: str | Path, root: str | Path, manifest: dict, keep: int = 5) -> Path:
+def publish(staged: str | Path, root: str | Path, manifest: Manifest, keep: int = 5) -> Path:
     """Finish a staged bundle and make it ``current``.
 
-    Adds ``format_version``, ``version``, ``created_at`` and the ``files`` table (size
-    and sha256 of every file) to ``manifest``, writes it, fsyncs, renames the directory
-    into ``versions/`` and swaps ``current``. Keeps the newest ``keep`` versions (and
-    always the current one). Returns the published version's path.
+    Fills the manifest's ``version``, ``created_at`` and ``files`` table (size and sha256
+    of every file), writes it, fsyncs, renames the directory into ``versions/`` and swaps
+    ``current``. Keeps the newest ``keep`` versions (and always the current one).
+    Returns the published version's path.
     """
     staged, root = Path(staged), Path(root)
     if keep < 1:
@@ -301,16 +345,10 @@ def publish(staged: str | Path, root: str | Path, manifest: dict, keep: int = 5)
             continue
         files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         _fsync_path(path)
-    full = {
-        "format_version": FORMAT_VERSION,
-        "version": version,
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        **manifest,
-        "files": files,
-    }
+    full = replace(manifest, version=version, created_at=datetime.now(timezone.utc).isoformat(), files=files)
     manifest_path = staged / MANIFEST
     with open(manifest_path, "w") as f:
-        json.dump(full, f, indent=2)
+        json.dump(full.to_json(), f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     for d in sorted({p.parent for p in staged.rglob("*")} | {staged}, key=lambda p: -len(p.parts)):
@@ -421,7 +459,7 @@ def resolve(path: str | Path) -> Path:
     raise BundleError(f"{path}: neither a bundle (no {MANIFEST}) nor a bundle root (no {CURRENT})")
 
 
-def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
+def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     """Read and (by default) verify a bundle: format version, and the presence, size and
     sha256 of every listed file. Raises :class:`BundleError` naming the bad file."""
     bundle = Path(bundle)
@@ -449,7 +487,10 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
                 raise BundleError(
                     f"{f}: checksum mismatch (expected sha256 {info['sha256'][:12]}..., found {digest[:12]}...)"
                 )
-    return manifest
+    try:
+        return Manifest.from_json(manifest)
+    except (KeyError, TypeError) as e:
+        raise BundleError(f"{path}: not a manifest of this format ({e})") from None
 
 
 class LoadedBundle:
@@ -466,7 +507,7 @@ class LoadedBundle:
         self.items = IdMap(self.layout.load_table("item_ids"), "item")
         self.users = IdMap(self.layout.load_table("user_ids"), "user")
         self._indexes: dict = {}
-        for name, report in self.manifest.get("indexes", {}).items():
+        for name, report in self.manifest.indexes.items():
             if report["n_vectors"] != len(self.items):
                 raise BundleError(
                     f"{self.path / MANIFEST}: index {name} holds {report['n_vectors']} vectors, "
@@ -475,7 +516,7 @@ class LoadedBundle:
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.version
 
     def index(self, name: str):
         """The vector index ``name`` (``cf_l2``, ``cf_ip``, ``towers_ip``): a
@@ -483,7 +524,7 @@ class LoadedBundle:
         from engine.index.faiss_index import FaissIndex
 
         if name not in self._indexes:
-            report = self.manifest["indexes"].get(name)
+            report = self.manifest.indexes.get(name)
             if report is None:
                 raise BundleError(f"{self.path}: no index named {name!r}")
             index = FaissIndex.load(self.layout.index(name), report["metric"], report["search_params"])

@@ -47,7 +47,7 @@ class EngineHolder:
             try:
                 path = bundle.resolve(self.root)
                 manifest = bundle.read_manifest(path, verify=False)
-                if manifest.get("version") == previous:
+                if manifest.version == previous:
                     self._served_target = target
                     return False, previous, previous, f"already serving {previous}"
                 fresh = Engine.load(path, self.engine_config)

@@ -182,15 +182,15 @@ class AdminServicer(pb_grpc.AdminServicer):
                 k=int(r["k"]),
                 user_top_k=0 if tabled.get(name) is None else tabled[name].shape[1],
             )
-            for name, r in manifest["indexes"].items()
+            for name, r in manifest.indexes.items()
         ]
         return pb.GetInfoResponse(
             version=engine.version,
-            created_at=manifest.get("created_at", ""),
+            created_at=manifest.created_at,
             n_items=len(engine.items),
             n_users=len(engine.users),
-            dataset=manifest["dataset"]["name"],
-            data_fingerprint=manifest["dataset"]["fingerprint"],
+            dataset=manifest.dataset.name,
+            data_fingerprint=manifest.dataset.fingerprint,
             indexes=indexes,
             sources=sorted(engine.sources),
             max_k=engine.config.max_k,

@@ -71,7 +71,7 @@ class Engine:
         # Bundles built before the neighbour table existed search cf_l2 live instead.
         neighbours = load("item_neighbours", optional=True)
         titles, genres = load("item_titles", optional=True), load("item_genres", optional=True)
-        self.genre_labels: list[str] = list(published.manifest.get("genre_labels", []))
+        self.genre_labels: list[str] = list(published.manifest.genre_labels)
         self.n_cf_items = len(self.cf.items)  # items added live have no CF vector
         self.cf_item_offsets = cf.item_offsets
         # Each known user's top unseen items in cf_ip / towers_ip, searched when the bundle
@@ -90,7 +90,7 @@ class Engine:
             "popular": PopularitySource(popularity),
             "recent": RecentNeighboursSource(published.index("cf_l2"), cf.X, neighbours),
         }
-        if config.segment_key in published.manifest.get("segments", {}):
+        if config.segment_key in published.manifest.segments:
             sources["segment"] = SegmentSource(config.segment_key, layout.load_segment(config.segment_key, "top_items"))
         self.weights = BlendWeights(config.blend_towers, config.blend_cf)
         self._splits: dict = {}  # quota splits by available sources (see _quotas)

@@ -33,12 +33,12 @@ class UserContext:
         layout = published.layout
         self.users = published.users
         # Likes follow the data's rule (bundles from before it was recorded: explicit).
-        self.implicit = bool(published.manifest["dataset"].get("implicit", False))
+        self.implicit = published.manifest.dataset.implicit
         self.seen_indptr, self.seen_indices = layout.load_table("seen_indptr"), layout.load_table("seen_indices")
         self.recent = layout.load_table("recent_liked")
         self.segment_values: dict[str, np.ndarray] = {}
         # Each user's segment per key, a column each (-1 where the label is empty: "" zip code, ...).
-        segments = published.manifest.get("segments", {})
+        segments = published.manifest.segments
         self.user_segments = np.full((len(self.users), len(segments)), -1, np.int64)
         for j, key in enumerate(segments):
             self.segment_values[key] = layout.load_segment(key, "values")
