@@ -2,14 +2,15 @@
 for every user of a batch at once, and their merge with per-source quotas.
 
 Everything here is batch-first. :class:`Requests` holds ``U`` users (row ``u`` is one
-user), a source proposes for all of them in a few NumPy and FAISS calls and returns
+user), a source proposes for all of them in a few NumPy and vector-index calls and returns
 :class:`Proposals` — flat ``rows`` and ``items`` arrays, grouped by row, best first
 within a row — so a batch costs no Python per user. A single request is a batch of one.
 
 What a user may be shown is ``item_mask`` (block-list, allow-list and attribute
 filters, shared by the batch) minus the user's own ``excluded`` items (seen items). ANN
-sources pass the mask to FAISS as an ``IDSelectorBitmap`` so that filtering happens
-*inside* the search and a full quota still comes back when enough items qualify: a
+sources pass the mask to the vector index as its ``allowed`` bitmap
+(:mod:`engine.index.vector_index`) so that filtering happens *inside* the search and a
+full quota still comes back when enough items qualify: a
 batch of one searches with its exact mask; a larger batch searches with the shared mask
 (none without filters) for ``quota + the most items any of its users excludes`` and
 drops each user's own exclusions afterwards (a user still left short is searched alone).
@@ -26,6 +27,8 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from engine.index.vector_index import pack_mask
 
 # Batches check exclusions in a U x n_items bitmap up to this size (64 MiB), beyond it by
 # binary search: memory stays bounded whatever the catalogue.
@@ -126,7 +129,7 @@ class Requests:
         """The batch's filters as a little-endian packed bitmap (packed once), None
         without filters."""
         if self.filtered and "filter_bits" not in self._cache:
-            self._cache["filter_bits"] = np.packbits(self.item_mask, bitorder="little")
+            self._cache["filter_bits"] = pack_mask(self.item_mask)
         return self._cache.get("filter_bits")
 
     def user_bitmap(self, u: int, out: np.ndarray) -> np.ndarray:
