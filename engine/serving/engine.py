@@ -17,9 +17,7 @@ Every method returns :class:`Recommendations` — ``item_ids``, ``scores`` and
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +32,7 @@ from engine.models.cf import CFModel
 from engine.models.towers import TwoTowerModel
 from engine.results import SCORE, SQUARED_DISTANCE, Recommendations
 from engine.serving.catalogue import Catalogue, read_only
+from engine.serving.live_items import LiveItems
 from engine.serving.pipeline import make_pipeline
 from engine.serving.ranking import BlendWeights, FoldedBlend, ScoreScale
 from engine.serving.retrieval import (
@@ -52,17 +51,15 @@ from engine.topk import top_k_desc, top_k_per_row
 SOURCE_NAMES = ("cf", "towers", "popular", "segment", "recent")
 BATCH_CHUNK = 256  # users served by one pass of the batch pipeline
 
-log = logging.getLogger("tandem.engine")
-
 
 class Engine:
     """Recommendations from a published bundle. Build with :meth:`Engine.load`."""
 
     def __init__(self, published: LoadedBundle, cf: CFModel, towers: TwoTowerModel, config: EngineConfig):
         self.bundle, self.cf, self.towers, self.config = published, cf, towers, config
-        # Writers (add_items, journal syncs) one at a time; readers take no lock: they
-        # read one Catalogue reference (see engine.serving.catalogue).
-        self._write_lock = threading.Lock()
+        # Items added live swap the catalogue (engine.serving.live_items); readers take no
+        # lock: they read one Catalogue reference (see engine.serving.catalogue).
+        self.live_items = LiveItems(self)
         layout = published.layout
         load = layout.load_table
         # The user side of every request (engine.serving.users).
@@ -106,7 +103,6 @@ class Engine:
             sources,
             read_only(np.ones(n_items, bool)),
         )
-        self._journal_offset = 0  # bytes of the root's added-items journal already served
         self._pipeline = make_pipeline(config.pipeline, sources, n_items)  # engine.serving.pipeline
         top_k_desc(np.zeros(2, np.float32), 1)  # compiles (or loads) the small-k top-k now, not in a request
         self._fit_scales()
@@ -123,7 +119,7 @@ class Engine:
         )
         from engine.index import bundle
 
-        engine._serve_added(bundle.read_added_items(published.layout.added_items)[0])
+        engine.live_items.serve(bundle.read_added_items(published.layout.added_items)[0])
         engine.sync_added_items()
         return engine
 
@@ -524,102 +520,13 @@ class Engine:
         ``added_items.jsonl``: replayed by every later load, picked up by the other server
         processes of the root (:meth:`sync_added_items`), and copied into the next bundle
         by ``make index``. All or nothing: a rejected request changes nothing. Returns
-        the catalogue size after the addition."""
-        new_ids, features, titles, vectors, genres = self._checked_items(item_ids, item_features)
-        from engine.index import bundle
-
-        with self._write_lock:
-            cat = self._catalogue
-            existing = [i for i in new_ids if i in cat.items]
-            if existing:
-                raise InvalidRequest(f"item id(s) already in the catalogue: {shorten(existing[:5])}")
-            root = bundle.root_of(self.bundle.path)
-            if persist and root is not None:  # durable before it is served or acknowledged
-                bundle.append_added_items(
-                    root / bundle.ADDED_ITEMS,
-                    [{"item_id": i, "title": t, "features": f} for i, t, f in zip(new_ids, titles, features)],
-                )
-            self._append(new_ids, titles, vectors, genres)
-            return self._catalogue.n_items
-
-    def _checked_items(self, item_ids: Sequence[object], item_features: Sequence[Mapping]):
-        """Items to add, validated and embedded before anything changes: ``(ids, features
-        as JSON-ready dicts without the title, titles, tower vectors, genre rows or None)``."""
-        if len(item_ids) != len(item_features) or not item_ids:
-            raise InvalidRequest("add_items needs one feature dict per item id, and at least one item")
-        new_ids = [str(i) for i in item_ids]
-        if any(not i for i in new_ids):
-            raise InvalidRequest("item ids must not be empty")
-        self.user_context.check_texts(new_ids, "item id", self.config.max_id_length)
-        if len(set(new_ids)) != len(new_ids):
-            raise InvalidRequest(f"item ids repeated in the request: {shorten(new_ids[:5])}")
-        features, titles = [], []
-        for f in item_features:
-            if not isinstance(f, Mapping):
-                raise InvalidRequest(f"item features must be a mapping, got {shorten(f)}")
-            self.user_context.check_texts([f.get("title")], "item title")
-            self.user_context.check_texts([v for name, v in f.items() if name != "title"], "item feature value")
-            titles.append(str(f.get("title", "") or ""))
-            # "title" is display metadata, not a model feature.
-            features.append(
-                {
-                    name: (np.asarray(v).tolist() if isinstance(v, (list, tuple, np.ndarray)) else v)
-                    for name, v in f.items()
-                    if name != "title"
-                }
-            )
-        vectors = self.towers.item_embeddings([dict(f) for f in features])  # checks names and values
-        if not np.isfinite(vectors).all():
-            raise InvalidRequest("item features out of range: the item tower gives a non-finite vector")
-        genres = None
-        if self.genres is not None:
-            genres = np.zeros((len(new_ids), self.genres.shape[1]), np.uint8)
-            for r, f in enumerate(features):
-                if "genres" in f:  # the item tower checked the width and that the flags are 0 or 1
-                    genres[r] = np.asarray(f["genres"], np.float64) != 0
-        return new_ids, features, titles, vectors, genres
+        the catalogue size after the addition (:mod:`engine.serving.live_items`)."""
+        return self.live_items.add(item_ids, item_features, persist)
 
     def sync_added_items(self) -> int:
         """Serve the items other processes (or an earlier run) appended to the bundle
-        root's journal since this engine last read it. Records that cannot be served (a
-        duplicate id, features this bundle's item tower does not know) are logged and
-        skipped, never fatal. Returns how many items were added."""
-        from engine.index import bundle
-
-        root = bundle.root_of(self.bundle.path)
-        if root is None:
-            return 0
-        with self._write_lock:
-            records, self._journal_offset = bundle.read_added_items(root / bundle.ADDED_ITEMS, self._journal_offset)
-            return self._serve_added(records)
-
-    def _serve_added(self, records: list[dict]) -> int:
-        """Add journal records not yet served, one batch where it can, one by one where a
-        record is refused (so that one bad record does not hide the rest)."""
-        fresh = {r["item_id"]: r for r in records if r["item_id"] not in self._catalogue.items}
-        if not fresh:
-            return 0
-        batch = list(fresh.values())
-        ids = [r["item_id"] for r in batch]
-        features = [{**r["features"], **({"title": r["title"]} if r["title"] else {})} for r in batch]
-        try:
-            checked = [self._checked_items(ids, features)]
-        except InvalidRequest:
-            checked = []
-            for i, f in zip(ids, features):
-                try:
-                    checked.append(self._checked_items([i], [f]))
-                except InvalidRequest as e:
-                    log.warning("added item %s skipped: %s", shorten(i), e)
-        for new_ids, _, titles, vectors, genres in checked:
-            self._append(new_ids, titles, vectors, genres)
-        return sum(len(c[0]) for c in checked)
-
-    def _append(self, new_ids: list[str], titles: list[str], vectors: np.ndarray, genres: np.ndarray | None) -> None:
-        """Swap in the catalogue with these (checked, new) items: one reference assignment."""
-        self._catalogue = self._catalogue.with_items(
-            new_ids, vectors, genres, [t or i for i, t in zip(new_ids, titles)]
-        )
+        root's journal since this engine last read it; returns how many."""
+        return self.live_items.sync()
 
     def title(self, item_id: object) -> str:
         """A readable title (the id when the bundle has none, or the item is unknown)."""

@@ -1,0 +1,134 @@
+"""Items added to a running engine: validated and embedded before anything changes
+(all or nothing), journaled at the bundle root before they are acknowledged, and served
+by swapping the engine's catalogue (:mod:`engine.serving.catalogue`); and the journal's
+lines that other processes of the root added."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine.errors import InvalidRequest, shorten
+
+if TYPE_CHECKING:
+    from engine.serving.engine import Engine
+
+log = logging.getLogger("tandem.engine")
+
+
+class LiveItems:
+    """The write side of one engine's catalogue. Writers go one at a time (a lock);
+    readers take none: they read one catalogue reference."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._offset = 0  # bytes of the root's added-items journal already served
+
+    def add(self, item_ids: Sequence[object], item_features: Sequence[Mapping], persist: bool = True) -> int:
+        """Add new items, embedded by the item tower from their features (plus an optional
+        ``"title"``); they are served from the next request on. With ``persist`` (and an
+        engine loaded from a bundle root) they are first appended to the root's
+        ``added_items.jsonl``: replayed by every later load, picked up by the other server
+        processes of the root (:meth:`sync`), and copied into the next bundle
+        by ``make index``. All or nothing: a rejected request changes nothing. Returns
+        the catalogue size after the addition."""
+        new_ids, features, titles, vectors, genres = self._checked(item_ids, item_features)
+        from engine.index import bundle
+
+        with self._lock:
+            cat = self._engine._catalogue
+            existing = [i for i in new_ids if i in cat.items]
+            if existing:
+                raise InvalidRequest(f"item id(s) already in the catalogue: {shorten(existing[:5])}")
+            root = bundle.root_of(self._engine.bundle.path)
+            if persist and root is not None:  # durable before it is served or acknowledged
+                bundle.append_added_items(
+                    root / bundle.ADDED_ITEMS,
+                    [{"item_id": i, "title": t, "features": f} for i, t, f in zip(new_ids, titles, features)],
+                )
+            self._append(new_ids, titles, vectors, genres)
+            return self._engine._catalogue.n_items
+
+    def _checked(self, item_ids: Sequence[object], item_features: Sequence[Mapping]):
+        """Items to add, validated and embedded before anything changes: ``(ids, features
+        as JSON-ready dicts without the title, titles, tower vectors, genre rows or None)``."""
+        if len(item_ids) != len(item_features) or not item_ids:
+            raise InvalidRequest("add_items needs one feature dict per item id, and at least one item")
+        new_ids = [str(i) for i in item_ids]
+        if any(not i for i in new_ids):
+            raise InvalidRequest("item ids must not be empty")
+        self._engine.user_context.check_texts(new_ids, "item id", self._engine.config.max_id_length)
+        if len(set(new_ids)) != len(new_ids):
+            raise InvalidRequest(f"item ids repeated in the request: {shorten(new_ids[:5])}")
+        features, titles = [], []
+        for f in item_features:
+            if not isinstance(f, Mapping):
+                raise InvalidRequest(f"item features must be a mapping, got {shorten(f)}")
+            self._engine.user_context.check_texts([f.get("title")], "item title")
+            self._engine.user_context.check_texts([v for name, v in f.items() if name != "title"], "item feature value")
+            titles.append(str(f.get("title", "") or ""))
+            # "title" is display metadata, not a model feature.
+            features.append(
+                {
+                    name: (np.asarray(v).tolist() if isinstance(v, (list, tuple, np.ndarray)) else v)
+                    for name, v in f.items()
+                    if name != "title"
+                }
+            )
+        vectors = self._engine.towers.item_embeddings([dict(f) for f in features])  # checks names and values
+        if not np.isfinite(vectors).all():
+            raise InvalidRequest("item features out of range: the item tower gives a non-finite vector")
+        genres = None
+        if self._engine.genres is not None:
+            genres = np.zeros((len(new_ids), self._engine.genres.shape[1]), np.uint8)
+            for r, f in enumerate(features):
+                if "genres" in f:  # the item tower checked the width and that the flags are 0 or 1
+                    genres[r] = np.asarray(f["genres"], np.float64) != 0
+        return new_ids, features, titles, vectors, genres
+
+    def sync(self) -> int:
+        """Serve the items other processes (or an earlier run) appended to the bundle
+        root's journal since this engine last read it. Records that cannot be served (a
+        duplicate id, features this bundle's item tower does not know) are logged and
+        skipped, never fatal. Returns how many items were added."""
+        from engine.index import bundle
+
+        root = bundle.root_of(self._engine.bundle.path)
+        if root is None:
+            return 0
+        with self._lock:
+            records, self._offset = bundle.read_added_items(root / bundle.ADDED_ITEMS, self._offset)
+            return self.serve(records)
+
+    def serve(self, records: list[dict]) -> int:
+        """Add journal records not yet served, one batch where it can, one by one where a
+        record is refused (so that one bad record does not hide the rest)."""
+        fresh = {r["item_id"]: r for r in records if r["item_id"] not in self._engine._catalogue.items}
+        if not fresh:
+            return 0
+        batch = list(fresh.values())
+        ids = [r["item_id"] for r in batch]
+        features = [{**r["features"], **({"title": r["title"]} if r["title"] else {})} for r in batch]
+        try:
+            checked = [self._checked(ids, features)]
+        except InvalidRequest:
+            checked = []
+            for i, f in zip(ids, features):
+                try:
+                    checked.append(self._checked([i], [f]))
+                except InvalidRequest as e:
+                    log.warning("added item %s skipped: %s", shorten(i), e)
+        for new_ids, _, titles, vectors, genres in checked:
+            self._append(new_ids, titles, vectors, genres)
+        return sum(len(c[0]) for c in checked)
+
+    def _append(self, new_ids: list[str], titles: list[str], vectors: np.ndarray, genres: np.ndarray | None) -> None:
+        """Swap in the catalogue with these (checked, new) items: one reference assignment."""
+        self._engine._catalogue = self._engine._catalogue.with_items(
+            new_ids, vectors, genres, [t or i for i, t in zip(new_ids, titles)]
+        )
