@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from engine.cli import main
@@ -248,3 +249,33 @@ def test_the_shipped_tandem_toml_uses_known_settings_only():
 
     config = load_config(Path(__file__).resolve().parents[1] / "tandem.toml")
     EngineConfig(**config["engine"]), IndexConfig(**config["index"]), ServerConfig(**config["server"])
+
+
+def implicit_csv(path):
+    """A generic CSV of implicit interactions (no rating column) with string ids."""
+    rng = np.random.default_rng(0)
+    rows = {(f"user-{u}", f"sku-{int(i)}") for u in range(60) for i in rng.zipf(1.3, 15) % 80}
+    path.write_text("customer,product\n" + "".join(f"{u},{i}\n" for u, i in sorted(rows)))
+    return path
+
+
+def test_implicit_data_trains_and_evaluates_and_the_model_survives_a_failed_evaluation(tmp_path, capsys):
+    """Relevance follows the data: on implicit data every held-out interaction is
+    relevant (it used to be rating >= 4: "no test user has a relevant item" after
+    training, and the model was lost). A model is saved before it is evaluated."""
+    data_file = implicit_csv(tmp_path / "interactions.csv")
+    common = ["--set", "data.columns.user=customer", "--set", "data.columns.item=product"]
+    flags = ["--data", str(data_file), "--split", "random", "--epochs", "2", "--no-progress"]
+    assert main(common + ["train-cf", *flags, "--out", str(tmp_path / "cf")]) == 0
+    report = json.loads(capsys.readouterr().out)["test"]
+    assert report["n_users_evaluated"] > 10 and 0 <= report["recall@10"] <= 1
+    assert main(common + ["train-towers", *flags, "--objective", "softmax", "--out", str(tmp_path / "towers")]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["n_users_evaluated"] > 10
+    evaluate = ["eval-cf", "--data", str(data_file), "--split", "random", "--model", str(tmp_path / "cf")]
+    assert main(common + evaluate) == 0
+    capsys.readouterr()
+    failing = ["train-cf", *flags, "--out", str(tmp_path / "kept"), "--min-rating", "100"]
+    assert main(common + failing) == 2
+    err = capsys.readouterr().err
+    assert "no user of" in err and "--min-rating" in err
+    assert (tmp_path / "kept" / "cf.json").is_file()  # saved before the evaluation failed

@@ -11,6 +11,12 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
     p.add_argument("--split", help="auto, u1..u5, ua, ub, random, last, cold-items or none (default: data.split)")
     p.add_argument("--k", type=int, default=10, help="cut-off of the top-N metrics (default 10)")
+    p.add_argument(
+        "--min-rating",
+        type=float,
+        help="a test interaction is relevant when rated at least this (default: the data's rule: "
+        "every interaction of implicit data, else 4)",
+    )
 
 
 def engine_config(config: dict):

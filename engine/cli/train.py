@@ -48,14 +48,19 @@ def _train_and_test(args: argparse.Namespace, config: dict):
     return split.train, split.test
 
 
-def _cf_report(model, test, k: int) -> dict:
+def _min_rating(args: argparse.Namespace) -> float | str:
+    """The relevance threshold of the top-N metrics: --min-rating, else the data's rule."""
+    return "auto" if args.min_rating is None else args.min_rating
+
+
+def _cf_report(model, test, k: int, min_rating: float | str | None = "auto") -> dict:
     from engine.evaluation.offline import check_aligned, rating_metrics, topn_metrics
 
     check_aligned(model.users, model.items, test)
     report = {"model": "cf", "loss": model.config.loss, "test": test.name, "n_test_ratings": test.n_ratings}
     if model.config.loss == "mse":
         report.update(rating_metrics(model.predict_indices, test, clip=model.rating_range))
-    report.update(topn_metrics(lambda users, kk: model.recommend_indices(users, kk), test, k=k))
+    report.update(topn_metrics(lambda users, kk: model.recommend_indices(users, kk), test, k=k, min_rating=min_rating))
     return report
 
 
@@ -64,7 +69,13 @@ def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
 
     cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS, PRESETS[args.preset] if args.preset else None)
     return _fit_report_save(
-        args, config, "cf", "CF", train_cf, cf_config, lambda model, train, test: _cf_report(model, test, args.k)
+        args,
+        config,
+        "cf",
+        "CF",
+        train_cf,
+        cf_config,
+        lambda model, train, test: _cf_report(model, test, args.k, _min_rating(args)),
     )
 
 
@@ -79,9 +90,10 @@ def _fit_report_save(args: argparse.Namespace, config: dict, subdir: str, label:
         file=sys.stderr,
     )
     model = fit(train, model_config, curve_path=out / "learning_curve.json")
+    model.save(out)  # before evaluating: a failed evaluation must not lose the model
     if test is not None:
         model.metrics["test"] = report(model, train, test)
-    model.save(out)
+        model.save(out)  # again, with the test metrics
     print(json.dumps({"saved": str(out), **model.metrics}, indent=2))
     return 0
 
@@ -93,14 +105,14 @@ def cmd_eval_cf(args: argparse.Namespace, config: dict) -> int:
     _, test = _train_and_test(args, config)
     if test is None:
         raise ConfigError("eval-cf needs a test split: --split none leaves nothing to evaluate")
-    print(json.dumps(_cf_report(model, test, args.k), indent=2))
+    print(json.dumps(_cf_report(model, test, args.k, _min_rating(args)), indent=2))
     return 0
 
 
 TOWER_FLAGS = ("objective", "learning_rate", "epochs", "batch_size", "output_dim", "temperature", "device", "seed")
 
 
-def _towers_report(model, train, test, k: int) -> dict:
+def _towers_report(model, train, test, k: int, min_rating: float | str | None = "auto") -> dict:
     from engine.evaluation.offline import check_aligned, rating_metrics, topn_metrics
 
     check_aligned(model.users, model.items, test)
@@ -113,7 +125,9 @@ def _towers_report(model, train, test, k: int) -> dict:
     if model.config.objective == "mse":
         report.update(rating_metrics(model.predict_rating_indices, test))
     seen = train.user_items()
-    report.update(topn_metrics(lambda users, kk: model.recommend_indices(users, kk, seen), test, k=k))
+    report.update(
+        topn_metrics(lambda users, kk: model.recommend_indices(users, kk, seen), test, k=k, min_rating=min_rating)
+    )
     return report
 
 
@@ -131,7 +145,7 @@ def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
         f"two towers ({tower_config.objective})",
         train_two_tower,
         tower_config,
-        lambda model, train, test: _towers_report(model, train, test, args.k),
+        lambda model, train, test: _towers_report(model, train, test, args.k, _min_rating(args)),
     )
 
 
@@ -142,7 +156,7 @@ def cmd_eval_towers(args: argparse.Namespace, config: dict) -> int:
     train, test = _train_and_test(args, config)
     if test is None:
         raise ConfigError("eval-towers needs a test split: --split none leaves nothing to evaluate")
-    print(json.dumps(_towers_report(model, train, test, args.k), indent=2))
+    print(json.dumps(_towers_report(model, train, test, args.k, _min_rating(args)), indent=2))
     return 0
 
 

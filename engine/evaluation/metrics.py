@@ -156,10 +156,17 @@ def ann_recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> fl
     return float(match.any(axis=1).sum(1).mean() / k)
 
 
-def relevant_matrix(test, min_rating: float | None = 4.0) -> sp.csr_matrix:
+def relevant_matrix(test, min_rating: float | str | None = "auto") -> sp.csr_matrix:
     """Relevance CSR ``[n_users, n_items]`` from a test :class:`~engine.data.Dataset`:
-    the test interactions rated at least ``min_rating`` (all of them when ``None``)."""
-    keep = np.ones(test.n_ratings, bool) if min_rating is None else test.ratings >= min_rating
+    the test interactions rated at least ``min_rating``, all of them when ``None``, and
+    with ``"auto"`` the data's own rule — its likes (:meth:`~engine.data.Dataset.liked`:
+    every interaction of implicit data, else ratings of at least 4)."""
+    if min_rating == "auto":
+        keep = test.liked()
+    elif min_rating is None:
+        keep = np.ones(test.n_ratings, bool)
+    else:
+        keep = test.ratings >= float(min_rating)
     m = sp.csr_matrix(
         (np.ones(int(keep.sum()), np.float32), (test.user_idx[keep], test.item_idx[keep])),
         shape=(test.n_users, test.n_items),

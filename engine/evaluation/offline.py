@@ -12,8 +12,13 @@ from collections.abc import Callable
 import numpy as np
 
 from engine.data import Dataset
+from engine.errors import TandemError
 from engine.evaluation import metrics
 from engine.topk import top_k_rows
+
+
+class EvaluationError(TandemError, ValueError):
+    """An evaluation that cannot be computed on the given data (no relevant test item)."""
 
 
 def check_aligned(model_users, model_items, dataset: Dataset) -> None:
@@ -42,9 +47,10 @@ def topn_metrics(
     recommend_indices: Callable[[np.ndarray, int], np.ndarray],
     test: Dataset,
     k: int = 10,
-    min_rating: float | None = 4.0,
+    min_rating: float | str | None = "auto",
 ) -> dict[str, float]:
-    """Top-N metrics at ``k`` for the users with relevant test items.
+    """Top-N metrics at ``k`` for the users with relevant test items (relevance:
+    :func:`engine.evaluation.metrics.relevant_matrix`; by default the data's own rule).
 
     ``recommend_indices(user_indices, k)`` returns ``[n, k]`` item indices with the
     training items already excluded.
@@ -52,7 +58,15 @@ def topn_metrics(
     relevant = metrics.relevant_matrix(test, min_rating)
     users = np.flatnonzero(np.diff(relevant.indptr) > 0)
     if len(users) == 0:
-        raise ValueError("no test user has a relevant item")
+        rule = (
+            "every interaction (implicit data)"
+            if min_rating == "auto" and test.implicit
+            else (f"rating >= {4.0 if min_rating == 'auto' else min_rating}")
+        )
+        raise EvaluationError(
+            f"no user of {test.name} has a relevant test item ({rule}): nothing to evaluate; "
+            "set another threshold (--min-rating) or split"
+        )
     recs = recommend_indices(users, k)
     report = metrics.ranking_metrics(recs, relevant[users], k)
     report["n_users_evaluated"] = int(len(users))

@@ -20,7 +20,7 @@ from engine.serving.retrieval import Proposals, merge
 
 
 def evaluate_engine(
-    engine: Engine, test: data.Dataset, k: int = 10, n_candidates: int = 500, min_rating: float = 4.0
+    engine: Engine, test: data.Dataset, k: int = 10, n_candidates: int = 500, min_rating: float | str = "auto"
 ) -> dict:
     """Candidate recall per source and merged, final Recall/NDCG@k and latency on ``test``
     (whose id maps must be the engine's)."""
