@@ -21,8 +21,6 @@ from engine.errors import ServeError
 from engine.service.client import Client
 from engine.service.processes import spawn_server
 
-NEW_USER = {"age": 24, "gender": "F", "occupation": "student", "zip_code": "94110"}
-
 
 def _print(title: str, recs, distance: bool = False) -> None:
     print(f"\n{title}")
@@ -43,12 +41,33 @@ def example_ids(root: str | Path) -> tuple[str, str]:
     return str(user), str(load("item_ids")[int(np.argmax(load("popularity")))])
 
 
+def example_new_user(root: str | Path) -> tuple[str, dict]:
+    """A new user this bundle can serve, as ``(description, recommend keyword
+    arguments)``: the raw features of its most active user when the data has user
+    features (the user tower serves a new user from them), else a few top ratings of
+    its most popular items (CF fold-in serves those)."""
+    from engine.index import bundle
+    from engine.models.cf import CFModel
+    from engine.models.towers import TwoTowerModel
+
+    layout = bundle.BundleLayout(bundle.resolve(root))
+    user = int(np.argmax(np.diff(layout.load_table("seen_indptr"))))
+    features = TwoTowerModel.load(layout.model("towers")).raw_user_features(user)
+    if features:
+        return f"a new user known only by features {features}", {"user_features": features}
+    popular = layout.load_table("item_ids")[np.argsort(-layout.load_table("popularity"), kind="stable")[:3]]
+    top = CFModel.load(layout.model("cf")).rating_range[1]
+    ratings = {str(i): top for i in popular}
+    return f"a new user who rated the three most popular items {top:g} ({', '.join(ratings)})", {"ratings": ratings}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="bundle root (default: paths.bundles)")
     args = parser.parse_args(argv)
     root = Path(args.bundle or load_config()["paths"]["bundles"])
     known_user, popular_item = example_ids(root)
+    new_user, new_user_request = example_new_user(root)
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         started = time.perf_counter()
@@ -77,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                     client.recommend(known_user, k=10),
                 )
                 _print(
-                    f"Recommendations for a new user known only by features {NEW_USER}:",
-                    client.recommend(user_features=NEW_USER, k=10),
+                    f"Recommendations for {new_user}:",
+                    client.recommend(**new_user_request, k=10),
                 )
                 similar = client.similar_items(popular_item, k=10)
                 title = client.score(None, [popular_item]).titles[0]

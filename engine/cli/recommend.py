@@ -18,15 +18,19 @@ def cmd_recommend(args: argparse.Namespace, config: dict) -> int:
 
     eng = Engine.load(args.bundle or config["paths"]["bundles"], engine_config(config))
     if args.example:  # the most active user and the most popular item of the bundle
-        from engine.cli.demo import example_ids
+        from engine.cli.demo import example_ids, example_new_user
 
         user, item = example_ids(eng.bundle.path)
         args.user, args.similar_to = args.user or user, args.similar_to or item
-        args.features = args.features or json.dumps(
-            {"age": 25, "gender": "F", "occupation": "student", "zip_code": "94043"}
+        _, new_user = example_new_user(eng.bundle.path)
+        if "user_features" in new_user:
+            args.features = args.features or json.dumps(new_user["user_features"])
+        else:
+            args.ratings = json.dumps(new_user["ratings"])
+    if not (args.user or args.features or args.ratings or args.similar_to):
+        raise ConfigError(
+            "recommend needs --user ID, --features JSON, --ratings JSON, --similar-to ITEM_ID or --example"
         )
-    if not (args.user or args.features or args.similar_to):
-        raise ConfigError("recommend needs --user ID, --features JSON, --similar-to ITEM_ID or --example")
     print(f"bundle {eng.version}")
 
     def show(heading: str, rec, label: str) -> None:
@@ -37,14 +41,24 @@ def cmd_recommend(args: argparse.Namespace, config: dict) -> int:
     if args.user:
         show(f"Recommended for user {args.user}:", eng.recommend(args.user, k=args.k), "score")
     if args.features:
-        try:
-            features = json.loads(args.features)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--features must be a JSON object: {e}") from None
+        features = _json_object(args.features, "--features")
         show(f"Recommended for a new user {features}:", eng.recommend(user_features=features, k=args.k), "score")
+    if args.ratings:
+        ratings = _json_object(args.ratings, "--ratings")
+        show(f"Recommended for a new user who rated {ratings}:", eng.recommend(ratings=ratings, k=args.k), "score")
     if args.similar_to:
         show(f"More like {eng.title(args.similar_to)}:", eng.similar_items(args.similar_to, k=args.k), "dist ")
     return 0
+
+
+def _json_object(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} must be a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got {text!r}")
+    return value
 
 
 def _titles_for(config: dict, source: str | None):
@@ -103,6 +117,9 @@ def register(commands) -> None:
     recommend.add_argument("--bundle", metavar="ROOT", help="bundle or bundle root (default: paths.bundles)")
     recommend.add_argument("--user", help="external user id")
     recommend.add_argument("--features", metavar="JSON", help="a new user's features, e.g. '{\"age\": 30}'")
+    recommend.add_argument(
+        "--ratings", metavar="JSON", help='a new user\'s ratings (CF fold-in), e.g. \'{"50": 5, "181": 4}\''
+    )
     recommend.add_argument("--similar-to", metavar="ITEM_ID", help="external item id to find neighbours of")
     recommend.add_argument(
         "--example",

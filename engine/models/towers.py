@@ -164,6 +164,24 @@ class TwoTowerModel:
         self.torch_towers: tuple | None = None  # the trained torch modules, kept by train_two_tower
         self.item_vectors = np.zeros((0, config.output_dim), np.float32)
 
+    def raw_user_features(self, user_index: int) -> dict:
+        """A known user's raw features, as a new user's request would give them (the
+        feature dict :meth:`user_embeddings` takes); empty when the data has none."""
+        table = self._user_table
+        out: dict = {}
+        for encoder in self.user_pipeline.encoders:
+            if table is None or encoder.name not in table.columns:
+                continue
+            value = table.columns[encoder.name][user_index]
+            if encoder.kind == "multihot":
+                out[encoder.name] = [float(v) for v in np.asarray(value).tolist()]
+            elif encoder.kind == "numeric":
+                if np.isfinite(value):
+                    out[encoder.name] = float(value)
+            elif str(value):
+                out[encoder.name] = str(value)
+        return out
+
     def _set_tables(self, user_table, item_table) -> None:
         self._user_table, self._item_table = user_table, item_table
         self.item_vectors = self.item_tower(self.item_pipeline.transform_table(item_table, np.arange(len(self.items))))
