@@ -21,7 +21,6 @@ neighbours in ``cf_l2`` (the "recent likes" source) and each user's top unseen i
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -44,16 +43,6 @@ SEGMENT_TOP = 500  # items kept per segment
 
 class PublishRefused(TandemError):
     """An index missed the recall floor; nothing was published."""
-
-
-def data_fingerprint(dataset: Dataset) -> str:
-    """sha256 of the interactions and id maps: identifies the data a bundle was built from."""
-    h = hashlib.sha256()
-    for arr in (dataset.user_idx, dataset.item_idx, dataset.ratings, dataset.timestamps):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    for ids in (dataset.users.ids, dataset.items.ids):
-        h.update("\x00".join(ids.tolist()).encode())
-    return h.hexdigest()
 
 
 def user_segments(dataset: Dataset, key: str) -> np.ndarray:
@@ -318,7 +307,7 @@ def _build(
     manifest = bundle.Manifest(
         dataset=bundle.DatasetInfo(
             name=dataset.name,
-            fingerprint=data_fingerprint(dataset),
+            fingerprint=dataset.fingerprint(),
             n_users=dataset.n_users,
             n_items=dataset.n_items,
             n_ratings=dataset.n_ratings,

@@ -279,3 +279,18 @@ def test_implicit_data_trains_and_evaluates_and_the_model_survives_a_failed_eval
     err = capsys.readouterr().err
     assert "no user of" in err and "--min-rating" in err
     assert (tmp_path / "kept" / "cf.json").is_file()  # saved before the evaluation failed
+
+
+def test_evaluating_a_model_on_data_it_was_trained_on_is_refused(tmp_path, capsys):
+    """After `make train` (trained on everything) an eval-cf / eval-towers on a split
+    would score the model on its own training data: refused, with the reason."""
+    data_file = implicit_csv(tmp_path / "interactions.csv")
+    common = ["--set", "data.columns.user=customer", "--set", "data.columns.item=product"]
+    train_flags = ["--data", str(data_file), "--split", "none", "--epochs", "2", "--no-progress"]
+    assert main(common + ["train-cf", *train_flags, "--out", str(tmp_path / "cf")]) == 0
+    assert main(common + ["train-towers", *train_flags, "--out", str(tmp_path / "towers")]) == 0
+    capsys.readouterr()
+    for command, model in (("eval-cf", "cf"), ("eval-towers", "towers")):
+        evaluate = [command, "--data", str(data_file), "--split", "random", "--model", str(tmp_path / model)]
+        assert main(common + evaluate) == 2, command
+        assert "was trained on" in capsys.readouterr().err

@@ -48,6 +48,25 @@ def _train_and_test(args: argparse.Namespace, config: dict):
     return split.train, split.test
 
 
+def _check_trained_on(model, train, test) -> None:
+    """Refuse to evaluate a model on a split whose training part is not the data it was
+    trained on: its test part may then hold the model's own training data (after
+    ``make train``, which trains on everything, every test interaction), and the figures
+    would be inflated or meaningless."""
+    trained_on = model.metrics.get("trained_on")
+    if trained_on is None:
+        print("warning: the model does not record what it was trained on; it may have seen the test data",
+              file=sys.stderr)  # fmt: skip
+        return
+    if trained_on["fingerprint"] != train.fingerprint():
+        raise ConfigError(
+            f"the model was trained on {trained_on['data']} ({trained_on['n_ratings']:,} ratings), not on this "
+            f"split's training part {train.name} ({train.n_ratings:,} ratings): on {test.name} it would be scored "
+            "on data it may have been trained on. Evaluate it with the data and split it was trained on, or train "
+            "it on this split (tandem train-cf / train-towers --split ...)."
+        )
+
+
 def _min_rating(args: argparse.Namespace) -> float | str:
     """The relevance threshold of the top-N metrics: --min-rating, else the data's rule."""
     return "auto" if args.min_rating is None else args.min_rating
@@ -90,6 +109,8 @@ def _fit_report_save(args: argparse.Namespace, config: dict, subdir: str, label:
         file=sys.stderr,
     )
     model = fit(train, model_config, curve_path=out / "learning_curve.json")
+    # What the model was trained on, so that evaluating it on its own training data is caught.
+    model.metrics["trained_on"] = {"data": train.name, "fingerprint": train.fingerprint(), "n_ratings": train.n_ratings}
     model.save(out)  # before evaluating: a failed evaluation must not lose the model
     if test is not None:
         model.metrics["test"] = report(model, train, test)
@@ -102,9 +123,10 @@ def cmd_eval_cf(args: argparse.Namespace, config: dict) -> int:
     from engine.models.cf import CFModel
 
     model = CFModel.load(args.model or Path(config["paths"]["models"]) / "cf")
-    _, test = _train_and_test(args, config)
+    train, test = _train_and_test(args, config)
     if test is None:
         raise ConfigError("eval-cf needs a test split: --split none leaves nothing to evaluate")
+    _check_trained_on(model, train, test)
     print(json.dumps(_cf_report(model, test, args.k, _min_rating(args)), indent=2))
     return 0
 
@@ -156,6 +178,7 @@ def cmd_eval_towers(args: argparse.Namespace, config: dict) -> int:
     train, test = _train_and_test(args, config)
     if test is None:
         raise ConfigError("eval-towers needs a test split: --split none leaves nothing to evaluate")
+    _check_trained_on(model, train, test)
     print(json.dumps(_towers_report(model, train, test, args.k, _min_rating(args)), indent=2))
     return 0
 

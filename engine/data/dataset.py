@@ -226,6 +226,18 @@ class Dataset:
     def __repr__(self) -> str:
         return f"Dataset({self.name!r}, n_users={self.n_users}, n_items={self.n_items}, n_ratings={self.n_ratings})"
 
+    def fingerprint(self) -> str:
+        """sha256 of the interactions and id maps: identifies this exact data (what a
+        bundle was built from, what a model was trained on)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for arr in (self.user_idx, self.item_idx, self.ratings, self.timestamps):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        for ids in (self.users.ids, self.items.ids):
+            h.update("\x00".join(ids.tolist()).encode())
+        return h.hexdigest()
+
     @property
     def implicit(self) -> bool:
         """Implicit feedback: every interaction has the same value (no rating scale)."""
