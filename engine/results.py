@@ -32,6 +32,9 @@ class Recommendations:
     titles: list[str] = field(default_factory=list)
     candidates: dict[str, int] = field(default_factory=dict)
     metric: str = SCORE
+    # For recommend: how the user was known ("known user", "fold-in", "features",
+    # "popularity"), so that an unknown id served by popularity is never silent.
+    served_by: str = ""
 
     def __len__(self) -> int:
         return len(self.item_ids)

@@ -192,6 +192,20 @@ def test_add_items_then_recommend_and_similar(world):
         engine.add_items(["new-1"], [{}])
 
 
+def test_every_recommendation_says_how_its_user_was_known(engine):
+    """An unknown id served by popularity is never silent: every result names its path."""
+    assert engine.recommend("u3").served_by == "known user"
+    assert engine.recommend("nobody").served_by == "popularity"
+    assert engine.recommend(user_features={"age": 30}).served_by == "features"
+    assert engine.recommend(ratings={"i1": 5, "i2": 4}).served_by == "fold-in"
+    assert engine.recommend("u3", ratings={"i1": 5}).served_by == "fold-in"
+    assert [r.served_by for r in engine.recommend_batch(["u3", "nobody", "u4"])] == [
+        "known user",
+        "popularity",
+        "known user",
+    ]
+
+
 def test_an_unknown_pipeline_is_refused():
     with pytest.raises(ValueError, match="engine.pipeline must be one of"):
         EngineConfig(pipeline="quantum")

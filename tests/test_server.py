@@ -63,7 +63,7 @@ def client(server):
 def same(a, b):
     np.testing.assert_array_equal(a.item_ids, b.item_ids)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
-    assert a.sources == b.sources and a.titles == b.titles
+    assert a.sources == b.sources and a.titles == b.titles and a.served_by == b.served_by
 
 
 def test_every_rpc_equals_the_library(client, world):

@@ -23,7 +23,7 @@ from engine.service.processes import spawn_server
 
 
 def _print(title: str, recs, distance: bool = False) -> None:
-    print(f"\n{title}")
+    print(f"\n{title}" + (f" (served by: {recs.served_by})" if recs.served_by else ""))
     width = max((len(t) for t in recs.titles), default=0)
     for rank, (_item_id, score, sources) in enumerate(recs, 1):
         label = "distance" if distance else "score"

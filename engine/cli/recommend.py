@@ -34,7 +34,7 @@ def cmd_recommend(args: argparse.Namespace, config: dict) -> int:
     print(f"bundle {eng.version}")
 
     def show(heading: str, rec, label: str) -> None:
-        print(heading)
+        print(heading + (f" (served by: {rec.served_by})" if rec.served_by else ""))
         for rank, (item, score, sources) in enumerate(rec, start=1):
             print(f"  {rank:2d}. {eng.title(item):<45} {label} {score:7.3f}  via {', '.join(sources)}")
 

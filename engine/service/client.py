@@ -42,7 +42,7 @@ def _feature_map(features: Mapping | None) -> dict:
     return out
 
 
-def _recommendations(items, candidates=None, metric: str = SCORE) -> Recommendations:
+def _recommendations(items, candidates=None, metric: str = SCORE, served_by: str = "") -> Recommendations:
     return Recommendations(
         np.array([i.item_id for i in items], dtype=str),
         np.array([i.score for i in items], np.float32),
@@ -50,6 +50,7 @@ def _recommendations(items, candidates=None, metric: str = SCORE) -> Recommendat
         [i.title for i in items],
         dict(candidates or {}),
         metric,
+        served_by,
     )
 
 
@@ -199,7 +200,7 @@ class Client:
             sources,
         )
         reply = self._call(self._recommender.Recommend, request, timeout)
-        return _recommendations(reply.items, reply.candidates)
+        return _recommendations(reply.items, reply.candidates, served_by=reply.served_by)
 
     def recommend_batch(
         self, user_ids: Sequence[object], k: int = 10, timeout: float | None = None, **options
@@ -209,7 +210,7 @@ class Client:
             user_ids=[str(u) for u in user_ids], options=self._recommend_request(k=k, **options)
         )
         reply = self._call(self._recommender.RecommendBatch, request, timeout)
-        return [_recommendations(r.items, r.candidates) for r in reply.results]
+        return [_recommendations(r.items, r.candidates, served_by=r.served_by) for r in reply.results]
 
     def similar_items(self, item_id: object, k: int = 10, timeout: float | None = None) -> Recommendations:
         """Items nearest ``item_id`` (scores are squared distances, ascending)."""

@@ -39,6 +39,8 @@ def _reply(reply, recs: Recommendations):
         add(item_id=i, score=s, sources=src, title=t)
     if recs.candidates:
         reply.candidates.update(recs.candidates)
+    if recs.served_by:
+        reply.served_by = recs.served_by
     return reply
 
 

@@ -371,7 +371,9 @@ class Engine:
         results = []
         for u in range(len(requests)):
             at = top[bounds[u] : bounds[u + 1]]
-            results.append(self._result(cat, candidates.items[at], scores[at], candidates.sources_at(at), proposed[u]))
+            result = self._result(cat, candidates.items[at], scores[at], candidates.sources_at(at), proposed[u])
+            result.served_by = requests.served_by[u]
+            results.append(result)
         return results
 
     def _quotas(

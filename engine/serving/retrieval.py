@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +67,8 @@ class Requests:
     # none). Set only where the row applies: the user's stored vector is the query, and
     # the user excludes exactly their seen items, as the table does (see _AnnSource).
     top_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    # How each user is known (SERVED_BY): the path that serves them, said in every result.
+    served_by: Sequence[str] = ()
 
     _cache: dict = field(default_factory=dict, repr=False)
 

@@ -24,6 +24,13 @@ _TRUE, _FALSE = read_only(np.ones(1, bool)), read_only(np.zeros(1, bool))
 _ZERO = read_only(np.zeros(1, np.float32))
 _NO_ITEMS = read_only(np.zeros(0, np.int64))
 
+# How a request's user is known, said in every recommendation (Recommendations.served_by):
+KNOWN = "known user"  # a user of the bundle: their stored vectors, history and tables
+FOLD_IN = "fold-in"  # ratings given with the request: a CF vector fitted to them
+FEATURES = "features"  # a new user described by features: the user tower, their segment
+POPULARITY = "popularity"  # an unknown user with nothing given: popularity (cold start)
+_SERVED_KNOWN = (KNOWN,)
+
 
 class UserContext:
     """The bundle's users, and the user side of every request."""
@@ -95,6 +102,7 @@ class UserContext:
         np.cumsum(lengths, out=indptr[1:])
         excluded = self.seen_indices[np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])].astype(np.int64)
         has_tower = known.copy()
+        served_by = np.where(known, KNOWN, POPULARITY).tolist()
         # Known users' rows in the sources' top-items tables, which exclude the seen items.
         top_rows = (
             {name: np.where(has, u, -1) for name, has in (("cf", has_cf), ("towers", known))} if exclude_seen else {}
@@ -102,6 +110,7 @@ class UserContext:
 
         if n == 1 and not known[0] and user_features:  # a new user described by features
             tower_vectors[0], has_tower[0] = self.towers.user_embeddings([dict(user_features)])[0], True
+            served_by[0] = FEATURES
             for key, segment in self.segments_from_features(user_features).items():
                 segments[key][0] = segment
         if ratings:  # CF fold-in for this request
@@ -110,6 +119,7 @@ class UserContext:
             if not (np.isfinite(folded.vector).all() and np.isfinite(folded.bias)):
                 raise InvalidRequest("the ratings are out of range: their fold-in gives no finite CF vector")
             cf_vectors[0], cf_bias[0], has_cf[0] = folded.vector, folded.bias, True
+            served_by[0] = FOLD_IN
             top_rows = {}  # another vector, and more items excluded, than the tables assume
             if exclude_seen:
                 excluded = np.union1d(excluded, cat.items.indices(items))
@@ -131,6 +141,7 @@ class UserContext:
             segments,
             filtered=item_mask is not cat.every_item,
             top_rows=top_rows,
+            served_by=served_by,
         )
 
     def checked_ratings(self, ratings: Mapping[object, float]) -> tuple[list, list[float]]:
@@ -183,6 +194,7 @@ class UserContext:
             {key: self.user_segments[row, j] for j, key in enumerate(self.segment_values)},
             filtered=item_mask is not cat.every_item,
             top_rows=self._top_rows(row, has_cf, exclude_seen),
+            served_by=_SERVED_KNOWN,
         )
 
     def _top_rows(self, row: slice, has_cf: bool, exclude_seen: bool) -> dict[str, np.ndarray]:
