@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "source": "auto",
         # Role -> column name for generic CSV/Parquet files (user, item, rating, timestamp).
         "columns": {},
+        "delimiter": ",",  # field separator of a generic CSV file (.tsv files: a tab)
         "synthetic": {"n_users": 2000, "n_items": 1000, "n_ratings": 100_000, "seed": 0},
         # Train/test split for training and evaluation commands: "auto" (u1 for ML-100K,
         # else random), "u1".."u5", "ua", "ub", "random", "last" (leave-last-n per user),
@@ -86,7 +87,48 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
         _merge(config, nested, origin=f"--set {item}")
+    validate(config)
     return config
+
+
+def validate(config: dict[str, dict[str, Any]]) -> None:
+    """Check every section against its settings class now, not when a command first
+    reads it: an unknown key, a value of the wrong type or out of range is a
+    :class:`ConfigError` naming the section and the key as the file spells it."""
+    from engine.models.cf import CFConfig
+    from engine.models.towers import TowerConfig
+
+    for section, cls, build in (
+        ("cf", CFConfig, CFConfig.from_dict),
+        ("towers", TowerConfig, TowerConfig.from_dict),
+        ("index", IndexConfig, lambda values: IndexConfig(**values)),
+        ("engine", EngineConfig, lambda values: EngineConfig(**values)),
+        ("server", ServerConfig, lambda values: ServerConfig(**values)),
+    ):
+        values = config[section]
+        defaults = {f.name: f.default for f in fields(cls)}
+        for key, value in values.items():
+            default = defaults.get("lambda_" if key == "lambda" else key)
+            if not _same_kind(default, value):
+                raise ConfigError(
+                    f"[{section}] {key} = {value!r}: expected {type(default).__name__} (like the default {default!r})"
+                )
+        try:
+            build(dict(values))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"[{section}]: {str(e).replace('lambda_', 'lambda')}") from None
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    """Whether a setting's value has the kind of its default (an int passes for a float;
+    a default of None or a container accepts anything its class then checks)."""
+    if default is None or isinstance(default, (dict, list, tuple)) or not isinstance(default, (bool, int, float, str)):
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
 
 
 def _parse_value(raw: str) -> Any:
@@ -137,9 +179,9 @@ def load_dataset(config: dict[str, dict[str, Any]], source: str | None = None):
     if src == "synthetic":
         try:
             return data.make_synthetic(**config["data"]["synthetic"])
-        except TypeError as e:  # an unknown key in [data.synthetic]
+        except (TypeError, ValueError) as e:  # an unknown key or a value out of range in [data.synthetic]
             raise ConfigError(f"[data.synthetic]: {e}") from None
-    return data.load(src, columns=config["data"]["columns"] or None)
+    return data.load(src, columns=config["data"]["columns"] or None, delimiter=config["data"]["delimiter"])
 
 
 def load_split(config: dict[str, dict[str, Any]], source: str | None = None, split: str | None = None):

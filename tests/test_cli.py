@@ -294,3 +294,48 @@ def test_evaluating_a_model_on_data_it_was_trained_on_is_refused(tmp_path, capsy
         evaluate = [command, "--data", str(data_file), "--split", "random", "--model", str(tmp_path / model)]
         assert main(common + evaluate) == 2, command
         assert "was trained on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("cf.bogus=1", "unknown CF setting(s) ['bogus']"),
+        ("cf.n_features=abc", "[cf] n_features = 'abc': expected int"),
+        ("cf.lambda=-1", "lambda must be >= 0"),  # the file's spelling, not lambda_
+        ("towers.epochs=0", "epochs must be >= 1"),
+        ("engine.max_k=abc", "[engine] max_k = 'abc': expected int"),
+        ("server.port=99.5", "[server] port = 99.5: expected int"),
+        ("engine.pipeline=quantum", "engine.pipeline must be one of"),
+    ],
+)
+def test_configuration_errors_are_found_at_load_time(capsys, override, words):
+    assert main(["--set", override, "config", "show"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tandem: error:") and words in err and "Traceback" not in err
+
+
+def test_data_and_index_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    semicolons = tmp_path / "events.csv"
+    semicolons.write_text("user;item\nu1;i1\nu2;i1\nu2;i2\n")
+    assert main(["data", "describe", str(semicolons)]) == 2
+    assert "--set data.columns.user=NAME" in capsys.readouterr().err
+    assert main(["data", "describe", str(semicolons), "--delimiter", ";", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_ratings"] == 3
+    small = ["--set", "data.synthetic.n_users=100", "--set", "data.synthetic.n_items=50"]
+    small += ["--set", "data.synthetic.n_ratings=2000"]
+    for model in ("cf", "towers"):
+        command = [f"train-{model}", "--data", "synthetic", "--split", "none", "--epochs", "1", "--no-progress"]
+        assert main(small + command + ["--out", str(tmp_path / "models" / model)]) == 0
+    capsys.readouterr()
+    build = [
+        "build-index",
+        "--data",
+        "synthetic",
+        "--models",
+        str(tmp_path / "models"),
+        "--out",
+        str(tmp_path / "root"),
+    ]
+    assert main(small + build + ["--factory", "Bogus"]) == 2
+    assert "invalid FAISS factory string 'Bogus'" in capsys.readouterr().err
+    assert not list((tmp_path / "root").glob("versions/*"))  # nothing published

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = load_config(args.config, args.overrides)
+        if getattr(args, "delimiter", None):  # the --delimiter of commands that read data files
+            config["data"]["delimiter"] = args.delimiter
         return handler(args, config)
     except TandemError as e:
         print(f"tandem: error: {e}", file=sys.stderr)

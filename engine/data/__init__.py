@@ -43,12 +43,13 @@ __all__ = [
 ]
 
 
-def load(path: str | os.PathLike, columns: dict[str, str] | None = None) -> Dataset:
+def load(path: str | os.PathLike, columns: dict[str, str] | None = None, delimiter: str = ",") -> Dataset:
     """Load a dataset from a path.
 
     A directory is read as MovieLens, its flavour auto-detected (100K, 1M, or the
     ``ratings.csv`` family); a file is read as a generic CSV or Parquet interaction
-    table, with ``columns`` mapping roles to column names (see :func:`load_table`).
+    table, with ``columns`` mapping roles to column names and ``delimiter`` separating
+    the fields of a CSV (see :func:`load_table`).
     """
     p = Path(path)
     if p.is_dir():
@@ -56,5 +57,5 @@ def load(path: str | os.PathLike, columns: dict[str, str] | None = None) -> Data
         loader = {"ml-100k": load_ml100k, "ml-1m": load_ml1m, "ml-csv": load_movielens_csv}[flavour]
         return loader(p)
     if p.is_file():
-        return load_table(p, columns=columns)
+        return load_table(p, columns=columns, delimiter=delimiter)
     raise DataFormatError(p, None, "no such file or directory")

@@ -42,7 +42,10 @@ def resolve_columns(available: list[str], columns: dict[str, str] | None, path: 
     for role in ("user", "item"):
         if role not in columns:
             raise DataFormatError(
-                path, None, f"no {role!r} column: map one with columns={{'{role}': NAME}}; the file has {available}"
+                path,
+                None,
+                f"no {role!r} column: map one with columns={{'{role}': NAME}} (on the command line: "
+                f"--set data.columns.{role}=NAME; another field separator: --delimiter); the file has {available}",
             )
     for role, name in columns.items():
         if name not in available:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import TandemError
 from engine.index.exact import ExactIndex
 from engine.index.vector_index import as_queries, check_metric
 from engine.settings import IndexConfig
@@ -58,6 +59,11 @@ def _faiss():
 def _metric(metric: str) -> int:
     faiss = _faiss()
     return faiss.METRIC_L2 if check_metric(metric) == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+class IndexBuildError(TandemError, ValueError):
+    """An index that cannot be built as asked (a bad factory string, too few vectors to
+    train it)."""
 
 
 class _Selectors(threading.local):
@@ -222,15 +228,19 @@ def build_index(
     try:
         index = faiss.index_factory(dim, factory, _metric(metric))
     except RuntimeError as e:
-        raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from None
+        raise IndexBuildError(
+            f"invalid FAISS factory string {factory!r} (e.g. Flat, HNSW32, IVF1024,PQ16): "
+            f"{str(e).splitlines()[-1].rsplit(': ', 1)[-1]}"
+        ) from None
     try:
         if not index.is_trained:
             train = vectors if n <= 200_000 else vectors[rng.choice(n, 200_000, replace=False)]
             index.train(train)
         index.add(vectors)
     except RuntimeError as e:  # e.g. fewer training points than clusters
-        raise ValueError(
-            f"FAISS could not build {factory!r} on {n} vectors of dim {dim}: {str(e).splitlines()[-1]}"
+        raise IndexBuildError(
+            f"FAISS could not build {factory!r} on {n} vectors of dim {dim}: "
+            f"{str(e).splitlines()[-1].rsplit('Error: ', 1)[-1]}"
         ) from None
     build_seconds = time.perf_counter() - start
 
