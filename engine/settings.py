@@ -50,6 +50,16 @@ class EngineConfig:
         if self.pipeline not in PIPELINES:
             raise ValueError(f"engine.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
 
+    def check_texts(self, values, what: str, ids: bool = False) -> None:
+        """Refuse a request's text values longer than ``max_text_length`` (``ids``:
+        ``max_id_length``) characters: one long value must not multiply memory."""
+        from engine.errors import InvalidRequest
+
+        limit, key = (self.max_id_length, "max_id_length") if ids else (self.max_text_length, "max_text_length")
+        for value in values:
+            if isinstance(value, str) and len(value) > limit:
+                raise InvalidRequest(f"{what} of {len(value):,} characters; at most {limit:,} (engine.{key})")
+
 
 @dataclass
 class ServerConfig:

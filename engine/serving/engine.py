@@ -460,7 +460,7 @@ class Engine:
         that would start after it raises :class:`TimeoutError` instead."""
         users = list(user_ids)
         self._check_k(k, n_candidates)
-        self.user_context.check_texts(users, "user id", self.config.max_id_length)
+        self.config.check_texts(users, "user id", ids=True)
         cat = self._catalogue  # every chunk reads the same catalogue
         item_mask = self._item_mask(cat, exclude_items, include_items, filters)
 

@@ -62,15 +62,16 @@ class LiveItems:
         new_ids = [str(i) for i in item_ids]
         if any(not i for i in new_ids):
             raise InvalidRequest("item ids must not be empty")
-        self._engine.user_context.check_texts(new_ids, "item id", self._engine.config.max_id_length)
+        config = self._engine.config
+        config.check_texts(new_ids, "item id", ids=True)
         if len(set(new_ids)) != len(new_ids):
             raise InvalidRequest(f"item ids repeated in the request: {shorten(new_ids[:5])}")
         features, titles = [], []
         for f in item_features:
             if not isinstance(f, Mapping):
                 raise InvalidRequest(f"item features must be a mapping, got {shorten(f)}")
-            self._engine.user_context.check_texts([f.get("title")], "item title")
-            self._engine.user_context.check_texts([v for name, v in f.items() if name != "title"], "item feature value")
+            config.check_texts([f.get("title")], "item title")
+            config.check_texts([v for name, v in f.items() if name != "title"], "item feature value")
             titles.append(str(f.get("title", "") or ""))
             # "title" is display metadata, not a model feature.
             features.append(

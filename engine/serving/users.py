@@ -162,18 +162,8 @@ class UserContext:
     def check_user_features(self, features: Mapping) -> None:
         """Refuse a request's user features that name no feature of the user tower, or
         carry values it cannot encode, even for a known user (whose stored vector is used)."""
-        self.check_texts(features.values(), "user feature value")
+        self.config.check_texts(features.values(), "user feature value")
         self.towers.user_pipeline.transform_dicts([dict(features)])
-
-    def check_texts(self, values, what: str, limit: int | None = None) -> None:
-        """Refuse text values longer than ``limit`` (default ``max_text_length``) characters."""
-        limit = limit or self.config.max_text_length
-        for value in values:
-            if isinstance(value, str) and len(value) > limit:
-                raise InvalidRequest(
-                    f"{what} of {len(value):,} characters; at most {limit:,} "
-                    f"(engine.max_{'id' if limit == self.config.max_id_length else 'text'}_length)"
-                )
 
     def known_user(self, cat: Catalogue, u: int, exclude_seen: bool, item_mask: np.ndarray) -> Requests:
         """:meth:`requests` for one known user (the common request): read-only views of
