@@ -17,14 +17,8 @@ import numpy as np
 from engine import data
 from engine.evaluation.offline import implicit_als_metrics, popularity_recommender, topn_metrics
 from engine.evaluation.pipeline import evaluate_engine
-from engine.models.cf import PRESETS, train_cf
-from engine.models.towers import train_two_tower
 from engine.serving.engine import Engine, EngineConfig
-from index_builder.build import build_bundle
-
-# CF for top-N on implicit data: the wmse objective (see engine.models.cf.PRESETS). The mse
-# defaults serve rating error (B1).
-CF_RETRIEVAL_SETTINGS = PRESETS["topn"]
+from index_builder.train import train_and_publish
 
 
 def evaluate_pipeline(
@@ -33,18 +27,19 @@ def evaluate_pipeline(
     k: int = 10,
     n_candidates: int = 500,
     engine_config: EngineConfig | None = None,
+    config: dict[str, Any] | None = None,
     log=print,
 ) -> dict:
-    """Protocol B2 end to end on ML-100K folds; returns per-fold and mean figures."""
+    """Protocol B2 end to end on ML-100K folds; returns per-fold and mean figures. Each
+    fold's bundle is what ``make train index`` would publish from its training part
+    (:func:`~index_builder.train.train_and_publish`, with ``config``)."""
 
     per_fold = []
     for fold in folds:
         log(f"fold u{fold}: training CF (wmse) and towers (softmax) ...")
         train, test = data.predefined_split(directory, fold)
-        cf = train_cf(train, progress=False, **CF_RETRIEVAL_SETTINGS)
-        towers = train_two_tower(train, objective="softmax", progress=False)
         with tempfile.TemporaryDirectory() as root:
-            build_bundle(train, cf, towers, root, log=lambda line: None)
+            train_and_publish(train, root, config, log=lambda line: None)
             engine = Engine.load(root, engine_config)
             row = {
                 "fold": fold,

@@ -288,3 +288,24 @@ def test_the_layout_names_every_file_of_a_bundle(trained, tmp_path):
             assert f in named or f.parent.parent == path and f.parent.name in ("cf", "towers"), f
     with pytest.raises(KeyError, match="no bundle table named 'nope'"):
         layout.table("nope")
+
+
+def test_train_and_publish_is_make_train_index_in_one_call(tmp_path):
+    """The bundle it publishes serves, with the models make train would have trained
+    (CF with the topn preset, the towers with softmax) and the [index] settings."""
+    from engine.config import load_config
+    from engine.serving.engine import Engine
+    from index_builder import train_and_publish
+
+    ds = data.make_synthetic(n_users=150, n_items=90, n_ratings=3000, seed=2)
+    from engine.models.cf import PRESETS
+
+    config = load_config(None, ["index.user_top_k=16", "cf.seed=3", "towers.epochs=2"])
+    path = train_and_publish(ds, tmp_path / "root", config, log=quiet)
+    manifest = LoadedBundle(path).manifest
+    cf_config = manifest.models["cf"]["config"]
+    assert cf_config["loss"] == "wmse" and cf_config["seed"] == 3  # the preset, over the [cf] section
+    assert all(cf_config[key] == value for key, value in PRESETS["topn"].items())
+    assert manifest.models["towers"]["config"]["objective"] == "softmax"
+    assert manifest.user_top_items["k"] == 16 and manifest.dataset.fingerprint == ds.fingerprint()
+    assert len(Engine.load(tmp_path / "root").recommend("u1", k=5)) == 5

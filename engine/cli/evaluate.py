@@ -24,6 +24,7 @@ def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
         k=args.k,
         n_candidates=args.n_candidates,
         engine_config=engine_config(config),
+        config=config,
         log=lambda line: print(line, file=sys.stderr),
     )
     out = Path(args.out)
