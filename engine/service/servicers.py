@@ -105,7 +105,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             raise _BadRequest(f"{len(request.user_ids)} users in one batch; at most {self.config.max_batch}")
         engine = self.holder.engine
         users, options = list(request.user_ids), _recommend_options(request.options)
-        if isinstance(options["k"], int) and len(users) * options["k"] > self.config.max_batch_results:
+        if len(users) * options["k"] > self.config.max_batch_results:
             raise _BadRequest(
                 f"{len(users)} users x k={options['k']} results in one batch; at most "
                 f"{self.config.max_batch_results:,} (server.max_batch_results): send fewer users "

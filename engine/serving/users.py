@@ -75,8 +75,7 @@ class UserContext:
         n = len(user_ids)
         if (user_features or ratings) and n != 1:
             raise InvalidRequest("user_features and ratings describe one user")
-        if user_features:
-            self.check_user_features(user_features)
+        encoded = self.encoded_user_features(user_features) if user_features else None
         if n == 1 and not ratings and user_ids[0] is not None:
             lone = self.users.get(user_ids[0])
             if lone is not None:
@@ -108,8 +107,8 @@ class UserContext:
             {name: np.where(has, u, -1) for name, has in (("cf", has_cf), ("towers", known))} if exclude_seen else {}
         )
 
-        if n == 1 and not known[0] and user_features:  # a new user described by features
-            tower_vectors[0], has_tower[0] = self.towers.user_embeddings([dict(user_features)])[0], True
+        if n == 1 and not known[0] and user_features and encoded is not None:  # a new user by features
+            tower_vectors[0], has_tower[0] = self.towers.user_tower(encoded)[0], True
             served_by[0] = FEATURES
             for key, segment in self.segments_from_features(user_features).items():
                 segments[key][0] = segment
@@ -159,11 +158,13 @@ class UserContext:
             values.append(value)
         return items, values
 
-    def check_user_features(self, features: Mapping) -> None:
-        """Refuse a request's user features that name no feature of the user tower, or
-        carry values it cannot encode, even for a known user (whose stored vector is used)."""
+    def encoded_user_features(self, features: Mapping) -> np.ndarray:
+        """A request's user features as the user tower's input ``[1, d]``, checked: names
+        the tower does not know, or values it cannot encode, are refused even for a
+        known user (whose stored vector is used). A new user's vector is computed from
+        this encoding, not from a second one."""
         self.config.check_texts(features.values(), "user feature value")
-        self.towers.user_pipeline.transform_dicts([dict(features)])
+        return self.towers.user_pipeline.transform_dicts([dict(features)])
 
     def known_user(self, cat: Catalogue, u: int, exclude_seen: bool, item_mask: np.ndarray) -> Requests:
         """:meth:`requests` for one known user (the common request): read-only views of
