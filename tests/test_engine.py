@@ -91,8 +91,8 @@ def test_ranking_scores_are_the_blend_by_its_definition(world, towers_weight, cf
         prediction = (
             cf.X[items].astype(np.float64) @ cf.W[u].astype(np.float64) + cf.user_bias[u] + cf.item_offsets[items]
         )
-        z_tower = (tower - engine.tower_scale.mean) / engine.tower_scale.std
-        z_cf = (prediction - engine.cf_scale.mean) / engine.cf_scale.std
+        z_tower = (tower - engine.blend.scales["towers"].mean) / engine.blend.scales["towers"].std
+        z_cf = (prediction - engine.blend.scales["cf"].mean) / engine.blend.scales["cf"].std
         expected = (towers_weight * z_tower + cf_weight * z_cf) / (towers_weight + cf_weight)
         np.testing.assert_allclose(single.scores, expected, rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(batch.scores, single.scores)

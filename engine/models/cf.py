@@ -283,6 +283,10 @@ class CFModel:
     def user_biases(self, user_indices: np.ndarray) -> np.ndarray:
         return self.user_bias[np.asarray(user_indices, np.int64)]
 
+    def fold_in_query(self, folded: FoldedUser) -> np.ndarray:
+        """A folded-in user's query against :meth:`retrieval_item_vectors`: ``[w, 1]``."""
+        return np.append(folded.vector, 1).astype(np.float32)
+
     def cold_user_vectors(self, features: Sequence[Mapping]) -> np.ndarray:
         raise NotImplementedError("CF embeds no features: fold a new user in from ratings (fold_in)")
 

@@ -1,11 +1,12 @@
 """The served catalogue: everything a request reads about items, as one immutable version.
 
 Items added live (:meth:`engine.Engine.add_items`) grow several per-item tables at once:
-the id map, titles, genre flags, tower vectors, popularity, and the towers index. A
+the id map, titles, genre flags, the item vectors of the models that embed new items
+(the towers), popularity, and those models' indexes. A
 request that read some of them before an addition and some after would meet item
 indices that one table covers and another does not (wrong answers, ``IndexError``, or a
 crash in compiled code). So none of them is ever changed in place: an addition builds
-a new :class:`Catalogue` — copies of the small tables, a copy of the towers index with
+a new :class:`Catalogue` — copies of the small tables, a copy of each such index with
 the new vectors — and the engine swaps one reference. A request takes that reference
 once, at its start, and reads one consistent version to its end; readers take no lock.
 
@@ -15,6 +16,7 @@ items): add items in batches rather than one call per item.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -34,10 +36,12 @@ class Catalogue:
     items: IdMap
     titles: np.ndarray | None  # [n_items] display titles, or None
     genres: np.ndarray | None  # [n_items, n_genres] uint8 flags, or None
-    tower_item_vectors: np.ndarray  # [n_items, d] float32
+    # Model name -> [n, d] float32 its retrieval item vectors (what the ranking scores
+    # against). A model that cannot embed new items (CF) keeps fewer rows than n_items.
+    item_vectors: Mapping[str, np.ndarray]
     popularity: np.ndarray  # [n_items] float32 interaction counts (0 for items added live)
     popularity_score: np.ndarray  # [n_items] float32 standardised log-popularity
-    sources: dict  # name -> Source; the towers source holds this version's towers index
+    sources: dict  # name -> Source; a model's source holds this version of its index
     every_item: np.ndarray  # [n_items] all True, read-only: the mask of an unfiltered request
 
     @property
@@ -45,15 +49,17 @@ class Catalogue:
         return len(self.items)
 
     def with_items(
-        self, item_ids: list[str], vectors: np.ndarray, genres: np.ndarray | None, titles: list[str]
+        self, item_ids: list[str], vectors: Mapping[str, np.ndarray], genres: np.ndarray | None, titles: list[str]
     ) -> Catalogue:
-        """A new version with these items appended (ids already checked to be new).
-        The towers source of the new version searches a copy of the index holding the
-        new vectors, and no longer reads the per-user table: that table ranks the
-        bundle's items only."""
+        """A new version with these items appended (ids already checked to be new), with
+        ``vectors`` from each model that embeds them. Each such model's source searches a
+        copy of its index holding the new vectors, and no longer reads the per-user
+        table: that table ranks the bundle's items only."""
         n_new = len(item_ids)
-        towers = self.sources["towers"]
-        sources = {**self.sources, "towers": type(towers)(towers.index.added(vectors), None)}
+        sources = dict(self.sources)
+        for name, new in vectors.items():
+            old = self.sources[name]
+            sources[name] = type(old)(name, old.index.added(new), None)
         concat = lambda old, new: read_only(np.concatenate([old, new]))  # noqa: E731
         return replace(
             self,
@@ -62,7 +68,10 @@ class Catalogue:
             # not that length for every item, as a fixed-width unicode array would.
             titles=None if self.titles is None else read_only(np.array(self.titles.tolist() + titles, object)),
             genres=None if self.genres is None else concat(self.genres, genres),
-            tower_item_vectors=concat(self.tower_item_vectors, vectors.astype(np.float32)),
+            item_vectors={
+                **self.item_vectors,
+                **{name: concat(self.item_vectors[name], new.astype(np.float32)) for name, new in vectors.items()},
+            },
             popularity=concat(self.popularity, np.zeros(n_new, np.float32)),
             # Items added live have no interactions: the least popular item's score.
             popularity_score=concat(self.popularity_score, np.full(n_new, self.popularity_score.min(), np.float32)),

@@ -34,14 +34,13 @@ from engine.results import SCORE, SQUARED_DISTANCE, Recommendations
 from engine.serving.catalogue import Catalogue, read_only
 from engine.serving.live_items import LiveItems
 from engine.serving.pipeline import make_pipeline
-from engine.serving.ranking import BlendWeights, FoldedBlend, ScoreScale
+from engine.serving.ranking import Blend, ScoreScale
 from engine.serving.retrieval import (
-    CFSource,
+    ModelSource,
     PopularitySource,
     RecentNeighboursSource,
     Requests,
     SegmentSource,
-    TowerSource,
     quotas,
 )
 from engine.serving.users import UserContext
@@ -69,27 +68,25 @@ class Engine:
         neighbours = load("item_neighbours", optional=True)
         titles, genres = load("item_titles", optional=True), load("item_genres", optional=True)
         self.genre_labels: list[str] = list(published.manifest.genre_labels)
-        self.n_cf_items = len(self.cf.items)  # items added live have no CF vector
-        self.cf_item_offsets = cf.item_offsets
         # Each known user's top unseen items in cf_ip / towers_ip, searched when the bundle
         # was built (bundles built before these tables existed search at every request).
         # Mapped read-only, not copied: the server processes of one machine share them.
         # (np.asarray: a plain array over the mapping; np.memmap's slices cost more.)
-        top = {
-            name: np.asarray(layout.load_table(f"user_top_{name}", mmap=True))
-            if layout.has_table(f"user_top_{name}")
-            else None
-            for name in ("cf_ip", "towers_ip")
-        }
-        sources = {
-            "cf": CFSource(published.index("cf_ip"), top["cf_ip"]),
-            "towers": TowerSource(published.index("towers_ip"), top["towers_ip"]),
-            "popular": PopularitySource(popularity),
-            "recent": RecentNeighboursSource(published.index("cf_l2"), cf.X, neighbours),
-        }
+        models = self.user_context.models  # name -> EmbeddingModel, in ranking order
+        sources: dict = {}
+        for name in models:
+            index = f"{name}_ip"  # each model's inner-product index (index_builder.build)
+            top = layout.load_table(f"user_top_{index}", mmap=True) if layout.has_table(f"user_top_{index}") else None
+            sources[name] = ModelSource(name, published.index(index), None if top is None else np.asarray(top))
+        sources.update(
+            {
+                "popular": PopularitySource(popularity),
+                "recent": RecentNeighboursSource(published.index("cf_l2"), cf.X, neighbours),
+            }
+        )
         if config.segment_key in published.manifest.segments:
             sources["segment"] = SegmentSource(config.segment_key, layout.load_segment(config.segment_key, "top_items"))
-        self.weights = BlendWeights(config.blend_towers, config.blend_cf)
+        self.weights = {towers.name: config.blend_towers, cf.name: config.blend_cf}
         self._splits: dict = {}  # quota splits by available sources (see _quotas)
         self._names: dict = {}  # checked source lists (see _source_names)
         n_items = len(published.items)
@@ -97,7 +94,7 @@ class Engine:
             published.items,
             titles,
             genres,
-            read_only(towers.item_vectors),
+            {name: read_only(model.retrieval_item_vectors()) for name, model in models.items()},
             read_only(popularity),
             read_only(self._popularity_score(popularity)),
             sources,
@@ -143,7 +140,7 @@ class Engine:
 
     @property
     def tower_item_vectors(self) -> np.ndarray:
-        return self._catalogue.tower_item_vectors
+        return self._catalogue.item_vectors[self.towers.name]
 
     @property
     def popularity(self) -> np.ndarray:
@@ -175,13 +172,18 @@ class Engine:
         return self.bundle.version
 
     def _fit_scales(self) -> None:
-        """Bundle-wide score statistics from a seeded sample of users x items."""
+        """Bundle-wide score statistics of every model, from a seeded sample of its
+        users x items; they make the ranking's blend (:mod:`engine.serving.ranking`)."""
         rng = np.random.default_rng(0)
-        users = rng.choice(len(self.users), min(200, len(self.users)), replace=False)
-        items = rng.choice(self.n_cf_items, min(2000, self.n_cf_items), replace=False)
-        cf_sample = self.cf.W[users] @ self.cf.X[items].T + self.cf.user_bias[users, None] + self.cf_item_offsets[items]
-        tower_sample = self.user_tower_vectors[users] @ self.towers.item_vectors[items].T
-        self.cf_scale, self.tower_scale = ScoreScale.fit(cf_sample), ScoreScale.fit(tower_sample)
+        scales = {}
+        ctx, item_vectors = self.user_context, self._catalogue.item_vectors
+        for name, queries in ctx.user_queries.items():
+            n_users, n_items = len(queries), len(item_vectors[name])
+            users = np.sort(rng.choice(n_users, min(200, n_users), replace=False))
+            items = rng.choice(n_items, min(2000, n_items), replace=False)
+            sample = queries[users] @ item_vectors[name][items].T + ctx.user_biases[name][users, None]
+            scales[name] = ScoreScale.fit(sample)
+        self.blend = Blend(self.weights, scales)
 
     @staticmethod
     def _popularity_score(popularity: np.ndarray) -> np.ndarray:
@@ -226,59 +228,8 @@ class Engine:
     # -------------------------------------------------------- scoring
     def _rank(self, cat: Catalogue, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Exact scores of (user ``rows[j]``, item ``items[j]``) pairs: the blend of the
-        tower score and the CF prediction (:class:`FoldedBlend`; items added live have no
-        CF vector: the CF mean stands in), or standardised popularity for a user with
-        neither. A lone request computes the same float32 operations on scalars."""
-        n_cf_items = self.n_cf_items
-        cf_items = np.where(items < n_cf_items, items, 0) if cat.n_items > n_cf_items else items
-        if len(requests) == 1:
-            fold = FoldedBlend.of_one(
-                bool(requests.has_tower[0]),
-                bool(requests.has_cf[0]),
-                float(requests.cf_bias[0]),
-                self.weights,
-                self.tower_scale,
-                self.cf_scale,
-            )
-            if fold.none:
-                return cat.popularity_score[items]
-            f32 = np.float32
-            tower_query = requests.tower_vectors * f32(fold.tower_factor)
-            cf_query = requests.cf_vectors * f32(fold.cf_factor)
-            cf_factor, tower_const, cf_const = f32(fold.cf_factor), f32(fold.tower_const), f32(fold.cf_const)
-            none = None
-        else:
-            fold = FoldedBlend.of(
-                requests.has_tower, requests.has_cf, requests.cf_bias, self.weights, self.tower_scale, self.cf_scale
-            )
-            tower_query = requests.tower_vectors * fold.tower_factor.astype(np.float32)[:, None]
-            cf_query = requests.cf_vectors * fold.cf_factor.astype(np.float32)[:, None]
-            cf_factor, tower_const, cf_const = (
-                fold.cf_factor.astype(np.float32)[rows],
-                fold.tower_const.astype(np.float32)[rows],
-                fold.cf_const.astype(np.float32)[rows],
-            )
-            none = fold.none[rows] if fold.none.any() else None
-        cf = self._dots(self.cf.X, cf_items, cf_query, rows) + cf_factor * self.cf_item_offsets[cf_items] + cf_const
-        if cf_items is not items:  # live-added items: the CF mean, standardised to 0, stands in
-            cf = np.where(items < n_cf_items, cf, np.float32(0))
-        scores = (self._dots(cat.tower_item_vectors, items, tower_query, rows) + tower_const) + cf
-        return scores if none is None else np.where(none, cat.popularity_score[items], scores)
-
-    @staticmethod
-    def _dots(matrix: np.ndarray, items: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """``matrix[items[j]] . vectors[rows[j]]`` for every ``j`` (``rows`` ascending):
-        one matrix-vector product per user, so that a user's scores are bitwise the same
-        alone and in a batch."""
-        gathered = matrix[items]
-        if len(vectors) == 1:
-            return gathered @ vectors[0]
-        out = np.empty(len(items), np.float32)
-        bounds = np.searchsorted(rows, np.arange(len(vectors) + 1)).tolist()
-        for u in range(len(vectors)):
-            if bounds[u + 1] > bounds[u]:
-                out[bounds[u] : bounds[u + 1]] = gathered[bounds[u] : bounds[u + 1]] @ vectors[u]
-        return out
+        models (:class:`~engine.serving.ranking.Blend`)."""
+        return self.blend.scores(requests, rows, items, cat.item_vectors, cat.popularity_score)
 
     def _check_k(self, k: int, n_candidates: int | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.config.max_k:
@@ -505,11 +456,12 @@ class Engine:
         self._check_k(k)
         cat = self._catalogue
         i = cat.items.index(item_id)
-        if i < self.n_cf_items:
+        if i < len(self.cf.items):  # items added live have no CF vector
             found = self.bundle.similar_items(item_id, k, item_vectors=self.cf.X)
             items = cat.items.indices(found.item_ids)
             return self._result(cat, items, found.distances, [("cf_l2",)] * len(items), metric=SQUARED_DISTANCE)
-        sims, top = ExactIndex(cat.tower_item_vectors, "ip").search(cat.tower_item_vectors[i : i + 1], k + 1)
+        vectors = cat.item_vectors[self.towers.name]
+        sims, top = ExactIndex(vectors, "ip").search(vectors[i : i + 1], k + 1)
         keep = (top[0] >= 0) & (top[0] != i)
         sims, top = sims[0][keep][:k], top[0][keep][:k]
         distances = (2 - 2 * sims).astype(np.float32)

@@ -131,5 +131,5 @@ class LiveItems:
     def _append(self, new_ids: list[str], titles: list[str], vectors: np.ndarray, genres: np.ndarray | None) -> None:
         """Swap in the catalogue with these (checked, new) items: one reference assignment."""
         self._engine._catalogue = self._engine._catalogue.with_items(
-            new_ids, vectors, genres, [t or i for i, t in zip(new_ids, titles)]
+            new_ids, {self._engine.towers.name: vectors}, genres, [t or i for i, t in zip(new_ids, titles)]
         )

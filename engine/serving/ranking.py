@@ -1,6 +1,15 @@
-"""Exact ranking: the blend of a candidate's two-tower score and CF prediction, each
-standardised with statistics fixed per bundle, with configurable weights (top-k
-selection is :mod:`engine.topk`).
+"""Exact ranking: a weighted blend of N embedding models' scores, each standardised
+with statistics fixed per bundle (top-k selection is :mod:`engine.topk`).
+
+Model ``m`` scores (user ``u``, item ``i``) as ``s_m = q_m(u) . v_m(i) + b_m(u)`` (its
+:class:`~engine.serving.retrieval.UserQueries` against its retrieval item vectors, see
+:class:`~engine.models.embedding.EmbeddingModel`). The blend is
+
+    score(u, i) = sum_m w_m z_m(u, i) / sum_m w_m,   z_m = (s_m - mean_m) / std_m,
+
+over the models that know the user (``has``); an item a model has no vector for (added
+live after it was trained) gets ``z_m = 0``, the model's mean. A user no model knows is
+ranked by standardised popularity.
 
 Standardising with bundle-wide statistics (not per request) keeps a pair's score the
 same whatever else is being ranked, so ``score`` of a few items, ``recommend`` and
@@ -9,10 +18,12 @@ same whatever else is being ranked, so ``score`` of a few items, ``recommend`` a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+from engine.serving.retrieval import Requests
 
 
 @dataclass
@@ -32,82 +43,100 @@ class ScoreScale:
         return cls(float(samples.mean()) if samples.size else 0.0, std if std > 1e-9 else 1.0)
 
 
-@dataclass
-class BlendWeights:
-    """Weights of the standardised tower score and CF prediction for known users; users
-    unknown to CF are ranked by the tower score alone."""
+class Blend:
+    """The ranking of N models: ``weights`` and ``scales`` by model name (see the module).
 
-    towers: float = 0.5
-    cf: float = 0.5
+    Scoring folds each model's weight, scale and user bias into a per-user factor and
+    constant, ``w_m / (W std_m) * (q_m . v_m) + w_m / (W std_m) * (b_m - mean_m)`` with
+    ``W`` the user's total weight, so that ranking costs one dot product per model and
+    candidate. A lone request computes the same float32 operations with scalars."""
 
-    def __post_init__(self) -> None:
-        if self.towers < 0 or self.cf < 0 or self.towers + self.cf == 0:
-            raise ValueError(f"blend weights must be >= 0 and not both 0, got towers={self.towers}, cf={self.cf}")
+    def __init__(self, weights: Mapping[str, float], scales: Mapping[str, ScoreScale]):
+        if set(weights) != set(scales):
+            raise ValueError(f"blend weights {sorted(weights)} and score scales {sorted(scales)} name other models")
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) == 0:
+            raise ValueError(f"blend weights must be >= 0 and not all 0, got {dict(weights)}")
+        self.weights, self.scales = dict(weights), dict(scales)
+        self.names = [name for name, w in self.weights.items() if w > 0]
 
-
-@dataclass
-class FoldedBlend:
-    """The blend of one or many users, folded into per-user factors (``[U]`` arrays, or
-    scalars for one user) so that ranking costs two dot products per candidate:
-
-        score = tower . (tower_factor * u_tower) + tower_const
-              + cf_item . (cf_factor * u_cf) + cf_factor * cf_offset + cf_const
-
-    which is, exactly in real arithmetic, ``(w_t * z_tower + w_c * z_cf) / (w_t + w_c)``
-    with ``z`` the standardised tower score and CF prediction ``u_cf . cf_item + bias +
-    cf_offset``, and ``w_t`` / ``w_c`` zero where the user lacks that component. ``none``
-    marks users with neither (ranked by a fallback score instead)."""
-
-    # [U] arrays (of), or Python scalars (of_one)
-    tower_factor: Any
-    tower_const: Any
-    cf_factor: Any
-    cf_const: Any
-    none: Any
-
-    @classmethod
-    def of(
-        cls,
-        has_tower: np.ndarray,
-        has_cf: np.ndarray,
-        cf_bias: np.ndarray,
-        weights: BlendWeights,
-        tower_scale: ScoreScale,
-        cf_scale: ScoreScale,
-    ) -> FoldedBlend:
-        w_tower = np.where(has_tower, weights.towers, 0.0)
-        w_cf = np.where(has_cf, weights.cf, 0.0)
-        total = w_tower + w_cf
+    def scores(
+        self,
+        requests: Requests,
+        rows: np.ndarray,
+        items: np.ndarray,
+        item_vectors: Mapping[str, np.ndarray],
+        popularity_score: np.ndarray,
+    ) -> np.ndarray:
+        """Exact scores of (user ``rows[j]``, item ``items[j]``) pairs (``rows``
+        ascending); ``item_vectors`` are each model's retrieval item vectors."""
+        if len(requests) == 1:
+            return self._scores_alone(requests, items, item_vectors, popularity_score)
+        n_items = len(popularity_score)
+        f32 = np.float32
+        has = {name: requests.models[name].has for name in self.names}
+        total = np.zeros(len(requests))
+        for name in self.names:
+            total += np.where(has[name], self.weights[name], 0.0)
         none = total == 0
         total = np.where(none, 1.0, total)
-        tower_factor = w_tower / (total * tower_scale.std)
-        cf_factor = w_cf / (total * cf_scale.std)
-        return cls(
-            tower_factor,
-            -tower_factor * tower_scale.mean,
-            cf_factor,
-            cf_factor * (np.asarray(cf_bias, np.float64) - cf_scale.mean),
-            none,
-        )
+        scores = np.zeros(len(items), np.float32)
+        for name in self.names:
+            user = requests.models[name]
+            scale = self.scales[name]
+            factor = np.where(has[name], self.weights[name], 0.0) / (total * scale.std)
+            const = factor * (user.bias.astype(np.float64) - scale.mean)
+            query = user.vectors * factor.astype(f32)[:, None]
+            scores += self._model_part(item_vectors[name], items, query, rows, const.astype(f32)[rows], n_items)
+        return np.where(none[rows], popularity_score[items], scores) if none.any() else scores
 
-    @classmethod
-    def of_one(
-        cls,
-        has_tower: bool,
-        has_cf: bool,
-        cf_bias: float,
-        weights: BlendWeights,
-        tower_scale: ScoreScale,
-        cf_scale: ScoreScale,
-    ) -> FoldedBlend:
-        """The same for one user, with Python floats (a lone request's few operations)."""
-        w_tower, w_cf = weights.towers * has_tower, weights.cf * has_cf
-        total = (w_tower + w_cf) or 1.0
-        tower_factor, cf_factor = w_tower / (total * tower_scale.std), w_cf / (total * cf_scale.std)
-        return cls(
-            tower_factor,
-            -tower_factor * tower_scale.mean,
-            cf_factor,
-            cf_factor * (cf_bias - cf_scale.mean),
-            w_tower + w_cf == 0,
-        )
+    def _scores_alone(
+        self,
+        requests: Requests,
+        items: np.ndarray,
+        item_vectors: Mapping[str, np.ndarray],
+        popularity_score: np.ndarray,
+    ) -> np.ndarray:
+        known = [name for name in self.names if requests.models[name].has[0]]
+        if not known:
+            return popularity_score[items]
+        total = sum(self.weights[name] for name in known)
+        rows, n_items = _ROW_ZERO, len(popularity_score)
+        scores = np.zeros(len(items), np.float32)  # summed as the batch path sums
+        for name in known:
+            user, scale = requests.models[name], self.scales[name]
+            factor = self.weights[name] / (total * scale.std)
+            const = np.float32(factor * (float(user.bias[0]) - scale.mean))
+            scores += self._model_part(
+                item_vectors[name], items, user.vectors * np.float32(factor), rows, const, n_items
+            )
+        return scores
+
+    @staticmethod
+    def _model_part(
+        matrix: np.ndarray, items: np.ndarray, queries: np.ndarray, rows: np.ndarray, const, n_items: int
+    ) -> np.ndarray:
+        """``matrix[items[j]] . queries[rows[j]] + const[j]``, 0 for items beyond the
+        model's vectors (added live: its mean, standardised to 0, stands in)."""
+        if len(matrix) >= n_items:  # the model has a vector for every item of the catalogue
+            return _dots(matrix, items, queries, rows) + const
+        beyond = items >= len(matrix)
+        part = _dots(matrix, np.where(beyond, 0, items), queries, rows) + const
+        return np.where(beyond, np.float32(0), part)
+
+
+_ROW_ZERO = np.zeros(0, np.int64)
+
+
+def _dots(matrix: np.ndarray, items: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix[items[j]] . vectors[rows[j]]`` for every ``j`` (``rows`` ascending): one
+    matrix-vector product per user, so that a user's scores are bitwise the same alone
+    and in a batch."""
+    gathered = matrix[items]
+    if len(vectors) == 1:
+        return gathered @ vectors[0]
+    out = np.empty(len(items), np.float32)
+    bounds = np.searchsorted(rows, np.arange(len(vectors) + 1)).tolist()
+    for u in range(len(vectors)):
+        if bounds[u + 1] > bounds[u]:
+            out[bounds[u] : bounds[u + 1]] = gathered[bounds[u] : bounds[u + 1]] @ vectors[u]
+    return out

@@ -15,7 +15,7 @@ batch of one searches with its exact mask; a larger batch searches with the shar
 (none without filters) for ``quota + the most items any of its users excludes`` and
 drops each user's own exclusions afterwards (a user still left short is searched alone).
 Most requests search nothing at all: a known user's ANN lists and their likes'
-neighbours come from tables the index builder searched (see :class:`_AnnSource` and
+neighbours come from tables the index builder searched (see :class:`ModelSource` and
 :class:`RecentNeighboursSource`), filtered by the same mask.
 """
 
@@ -48,24 +48,32 @@ def positions_in_rows(rows: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class UserQueries:
+    """``U`` users as one embedding model (:class:`~engine.models.embedding.EmbeddingModel`)
+    sees them: its score of (user ``u``, item ``i``) is ``vectors[u] . item_vectors[i] +
+    bias[u]``, with the model's retrieval item vectors. ``has[u]`` says whether the model
+    knows user ``u`` at all (the other rows hold zeros)."""
+
+    vectors: np.ndarray  # [U, d] float32: queries of the model's inner-product index
+    bias: np.ndarray  # [U] float32
+    has: np.ndarray  # [U] bool
+
+
+@dataclass
 class Requests:
-    """The retrieval context of ``U`` users. Per-user vectors are stacked; ``has_cf`` /
-    ``has_tower`` say which rows have one (the others hold zeros)."""
+    """The retrieval context of ``U`` users: per model, the users' queries (``models``),
+    and what every source shares (masks, exclusions, likes, segments)."""
 
     item_mask: np.ndarray  # [n_items] bool: the batch's filters
     excluded_indptr: np.ndarray  # [U + 1] CSR rows of the item indices each user excludes
     excluded_indices: np.ndarray
-    cf_vectors: np.ndarray  # [U, f] float32
-    cf_bias: np.ndarray  # [U] float32
-    has_cf: np.ndarray  # [U] bool
-    tower_vectors: np.ndarray  # [U, d] float32: user-tower outputs
-    has_tower: np.ndarray  # [U] bool
+    models: dict[str, UserQueries]  # model name ("cf", "towers") -> the users' queries
     recent_liked: np.ndarray  # [U, R] item indices, latest first, -1 pads
     segments: dict[str, np.ndarray] = field(default_factory=dict)  # key -> [U] segment, -1 unknown
     filtered: bool = True  # False: item_mask allows every item (no filters), so it need not be read
     # Source name -> [U] each user's row in that source's table of users' top items (-1:
     # none). Set only where the row applies: the user's stored vector is the query, and
-    # the user excludes exactly their seen items, as the table does (see _AnnSource).
+    # the user excludes exactly their seen items, as the table does (see ModelSource).
     top_rows: dict[str, np.ndarray] = field(default_factory=dict)
     # How each user is known (SERVED_BY): the path that serves them, said in every result.
     served_by: Sequence[str] = ()
@@ -309,8 +317,12 @@ class Source:
         return found.replace_rows({int(u): self.propose_alone(requests, int(u), int(quota[u])) for u in short})
 
 
-class _AnnSource(Source):
-    """ANN search over one index with a per-user query vector (``queries``).
+class ModelSource(Source):
+    """ANN over one embedding model's inner-product index, queried with the users'
+    vectors of that model (``Requests.models[name]``): "ANN over model M". The source is
+    named after its model (``cf``: the ``cf_ip`` index of ``[x, offset]`` per item,
+    queried with ``[w, 1]``; ``towers``: the item-tower vectors, queried with the
+    user-tower outputs).
 
     With ``top_items`` (``[n_users, K]``, from ``index_builder.build.user_top_items``),
     a user whose request has a row there (``Requests.top_rows``) is served that row's
@@ -322,11 +334,17 @@ class _AnnSource(Source):
     the row's items (a search with the filters inside may reach others), or when ``k``
     exceeds ``K``."""
 
-    def __init__(self, index, top_items: np.ndarray | None = None):
-        self.index, self.top_items = index, top_items
+    def __init__(self, name: str, index, top_items: np.ndarray | None = None):
+        self.name, self.index, self.top_items = name, index, top_items
+
+    def available(self, requests: Requests) -> np.ndarray:
+        return requests.models[self.name].has
+
+    def available_alone(self, requests: Requests) -> bool:
+        return bool(requests.models[self.name].has[0])
 
     def queries(self, requests: Requests) -> np.ndarray:
-        raise NotImplementedError
+        return requests.models[self.name].vectors
 
     def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
         top, at = self.top_items, requests.top_rows.get(self.name)
@@ -369,40 +387,6 @@ class _AnnSource(Source):
                 return listed[:k]
         labels = ann_search(self.index, self.queries(requests)[u : u + 1], k, requests.allowed_bits(u))[0]
         return labels[labels >= 0]
-
-
-class CFSource(_AnnSource):
-    """ANN over CF item vectors with the user's CF vector (the ``cf_ip`` index holds
-    ``[x, offset]`` per item, queried with ``[w, 1]``, so its order is the CF prediction's)."""
-
-    name = "cf"
-
-    def available(self, requests: Requests) -> np.ndarray:
-        return requests.has_cf
-
-    def available_alone(self, requests: Requests) -> bool:
-        return bool(requests.has_cf[0])
-
-    def queries(self, requests: Requests) -> np.ndarray:
-        vectors = requests.cf_vectors
-        queries = np.empty((len(vectors), vectors.shape[1] + 1), np.float32)
-        queries[:, :-1], queries[:, -1] = vectors, 1
-        return queries
-
-
-class TowerSource(_AnnSource):
-    """ANN over item-tower vectors with the user-tower vector."""
-
-    name = "towers"
-
-    def available(self, requests: Requests) -> np.ndarray:
-        return requests.has_tower
-
-    def available_alone(self, requests: Requests) -> bool:
-        return bool(requests.has_tower[0])
-
-    def queries(self, requests: Requests) -> np.ndarray:
-        return requests.tower_vectors
 
 
 def _first_allowed(order: np.ndarray, allowed, k: int) -> np.ndarray:

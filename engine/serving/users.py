@@ -16,7 +16,7 @@ from engine.models.cf import CFModel
 from engine.models.features import segment_labels
 from engine.models.towers import TwoTowerModel
 from engine.serving.catalogue import Catalogue, read_only
-from engine.serving.retrieval import Requests
+from engine.serving.retrieval import Requests, UserQueries
 from engine.settings import EngineConfig
 
 # Shared one-user values of a known user's request (read-only: never written).
@@ -51,14 +51,30 @@ class UserContext:
             self.segment_values[key] = layout.load_segment(key, "values")
             of_user = layout.load_segment(key, "user")
             self.user_segments[:, j] = np.where(self.segment_values[key][of_user] != "", of_user, -1)
-        # Known users' tower vectors, computed once: a request then only looks one up.
-        self.user_tower_vectors = towers.known_user_vectors()
+        # The embedding models the request's users are queries of, in ranking order. A
+        # model knows the bundle's first len(model.users) users (CF may know fewer).
+        self.models = {model.name: model for model in (towers, cf)}
+        # Known users' queries and biases of every model, computed once: a request then
+        # only looks its rows up.
+        self.user_queries = {name: m.retrieval_user_vectors(np.arange(len(m.users))) for name, m in self.models.items()}
+        self.user_biases = {name: m.user_biases(np.arange(len(m.users))) for name, m in self.models.items()}
         self._user_rows = read_only(np.arange(len(self.users)))  # a lone user's top_rows entry is a view
         # A known user's request holds views of these tables (see known_user): read-only,
         # so nothing can write through them.
-        for table in (cf.W, cf.user_bias, self.user_tower_vectors, self.recent, self.user_segments, self.seen_indices):
+        for table in (*self.user_queries.values(), *self.user_biases.values()):
             read_only(table)
-        self._no_cf_vector = read_only(np.zeros((1, cf.W.shape[1]), np.float32))
+        for table in (self.recent, self.user_segments, self.seen_indices):
+            read_only(table)
+        # A lone known user's row of a model that does not know them.
+        self._unknown = {
+            name: UserQueries(read_only(np.zeros((1, q.shape[1]), np.float32)), _ZERO, _FALSE)
+            for name, q in self.user_queries.items()
+        }
+
+    @property
+    def user_tower_vectors(self) -> np.ndarray:
+        """Known users' user-tower outputs."""
+        return self.user_queries[self.towers.name]
 
     def requests(
         self,
@@ -82,33 +98,37 @@ class UserContext:
                 return self.known_user(cat, lone, exclude_seen, item_mask)
         u = self.users.indices_or_missing(user_ids)
         known = u >= 0
-        has_cf = known & (u < len(self.cf.users))
-        cf_vectors = np.zeros((n, self.cf.W.shape[1]), np.float32)
-        cf_bias = np.zeros(n, np.float32)
-        cf_vectors[has_cf], cf_bias[has_cf] = self.cf.W[u[has_cf]], self.cf.user_bias[u[has_cf]]
-        tower_vectors = np.zeros((n, self.user_tower_vectors.shape[1]), np.float32)
-        tower_vectors[known] = self.user_tower_vectors[u[known]]
+        models = {}
+        for name, queries in self.user_queries.items():
+            has = known & (u < len(queries))
+            vectors = np.zeros((n, queries.shape[1]), np.float32)
+            bias = np.zeros(n, np.float32)
+            vectors[has], bias[has] = queries[u[has]], self.user_biases[name][u[has]]
+            models[name] = UserQueries(vectors, bias, has)
         recent = np.full((n, self.recent.shape[1]), -1, np.int64)
         recent[known] = self.recent[u[known]]
         at = np.where(known, u, 0)
         user_segments = np.where(known[:, None], self.user_segments[at], -1)
         segments = {key: user_segments[:, j] for j, key in enumerate(self.segment_values)}
         # Seen items: each known user's slice of the bundle's CSR history. (A lone known
-        # user without ratings, the common request, takes _known_user instead.)
+        # user without ratings, the common request, takes known_user instead.)
         starts = np.where(known, self.seen_indptr[at], 0)
         lengths = np.where(known & exclude_seen, self.seen_indptr[at + 1] - starts, 0)
         indptr = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=indptr[1:])
         excluded = self.seen_indices[np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])].astype(np.int64)
-        has_tower = known.copy()
         served_by = np.where(known, KNOWN, POPULARITY).tolist()
         # Known users' rows in the sources' top-items tables, which exclude the seen items.
-        top_rows = (
-            {name: np.where(has, u, -1) for name, has in (("cf", has_cf), ("towers", known))} if exclude_seen else {}
-        )
+        top_rows = {name: np.where(m.has, u, -1) for name, m in models.items()} if exclude_seen else {}
 
         if n == 1 and not known[0] and user_features and encoded is not None:  # a new user by features
-            tower_vectors[0], has_tower[0] = self.towers.user_tower(encoded)[0], True
+            for name, model in self.models.items():
+                if model.embeds_from_features:
+                    # The towers take the checked encoding, not a second transform.
+                    vector = self.towers.user_tower(encoded)[0] if model is self.towers else None
+                    if vector is None:
+                        vector = model.cold_user_vectors([user_features])[0]
+                    models[name].vectors[0], models[name].has[0] = vector, True
             served_by[0] = FEATURES
             for key, segment in self.segments_from_features(user_features).items():
                 segments[key][0] = segment
@@ -117,7 +137,8 @@ class UserContext:
             folded = self.cf.fold_in(items, values)
             if not (np.isfinite(folded.vector).all() and np.isfinite(folded.bias)):
                 raise InvalidRequest("the ratings are out of range: their fold-in gives no finite CF vector")
-            cf_vectors[0], cf_bias[0], has_cf[0] = folded.vector, folded.bias, True
+            cf = models[self.cf.name]
+            cf.vectors[0], cf.bias[0], cf.has[0] = self.cf.fold_in_query(folded), folded.bias, True
             served_by[0] = FOLD_IN
             top_rows = {}  # another vector, and more items excluded, than the tables assume
             if exclude_seen:
@@ -131,11 +152,7 @@ class UserContext:
             item_mask,
             indptr,
             excluded,
-            cf_vectors,
-            cf_bias,
-            has_cf,
-            tower_vectors,
-            has_tower,
+            models,
             recent,
             segments,
             filtered=item_mask is not cat.every_item,
@@ -170,31 +187,33 @@ class UserContext:
         """:meth:`requests` for one known user (the common request): read-only views of
         the bundle's rows instead of copies, so it costs a handful of slices."""
         row = slice(u, u + 1)
-        has_cf = u < len(self.cf.users)
         excluded = self.seen_indices[self.seen_indptr[u] : self.seen_indptr[u + 1]] if exclude_seen else _NO_ITEMS
+        models = {
+            name: UserQueries(queries[row], self.user_biases[name][row], _TRUE)
+            if u < len(queries)
+            else self._unknown[name]
+            for name, queries in self.user_queries.items()
+        }
         return Requests(
             item_mask,
             np.array([0, len(excluded)]),
             excluded.astype(np.int64),
-            self.cf.W[row] if has_cf else self._no_cf_vector,
-            self.cf.user_bias[row] if has_cf else _ZERO,
-            _TRUE if has_cf else _FALSE,
-            self.user_tower_vectors[row],
-            _TRUE,
+            models,
             self.recent[row],
             {key: self.user_segments[row, j] for j, key in enumerate(self.segment_values)},
             filtered=item_mask is not cat.every_item,
-            top_rows=self._top_rows(row, has_cf, exclude_seen),
+            top_rows=self._top_rows(row, models, exclude_seen),
             served_by=_SERVED_KNOWN,
         )
 
-    def _top_rows(self, row: slice, has_cf: bool, exclude_seen: bool) -> dict[str, np.ndarray]:
+    def _top_rows(self, row: slice, models: dict[str, UserQueries], exclude_seen: bool) -> dict[str, np.ndarray]:
         """A lone known user's ``Requests.top_rows``: views of their row number, for the
-        sources whose tables apply (they drop seen items, so only when the request does)."""
+        models that know them, where the tables apply (they drop seen items, so only
+        when the request does)."""
         if not exclude_seen:
             return {}
         at = self._user_rows[row]
-        return {"cf": at, "towers": at} if has_cf else {"towers": at}
+        return {name: at for name, m in models.items() if m.has is _TRUE}
 
     def segments_from_features(self, features: Mapping) -> dict[str, int]:
         """Segment indices of a new user, by the same rules as the bundle's users."""
