@@ -9,7 +9,7 @@ DATA   ?= auto
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py protos/tandem/v1/tandem.proto
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[train,dev]"
@@ -49,7 +49,7 @@ rollback: install  ## point artifacts/bundles/current at the previous bundle ver
 serve: install  ## serve the published bundle over gRPC on server.port (hot reload; TANDEM_TOKEN for auth)
 	$(VENV)/bin/tandem serve
 
-proto: install  ## regenerate engine/service/rpc from protos/tandem/v1/tandem.proto (the generated code is committed)
+proto: install  ## regenerate engine/service/rpc from protos/tandem/v1/tandem.proto (generated at install, not committed)
 	$(PY) protos/generate.py
 
 bench-serve: install  ## B5: Recommend / SimilarItems / Echo QPS and p50/p99 at 1, 4, 16 clients, 100k items, 1 and 2 server processes

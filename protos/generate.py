@@ -1,6 +1,8 @@
 """Generate the Python gRPC code of protos/tandem/v1/tandem.proto into engine/service/rpc/
-(``make proto``). Needs grpcio-tools (the ``dev`` extra pins the version whose output is
-committed). With ``--check`` it writes nothing and fails when the committed code is stale.
+(``make proto``; every install runs it too, from ``setup.py``). Needs grpcio-tools
+(pinned in ``[build-system].requires`` and the ``dev`` extra). The generated code is a
+build output, not committed. With ``--check`` it writes nothing and fails when the
+generated code is missing or older than the proto (edit the proto, then ``make proto``).
 
 protoc writes ``from tandem.v1 import tandem_pb2``; the import is rewritten to the package
 the code lives in, ``engine.service.rpc``.
@@ -52,14 +54,21 @@ def main() -> int:
     stale = [n for n, text in fresh.items() if not (OUT / n).is_file() or (OUT / n).read_text() != text]
     if args.check:
         if stale:
-            print(f"stale generated code in {OUT}: {stale}; run `make proto` and commit", file=sys.stderr)
+            print(f"stale or missing generated code in {OUT}: {stale}; run `make proto`", file=sys.stderr)
             return 1
         print(f"{OUT}: generated code is fresh")
         return 0
-    for name, text in fresh.items():
-        (OUT / name).write_text(text)
+    write(fresh)
     print(f"generated {', '.join(GENERATED)} into {OUT}")
     return 0
+
+
+def write(generated: dict[str, str]) -> None:
+    """Write the generated modules into engine/service/rpc/ (unchanged files untouched)."""
+    for name, text in generated.items():
+        path = OUT / name
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The committed gRPC code in engine/service/rpc is what `make proto` generates from protos/."""
+"""The gRPC code in engine/service/rpc (generated at install, not committed) is what
+`make proto` generates from protos/ now."""
 
 import subprocess
 import sys
