@@ -76,8 +76,9 @@ bench-ann: install  ## B4: exact vs HNSW vs IVF on 1M clustered vectors and on M
 bench-engine: install  ## in-process recommend latency and batch throughput on a 100k-item catalogue
 	$(PY) bench/engine_latency.py
 
-eval-pipeline: install-bench  ## B2 on the two-stage pipeline (ML-100K u1..u5) beside popularity and implicit ALS
-	$(VENV)/bin/tandem eval-pipeline
+SPLIT ?= folds
+eval-pipeline: install-bench  ## the two-stage pipeline beside popularity, implicit ALS and EASE (DATA=..., SPLIT=folds|u1..u5|temporal|random|last)
+	$(VENV)/bin/tandem eval-pipeline --split $(SPLIT) $(if $(filter auto,$(DATA)),,--data $(DATA))
 
 bench-cf: install-bench  ## B1 + B2: CF on ML-100K u1..u5 beside surprise SVD/SVD++, popularity, implicit ALS
 	$(PY) bench/cf.py

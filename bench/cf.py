@@ -21,7 +21,8 @@ from _results import save_result
 
 from engine import data
 from engine.config import resolve_data_source
-from engine.evaluation.offline import implicit_als_metrics, popularity_recommender, rating_metrics, topn_metrics
+from engine.evaluation.offline import popularity_recommender, rating_metrics, topn_metrics
+from engine.evaluation.peers import implicit_als
 from engine.models.cf import CFConfig, train_cf
 
 # The bce variant's settings for implicit top-N (B2); the mse defaults serve B1.
@@ -91,7 +92,10 @@ def main() -> None:
             if "skipped" not in systems.get("surprise SVD++", [{}])[0]:
                 record("surprise SVD++", lambda: run_surprise(directory, fold, "SVD++"))
             if "skipped" not in systems.get("implicit ALS", [{}])[0]:
-                record("implicit ALS", lambda: implicit_als_metrics(split.train, split.test))
+                record(
+                    "implicit ALS",
+                    lambda: implicit_als(split.train, split.test, 10, factors=(32,), regularization=(10.0,)),
+                )
 
     def mean(rows: list[dict], key: str):
         values = [r[key] for r in rows if key in r]

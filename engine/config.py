@@ -204,8 +204,10 @@ def load_split(config: dict[str, dict[str, Any]], source: str | None = None, spl
     dataset = load_dataset(config, src)
     if spec == "random":
         return data.random_split(dataset, cfg["test_ratio"], seed=cfg["split_seed"])
+    if spec == "temporal":
+        return data.temporal_split(dataset, cfg["test_ratio"])
     if spec == "last":
         return data.leave_last_n(dataset, cfg["leave_last"])
     if spec == "cold-items":
         return data.item_cold_start_split(dataset, cfg["test_ratio"], seed=cfg["split_seed"])
-    raise ConfigError(f"unknown split {spec!r}: use auto, u1..u5, ua, ub, random, last, cold-items or none")
+    raise ConfigError(f"unknown split {spec!r}: use auto, u1..u5, ua, ub, random, temporal, last, cold-items or none")

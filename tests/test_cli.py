@@ -339,3 +339,29 @@ def test_data_and_index_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert main(small + build + ["--factory", "Bogus"]) == 2
     assert "invalid FAISS factory string 'Bogus'" in capsys.readouterr().err
     assert not list((tmp_path / "root").glob("versions/*"))  # nothing published
+
+
+def test_eval_pipeline_on_any_data_and_split_beside_the_peers(tmp_path, capsys):
+    """eval-pipeline used to refuse anything but ML-100K folds. On an implicit CSV with
+    string ids and a temporal split, it reports the pipeline beside popularity, EASE and
+    implicit ALS (or says why not), with the ratio to the best peer, as JSON, a table
+    and a PNG chart."""
+    data_file = implicit_csv(tmp_path / "interactions.csv")
+    settings = ["--set", "data.columns.user=customer", "--set", "data.columns.item=product"]
+    settings += ["--set", "cf.epochs=3", "--set", "towers.epochs=2"]
+    out = tmp_path / "eval" / "report.json"
+    command = ["eval-pipeline", "--data", str(data_file), "--split", "temporal", "--out", str(out)]
+    assert main(settings + command) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["splits"] == ["temporal"] and out.with_suffix(".png").is_file()
+    summary = report["summary"]
+    for system in ("pipeline", "popularity", "ease"):
+        assert 0 <= summary[system]["recall@10"] <= 1 and summary[system]["fit_s"] >= 0, system
+    assert "skipped" in summary["implicit_als"] or summary["implicit_als"]["recall@10"] > 0
+    if "skipped" in summary["implicit_als"]:
+        assert "implicit" in summary["implicit_als"]["skipped"] and "skipped" in table
+    assert summary["pipeline"]["ratio_to_best_peer_ndcg@10"] > 0 and "pipeline / best peer" in table
+    assert set(summary["pipeline"]["candidate_recall"]) >= {"cf", "towers", "popular", "merged"}
+    assert main(settings + ["eval-pipeline", "--data", str(data_file), "--split", "u1"]) == 2
+    assert "ML-100K fold" in capsys.readouterr().err

@@ -59,3 +59,26 @@ def test_predefined_folds(ml100k_path):
     assert both[u, i] == full.user_items()[u, i]
     with pytest.raises(ValueError, match="fold"):
         data.predefined_split(ml100k_path, fold=9)
+
+
+def test_temporal_split_holds_out_each_users_latest_fraction():
+    """Hand-computed: at 0.5, u1 (4 interactions) gives its 2 latest (times 40, 30: b,
+    d), u2 (2) its latest (a at time 5), u3 (1) nothing (floor(0.5) = 0)."""
+    ds = toy()
+    train, test = data.temporal_split(ds, 0.5)
+    held = {(ds.users.ids[u], ds.items.ids[i]) for u, i in zip(test.user_idx, test.item_idx)}
+    assert held == {("u1", "b"), ("u1", "d"), ("u2", "a")}
+    assert train.n_ratings == 4
+    with pytest.raises(ValueError, match="test_fraction"):
+        data.temporal_split(ds, 0.0)
+
+
+def test_per_user_random_split_takes_that_share_of_every_user():
+    ds = data.make_synthetic(n_users=100, n_items=50, n_ratings=2000, seed=1)
+    split = data.random_split(ds, 0.2, seed=4, per_user=True)
+    counts, test_counts = ds.user_counts(), split.test.user_counts()
+    np.testing.assert_array_equal(test_counts, np.floor(counts * 0.2 + 1e-9).astype(int))
+    again = data.random_split(ds, 0.2, seed=4, per_user=True)
+    np.testing.assert_array_equal(split.test.item_idx, again.test.item_idx)
+    other = data.random_split(ds, 0.2, seed=5, per_user=True)
+    assert not np.array_equal(split.test.item_idx, other.test.item_idx)

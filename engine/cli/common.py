@@ -14,7 +14,9 @@ def add_delimiter_flag(p: argparse.ArgumentParser) -> None:
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
     add_delimiter_flag(p)
-    p.add_argument("--split", help="auto, u1..u5, ua, ub, random, last, cold-items or none (default: data.split)")
+    p.add_argument(
+        "--split", help="auto, u1..u5, ua, ub, random, temporal, last, cold-items or none (default: data.split)"
+    )
     p.add_argument("--k", type=int, default=10, help="cut-off of the top-N metrics (default 10)")
     p.add_argument(
         "--min-rating",

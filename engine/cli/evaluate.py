@@ -1,4 +1,4 @@
-"""``tandem eval-pipeline``: protocol B2 on the whole two-stage pipeline."""
+"""``tandem eval-pipeline``: the two-stage pipeline on any data and split, beside the peers."""
 
 from __future__ import annotations
 
@@ -7,24 +7,31 @@ import json
 import sys
 from pathlib import Path
 
-from engine.cli.common import engine_config
-from engine.config import resolve_data_source
-from engine.errors import ConfigError
+from engine.cli.common import add_delimiter_flag, engine_config
+from engine.config import load_dataset, resolve_data_source
 
 
 def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
-    from index_builder.evaluate import evaluate_pipeline, format_summary
+    from index_builder.evaluate import PEERS, evaluate_pipeline, format_summary, make_splits, plot_summary
 
     source = resolve_data_source(args.data or config["data"]["source"])
-    if source == "synthetic" or not Path(source, "u1.base").is_file():
-        raise ConfigError(f"eval-pipeline runs protocol B2 on ML-100K folds: {source!r} has no u1.base")
+    directory = None if source == "synthetic" else Path(source)
+    ml100k_folds = directory is not None and Path(directory, "u1.base").is_file()
+    # The predefined ML-100K folds read their own files; every other split needs the data.
+    needs_dataset = not (ml100k_folds and (args.split == "folds" or args.split.startswith("u")))
+    dataset = load_dataset(config, source) if needs_dataset else None
+    splits = make_splits(dataset, directory, args.split, args.test_fraction, args.last_n, args.seed)
+    peer_names = PEERS if args.peers is None else tuple(args.peers)
     report = evaluate_pipeline(
-        source,
-        folds=args.folds,
+        splits,
         k=args.k,
         n_candidates=args.n_candidates,
+        min_rating="auto" if args.min_rating is None else args.min_rating,
         engine_config=engine_config(config),
         config=config,
+        peer_names=peer_names,
+        ease_max_items=args.ease_max_items,
+        data_name=source if dataset is None else dataset.name,
         log=lambda line: print(line, file=sys.stderr),
     )
     out = Path(args.out)
@@ -32,20 +39,51 @@ def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
     out.write_text(json.dumps(report, indent=2))
     print(format_summary(report))
     print(f"report: {out}")
+    chart = plot_summary(report, out.with_suffix(".png"))
+    print(f"chart: {chart}" if chart else "chart: not drawn (matplotlib is not installed)")
     return 0
 
 
 def register(commands) -> None:
     """Add this group's commands to the ``tandem`` parser."""
+    from engine.evaluation.peers import EASE_MAX_ITEMS
+    from index_builder.evaluate import PEERS, SPLITS
+
     pipe = commands.add_parser(
         "eval-pipeline",
-        help="evaluate the two-stage pipeline on ML-100K folds (protocol B2)",
-        description="Train CF (wmse) and towers (softmax) per fold, publish a bundle, and report per-source "
-        "candidate recall, final Recall/NDCG@k and latency beside popularity and implicit ALS.",
+        help="evaluate the two-stage pipeline on any data and split, beside popularity, implicit ALS and EASE",
+        description="Per split: train CF and towers on the training part and publish a bundle (as make train index "
+        "does), then report final Recall/NDCG@k, per-source candidate recall, latency and fit seconds beside the "
+        "peers fitted on the same training part (implicit ALS and EASE: best of a small grid). Writes a JSON "
+        "report and a PNG chart beside it.",
     )
-    pipe.add_argument("--data", metavar="DIR", help="ML-100K directory (default: data.source)")
-    pipe.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="folds (default 1..5)")
+    pipe.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
+    add_delimiter_flag(pipe)
+    pipe.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="folds",
+        help="folds (ML-100K u1..u5, else five seeded per-user random splits), u1..u5, temporal (each user's "
+        "latest --test-fraction), random (a seeded per-user fraction) or last (each user's latest --last-n); "
+        "default folds",
+    )
+    pipe.add_argument("--test-fraction", type=float, default=0.2, help="temporal/random: test share (default 0.2)")
+    pipe.add_argument("--last-n", type=int, default=1, help="last: interactions held out per user (default 1)")
+    pipe.add_argument("--seed", type=int, default=0, help="random/folds: seed of the split (default 0)")
     pipe.add_argument("--k", type=int, default=10, help="cut-off (default 10)")
     pipe.add_argument("--n-candidates", type=int, default=500, help="candidates per request (default 500)")
-    pipe.add_argument("--out", default="artifacts/eval/pipeline.json", help="JSON report path")
+    pipe.add_argument(
+        "--min-rating",
+        type=float,
+        help="a test interaction is relevant when rated at least this (default: every interaction of implicit "
+        "data, else 4)",
+    )
+    pipe.add_argument("--peers", nargs="*", choices=PEERS, help=f"peers to run (default: all of {', '.join(PEERS)})")
+    pipe.add_argument(
+        "--ease-max-items",
+        type=int,
+        default=EASE_MAX_ITEMS,
+        help=f"skip EASE above this many items (a dense inverse; default {EASE_MAX_ITEMS:,})",
+    )
+    pipe.add_argument("--out", default="artifacts/eval/pipeline.json", help="JSON report path (the PNG goes beside it)")
     pipe.set_defaults(handler=cmd_eval_pipeline)

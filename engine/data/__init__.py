@@ -16,7 +16,14 @@ from pathlib import Path
 
 from engine.data.dataset import Dataset, FeatureTable, IdMap, factorize, from_arrays
 from engine.data.movielens import detect_flavour, load_ml1m, load_ml100k, load_movielens_csv
-from engine.data.splits import Split, item_cold_start_split, leave_last_n, predefined_split, random_split
+from engine.data.splits import (
+    Split,
+    item_cold_start_split,
+    leave_last_n,
+    predefined_split,
+    random_split,
+    temporal_split,
+)
 from engine.data.synthetic import make_synthetic
 from engine.data.tabular import load_table
 from engine.errors import DataFormatError
@@ -38,6 +45,7 @@ __all__ = [
     "make_synthetic",
     "predefined_split",
     "random_split",
+    "temporal_split",
     "leave_last_n",
     "item_cold_start_split",
 ]

@@ -2,7 +2,8 @@
 features, so a model trained on ``train`` indexes ``test`` users and items directly.
 
 - :func:`predefined_split`: the MovieLens 100K folds ``u1..u5`` (and ``ua``/``ub``);
-- :func:`random_split`: a seeded random fraction of interactions;
+- :func:`random_split`: a seeded random fraction of interactions (overall, or of each user's);
+- :func:`temporal_split`: per user, the latest fraction of their interactions;
 - :func:`leave_last_n`: per user, the ``n`` most recent interactions;
 - :func:`item_cold_start_split`: a fraction of items held out with all their ratings.
 """
@@ -70,16 +71,44 @@ def predefined_split(directory: str | os.PathLike, fold: str | int = 1) -> Split
     return Split(parts[0], parts[1], np.zeros(0, np.int64))
 
 
-def random_split(ds: Dataset, test_ratio: float = 0.2, seed: int = 0) -> Split:
-    """Each interaction goes to test with probability ``test_ratio`` (exactly that share,
-    rounded), seeded."""
+def random_split(ds: Dataset, test_ratio: float = 0.2, seed: int = 0, per_user: bool = False) -> Split:
+    """Interactions go to test at random, seeded: exactly ``test_ratio`` of them
+    (rounded), or with ``per_user`` that share of each user's (rounded down, so a user
+    with few interactions may keep them all in train)."""
     if not 0.0 < test_ratio < 1.0:
         raise ValueError(f"test_ratio must be in (0, 1), got {test_ratio}")
     rng = np.random.default_rng(seed)
+    if per_user:
+        # A random rank within each user: the first floor(ratio x count) ranks are test.
+        order = np.lexsort((rng.random(ds.n_ratings), ds.user_idx))
+        return _split(ds, _first_per_user(ds, order, test_ratio), f"random{test_ratio}")
     n_test = int(round(ds.n_ratings * test_ratio))
     mask = np.zeros(ds.n_ratings, bool)
     mask[rng.choice(ds.n_ratings, n_test, replace=False)] = True
     return _split(ds, mask, f"random{test_ratio}")
+
+
+def temporal_split(ds: Dataset, test_fraction: float = 0.2) -> Split:
+    """Per user, the latest ``test_fraction`` of their interactions (by timestamp, ties
+    by file order; rounded down, so a user with fewer than ``1 / test_fraction``
+    interactions stays in train): what a deployed model meets, the future of each user."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    # Latest first within each user.
+    order = np.lexsort((-np.arange(ds.n_ratings), -ds.timestamps, ds.user_idx))
+    return _split(ds, _first_per_user(ds, order, test_fraction), f"temporal{test_fraction}")
+
+
+def _first_per_user(ds: Dataset, order: np.ndarray, fraction: float) -> np.ndarray:
+    """A test mask holding, for each user, the first ``floor(fraction x count)`` of
+    their interactions in ``order`` (which lists interactions grouped by user)."""
+    counts = ds.user_counts()
+    users_sorted = ds.user_idx[order]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(ds.n_ratings) - starts[users_sorted]
+    mask = np.zeros(ds.n_ratings, bool)
+    mask[order] = rank < np.floor(counts[users_sorted] * fraction + 1e-9)
+    return mask
 
 
 def leave_last_n(ds: Dataset, n: int = 1) -> Split:

@@ -89,27 +89,3 @@ def popularity_recommender(train: Dataset) -> Callable[[np.ndarray, int], np.nda
         )
 
     return recommend
-
-
-def implicit_als_metrics(train: Dataset, test: Dataset, k: int = 10) -> dict[str, float]:
-    """The implicit ALS peer of protocol B2 (32 factors, regularisation 10, 15 iterations;
-    every training rating an interaction): its top-N metrics on ``test`` plus ``fit_s``.
-    Needs the ``bench`` extra; raises ImportError without it."""
-    import os
-    import time
-
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # implicit's advice for its own threading
-    from implicit.als import AlternatingLeastSquares
-
-    ui = train.user_items().copy()
-    ui.data[:] = 1.0
-    model = AlternatingLeastSquares(factors=32, regularization=10.0, iterations=15, random_state=0)
-    start = time.perf_counter()
-    model.fit(ui, show_progress=False)
-    fit = time.perf_counter() - start
-
-    def recommend(users: np.ndarray, kk: int) -> np.ndarray:
-        ids, _ = model.recommend(users, ui[users], N=kk, filter_already_liked_items=True)
-        return np.asarray(ids)
-
-    return {"fit_s": fit, **topn_metrics(recommend, test, k=k)}
