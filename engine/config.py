@@ -34,6 +34,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # Role -> column name for generic CSV/Parquet files (user, item, rating, timestamp).
         "columns": {},
         "delimiter": ",",  # field separator of a generic CSV file (.tsv files: a tab)
+        # Side tables of your own attributes (CSV/Parquet keyed by id; engine.data.side_tables):
+        # used by the towers, filters and cold start, and by every rebuild from this data.
+        "item_features": "",
+        "user_features": "",
+        # Column -> kind ("numeric", "categorical", "labels", "title", "ignore") where the
+        # inferred kind is not the one you mean, e.g. {"zip" = "categorical"}.
+        "feature_kinds": {},
         "synthetic": {"n_users": 2000, "n_items": 1000, "n_ratings": 100_000, "seed": 0},
         # Train/test split for training and evaluation commands: "auto" (u1 for ML-100K,
         # else random), "u1".."u5", "ua", "ub", "random", "last" (leave-last-n per user),
@@ -140,7 +147,7 @@ def _parse_value(raw: str) -> Any:
 
 
 # Sections whose keys are not fixed here: their owners validate them.
-OPEN_SECTIONS = {"cf", "towers", "data.columns", "data.synthetic", "engine.source_weights"}
+OPEN_SECTIONS = {"cf", "towers", "data.columns", "data.synthetic", "data.feature_kinds", "engine.source_weights"}
 
 
 def _merge(base: dict, update: dict, origin: str, path: str = "") -> None:
@@ -178,10 +185,38 @@ def load_dataset(config: dict[str, dict[str, Any]], source: str | None = None):
     src = resolve_data_source(source or config["data"]["source"])
     if src == "synthetic":
         try:
-            return data.make_synthetic(**config["data"]["synthetic"])
+            dataset = data.make_synthetic(**config["data"]["synthetic"])
         except (TypeError, ValueError) as e:  # an unknown key or a value out of range in [data.synthetic]
             raise ConfigError(f"[data.synthetic]: {e}") from None
-    return data.load(src, columns=config["data"]["columns"] or None, delimiter=config["data"]["delimiter"])
+    else:
+        dataset = data.load(src, columns=config["data"]["columns"] or None, delimiter=config["data"]["delimiter"])
+    return with_configured_side_tables(config, dataset)
+
+
+def with_configured_side_tables(config: dict[str, dict[str, Any]], dataset):
+    """``dataset`` with the side tables of ``data.item_features`` / ``data.user_features``
+    (unchanged when neither is set). A split's parts share their id maps, so each part
+    takes the same tables."""
+    from engine.data.side_tables import read_side_table, with_side_tables
+
+    cfg = config["data"]
+    if not cfg["item_features"] and not cfg["user_features"]:
+        return dataset
+    columns = cfg["columns"] or {}
+    tables = {
+        side: read_side_table(
+            cfg[f"{side}_features"],
+            side,
+            getattr(dataset, f"{side}s"),
+            columns.get(side),
+            cfg["feature_kinds"],
+            cfg["delimiter"],
+        )
+        if cfg[f"{side}_features"]
+        else None
+        for side in ("item", "user")
+    }
+    return with_side_tables(dataset, tables["item"], tables["user"])
 
 
 def load_split(config: dict[str, dict[str, Any]], source: str | None = None, split: str | None = None):
@@ -200,7 +235,12 @@ def load_split(config: dict[str, dict[str, Any]], source: str | None = None, spl
     if spec in ("u1", "u2", "u3", "u4", "u5", "ua", "ub"):
         if not is_ml100k:
             raise ConfigError(f"split {spec!r} needs an ML-100K directory with {spec}.base; data is {src!r}")
-        return data.predefined_split(src, spec[1:])
+        fold = data.predefined_split(src, spec[1:])
+        return data.Split(
+            with_configured_side_tables(config, fold.train),
+            with_configured_side_tables(config, fold.test),
+            fold.cold_items,
+        )
     dataset = load_dataset(config, src)
     if spec == "random":
         return data.random_split(dataset, cfg["test_ratio"], seed=cfg["split_seed"])

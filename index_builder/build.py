@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.data import Dataset
+from engine.data.attributes import ItemAttributes
 from engine.errors import TandemError
 from engine.index import bundle
 from engine.index import faiss_index as ann
@@ -269,7 +270,12 @@ def _build(
     layout.save_table("recent_liked", recent_liked(dataset))
     layout.save_table("item_neighbours", neighbours)
     journal = root / bundle.ADDED_ITEMS  # items added live so far travel with the bundle
-    added = [r for r in bundle.read_added_items(journal)[0] if r["item_id"] not in dataset.items]
+    # Only the items added to this dataset's bundles (an item belongs to its dataset).
+    added = [
+        r
+        for r in bundle.read_added_items(journal)[0]
+        if r["item_id"] not in dataset.items and r.get("dataset") in (None, dataset.name)
+    ]
     if added:
         bundle.append_added_items(layout.added_items, added)
         log(f"  carrying {len(added)} item(s) added live (from {journal})")
@@ -279,10 +285,8 @@ def _build(
     layout.save_table("tower_item_vectors", towers.item_vectors)
     if dataset.item_titles is not None:
         layout.save_table("item_titles", dataset.item_titles)
-    genre_labels: list[str] = []
-    if dataset.item_features is not None and "genres" in dataset.item_features.columns:
-        layout.save_table("item_genres", dataset.item_features.columns["genres"].astype(np.uint8))
-        genre_labels = list(dataset.item_features.labels.get("genres", []))
+    # Every item attribute of the data (genres, tags, category, price, ...), for filters.
+    item_attributes = layout.save_attributes(ItemAttributes.of_features(dataset.item_features))
 
     segments = {}
     for key in segment_keys:
@@ -331,7 +335,7 @@ def _build(
         user_top_items={"k": int(user_top_k), "indexes": sorted(user_top)},
         recall_floor=recall_floor,
         segments=segments,
-        genre_labels=genre_labels,
+        item_attributes=item_attributes,
     )
     published = bundle.publish(staged, root, manifest, keep=keep)
     log(f"published {published.name} -> {root / bundle.CURRENT}")

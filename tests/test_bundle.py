@@ -274,15 +274,17 @@ def test_bundle_carries_each_users_top_unseen_items(trained, tmp_path):
 
 def test_the_layout_names_every_file_of_a_bundle(trained, tmp_path):
     """BundleLayout is the one owner of the file names: every file the builder writes is
-    one it names (a model directory, an index, a table, a segment part, the manifest)."""
+    one it names (a model directory, an index, a table, a segment part, an item attribute,
+    the manifest)."""
     ds, cf, towers, _ = trained
     path = build_bundle(ds, cf, towers, tmp_path / "root", log=quiet)
     layout = bundle.BundleLayout(path)
     named = {layout.manifest} | {layout.index(n) for n in ("cf_l2", "cf_ip", "towers_ip")}
     named |= {layout.table(n) for n in layout.TABLES if layout.has_table(n)}
-    named |= {
-        layout.segment(key, part) for key in LoadedBundle(path).manifest.segments for part in layout.SEGMENT_PARTS
-    }
+    manifest = LoadedBundle(path).manifest
+    named |= {layout.segment(key, part) for key in manifest.segments for part in layout.SEGMENT_PARTS}
+    named |= {layout.attribute(info["position"]) for info in manifest.item_attributes.values()}
+    assert manifest.item_attributes  # the synthetic data's genres and year
     for f in path.rglob("*"):
         if f.is_file():
             assert f in named or f.parent.parent == path and f.parent.name in ("cf", "towers"), f

@@ -109,7 +109,9 @@ def test_ratings_csv_family_with_tags(tmp_path):
     assert (ds.n_users, ds.n_items, ds.n_ratings) == (2, 3, 3)
     assert ds.title(ds.items.index("3")) == "Grumpier Old Men, The (1995)"
     assert ds.describe()["rating_values"] == [0.5, 4.0, 4.5]
-    assert list(ds.item_features.columns["tags"]) == ["pixar", "old", ""]
+    # Tags are multi-valued labels, as genres are.
+    assert ds.item_features.labels["tags"] == ["old", "pixar"]
+    assert ds.item_features.columns["tags"].tolist() == [[0, 1], [1, 0], [0, 0]]
     assert ds.item_features.columns["genres"][2].sum() == 0
     assert np.isnan(ds.item_features.columns["year"][2])
     write(d / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,high,964981247\n")

@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = load_config(args.config, args.overrides)
-        if getattr(args, "delimiter", None):  # the --delimiter of commands that read data files
-            config["data"]["delimiter"] = args.delimiter
+        for flag in ("delimiter", "item_features", "user_features"):  # flags of commands that read data files
+            if getattr(args, flag, None):
+                config["data"][flag] = getattr(args, flag)
         return handler(args, config)
     except TandemError as e:
         print(f"tandem: error: {e}", file=sys.stderr)

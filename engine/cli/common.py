@@ -7,13 +7,24 @@ import argparse
 from engine.errors import ConfigError
 
 
-def add_delimiter_flag(p: argparse.ArgumentParser) -> None:
+def add_data_file_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that reads data files: the CSV separator and the side tables."""
     p.add_argument("--delimiter", help="field separator of a CSV data file (default: data.delimiter, ',')")
+    p.add_argument(
+        "--item-features",
+        metavar="PATH",
+        help="a CSV/Parquet side table of item attributes keyed by item id (default: data.item_features)",
+    )
+    p.add_argument(
+        "--user-features",
+        metavar="PATH",
+        help="a CSV/Parquet side table of user attributes keyed by user id (default: data.user_features)",
+    )
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
-    add_delimiter_flag(p)
+    add_data_file_flags(p)
     p.add_argument(
         "--split", help="auto, u1..u5, ua, ub, random, temporal, last, cold-items or none (default: data.split)"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from engine.cli.common import add_delimiter_flag
+from engine.cli.common import add_data_file_flags
 from engine.config import load_dataset, resolve_data_source
 
 
@@ -60,6 +60,6 @@ def register(commands) -> None:
     )
     describe.add_argument("path", nargs="?", help="dataset path or 'synthetic'")
     describe.add_argument("--top", type=int, default=10, help="how many top items to list (default 10)")
-    add_delimiter_flag(describe)
+    add_data_file_flags(describe)
     describe.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     describe.set_defaults(handler=cmd_data_describe)

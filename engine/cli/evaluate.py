@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from engine.cli.common import add_delimiter_flag, engine_config
-from engine.config import load_dataset, resolve_data_source
+from engine.cli.common import add_data_file_flags, engine_config
+from engine.config import load_dataset, resolve_data_source, with_configured_side_tables
 
 
 def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
@@ -21,6 +21,20 @@ def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
     needs_dataset = not (ml100k_folds and (args.split == "folds" or args.split.startswith("u")))
     dataset = load_dataset(config, source) if needs_dataset else None
     splits = make_splits(dataset, directory, args.split, args.test_fraction, args.last_n, args.seed)
+    if dataset is None:  # ML-100K's own fold files: the configured side tables join each part
+        from engine.data import Split
+
+        splits = [
+            (
+                name,
+                Split(
+                    with_configured_side_tables(config, split.train),
+                    with_configured_side_tables(config, split.test),
+                    split.cold_items,
+                ),
+            )
+            for name, split in splits
+        ]
     peer_names = PEERS if args.peers is None else tuple(args.peers)
     report = evaluate_pipeline(
         splits,
@@ -58,7 +72,7 @@ def register(commands) -> None:
         "report and a PNG chart beside it.",
     )
     pipe.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
-    add_delimiter_flag(pipe)
+    add_data_file_flags(pipe)
     pipe.add_argument(
         "--split",
         choices=SPLITS,

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.cli.common import add_delimiter_flag
+from engine.cli.common import add_data_file_flags
 from engine.config import load_dataset
 from engine.errors import ConfigError
 
@@ -66,7 +66,7 @@ def register(commands) -> None:
         "atomically as <paths.bundles>/current.",
     )
     build.add_argument("--data", metavar="PATH", help="the dataset the models were trained on (default: data.source)")
-    add_delimiter_flag(build)
+    add_data_file_flags(build)
     build.add_argument("--models", metavar="DIR", help="trained models directory (default: paths.models)")
     build.add_argument("--out", metavar="ROOT", help="bundle root (default: paths.bundles)")
     build.add_argument("--factory", help="FAISS factory string for every index (default: by catalogue size)")

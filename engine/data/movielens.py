@@ -381,7 +381,8 @@ def load_movielens_csv(directory: str | os.PathLike, with_tags: bool = True) -> 
     """The ``ratings.csv`` + ``movies.csv`` family (ml-latest-small, ml-25m, ml-32m).
 
     When ``tags.csv`` is present (and ``with_tags``), each item gets a ``tags`` feature:
-    its distinct lower-cased tags joined by ``|``.
+    multi-valued labels (its distinct lower-cased tags, the most frequent
+    :data:`~engine.data.side_tables.MAX_LABELS` of the file), as genres are.
     """
     d = Path(directory)
     path = d / "ratings.csv"
@@ -410,4 +411,11 @@ def load_movielens_csv(directory: str | os.PathLike, with_tags: bool = True) -> 
         for _, fields in _csv_rows(path, ["userId", "movieId", "tag"]):
             tags.setdefault(fields[1].strip(), set()).add(fields[2].strip().lower())
         items["extra"] = {"tags": np.asarray(["|".join(sorted(tags.get(i, ()))) for i in items["ids"]], str)}
-    return _assemble(d.name or "ml-csv", inter, items, None)
+    dataset = _assemble(d.name or "ml-csv", inter, items, None)
+    features = dataset.item_features
+    if features is not None and "tags" in features.columns:  # "a|b" texts -> multi-hot labels
+        from engine.data.side_tables import as_labels
+
+        flags, features.labels["tags"], _ = as_labels(features.columns["tags"].astype(object))
+        features.columns["tags"] = flags
+    return dataset

@@ -77,7 +77,9 @@ class Manifest:
     recall_floor: float
     user_top_items: dict = field(default_factory=lambda: {"k": 0, "indexes": []})
     segments: dict = field(default_factory=dict)  # key -> {"n_segments", "top_n"}
-    genre_labels: list = field(default_factory=list)
+    genre_labels: list = field(default_factory=list)  # bundles before item_attributes: item_genres' labels
+    # Item attribute name -> {"kind", "vocabulary", "position"} (BundleLayout.save_attributes).
+    item_attributes: dict = field(default_factory=dict)
     version: str = ""
     created_at: str = ""
     files: dict = field(default_factory=dict)  # relative path -> {"bytes", "sha256"}
@@ -106,6 +108,7 @@ class BundleLayout:
         <version>/tables/<table>.npy            per-item and per-user tables (TABLES)
         <version>/tables/added_items.jsonl      items added live before this version was built
         <version>/segments/<key>_<part>.npy     segment popularity (SEGMENT_PARTS)
+        <version>/attributes/<k>.npy            item attributes for filters (Manifest.item_attributes)
     """
 
     # name -> what it holds (every table is a .npy read with allow_pickle=False)
@@ -123,7 +126,7 @@ class BundleLayout:
         "cf_item_offsets": "[n_items] CF item offsets",
         "tower_item_vectors": "[n_items, d] item-tower vectors",
         "item_titles": "[n_items] display titles (when the data has them)",
-        "item_genres": "[n_items, n_genres] genre flags (when the data has them)",
+        "item_genres": "[n_items, n_genres] genre flags (bundles before item attributes)",
     }
     SEGMENT_PARTS = ("values", "user", "top_items", "top_counts")
 
@@ -186,9 +189,48 @@ class BundleLayout:
         self.segment(key, part).parent.mkdir(parents=True, exist_ok=True)
         np.save(self.segment(key, part), array, allow_pickle=False)
 
+    def save_attributes(self, attributes) -> dict:
+        """Write item attributes (:class:`~engine.data.attributes.ItemAttributes`), one
+        file each, named by position (an attribute's name may be any text); returns the
+        manifest's ``item_attributes`` entry."""
+        import numpy as np
+
+        info = {}
+        for k, (name, attribute) in enumerate(attributes.attributes.items()):
+            path = self.attribute(k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, attribute.values, allow_pickle=False)
+            info[name] = {"kind": attribute.kind, "vocabulary": list(attribute.vocabulary), "position": k}
+        return info
+
+    def attribute(self, position: int) -> Path:
+        """The file of the item attribute at ``position`` of the manifest's ``item_attributes``."""
+        return self.path / "attributes" / f"{int(position)}.npy"
+
+    def load_attributes(self, manifest: Manifest):
+        """The item attributes of this version (bundles built before attributes: their
+        genres, when they have them)."""
+        import numpy as np
+
+        from engine.data.attributes import LABELS, Attribute, ItemAttributes
+
+        if not manifest.item_attributes and self.has_table("item_genres"):
+            genres = self.load_table("item_genres").astype(np.uint8)
+            return ItemAttributes({"genres": Attribute(LABELS, genres, tuple(manifest.genre_labels))})
+        return ItemAttributes(
+            {
+                name: Attribute(
+                    info["kind"],
+                    np.load(self.attribute(info["position"]), allow_pickle=False),
+                    tuple(info["vocabulary"]),
+                )
+                for name, info in manifest.item_attributes.items()
+            }
+        )
+
 
 def append_added_items(path: str | Path, records: list[dict]) -> None:
-    """Append items (``{"item_id", "features", "title"}``) to a journal file, durably
+    """Append items (``{"item_id", "features", "title", "dataset"}``) to a journal file, durably
     (fsynced before returning), under an exclusive lock: the server processes of one
     root append to one journal. A torn last line — an append cut short by a crash, never
     acknowledged — is cut off first, so that the new records start on a line of their own."""
@@ -254,7 +296,13 @@ def read_added_items(path: str | Path, offset: int = 0) -> tuple[list[dict], int
             )
             continue
         records.append(
-            {"item_id": record["item_id"], "features": dict(features), "title": str(record.get("title", "") or "")}
+            {
+                "item_id": record["item_id"],
+                "features": dict(features),
+                "title": str(record.get("title", "") or ""),
+                # The dataset the item was added to (records from before it was written: None).
+                "dataset": record.get("dataset"),
+            }
         )
     return records, offset + len(whole)
 

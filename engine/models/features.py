@@ -41,7 +41,7 @@ class ColumnEncoder:
     mean: float = 0.0
     std: float = 1.0
     vocab: list[str] = field(default_factory=list)
-    width: int = 0  # multihot: number of labels
+    width: int = 0  # multihot: number of labels (their names in vocab, where the data named them)
 
     @property
     def output_names(self) -> list[str]:
@@ -49,6 +49,8 @@ class ColumnEncoder:
             return [self.name, f"{self.name}_missing"]
         if self.kind in ("onehot", "region"):
             return [f"{self.name}={v}" for v in self.vocab] + [f"{self.name}={UNKNOWN}"]
+        if len(self.vocab) == self.width:
+            return [f"{self.name}={label}" for label in self.vocab]
         return [f"{self.name}[{k}]" for k in range(self.width)]
 
     def encode(self, values: np.ndarray) -> np.ndarray:
@@ -106,12 +108,15 @@ def segment_labels(key: str, columns: Mapping[str, np.ndarray], n: int) -> np.nd
     return np.full(n, "")
 
 
-def fit_column(name: str, values: np.ndarray, rows: np.ndarray, min_count: int = 1) -> ColumnEncoder:
-    """Fit an encoder for one column on the training ``rows`` of ``values``."""
+def fit_column(
+    name: str, values: np.ndarray, rows: np.ndarray, min_count: int = 1, labels: list[str] | None = None
+) -> ColumnEncoder:
+    """Fit an encoder for one column on the training ``rows`` of ``values`` (``labels``:
+    the names of a multi-hot column's flags)."""
     values = np.asarray(values)
     train = values[rows] if len(rows) else values[:0]
     if values.ndim == 2:
-        return ColumnEncoder(name, "multihot", width=values.shape[1])
+        return ColumnEncoder(name, "multihot", width=values.shape[1], vocab=list(labels or []))
     if values.dtype.kind == "f":
         finite = train[np.isfinite(train)]
         mean = float(finite.mean()) if len(finite) else 0.0
@@ -202,18 +207,30 @@ MAX_STANDARD_SCORE = 1e6
 
 
 def _as_flags(encoder: ColumnEncoder, value: object) -> np.ndarray:
-    """A multi-hot value: ``width`` flags, each 0 or 1 (missing: all 0)."""
+    """A multi-hot value: label names (a list, or one name) where the column's labels
+    are known, else ``width`` positional flags, each 0 or 1 (missing: all 0)."""
     if value is None:
         return np.zeros(encoder.width, np.float32)
+    names = [value] if isinstance(value, str) else value
+    if encoder.vocab and isinstance(names, (list, tuple)) and all(isinstance(v, str) for v in names):
+        unknown = [v for v in names if v not in encoder.vocab]
+        if unknown:
+            raise InvalidRequest(
+                f"unknown label(s) {shorten(unknown)} of feature {encoder.name!r}; labels: {shorten(encoder.vocab)}"
+            )
+        named = np.zeros(encoder.width, np.float32)
+        named[[encoder.vocab.index(v) for v in names]] = 1
+        return named
+    expected = f"label names ({shorten(encoder.vocab)}) or " if encoder.vocab else ""
     try:
         flags = np.asarray(value, np.float64).reshape(-1)
     except (TypeError, ValueError):
         raise InvalidRequest(
-            f"feature {encoder.name!r} must be a list of {encoder.width} flags (0 or 1), got {shorten(value)}"
+            f"feature {encoder.name!r} takes {expected}a list of {encoder.width} flags (0 or 1), got {shorten(value)}"
         ) from None
     if len(flags) != encoder.width or not np.isin(flags, (0.0, 1.0)).all():
         raise InvalidRequest(
-            f"feature {encoder.name!r} must be a list of {encoder.width} flags (0 or 1), got {shorten(value)}"
+            f"feature {encoder.name!r} takes {expected}a list of {encoder.width} flags (0 or 1), got {shorten(value)}"
         )
     return flags.astype(np.float32)
 
@@ -264,7 +281,10 @@ def fit_user_pipeline(train: Dataset, min_count: int = 1) -> FeaturePipeline:
     per genre (average centred on the global mean, ``log1p`` count) from ``train``."""
     has_ratings = np.unique(train.user_idx)
     table = train.user_features
-    encoders = [fit_column(name, col, has_ratings, min_count) for name, col in (table.columns.items() if table else [])]
+    encoders = [
+        fit_column(name, col, has_ratings, min_count, table.labels.get(name) if table else None)
+        for name, col in (table.columns.items() if table else [])
+    ]
     mean = float(train.ratings.mean()) if train.n_ratings else 0.0
     centred = train.ratings - mean
     count = np.bincount(train.user_idx, minlength=train.n_users).astype(np.float64)
@@ -289,14 +309,14 @@ def fit_user_pipeline(train: Dataset, min_count: int = 1) -> FeaturePipeline:
 
 
 def fit_item_pipeline(train: Dataset, min_count: int = 1) -> FeaturePipeline:
-    """Item features: the table's columns (genres, year, ...; titles and tags left out),
-    plus each item's training average rating (centred) and ``log1p`` count."""
+    """Item features: the table's columns (genres, tags, year, category, price, ...;
+    titles are display data, not features), plus each item's training average rating
+    (centred) and ``log1p`` count."""
     has_ratings = np.unique(train.item_idx)
     table = train.item_features
     encoders = [
-        fit_column(name, col, has_ratings, min_count)
+        fit_column(name, col, has_ratings, min_count, table.labels.get(name) if table else None)
         for name, col in (table.columns.items() if table else [])
-        if name not in ("tags",)
     ]
     mean = float(train.ratings.mean()) if train.n_ratings else 0.0
     count = np.bincount(train.item_idx, minlength=train.n_items).astype(np.float64)

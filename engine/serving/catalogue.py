@@ -1,7 +1,7 @@
 """The served catalogue: everything a request reads about items, as one immutable version.
 
 Items added live (:meth:`engine.Engine.add_items`) grow several per-item tables at once:
-the id map, titles, genre flags, the item vectors of the models that embed new items
+the id map, titles, item attributes, the item vectors of the models that embed new items
 (the towers), popularity, and those models' indexes. A
 request that read some of them before an addition and some after would meet item
 indices that one table covers and another does not (wrong answers, ``IndexError``, or a
@@ -16,12 +16,13 @@ items): add items in batches rather than one call per item.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from engine.data import IdMap
+from engine.data.attributes import ItemAttributes
 
 
 def read_only(array: np.ndarray) -> np.ndarray:
@@ -35,7 +36,7 @@ class Catalogue:
 
     items: IdMap
     titles: np.ndarray | None  # [n_items] display titles, or None
-    genres: np.ndarray | None  # [n_items, n_genres] uint8 flags, or None
+    attributes: ItemAttributes  # what filters read: genres, tags, category, price, ...
     # Model name -> [n, d] float32 its retrieval item vectors (what the ranking scores
     # against). A model that cannot embed new items (CF) keeps fewer rows than n_items.
     item_vectors: Mapping[str, np.ndarray]
@@ -49,10 +50,11 @@ class Catalogue:
         return len(self.items)
 
     def with_items(
-        self, item_ids: list[str], vectors: Mapping[str, np.ndarray], genres: np.ndarray | None, titles: list[str]
+        self, item_ids: list[str], vectors: Mapping[str, np.ndarray], attributes: Sequence[Mapping], titles: list[str]
     ) -> Catalogue:
         """A new version with these items appended (ids already checked to be new), with
-        ``vectors`` from each model that embeds them. Each such model's source searches a
+        ``vectors`` from each model that embeds them and their ``attributes`` (a dict
+        per item, checked by :meth:`ItemAttributes.appended`). Each such model's source searches a
         copy of its index holding the new vectors, and no longer reads the per-user
         table: that table ranks the bundle's items only."""
         n_new = len(item_ids)
@@ -67,7 +69,7 @@ class Catalogue:
             # Titles as Python strings (object array): a long title costs its own length,
             # not that length for every item, as a fixed-width unicode array would.
             titles=None if self.titles is None else read_only(np.array(self.titles.tolist() + titles, object)),
-            genres=None if self.genres is None else concat(self.genres, genres),
+            attributes=self.attributes.appended(attributes),
             item_vectors={
                 **self.item_vectors,
                 **{name: concat(self.item_vectors[name], new.astype(np.float32)) for name, new in vectors.items()},

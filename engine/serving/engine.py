@@ -66,8 +66,7 @@ class Engine:
         popularity = load("popularity").astype(np.float32)
         # Bundles built before the neighbour table existed search cf_l2 live instead.
         neighbours = load("item_neighbours", optional=True)
-        titles, genres = load("item_titles", optional=True), load("item_genres", optional=True)
-        self.genre_labels: list[str] = list(published.manifest.genre_labels)
+        titles = load("item_titles", optional=True)
         # Each known user's top unseen items in cf_ip / towers_ip, searched when the bundle
         # was built (bundles built before these tables existed search at every request).
         # Mapped read-only, not copied: the server processes of one machine share them.
@@ -93,7 +92,7 @@ class Engine:
         self._catalogue = Catalogue(
             published.items,
             titles,
-            genres,
+            layout.load_attributes(published.manifest),
             {name: read_only(model.retrieval_item_vectors()) for name, model in models.items()},
             read_only(popularity),
             read_only(self._popularity_score(popularity)),
@@ -135,8 +134,20 @@ class Engine:
         return self._catalogue.titles
 
     @property
+    def attributes(self):
+        """The items' attributes that filters read (:class:`~engine.data.attributes.ItemAttributes`)."""
+        return self._catalogue.attributes
+
+    @property
     def genres(self) -> np.ndarray | None:
-        return self._catalogue.genres
+        """The ``genres`` attribute's ``[n_items, n_genres]`` flags, where the data has one."""
+        attributes = self._catalogue.attributes
+        return attributes["genres"].values if "genres" in attributes else None
+
+    @property
+    def genre_labels(self) -> list[str]:
+        attributes = self._catalogue.attributes
+        return list(attributes["genres"].vocabulary) if "genres" in attributes else []
 
     @property
     def tower_item_vectors(self) -> np.ndarray:
@@ -204,26 +215,9 @@ class Engine:
             only = np.zeros(cat.n_items, bool)
             only[cat.items.indices(include_items)] = True
             allowed &= only
-        if filters:
-            allowed &= self._filter_mask(cat, filters)
+        if filters:  # attribute filters (engine.data.attributes): genres, tags, category, price, ...
+            allowed &= cat.attributes.mask(filters, cat.n_items)
         return allowed
-
-    def _filter_mask(self, cat: Catalogue, filters: Mapping) -> np.ndarray:
-        """Items matching attribute filters: ``{"genres": ["Comedy", ...]}`` keeps items
-        with any of the genres."""
-        mask = np.ones(cat.n_items, bool)
-        for key, wanted in filters.items():
-            if key != "genres":
-                raise InvalidRequest(f"unknown filter {shorten(key)}; filters: genres")
-            if cat.genres is None:
-                raise InvalidRequest("this bundle has no genres to filter on")
-            wanted = [wanted] if isinstance(wanted, str) else list(wanted)
-            unknown = [g for g in wanted if g not in self.genre_labels]
-            if unknown:
-                raise InvalidRequest(f"unknown genre(s) {shorten(unknown)}; genres: {self.genre_labels}")
-            cols = [self.genre_labels.index(g) for g in wanted]
-            mask &= cat.genres[:, cols].any(axis=1)
-        return mask
 
     # -------------------------------------------------------- scoring
     def _rank(self, cat: Catalogue, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -295,7 +289,9 @@ class Engine:
             n_candidates: how many candidates retrieval passes to ranking.
             exclude_seen: drop the user's training items (from the bundle) and ``ratings``.
             exclude_items / include_items: block-list / allow-list of external item ids.
-            filters: attribute filters, e.g. ``{"genres": ["Comedy", "Drama"]}`` (any of).
+            filters: attribute filters (:mod:`engine.data.attributes`), e.g.
+                ``{"genres": ["Comedy", "Drama"]}`` (any of), ``{"tags": {"all": [...]}}``,
+                ``{"price": {"lt": 100}}``; all must hold.
             sources: restrict retrieval to these sources (default: all available).
         """
         self._check_k(k, n_candidates)

@@ -37,7 +37,7 @@ class LiveItems:
         processes of the root (:meth:`sync`), and copied into the next bundle
         by ``make index``. All or nothing: a rejected request changes nothing. Returns
         the catalogue size after the addition."""
-        new_ids, features, titles, vectors, genres = self._checked(item_ids, item_features)
+        new_ids, features, titles, vectors, _ = self._checked(item_ids, item_features)
         from engine.index import bundle
 
         with self._lock:
@@ -49,9 +49,12 @@ class LiveItems:
             if persist and root is not None:  # durable before it is served or acknowledged
                 bundle.append_added_items(
                     root / bundle.ADDED_ITEMS,
-                    [{"item_id": i, "title": t, "features": f} for i, t, f in zip(new_ids, titles, features)],
+                    [
+                        {"item_id": i, "title": t, "features": f, "dataset": self.dataset}
+                        for i, t, f in zip(new_ids, titles, features)
+                    ],
                 )
-            self._append(new_ids, titles, vectors, genres)
+            self._append(new_ids, titles, vectors, features)
             return self._engine._catalogue.n_items
 
     def _checked(self, item_ids: Sequence[object], item_features: Sequence[Mapping]):
@@ -84,13 +87,28 @@ class LiveItems:
         vectors = self._engine.towers.item_embeddings([dict(f) for f in features])  # checks names and values
         if not np.isfinite(vectors).all():
             raise InvalidRequest("item features out of range: the item tower gives a non-finite vector")
-        genres = None
-        if self._engine.genres is not None:
-            genres = np.zeros((len(new_ids), self._engine.genres.shape[1]), np.uint8)
-            for r, f in enumerate(features):
-                if "genres" in f:  # the item tower checked the width and that the flags are 0 or 1
-                    genres[r] = np.asarray(f["genres"], np.float64) != 0
-        return new_ids, features, titles, vectors, genres
+        # The new items' attributes (filters), checked before anything changes.
+        attributes = self._engine._catalogue.attributes.appended(features)
+        self._labels_by_name(features)
+        return new_ids, features, titles, vectors, attributes
+
+    @property
+    def dataset(self) -> str:
+        """The name of the dataset this engine's bundle was built from: an added item
+        belongs to it (its journal record says so), not to whatever the root serves next."""
+        return self._engine.bundle.manifest.dataset.name
+
+    def _labels_by_name(self, features: list[dict]) -> None:
+        """Multi-valued features given as 0/1 flags are kept as label names, so that a
+        bundle whose label list differs reads them by name, never by position."""
+        encoders = {e.name: e for e in self._engine.towers.item_pipeline.encoders}
+        for f in features:
+            for name, value in f.items():
+                encoder = encoders.get(name)
+                if encoder is None or encoder.kind != "multihot" or len(encoder.vocab) != encoder.width:
+                    continue
+                if isinstance(value, list) and value and not all(isinstance(v, str) for v in value):
+                    f[name] = [label for label, flag in zip(encoder.vocab, value) if flag]
 
     def sync(self) -> int:
         """Serve the items other processes (or an earlier run) appended to the bundle
@@ -108,7 +126,17 @@ class LiveItems:
 
     def serve(self, records: list[dict]) -> int:
         """Add journal records not yet served, one batch where it can, one by one where a
-        record is refused (so that one bad record does not hide the rest)."""
+        record is refused (so that one bad record does not hide the rest). Records added
+        to another dataset's bundle are skipped (logged once per call)."""
+        other = [r for r in records if r.get("dataset") not in (None, self.dataset)]
+        if other:
+            log.warning(
+                "%d added item(s) skipped: added to dataset(s) %s, this bundle serves %s",
+                len(other),
+                shorten(sorted({r["dataset"] for r in other})),
+                shorten(self.dataset),
+            )
+        records = [r for r in records if r.get("dataset") in (None, self.dataset)]
         fresh = {r["item_id"]: r for r in records if r["item_id"] not in self._engine._catalogue.items}
         if not fresh:
             return 0
@@ -124,12 +152,12 @@ class LiveItems:
                     checked.append(self._checked([i], [f]))
                 except InvalidRequest as e:
                     log.warning("added item %s skipped: %s", shorten(i), e)
-        for new_ids, _, titles, vectors, genres in checked:
-            self._append(new_ids, titles, vectors, genres)
+        for new_ids, features, titles, vectors, _ in checked:
+            self._append(new_ids, titles, vectors, features)
         return sum(len(c[0]) for c in checked)
 
-    def _append(self, new_ids: list[str], titles: list[str], vectors: np.ndarray, genres: np.ndarray | None) -> None:
+    def _append(self, new_ids: list[str], titles: list[str], vectors: np.ndarray, features: list[dict]) -> None:
         """Swap in the catalogue with these (checked, new) items: one reference assignment."""
         self._engine._catalogue = self._engine._catalogue.with_items(
-            new_ids, {self._engine.towers.name: vectors}, genres, [t or i for i, t in zip(new_ids, titles)]
+            new_ids, {self._engine.towers.name: vectors}, features, [t or i for i, t in zip(new_ids, titles)]
         )
