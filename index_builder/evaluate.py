@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,9 +186,11 @@ def format_summary(report: dict) -> str:
             lines.append(f"  {system:<14}{'-':>11}{'-':>10}{'-':>9}  skipped: {r['skipped']}")
             continue
         note = ""
-        if "params" in r:
+        if "params" in r:  # the best setting of each split, with how many splits chose it
+            chosen = Counter(", ".join(f"{key}={value:g}" for key, value in p.items()) for p in r["params"])
             note = "best of grid: " + "; ".join(
-                ", ".join(f"{key}={value:g}" for key, value in p.items()) for p in r["params"]
+                f"{params} ({n} of {len(r['params'])})" if len(r["params"]) > 1 else params
+                for params, n in chosen.most_common()
             )
         lines.append(f"  {system:<14}{r[f'recall@{k}']:>11.4f}{r[f'ndcg@{k}']:>10.4f}{r['fit_s']:>9.1f}  {note}")
     p = s["pipeline"]

@@ -112,6 +112,21 @@ SIZES = st.one_of(
 
 
 @st.composite
+def attribute_filters(draw):
+    """AttributeFilter messages, valid or not: known and unknown attributes, label and
+    numeric conditions mixed, bounds anywhere (NaN and infinities included)."""
+    f = pb.AttributeFilter(attribute=draw(st.sampled_from(["genres", "year", "colour", ""])))
+    labels = st.lists(st.one_of(st.sampled_from([f"genre {g}" for g in range(6)]), st.text(max_size=6)), max_size=2)
+    f.any_of.extend(draw(labels))
+    f.all_of.extend(draw(labels))
+    for op in ("lt", "lte", "gt", "gte"):
+        bound = draw(st.one_of(st.none(), st.none(), NUMBERS))
+        if bound is not None:
+            setattr(f, op, bound)
+    return f
+
+
+@st.composite
 def recommend_requests(draw, with_user: bool = True):
     request = pb.RecommendRequest()
     if with_user:
@@ -131,6 +146,7 @@ def recommend_requests(draw, with_user: bool = True):
     request.sources.extend(
         draw(st.lists(st.sampled_from(["cf", "towers", "popular", "segment", "recent", "x"]), max_size=3))
     )
+    request.filters.extend(draw(st.lists(attribute_filters(), max_size=2)))
     return request
 
 
@@ -152,6 +168,12 @@ def check_items(
     if request.genres:
         cols = [library.genre_labels.index(g) for g in request.genres]
         assert library.genres[library.items.indices(known)][:, cols].any(axis=1).all(), "a filtered-out genre"
+    for f in request.filters:  # an OK reply honours every attribute filter
+        if f.attribute == "year" and known:
+            years = library.attributes["year"].values[library.items.indices(known)]
+            for op, holds in (("lt", np.less), ("lte", np.less_equal), ("gt", np.greater), ("gte", np.greater_equal)):
+                if f.HasField(op):
+                    assert holds(years, getattr(f, op)).all(), f"a year outside {op} {getattr(f, op)}"
     u = library.users.get(user_id) if user_id else None
     if u is not None and not request.include_seen and not request.ratings:
         seen = set(library.items.external(library.seen_indices[library.seen_indptr[u] : library.seen_indptr[u + 1]]))

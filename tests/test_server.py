@@ -77,6 +77,9 @@ def test_every_rpc_equals_the_library(client, world):
         dict(ratings={"i1": 5, "i2": 4, "i9": 1}),
         dict(user_id="stranger"),
         dict(user_id="u7", filters={"genres": [genre]}, exclude_items=["i0"], sources=["cf", "towers"]),
+        # Generic attribute filters (AttributeFilter): labels all-of, a numeric range.
+        dict(user_id="u4", filters={"genres": {"all": library.genre_labels[:2]}, "year": {"gte": 1990, "lt": 2010}}),
+        dict(user_id="u6", filters={"year": {"lte": 2000}, "genres": {"any": [genre]}}),
         dict(user_id="u8", include_items=["i1", "i2", "i3", "i4"], k=3, exclude_seen=False),
     ]
     for case in cases:
@@ -126,6 +129,8 @@ def test_add_items_is_served_at_once(world):
         (lambda c: c.recommend(user_features={"shoe": 3}), grpc.StatusCode.INVALID_ARGUMENT, "unknown user feature"),
         (lambda c: c.recommend("u1", sources=["magic"]), grpc.StatusCode.INVALID_ARGUMENT, "unknown source"),
         (lambda c: c.recommend("u1", filters={"genres": ["Opera"]}), grpc.StatusCode.INVALID_ARGUMENT, "unknown value"),
+        (lambda c: c.recommend("u1", filters={"weight": {"lt": 3}}), grpc.StatusCode.INVALID_ARGUMENT, "attribute"),
+        (lambda c: c.recommend("u1", filters={"year": ["old"]}), grpc.StatusCode.INVALID_ARGUMENT, "numeric"),
         (lambda c: c.recommend("u1", exclude_items=["i999999"]), grpc.StatusCode.NOT_FOUND, "i999999"),
         (lambda c: c.similar_items("nope"), grpc.StatusCode.NOT_FOUND, "nope"),
         (lambda c: c.score("u1", ["i1", "nope"]), grpc.StatusCode.NOT_FOUND, "nope"),

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from engine.errors import InvalidRequest, UnknownIdError
+from engine.errors import InvalidRequest, UnknownIdError, shorten
 from engine.results import SCORE, SQUARED_DISTANCE, Recommendations
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
@@ -35,11 +35,40 @@ def _feature_map(features: Mapping | None) -> dict:
     for name, value in (features or {}).items():
         if isinstance(value, str):
             out[name] = pb.FeatureValue(text=value)
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            out[name] = pb.FeatureValue(labels=pb.TextList(values=list(value)))
         elif isinstance(value, (list, tuple, np.ndarray)):
             out[name] = pb.FeatureValue(numbers=pb.NumberList(values=[float(v) for v in value]))
         else:
             out[name] = pb.FeatureValue(number=float(value))
     return out
+
+
+def _attribute_filter(name: object, condition: object) -> pb.AttributeFilter:
+    """A library filter (engine.data.attributes) as its message: values (any of),
+    ``{"any": [...]}`` / ``{"all": [...]}``, or numeric bounds ``{"lt": 100, ...}``."""
+    if isinstance(condition, str):
+        return pb.AttributeFilter(attribute=str(name), any_of=[condition])
+    if isinstance(condition, (list, tuple)):
+        return pb.AttributeFilter(attribute=str(name), any_of=[str(v) for v in condition])
+    if isinstance(condition, Mapping) and set(condition) <= {"any", "all"} and len(condition) == 1:
+        ((op, values),) = condition.items()
+        values = [values] if isinstance(values, str) else [str(v) for v in values]
+        if op == "any":
+            return pb.AttributeFilter(attribute=str(name), any_of=values)
+        return pb.AttributeFilter(attribute=str(name), all_of=values)
+    if isinstance(condition, Mapping) and condition and set(condition) <= {"lt", "lte", "gt", "gte"}:
+        message = pb.AttributeFilter(attribute=str(name))
+        try:
+            for op, bound in condition.items():
+                setattr(message, op, float(bound))
+            return message
+        except (TypeError, ValueError):
+            pass
+    raise InvalidRequest(
+        f"filter {shorten(name)} takes values (any of), {{'any': [...]}}, {{'all': [...]}} or numeric bounds "
+        f"(lt, lte, gt, gte), got {shorten(condition)}"
+    )
 
 
 def _recommendations(items, candidates=None, metric: str = SCORE, served_by: str = "") -> Recommendations:
@@ -155,10 +184,6 @@ class Client:
         filters=None,
         sources=None,
     ):
-        filters = dict(filters or {})
-        genres = filters.pop("genres", [])
-        if filters:
-            raise InvalidRequest(f"unknown filter(s) {sorted(filters)}; filters: genres")
         return pb.RecommendRequest(
             user_id="" if user_id is None else str(user_id),
             user_features=_feature_map(user_features),
@@ -168,7 +193,7 @@ class Client:
             include_seen=not exclude_seen,
             exclude_items=[str(i) for i in exclude_items],
             include_items=[str(i) for i in include_items or ()],
-            genres=[genres] if isinstance(genres, str) else list(genres),
+            filters=[_attribute_filter(name, condition) for name, condition in (filters or {}).items()],
             sources=list(sources or ()),
         )
 

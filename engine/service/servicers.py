@@ -25,6 +25,8 @@ def _features(message_map) -> dict:
             out[name] = value.text
         elif kind == "numbers":
             out[name] = list(value.numbers.values)
+        elif kind == "labels":
+            out[name] = list(value.labels.values)
         else:
             raise InvalidRequest(f"feature {shorten(name)} has no value")
     return out
@@ -52,9 +54,30 @@ def _recommend_options(request: pb.RecommendRequest) -> dict:
         "exclude_seen": not request.include_seen,
         "exclude_items": list(request.exclude_items),
         "include_items": list(request.include_items) or None,
-        "filters": {"genres": list(request.genres)} if request.genres else None,
+        "filters": _filters(request),
         "sources": list(request.sources) or None,
     }
+
+
+_BOUNDS = ("lt", "lte", "gt", "gte")
+
+
+def _filters(request: pb.RecommendRequest) -> dict | None:
+    """The request's AttributeFilter messages (and its genres) as the library's filters
+    (engine.data.attributes): any_of / all_of, or numeric bounds."""
+    filters: dict = {"genres": list(request.genres)} if request.genres else {}
+    for f in request.filters:
+        bounds = {op: getattr(f, op) for op in _BOUNDS if f.HasField(op)}
+        given = [part for part, present in (("any_of", f.any_of), ("all_of", f.all_of), ("bounds", bounds)) if present]
+        if len(given) != 1:
+            raise InvalidRequest(
+                f"filter on {shorten(f.attribute)} must set exactly one of any_of, all_of or numeric bounds, "
+                f"got {', '.join(given) or 'none'}"
+            )
+        if f.attribute in filters:
+            raise InvalidRequest(f"attribute {shorten(f.attribute)} filtered twice: give one filter per attribute")
+        filters[f.attribute] = {"any": list(f.any_of)} if f.any_of else {"all": list(f.all_of)} if f.all_of else bounds
+    return filters or None
 
 
 class _BadRequest(InvalidRequest):

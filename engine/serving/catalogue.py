@@ -63,6 +63,10 @@ class Catalogue:
             old = self.sources[name]
             sources[name] = type(old)(name, old.index.added(new), None)
         concat = lambda old, new: read_only(np.concatenate([old, new]))  # noqa: E731
+        popularity = concat(self.popularity, np.zeros(n_new, np.float32))
+        # The popularity source ranks the new items too (last: no interactions yet), so
+        # that a filter only they match still finds them for a user known to no model.
+        sources["popular"] = type(self.sources["popular"])(popularity)
         return replace(
             self,
             items=self.items.extended(item_ids),
@@ -74,7 +78,7 @@ class Catalogue:
                 **self.item_vectors,
                 **{name: concat(self.item_vectors[name], new.astype(np.float32)) for name, new in vectors.items()},
             },
-            popularity=concat(self.popularity, np.zeros(n_new, np.float32)),
+            popularity=popularity,
             # Items added live have no interactions: the least popular item's score.
             popularity_score=concat(self.popularity_score, np.full(n_new, self.popularity_score.min(), np.float32)),
             sources=sources,
