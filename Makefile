@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= auto
+# The data flags of every target that reads data: DATA=path|synthetic, and side tables of
+# your own attributes, ITEM_FEATURES=items.csv / USER_FEATURES=users.csv (see README).
+SIDE_FLAGS = $(if $(ITEM_FEATURES),--item-features $(ITEM_FEATURES)) $(if $(USER_FEATURES),--user-features $(USER_FEATURES))
+DATA_FLAGS = $(if $(filter auto,$(DATA)),,--data $(DATA)) $(SIDE_FLAGS)
 
-.PHONY: help install install-bench test lint typecheck demo describe train index rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test lint typecheck demo describe train index publish rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -34,14 +38,17 @@ typecheck: install  ## mypy over engine/ and index_builder/ (configured in pypro
 	$(VENV)/bin/mypy
 
 describe: install  ## describe the dataset (DATA=path|synthetic, default: ML-100K if present)
-	$(VENV)/bin/tandem data describe $(if $(filter auto,$(DATA)),,$(DATA))
+	$(VENV)/bin/tandem data describe $(if $(filter auto,$(DATA)),,$(DATA)) $(SIDE_FLAGS)
 
 train: install  ## retrain CF (top-N preset) and the towers (softmax) on all of the configured data, for serving
-	$(VENV)/bin/tandem train-cf --split none --preset topn --no-progress $(if $(filter auto,$(DATA)),,--data $(DATA))
-	$(VENV)/bin/tandem train-towers --split none --objective softmax --no-progress $(if $(filter auto,$(DATA)),,--data $(DATA))
+	$(VENV)/bin/tandem train-cf --split none --preset topn --no-progress $(DATA_FLAGS)
+	$(VENV)/bin/tandem train-towers --split none --objective softmax --no-progress $(DATA_FLAGS)
 
 index: install  ## rebuild the indexes from the latest trained models (no retraining) and publish a bundle
-	$(VENV)/bin/tandem build-index $(if $(filter auto,$(DATA)),,--data $(DATA))
+	$(VENV)/bin/tandem build-index $(DATA_FLAGS)
+
+publish: install  ## make train index in one command: train both models on all the data and publish a bundle
+	$(VENV)/bin/tandem publish --no-progress $(DATA_FLAGS)
 
 rollback: install  ## point artifacts/bundles/current at the previous bundle version
 	$(VENV)/bin/tandem rollback
@@ -56,16 +63,16 @@ bench-serve: install  ## B5: Recommend / SimilarItems / Echo QPS and p50/p99 at 
 	$(PY) bench/serve.py
 
 train-cf: install  ## train the CF model on the configured data and split (artifacts/models/cf)
-	$(VENV)/bin/tandem train-cf $(if $(filter auto,$(DATA)),,--data $(DATA))
+	$(VENV)/bin/tandem train-cf $(DATA_FLAGS)
 
 eval-cf: install  ## evaluate the trained CF model (JSON metrics)
-	$(VENV)/bin/tandem eval-cf $(if $(filter auto,$(DATA)),,--data $(DATA))
+	$(VENV)/bin/tandem eval-cf $(DATA_FLAGS)
 
 train-towers: install  ## train the two-tower model (softmax objective) on the configured data and split
-	$(VENV)/bin/tandem train-towers --objective softmax $(if $(filter auto,$(DATA)),,--data $(DATA))
+	$(VENV)/bin/tandem train-towers --objective softmax $(DATA_FLAGS)
 
 eval-towers: install  ## evaluate the trained two-tower model (JSON metrics)
-	$(VENV)/bin/tandem eval-towers $(if $(filter auto,$(DATA)),,--data $(DATA))
+	$(VENV)/bin/tandem eval-towers $(DATA_FLAGS)
 
 bench-towers: install  ## B1-B3 for the towers beside popularity baselines, and inference latency
 	$(PY) bench/towers.py
@@ -78,7 +85,7 @@ bench-engine: install  ## in-process recommend latency and batch throughput on a
 
 SPLIT ?= folds
 eval-pipeline: install-bench  ## the two-stage pipeline beside popularity, implicit ALS and EASE (DATA=..., SPLIT=folds|u1..u5|temporal|random|last)
-	$(VENV)/bin/tandem eval-pipeline --split $(SPLIT) $(if $(filter auto,$(DATA)),,--data $(DATA))
+	$(VENV)/bin/tandem eval-pipeline --split $(SPLIT) $(DATA_FLAGS)
 
 bench-cf: install-bench  ## B1 + B2: CF on ML-100K u1..u5 beside surprise SVD/SVD++, popularity, implicit ALS
 	$(PY) bench/cf.py
@@ -87,8 +94,8 @@ bench-cf-scale: install  ## B6: one CF epoch on synthetic 20M ratings (ratings/s
 	$(PY) bench/cf_scale.py
 
 demo: install describe  ## set up, then train -> evaluate -> index -> serve -> query on the default data
-	$(VENV)/bin/tandem train-cf --no-progress --out artifacts/eval/cf $(if $(filter auto,$(DATA)),,--data $(DATA))
-	$(MAKE) --no-print-directory train index
+	$(VENV)/bin/tandem train-cf --no-progress --out artifacts/eval/cf $(DATA_FLAGS)
+	$(VENV)/bin/tandem publish --no-progress $(DATA_FLAGS)
 	$(PY) -m engine.cli.demo
 
 bench-synthetic: install  ## time the synthetic generator at 20M ratings (peak memory too)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.data import Dataset
+from engine.models.artifacts import record_trained_on
 from engine.models.cf import PRESETS, CFConfig, train_cf
 from engine.models.towers import TowerConfig, train_two_tower
 from engine.settings import IndexConfig
@@ -25,12 +26,19 @@ TOWER_OBJECTIVE = "softmax"
 
 
 def train_and_publish(
-    train: Dataset, root: str | Path, config: dict[str, Any] | None = None, progress: bool = False, log=print
+    train: Dataset,
+    root: str | Path,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+    models_dir: str | Path | None = None,
+    log=print,
 ) -> Path:
     """Train both models on ``train`` and publish a bundle under ``root`` (it becomes
     ``current``); returns the published version's directory. ``config``: the effective
     configuration (:func:`engine.config.load_config`; default: ``./tandem.toml`` when
-    present, else the defaults)."""
+    present, else the defaults). With ``models_dir`` the models are also saved there
+    (``<models_dir>/cf``, ``/towers``), as ``make train`` saves them, so that a later
+    ``make index`` rebuilds from them."""
     if config is None:
         from engine.config import load_config
 
@@ -40,6 +48,10 @@ def train_and_publish(
     log(f"training CF ({cf_config.loss}) and towers ({TOWER_OBJECTIVE}) on {train.name} ...")
     cf = train_cf(train, cf_config)
     towers = train_two_tower(train, tower_config)
+    for model, name in ((cf, "cf"), (towers, "towers")):
+        record_trained_on(model, train)
+        if models_dir is not None:
+            model.save(Path(models_dir) / name)
     index = IndexConfig(**config["index"])
     return build_bundle(
         train,

@@ -365,3 +365,21 @@ def test_eval_pipeline_on_any_data_and_split_beside_the_peers(tmp_path, capsys):
     assert set(summary["pipeline"]["candidate_recall"]) >= {"cf", "towers", "popular", "merged"}
     assert main(settings + ["eval-pipeline", "--data", str(data_file), "--split", "u1"]) == 2
     assert "ML-100K fold" in capsys.readouterr().err
+
+
+def test_publish_is_train_and_index_in_one_command(tmp_path, capsys):
+    """tandem publish = make train index: the models saved where make train saves them
+    (so that build-index rebuilds from them) and a published bundle that serves."""
+    data_file = implicit_csv(tmp_path / "interactions.csv")
+    common = ["--set", "data.columns.user=customer", "--set", "data.columns.item=product"]
+    common += ["--set", f"paths.models={tmp_path / 'models'}", "--set", f"paths.bundles={tmp_path / 'bundles'}"]
+    common += ["--set", "cf.epochs=2", "--set", "towers.epochs=1"]
+    assert main(common + ["publish", "--data", str(data_file), "--no-progress"]) == 0
+    published = json.loads(capsys.readouterr().out)
+    from engine import Engine
+    from engine.models.cf import CFModel
+
+    cf = CFModel.load(tmp_path / "models" / "cf")
+    assert cf.config.loss == "wmse" and cf.metrics["trained_on"]["data"] == "interactions"
+    assert Engine.load(tmp_path / "bundles").version == published["version"]
+    assert main(common + ["build-index", "--data", str(data_file)]) == 0  # rebuilds from the saved models

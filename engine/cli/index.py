@@ -46,6 +46,24 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace, config: dict) -> int:
+    from index_builder.train import train_and_publish
+
+    dataset = load_dataset(config, args.data)
+    models = Path(args.models or config["paths"]["models"])
+    root = Path(args.out or config["paths"]["bundles"])
+    published = train_and_publish(
+        dataset,
+        root,
+        config,
+        progress=not args.no_progress,
+        models_dir=models,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print(json.dumps({"published": str(published), "version": published.name, "models": str(models)}, indent=2))
+    return 0
+
+
 def cmd_rollback(args: argparse.Namespace, config: dict) -> int:
     from engine.index import bundle
 
@@ -58,6 +76,21 @@ def cmd_rollback(args: argparse.Namespace, config: dict) -> int:
 
 def register(commands) -> None:
     """Add this group's commands to the ``tandem`` parser."""
+    publish = commands.add_parser(
+        "publish",
+        help="train CF and the towers on all of the data and publish a bundle (make train index in one command)",
+        description="index_builder.train_and_publish: CF with the topn preset over [cf], the towers with the "
+        "softmax objective over [towers], on all of the configured data; the models are saved to <paths.models> "
+        "(as make train saves them) and a bundle is built with the [index] settings and published as "
+        "<paths.bundles>/current.",
+    )
+    publish.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
+    add_data_file_flags(publish)
+    publish.add_argument("--models", metavar="DIR", help="where to save the trained models (default: paths.models)")
+    publish.add_argument("--out", metavar="DIR", help="bundle root (default: paths.bundles)")
+    publish.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    publish.set_defaults(handler=cmd_publish)
+
     build = commands.add_parser(
         "build-index",
         help="build the FAISS indexes from the trained models and publish a bundle",

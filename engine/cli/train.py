@@ -11,6 +11,7 @@ from pathlib import Path
 from engine.cli.common import add_data_flags
 from engine.config import load_dataset, load_split
 from engine.errors import ConfigError
+from engine.models.artifacts import record_trained_on
 
 # Flags that set a model setting of the same name. Unset flags fall back on
 # tandem.toml's [cf] / [towers] sections, then the defaults.
@@ -109,8 +110,7 @@ def _fit_report_save(args: argparse.Namespace, config: dict, subdir: str, label:
         file=sys.stderr,
     )
     model = fit(train, model_config, curve_path=out / "learning_curve.json")
-    # What the model was trained on, so that evaluating it on its own training data is caught.
-    model.metrics["trained_on"] = {"data": train.name, "fingerprint": train.fingerprint(), "n_ratings": train.n_ratings}
+    record_trained_on(model, train)
     model.save(out)  # before evaluating: a failed evaluation must not lose the model
     if test is not None:
         model.metrics["test"] = report(model, train, test)

@@ -42,3 +42,13 @@ def read_model_dir(path: str | Path, name: str, kind: str, format_version: int) 
     except (OSError, ValueError) as e:
         raise TandemError(f"{arrays_path}: unreadable: {e}") from None
     return meta, arrays
+
+
+def record_trained_on(model, dataset) -> None:
+    """Note in a model's metrics the data it was trained on (name, fingerprint, size), so
+    that evaluating it on that same data is caught (``tandem eval-cf`` / ``eval-towers``)."""
+    model.metrics["trained_on"] = {
+        "data": dataset.name,
+        "fingerprint": dataset.fingerprint(),
+        "n_ratings": dataset.n_ratings,
+    }
