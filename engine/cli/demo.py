@@ -61,6 +61,27 @@ def example_new_user(root: str | Path) -> tuple[str, dict]:
     return f"a new user who rated the three most popular items {top:g} ({', '.join(ratings)})", {"ratings": ratings}
 
 
+def example_filter(root: str | Path) -> tuple[str, dict] | None:
+    """An attribute filter of this bundle's items, as ``(description, filters)``: the
+    most common value of its first labels or categorical attribute (genres on MovieLens,
+    a category or tag of your own side table), or None when the items have none."""
+    from engine.data.attributes import NUMERIC
+    from engine.index import bundle
+
+    published = bundle.LoadedBundle(root, verify=False)
+    attributes = published.layout.load_attributes(published.manifest)
+    for name, attribute in attributes.attributes.items():
+        if attribute.kind == NUMERIC or not attribute.vocabulary:
+            continue
+        if attribute.values.ndim == 2:  # labels: the label most items have
+            value = attribute.vocabulary[int(np.argmax(attribute.values.sum(axis=0)))]
+        else:  # a category: the most common one
+            codes = attribute.values[attribute.values >= 0]
+            value = attribute.vocabulary[int(np.argmax(np.bincount(codes)))]
+        return f"{name} {value!r}", {name: [value]}
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="bundle root (default: paths.bundles)")
@@ -68,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.bundle or load_config()["paths"]["bundles"])
     known_user, popular_item = example_ids(root)
     new_user, new_user_request = example_new_user(root)
+    item_filter = example_filter(root)
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         started = time.perf_counter()
@@ -99,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"Recommendations for {new_user}:",
                     client.recommend(**new_user_request, k=10),
                 )
+                if item_filter is not None:
+                    described, filters = item_filter
+                    _print(
+                        f"Recommendations for user {known_user} among the items with {described} (filtered inside "
+                        "retrieval):",
+                        client.recommend(known_user, k=5, filters=filters),
+                    )
                 similar = client.similar_items(popular_item, k=10)
                 title = client.score(None, [popular_item]).titles[0]
                 _print(f"More like {title} (the most rated item), by squared distance:", similar, distance=True)
