@@ -193,12 +193,8 @@ def test_the_cli_trains_indexes_and_evaluates_with_a_side_table(tmp_path, capsys
     assert json.loads(out.read_text())["summary"]["pipeline"]["recall@10"] >= 0
 
 
-def test_other_shapes_of_data_through_eval_pipeline(tmp_path, capsys):
-    """A ratings.csv-family directory without user features (leave-last-one split) and a
-    Parquet file with renamed columns (folds: five seeded per-user random splits)."""
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-
+def ratings_csv_directory(tmp_path):
+    """A ratings.csv-family directory (movies.csv, no user features) and its pairs."""
     rng = np.random.default_rng(1)
     pairs = sorted({(int(u), int(i)) for u in range(50) for i in rng.zipf(1.4, 12) % 40})
     d = tmp_path / "ml-latest-tiny"
@@ -207,34 +203,84 @@ def test_other_shapes_of_data_through_eval_pipeline(tmp_path, capsys):
         "userId,movieId,rating,timestamp\n"
         + "".join(f"{u},{i},{1 + (u + i) % 5}.0,{1000 + k}\n" for k, (u, i) in enumerate(pairs))
     )
+    genres = ("Drama|Comedy", "Action", "Comedy|Romance")
     (d / "movies.csv").write_text(
-        "movieId,title,genres\n" + "".join(f"{i},Movie {i} (199{i % 10}),{'Drama|Comedy'}\n" for i in range(40))
+        "movieId,title,genres\n" + "".join(f"{i},Movie {i} (199{i % 10}),{genres[i % 3]}\n" for i in range(40))
     )
+    return d, pairs
+
+
+def renamed_parquet(tmp_path, pairs):
+    """A Parquet file of the same interactions under other column names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {"who": [f"u{u}" for u, _ in pairs], "what": [f"i{i}" for _, i in pairs], "when": list(range(len(pairs)))}
+    )
+    path = tmp_path / "events.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+RENAMED = ["data.columns.user=who", "data.columns.item=what", "data.columns.timestamp=when"]
+
+
+@pytest.mark.parametrize("shape", ["implicit CSV + side table", "ratings.csv directory", "renamed Parquet"])
+def test_each_shape_of_data_trains_publishes_serves_and_answers(tmp_path, shape, capsys):
+    """tandem publish (train both models, index, publish), then a real `tandem serve`
+    process answers over gRPC exactly what the library answers from the same bundle:
+    a known user, and a filter on the data's own attribute where it has one."""
+    from engine.service.client import Client
+    from engine.service.processes import spawn_server
+
+    settings = ["cf.epochs=2", "towers.epochs=1", f"paths.models={tmp_path / 'models'}"]
+    filters: dict | None = None
+    if shape == "implicit CSV + side table":
+        interactions, items = shop(tmp_path)
+        source = str(interactions)
+        settings += ["data.columns.user=customer", "data.columns.item=product", f"data.item_features={items}"]
+        filters = {"category": ["bags"], "price": {"lt": 60}}
+    elif shape == "ratings.csv directory":
+        directory, _ = ratings_csv_directory(tmp_path)
+        source, filters = str(directory), {"genres": {"all": ["Drama", "Comedy"]}}
+    else:
+        _, pairs = ratings_csv_directory(tmp_path)
+        source = str(renamed_parquet(tmp_path, pairs))
+        settings += RENAMED
+    root = tmp_path / "bundles"
+    flags = [word for setting in settings for word in ("--set", setting)]
+    assert main(flags + ["publish", "--data", source, "--out", str(root), "--no-progress"]) == 0
+    capsys.readouterr()
+    library = Engine.load(root)
+    user = str(library.users.ids[0])
+    requests = [{"user_id": user, "k": 5}] + ([{"user_id": user, "k": 5, "filters": filters}] if filters else [])
+    server, port = spawn_server(root, tmp_path / "port", settings=tuple(settings))
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            client.wait_ready()
+            for request in requests:
+                got, want = client.recommend(**request), library.recommend(**request)
+                assert got.item_ids.tolist() == want.item_ids.tolist() and len(got) > 0, request
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_other_shapes_of_data_through_eval_pipeline(tmp_path, capsys):
+    """A ratings.csv-family directory without user features (leave-last-one split) and a
+    Parquet file with renamed columns (folds: five seeded per-user random splits)."""
+    d, pairs = ratings_csv_directory(tmp_path)
     fast = ["--set", "cf.epochs=2", "--set", "towers.epochs=1"]
     out = tmp_path / "csv.json"
     command = ["eval-pipeline", "--data", str(d), "--split", "last", "--peers", "popularity", "ease"]
     assert main(fast + command + ["--out", str(out)]) == 0
     assert json.loads(out.read_text())["splits"] == ["last1"]
-    table = pa.table(
-        {
-            "who": [f"u{u}" for u, _ in pairs],
-            "what": [f"i{i}" for _, i in pairs],
-            "when": list(range(len(pairs))),
-        }
-    )
-    parquet = tmp_path / "events.parquet"
-    pq.write_table(table, parquet)
-    renamed = [
-        "--set",
-        "data.columns.user=who",
-        "--set",
-        "data.columns.item=what",
-        "--set",
-        "data.columns.timestamp=when",
-    ]
+    renamed = [word for setting in RENAMED for word in ("--set", setting)]
     out = tmp_path / "parquet.json"
-    command = ["eval-pipeline", "--data", str(parquet), "--split", "folds", "--peers", "popularity"]
-    assert main(fast + renamed + command + ["--out", str(out), "--n-candidates", "50"]) == 0
+    command = ["eval-pipeline", "--data", str(renamed_parquet(tmp_path, pairs)), "--split", "folds"]
+    command += ["--peers", "popularity", "--n-candidates", "50", "--out", str(out)]
+    assert main(fast + renamed + command) == 0
     report = json.loads(out.read_text())
     assert len(report["per_split"]) == 5 and report["splits"][0] == "random0"
     capsys.readouterr()
