@@ -28,6 +28,11 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--split", help="auto, u1..u5, ua, ub, random, temporal, last, cold-items or none (default: data.split)"
     )
+    add_metric_flags(p)
+
+
+def add_metric_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the top-N metrics: the cut-off and the relevance threshold."""
     p.add_argument("--k", type=int, default=10, help="cut-off of the top-N metrics (default 10)")
     p.add_argument(
         "--min-rating",

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.cli.common import add_data_file_flags, engine_config
+from engine.cli.common import add_data_file_flags, add_metric_flags, engine_config
 from engine.config import load_dataset, resolve_data_source, with_configured_side_tables
 
 
@@ -84,14 +84,8 @@ def register(commands) -> None:
     pipe.add_argument("--test-fraction", type=float, default=0.2, help="temporal/random: test share (default 0.2)")
     pipe.add_argument("--last-n", type=int, default=1, help="last: interactions held out per user (default 1)")
     pipe.add_argument("--seed", type=int, default=0, help="random/folds: seed of the split (default 0)")
-    pipe.add_argument("--k", type=int, default=10, help="cut-off (default 10)")
+    add_metric_flags(pipe)
     pipe.add_argument("--n-candidates", type=int, default=500, help="candidates per request (default 500)")
-    pipe.add_argument(
-        "--min-rating",
-        type=float,
-        help="a test interaction is relevant when rated at least this (default: every interaction of implicit "
-        "data, else 4)",
-    )
     pipe.add_argument("--peers", nargs="*", choices=PEERS, help=f"peers to run (default: all of {', '.join(PEERS)})")
     pipe.add_argument(
         "--ease-max-items",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -53,26 +54,20 @@ def implicit_als(
     from threadpoolctl import threadpool_limits  # installed with implicit
 
     ui = _binary(train)
-    best: dict | None = None
-    for f in factors:
-        for reg in regularization:
-            start = time.perf_counter()
-            with threadpool_limits(1, "blas"):  # implicit threads itself; BLAS threads would fight it
-                model = AlternatingLeastSquares(factors=f, regularization=reg, iterations=iterations, random_state=0)
-                model.fit(ui, show_progress=False)
-            fit_s = time.perf_counter() - start
 
-            def recommend(users: np.ndarray, kk: int, model=model) -> np.ndarray:
-                ids, _ = model.recommend(users, ui[users], N=kk, filter_already_liked_items=True)
-                return np.asarray(ids)
+    def fit(params: dict) -> Recommender:
+        with threadpool_limits(1, "blas"):  # implicit threads itself; BLAS threads would fight it
+            model = AlternatingLeastSquares(**params, iterations=iterations, random_state=0)
+            model.fit(ui, show_progress=False)
 
-            result = {"fit_s": fit_s, "params": {"factors": f, "regularization": reg}}
-            result.update(topn_metrics(recommend, test, k, min_rating))
-            if best is None or result[f"ndcg@{k}"] > best[f"ndcg@{k}"]:
-                best = result
-    assert best is not None
-    best["grid_size"] = len(factors) * len(regularization)
-    return best
+        def recommend(users: np.ndarray, kk: int) -> np.ndarray:
+            ids, _ = model.recommend(users, ui[users], N=kk, filter_already_liked_items=True)
+            return np.asarray(ids)
+
+        return recommend
+
+    grid = [{"factors": f, "regularization": reg} for f in factors for reg in regularization]
+    return _best_of_grid(grid, fit, test, k, min_rating)
 
 
 def ease_weights(interactions: sp.csr_matrix, lam: float) -> np.ndarray:
@@ -100,25 +95,34 @@ def ease(
     if train.n_items > max_items:
         return {"skipped": f"{train.n_items:,} items > {max_items:,}: EASE's dense inverse is too large"}
     ui = _binary(train)
-    best: dict | None = None
-    for lam in lambdas:
-        start = time.perf_counter()
-        weights = ease_weights(ui, lam).astype(np.float32)
-        fit_s = time.perf_counter() - start
 
-        def recommend(users: np.ndarray, kk: int, weights=weights, block: int = 512) -> np.ndarray:
+    def fit(params: dict) -> Recommender:
+        weights = ease_weights(ui, params["lambda"]).astype(np.float32)
+
+        def recommend(users: np.ndarray, kk: int, block: int = 512) -> np.ndarray:
             parts = []
             for part in np.array_split(users, max(1, -(-len(users) // block))):
                 scores = np.asarray(ui[part] @ weights, np.float32)
                 parts.append(top_k_rows(scores, kk, ui, part))
             return np.concatenate(parts)
 
-        result = {"fit_s": fit_s, "params": {"lambda": lam}, **topn_metrics(recommend, test, k, min_rating)}
-        if best is None or result[f"ndcg@{k}"] > best[f"ndcg@{k}"]:
-            best = result
-    assert best is not None
-    best["grid_size"] = len(lambdas)
-    return best
+        return recommend
+
+    return _best_of_grid([{"lambda": lam} for lam in lambdas], fit, test, k, min_rating)
+
+
+def _best_of_grid(grid: list[dict], fit: Callable[[dict], Recommender], test: Dataset, k: int, min_rating) -> dict:
+    """Fit a peer with each setting of ``grid`` and score it on ``test``: the best
+    result by NDCG@k (the first on ties), with its ``params``, ``fit_s`` (seconds of
+    its fit) and ``grid_size``."""
+    results: list[dict[str, Any]] = []
+    for params in grid:
+        start = time.perf_counter()
+        recommend = fit(params)
+        fit_s = time.perf_counter() - start
+        results.append({"fit_s": fit_s, "params": params, **topn_metrics(recommend, test, k, min_rating)})
+    best = max(results, key=lambda result: result[f"ndcg@{k}"])
+    return {**best, "grid_size": len(grid)}
 
 
 def _binary(train: Dataset) -> sp.csr_matrix:
