@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine import data
+from engine.data import from_arrays
 from engine.models.cf import CFModel, cofi_cost, cofi_gradients, sparse_cost, train_cf, wmse_cost, wmse_data_term
 
 
@@ -193,8 +194,12 @@ def test_cold_user_gets_item_means_with_mean_normalisation():
     # a user who exists in the id map but has no ratings
     users = data.IdMap(list(ds.users.ids) + ["cold"], "user")
     ds = data.Dataset(ds.user_idx, ds.item_idx, ds.ratings, ds.timestamps, users, ds.items)
-    m = train_cf(ds, n_features=2, epochs=20, mean_normalization=True, validation_fraction=0.0, progress=False)
+    settings = dict(n_features=2, epochs=20, mean_normalization=True, validation_fraction=0.0, progress=False)
+    m = train_cf(ds, mean_shrinkage=0.0, **settings)
     np.testing.assert_allclose(m.predict(["cold"] * 3, ["x", "y", "z"]), [4.5, 3.0, 1.5], rtol=1e-6)
+    # Shrunk toward the global mean 3 as if by 10 more ratings of 3: (9 + 30) / 12, ...
+    m = train_cf(ds, mean_shrinkage=10.0, **settings)
+    np.testing.assert_allclose(m.predict(["cold"] * 3, ["x", "y", "z"]), [39 / 12, 33 / 11, 33 / 12], rtol=1e-6)
 
 
 def test_save_load_round_trip_without_pickle(model, tmp_path):
@@ -313,3 +318,24 @@ def test_wmse_learns_top_n_and_folds_in_exactly():
     weight = np.where(target == 1, m.config.positive_weight, m.config.unobserved_weight)
     grad = -X.T @ (weight * (target - p)) + m.config.lambda_ * w
     assert np.abs(grad).max() < 1e-3 * np.abs(X.T @ (weight * target)).max()
+
+
+def test_a_user_with_no_ratings_is_not_shown_items_with_one_lucky_rating():
+    """Mean normalisation predicts a user with no ratings the item means; an item with a
+    single 5-star rating used to top that list. The means are shrunk toward the global
+    mean, and fold_in([]) is that user."""
+    rng = np.random.default_rng(0)
+    users, items, ratings = [], [], []
+    for u in range(60):
+        for i in range(10):  # ten well-liked items, rated 4 or 5 by everyone
+            users.append(f"u{u}"), items.append(f"good{i}"), ratings.append(float(rng.choice([4, 5], p=[0.4, 0.6])))
+        for i in range(3):
+            users.append(f"u{u}"), items.append(f"meh{i}"), ratings.append(float(rng.choice([2, 3])))
+    for i in range(5):  # five items with a single 5-star rating each
+        users.append(f"u{i}"), items.append(f"lucky{i}"), ratings.append(5.0)
+    ds = from_arrays(users, items, ratings)
+    model = train_cf(ds, mean_normalization=True, n_features=4, epochs=3, progress=False)
+    nobody = model.fold_in([])
+    assert len(nobody.seen) == 0 and not nobody.vector.any()
+    top = model.recommend(nobody, k=10).item_ids.tolist()
+    assert all(i.startswith("good") for i in top), top

@@ -44,6 +44,7 @@ import scipy.sparse as sp
 
 from engine.data import Dataset, IdMap
 from engine.errors import TandemError
+from engine.models.als import als_wmse, confidence, wmse_sparse_cost
 from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.training import EarlyStopping, LearningCurve, require_torch, resolve_device, seed_everything
 from engine.results import SQUARED_DISTANCE, Recommendations
@@ -95,10 +96,22 @@ class CFConfig:
     item_bias: bool = True
     global_mean: bool = True
     mean_normalization: bool = False
+    # mean_normalization: each item's mean is shrunk toward the global mean as if it had
+    # this many more ratings at the global mean, so that an item with one 5-star rating
+    # does not top the predictions of a user with no ratings.
+    mean_shrinkage: float = 10.0
     negative_ratio: int = 4  # bce: sampled negatives per positive
     negative_sampling: str = "uniform"  # bce: "uniform" or "popularity"
-    positive_weight: float = 2.0  # wmse: weight c of an observed pair (implicit ALS: 1 + alpha)
+    positive_weight: float = 2.0  # wmse: weight c of an observed pair (confidence "constant")
     unobserved_weight: float = 1.0  # wmse: weight w0 of every unobserved pair
+    # wmse: c of an observed pair from its value (rating, count, strength): "constant"
+    # (positive_weight), "linear" (1 + alpha * value) or "log" (1 + alpha * log(1 + value)).
+    confidence: str = "constant"
+    alpha: float = 1.0
+    # wmse: "adam" (the minibatch trainer, the mission's reference) or "als" (exact
+    # alternating least squares, engine.models.als: the same cost, in seconds, no torch).
+    solver: str = "adam"
+    als_iterations: int = 15
     validation_fraction: float = 0.05  # held out of the training data for early stopping
     patience: int = 5
     init_std: float = 0.1
@@ -111,11 +124,21 @@ class CFConfig:
             raise ValueError(f"loss must be 'mse', 'bce' or 'wmse', got {self.loss!r}")
         if self.positive_weight <= 0 or self.unobserved_weight < 0:
             raise ValueError("positive_weight must be > 0 and unobserved_weight >= 0")
+        if self.solver not in ("adam", "als"):
+            raise ValueError(f"solver must be 'adam' or 'als', got {self.solver!r}")
+        if self.solver == "als" and self.loss != "wmse":
+            raise ValueError("solver 'als' minimises the wmse loss: set loss = 'wmse'")
+        if self.confidence not in ("constant", "linear", "log"):
+            raise ValueError(f"confidence must be 'constant', 'linear' or 'log', got {self.confidence!r}")
+        if self.alpha < 0 or int(self.als_iterations) < 1:
+            raise ValueError("alpha must be >= 0 and als_iterations >= 1")
         if self.negative_sampling not in ("uniform", "popularity"):
             raise ValueError(f"negative_sampling must be 'uniform' or 'popularity', got {self.negative_sampling!r}")
         for name in ("n_features", "epochs", "batch_size", "negative_ratio", "patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.mean_shrinkage < 0:
+            raise ValueError(f"mean_shrinkage must be >= 0, got {self.mean_shrinkage}")
         if self.lambda_ < 0 or self.learning_rate <= 0:
             raise ValueError("lambda_ must be >= 0 and learning_rate > 0")
         if not 0.0 <= self.validation_fraction < 1.0:
@@ -156,11 +179,10 @@ PRESETS: dict[str, dict] = {
     "rating": {},
     "topn": {
         "loss": "wmse",
+        "solver": "als",
+        "als_iterations": 15,
         "n_features": 32,
         "lambda_": 20.0,
-        "learning_rate": 0.01,
-        "batch_size": 1 << 30,
-        "epochs": 300,
         "init_std": 0.01,
         "validation_fraction": 0.0,
         "positive_weight": 2.0,
@@ -338,7 +360,8 @@ class CFModel:
 
     # ----------------------------------------------------------- fold-in
     def fold_in(self, item_ids: Sequence[object], ratings: Sequence[float] | None = None) -> FoldedUser:
-        """Fit a new user's vector ``w`` and bias ``b`` from a few ratings, ``X`` fixed.
+        """Fit a new user's vector ``w`` and bias ``b`` from a few ratings, ``X`` fixed
+        (none: the user with no ratings, ``w = 0``, ``b = 0``, predicted the item offsets).
 
         For ``mse`` this minimises the mission's cost restricted to that user —
         ``1/2 sum (w.x(i) + b + offset(i) - y(i))^2 + lambda/2 |w|^2`` — in closed form.
@@ -348,9 +371,9 @@ class CFModel:
         ``(w0 X^T X + (c - w0) X_S^T X_S + lambda I) w = c X_S^T 1``.
         """
         i = self.items.indices(item_ids)
-        if len(i) == 0:
-            raise ValueError("fold_in needs at least one item")
         f = self.X.shape[1]
+        if len(i) == 0:  # a user with no ratings: no taste of their own, the item offsets alone
+            return FoldedUser(np.zeros(f, np.float32), 0.0, np.zeros(0, np.int64))
         lam = self.config.lambda_
         if self.config.loss == "mse":
             if ratings is None or len(ratings) != len(i):
@@ -365,11 +388,14 @@ class CFModel:
             theta = np.linalg.solve(A.T @ A + reg + 1e-9 * np.eye(f + 1), A.T @ target)
             return FoldedUser(theta[:f].astype(np.float32), float(theta[f]), np.unique(i))
         if self.config.loss == "wmse":
-            c, w0 = self.config.positive_weight, self.config.unobserved_weight
-            Xs = self.X[np.unique(i)].astype(np.float64)
+            cfg, w0 = self.config, self.config.unobserved_weight
+            items, first = np.unique(i, return_index=True)
+            values = np.ones(len(i)) if ratings is None else np.asarray(ratings, np.float64)
+            c = confidence(values[first], cfg.confidence, cfg.positive_weight, cfg.alpha)
+            Xs = self.X[items].astype(np.float64)
             gram = self.X.T.astype(np.float64) @ self.X
-            w = np.linalg.solve(w0 * gram + (c - w0) * Xs.T @ Xs + lam * np.eye(f), c * Xs.sum(0))
-            return FoldedUser(w.astype(np.float32), 0.0, np.unique(i))
+            w = np.linalg.solve(w0 * gram + (Xs * (c - w0)[:, None]).T @ Xs + lam * np.eye(f), Xs.T @ c)
+            return FoldedUser(w.astype(np.float32), 0.0, items)
         rng = np.random.default_rng(self.config.seed)
         negatives = rng.integers(0, len(self.X), len(i) * self.config.negative_ratio)
         negatives = negatives[~np.isin(negatives, i)]
@@ -487,8 +513,9 @@ def mse_data_term(params: dict, u, i, y):
     return 0.5 * (_torch_predict(params, u, i) - y).pow(2).mean()
 
 
-def wmse_data_term(params: dict, u, i, n_ratings: int, positive_weight: float, unobserved_weight: float):
-    """A minibatch's data term for ``wmse``: the observed pairs' mean of
+def wmse_data_term(params: dict, u, i, n_ratings: int, positive_weight, unobserved_weight: float):
+    """A minibatch's data term for ``wmse`` (``positive_weight``: ``c``, one number or one
+    per pair): the observed pairs' mean of
     ``1/2 (c (1 - p)^2 - w0 p^2)`` (their share of the all-pairs sum taken back) plus
     ``1/n_ratings`` of the all-pairs term ``w0/2 sum_kl (W^T W)_kl (X^T X)_kl``. A batch
     of all ``n_ratings`` pairs gives exactly ``(J - L2) / n_ratings``. The all-pairs term
@@ -529,12 +556,14 @@ def train_cf(
             (``train_cf(ds, n_features=32, loss="bce")``).
         curve_path: where to save the learning curve as JSON (and PNG) — optional.
     """
-    torch = require_torch()
-    from tqdm.auto import tqdm
-
     cfg = CFConfig(**{**asdict(config or CFConfig()), **overrides})
     if dataset.n_ratings == 0:
         raise ValueError("cannot train on a dataset with no interactions")
+    if cfg.solver == "als":
+        return _train_als(dataset, cfg, curve_path)
+    torch = require_torch()
+    from tqdm.auto import tqdm
+
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     rng = np.random.default_rng(cfg.seed)
@@ -542,12 +571,16 @@ def train_cf(
 
     u_all, i_all = dataset.user_idx.astype(np.int64), dataset.item_idx.astype(np.int64)
     y_all = dataset.ratings.astype(np.float32)
-    if cfg.loss in ("bce", "wmse"):
+    if cfg.loss == "bce":
         y_all = np.ones_like(y_all)  # every interaction is a positive
+    if cfg.loss == "wmse":  # every interaction is a positive, weighted by its confidence
+        y_all = confidence(dataset.ratings, cfg.confidence, cfg.positive_weight, cfg.alpha).astype(np.float32)
     counts = np.bincount(i_all, minlength=n_items)
     sums = np.bincount(i_all, weights=y_all, minlength=n_items)
     fallback = float(y_all.mean())
-    item_means = np.where(counts > 0, sums / np.maximum(counts, 1), fallback).astype(np.float32)
+    shrink = cfg.mean_shrinkage
+    item_means = ((sums + shrink * fallback) / np.maximum(counts + shrink, 1e-12)).astype(np.float32)
+    item_means[counts == 0] = fallback
     if not cfg.mean_normalization:
         item_means = np.zeros(n_items, np.float32)
     target = y_all - item_means[i_all]
@@ -605,8 +638,8 @@ def train_cf(
         autograd would take, without a dense backward pass through the whole tables."""
         if cfg.loss == "mse":
             data_term = mse_data_term(params, u, i, y)
-        elif cfg.loss == "wmse":
-            data_term = wmse_data_term(params, u, i, N, cfg.positive_weight, cfg.unobserved_weight)
+        elif cfg.loss == "wmse":  # y: each pair's confidence
+            data_term = wmse_data_term(params, u, i, N, y, cfg.unobserved_weight)
         else:
             pred = _torch_predict(params, u, i)
             n_neg = len(u) * cfg.negative_ratio
@@ -629,7 +662,7 @@ def train_cf(
                 lo, hi = float(y_all.min()), float(y_all.max())
                 return float(torch.sqrt(((restored.clamp(lo, hi) - truth) ** 2).mean()))
             if cfg.loss == "wmse":  # the objective's data part with held-out positives as observed
-                return float(wmse_data_term(params, Uv, Iv, N, cfg.positive_weight, cfg.unobserved_weight))
+                return float(wmse_data_term(params, Uv, Iv, N, Yv, cfg.unobserved_weight))
             # The training objective's data term on held-out positives and their
             # negatives (the same ones every epoch), so that both curves compare.
             vgen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
@@ -714,5 +747,73 @@ def train_cf(
             val_name: stopper.best if n_val else None,
             "epochs_run": len(curve.records),
             "ratings_per_second": N / float(np.median([r["seconds"] for r in curve.records])),
+        },
+    )
+
+
+def _train_als(dataset: Dataset, cfg: CFConfig, curve_path: str | Path | None) -> CFModel:
+    """``wmse`` by alternating least squares (:mod:`engine.models.als`): the cost of the
+    Adam trainer, minimised exactly one half-step at a time, with a progress bar and the
+    cost of each iteration as the learning curve."""
+    from tqdm.auto import tqdm
+
+    ui = dataset.user_items()
+    pairs = sp.csr_matrix(
+        (
+            confidence(dataset.ratings, cfg.confidence, cfg.positive_weight, cfg.alpha),
+            (dataset.user_idx, dataset.item_idx),
+        ),
+        shape=(dataset.n_users, dataset.n_items),
+    )
+    curve = LearningCurve()
+    bar = tqdm(total=cfg.als_iterations, desc="train cf (als)", unit="iteration", disable=not cfg.progress)
+    last = [time.perf_counter()]
+
+    def on_iteration(iteration: int, W: np.ndarray, X: np.ndarray) -> None:
+        now = time.perf_counter()
+        cost = wmse_sparse_cost(W, X, pairs, cfg.lambda_, cfg.unobserved_weight) / dataset.n_ratings
+        curve.add(epoch=iteration, train_loss=cost, seconds=now - last[0])
+        bar.update(1)
+        bar.set_postfix(loss=f"{cost:.4f}")
+        last[0] = now
+
+    start = time.perf_counter()
+    W, X = als_wmse(
+        pairs,
+        cfg.n_features,
+        cfg.lambda_,
+        cfg.unobserved_weight,
+        cfg.als_iterations,
+        cfg.init_std,
+        cfg.seed,
+        on_iteration,
+    )
+    seconds = time.perf_counter() - start
+    bar.close()
+    if curve_path is not None:
+        curve.save(curve_path, title="CF (wmse, ALS)")
+    # Items nobody interacted with solve to 0: tiny distinct vectors instead, as the Adam
+    # trainer leaves them (identical zero vectors wreck an HNSW graph).
+    unrated = dataset.item_counts() == 0
+    X[unrated] = np.random.default_rng(cfg.seed).normal(0, 1e-3, (int(unrated.sum()), cfg.n_features))
+    n_items, n_users = dataset.n_items, dataset.n_users
+    return CFModel(
+        X=X,
+        W=W,
+        user_bias=np.zeros(n_users, np.float32),
+        item_bias=np.zeros(n_items, np.float32),
+        global_mean=0.0,
+        item_means=np.zeros(n_items, np.float32),
+        users=dataset.users,
+        items=dataset.items,
+        seen_indptr=ui.indptr,
+        seen_indices=ui.indices,
+        rating_range=(0.0, 1.0),
+        config=cfg,
+        metrics={
+            "epochs_run": cfg.als_iterations,
+            "train_cost": curve.records[-1]["train_loss"],
+            "fit_seconds": seconds,
+            "ratings_per_second": dataset.n_ratings * cfg.als_iterations / max(seconds, 1e-9),
         },
     )

@@ -44,6 +44,9 @@ class TowerConfig:
     learning_rate: float = 0.01
     epochs: int = 30
     batch_size: int = 1024
+    # "constant", or "onecycle": the learning rate warms up to learning_rate and anneals
+    # to ~0 over the planned epochs (few epochs reach what many constant ones do).
+    schedule: str = "constant"
     temperature: float = 0.05  # softmax: logits are cosine / temperature
     logq_correction: bool = True  # softmax: subtract log item sampling probability
     weight_decay: float = 0.0
@@ -61,6 +64,8 @@ class TowerConfig:
         self.hidden_layers = tuple(int(h) for h in self.hidden_layers)
         if self.objective not in ("mse", "softmax"):
             raise ValueError(f"objective must be 'mse' or 'softmax', got {self.objective!r}")
+        if self.schedule not in ("constant", "onecycle"):
+            raise ValueError(f"schedule must be 'constant' or 'onecycle', got {self.schedule!r}")
         if any(h < 1 for h in self.hidden_layers) or self.output_dim < 1:
             raise ValueError("layer sizes must be positive")
         for name in ("epochs", "batch_size", "patience"):
@@ -435,6 +440,11 @@ def train_two_tower(
     curve, stopper = LearningCurve(), EarlyStopping(patience=cfg.patience)
     best = None
     steps = math.ceil(len(fit_rows) / cfg.batch_size)
+    scheduler = None
+    if cfg.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.learning_rate, total_steps=cfg.epochs * steps, pct_start=0.25
+        )
     bar = tqdm(
         total=cfg.epochs * steps,
         desc=f"train towers ({cfg.objective})",
@@ -454,6 +464,8 @@ def train_two_tower(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             running += float(loss.detach()) * len(rows)
             seen += len(rows)
             bar.update(1)

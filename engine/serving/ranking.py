@@ -8,8 +8,10 @@ Model ``m`` scores (user ``u``, item ``i``) as ``s_m = q_m(u) . v_m(i) + b_m(u)`
     score(u, i) = sum_m w_m z_m(u, i) / sum_m w_m,   z_m = (s_m - mean_m) / std_m,
 
 over the models that know the user (``has``); an item a model has no vector for (added
-live after it was trained) gets ``z_m = 0``, the model's mean. A user no model knows is
-ranked by standardised popularity.
+live after it was trained) is scored by the models that have one, the sum over them
+divided by their weight, so that a new item is ranked on the evidence it has (a clone of
+a popular item, by the towers, near the original). A user no model knows is ranked by
+standardised popularity.
 
 Standardising with bundle-wide statistics (not per request) keeps a pair's score the
 same whatever else is being ranked, so ``score`` of a few items, ``recommend`` and
@@ -80,13 +82,20 @@ class Blend:
         none = total == 0
         total = np.where(none, 1.0, total)
         scores = np.zeros(len(items), np.float32)
+        missing = None  # per pair: the weight of the user's models that lack the item
         for name in self.names:
             user = requests.models[name]
             scale = self.scales[name]
             factor = np.where(has[name], self.weights[name], 0.0) / (total * scale.std)
             const = factor * (user.bias.astype(np.float64) - scale.mean)
             query = user.vectors * factor.astype(f32)[:, None]
-            scores += self._model_part(item_vectors[name], items, query, rows, const.astype(f32)[rows], n_items)
+            part, beyond = self._model_part(item_vectors[name], items, query, rows, const.astype(f32)[rows], n_items)
+            scores += part
+            if beyond is not None:
+                lacking = np.where(beyond & has[name][rows], self.weights[name], 0.0)
+                missing = lacking if missing is None else missing + lacking
+        if missing is not None:
+            scores = self._renormalised(scores, total[rows], missing, popularity_score[items])
         return np.where(none[rows], popularity_score[items], scores) if none.any() else scores
 
     def _scores_alone(
@@ -102,26 +111,43 @@ class Blend:
         total = sum(self.weights[name] for name in known)
         rows, n_items = _ROW_ZERO, len(popularity_score)
         scores = np.zeros(len(items), np.float32)  # summed as the batch path sums
+        missing = None
         for name in known:
             user, scale = requests.models[name], self.scales[name]
             factor = self.weights[name] / (total * scale.std)
             const = np.float32(factor * (float(user.bias[0]) - scale.mean))
-            scores += self._model_part(
+            part, beyond = self._model_part(
                 item_vectors[name], items, user.vectors * np.float32(factor), rows, const, n_items
             )
+            scores += part
+            if beyond is not None:
+                lacking = np.where(beyond, self.weights[name], 0.0)
+                missing = lacking if missing is None else missing + lacking
+        if missing is not None:
+            scores = self._renormalised(scores, np.full(len(items), float(total)), missing, popularity_score[items])
         return scores
+
+    @staticmethod
+    def _renormalised(scores, total, missing, popularity) -> np.ndarray:
+        """Scores of items some of the user's models have no vector for (added live) as
+        the blend of the models that have one: the weighted sum divided by their weight,
+        not by every model's (which would count the missing ones' mean and sink a new
+        item below every item the models know). Pairs no model scores: popularity."""
+        present = total - missing
+        ratio = (total / np.where(present > 0, present, 1.0)).astype(np.float32)
+        return np.where(present > 0, scores * ratio, popularity).astype(np.float32)
 
     @staticmethod
     def _model_part(
         matrix: np.ndarray, items: np.ndarray, queries: np.ndarray, rows: np.ndarray, const, n_items: int
-    ) -> np.ndarray:
-        """``matrix[items[j]] . queries[rows[j]] + const[j]``, 0 for items beyond the
-        model's vectors (added live: its mean, standardised to 0, stands in)."""
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``matrix[items[j]] . queries[rows[j]] + const[j]``, and which items lie beyond
+        the model's vectors (added live; their part is 0), None when none can."""
         if len(matrix) >= n_items:  # the model has a vector for every item of the catalogue
-            return _dots(matrix, items, queries, rows) + const
+            return _dots(matrix, items, queries, rows) + const, None
         beyond = items >= len(matrix)
         part = _dots(matrix, np.where(beyond, 0, items), queries, rows) + const
-        return np.where(beyond, np.float32(0), part)
+        return np.where(beyond, np.float32(0), part), beyond
 
 
 _ROW_ZERO = np.zeros(0, np.int64)
