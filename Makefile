@@ -8,7 +8,7 @@ DATA   ?= auto
 SIDE_FLAGS = $(if $(ITEM_FEATURES),--item-features $(ITEM_FEATURES)) $(if $(USER_FEATURES),--user-features $(USER_FEATURES))
 DATA_FLAGS = $(if $(filter auto,$(DATA)),,--data $(DATA)) $(SIDE_FLAGS)
 
-.PHONY: help install install-bench test lint typecheck demo describe train index publish rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -40,15 +40,19 @@ typecheck: install  ## mypy over engine/ and index_builder/ (configured in pypro
 describe: install  ## describe the dataset (DATA=path|synthetic, default: ML-100K if present)
 	$(VENV)/bin/tandem data describe $(if $(filter auto,$(DATA)),,$(DATA)) $(SIDE_FLAGS)
 
-train: install  ## retrain CF (top-N preset) and the towers (softmax) on all of the configured data, for serving
+train: install  ## retrain CF (topn preset) and the towers (retrieval preset) on all of the configured data, for serving
 	$(VENV)/bin/tandem train-cf --split none --preset topn --no-progress $(DATA_FLAGS)
-	$(VENV)/bin/tandem train-towers --split none --objective softmax --no-progress $(DATA_FLAGS)
+	$(VENV)/bin/tandem train-towers --split none --preset retrieval --no-progress $(DATA_FLAGS)
 
 index: install  ## rebuild the indexes from the latest trained models (no retraining) and publish a bundle
 	$(VENV)/bin/tandem build-index $(DATA_FLAGS)
 
 publish: install  ## make train index in one command: train both models on all the data and publish a bundle
 	$(VENV)/bin/tandem publish --no-progress $(DATA_FLAGS)
+
+BUDGET ?= 10
+tune: install  ## fit the serving settings to the data on a validation split of it (DATA=..., BUDGET=minutes)
+	$(VENV)/bin/tandem tune --budget $(BUDGET) $(DATA_FLAGS)
 
 rollback: install  ## point artifacts/bundles/current at the previous bundle version
 	$(VENV)/bin/tandem rollback

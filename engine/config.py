@@ -53,7 +53,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # Settings of engine.models.cf.CFConfig (n_features, lambda, learning_rate, epochs, ...).
     "cf": {},
     "towers": {},
-    "paths": {"models": "artifacts/models", "bundles": "artifacts/bundles"},
+    # The models trained for serving (make train, make publish, train_and_publish): the
+    # retrieval presets (CF "topn", towers "retrieval") with these settings over them;
+    # what `tandem tune` writes.
+    "retrieval": {"cf": {}, "towers": {}},
+    # models / bundles: where trained models and published bundles go; tuned: the
+    # settings `tandem tune` wrote, merged over tandem.toml whenever the file exists.
+    "paths": {"models": "artifacts/models", "bundles": "artifacts/bundles", "tuned": "artifacts/tuned.toml"},
     # Index building, serving and the service: the classes of engine.settings.
     "index": asdict(IndexConfig()),
     "engine": asdict(EngineConfig()),
@@ -82,6 +88,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
         _merge(config, loaded, origin=str(p))
+    _apply_overrides(config, overrides)
+    tuned = Path(config["paths"]["tuned"]) if config["paths"]["tuned"] else None
+    if tuned is not None and tuned.is_file():  # tandem tune's settings; --set still wins
+        try:
+            with open(tuned, "rb") as f:
+                _merge(config, tomllib.load(f), origin=str(tuned))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{tuned}: invalid TOML: {e}") from None
+        _apply_overrides(config, overrides)
+        config["paths"]["tuned_in_use"] = str(tuned)
+    validate(config)
+    return config
+
+
+def _apply_overrides(config: dict, overrides: Sequence[str]) -> None:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -94,25 +115,31 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
         _merge(config, nested, origin=f"--set {item}")
-    validate(config)
-    return config
 
 
 def validate(config: dict[str, dict[str, Any]]) -> None:
     """Check every section against its settings class now, not when a command first
     reads it: an unknown key, a value of the wrong type or out of range is a
     :class:`ConfigError` naming the section and the key as the file spells it."""
+    from engine.models.cf import PRESETS as CF_PRESETS
     from engine.models.cf import CFConfig
+    from engine.models.towers import PRESETS as TOWER_PRESETS
     from engine.models.towers import TowerConfig
 
     for section, cls, build in (
         ("cf", CFConfig, CFConfig.from_dict),
         ("towers", TowerConfig, TowerConfig.from_dict),
+        ("retrieval.cf", CFConfig, lambda values: CFConfig.from_dict({**CF_PRESETS["topn"], **values})),
+        (
+            "retrieval.towers",
+            TowerConfig,
+            lambda values: TowerConfig.from_dict({**TOWER_PRESETS["retrieval"], **values}),
+        ),
         ("index", IndexConfig, lambda values: IndexConfig(**values)),
         ("engine", EngineConfig, lambda values: EngineConfig(**values)),
         ("server", ServerConfig, lambda values: ServerConfig(**values)),
     ):
-        values = config[section]
+        values = config[section] if "." not in section else config["retrieval"][section.split(".")[1]]
         defaults = {f.name: f.default for f in fields(cls)}
         for key, value in values.items():
             default = defaults.get("lambda_" if key == "lambda" else key)
@@ -147,7 +174,16 @@ def _parse_value(raw: str) -> Any:
 
 
 # Sections whose keys are not fixed here: their owners validate them.
-OPEN_SECTIONS = {"cf", "towers", "data.columns", "data.synthetic", "data.feature_kinds", "engine.source_weights"}
+OPEN_SECTIONS = {
+    "cf",
+    "towers",
+    "retrieval.cf",
+    "retrieval.towers",
+    "data.columns",
+    "data.synthetic",
+    "data.feature_kinds",
+    "engine.source_weights",
+}
 
 
 def _merge(base: dict, update: dict, origin: str, path: str = "") -> None:

@@ -14,15 +14,33 @@ from typing import Any
 
 from engine.data import Dataset
 from engine.models.artifacts import record_trained_on
-from engine.models.cf import PRESETS, CFConfig, train_cf
+from engine.models.cf import PRESETS as CF_PRESETS
+from engine.models.cf import CFConfig, train_cf
+from engine.models.towers import PRESETS as TOWER_PRESETS
 from engine.models.towers import TowerConfig, train_two_tower
 from engine.settings import IndexConfig
 from index_builder.build import build_bundle
 
-# CF for top-N on implicit data: the wmse objective (see engine.models.cf.PRESETS); the
-# preset wins over the [cf] section, as `tandem train-cf --preset topn` does.
+# CF for top-N on implicit data (the wmse objective by ALS) and the towers' in-batch
+# softmax (engine.models.cf.PRESETS, engine.models.towers.PRESETS): each preset wins over
+# its section, as `tandem train-cf --preset topn` / `train-towers --preset retrieval` do.
 CF_RETRIEVAL_PRESET = "topn"
-TOWER_OBJECTIVE = "softmax"
+TOWER_RETRIEVAL_PRESET = "retrieval"
+
+
+def retrieval_configs(config: dict[str, Any], progress: bool = False) -> tuple[CFConfig, TowerConfig]:
+    """The settings of the models trained for serving: each section (``[cf]``,
+    ``[towers]``), then the retrieval preset over it, then ``[retrieval.cf]`` /
+    ``[retrieval.towers]`` (what ``tandem tune`` writes) over both."""
+    retrieval = config.get("retrieval", {})
+    cf = {**config["cf"], **CF_PRESETS[CF_RETRIEVAL_PRESET], **retrieval.get("cf", {}), "progress": progress}
+    towers = {
+        **config["towers"],
+        **TOWER_PRESETS[TOWER_RETRIEVAL_PRESET],
+        **retrieval.get("towers", {}),
+        "progress": progress,
+    }
+    return CFConfig.from_dict(cf), TowerConfig.from_dict(towers)
 
 
 def train_and_publish(
@@ -43,9 +61,8 @@ def train_and_publish(
         from engine.config import load_config
 
         config = load_config()
-    cf_config = CFConfig.from_dict({**config["cf"], **PRESETS[CF_RETRIEVAL_PRESET], "progress": progress})
-    tower_config = TowerConfig.from_dict({**config["towers"], "objective": TOWER_OBJECTIVE, "progress": progress})
-    log(f"training CF ({cf_config.loss}) and towers ({TOWER_OBJECTIVE}) on {train.name} ...")
+    cf_config, tower_config = retrieval_configs(config, progress)
+    log(f"training CF ({cf_config.loss}, {cf_config.solver}) and towers ({tower_config.objective}) on {train.name} ...")
     cf = train_cf(train, cf_config)
     towers = train_two_tower(train, tower_config)
     for model, name in ((cf, "cf"), (towers, "towers")):

@@ -29,13 +29,13 @@ import sys
 from collections.abc import Callable
 
 from engine import __version__
-from engine.cli import data, evaluate, index, recommend, serve, settings, train
+from engine.cli import data, evaluate, index, recommend, serve, settings, train, tune
 from engine.cli.common import engine_config
 from engine.config import load_config
 from engine.errors import TandemError
 
 # The command groups, one module each, in the order `tandem --help` lists them.
-GROUPS = (data, train, index, evaluate, recommend, serve, settings)
+GROUPS = (data, train, tune, index, evaluate, recommend, serve, settings)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,7 +87,10 @@ def _cf_report(model, test, k: int, min_rating: float | str | None = "auto") -> 
 def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
     from engine.models.cf import PRESETS, CFConfig, train_cf
 
-    cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS, PRESETS[args.preset] if args.preset else None)
+    preset = dict(PRESETS[args.preset]) if args.preset else {}
+    if args.preset == "topn":  # serving's CF: [retrieval.cf] (tandem tune) over the preset
+        preset.update(config["retrieval"]["cf"])
+    cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS, preset)
     return _fit_report_save(
         args,
         config,
@@ -154,9 +157,11 @@ def _towers_report(model, train, test, k: int, min_rating: float | str | None = 
 
 
 def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
-    from engine.models.towers import TowerConfig, train_two_tower
+    from engine.models.towers import PRESETS, TowerConfig, train_two_tower
 
-    extra = {}
+    extra: dict = {}
+    if args.preset:  # serving's towers: [retrieval.towers] (tandem tune) over the preset
+        extra.update(PRESETS[args.preset], **(config["retrieval"]["towers"] if args.preset == "retrieval" else {}))
     if args.layers is not None:
         extra["hidden_layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
     tower_config = _model_config(TowerConfig, "towers", config, args, TOWER_FLAGS, extra)
@@ -210,7 +215,7 @@ def register(commands) -> None:
         "--preset",
         choices=["rating", "topn"],
         help="named settings over the [cf] section (flags still win): rating = B1 defaults, "
-        "topn = wmse for top-N retrieval (what make train uses for serving)",
+        "topn = wmse by ALS for top-N retrieval, with [retrieval.cf] over it (what make train uses for serving)",
     )
     train_cf.add_argument(
         "--loss",
@@ -241,6 +246,12 @@ def register(commands) -> None:
         "--objective",
         choices=["mse", "softmax"],
         help="mse (ratings scaled to [-1, 1]) or softmax (in-batch, log-q corrected)",
+    )
+    train_towers.add_argument(
+        "--preset",
+        choices=["rating", "retrieval"],
+        help="named settings over the [towers] section (flags still win): rating = the defaults, retrieval = "
+        "in-batch softmax, 5 one-cycle epochs, with [retrieval.towers] over it (what make train uses for serving)",
     )
     train_towers.add_argument("--layers", help="hidden layer sizes, e.g. 256,128")
     train_towers.add_argument("--output-dim", type=int, help="embedding size")

@@ -34,6 +34,16 @@ from engine.topk import top_k_rows
 FORMAT_VERSION = 1
 
 
+# Named settings for `tandem train-towers --preset`: "rating" is TowerConfig's defaults;
+# "retrieval" is what serving trains (make train, make publish, train_and_publish): the
+# in-batch softmax, five epochs under a one-cycle learning-rate schedule (as good as 25
+# constant-rate epochs on ML-100K and synthetic implicit data, in a fifth of the time).
+PRESETS: dict[str, dict] = {
+    "rating": {},
+    "retrieval": {"objective": "softmax", "epochs": 5, "schedule": "onecycle"},
+}
+
+
 @dataclass
 class TowerConfig:
     """Training settings of :func:`train_two_tower` (the ``[towers]`` section of tandem.toml)."""
