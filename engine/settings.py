@@ -36,6 +36,7 @@ class EngineConfig:
     source_weights: dict = field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
     blend_towers: float = 0.5  # ranking: weight of the standardised two-tower score
     blend_cf: float = 0.5  # ranking: weight of the standardised CF prediction (known users)
+    blend_popularity: float = 0.25  # ranking: weight of the items' standardised log-popularity
     segment_key: str = "zip_region"  # segment popularity by: occupation, zip_region or age_band
     max_k: int = 1000
     max_candidates: int = 5000

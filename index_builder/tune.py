@@ -75,7 +75,10 @@ def suggest(trial) -> dict[str, Any]:
         "temperature": trial.suggest_float("towers.temperature", 0.02, 0.3, log=True),
         "epochs": trial.suggest_int("towers.epochs", 2, 10),
     }
-    engine = {"blend_cf": trial.suggest_float("engine.blend_cf", 0.1, 3.0, log=True)}
+    engine = {
+        "blend_cf": trial.suggest_float("engine.blend_cf", 0.1, 3.0, log=True),
+        "blend_popularity": trial.suggest_float("engine.blend_popularity", 0.0, 2.0),
+    }
     return {"retrieval": {"cf": cf, "towers": towers}, "engine": engine}
 
 

@@ -78,13 +78,15 @@ def test_cf_only_with_exact_index_equals_cf_brute_force(engine, world):
         np.testing.assert_array_equal(ranked.item_ids, ours.item_ids)
 
 
-@pytest.mark.parametrize("towers_weight, cf_weight", [(0.5, 0.5), (0.2, 0.8)])
-def test_ranking_scores_are_the_blend_by_its_definition(world, towers_weight, cf_weight):
+@pytest.mark.parametrize("towers_weight, cf_weight, popularity_weight", [(0.5, 0.5, 0.25), (0.2, 0.8, 0.0)])
+def test_ranking_scores_are_the_blend_by_its_definition(world, towers_weight, cf_weight, popularity_weight):
     """Ranking folds the blend into per-user factors; its scores must equal the blend
-    computed by hand in float64: the weighted mean of the standardised tower score and
-    the standardised CF prediction (w . x + user bias + item offset)."""
+    computed by hand in float64: the weighted mean of the standardised tower score, the
+    standardised CF prediction (w . x + user bias + item offset) and the standardised
+    log-popularity."""
     _, cf, _, root = world
-    engine = Engine.load(root, EngineConfig(blend_towers=towers_weight, blend_cf=cf_weight))
+    weights = EngineConfig(blend_towers=towers_weight, blend_cf=cf_weight, blend_popularity=popularity_weight)
+    engine = Engine.load(root, weights)
     for user in ("u3", "u11"):
         single = engine.recommend(user, k=20)
         batch = engine.recommend_batch([user, "u0"], k=20)[0]
@@ -95,7 +97,10 @@ def test_ranking_scores_are_the_blend_by_its_definition(world, towers_weight, cf
         )
         z_tower = (tower - engine.blend.scales["towers"].mean) / engine.blend.scales["towers"].std
         z_cf = (prediction - engine.blend.scales["cf"].mean) / engine.blend.scales["cf"].std
-        expected = (towers_weight * z_tower + cf_weight * z_cf) / (towers_weight + cf_weight)
+        z_popularity = engine.popularity_score[items].astype(np.float64)
+        expected = (towers_weight * z_tower + cf_weight * z_cf + popularity_weight * z_popularity) / (
+            towers_weight + cf_weight + popularity_weight
+        )
         np.testing.assert_allclose(single.scores, expected, rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(batch.scores, single.scores)
 
@@ -599,7 +604,9 @@ def test_a_clone_of_a_popular_item_added_live_ranks_near_it(world, tmp_path):
     ds = world[0]
     root = tmp_path / "root"
     shutil.copytree(world[3], root, symlinks=True)
-    engine = Engine.load(root, EngineConfig(segment_key="occupation"))
+    # Without the popularity term: a clone has no interactions, which popularity counts
+    # against it on purpose; this test is about the models' evidence.
+    engine = Engine.load(root, EngineConfig(segment_key="occupation", blend_popularity=0.0))
     popular = np.argsort(-ds.item_counts(), kind="stable")[:10]
     table = ds.item_features
     clones = [f"clone-{i}" for i in popular]
@@ -623,3 +630,23 @@ def test_a_clone_of_a_popular_item_added_live_ranks_near_it(world, tmp_path):
         ["u3", "u4"], k=20, exclude_seen=False, include_items=clones + list(ds.items.ids[:20])
     )
     np.testing.assert_array_equal(alone.scores, batch[0].scores)
+
+
+def test_the_popularity_weight_blends_log_popularity_into_every_score(world):
+    """engine.blend_popularity adds the items' standardised log-popularity to the blend:
+    score = (w_t z_t + w_c z_c + w_p z_p) / (w_t + w_c + w_p), alone and in a batch."""
+    root = world[3]
+    plain = Engine.load(root, EngineConfig(blend_popularity=0.0))
+    mixed = Engine.load(root, EngineConfig(blend_popularity=1.0))
+    items = list(plain.items.ids[:25])
+    for user in ("u3", "u7"):
+        a, b = plain.score(user, items), mixed.score(user, items)
+        base = dict(zip(a.item_ids.tolist(), a.scores.tolist()))
+        pop = plain.popularity_score[plain.items.indices(b.item_ids)]
+        expected = (np.array([base[i] for i in b.item_ids]) * 1.0 + 1.0 * pop) / 2.0  # weights 0.5 + 0.5, then 1
+        np.testing.assert_allclose(b.scores, expected, rtol=1e-4, atol=1e-5)
+    batch = mixed.recommend_batch(["u3", "u7"], k=10)
+    for user, got in zip(["u3", "u7"], batch):
+        np.testing.assert_array_equal(got.scores, mixed.recommend(user, k=10).scores)
+    with pytest.raises(ValueError, match="popularity weight"):
+        Engine.load(root, EngineConfig(blend_popularity=-1.0))

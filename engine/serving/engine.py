@@ -194,7 +194,7 @@ class Engine:
             items = rng.choice(n_items, min(2000, n_items), replace=False)
             sample = queries[users] @ item_vectors[name][items].T + ctx.user_biases[name][users, None]
             scales[name] = ScoreScale.fit(sample)
-        self.blend = Blend(self.weights, scales)
+        self.blend = Blend(self.weights, scales, self.config.blend_popularity)
 
     @staticmethod
     def _popularity_score(popularity: np.ndarray) -> np.ndarray:

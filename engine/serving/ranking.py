@@ -5,9 +5,10 @@ Model ``m`` scores (user ``u``, item ``i``) as ``s_m = q_m(u) . v_m(i) + b_m(u)`
 :class:`~engine.serving.retrieval.UserQueries` against its retrieval item vectors, see
 :class:`~engine.models.embedding.EmbeddingModel`). The blend is
 
-    score(u, i) = sum_m w_m z_m(u, i) / sum_m w_m,   z_m = (s_m - mean_m) / std_m,
+    score(u, i) = (sum_m w_m z_m(u, i) + w_p z_p(i)) / (sum_m w_m + w_p),   z_m = (s_m - mean_m) / std_m,
 
-over the models that know the user (``has``); an item a model has no vector for (added
+over the models that know the user (``has``), ``z_p`` the item's standardised
+log-popularity with weight ``w_p`` (``engine.blend_popularity``, 0 by default); an item a model has no vector for (added
 live after it was trained) is scored by the models that have one, the sum over them
 divided by their weight, so that a new item is ranked on the evidence it has (a clone of
 a popular item, by the towers, near the original). A user no model knows is ranked by
@@ -53,12 +54,16 @@ class Blend:
     ``W`` the user's total weight, so that ranking costs one dot product per model and
     candidate. A lone request computes the same float32 operations with scalars."""
 
-    def __init__(self, weights: Mapping[str, float], scales: Mapping[str, ScoreScale]):
+    def __init__(self, weights: Mapping[str, float], scales: Mapping[str, ScoreScale], popularity: float = 0.0):
+        """``popularity``: the weight of the items' standardised log-popularity, one more
+        term of every user's blend (evidence that sparse data often needs most)."""
+        if popularity < 0:
+            raise ValueError(f"the popularity weight must be >= 0, got {popularity}")
         if set(weights) != set(scales):
             raise ValueError(f"blend weights {sorted(weights)} and score scales {sorted(scales)} name other models")
         if any(w < 0 for w in weights.values()) or sum(weights.values()) == 0:
             raise ValueError(f"blend weights must be >= 0 and not all 0, got {dict(weights)}")
-        self.weights, self.scales = dict(weights), dict(scales)
+        self.weights, self.scales, self.popularity = dict(weights), dict(scales), float(popularity)
         self.names = [name for name, w in self.weights.items() if w > 0]
 
     def scores(
@@ -80,7 +85,7 @@ class Blend:
         for name in self.names:
             total += np.where(has[name], self.weights[name], 0.0)
         none = total == 0
-        total = np.where(none, 1.0, total)
+        total = np.where(none, 1.0, total) + self.popularity
         scores = np.zeros(len(items), np.float32)
         missing = None  # per pair: the weight of the user's models that lack the item
         for name in self.names:
@@ -94,6 +99,8 @@ class Blend:
             if beyond is not None:
                 lacking = np.where(beyond & has[name][rows], self.weights[name], 0.0)
                 missing = lacking if missing is None else missing + lacking
+        if self.popularity:
+            scores += (self.popularity / total).astype(f32)[rows] * popularity_score[items]
         if missing is not None:
             scores = self._renormalised(scores, total[rows], missing, popularity_score[items])
         return np.where(none[rows], popularity_score[items], scores) if none.any() else scores
@@ -108,7 +115,7 @@ class Blend:
         known = [name for name in self.names if requests.models[name].has[0]]
         if not known:
             return popularity_score[items]
-        total = sum(self.weights[name] for name in known)
+        total = sum(self.weights[name] for name in known) + self.popularity
         rows, n_items = _ROW_ZERO, len(popularity_score)
         scores = np.zeros(len(items), np.float32)  # summed as the batch path sums
         missing = None
@@ -123,6 +130,8 @@ class Blend:
             if beyond is not None:
                 lacking = np.where(beyond, self.weights[name], 0.0)
                 missing = lacking if missing is None else missing + lacking
+        if self.popularity:
+            scores += np.float32(self.popularity / total) * popularity_score[items]
         if missing is not None:
             scores = self._renormalised(scores, np.full(len(items), float(total)), missing, popularity_score[items])
         return scores
