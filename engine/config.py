@@ -231,16 +231,36 @@ def load_dataset(config: dict[str, dict[str, Any]], source: str | None = None):
 
 def with_configured_side_tables(config: dict[str, dict[str, Any]], dataset):
     """``dataset`` with the side tables of ``data.item_features`` / ``data.user_features``
-    (unchanged when neither is set). A split's parts share their id maps, so each part
-    takes the same tables."""
-    from engine.data.side_tables import read_side_table, with_side_tables
+    (unchanged when neither is set)."""
+    from engine.data.side_tables import with_side_tables
+
+    tables = _configured_side_tables(config, dataset)
+    return dataset if tables is None else with_side_tables(dataset, *tables)
+
+
+def split_with_configured_side_tables(config: dict[str, dict[str, Any]], split):
+    """A :class:`~engine.data.Split` whose parts have the configured side tables: the
+    parts share their id maps, so the tables are read once for both."""
+    from engine.data import Split
+    from engine.data.side_tables import with_side_tables
+
+    tables = _configured_side_tables(config, split.train)
+    if tables is None:
+        return split
+    return Split(with_side_tables(split.train, *tables), with_side_tables(split.test, *tables), split.cold_items)
+
+
+def _configured_side_tables(config: dict[str, dict[str, Any]], dataset):
+    """``(item table, user table)`` read for ``dataset``'s id maps (either None where
+    not configured), or None when no side table is configured."""
+    from engine.data.side_tables import read_side_table
 
     cfg = config["data"]
     if not cfg["item_features"] and not cfg["user_features"]:
-        return dataset
+        return None
     columns = cfg["columns"] or {}
-    tables = {
-        side: read_side_table(
+    return tuple(
+        read_side_table(
             cfg[f"{side}_features"],
             side,
             getattr(dataset, f"{side}s"),
@@ -251,8 +271,7 @@ def with_configured_side_tables(config: dict[str, dict[str, Any]], dataset):
         if cfg[f"{side}_features"]
         else None
         for side in ("item", "user")
-    }
-    return with_side_tables(dataset, tables["item"], tables["user"])
+    )
 
 
 def load_split(config: dict[str, dict[str, Any]], source: str | None = None, split: str | None = None):
@@ -271,12 +290,7 @@ def load_split(config: dict[str, dict[str, Any]], source: str | None = None, spl
     if spec in ("u1", "u2", "u3", "u4", "u5", "ua", "ub"):
         if not is_ml100k:
             raise ConfigError(f"split {spec!r} needs an ML-100K directory with {spec}.base; data is {src!r}")
-        fold = data.predefined_split(src, spec[1:])
-        return data.Split(
-            with_configured_side_tables(config, fold.train),
-            with_configured_side_tables(config, fold.test),
-            fold.cold_items,
-        )
+        return split_with_configured_side_tables(config, data.predefined_split(src, spec[1:]))
     dataset = load_dataset(config, src)
     if spec == "random":
         return data.random_split(dataset, cfg["test_ratio"], seed=cfg["split_seed"])

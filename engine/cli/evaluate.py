@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from engine.cli.common import add_data_file_flags, add_metric_flags, engine_config
-from engine.config import load_dataset, resolve_data_source, with_configured_side_tables
+from engine.config import load_dataset, resolve_data_source, split_with_configured_side_tables
 
 
 def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
@@ -22,19 +22,7 @@ def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
     dataset = load_dataset(config, source) if needs_dataset else None
     splits = make_splits(dataset, directory, args.split, args.test_fraction, args.last_n, args.seed)
     if dataset is None:  # ML-100K's own fold files: the configured side tables join each part
-        from engine.data import Split
-
-        splits = [
-            (
-                name,
-                Split(
-                    with_configured_side_tables(config, split.train),
-                    with_configured_side_tables(config, split.test),
-                    split.cold_items,
-                ),
-            )
-            for name, split in splits
-        ]
+        splits = [(name, split_with_configured_side_tables(config, split)) for name, split in splits]
     peer_names = PEERS if args.peers is None else tuple(args.peers)
     report = evaluate_pipeline(
         splits,
