@@ -28,18 +28,20 @@ CF_RETRIEVAL_PRESET = "topn"
 TOWER_RETRIEVAL_PRESET = "retrieval"
 
 
+def retrieval_settings(config: dict[str, Any], model: str) -> dict[str, Any]:
+    """The settings ``model`` ("cf" or "towers") is trained with for serving, over its
+    section: the retrieval preset, then ``[retrieval.<model>]`` (what ``tandem tune``
+    writes) over it. ``make train``'s ``--preset topn`` / ``--preset retrieval`` and
+    :func:`retrieval_configs` both take them from here."""
+    preset = CF_PRESETS[CF_RETRIEVAL_PRESET] if model == "cf" else TOWER_PRESETS[TOWER_RETRIEVAL_PRESET]
+    return {**preset, **config.get("retrieval", {}).get(model, {})}
+
+
 def retrieval_configs(config: dict[str, Any], progress: bool = False) -> tuple[CFConfig, TowerConfig]:
     """The settings of the models trained for serving: each section (``[cf]``,
-    ``[towers]``), then the retrieval preset over it, then ``[retrieval.cf]`` /
-    ``[retrieval.towers]`` (what ``tandem tune`` writes) over both."""
-    retrieval = config.get("retrieval", {})
-    cf = {**config["cf"], **CF_PRESETS[CF_RETRIEVAL_PRESET], **retrieval.get("cf", {}), "progress": progress}
-    towers = {
-        **config["towers"],
-        **TOWER_PRESETS[TOWER_RETRIEVAL_PRESET],
-        **retrieval.get("towers", {}),
-        "progress": progress,
-    }
+    ``[towers]``) with :func:`retrieval_settings` over it."""
+    cf = {**config["cf"], **retrieval_settings(config, "cf"), "progress": progress}
+    towers = {**config["towers"], **retrieval_settings(config, "towers"), "progress": progress}
     return CFConfig.from_dict(cf), TowerConfig.from_dict(towers)
 
 

@@ -17,8 +17,9 @@ setting (repeatable). Commands:
     tandem serve [--bundle ROOT] [--port P] [--processes N] [--token-file PATH] ...
     tandem config show
 
-The command line is the application: it drives the library and, for ``build-index``
-and ``eval-pipeline``, the index builder — the one place in ``engine`` that imports
+The command line is the application: it drives the library and, for ``build-index``,
+``publish``, ``tune``, ``eval-pipeline`` and the serving presets of ``train-cf`` /
+``train-towers``, the index builder — the one place in ``engine`` that imports
 ``index_builder`` (lazily, inside those commands); the library itself never does.
 """
 

@@ -86,10 +86,11 @@ def _cf_report(model, test, k: int, min_rating: float | str | None = "auto") -> 
 
 def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
     from engine.models.cf import PRESETS, CFConfig, train_cf
+    from index_builder.train import CF_RETRIEVAL_PRESET, retrieval_settings
 
     preset = dict(PRESETS[args.preset]) if args.preset else {}
-    if args.preset == "topn":  # serving's CF: [retrieval.cf] (tandem tune) over the preset
-        preset.update(config["retrieval"]["cf"])
+    if args.preset == CF_RETRIEVAL_PRESET:  # serving's CF: [retrieval.cf] (tandem tune) over the preset
+        preset = retrieval_settings(config, "cf")
     cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS, preset)
     return _fit_report_save(
         args,
@@ -158,10 +159,13 @@ def _towers_report(model, train, test, k: int, min_rating: float | str | None = 
 
 def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
     from engine.models.towers import PRESETS, TowerConfig, train_two_tower
+    from index_builder.train import TOWER_RETRIEVAL_PRESET, retrieval_settings
 
     extra: dict = {}
-    if args.preset:  # serving's towers: [retrieval.towers] (tandem tune) over the preset
-        extra.update(PRESETS[args.preset], **(config["retrieval"]["towers"] if args.preset == "retrieval" else {}))
+    if args.preset == TOWER_RETRIEVAL_PRESET:  # serving's towers: [retrieval.towers] (tandem tune) over the preset
+        extra.update(retrieval_settings(config, "towers"))
+    elif args.preset:
+        extra.update(PRESETS[args.preset])
     if args.layers is not None:
         extra["hidden_layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
     tower_config = _model_config(TowerConfig, "towers", config, args, TOWER_FLAGS, extra)
