@@ -186,6 +186,15 @@ OPEN_SECTIONS = {
 }
 
 
+def merged(config: dict[str, dict[str, Any]], sections: dict[str, Any], origin: str) -> dict[str, dict[str, Any]]:
+    """A copy of ``config`` with ``sections`` merged in, key by key, by the rules of a
+    configuration file (unknown settings refused, naming ``origin``), and checked."""
+    out = copy.deepcopy(config)
+    _merge(out, sections, origin)
+    validate(out)
+    return out
+
+
 def _merge(base: dict, update: dict, origin: str, path: str = "") -> None:
     for key, value in update.items():
         dotted = f"{path}.{key}" if path else key

@@ -22,7 +22,6 @@ as a JSON line beside it.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from engine import data
+from engine.config import merged
 from engine.errors import TandemError
 from engine.evaluation.offline import topn_metrics
 from engine.evaluation.pipeline import evaluate_engine
@@ -116,7 +116,7 @@ def tune(
     def objective(trial) -> float:
         # Trial 0 is the configuration as it is: the baseline.
         sections: dict[str, Any] = {} if trial.number == 0 else suggest(trial)
-        trial_config = _merged(config, sections)
+        trial_config = merged(config, sections, origin=f"tune trial {trial.number}")
         started = time.perf_counter()
         cf = train_cf(train, retrieval_configs(trial_config)[0])
         cf_ndcg = topn_metrics(lambda u, kk: cf.recommend_indices(u, kk), valid, k)[f"ndcg@{k}"]
@@ -220,18 +220,3 @@ def _toml(value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"cannot write {value!r} as a setting")
     return repr(value)
-
-
-def _merged(config: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with ``sections`` merged in, nested sections key by key."""
-    merged = copy.deepcopy(config)
-
-    def merge(base: dict, update: dict) -> None:
-        for key, value in update.items():
-            if isinstance(value, dict) and isinstance(base.get(key), dict):
-                merge(base[key], value)
-            else:
-                base[key] = value
-
-    merge(merged, sections)
-    return merged
