@@ -143,19 +143,21 @@ class ItemAttributes:
                 new = np.array([_number(name, "value", v) if v not in (None, "") else math.nan for v in given])
                 out[name] = Attribute(NUMERIC, np.concatenate([a.values, new.astype(np.float32)]))
             elif a.kind == CATEGORICAL:
-                vocabulary = list(a.vocabulary)
+                code_of = {value: code for code, value in enumerate(a.vocabulary)}
                 codes = []
                 for v in given:
                     text = "" if v is None else str(v)
-                    if text and text not in vocabulary:
-                        vocabulary.append(text)
-                    codes.append(vocabulary.index(text) if text else -1)
+                    if text:
+                        code_of.setdefault(text, len(code_of))  # a new category joins the vocabulary
+                    codes.append(code_of[text] if text else -1)
+                vocabulary = list(code_of)
                 out[name] = Attribute(
                     CATEGORICAL, np.concatenate([a.values, np.array(codes, np.int32)]), tuple(vocabulary)
                 )
             else:
-                flags = np.array([_label_flags(name, a.vocabulary, v) for v in given], np.uint8)
-                flags = flags.reshape(len(rows), len(a.vocabulary))
+                width = len(a.vocabulary)
+                flags = np.array([label_flags(repr(name), a.vocabulary, width, v) for v in given], np.uint8)
+                flags = flags.reshape(len(rows), width)
                 out[name] = Attribute(LABELS, np.concatenate([a.values, flags]), a.vocabulary)
         return ItemAttributes(out)
 
@@ -171,24 +173,28 @@ def _number(name: str, what: str, value: object) -> float:
     return float(value)
 
 
-def _label_flags(name: str, labels: tuple[str, ...], value: object) -> np.ndarray:
-    """A new item's labels: names (a list, or one), or 0/1 flags in label order."""
-    flags = np.zeros(len(labels), np.uint8)
+def label_flags(what: str, labels: Sequence[str], width: int, value: object) -> np.ndarray:
+    """A multi-valued value (genres, tags) as ``width`` float64 0/1 flags: label names (a
+    list, or one name) where ``labels`` names the flags, else the flags themselves in
+    label order; missing (None) is all 0. ``what`` names the value in errors. The one
+    reading of such a value, for the item tower's features and the item attributes."""
     if value is None:
-        return flags
+        return np.zeros(width)
     names = [value] if isinstance(value, str) else value
-    if isinstance(names, (list, tuple)) and all(isinstance(v, str) for v in names):
-        unknown = [v for v in names if v not in labels]
+    if labels and isinstance(names, (list, tuple)) and all(isinstance(v, str) for v in names):
+        position = {label: j for j, label in enumerate(labels)}
+        unknown = [v for v in names if v not in position]
         if unknown:
-            raise InvalidRequest(f"unknown label(s) {shorten(unknown)} of {name!r}; labels: {shorten(list(labels))}")
-        flags[[labels.index(v) for v in names]] = 1
+            raise InvalidRequest(f"unknown label(s) {shorten(unknown)} of {what}; labels: {shorten(list(labels))}")
+        flags = np.zeros(width)
+        flags[[position[v] for v in names]] = 1
         return flags
+    expected = f"label names ({shorten(list(labels))}) or " if labels else ""
+    problem = f"{what} takes {expected}a list of {width} flags (0 or 1) in label order, got {shorten(value)}"
     try:
-        given = np.asarray(value, np.float64).reshape(-1)
+        flags = np.asarray(value, np.float64).reshape(-1)
     except (TypeError, ValueError):
-        given = np.zeros(0)
-    if len(given) != len(labels) or not np.isin(given, (0.0, 1.0)).all():
-        raise InvalidRequest(
-            f"{name!r} takes label names or {len(labels)} flags (0 or 1) in label order, got {shorten(value)}"
-        )
-    return given.astype(np.uint8)
+        raise InvalidRequest(problem) from None
+    if len(flags) != width or not np.isin(flags, (0.0, 1.0)).all():
+        raise InvalidRequest(problem)
+    return flags

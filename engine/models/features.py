@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.data import Dataset, FeatureTable
+from engine.data.attributes import label_flags
 from engine.errors import InvalidRequest, shorten
 
 UNKNOWN = "<unknown>"
@@ -207,32 +208,10 @@ MAX_STANDARD_SCORE = 1e6
 
 
 def _as_flags(encoder: ColumnEncoder, value: object) -> np.ndarray:
-    """A multi-hot value: label names (a list, or one name) where the column's labels
-    are known, else ``width`` positional flags, each 0 or 1 (missing: all 0)."""
-    if value is None:
-        return np.zeros(encoder.width, np.float32)
-    names = [value] if isinstance(value, str) else value
-    if encoder.vocab and isinstance(names, (list, tuple)) and all(isinstance(v, str) for v in names):
-        unknown = [v for v in names if v not in encoder.vocab]
-        if unknown:
-            raise InvalidRequest(
-                f"unknown label(s) {shorten(unknown)} of feature {encoder.name!r}; labels: {shorten(encoder.vocab)}"
-            )
-        named = np.zeros(encoder.width, np.float32)
-        named[[encoder.vocab.index(v) for v in names]] = 1
-        return named
-    expected = f"label names ({shorten(encoder.vocab)}) or " if encoder.vocab else ""
-    try:
-        flags = np.asarray(value, np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise InvalidRequest(
-            f"feature {encoder.name!r} takes {expected}a list of {encoder.width} flags (0 or 1), got {shorten(value)}"
-        ) from None
-    if len(flags) != encoder.width or not np.isin(flags, (0.0, 1.0)).all():
-        raise InvalidRequest(
-            f"feature {encoder.name!r} takes {expected}a list of {encoder.width} flags (0 or 1), got {shorten(value)}"
-        )
-    return flags.astype(np.float32)
+    """A multi-hot value: label names where the column's labels are known, else
+    ``width`` positional flags (:func:`engine.data.attributes.label_flags`)."""
+    labels = encoder.vocab if len(encoder.vocab) == encoder.width else []
+    return label_flags(f"feature {encoder.name!r}", labels, encoder.width, value).astype(np.float32)
 
 
 def _as_text(name: str, value: object) -> str:

@@ -125,8 +125,9 @@ class UserContext:
             for name, model in self.models.items():
                 if model.embeds_from_features:
                     # The towers take the checked encoding, not a second transform.
-                    vector = self.towers.user_tower(encoded)[0] if model is self.towers else None
-                    if vector is None:
+                    if model is self.towers:
+                        vector = self.towers.user_tower(encoded)[0]
+                    else:
                         vector = model.cold_user_vectors([user_features])[0]
                     models[name].vectors[0], models[name].has[0] = vector, True
             served_by[0] = FEATURES
