@@ -37,7 +37,7 @@ class LiveItems:
         processes of the root (:meth:`sync`), and copied into the next bundle
         by ``make index``. All or nothing: a rejected request changes nothing. Returns
         the catalogue size after the addition."""
-        new_ids, features, titles, vectors, _ = self._checked(item_ids, item_features)
+        new_ids, features, titles, vectors = self._checked(item_ids, item_features)
         from engine.index import bundle
 
         with self._lock:
@@ -59,7 +59,7 @@ class LiveItems:
 
     def _checked(self, item_ids: Sequence[object], item_features: Sequence[Mapping]):
         """Items to add, validated and embedded before anything changes: ``(ids, features
-        as JSON-ready dicts without the title, titles, tower vectors, genre rows or None)``."""
+        as JSON-ready dicts without the title, titles, tower vectors)``."""
         if len(item_ids) != len(item_features) or not item_ids:
             raise InvalidRequest("add_items needs one feature dict per item id, and at least one item")
         new_ids = [str(i) for i in item_ids]
@@ -87,10 +87,12 @@ class LiveItems:
         vectors = self._engine.towers.item_embeddings([dict(f) for f in features])  # checks names and values
         if not np.isfinite(vectors).all():
             raise InvalidRequest("item features out of range: the item tower gives a non-finite vector")
-        # The new items' attributes (filters), checked before anything changes.
-        attributes = self._engine._catalogue.attributes.appended(features)
+        # The new items' attributes (filters), checked before anything changes. (Not kept:
+        # another add may swap the catalogue before this one takes the lock; _append
+        # appends to the catalogue it then holds.)
+        self._engine._catalogue.attributes.appended(features)
         self._labels_by_name(features)
-        return new_ids, features, titles, vectors, attributes
+        return new_ids, features, titles, vectors
 
     @property
     def dataset(self) -> str:
@@ -152,7 +154,7 @@ class LiveItems:
                     checked.append(self._checked([i], [f]))
                 except InvalidRequest as e:
                     log.warning("added item %s skipped: %s", shorten(i), e)
-        for new_ids, features, titles, vectors, _ in checked:
+        for new_ids, features, titles, vectors in checked:
             self._append(new_ids, titles, vectors, features)
         return sum(len(c[0]) for c in checked)
 
