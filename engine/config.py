@@ -22,7 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from engine.errors import ConfigError
-from engine.settings import EngineConfig, IndexConfig, ServerConfig
+from engine.settings import EngineConfig, IndexConfig, RankerConfig, ServerConfig
 
 DEFAULT_ML100K = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "ml-100k"
 
@@ -57,6 +57,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # retrieval presets (CF "topn", towers "retrieval") with these settings over them;
     # what `tandem tune` writes.
     "retrieval": {"cf": {}, "towers": {}},
+    # The learned ranking stage (engine.models.ranker.RankerConfig): trained by make
+    # train / train_and_publish on held-out interactions, stored in the bundle.
+    "ranker": asdict(RankerConfig()),
     # models / bundles: where trained models and published bundles go; tuned: the
     # settings `tandem tune` wrote, merged over tandem.toml whenever the file exists.
     "paths": {"models": "artifacts/models", "bundles": "artifacts/bundles", "tuned": "artifacts/tuned.toml"},
@@ -135,6 +138,7 @@ def validate(config: dict[str, dict[str, Any]]) -> None:
             TowerConfig,
             lambda values: TowerConfig.from_dict({**TOWER_PRESETS["retrieval"], **values}),
         ),
+        ("ranker", RankerConfig, RankerConfig.from_dict),
         ("index", IndexConfig, lambda values: IndexConfig(**values)),
         ("engine", EngineConfig, lambda values: EngineConfig(**values)),
         ("server", ServerConfig, lambda values: ServerConfig(**values)),

@@ -35,6 +35,9 @@ class Recommendations:
     # For recommend: how the user was known ("known user", "fold-in", "features",
     # "popularity"), so that an unknown id served by popularity is never silent.
     served_by: str = ""
+    # With explain=True: per item, the features that contributed most to its score,
+    # largest first, as {"feature", "value", "contribution"} (Engine.recommend).
+    explanations: list[list[dict]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.item_ids)

@@ -10,9 +10,11 @@ Only plain Python here: the command line reads these without importing the engin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 PIPELINES = ("compiled", "batch")  # engine.serving.pipeline
+HOLDOUTS = ("auto", "temporal", "random")  # what the learned ranker learns to predict
+RANKINGS = ("auto", "blend")  # engine.serving.engine: the learned ranker when present, or the blend
 DEFAULT_SOURCE_WEIGHTS = {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1}
 
 
@@ -29,6 +31,51 @@ class IndexConfig:
 
 
 @dataclass
+class RankerConfig:
+    """The learned ranker (the ``[ranker]`` section, :mod:`engine.models.ranker`): whether
+    ``make train`` trains one, on what, and how."""
+
+    enabled: bool = True  # train one with make train / train_and_publish (else serve the blend)
+    # What the ranker learns to predict: "temporal", each user's latest interactions (what
+    # a deployment meets: the future), "random", a random share of each user's (what a
+    # random test split asks), or "auto": temporal when the data has timestamps.
+    holdout: str = "auto"
+    holdout_fraction: float = 0.2  # the share of each user's interactions held out
+    holdout_rounds: int = 2  # random holdouts (seeds seed, seed + 1, ...) pooled: more examples, more time
+    n_candidates: int = 500  # candidates per user the examples are drawn from (as served)
+    depth: int = 50  # candidates per user the ranker re-scores: the blend's best
+    max_users: int = 5000  # users sampled for the examples (memory and time bound)
+    num_trees: int = 150  # at most; early stopping on held-out users' NDCG@10 picks fewer
+    num_leaves: int = 7
+    learning_rate: float = 0.05
+    min_data_in_leaf: int = 200
+    feature_fraction: float = 0.8
+    lambda_l2: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.holdout not in HOLDOUTS:
+            raise ValueError(f"ranker.holdout must be one of {HOLDOUTS}, got {self.holdout!r}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"ranker.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        for name in ("holdout_rounds", "n_candidates", "depth", "max_users", "num_trees", "min_data_in_leaf"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ranker.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_leaves < 2:
+            raise ValueError(f"ranker.num_leaves must be >= 2, got {self.num_leaves}")
+        if not 0.0 < self.learning_rate <= 1.0 or not 0.0 < self.feature_fraction <= 1.0:
+            raise ValueError("ranker.learning_rate and ranker.feature_fraction must be in (0, 1]")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RankerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown ranker setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
 class EngineConfig:
     """Serving settings (the ``[engine]`` section)."""
 
@@ -37,6 +84,9 @@ class EngineConfig:
     blend_towers: float = 0.5  # ranking: weight of the standardised two-tower score
     blend_cf: float = 0.5  # ranking: weight of the standardised CF prediction (known users)
     blend_popularity: float = 0.25  # ranking: weight of the items' standardised log-popularity
+    # Ranking: "auto" serves the bundle's learned ranker when it has one (it re-scores
+    # the blend's best candidates), "blend" the blend alone (engine.serving.ranking).
+    ranking: str = "auto"
     segment_key: str = "zip_region"  # segment popularity by: occupation, zip_region or age_band
     max_k: int = 1000
     max_candidates: int = 5000
@@ -50,6 +100,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.pipeline not in PIPELINES:
             raise ValueError(f"engine.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"engine.ranking must be one of {RANKINGS}, got {self.ranking!r}")
 
     def check_texts(self, values, what: str, ids: bool = False) -> None:
         """Refuse a request's text values longer than ``max_text_length`` (``ids``:

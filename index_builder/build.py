@@ -34,7 +34,9 @@ from engine.index import faiss_index as ann
 from engine.models.cf import CFModel
 from engine.models.embedding import EmbeddingModel
 from engine.models.features import segment_labels
+from engine.models.ranker import Ranker
 from engine.models.towers import TwoTowerModel
+from engine.serving.features import feature_groups
 from engine.serving.retrieval import positions_in_rows
 from engine.settings import IndexConfig
 
@@ -159,6 +161,59 @@ def recent_liked(dataset: Dataset, n: int = RECENT_LIKED) -> np.ndarray:
     return out
 
 
+ITEM_COOCCURRENCE = 100  # co-occurring items kept per item (a ranker feature)
+
+
+def item_cooccurrence(dataset: Dataset, k: int = ITEM_COOCCURRENCE, block_cells: int = 1 << 25):
+    """Each item's ``k`` most similar items by cosine similarity of their users
+    (``|U_i & U_j| / sqrt(|U_i| |U_j|)``, item-based collaborative filtering):
+    ``(neighbours [n_items, k] int32, -1 pads; similarities [n_items, k] float32)``,
+    most similar first. Computed in blocks of items, memory bounded by ``block_cells``
+    whatever the catalogue."""
+    n = dataset.n_items
+    k = min(k, max(n - 1, 0))
+    item_users = dataset.item_users().astype(np.float32)
+    item_users.data[:] = 1.0
+    norms = np.sqrt(np.asarray(item_users.sum(axis=1)).ravel()).astype(np.float32)
+    norms[norms == 0] = 1.0
+    users_items = item_users.T.tocsr()
+    neighbours, similarities = np.full((n, k), -1, np.int32), np.zeros((n, k), np.float32)
+    size = max(1, block_cells // max(n, 1))
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        shared = (item_users[start:stop] @ users_items).toarray()
+        shared[np.arange(stop - start), np.arange(start, stop)] = 0.0  # not itself
+        sims = shared / norms[start:stop, None] / norms[None, :]
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.argsort(-sims, axis=1)[:, :k]
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_sims, axis=1, kind="stable")
+        top, top_sims = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_sims, order, axis=1)
+        neighbours[start:stop] = np.where(top_sims > 0, top, -1)
+        similarities[start:stop] = np.maximum(top_sims, 0.0)
+    return neighbours, similarities
+
+
+TREND_SHARE = 0.1  # item_trend counts the latest tenth of the training period
+
+
+def item_history_tables(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """``(trend, age)`` ``[n_items]`` float32 for the ranker's features
+    (:mod:`engine.serving.features`): log(1 + each item's interactions in the latest
+    tenth of the data's time span), and the share of that span since its first
+    interaction (0 for an item without one). Zeros when the data has no timestamps."""
+    n, t = dataset.n_items, dataset.timestamps
+    trend, age = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    if len(t) == 0 or t.max() == t.min():
+        return trend, age
+    end, span = int(t.max()), float(t.max() - t.min())
+    latest = t >= end - TREND_SHARE * span
+    trend[:] = np.log1p(np.bincount(dataset.item_idx[latest], minlength=n))
+    first = np.full(n, end, np.int64)
+    np.minimum.at(first, dataset.item_idx, t)
+    age[:] = (end - first) / span
+    return trend, age
+
+
 def _check_models(dataset: Dataset, cf: CFModel, towers: TwoTowerModel) -> None:
     for name, model in (("CF", cf), ("two-tower", towers)):
         if model.items != dataset.items or model.users != dataset.users:
@@ -182,6 +237,7 @@ def build_bundle(
     segment_keys=DEFAULT_SEGMENT_KEYS,
     exact_below: int = ann.EXACT_BELOW,
     user_top_k: int = USER_TOP_ITEMS,
+    ranker: Ranker | None = None,
     log=print,
 ) -> Path:
     """Build every index and table for ``dataset`` and publish a new bundle version.
@@ -193,27 +249,38 @@ def build_bundle(
         recall_floor: publishing is refused when an index's recall@k is below it.
         user_top_k: items per user in the CF and two-tower sources' precomputed tables
             (:func:`user_top_items`); 0 builds none, and every request searches.
+        ranker: a learned ranker (:mod:`index_builder.ranker`) stored with the bundle;
+            without one the engine ranks by the blend.
 
     Returns the published bundle's directory. Raises :class:`PublishRefused` (and
     publishes nothing) when an index misses the floor.
     """
     _check_models(dataset, cf, towers)
+    if ranker is not None:
+        expected = list(feature_groups((towers.name, cf.name), ItemAttributes.of_features(dataset.item_features)))
+        if ranker.feature_names != expected:
+            raise TandemError(
+                f"the ranker was trained on features {ranker.feature_names}, this data's bundle computes "
+                f"{expected} (other item attributes?): retrain it on this data (make train)"
+            )
     root = Path(root)
     with bundle.staging(root) as staged:
         return _build(
             dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep, segment_keys, exact_below,
-            user_top_k, log,
+            user_top_k, ranker, log,
         )  # fmt: skip
 
 
 def _build(
     dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep, segment_keys, exact_below,
-    user_top_k, log,
+    user_top_k, ranker, log,
 ) -> Path:  # fmt: skip
     rng = np.random.default_rng(0)
     layout = bundle.BundleLayout(staged)
     cf.save(layout.model("cf"))
     towers.save(layout.model("towers"))
+    if ranker is not None:
+        ranker.save(layout.model("ranker"))
 
     users_sample = rng.choice(dataset.n_users, min(n_queries, dataset.n_users), replace=False)
     # "More like this" by squared distance between CF vectors, then one inner-product
@@ -269,6 +336,12 @@ def _build(
         layout.save_table(f"user_top_{name}", top)
     layout.save_table("recent_liked", recent_liked(dataset))
     layout.save_table("item_neighbours", neighbours)
+    trend, age = item_history_tables(dataset)
+    cooccurring, cooccurrence = item_cooccurrence(dataset)
+    layout.save_table("item_cooccurring", cooccurring)
+    layout.save_table("item_cooccurrence", cooccurrence)
+    layout.save_table("item_trend", trend)
+    layout.save_table("item_age", age)
     journal = root / bundle.ADDED_ITEMS  # items added live so far travel with the bundle
     # Only the items added to this dataset's bundles (an item belongs to its dataset).
     added = [
@@ -330,6 +403,7 @@ def _build(
                 "config": json.loads((layout.model("towers") / "towers.json").read_text())["config"],
                 "metrics": towers.metrics,
             },
+            **({"ranker": ranker.to_summary()} if ranker is not None else {}),
         },
         indexes=reports,
         user_top_items={"k": int(user_top_k), "indexes": sorted(user_top)},

@@ -34,6 +34,8 @@ from engine.errors import ConfigError
 from engine.evaluation import peers
 from engine.evaluation.pipeline import evaluate_engine
 from engine.serving.engine import Engine, EngineConfig
+from engine.settings import RankerConfig
+from index_builder.ranker import fit_ranker, ranker_examples
 from index_builder.train import train_and_publish
 
 FOLDS = ("u1", "u2", "u3", "u4", "u5")
@@ -88,20 +90,32 @@ def evaluate_pipeline(
     ease_max_items: int = peers.EASE_MAX_ITEMS,
     data_name: str = "",
     log: Callable[[str], None] = print,
+    ablation: bool = True,
 ) -> dict:
     """The pipeline and the peers on every split; per-split results and their means.
     Each split's bundle is what ``make train index`` would publish from its training
-    part (with ``config``)."""
+    part (with ``config``). With ``ablation`` (and a ranker), each split also reports
+    the blend alone and the ranker without each feature group."""
+    if config is None:
+        from engine.config import load_config
+
+        config = load_config()
     per_split = []
+    quiet = lambda line: None  # noqa: E731
     for name, (train, test) in splits:
         log(f"{name}: {train.n_ratings:,} training and {test.n_ratings:,} test interactions")
         row: dict[str, Any] = {"split": name, "n_train": train.n_ratings, "n_test": test.n_ratings}
+        split_config = _ranker_holdout_like(config, name)
+        ranker_config = RankerConfig.from_dict(split_config["ranker"])
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
-            train_and_publish(train, root, config, log=lambda line: None)
+            examples = ranker_examples(train, split_config, ranker_config, log=quiet) if ranker_config.enabled else None
+            train_and_publish(train, root, split_config, log=quiet, examples=examples)
             fit_s = time.perf_counter() - start
             engine = Engine.load(root, engine_config)
             row["pipeline"] = {"fit_s": fit_s, **evaluate_engine(engine, test, k, n_candidates, min_rating)}
+            if ablation and examples is not None and engine.ranker is not None:
+                row["ablation"] = _ablation(engine, examples, ranker_config, test, k, n_candidates, min_rating)
         for peer in peer_names:
             row[peer] = _run_peer(peer, train, test, k, min_rating, ease_max_items)
         per_split.append(row)
@@ -115,6 +129,35 @@ def evaluate_pipeline(
         "summary": _summary(per_split, k),
         "per_split": per_split,
     }
+
+
+def _ranker_holdout_like(config: dict[str, Any], split: str) -> dict[str, Any]:
+    """``config`` with the ranker's held-out interactions drawn as the split draws its
+    test part (``ranker.holdout = "auto"`` only): the ranker learns to predict what the
+    evaluation asks — the future for a temporal split, a random share for random folds."""
+    if config["ranker"]["holdout"] != "auto":
+        return config
+    holdout = "temporal" if split == "temporal" or split.startswith("last") else "random"
+    return {**config, "ranker": {**config["ranker"], "holdout": holdout}}
+
+
+def _ablation(engine, examples, ranker_config, test, k: int, n_candidates: int, min_rating) -> dict[str, dict]:
+    """Recall and NDCG at ``k`` of the blend alone and of rankers fitted on the same
+    examples without each feature group, on the same engine and test part."""
+    keys = (f"recall@{k}", f"ndcg@{k}")
+    served = engine.ranker
+    out = {}
+    try:
+        engine.use_ranker(None)
+        found = evaluate_engine(engine, test, k, n_candidates, min_rating)
+        out["blend"] = {key: found[key] for key in keys}
+        for group in dict.fromkeys(examples.groups.values()):
+            engine.use_ranker(fit_ranker(examples, ranker_config, without=[group], log=lambda line: None))
+            found = evaluate_engine(engine, test, k, n_candidates, min_rating)
+            out[f"without {group}"] = {key: found[key] for key in keys}
+    finally:
+        engine.use_ranker(served)
+    return out
 
 
 def _run_peer(peer: str, train, test, k: int, min_rating, ease_max_items: int) -> dict:
@@ -161,6 +204,13 @@ def _summary(per_split: list[dict], k: int) -> dict:
     pipeline["latency_ms"] = {
         q: float(np.mean([r["pipeline"]["latency_ms"][q] for r in per_split])) for q in ("p50", "p99")
     }
+    ablations = [r["ablation"] for r in per_split if "ablation" in r]
+    if ablations and len(ablations) == len(per_split):
+        pipeline["ablation"] = {
+            variant: {key: float(np.mean([a[variant][key] for a in ablations])) for key in keys[:2]}
+            for variant in ablations[0]
+            if all(variant in a for a in ablations)
+        }
     measured = [p for p in PEERS if p in summary and "skipped" not in summary[p]]
     if measured:
         for key in (f"recall@{k}", f"ndcg@{k}"):
@@ -204,6 +254,10 @@ def format_summary(report: dict) -> str:
         + ", ".join(f"{name} {value:.3f}" for name, value in p["candidate_recall"].items())
     )
     lines.append(f"  recommend latency: p50 {p['latency_ms']['p50']:.2f} ms, p99 {p['latency_ms']['p99']:.2f} ms")
+    if "ablation" in p:
+        lines.append(f"  ablation, Recall@{k} / NDCG@{k} (the pipeline above serves the ranker with every group):")
+        for variant, found in p["ablation"].items():
+            lines.append(f"    {variant:<24}{found[f'recall@{k}']:>9.4f}{found[f'ndcg@{k}']:>10.4f}")
     return "\n".join(lines)
 
 

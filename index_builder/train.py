@@ -2,9 +2,10 @@
 
 ``make train`` trains CF with the ``topn`` preset (implicit top-N retrieval) and the
 towers with the softmax objective, on all of the given data, with the ``[cf]`` /
-``[towers]`` settings; ``make index`` builds and publishes the bundle with the
-``[index]`` settings. The demo, ``tandem eval-pipeline`` and any program that wants a
-served bundle from its own data call this instead of repeating those steps.
+``[towers]`` settings, and the learned ranker (``[ranker]``, :mod:`index_builder.ranker`);
+``make index`` builds and publishes the bundle with the ``[index]`` settings. The demo,
+``tandem eval-pipeline`` and any program that wants a served bundle from its own data
+call this instead of repeating those steps.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from engine.data import Dataset
 from engine.models.artifacts import record_trained_on
 from engine.models.cf import PRESETS as CF_PRESETS
 from engine.models.cf import CFConfig, train_cf
+from engine.models.ranker import Ranker
 from engine.models.towers import PRESETS as TOWER_PRESETS
 from engine.models.towers import TowerConfig, train_two_tower
-from engine.settings import IndexConfig
+from engine.settings import IndexConfig, RankerConfig
 from index_builder.build import build_bundle
+from index_builder.ranker import RankerExamples, fit_ranker, ranker_examples
 
 # CF for top-N on implicit data (the wmse objective by ALS) and the towers' in-batch
 # softmax (engine.models.cf.PRESETS, engine.models.towers.PRESETS): each preset wins over
@@ -52,17 +55,41 @@ def train_and_publish(
     progress: bool = False,
     models_dir: str | Path | None = None,
     log=print,
+    examples: RankerExamples | None = None,
 ) -> Path:
     """Train both models on ``train`` and publish a bundle under ``root`` (it becomes
     ``current``); returns the published version's directory. ``config``: the effective
     configuration (:func:`engine.config.load_config`; default: ``./tandem.toml`` when
-    present, else the defaults). With ``models_dir`` the models are also saved there
-    (``<models_dir>/cf``, ``/towers``), as ``make train`` saves them, so that a later
-    ``make index`` rebuilds from them."""
+    present, else the defaults). With ``ranker.enabled`` (the default) a learned ranker
+    is trained first on held-out interactions (:mod:`index_builder.ranker`; from
+    ``examples`` when given) and stored in the bundle. With ``models_dir`` the models are
+    also saved there (``<models_dir>/cf``, ``/towers``, ``/ranker``), as ``make train``
+    saves them, so that a later ``make index`` rebuilds from them."""
     if config is None:
         from engine.config import load_config
 
         config = load_config()
+    ranker = None
+    ranker_config = RankerConfig.from_dict(config["ranker"])
+    if ranker_config.enabled:
+        if examples is None:
+            examples = ranker_examples(train, config, ranker_config, log=log)
+        ranker = fit_ranker(examples, ranker_config, log=log)
+        if models_dir is not None:
+            ranker.save(Path(models_dir) / "ranker")
+    return publish_models(train, root, config, progress, models_dir, log, ranker)
+
+
+def publish_models(
+    train: Dataset,
+    root: str | Path,
+    config: dict[str, Any],
+    progress: bool = False,
+    models_dir: str | Path | None = None,
+    log=print,
+    ranker: Ranker | None = None,
+) -> Path:
+    """Train CF and the towers on ``train`` and publish them (with ``ranker``, if any)."""
     cf_config, tower_config = retrieval_configs(config, progress)
     log(f"training CF ({cf_config.loss}, {cf_config.solver}) and towers ({tower_config.objective}) on {train.name} ...")
     cf = train_cf(train, cf_config)
@@ -83,5 +110,6 @@ def train_and_publish(
         keep=index.keep,
         exact_below=index.exact_below,
         user_top_k=index.user_top_k,
+        ranker=ranker,
         log=log,
     )

@@ -35,6 +35,7 @@ def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
         ease_max_items=args.ease_max_items,
         data_name=source if dataset is None else dataset.name,
         log=lambda line: print(line, file=sys.stderr),
+        ablation=not args.no_ablation,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,8 @@ def register(commands) -> None:
         help="evaluate the two-stage pipeline on any data and split, beside popularity, implicit ALS and EASE",
         description="Per split: train CF and towers on the training part and publish a bundle (as make train index "
         "does), then report final Recall/NDCG@k, per-source candidate recall, latency and fit seconds beside the "
-        "peers fitted on the same training part (implicit ALS and EASE: best of a small grid). Writes a JSON "
+        "peers fitted on the same training part (implicit ALS and EASE: best of a small grid), and an ablation of "
+        "the learned ranker (the blend alone; the ranker without each feature group). Writes a JSON "
         "report and a PNG chart beside it.",
     )
     pipe.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
@@ -80,6 +82,11 @@ def register(commands) -> None:
         type=int,
         default=EASE_MAX_ITEMS,
         help=f"skip EASE above this many items (a dense inverse; default {EASE_MAX_ITEMS:,})",
+    )
+    pipe.add_argument(
+        "--no-ablation",
+        action="store_true",
+        help="skip the ablation (the blend alone, and the ranker without each feature group)",
     )
     pipe.add_argument("--out", default="artifacts/eval/pipeline.json", help="JSON report path (the PNG goes beside it)")
     pipe.set_defaults(handler=cmd_eval_pipeline)

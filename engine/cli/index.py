@@ -25,6 +25,11 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
                 f"train-towers --split none) first"
             )
     cf, towers = CFModel.load(models / "cf"), TwoTowerModel.load(models / "towers")
+    ranker = None
+    if config["ranker"]["enabled"] and (models / "ranker").is_dir():  # tandem train-ranker's
+        from engine.models.ranker import Ranker
+
+        ranker = Ranker.load(models / "ranker")
     dataset = load_dataset(config, args.data)
     index_cfg = config["index"]
     root = Path(args.out or config["paths"]["bundles"])
@@ -40,9 +45,25 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
         keep=args.keep if args.keep is not None else index_cfg["keep"],
         exact_below=index_cfg["exact_below"],
         user_top_k=index_cfg["user_top_k"],
+        ranker=ranker,
         log=lambda line: print(line, file=sys.stderr),
     )
     print(json.dumps({"published": str(published), "version": published.name}, indent=2))
+    return 0
+
+
+def cmd_train_ranker(args: argparse.Namespace, config: dict) -> int:
+    from engine.settings import RankerConfig
+    from index_builder.ranker import fit_ranker, ranker_examples
+
+    dataset = load_dataset(config, args.data)
+    ranker_config = RankerConfig.from_dict(config["ranker"])
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    ranker = fit_ranker(ranker_examples(dataset, config, ranker_config, log=log), ranker_config, log=log)
+    out = Path(args.models or config["paths"]["models"]) / "ranker"
+    ranker.save(out)
+    top = list(ranker.importance().items())[:5]
+    print(json.dumps({"saved": str(out), **ranker.to_summary(), "top_features_by_gain": dict(top)}, indent=2))
     return 0
 
 
@@ -80,7 +101,8 @@ def register(commands) -> None:
         "publish",
         help="train CF and the towers on all of the data and publish a bundle (make train index in one command)",
         description="index_builder.train_and_publish: CF with the topn preset over [cf], the towers with the "
-        "softmax objective over [towers], on all of the configured data; the models are saved to <paths.models> "
+        "softmax objective over [towers], on all of the configured data, and the learned ranker ([ranker]); "
+        "the models are saved to <paths.models> "
         "(as make train saves them) and a bundle is built with the [index] settings and published as "
         "<paths.bundles>/current.",
     )
@@ -106,6 +128,19 @@ def register(commands) -> None:
     build.add_argument("--recall-floor", type=float, help="refuse to publish below this recall@k (default 0.95)")
     build.add_argument("--keep", type=int, help="versions to keep (default 5)")
     build.set_defaults(handler=cmd_build_index)
+
+    train_ranker = commands.add_parser(
+        "train-ranker",
+        help="train the learned ranker on held-out interactions, for the next build-index (make train does)",
+        description="index_builder.ranker: hold out each user's latest [ranker] holdout_fraction of the data "
+        "(random without timestamps), train CF and the towers on the rest as make train does, retrieve each "
+        "held-out user's candidates as the engine does, and fit LambdaRank trees on their features. Saved to "
+        "<paths.models>/ranker, which build-index stores in the bundle.",
+    )
+    train_ranker.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
+    add_data_file_flags(train_ranker)
+    train_ranker.add_argument("--models", metavar="DIR", help="trained models directory (default: paths.models)")
+    train_ranker.set_defaults(handler=cmd_train_ranker)
 
     rollback = commands.add_parser("rollback", help="point the bundle root's current at the previous version")
     rollback.add_argument("--root", help="bundle root (default: paths.bundles)")

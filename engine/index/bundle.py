@@ -104,6 +104,7 @@ class BundleLayout:
 
         <version>/manifest.json                 format, dataset, models, indexes, recall, checksums
         <version>/cf/, towers/                  the models (engine.models.artifacts format)
+        <version>/ranker/                       the learned ranker, when trained (engine.models.ranker)
         <version>/<index>.faiss                 the vector indexes (cf_l2, cf_ip, towers_ip)
         <version>/tables/<table>.npy            per-item and per-user tables (TABLES)
         <version>/tables/added_items.jsonl      items added live before this version was built
@@ -120,6 +121,10 @@ class BundleLayout:
         "seen_indices": "the CSR item indices",
         "recent_liked": "[n_users, 5] each user's latest likes, latest first, -1 pads",
         "item_neighbours": "[n_items, 32] nearest items by CF squared distance, -1 pads",
+        "item_cooccurring": "[n_items, 100] most similar items by co-occurrence (cosine of users), -1 pads",
+        "item_cooccurrence": "[n_items, 100] their cosine similarities",
+        "item_trend": "[n_items] log(1 + interactions in the latest tenth of the period) (ranker feature)",
+        "item_age": "[n_items] share of the period since the item's first interaction (ranker feature)",
         "user_top_cf_ip": "[n_users, user_top_k] each user's top unseen items in cf_ip, -1 pads",
         "user_top_towers_ip": "[n_users, user_top_k] the same in towers_ip",
         "cf_item_vectors": "[n_items, f] CF item vectors",

@@ -80,6 +80,13 @@ def _recommendations(items, candidates=None, metric: str = SCORE, served_by: str
         dict(candidates or {}),
         metric,
         served_by,
+        # Explanations only where the request asked for them (every item then has one).
+        [
+            [{"feature": c.feature, "value": c.value, "contribution": c.contribution} for c in i.explanation]
+            for i in items
+        ]
+        if any(len(i.explanation) for i in items)
+        else [],
     )
 
 
@@ -183,6 +190,7 @@ class Client:
         include_items=None,
         filters=None,
         sources=None,
+        explain=False,
     ):
         return pb.RecommendRequest(
             user_id="" if user_id is None else str(user_id),
@@ -195,6 +203,7 @@ class Client:
             include_items=[str(i) for i in include_items or ()],
             filters=[_attribute_filter(name, condition) for name, condition in (filters or {}).items()],
             sources=list(sources or ()),
+            explain=explain,
         )
 
     def recommend(
@@ -209,6 +218,7 @@ class Client:
         include_items: Sequence[object] | None = None,
         filters: Mapping | None = None,
         sources: Sequence[str] | None = None,
+        explain: bool = False,
         timeout: float | None = None,
     ) -> Recommendations:
         """Top ``k`` items for one user; the arguments are :meth:`engine.Engine.recommend`'s."""
@@ -223,6 +233,7 @@ class Client:
             include_items,
             filters,
             sources,
+            explain,
         )
         reply = self._call(self._recommender.Recommend, request, timeout)
         return _recommendations(reply.items, reply.candidates, served_by=reply.served_by)

@@ -39,6 +39,8 @@ def _reply(reply, recs: Recommendations):
     add = reply.items.add
     for i, s, src, t in zip(recs.item_ids.tolist(), recs.scores.tolist(), recs.sources, recs.titles):
         add(item_id=i, score=s, sources=src, title=t)
+    for item, explained in zip(reply.items, recs.explanations):
+        item.explanation.extend(pb.FeatureContribution(**part) for part in explained)
     if recs.candidates:
         reply.candidates.update(recs.candidates)
     if recs.served_by:
@@ -56,6 +58,7 @@ def _recommend_options(request: pb.RecommendRequest) -> dict:
         "include_items": list(request.include_items) or None,
         "filters": _filters(request),
         "sources": list(request.sources) or None,
+        "explain": request.explain,
     }
 
 

@@ -8,8 +8,12 @@
    users' searches are done once, when the bundle is built: ``cf`` and ``towers`` read
    a user's top unseen items from a table, ``recent`` its likes' nearest items, and
    only requests those tables cannot answer search at request time.
-2. **Ranking** — every candidate is scored exactly (:mod:`engine.serving.ranking`) and the top
-   ``k`` come back with the sources that proposed them.
+2. **Ranking** — every candidate is scored exactly by the blend of the models
+   (:mod:`engine.serving.ranking`); when the bundle holds a learned ranker
+   (:mod:`engine.models.ranker`, ``engine.ranking = "auto"``), it re-scores each user's
+   best ``depth`` candidates by the blend from their features
+   (:mod:`engine.serving.features`). The top ``k`` come back with the sources that
+   proposed them and, on request, the features that contributed most to each score.
 
 Every method returns :class:`Recommendations` — ``item_ids``, ``scores`` and
 ``sources``, best first — so library, CLI and gRPC speak one convention.
@@ -29,13 +33,16 @@ from engine.errors import InvalidRequest, shorten
 from engine.index.bundle import LoadedBundle
 from engine.index.exact import ExactIndex
 from engine.models.cf import CFModel
+from engine.models.ranker import Ranker
 from engine.models.towers import TwoTowerModel
 from engine.results import SCORE, SQUARED_DISTANCE, Recommendations
 from engine.serving.catalogue import Catalogue, read_only
+from engine.serving.features import SOURCES, ItemHistoryTables, RankingFeatures, affinity_attributes
 from engine.serving.live_items import LiveItems
 from engine.serving.pipeline import make_pipeline
 from engine.serving.ranking import Blend, ScoreScale
 from engine.serving.retrieval import (
+    Candidates,
     ModelSource,
     PopularitySource,
     RecentNeighboursSource,
@@ -47,7 +54,9 @@ from engine.serving.users import UserContext
 from engine.settings import EngineConfig
 from engine.topk import top_k_desc, top_k_per_row
 
-SOURCE_NAMES = ("cf", "towers", "popular", "segment", "recent")
+SOURCE_NAMES = SOURCES  # the retrieval sources, in merge order
+EXPLAINED_FEATURES = 3  # features per recommendation in an explanation
+DEFAULT_CANDIDATES = 500  # n_candidates of recommend and recommend_batch
 BATCH_CHUNK = 256  # users served by one pass of the batch pipeline
 
 
@@ -102,6 +111,44 @@ class Engine:
         self._pipeline = make_pipeline(config.pipeline, sources, n_items)  # engine.serving.pipeline
         top_k_desc(np.zeros(2, np.float32), 1)  # compiles (or loads) the small-k top-k now, not in a request
         self._fit_scales()
+        self.features = self._ranking_features(published, popularity)
+        # The learned ranker, where the bundle has one and the configuration serves it.
+        self.ranker: Ranker | None = None
+        if config.ranking == "auto" and layout.model("ranker").is_dir():
+            self.use_ranker(Ranker.load(layout.model("ranker")))
+
+    def use_ranker(self, ranker: Ranker | None) -> None:
+        """Serve with ``ranker`` (None: the blend alone). Its features must be the ones
+        this bundle computes: a ranker trained on another bundle's features is refused."""
+        if ranker is not None and ranker.feature_names != self.features.names:
+            raise ValueError(
+                f"the ranker expects features {ranker.feature_names}, this bundle computes {self.features.names}"
+            )
+        self.ranker = ranker
+
+    def _ranking_features(self, published: LoadedBundle, popularity: np.ndarray) -> RankingFeatures:
+        layout, n_items = published.layout, len(popularity)
+        trend = layout.load_table("item_trend", optional=True)
+        age = layout.load_table("item_age", optional=True)
+        cooccurring = layout.load_table("item_cooccurring", optional=True)
+        cooccurrence = layout.load_table("item_cooccurrence", optional=True)
+        key = self.config.segment_key if self.config.segment_key in published.manifest.segments else None
+        return RankingFeatures(
+            tuple(self.user_context.models),
+            self.blend.scales,
+            ItemHistoryTables(
+                np.zeros(n_items, np.float32) if trend is None else trend,
+                np.zeros(n_items, np.float32) if age is None else age,
+                np.zeros((0, 1), np.int32) if cooccurring is None else cooccurring,
+                np.zeros((0, 1), np.float32) if cooccurrence is None else cooccurrence,
+            ),
+            self.cf.name,
+            self.cf.X,
+            key,
+            None if key is None else layout.load_segment(key, "top_items"),
+            None if key is None else layout.load_segment(key, "top_counts"),
+            affinity_attributes(self._catalogue.attributes),
+        )
 
     @classmethod
     def load(cls, path: str | Path, config: EngineConfig | None = None, verify: bool = True) -> Engine:
@@ -220,10 +267,89 @@ class Engine:
         return allowed
 
     # -------------------------------------------------------- scoring
-    def _rank(self, cat: Catalogue, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+    def _blend(self, cat: Catalogue, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Exact scores of (user ``rows[j]``, item ``items[j]``) pairs: the blend of the
         models (:class:`~engine.serving.ranking.Blend`)."""
         return self.blend.scores(requests, rows, items, cat.item_vectors, cat.popularity_score)
+
+    def _rank(
+        self, cat: Catalogue, requests: Requests, candidates: Candidates, k: int, ranker: Ranker | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The ranking stage: ``(at, scores, features)``, the positions of the candidates
+        scored last (rows ascending), their scores, and their features (None when the
+        blend alone ranks). With a ranker, the blend scores every candidate and the
+        ranker re-scores each user's best ``max(depth, k)`` of them (phased ranking)."""
+        if ranker is None:
+            blend = self._blend(cat, requests, candidates.rows, candidates.items)
+            return np.arange(len(blend)), blend, None
+        at, features = self._first_phase(cat, requests, candidates, max(ranker.depth, k))
+        return at, ranker.predict(features), features
+
+    def _first_phase(
+        self, cat: Catalogue, requests: Requests, candidates: Candidates, depth: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's best ``depth`` candidates by the blend (positions, rows
+        ascending) and their features: what the ranker scores."""
+        blend = self._blend(cat, requests, candidates.rows, candidates.items)
+        at = top_k_per_row(candidates.rows, blend, depth, len(requests))
+        return at, self.features.of_candidates(requests, candidates, at, blend[at], cat)
+
+    def ranking_examples(
+        self, user_ids: Sequence[object], depth: int, n_candidates: int = DEFAULT_CANDIDATES
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What a ranker is trained on (``index_builder.ranker``): ``(rows, items,
+        features)`` of each user's best ``depth`` candidates by the blend, retrieved as
+        ``recommend`` retrieves them (seen items excluded); ``rows`` index ``user_ids``
+        (ascending), ``items`` are item indices."""
+        self._check_k(1, n_candidates)
+        cat, users = self._catalogue, list(user_ids)
+        parts = []
+        for start in range(0, len(users), BATCH_CHUNK):
+            requests = self.user_context.requests(cat, users[start : start + BATCH_CHUNK], True, cat.every_item)
+            candidates, _ = self._candidates(cat, requests, n_candidates, None)
+            at, features = self._first_phase(cat, requests, candidates, depth)
+            parts.append((candidates.rows[at] + start, candidates.items[at], features))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(self.features.names)), np.float32)
+        return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
+
+    def _explanations(
+        self,
+        cat: Catalogue,
+        requests: Requests,
+        rows: np.ndarray,
+        items: np.ndarray,
+        features: np.ndarray,
+        ranker: Ranker | None,
+    ) -> list[list[dict]]:
+        """Per pair, the features that contributed most to its score, largest first, as
+        ``{"feature", "value", "contribution"}``: the ranker's SHAP values, or the blend's
+        terms (each model's weighted standardised score, and popularity's; for an item
+        added live that a model lacks, the blend renormalises, which the terms do not)."""
+        names = self.features.names
+        if ranker is not None:
+            contributions = ranker.contributions(features)
+        else:
+            contributions = np.zeros_like(features)
+            known = np.zeros(len(rows))
+            for name in self.blend.names:
+                known += np.where(requests.models[name].has[rows], self.blend.weights[name], 0.0)
+            total = np.where(known > 0, known + self.blend.popularity, 1.0)
+            for name in self.blend.names:
+                j = names.index(f"{name}_score")
+                contributions[:, j] = np.nan_to_num(features[:, j]) * self.blend.weights[name] / total
+            # A user no model knows is ranked by popularity alone (weight 1).
+            weight = np.where(known > 0, self.blend.popularity, 1.0)
+            contributions[:, names.index("item_popularity")] = weight * cat.popularity_score[items] / total
+        top = np.argsort(-np.abs(contributions), axis=1, kind="stable")[:, :EXPLAINED_FEATURES]
+        return [
+            [
+                {"feature": names[j], "value": float(features[r, j]), "contribution": float(contributions[r, j])}
+                for j in top[r]
+                if contributions[r, j] != 0
+            ]
+            for r in range(len(features))
+        ]
 
     def _check_k(self, k: int, n_candidates: int | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.config.max_k:
@@ -271,12 +397,13 @@ class Engine:
         user_features: Mapping | None = None,
         ratings: Mapping[object, float] | None = None,
         k: int = 10,
-        n_candidates: int = 500,
+        n_candidates: int = DEFAULT_CANDIDATES,
         exclude_seen: bool = True,
         exclude_items: Sequence[object] = (),
         include_items: Sequence[object] | None = None,
         filters: Mapping | None = None,
         sources: Sequence[str] | None = None,
+        explain: bool = False,
     ) -> Recommendations:
         """Top ``k`` items for one user.
 
@@ -293,6 +420,8 @@ class Engine:
                 ``{"genres": ["Comedy", "Drama"]}`` (any of), ``{"tags": {"all": [...]}}``,
                 ``{"price": {"lt": 100}}``; all must hold.
             sources: restrict retrieval to these sources (default: all available).
+            explain: also return, per item, the features that contributed most to its
+                score (``Recommendations.explanations``).
         """
         self._check_k(k, n_candidates)
         cat = self._catalogue
@@ -304,24 +433,52 @@ class Engine:
             user_features,
             ratings,
         )
-        return self._serve(cat, requests, k, n_candidates, sources)[0]
+        return self._serve(cat, requests, k, n_candidates, sources, explain)[0]
 
     def _serve(
-        self, cat: Catalogue, requests: Requests, k: int, n_candidates: int, sources: Sequence[str] | None
+        self,
+        cat: Catalogue,
+        requests: Requests,
+        k: int,
+        n_candidates: int,
+        sources: Sequence[str] | None,
+        explain: bool = False,
     ) -> list[Recommendations]:
         """Retrieval, merge and ranking of a batch of prepared requests."""
-        shares = self._quotas(cat, requests, n_candidates, sources)
-        candidates, proposed = self._pipeline.candidates(cat.sources, requests, shares, n_candidates, cat.n_items)
-        scores = self._rank(cat, requests, candidates.rows, candidates.items)
-        top = top_k_per_row(candidates.rows, scores, k, len(requests))
-        bounds = np.searchsorted(candidates.rows[top], np.arange(len(requests) + 1))
+        candidates, proposed = self._candidates(cat, requests, n_candidates, sources)
+        ranker = self.ranker  # one ranker for the whole request, even if another is swapped in
+        scored, scores, features = self._rank(cat, requests, candidates, k, ranker)
+        top = top_k_per_row(candidates.rows[scored], scores, k, len(requests))
+        at = scored[top]
+        explanations = None
+        if explain:
+            if features is None:
+                features = self.features.of_candidates(requests, candidates, at, scores[top], cat)
+            else:
+                features = features[top]
+            explanations = self._explanations(
+                cat, requests, candidates.rows[at], candidates.items[at], features, ranker
+            )
+        bounds = np.searchsorted(candidates.rows[at], np.arange(len(requests) + 1))
         results = []
         for u in range(len(requests)):
-            at = top[bounds[u] : bounds[u + 1]]
-            result = self._result(cat, candidates.items[at], scores[at], candidates.sources_at(at), proposed[u])
+            part = slice(bounds[u], bounds[u + 1])
+            mine = at[part]
+            result = self._result(
+                cat, candidates.items[mine], scores[top[part]], candidates.sources_at(mine), proposed[u]
+            )
             result.served_by = requests.served_by[u]
+            if explanations is not None:
+                result.explanations = explanations[part]
             results.append(result)
         return results
+
+    def _candidates(
+        self, cat: Catalogue, requests: Requests, n_candidates: int, sources: Sequence[str] | None
+    ) -> tuple[Candidates, list[dict[str, int]]]:
+        """The retrieval stage: merged candidates, and how many each source proposed."""
+        shares = self._quotas(cat, requests, n_candidates, sources)
+        return self._pipeline.candidates(cat.sources, requests, shares, n_candidates, cat.n_items)
 
     def _quotas(
         self, cat: Catalogue, requests: Requests, n_candidates: int, sources: Sequence[str] | None
@@ -371,7 +528,11 @@ class Engine:
         return self._names[sources]
 
     def candidates(
-        self, user_id: object, n_candidates: int = 500, sources: Sequence[str] | None = None, exclude_seen: bool = True
+        self,
+        user_id: object,
+        n_candidates: int = DEFAULT_CANDIDATES,
+        sources: Sequence[str] | None = None,
+        exclude_seen: bool = True,
     ) -> dict[str, np.ndarray]:
         """Retrieval alone, for evaluation: each available source's proposals (item
         indices, best first) for a user, under the quotas ``recommend`` would use."""
@@ -387,7 +548,7 @@ class Engine:
         self,
         user_ids: Iterable[object],
         k: int = 10,
-        n_candidates: int = 500,
+        n_candidates: int = DEFAULT_CANDIDATES,
         exclude_seen: bool = True,
         exclude_items: Sequence[object] = (),
         include_items: Sequence[object] | None = None,
@@ -395,6 +556,7 @@ class Engine:
         sources: Sequence[str] | None = None,
         threads: int | None = None,
         deadline: float | None = None,
+        explain: bool = False,
     ) -> list[Recommendations]:
         """:meth:`recommend` for many users with the same options, in order.
 
@@ -416,7 +578,7 @@ class Engine:
                 raise TimeoutError(f"deadline passed after {start} of {len(users)} users")
             chunk = users[start : start + BATCH_CHUNK]
             return self._serve(
-                cat, self.user_context.requests(cat, chunk, exclude_seen, item_mask), k, n_candidates, sources
+                cat, self.user_context.requests(cat, chunk, exclude_seen, item_mask), k, n_candidates, sources, explain
             )
 
         starts = range(0, len(users), BATCH_CHUNK)
@@ -441,7 +603,21 @@ class Engine:
         if len(np.unique(items)) != len(items):
             raise InvalidRequest("score: item ids repeated in the request")
         requests = self.user_context.requests(cat, [user_id], False, cat.every_item, user_features, ratings)
-        scores = self._rank(cat, requests, np.zeros(len(items), np.int64), items)
+        rows = np.zeros(len(items), np.int64)
+        scores = self._blend(cat, requests, rows, items)
+        ranker = self.ranker
+        if ranker is not None:
+            # The ranker reads which sources propose each item, and where: those of the
+            # request recommend would make for this user (default options; an item no
+            # source proposes comes after the last candidate), so both score alike.
+            shown = self.user_context.requests(cat, [user_id], True, cat.every_item, user_features, ratings)
+            candidates, _ = self._candidates(cat, shown, DEFAULT_CANDIDATES, None)
+            found = {item: j for j, item in enumerate(candidates.items.tolist())}
+            at = np.array([found.get(i, -1) for i in items.tolist()], np.int64)
+            bits = np.where(at >= 0, candidates.source_bits[np.maximum(at, 0)], 0).astype(np.uint32)
+            positions = np.where(at >= 0, at, len(candidates.items))
+            features = self.features.compute(requests, rows, items, bits, candidates.names, positions, scores, cat)
+            scores = ranker.predict(features)
         order = np.argsort(-scores, kind="stable")
         return self._result(cat, items[order], scores[order], [("request",)] * len(order))
 

@@ -153,16 +153,16 @@ class Blend:
         """``matrix[items[j]] . queries[rows[j]] + const[j]``, and which items lie beyond
         the model's vectors (added live; their part is 0), None when none can."""
         if len(matrix) >= n_items:  # the model has a vector for every item of the catalogue
-            return _dots(matrix, items, queries, rows) + const, None
+            return dots(matrix, items, queries, rows) + const, None
         beyond = items >= len(matrix)
-        part = _dots(matrix, np.where(beyond, 0, items), queries, rows) + const
+        part = dots(matrix, np.where(beyond, 0, items), queries, rows) + const
         return np.where(beyond, np.float32(0), part), beyond
 
 
 _ROW_ZERO = np.zeros(0, np.int64)
 
 
-def _dots(matrix: np.ndarray, items: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def dots(matrix: np.ndarray, items: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``matrix[items[j]] . vectors[rows[j]]`` for every ``j`` (``rows`` ascending): one
     matrix-vector product per user, so that a user's scores are bitwise the same alone
     and in a batch."""

@@ -77,11 +77,22 @@ class Requests:
     top_rows: dict[str, np.ndarray] = field(default_factory=dict)
     # How each user is known (SERVED_BY): the path that serves them, said in every result.
     served_by: Sequence[str] = ()
+    # Each user's history as CSR rows (their training items, plus the items rated with
+    # the request), whether or not the request excludes them: what the learned ranker's
+    # user features read (engine.serving.features). None: the same as the exclusions.
+    history_indptr: np.ndarray | None = None
+    history_indices: np.ndarray | None = None
 
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.excluded_indptr) - 1
+
+    def history(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(indptr, indices)``: each user's history (see ``history_indptr``)."""
+        if self.history_indptr is None or self.history_indices is None:
+            return self.excluded_indptr, self.excluded_indices
+        return self.history_indptr, self.history_indices
 
     @property
     def n_excluded(self) -> np.ndarray:

@@ -113,10 +113,13 @@ class UserContext:
         # Seen items: each known user's slice of the bundle's CSR history. (A lone known
         # user without ratings, the common request, takes known_user instead.)
         starts = np.where(known, self.seen_indptr[at], 0)
-        lengths = np.where(known & exclude_seen, self.seen_indptr[at + 1] - starts, 0)
-        indptr = np.zeros(n + 1, np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        excluded = self.seen_indices[np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])].astype(np.int64)
+        lengths = np.where(known, self.seen_indptr[at + 1] - starts, 0)
+        history_indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=history_indptr[1:])
+        history = self.seen_indices[
+            np.repeat(starts - history_indptr[:-1], lengths) + np.arange(history_indptr[-1])
+        ].astype(np.int64)
+        indptr, excluded = (history_indptr, history) if exclude_seen else (np.zeros(n + 1, np.int64), _NO_ITEMS)
         served_by = np.where(known, KNOWN, POPULARITY).tolist()
         # Known users' rows in the sources' top-items tables, which exclude the seen items.
         top_rows = {name: np.where(m.has, u, -1) for name, m in models.items()} if exclude_seen else {}
@@ -142,9 +145,10 @@ class UserContext:
             cf.vectors[0], cf.bias[0], cf.has[0] = self.cf.fold_in_query(folded), folded.bias, True
             served_by[0] = FOLD_IN
             top_rows = {}  # another vector, and more items excluded, than the tables assume
+            history = np.union1d(history, cat.items.indices(items))
+            history_indptr = np.array([0, len(history)], np.int64)
             if exclude_seen:
-                excluded = np.union1d(excluded, cat.items.indices(items))
-                indptr = np.array([0, len(excluded)], np.int64)
+                indptr, excluded = history_indptr, history
             likes = liked_mask(np.array(values), self.implicit)
             liked = [cat.items.index(i) for i, like in zip(items, likes) if like][::-1]
             recent = np.full((1, max(len(liked), 1)), -1, np.int64)
@@ -159,6 +163,8 @@ class UserContext:
             filtered=item_mask is not cat.every_item,
             top_rows=top_rows,
             served_by=served_by,
+            history_indptr=history_indptr,
+            history_indices=history,
         )
 
     def checked_ratings(self, ratings: Mapping[object, float]) -> tuple[list, list[float]]:
@@ -188,7 +194,8 @@ class UserContext:
         """:meth:`requests` for one known user (the common request): read-only views of
         the bundle's rows instead of copies, so it costs a handful of slices."""
         row = slice(u, u + 1)
-        excluded = self.seen_indices[self.seen_indptr[u] : self.seen_indptr[u + 1]] if exclude_seen else _NO_ITEMS
+        seen = self.seen_indices[self.seen_indptr[u] : self.seen_indptr[u + 1]]
+        excluded = seen if exclude_seen else _NO_ITEMS
         models = {
             name: UserQueries(queries[row], self.user_biases[name][row], _TRUE)
             if u < len(queries)
@@ -205,6 +212,8 @@ class UserContext:
             filtered=item_mask is not cat.every_item,
             top_rows=self._top_rows(row, models, exclude_seen),
             served_by=_SERVED_KNOWN,
+            history_indptr=None if exclude_seen else np.array([0, len(seen)]),
+            history_indices=None if exclude_seen else seen,
         )
 
     def _top_rows(self, row: slice, models: dict[str, UserQueries], exclude_seen: bool) -> dict[str, np.ndarray]:

@@ -1,0 +1,278 @@
+"""Features of (user, candidate) pairs: what the learned ranker (:mod:`engine.models.ranker`)
+orders a user's candidates by. Computed batch-first, for any number of users at once,
+from what the bundle holds; a value that does not exist for a pair is NaN (a model that
+does not know the user, an item added live, a user with no segment), which the ranker
+treats as missing.
+
+====================== ============ =====================================================
+feature                group        meaning
+====================== ============ =====================================================
+cf_score               scores       the CF prediction, standardised as the blend does
+towers_score           scores       the two-tower score, standardised
+blend_score            scores       the blend of :mod:`engine.serving.ranking`
+from_<source>          sources      1 when that source proposed the item (cf, towers,
+                                    popular, segment, recent), else 0
+n_sources              sources      how many sources proposed it
+candidate_position     sources      its position among the merged candidates (order of
+                                    first proposal: source order, then each source's rank)
+item_popularity        popularity   log(1 + the item's interactions)
+segment_popularity     popularity   log(1 + its interactions by users of the user's
+                                    segment), 0 beyond the segment's top items
+item_trend             popularity   log(1 + its interactions in the latest tenth of the
+                                    training period)
+item_age               popularity   the share of the training period since its first
+                                    interaction (0: new)
+user_activity          user         log(1 + the user's interactions)
+recent_similarity_max  similarity   the largest cosine between the item's CF vector and
+                                    those of the user's recent likes
+recent_similarity_mean similarity   their mean
+cooccurrence_sum       cooccurrence the item's co-occurrence similarity to the user's history:
+                                    the sum over history items of their cosine (of users)
+                                    with it, among each one's 100 most similar items
+cooccurrence_mean      cooccurrence that sum over the history's length
+affinity:<attribute>   affinity     for each multi-valued (e.g. genres) or categorical item
+                                    attribute: the share of the user's history that has
+                                    the item's value(s) (averaged over the item's labels)
+====================== ============ =====================================================
+
+A user no model knows and without history (cold start) still gets every item-side
+feature; the ranker was trained with such gaps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.data.attributes import CATEGORICAL, LABELS, ItemAttributes
+from engine.serving.ranking import ScoreScale, dots
+from engine.serving.retrieval import Candidates, Requests, positions_in_rows
+
+SOURCES = ("cf", "towers", "popular", "segment", "recent")
+MAX_AFFINITY_VALUES = 512  # categorical attributes with more values get no affinity feature
+
+
+def base_feature_groups(models: tuple[str, ...] = ("cf", "towers")) -> dict[str, str]:
+    """Feature name -> group, in column order, of every feature but the affinities."""
+    groups = {f"{name}_score": "scores" for name in models}
+    groups["blend_score"] = "scores"
+    groups.update({f"from_{name}": "sources" for name in SOURCES})
+    groups.update({"n_sources": "sources", "candidate_position": "sources"})
+    groups.update({name: "popularity" for name in ("item_popularity", "segment_popularity", "item_trend", "item_age")})
+    groups["user_activity"] = "user"
+    groups.update({"recent_similarity_max": "similarity", "recent_similarity_mean": "similarity"})
+    groups.update({"cooccurrence_sum": "cooccurrence", "cooccurrence_mean": "cooccurrence"})
+    return groups
+
+
+def affinity_attributes(attributes: ItemAttributes) -> list[str]:
+    """The item attributes that get an affinity feature (see the module)."""
+    return [
+        name
+        for name, a in attributes.attributes.items()
+        if a.kind == LABELS or (a.kind == CATEGORICAL and 0 < len(a.vocabulary) <= MAX_AFFINITY_VALUES)
+    ]
+
+
+def feature_groups(models: tuple[str, ...], attributes: ItemAttributes) -> dict[str, str]:
+    """Feature name -> group, in column order, of a bundle whose embedding models are
+    ``models`` (in ranking order) and whose items have ``attributes``."""
+    return {**base_feature_groups(models), **{f"affinity:{a}": "affinity" for a in affinity_attributes(attributes)}}
+
+
+@dataclass
+class ItemHistoryTables:
+    """Per-item tables of the training period the bundle was built from
+    (``index_builder.build.item_history_tables``); items added live lie beyond them."""
+
+    trend: np.ndarray  # [n] float32 log(1 + interactions in the latest tenth of the period)
+    age: np.ndarray  # [n] float32 share of the period since the first interaction
+    cooccurring: np.ndarray  # [n, K] int32 most similar items by co-occurrence, -1 pads
+    cooccurrence: np.ndarray  # [n, K] float32 their similarities
+
+
+class RankingFeatures:
+    """Computes the feature matrix of (user, candidate) pairs (see the module)."""
+
+    def __init__(
+        self,
+        models: tuple[str, ...],
+        scales: Mapping[str, ScoreScale],
+        history_tables: ItemHistoryTables,
+        cf_name: str,
+        cf_item_vectors: np.ndarray,
+        segment_key: str | None,
+        segment_top_items: np.ndarray | None,
+        segment_top_counts: np.ndarray | None,
+        affinity: list[str],
+    ):
+        self.models, self.scales, self.tables = models, dict(scales), history_tables
+        self.cf_name = cf_name
+        norms = np.linalg.norm(cf_item_vectors, axis=1, keepdims=True)
+        self.unit_cf = (cf_item_vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        self.segment_key = segment_key
+        # Segment popularity as sorted (segment, item) keys: a binary search per pair,
+        # memory that of the segments' top lists, whatever the catalogue.
+        self._segment_keys = self._segment_counts = None
+        if segment_key is not None and segment_top_items is not None and segment_top_counts is not None:
+            n_cols = np.int64(2**31)
+            keys = np.arange(len(segment_top_items), dtype=np.int64)[:, None] * n_cols + segment_top_items
+            order = np.argsort(keys, axis=None)
+            self._segment_keys = keys.ravel()[order]
+            self._segment_counts = np.log1p(segment_top_counts.ravel()[order]).astype(np.float32)
+        self.affinity = list(affinity)
+        self.groups = {**base_feature_groups(models), **{f"affinity:{a}": "affinity" for a in self.affinity}}
+        self.names = list(self.groups)  # the columns of compute(), in order
+
+    def of_candidates(
+        self, requests: Requests, candidates: Candidates, at: np.ndarray, blend_scores: np.ndarray, cat
+    ) -> np.ndarray:
+        """The features of the candidates at positions ``at`` (rows ascending) of
+        ``candidates``, whose blend scores are ``blend_scores``; ``cat`` the catalogue
+        (:class:`~engine.serving.catalogue.Catalogue`) they were retrieved from."""
+        return self.compute(
+            requests,
+            candidates.rows[at],
+            candidates.items[at],
+            candidates.source_bits[at],
+            candidates.names,
+            positions_in_rows(candidates.rows)[at],
+            blend_scores,
+            cat,
+        )
+
+    def compute(
+        self,
+        requests: Requests,
+        rows: np.ndarray,
+        items: np.ndarray,
+        source_bits: np.ndarray,
+        source_names: tuple[str, ...],
+        positions: np.ndarray,
+        blend_scores: np.ndarray,
+        cat,
+    ) -> np.ndarray:
+        """``[n, n_features]`` float32: the features of pairs (user ``rows[j]``, item
+        ``items[j]``), ``rows`` ascending, given which sources proposed each item (bit
+        ``b`` of ``source_bits``: ``source_names[b]``), its position among the merged
+        candidates and its blend score."""
+        out = np.full((len(rows), len(self.names)), np.nan, np.float32)
+        column = iter(range(len(self.names)))
+        for name in self.models:  # each model's score, standardised
+            out[:, next(column)] = self._model_score(requests, name, rows, items, cat.item_vectors[name])
+        out[:, next(column)] = blend_scores
+        proposed = np.zeros(len(rows), np.float32)
+        for name in SOURCES:
+            j = next(column)
+            if name in source_names:
+                flag = (source_bits >> source_names.index(name)) & 1
+                out[:, j] = flag
+                proposed += flag
+            else:
+                out[:, j] = 0.0
+        out[:, next(column)] = proposed
+        out[:, next(column)] = positions
+        out[:, next(column)] = np.log1p(cat.popularity[items])
+        out[:, next(column)] = self._segment_popularity(requests, rows, items)
+        for table in (self.tables.trend, self.tables.age):
+            out[:, next(column)] = np.where(items < len(table), table[np.minimum(items, len(table) - 1)], 0.0)
+        indptr, history = requests.history()
+        out[:, next(column)] = np.log1p(np.diff(indptr))[rows]
+        similarity_max, similarity_mean = next(column), next(column)
+        out[:, similarity_max], out[:, similarity_mean] = self._recent_similarity(requests, rows, items)
+        total = self._cooccurrence(indptr, history, rows, items)
+        out[:, next(column)] = total
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, next(column)] = total / np.diff(indptr)[rows]
+        for name in self.affinity:
+            out[:, next(column)] = _affinity(cat.attributes[name], indptr, history, rows, items)
+        return out
+
+    def _model_score(
+        self, requests: Requests, name: str, rows: np.ndarray, items: np.ndarray, matrix: np.ndarray
+    ) -> np.ndarray:
+        user, scale = requests.models[name], self.scales[name]
+        inside = items < len(matrix)
+        raw = dots(matrix, np.where(inside, items, 0), user.vectors, rows) + user.bias[rows]
+        return np.where(inside & user.has[rows], scale(raw), np.nan).astype(np.float32)
+
+    def _segment_popularity(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        if self._segment_keys is None or self._segment_counts is None or self.segment_key not in requests.segments:
+            return np.full(len(rows), np.nan, np.float32)
+        segment = requests.segments[self.segment_key][rows]
+        wanted = segment.astype(np.int64) * np.int64(2**31) + items
+        at = np.minimum(np.searchsorted(self._segment_keys, wanted), len(self._segment_keys) - 1)
+        found = np.where(self._segment_keys[at] == wanted, self._segment_counts[at], 0.0)
+        return np.where(segment >= 0, found, np.nan).astype(np.float32)
+
+    def _cooccurrence(self, indptr: np.ndarray, history: np.ndarray, rows: np.ndarray, items: np.ndarray):
+        """Per pair, the sum of the co-occurrence similarities of the user's history
+        items with the item (NaN for a user with no history)."""
+        neighbours, weights = self.tables.cooccurring, self.tables.cooccurrence
+        n_table = len(neighbours)
+        out = np.full(len(rows), np.nan, np.float32)
+        if n_table == 0:
+            return out
+        bounds = np.searchsorted(rows, np.arange(len(indptr))).tolist()
+        for u in range(len(indptr) - 1):
+            if bounds[u + 1] == bounds[u] or indptr[u + 1] == indptr[u]:
+                continue
+            mine = history[indptr[u] : indptr[u + 1]]
+            mine = mine[mine < n_table]
+            ids, w = neighbours[mine].ravel(), weights[mine].ravel()
+            valid = ids >= 0
+            summed = np.bincount(ids[valid], w[valid], minlength=n_table)
+            wanted = items[bounds[u] : bounds[u + 1]]
+            out[bounds[u] : bounds[u + 1]] = np.where(wanted < n_table, summed[np.minimum(wanted, n_table - 1)], 0.0)
+        return out
+
+    def _recent_similarity(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> tuple:
+        """Max and mean cosine of each item's CF vector to its user's recent likes'."""
+        liked = requests.recent_liked  # [U, R], -1 pads
+        unit, n_cf = self.unit_cf, len(self.unit_cf)
+        inside = items < n_cf
+        item_unit = unit[np.where(inside, items, 0)]
+        sims = np.full((len(rows), liked.shape[1]), np.nan, np.float32)
+        bounds = np.searchsorted(rows, np.arange(len(liked) + 1)).tolist()
+        for u in range(len(liked)):
+            if bounds[u + 1] == bounds[u]:
+                continue
+            likes = liked[u][(liked[u] >= 0) & (liked[u] < n_cf)]
+            if len(likes):
+                sims[bounds[u] : bounds[u + 1], : len(likes)] = item_unit[bounds[u] : bounds[u + 1]] @ unit[likes].T
+        has = ~np.isnan(sims[:, 0]) & inside
+        safe = np.where(np.isnan(sims), -np.inf, sims)
+        largest = np.where(has, safe.max(axis=1), np.nan)
+        mean = np.where(has, np.nanmean(np.where(has[:, None], sims, 0.0), axis=1), np.nan)
+        return largest, mean
+
+
+def _affinity(attribute, indptr: np.ndarray, history: np.ndarray, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """The share of each user's history sharing the item's value(s) of ``attribute``
+    (labels: averaged over the item's labels); NaN for a user with no history."""
+    n_users = len(indptr) - 1
+    lengths = np.diff(indptr)
+    owners = np.repeat(np.arange(n_users), lengths)
+    if attribute.kind == LABELS:
+        flags = attribute.values  # [n_items, L] uint8
+        width = flags.shape[1]
+        profile = np.zeros((n_users, width), np.float32)
+        if len(history):
+            np.add.at(profile, owners, flags[history])
+        item_flags = flags[items].astype(np.float32)
+        matched = np.einsum("nl,nl->n", profile[rows], item_flags)
+        share = matched / np.maximum(item_flags.sum(axis=1), 1.0)
+    else:  # categorical codes, -1 missing
+        codes = attribute.values
+        width = len(attribute.vocabulary)
+        profile = np.zeros(n_users * width + 1, np.float32)
+        if len(history):
+            code = codes[history]
+            keep = code >= 0
+            np.add.at(profile, owners[keep] * width + code[keep], 1.0)
+        item_code = codes[items]
+        share = np.where(item_code >= 0, profile[rows * width + np.maximum(item_code, 0)], 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(lengths[rows] > 0, share / lengths[rows], np.nan).astype(np.float32)

@@ -1,0 +1,156 @@
+"""Training the learned ranker (:mod:`engine.models.ranker`) on the retrieval stage's
+own candidates.
+
+1. Each user's latest ``holdout_fraction`` of the training interactions is held out
+   (a seeded random share of each user's when the data has no timestamps).
+2. CF and the towers are trained on the rest and published to a temporary bundle, as
+   ``make train index`` would; an engine serving it retrieves each held-out user's
+   candidates exactly as ``recommend`` does, and the blend's best ``depth`` of them,
+   with their features (:mod:`engine.serving.features`), are the examples. A candidate
+   is relevant when the user's held-out interactions like it (the data's own rule:
+   every interaction of implicit data, ratings of at least 4 otherwise).
+3. LambdaRank trees are fitted on 80% of those users, early-stopped on the other 20%
+   by NDCG@10.
+
+``train_and_publish`` then trains the served models on all of the data and stores the
+ranker in their bundle. The features of the served models are read by trees fitted on
+models trained on less data: the ranker learns from scores on interactions no model
+saw, which is what it meets when serving.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import data
+from engine.evaluation.metrics import relevant_matrix
+from engine.models.ranker import Ranker
+from engine.settings import EngineConfig, RankerConfig
+
+VALID_SHARE = 0.2  # of the example users, for early stopping
+
+
+@dataclass
+class RankerExamples:
+    """Rows of (user, candidate) features grouped by user, with 0/1 relevance."""
+
+    features: np.ndarray  # [n, n_features] float32
+    labels: np.ndarray  # [n] int32
+    group_sizes: np.ndarray  # [n_users] rows per user, consecutive
+    feature_names: list[str]
+    groups: dict[str, str]  # feature name -> group (engine.serving.features)
+
+    def without(self, dropped: Sequence[str]) -> RankerExamples:
+        """These examples with the features of the ``dropped`` groups missing (NaN): a
+        ranker fitted on them never reads those features (the ablation)."""
+        features = self.features.copy()
+        for j, name in enumerate(self.feature_names):
+            if self.groups[name] in dropped:
+                features[:, j] = np.nan
+        return RankerExamples(features, self.labels, self.group_sizes, self.feature_names, self.groups)
+
+
+def holdout_splits(train: data.Dataset, config: RankerConfig) -> list[data.Split]:
+    """The interactions the ranker learns to predict (``ranker.holdout``): each user's
+    latest ``holdout_fraction``, or ``holdout_rounds`` seeded random shares of each
+    user's ("auto": temporal when the data has timestamps; a temporal holdout is one)."""
+    t = train.timestamps
+    temporal = config.holdout == "temporal" or (config.holdout == "auto" and len(t) and t.max() > t.min())
+    if temporal:
+        return [data.temporal_split(train, config.holdout_fraction)]
+    return [
+        data.random_split(train, config.holdout_fraction, seed=config.seed + r, per_user=True)
+        for r in range(config.holdout_rounds)
+    ]
+
+
+def ranker_examples(
+    train: data.Dataset,
+    config: dict,
+    ranker_config: RankerConfig,
+    log=print,
+) -> RankerExamples:
+    """The examples of a ranker for the models ``config`` trains (see the module), from
+    every holdout of :func:`holdout_splits`."""
+    parts = [
+        _examples_of(fit, holdout, config, ranker_config, log) for fit, holdout in holdout_splits(train, ranker_config)
+    ]
+    first = parts[0]
+    return RankerExamples(
+        np.concatenate([p.features for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        np.concatenate([p.group_sizes for p in parts]),
+        first.feature_names,
+        first.groups,
+    )
+
+
+def _examples_of(fit: data.Dataset, holdout: data.Dataset, config: dict, ranker_config: RankerConfig, log):
+    from engine.serving.engine import Engine
+    from index_builder.train import publish_models
+
+    log(
+        f"ranker: training on {fit.n_ratings:,} interactions, "
+        f"holding out {holdout.n_ratings:,} ({ranker_config.holdout_fraction:.0%} per user)"
+    )
+    with tempfile.TemporaryDirectory(prefix="tandem-ranker-") as root:
+        publish_models(fit, root, {**config, "index": {**config["index"], "keep": 1}}, log=lambda line: None)
+        engine = Engine.load(root, EngineConfig(**{**config["engine"], "ranking": "blend"}))
+        relevant = relevant_matrix(holdout, "auto")
+        users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+        if len(users) > ranker_config.max_users:
+            rng = np.random.default_rng(ranker_config.seed)
+            users = np.sort(rng.choice(users, ranker_config.max_users, replace=False))
+        rows, items, features = engine.ranking_examples(
+            holdout.users.ids[users].tolist(), ranker_config.depth, ranker_config.n_candidates
+        )
+        names, groups = engine.features.names, engine.features.groups
+    relevant = relevant[users]
+    relevant.sort_indices()
+    labels = np.zeros(len(rows), np.int32)
+    for u in np.unique(rows):  # the relevant held-out items among each user's candidates
+        mine = slice(*np.searchsorted(rows, [u, u + 1]))
+        labels[mine] = np.isin(items[mine], relevant.indices[relevant.indptr[u] : relevant.indptr[u + 1]])
+    # Users without a relevant candidate teach LambdaRank nothing.
+    sizes = np.bincount(rows, minlength=len(users))
+    useful = np.bincount(rows, weights=labels, minlength=len(users)) > 0
+    keep = useful[rows]
+    log(
+        f"ranker: {int(useful.sum()):,} of {len(users):,} held-out users have a relevant item "
+        f"among their {ranker_config.depth} best candidates"
+    )
+    return RankerExamples(features[keep], labels[keep], sizes[useful], names, groups)
+
+
+def fit_ranker(examples: RankerExamples, config: RankerConfig, without: Sequence[str] = (), log=print) -> Ranker:
+    """LambdaRank trees on ``examples`` (minus the feature groups ``without``),
+    early-stopped on a seeded fifth of the users."""
+    if without:
+        examples = examples.without(without)
+    n_users = len(examples.group_sizes)
+    if n_users == 0:
+        raise ValueError("no held-out user has a relevant candidate: too little data to train a ranker")
+    rng = np.random.default_rng(config.seed)
+    valid_users = np.zeros(n_users, bool)
+    if n_users >= 10:
+        valid_users[rng.choice(n_users, max(1, int(n_users * VALID_SHARE)), replace=False)] = True
+    row_valid = np.repeat(valid_users, examples.group_sizes)
+    ranker = Ranker.fit(
+        examples.features[~row_valid],
+        examples.labels[~row_valid],
+        examples.group_sizes[~valid_users],
+        examples.feature_names,
+        examples.groups,
+        config,
+        valid=(examples.features[row_valid], examples.labels[row_valid], examples.group_sizes[valid_users]),
+    )
+    best = ranker.metrics.get("best_valid_ndcg@10")
+    log(
+        f"ranker: {ranker.metrics['num_trees']} trees on {ranker.metrics['n_examples']:,} examples"
+        + (f", validation NDCG@10 {best:.4f}" if best is not None else "")
+    )
+    return ranker

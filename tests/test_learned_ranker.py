@@ -1,0 +1,254 @@
+"""The learned ranking stage: its features against hand computations, its training and
+storage in the bundle, serving (lone, batch and score agree), explanations in the
+library and over gRPC, the blend fallback, and the ablation of eval-pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engine import Engine, EngineConfig, data
+from engine.config import load_config
+from engine.errors import TandemError
+from engine.index.bundle import BundleError
+from engine.models.ranker import Ranker
+from engine.service.client import Client
+from engine.service.server import ServerConfig, TandemServer
+from engine.serving.features import base_feature_groups
+from index_builder.build import item_cooccurrence
+from index_builder.evaluate import evaluate_pipeline
+from index_builder.ranker import fit_ranker, ranker_examples
+from index_builder.train import train_and_publish
+
+FAST = [
+    "cf.epochs=2",
+    "retrieval.cf.als_iterations=4",
+    "towers.epochs=1",
+    "retrieval.towers.epochs=1",
+    "ranker.num_trees=20",
+    "ranker.depth=30",
+    "ranker.n_candidates=100",
+    "engine.segment_key=occupation",
+]
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory):
+    """A synthetic dataset (with timestamps, genres and user segments) published by
+    train_and_publish with its learned ranker."""
+    ds = data.make_synthetic(n_users=300, n_items=200, n_ratings=9000, seed=1)
+    config = load_config(None, FAST)
+    root = tmp_path_factory.mktemp("ranked")
+    train_and_publish(ds, root, config, log=lambda line: None)
+    return ds, root, config, Engine.load(root, EngineConfig(segment_key="occupation"))
+
+
+def test_the_bundle_holds_a_checksummed_ranker_that_the_engine_serves(ranked):
+    ds, root, _, engine = ranked
+    manifest = json.loads((root / "current" / "manifest.json").read_text())
+    assert {"ranker/ranker.txt", "ranker/ranker.json"} <= set(manifest["files"])
+    assert manifest["models"]["ranker"]["num_trees"] >= 1
+    assert engine.ranker is not None and engine.ranker.feature_names == engine.features.names
+    assert Engine.load(root, EngineConfig(ranking="blend")).ranker is None
+
+
+def test_features_equal_their_definitions(ranked):
+    ds, _, _, engine = ranked
+    user = ds.users.ids[5]
+    u = ds.users.index(user)
+    cat = engine._catalogue
+    requests = engine.user_context.requests(cat, [user], True, cat.every_item)
+    candidates, _ = engine._candidates(cat, requests, 100, None)
+    at = np.arange(40)
+    blend = engine._blend(cat, requests, candidates.rows[at], candidates.items[at])
+    features = engine.features.of_candidates(requests, candidates, at, blend, cat)
+    column = {name: features[:, j] for j, name in enumerate(engine.features.names)}
+    items = candidates.items[at]
+
+    for name, model in (("cf", engine.cf), ("towers", engine.towers)):
+        raw = model.retrieval_user_vectors(np.array([u]))[0] @ model.retrieval_item_vectors()[items].T
+        raw = raw + model.user_biases(np.array([u]))[0]
+        scale = engine.blend.scales[name]
+        np.testing.assert_allclose(column[f"{name}_score"], (raw - scale.mean) / scale.std, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(column["blend_score"], blend)
+    sources = candidates.sources_at(at)
+    for source in ("cf", "towers", "popular", "segment", "recent"):
+        np.testing.assert_array_equal(column[f"from_{source}"], [source in s for s in sources])
+    np.testing.assert_array_equal(column["n_sources"], [len(s) for s in sources])
+    np.testing.assert_array_equal(column["candidate_position"], at)
+    np.testing.assert_allclose(column["item_popularity"], np.log1p(ds.item_counts()[items]), rtol=1e-6)
+    seen = ds.user_items()[u].indices
+    np.testing.assert_allclose(column["user_activity"], np.log1p(len(seen)), rtol=1e-6)
+
+    genres = np.asarray(ds.item_features.columns["genres"]) != 0
+    profile = genres[seen].sum(axis=0)
+    expected = [profile[genres[i]].sum() / max(genres[i].sum(), 1) / len(seen) for i in items]
+    np.testing.assert_allclose(column["affinity:genres"], expected, rtol=1e-5)
+
+    neighbours = engine.features.tables.cooccurring
+    similarity = engine.features.tables.cooccurrence
+    expected = [sum(similarity[j][neighbours[j] == i].sum() for j in seen) for i in items]
+    np.testing.assert_allclose(column["cooccurrence_sum"], expected, rtol=1e-5)
+    np.testing.assert_allclose(column["cooccurrence_mean"], np.array(expected) / len(seen), rtol=1e-5)
+
+    liked = engine.user_context.recent[u]
+    liked = liked[liked >= 0]
+    X = engine.cf.X / np.linalg.norm(engine.cf.X, axis=1, keepdims=True)
+    cosines = X[items] @ X[liked].T
+    np.testing.assert_allclose(column["recent_similarity_max"], cosines.max(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(column["recent_similarity_mean"], cosines.mean(axis=1), rtol=1e-5, atol=1e-6)
+    base = base_feature_groups(tuple(engine.user_context.models))
+    assert engine.features.names[: len(base)] == list(base)
+
+
+def test_cooccurrence_keeps_each_items_most_similar_by_cosine():
+    ds = data.make_synthetic(n_users=80, n_items=50, n_ratings=900, seed=2)
+    dense = ds.user_items().toarray() > 0
+    shared = dense.T.astype(float) @ dense
+    norms = np.sqrt(np.diag(shared))
+    cosine = shared / np.outer(np.maximum(norms, 1), np.maximum(norms, 1))
+    np.fill_diagonal(cosine, 0)
+    neighbours, similarities = item_cooccurrence(ds, k=5)
+    for i in range(ds.n_items):
+        np.testing.assert_allclose(similarities[i], np.sort(cosine[i])[::-1][:5], rtol=1e-5, atol=1e-7)
+        found = neighbours[i][neighbours[i] >= 0]
+        np.testing.assert_allclose(cosine[i, found], similarities[i][: len(found)], rtol=1e-5)
+
+
+def test_lone_batch_and_score_agree_under_the_ranker(ranked):
+    ds, _, _, engine = ranked
+    users = list(ds.users.ids[:12])
+    batch = engine.recommend_batch(users, k=8)
+    for user, together in zip(users, batch):
+        alone = engine.recommend(user, k=8)
+        np.testing.assert_array_equal(alone.item_ids, together.item_ids)
+        np.testing.assert_array_equal(alone.scores, together.scores)
+        scored = engine.score(user, list(alone.item_ids))
+        by_item = dict(zip(scored.item_ids.tolist(), scored.scores.tolist()))
+        np.testing.assert_allclose([by_item[i] for i in alone.item_ids.tolist()], alone.scores, rtol=1e-5)
+    # The ranker changes the order the blend gives (it is not a no-op).
+    blend_only = Engine.load(engine.bundle.path, EngineConfig(segment_key="occupation", ranking="blend"))
+    differs = [
+        not np.array_equal(engine.recommend(u, k=8).item_ids, blend_only.recommend(u, k=8).item_ids) for u in users
+    ]
+    assert any(differs)
+
+
+def test_new_and_cold_users_are_ranked_with_missing_features(ranked):
+    ds, _, _, engine = ranked
+    cold = engine.recommend("nobody-at-all", k=5)
+    assert len(cold) == 5 and cold.served_by == "popularity" and np.isfinite(cold.scores).all()
+    folded = engine.recommend(ratings={ds.items.ids[0]: 5.0, ds.items.ids[1]: 4.0}, k=5)
+    assert len(folded) == 5 and folded.served_by == "fold-in"
+    assert not {ds.items.ids[0], ds.items.ids[1]} & set(folded.item_ids.tolist())
+
+
+def test_explanations_are_the_largest_contributions(ranked):
+    ds, _, _, engine = ranked
+    user = ds.users.ids[3]
+    recs = engine.recommend(user, k=5, explain=True)
+    assert len(recs.explanations) == 5
+    cat = engine._catalogue
+    requests = engine.user_context.requests(cat, [user], True, cat.every_item)
+    candidates, _ = engine._candidates(cat, requests, 500, None)
+    at, scores, features = engine._rank(cat, requests, candidates, 5, engine.ranker)
+    contributions = engine.ranker.contributions(features)
+    for item, explained in zip(recs.item_ids.tolist(), recs.explanations):
+        row = int(np.flatnonzero(cat.items.external(candidates.items[at]) == item)[0])
+        expected = np.sort(np.abs(contributions[row]))[::-1][:3]
+        np.testing.assert_allclose([abs(e["contribution"]) for e in explained], expected, rtol=1e-5)
+        assert {e["feature"] for e in explained} <= set(engine.features.names)
+    assert recs.explanations and engine.recommend(user, k=5).explanations == []
+
+    # The blend's explanation: its terms add up to the blend's score.
+    blend_only = Engine.load(engine.bundle.path, EngineConfig(segment_key="occupation", ranking="blend"))
+    recs = blend_only.recommend(user, k=5, explain=True)
+    names = [f"{m}_score" for m in ("cf", "towers")] + ["item_popularity"]
+    for score, explained in zip(recs.scores, recs.explanations):
+        assert {e["feature"] for e in explained} == set(names)
+        assert sum(e["contribution"] for e in explained) == pytest.approx(float(score), abs=1e-5)
+
+
+def test_grpc_returns_the_librarys_explanations(ranked):
+    ds, root, _, engine = ranked
+    server = TandemServer(root, ServerConfig(port=0), EngineConfig(segment_key="occupation")).start()
+    try:
+        with Client(f"127.0.0.1:{server.port}") as client:
+            remote = client.recommend(ds.users.ids[2], k=4, explain=True)
+            plain = client.recommend(ds.users.ids[2], k=4)
+    finally:
+        server.stop(0)
+    local = engine.recommend(ds.users.ids[2], k=4, explain=True)
+    np.testing.assert_array_equal(remote.item_ids, local.item_ids)
+    np.testing.assert_allclose(remote.scores, local.scores, rtol=1e-6)
+    assert [[e["feature"] for e in x] for x in remote.explanations] == [
+        [e["feature"] for e in x] for x in local.explanations
+    ]
+    np.testing.assert_allclose(
+        [e["contribution"] for x in remote.explanations for e in x],
+        [e["contribution"] for x in local.explanations for e in x],
+        rtol=1e-5,
+    )
+    assert plain.explanations == []
+
+
+def test_a_saved_ranker_loads_without_pickle_and_tampering_is_caught(ranked, tmp_path):
+    ds, root, _, engine = ranked
+    saved = engine.ranker.save(tmp_path / "ranker")
+    again = Ranker.load(saved)
+    rows = np.random.default_rng(0).normal(size=(20, len(engine.features.names))).astype(np.float32)
+    np.testing.assert_array_equal(again.predict(rows), engine.ranker.predict(rows))
+    (saved / "ranker.txt").write_text("not a model")
+    with pytest.raises(TandemError, match="not a LightGBM model"):
+        Ranker.load(saved)
+    with pytest.raises(ValueError, match="features"):
+        engine.use_ranker(Ranker(again.booster, [f"x{j}" for j in range(len(again.feature_names))], {}, 10, {}))
+    model = root / "current" / "ranker" / "ranker.txt"
+    original = model.read_bytes()
+    try:
+        model.write_bytes(original.replace(b"Tree=0", b"Tree=9"))
+        with pytest.raises(BundleError, match="ranker"):
+            Engine.load(root)
+    finally:
+        model.write_bytes(original)
+
+
+def test_the_ranker_learns_from_held_out_interactions(ranked):
+    """On the examples it is trained on, a fitted ranker orders held-out relevant items
+    above the others better than the blend score alone does (a generous margin)."""
+    ds, _, config, _ = ranked
+    from engine.settings import RankerConfig
+
+    ranker_config = RankerConfig.from_dict({**config["ranker"], "holdout": "random", "num_trees": 40})
+    examples = ranker_examples(ds, config, ranker_config, log=lambda line: None)
+    assert examples.labels.sum() > 0 and len(examples.group_sizes) > 20
+    ranker = fit_ranker(examples, ranker_config, log=lambda line: None)
+    blend = examples.features[:, examples.feature_names.index("blend_score")]
+
+    def mean_auc(scores):
+        aucs, start = [], 0
+        for size in examples.group_sizes:
+            s, y = scores[start : start + size], examples.labels[start : start + size]
+            start += size
+            pos, neg = s[y > 0], s[y == 0]
+            if len(pos) and len(neg):
+                aucs.append((pos[:, None] > neg[None, :]).mean())
+        return float(np.mean(aucs))
+
+    assert mean_auc(ranker.predict(examples.features)) > mean_auc(blend) + 0.01
+    dropped = examples.without(["scores"])
+    assert np.isnan(dropped.features[:, examples.feature_names.index("cf_score")]).all()
+    assert not np.isnan(dropped.features[:, examples.feature_names.index("item_popularity")]).all()
+
+
+def test_eval_pipeline_reports_the_ablation(ranked):
+    ds, _, config, _ = ranked
+    split = data.random_split(ds, 0.2, seed=0, per_user=True)
+    report = evaluate_pipeline(
+        [("random0", split)], k=5, n_candidates=100, config=config, peer_names=(), log=lambda x: None
+    )
+    ablation = report["summary"]["pipeline"]["ablation"]
+    assert set(ablation) == {"blend"} | {f"without {g}" for g in set(base_feature_groups().values()) | {"affinity"}}
+    assert all(0 <= v["recall@5"] <= 1 for v in ablation.values())
