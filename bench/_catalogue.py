@@ -29,5 +29,33 @@ def build_catalogue_bundle(
     towers = train_two_tower(ds, objective="softmax", epochs=1, batch_size=4096, progress=False)
     print("building the bundle ...", flush=True)
     return build_bundle(
-        ds, cf, towers, root, n_queries=300, user_top_k=USER_TOP_ITEMS if user_top_k is None else user_top_k
+        ds,
+        cf,
+        towers,
+        root,
+        n_queries=300,
+        user_top_k=USER_TOP_ITEMS if user_top_k is None else user_top_k,
+        ranker=full_size_ranker(ds, cf, towers),
     )
+
+
+def full_size_ranker(ds, cf, towers):
+    """A learned ranker of the largest size the default ``[ranker]`` settings allow
+    (``num_trees`` trees of ``num_leaves`` leaves, no early stopping), fitted on random
+    rows with this bundle's feature names: its cost per candidate is what a trained
+    ranker's is at most, whatever it learned."""
+    import numpy as np
+
+    from engine.data.attributes import ItemAttributes
+    from engine.models.ranker import Ranker
+    from engine.serving.features import feature_groups
+    from engine.settings import RankerConfig
+
+    groups = feature_groups((towers.name, cf.name), ItemAttributes.of_features(ds.item_features))
+    rng = np.random.default_rng(0)
+    config = RankerConfig(min_data_in_leaf=20)
+    per_user, n_users = config.depth, 2000
+    features = rng.normal(size=(per_user * n_users, len(groups))).astype(np.float32)
+    labels = (features[:, 0] + rng.normal(size=len(features)) > 1.5).astype(np.int32)
+    sizes = np.full(n_users, per_user)
+    return Ranker.fit(features, labels, sizes, list(groups), groups, config)

@@ -193,6 +193,32 @@ def item_cooccurrence(dataset: Dataset, k: int = ITEM_COOCCURRENCE, block_cells:
     return neighbours, similarities
 
 
+RATE_PRIOR = 10.0  # pseudo-interactions at the global rate that each user's and item's rates start from
+
+
+def like_rates(dataset: Dataset) -> dict[str, np.ndarray]:
+    """Ranker features of explicit feedback: each item's share of interactions that are
+    likes (``item_like_rate``) and its mean rating (``item_mean_rating``), and each
+    user's share of likes (``user_like_rate``), float32, every one shrunk toward the
+    global value by ``RATE_PRIOR`` pseudo-interactions (so one 5-star rating is not a
+    rate of 1). Constant on implicit data, where every interaction is a like."""
+    liked = dataset.liked().astype(np.float64)
+    ratings = dataset.ratings.astype(np.float64)
+    like_all = float(liked.mean()) if len(liked) else 0.0
+    mean_all = float(ratings.mean()) if len(ratings) else 0.0
+
+    def shrunk(index, values, n, prior):
+        total = np.bincount(index, weights=values, minlength=n)
+        count = np.bincount(index, minlength=n)
+        return ((total + RATE_PRIOR * prior) / (count + RATE_PRIOR)).astype(np.float32)
+
+    return {
+        "item_like_rate": shrunk(dataset.item_idx, liked, dataset.n_items, like_all),
+        "item_mean_rating": shrunk(dataset.item_idx, ratings, dataset.n_items, mean_all),
+        "user_like_rate": shrunk(dataset.user_idx, liked, dataset.n_users, like_all),
+    }
+
+
 TREND_SHARE = 0.1  # item_trend counts the latest tenth of the training period
 
 
@@ -337,6 +363,8 @@ def _build(
     layout.save_table("recent_liked", recent_liked(dataset))
     layout.save_table("item_neighbours", neighbours)
     trend, age = item_history_tables(dataset)
+    for name, table in like_rates(dataset).items():
+        layout.save_table(name, table)
     cooccurring, cooccurrence = item_cooccurrence(dataset)
     layout.save_table("item_cooccurring", cooccurring)
     layout.save_table("item_cooccurrence", cooccurrence)

@@ -9,8 +9,8 @@ own candidates.
    with their features (:mod:`engine.serving.features`), are the examples. A candidate
    is relevant when the user's held-out interactions like it (the data's own rule:
    every interaction of implicit data, ratings of at least 4 otherwise).
-3. LambdaRank trees are fitted on 80% of those users, early-stopped on the other 20%
-   by NDCG@10.
+3. LambdaRank trees are fitted on those users' examples (``num_trees`` of them, or
+   early-stopped on a fifth of the users by NDCG@10 with ``early_stopping``).
 
 ``train_and_publish`` then trains the served models on all of the data and stores the
 ranker in their bundle. The features of the served models are read by trees fitted on
@@ -127,8 +127,8 @@ def _examples_of(fit: data.Dataset, holdout: data.Dataset, config: dict, ranker_
 
 
 def fit_ranker(examples: RankerExamples, config: RankerConfig, without: Sequence[str] = (), log=print) -> Ranker:
-    """LambdaRank trees on ``examples`` (minus the feature groups ``without``),
-    early-stopped on a seeded fifth of the users."""
+    """LambdaRank trees on ``examples`` (minus the feature groups ``without``); with
+    ``early_stopping``, early-stopped on a seeded fifth of the users."""
     if without:
         examples = examples.without(without)
     n_users = len(examples.group_sizes)
@@ -136,7 +136,7 @@ def fit_ranker(examples: RankerExamples, config: RankerConfig, without: Sequence
         raise ValueError("no held-out user has a relevant candidate: too little data to train a ranker")
     rng = np.random.default_rng(config.seed)
     valid_users = np.zeros(n_users, bool)
-    if n_users >= 10:
+    if config.early_stopping and n_users >= 10:
         valid_users[rng.choice(n_users, max(1, int(n_users * VALID_SHARE)), replace=False)] = True
     row_valid = np.repeat(valid_users, examples.group_sizes)
     ranker = Ranker.fit(

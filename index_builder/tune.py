@@ -3,7 +3,9 @@ carved from that data only.
 
 Each trial (Optuna's TPE sampler, seeded) draws CF settings (factors, regularisation,
 confidence weighting of the interaction values, iterations), tower settings (layer sizes,
-temperature, epochs) and the ranking blend, then scores them in two stages:
+temperature, epochs), the ranking blend and the learned ranker (trees, leaves, minimum
+leaf size, learning rate, how many candidates it re-scores), then scores them in two
+stages:
 
 1. train CF alone and measure its NDCG@k on the validation users — a trial whose CF is
    already worse than the median of earlier trials at this stage is pruned (stopped
@@ -57,7 +59,7 @@ def validation_split(dataset: data.Dataset, fraction: float = 0.2, seed: int = 0
 
 def suggest(trial) -> dict[str, Any]:
     """One trial's settings, as configuration sections (``retrieval.cf``,
-    ``retrieval.towers``: over the serving presets; ``engine``: the blend)."""
+    ``retrieval.towers``: over the serving presets; ``engine``: the blend; ``ranker``)."""
     cf: dict[str, Any] = {
         "n_features": trial.suggest_categorical("cf.n_features", [16, 32, 64, 128]),
         "lambda_": trial.suggest_float("cf.lambda", 0.5, 200.0, log=True),
@@ -79,7 +81,14 @@ def suggest(trial) -> dict[str, Any]:
         "blend_cf": trial.suggest_float("engine.blend_cf", 0.1, 3.0, log=True),
         "blend_popularity": trial.suggest_float("engine.blend_popularity", 0.0, 2.0),
     }
-    return {"retrieval": {"cf": cf, "towers": towers}, "engine": engine}
+    ranker = {
+        "num_trees": trial.suggest_int("ranker.num_trees", 50, 300, log=True),
+        "num_leaves": trial.suggest_categorical("ranker.num_leaves", [4, 7, 15, 31]),
+        "min_data_in_leaf": trial.suggest_int("ranker.min_data_in_leaf", 20, 500, log=True),
+        "learning_rate": trial.suggest_float("ranker.learning_rate", 0.02, 0.2, log=True),
+        "depth": trial.suggest_categorical("ranker.depth", [30, 50, 100]),
+    }
+    return {"retrieval": {"cf": cf, "towers": towers}, "engine": engine, "ranker": ranker}
 
 
 def tune(

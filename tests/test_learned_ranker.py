@@ -81,6 +81,18 @@ def test_features_equal_their_definitions(ranked):
     np.testing.assert_allclose(column["item_popularity"], np.log1p(ds.item_counts()[items]), rtol=1e-6)
     seen = ds.user_items()[u].indices
     np.testing.assert_allclose(column["user_activity"], np.log1p(len(seen)), rtol=1e-6)
+    liked, ratings = ds.liked(), ds.ratings
+    for name, values, mine in (
+        ("item_like_rate", liked, None),
+        ("item_mean_rating", ratings, None),
+        ("user_like_rate", liked, ds.user_idx == u),
+    ):
+        prior = values.mean()
+        if mine is None:  # per item: (sum + 10 x the global value) / (count + 10)
+            expected = [(values[ds.item_idx == i].sum() + 10 * prior) / ((ds.item_idx == i).sum() + 10) for i in items]
+        else:
+            expected = (values[mine].sum() + 10 * prior) / (mine.sum() + 10)
+        np.testing.assert_allclose(column[name], expected, rtol=1e-5)
 
     genres = np.asarray(ds.item_features.columns["genres"]) != 0
     profile = genres[seen].sum(axis=0)
@@ -89,7 +101,7 @@ def test_features_equal_their_definitions(ranked):
 
     neighbours = engine.features.tables.cooccurring
     similarity = engine.features.tables.cooccurrence
-    expected = [sum(similarity[j][neighbours[j] == i].sum() for j in seen) for i in items]
+    expected = [similarity[i][np.isin(neighbours[i], seen) & (neighbours[i] >= 0)].sum() for i in items]
     np.testing.assert_allclose(column["cooccurrence_sum"], expected, rtol=1e-5)
     np.testing.assert_allclose(column["cooccurrence_mean"], np.array(expected) / len(seen), rtol=1e-5)
 
@@ -178,6 +190,7 @@ def test_grpc_returns_the_librarys_explanations(ranked):
         with Client(f"127.0.0.1:{server.port}") as client:
             remote = client.recommend(ds.users.ids[2], k=4, explain=True)
             plain = client.recommend(ds.users.ids[2], k=4)
+            info = client.info()
     finally:
         server.stop(0)
     local = engine.recommend(ds.users.ids[2], k=4, explain=True)
@@ -192,6 +205,8 @@ def test_grpc_returns_the_librarys_explanations(ranked):
         rtol=1e-5,
     )
     assert plain.explanations == []
+    assert info["ranking"] == "ranker" and info["ranker_features"] == engine.features.names
+    assert info["ranker_trees"] == engine.ranker.trees.n_trees and info["ranker_depth"] == engine.ranker.depth
 
 
 def test_a_saved_ranker_loads_without_pickle_and_tampering_is_caught(ranked, tmp_path):
@@ -252,3 +267,26 @@ def test_eval_pipeline_reports_the_ablation(ranked):
     ablation = report["summary"]["pipeline"]["ablation"]
     assert set(ablation) == {"blend"} | {f"without {g}" for g in set(base_feature_groups().values()) | {"affinity"}}
     assert all(0 <= v["recall@5"] <= 1 for v in ablation.values())
+
+
+def test_compiled_trees_score_exactly_as_lightgbm():
+    """The serving path's tree walk equals Booster.predict, with NaNs, zeros and
+    one-leaf trees among the inputs."""
+    import lightgbm
+
+    from engine.models.tree_scoring import CompiledTrees
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(4000, 6)).astype(np.float32)
+    X[rng.random(X.shape) < 0.15] = np.nan
+    X[rng.random(X.shape) < 0.1] = 0.0
+    X[:, 5] = 1.0  # a constant feature: never split on
+    y = (np.nan_to_num(X[:, 0]) + 0.5 * np.nan_to_num(X[:, 1]) + rng.normal(size=4000) > 1.0).astype(int)
+    params = {"objective": "lambdarank", "num_leaves": 7, "min_data_in_leaf": 20, "verbose": -1, "seed": 0}
+    for use_missing in (True, False):
+        booster = lightgbm.train(
+            {**params, "use_missing": use_missing, "zero_as_missing": not use_missing},
+            lightgbm.Dataset(X, y, group=[40] * 100),
+            num_boost_round=30,
+        )
+        np.testing.assert_array_equal(CompiledTrees(booster).predict(X), booster.predict(X))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import TandemError
+from engine.models.tree_scoring import CompiledTrees
 from engine.settings import RankerConfig
 
 FORMAT_VERSION = 1
@@ -42,6 +43,9 @@ class Ranker:
             raise TandemError(
                 f"the ranker's model has {booster.num_feature()} features, its metadata names {len(feature_names)}"
             )
+        # Served by compiled code with LightGBM's exact decisions (engine.models.tree_scoring):
+        # LightGBM's predict call alone costs more than a lone request's budget.
+        self.trees = CompiledTrees(booster)
 
     @classmethod
     def fit(
@@ -55,7 +59,8 @@ class Ranker:
         valid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> Ranker:
         """Trees by LambdaRank on rows grouped by user (``group_sizes`` consecutive rows
-        each), early-stopped on ``valid`` (features, labels, group sizes) by NDCG@10."""
+        each); with ``config.early_stopping``, early-stopped on ``valid`` (features,
+        labels, group sizes) by NDCG@10."""
         lgb = _lightgbm()
         params: dict[str, Any] = {
             "objective": "lambdarank",
@@ -74,7 +79,7 @@ class Ranker:
         train = lgb.Dataset(features, labels, group=group_sizes, feature_name=_safe_names(feature_names))
         kwargs: dict[str, Any] = {}
         evaluated: dict = {}
-        if valid is not None and len(valid[2]):
+        if valid is not None and len(valid[2]) and config.early_stopping:
             kwargs["valid_sets"] = [lgb.Dataset(valid[0], valid[1], group=valid[2], reference=train)]
             kwargs["callbacks"] = [
                 lgb.early_stopping(max(10, config.num_trees // 10), verbose=False),
@@ -98,9 +103,7 @@ class Ranker:
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """``[n]`` float32 scores of feature rows (higher is better)."""
-        if len(features) == 0:
-            return np.zeros(0, np.float32)
-        return self.booster.predict(features, num_threads=1).astype(np.float32)
+        return self.trees.predict(features).astype(np.float32)
 
     def contributions(self, features: np.ndarray) -> np.ndarray:
         """``[n, n_features]`` each feature's contribution to each row's score (SHAP

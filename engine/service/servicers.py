@@ -212,6 +212,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             )
             for name, r in manifest.indexes.items()
         ]
+        ranker = engine.ranker
         return pb.GetInfoResponse(
             version=engine.version,
             created_at=manifest.created_at,
@@ -226,4 +227,8 @@ class AdminServicer(pb_grpc.AdminServicer):
             max_batch=self.config.max_batch,
             loaded_seconds_ago=time.time() - self.holder.loaded_at,
             reloads=self.holder.reloads,
+            ranking="blend" if ranker is None else "ranker",
+            ranker_trees=0 if ranker is None else ranker.trees.n_trees,
+            ranker_depth=0 if ranker is None else ranker.depth,
+            ranker_features=[] if ranker is None else ranker.feature_names,
         )

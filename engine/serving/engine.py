@@ -128,6 +128,9 @@ class Engine:
 
     def _ranking_features(self, published: LoadedBundle, popularity: np.ndarray) -> RankingFeatures:
         layout, n_items = published.layout, len(popularity)
+        missing = np.zeros(0, np.float32)  # (bundles built before a table: NaN features)
+        like_rate = layout.load_table("item_like_rate", optional=True)
+        mean_rating = layout.load_table("item_mean_rating", optional=True)
         trend = layout.load_table("item_trend", optional=True)
         age = layout.load_table("item_age", optional=True)
         cooccurring = layout.load_table("item_cooccurring", optional=True)
@@ -137,6 +140,8 @@ class Engine:
             tuple(self.user_context.models),
             self.blend.scales,
             ItemHistoryTables(
+                missing if like_rate is None else like_rate,
+                missing if mean_rating is None else mean_rating,
                 np.zeros(n_items, np.float32) if trend is None else trend,
                 np.zeros(n_items, np.float32) if age is None else age,
                 np.zeros((0, 1), np.int32) if cooccurring is None else cooccurring,

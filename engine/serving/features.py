@@ -23,12 +23,16 @@ item_trend             popularity   log(1 + its interactions in the latest tenth
 item_age               popularity   the share of the training period since its first
                                     interaction (0: new)
 user_activity          user         log(1 + the user's interactions)
+user_like_rate         user         the user's share of likes among their interactions,
+                                    shrunk toward the global share (explicit feedback)
+item_like_rate         ratings      the item's share of likes among its interactions, shrunk
+item_mean_rating       ratings      its mean rating, shrunk toward the global mean
 recent_similarity_max  similarity   the largest cosine between the item's CF vector and
                                     those of the user's recent likes
 recent_similarity_mean similarity   their mean
 cooccurrence_sum       cooccurrence the item's co-occurrence similarity to the user's history:
-                                    the sum over history items of their cosine (of users)
-                                    with it, among each one's 100 most similar items
+                                    the sum of the cosines (of users) of its 100 most
+                                    similar items that lie in the user's history
 cooccurrence_mean      cooccurrence that sum over the history's length
 affinity:<attribute>   affinity     for each multi-valued (e.g. genres) or categorical item
                                     attribute: the share of the user's history that has
@@ -41,6 +45,7 @@ feature; the ranker was trained with such gaps.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -61,7 +66,8 @@ def base_feature_groups(models: tuple[str, ...] = ("cf", "towers")) -> dict[str,
     groups.update({f"from_{name}": "sources" for name in SOURCES})
     groups.update({"n_sources": "sources", "candidate_position": "sources"})
     groups.update({name: "popularity" for name in ("item_popularity", "segment_popularity", "item_trend", "item_age")})
-    groups["user_activity"] = "user"
+    groups.update({"user_activity": "user", "user_like_rate": "user"})
+    groups.update({"item_like_rate": "ratings", "item_mean_rating": "ratings"})
     groups.update({"recent_similarity_max": "similarity", "recent_similarity_mean": "similarity"})
     groups.update({"cooccurrence_sum": "cooccurrence", "cooccurrence_mean": "cooccurrence"})
     return groups
@@ -87,6 +93,8 @@ class ItemHistoryTables:
     """Per-item tables of the training period the bundle was built from
     (``index_builder.build.item_history_tables``); items added live lie beyond them."""
 
+    like_rate: np.ndarray  # [n] float32 share of likes among the item's interactions, shrunk
+    mean_rating: np.ndarray  # [n] float32 mean rating, shrunk
     trend: np.ndarray  # [n] float32 log(1 + interactions in the latest tenth of the period)
     age: np.ndarray  # [n] float32 share of the period since the first interaction
     cooccurring: np.ndarray  # [n, K] int32 most similar items by co-occurrence, -1 pads
@@ -122,6 +130,15 @@ class RankingFeatures:
             order = np.argsort(keys, axis=None)
             self._segment_keys = keys.ravel()[order]
             self._segment_counts = np.log1p(segment_top_counts.ravel()[order]).astype(np.float32)
+        # The per-item columns, stacked (one gather per request), and the values of items
+        # beyond them (added live): trend and age 0 (new), the rates unknown.
+        tables = history_tables
+        self._trend_age = np.stack([tables.trend, tables.age], axis=1).astype(np.float32)
+        self._rates = (
+            np.stack([tables.like_rate, tables.mean_rating], axis=1).astype(np.float32)
+            if len(tables.like_rate)
+            else np.zeros((0, 2), np.float32)
+        )
         self.affinity = list(affinity)
         self.groups = {**base_feature_groups(models), **{f"affinity:{a}": "affinity" for a in self.affinity}}
         self.names = list(self.groups)  # the columns of compute(), in order
@@ -163,23 +180,25 @@ class RankingFeatures:
         for name in self.models:  # each model's score, standardised
             out[:, next(column)] = self._model_score(requests, name, rows, items, cat.item_vectors[name])
         out[:, next(column)] = blend_scores
-        proposed = np.zeros(len(rows), np.float32)
-        for name in SOURCES:
-            j = next(column)
-            if name in source_names:
-                flag = (source_bits >> source_names.index(name)) & 1
-                out[:, j] = flag
-                proposed += flag
-            else:
-                out[:, j] = 0.0
-        out[:, next(column)] = proposed
+        first = next(column)
+        shifts = _source_shifts(source_names)  # each source's bit, -1 where the request has none
+        flags = (source_bits[:, None] >> np.maximum(shifts, 0)) & (shifts >= 0)
+        out[:, first : first + len(SOURCES)] = flags
+        for _ in SOURCES[1:]:
+            next(column)
+        out[:, next(column)] = flags.sum(axis=1)
         out[:, next(column)] = positions
         out[:, next(column)] = np.log1p(cat.popularity[items])
         out[:, next(column)] = self._segment_popularity(requests, rows, items)
-        for table in (self.tables.trend, self.tables.age):
-            out[:, next(column)] = np.where(items < len(table), table[np.minimum(items, len(table) - 1)], 0.0)
+        trend = next(column)
+        out[:, trend : trend + 2] = _per_item(self._trend_age, items, 0.0)  # trend, age
+        next(column)
         indptr, history = requests.history()
         out[:, next(column)] = np.log1p(np.diff(indptr))[rows]
+        out[:, next(column)] = np.nan if requests.like_rate is None else requests.like_rate[rows]
+        rates = next(column)
+        out[:, rates : rates + 2] = _per_item(self._rates, items, np.nan)  # like rate, mean rating
+        next(column)
         similarity_max, similarity_mean = next(column), next(column)
         out[:, similarity_max], out[:, similarity_mean] = self._recent_similarity(requests, rows, items)
         total = self._cooccurrence(indptr, history, rows, items)
@@ -208,25 +227,30 @@ class RankingFeatures:
         return np.where(segment >= 0, found, np.nan).astype(np.float32)
 
     def _cooccurrence(self, indptr: np.ndarray, history: np.ndarray, rows: np.ndarray, items: np.ndarray):
-        """Per pair, the sum of the co-occurrence similarities of the user's history
-        items with the item (NaN for a user with no history)."""
+        """Per pair, the sum of the co-occurrence similarities of the item's most
+        similar items that lie in the user's history (NaN for a user with no history):
+        ``K`` lookups per candidate, whatever the history's length or the catalogue's size."""
         neighbours, weights = self.tables.cooccurring, self.tables.cooccurrence
+        lengths = np.diff(indptr)
         n_table = len(neighbours)
-        out = np.full(len(rows), np.nan, np.float32)
         if n_table == 0:
-            return out
-        bounds = np.searchsorted(rows, np.arange(len(indptr))).tolist()
-        for u in range(len(indptr) - 1):
-            if bounds[u + 1] == bounds[u] or indptr[u + 1] == indptr[u]:
-                continue
-            mine = history[indptr[u] : indptr[u + 1]]
-            mine = mine[mine < n_table]
-            ids, w = neighbours[mine].ravel(), weights[mine].ravel()
-            valid = ids >= 0
-            summed = np.bincount(ids[valid], w[valid], minlength=n_table)
-            wanted = items[bounds[u] : bounds[u + 1]]
-            out[bounds[u] : bounds[u + 1]] = np.where(wanted < n_table, summed[np.minimum(wanted, n_table - 1)], 0.0)
-        return out
+            return np.full(len(rows), np.nan, np.float32)
+        inside = items < n_table
+        at = np.where(inside, items, 0)
+        found, similarity = neighbours[at].astype(np.int64), weights[at]  # [n, K]
+        if len(history) == 0:
+            return np.full(len(rows), np.nan, np.float32)
+        if len(lengths) == 1:  # one user: a bitmap of their history (-1 pads land on the last entry)
+            mine = np.zeros(n_table + 1, bool)
+            mine[history[history < n_table]] = True
+            hit = mine[found]
+        else:  # (user, item) keys of everyone's history, sorted
+            owners = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+            keys = np.sort(owners * n_table + history.astype(np.int64))
+            wanted = rows.astype(np.int64)[:, None] * n_table + found
+            hit = (keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] == wanted) & (found >= 0)
+        total = np.einsum("nk,nk->n", similarity, hit.astype(np.float32))
+        return np.where(inside & (lengths[rows] > 0), total, np.nan).astype(np.float32)
 
     def _recent_similarity(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> tuple:
         """Max and mean cosine of each item's CF vector to its user's recent likes'."""
@@ -234,19 +258,34 @@ class RankingFeatures:
         unit, n_cf = self.unit_cf, len(self.unit_cf)
         inside = items < n_cf
         item_unit = unit[np.where(inside, items, 0)]
-        sims = np.full((len(rows), liked.shape[1]), np.nan, np.float32)
+        largest = np.full(len(rows), np.nan, np.float32)
+        mean = np.full(len(rows), np.nan, np.float32)
         bounds = np.searchsorted(rows, np.arange(len(liked) + 1)).tolist()
         for u in range(len(liked)):
             if bounds[u + 1] == bounds[u]:
                 continue
             likes = liked[u][(liked[u] >= 0) & (liked[u] < n_cf)]
             if len(likes):
-                sims[bounds[u] : bounds[u + 1], : len(likes)] = item_unit[bounds[u] : bounds[u + 1]] @ unit[likes].T
-        has = ~np.isnan(sims[:, 0]) & inside
-        safe = np.where(np.isnan(sims), -np.inf, sims)
-        largest = np.where(has, safe.max(axis=1), np.nan)
-        mean = np.where(has, np.nanmean(np.where(has[:, None], sims, 0.0), axis=1), np.nan)
-        return largest, mean
+                sims = item_unit[bounds[u] : bounds[u + 1]] @ unit[likes].T
+                largest[bounds[u] : bounds[u + 1]] = sims.max(axis=1)
+                mean[bounds[u] : bounds[u + 1]] = sims.mean(axis=1)
+        return np.where(inside, largest, np.nan), np.where(inside, mean, np.nan)
+
+
+def _per_item(table: np.ndarray, items: np.ndarray, beyond: float) -> np.ndarray:
+    """``table[items]`` (rows of a 2-D table), ``beyond`` for items past its end (added live)."""
+    n = len(table)
+    if n == 0:
+        return np.full((len(items), table.shape[1]), beyond, np.float32)
+    if len(items) and items.max() < n:  # the usual case: no item added live
+        return table[items]
+    return np.where((items < n)[:, None], table[np.minimum(items, n - 1)], beyond).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _source_shifts(names: tuple[str, ...]) -> np.ndarray:
+    """Per source of :data:`SOURCES`, its bit in a request's candidate sources (``names``), -1 if absent."""
+    return np.array([names.index(name) if name in names else -1 for name in SOURCES], np.int64)
 
 
 def _affinity(attribute, indptr: np.ndarray, history: np.ndarray, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -254,24 +293,25 @@ def _affinity(attribute, indptr: np.ndarray, history: np.ndarray, rows: np.ndarr
     (labels: averaged over the item's labels); NaN for a user with no history."""
     n_users = len(indptr) - 1
     lengths = np.diff(indptr)
-    owners = np.repeat(np.arange(n_users), lengths)
     if attribute.kind == LABELS:
         flags = attribute.values  # [n_items, L] uint8
-        width = flags.shape[1]
-        profile = np.zeros((n_users, width), np.float32)
-        if len(history):
-            np.add.at(profile, owners, flags[history])
+        if n_users == 1:
+            profile = flags[history].sum(axis=0, dtype=np.float32)[None, :]
+        else:
+            profile = np.zeros((n_users, flags.shape[1]), np.float32)
+            some = lengths > 0
+            if some.any():  # history is grouped by user: one sum per non-empty group
+                profile[some] = np.add.reduceat(flags[history].astype(np.float32), indptr[:-1][some], axis=0)
         item_flags = flags[items].astype(np.float32)
         matched = np.einsum("nl,nl->n", profile[rows], item_flags)
         share = matched / np.maximum(item_flags.sum(axis=1), 1.0)
     else:  # categorical codes, -1 missing
         codes = attribute.values
         width = len(attribute.vocabulary)
-        profile = np.zeros(n_users * width + 1, np.float32)
-        if len(history):
-            code = codes[history]
-            keep = code >= 0
-            np.add.at(profile, owners[keep] * width + code[keep], 1.0)
+        owners = np.repeat(np.arange(n_users), lengths)
+        code = codes[history]
+        keep = code >= 0
+        profile = np.bincount(owners[keep] * width + code[keep], minlength=n_users * width + 1).astype(np.float32)
         item_code = codes[items]
         share = np.where(item_code >= 0, profile[rows * width + np.maximum(item_code, 0)], 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -82,6 +82,8 @@ class Requests:
     # user features read (engine.serving.features). None: the same as the exclusions.
     history_indptr: np.ndarray | None = None
     history_indices: np.ndarray | None = None
+    # [U] float32: each user's share of likes among their interactions (NaN unknown).
+    like_rate: np.ndarray | None = None
 
     _cache: dict = field(default_factory=dict, repr=False)
 

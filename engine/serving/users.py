@@ -24,6 +24,8 @@ _TRUE, _FALSE = read_only(np.ones(1, bool)), read_only(np.zeros(1, bool))
 _ZERO = read_only(np.zeros(1, np.float32))
 _NO_ITEMS = read_only(np.zeros(0, np.int64))
 
+RATE_PRIOR = 10.0  # as index_builder.build.RATE_PRIOR: a fold-in user's like rate is shrunk alike
+
 # How a request's user is known, said in every recommendation (Recommendations.served_by):
 KNOWN = "known user"  # a user of the bundle: their stored vectors, history and tables
 FOLD_IN = "fold-in"  # ratings given with the request: a CF vector fitted to them
@@ -43,6 +45,10 @@ class UserContext:
         self.implicit = published.manifest.dataset.implicit
         self.seen_indptr, self.seen_indices = layout.load_table("seen_indptr"), layout.load_table("seen_indices")
         self.recent = layout.load_table("recent_liked")
+        # Each user's (shrunk) share of likes; NaN for bundles built before the table.
+        rates = layout.load_table("user_like_rate", optional=True)
+        self.like_rate = np.full(len(self.users), np.nan, np.float32) if rates is None else rates
+        self.mean_like_rate = float(np.nanmean(self.like_rate)) if len(self.like_rate) else 0.0
         self.segment_values: dict[str, np.ndarray] = {}
         # Each user's segment per key, a column each (-1 where the label is empty: "" zip code, ...).
         segments = published.manifest.segments
@@ -63,7 +69,7 @@ class UserContext:
         # so nothing can write through them.
         for table in (*self.user_queries.values(), *self.user_biases.values()):
             read_only(table)
-        for table in (self.recent, self.user_segments, self.seen_indices):
+        for table in (self.recent, self.user_segments, self.seen_indices, self.like_rate):
             read_only(table)
         # A lone known user's row of a model that does not know them.
         self._unknown = {
@@ -108,6 +114,7 @@ class UserContext:
         recent = np.full((n, self.recent.shape[1]), -1, np.int64)
         recent[known] = self.recent[u[known]]
         at = np.where(known, u, 0)
+        like_rate = np.where(known, self.like_rate[at], np.nan).astype(np.float32)
         user_segments = np.where(known[:, None], self.user_segments[at], -1)
         segments = {key: user_segments[:, j] for j, key in enumerate(self.segment_values)}
         # Seen items: each known user's slice of the bundle's CSR history. (A lone known
@@ -150,6 +157,7 @@ class UserContext:
             if exclude_seen:
                 indptr, excluded = history_indptr, history
             likes = liked_mask(np.array(values), self.implicit)
+            like_rate[0] = (likes.sum() + RATE_PRIOR * self.mean_like_rate) / (len(likes) + RATE_PRIOR)
             liked = [cat.items.index(i) for i, like in zip(items, likes) if like][::-1]
             recent = np.full((1, max(len(liked), 1)), -1, np.int64)
             recent[0, : len(liked)] = liked
@@ -165,6 +173,7 @@ class UserContext:
             served_by=served_by,
             history_indptr=history_indptr,
             history_indices=history,
+            like_rate=like_rate,
         )
 
     def checked_ratings(self, ratings: Mapping[object, float]) -> tuple[list, list[float]]:
@@ -214,6 +223,7 @@ class UserContext:
             served_by=_SERVED_KNOWN,
             history_indptr=None if exclude_seen else np.array([0, len(seen)]),
             history_indices=None if exclude_seen else seen,
+            like_rate=self.like_rate[row],
         )
 
     def _top_rows(self, row: slice, models: dict[str, UserQueries], exclude_seen: bool) -> dict[str, np.ndarray]:
