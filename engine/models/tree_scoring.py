@@ -99,10 +99,12 @@ def _flatten(root: dict) -> tuple[list[dict], list[float]]:
 
 @numba.njit(cache=True, nogil=True)
 def _score_rows(rows, node_start, leaf_start, feature, threshold, left, right, default_left, missing, leaf_value, out):
-    for r in range(rows.shape[0]):
-        total = 0.0
-        for t in range(len(node_start) - 1):
-            base = node_start[t]
+    # Tree by tree, every row through it (a tree's few nodes stay in cache), the sums
+    # still in tree order per row, as LightGBM's.
+    out[:] = 0.0
+    for t in range(len(node_start) - 1):
+        base = node_start[t]
+        for r in range(rows.shape[0]):
             node = 0 if node_start[t + 1] > base else -1  # a one-leaf tree is leaf 0
             while node >= 0:
                 j = base + node
@@ -115,5 +117,4 @@ def _score_rows(rows, node_start, leaf_start, feature, threshold, left, right, d
                 else:
                     go_left = x <= threshold[j]
                 node = left[j] if go_left else right[j]
-            total += leaf_value[leaf_start[t] - node - 1]
-        out[r] = total
+            out[r] += leaf_value[leaf_start[t] - node - 1]
