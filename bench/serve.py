@@ -17,8 +17,10 @@ Usage: python bench/serve.py [--bundle ROOT] [--seconds 3] [--processes 1,2] [--
 Without --bundle it builds one (quick models; latency does not depend on their quality),
 with the per-user top-items tables ``make index`` builds (``--user-top-k 0``: none, so
 that every Recommend searches the CF and two-tower indexes).
-Writes bench/results/serve.json (one process) and serve_<N>proc.json, and prints a table
-per configuration.
+Each configuration is served with the bundle's learned ranker and with the blend alone
+(``--ranking auto,blend``), in one run. Writes bench/results/serve.json (one process) and
+serve_<N>proc.json (``_blend`` appended for the blend), and prints a table per
+configuration.
 """
 
 from __future__ import annotations
@@ -210,18 +212,28 @@ def _cores(row: dict) -> str:
 
 
 def run_configuration(
-    root: Path, processes: int, workers: int, seconds: float, users, items, tmp: str, rounds: int = 3
+    root: Path,
+    processes: int,
+    workers: int,
+    seconds: float,
+    users,
+    items,
+    tmp: str,
+    rounds: int = 3,
+    ranking: str = "auto",
 ) -> dict:
-    """Start ``tandem serve --processes N``, load it cell by cell, stop it; the table."""
+    """Start ``tandem serve --processes N`` (ranking with ``engine.ranking``), load it
+    cell by cell, stop it; the table."""
     server, port = spawn_server(
         root,
-        Path(tmp) / f"port-{processes}",
+        Path(tmp) / f"port-{processes}-{ranking}",
         "--processes",
         str(processes),
         "--workers",
         str(workers),
         "--log-level",
         "WARNING",
+        settings=(f"engine.ranking={ranking}",),
         timeout=300,
     )  # no auth in the bench
     try:
@@ -229,8 +241,8 @@ def run_configuration(
         pids = _server_pids(server.pid, processes)
         echo_bytes = reply_size(target, users[0])
         print(
-            f"\n{processes} process(es) x {workers} threads on {target}; echo payload {echo_bytes} bytes "
-            "(a Recommend reply)",
+            f"\n{processes} process(es) x {workers} threads on {target}, ranking {ranking}; echo payload "
+            f"{echo_bytes} bytes (a Recommend reply)",
             flush=True,
         )
         table = {}
@@ -305,6 +317,12 @@ def main() -> None:
         help="width of the built bundle's per-user top-items tables (default: as make index; 0: none)",
     )
     parser.add_argument(
+        "--ranking",
+        default="auto,blend",
+        help="engine.ranking values to serve with, comma-separated (auto: the bundle's learned ranker; "
+        "blend: the blend alone; default both, in one run)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=5,
@@ -321,16 +339,20 @@ def main() -> None:
         layout = bundle.BundleLayout(bundle.resolve(root))
         users = [str(u) for u in layout.load_table("user_ids")[:5000]]
         items = [str(i) for i in layout.load_table("item_ids")[:20000]]
-        for processes in [int(p) for p in args.processes.split(",")]:
-            result = run_configuration(root, processes, args.workers, args.seconds, users, items, tmp, args.rounds)
+        for processes, ranking in [(int(p), r) for p in args.processes.split(",") for r in args.ranking.split(",")]:
+            result = run_configuration(
+                root, processes, args.workers, args.seconds, users, items, tmp, args.rounds, ranking
+            )
             result.update(
                 {
                     "n_items": args.n_items if not args.bundle else None,
                     "seconds_per_cell": args.seconds,
                     "cpu_count": os.cpu_count(),
+                    "ranking": ranking,
                 }
             )
-            out = save_result("serve" if processes == 1 else f"serve_{processes}proc", result)
+            name = "serve" if processes == 1 else f"serve_{processes}proc"
+            out = save_result(name if ranking == "auto" else f"{name}_{ranking}", result)
             print(f"  -> {out}", flush=True)
 
 

@@ -56,10 +56,34 @@ class CompiledTrees:
         self.default_left = np.array(default_left, np.bool_)
         self.missing = np.array(missing, np.int8)
         self.leaf_value = np.array(leaves, np.float64)
+        # The walk without branches on the data (_score_rows_select): each node's two
+        # children side by side, and where a NaN goes (LightGBM's rule, decided here once:
+        # "NaN" splits send it the default way, "None" splits read it as 0.0). Zero-as-
+        # missing splits need the general walk.
+        self.children = np.stack([self.left, self.right], axis=1).ravel()
+        nan_goes_right = np.where(self.missing == MISSING_NAN, ~self.default_left, 0.0 > self.threshold)
+        self.nan_right = nan_goes_right.astype(np.int64)
+        self.selectable = not (self.missing == MISSING_ZERO).any()
+        self.depth = np.array([_depth(self.left, self.right, a, b) for a, b in zip(node_start[:-1], node_start[1:])])
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         """``[n]`` float64 raw scores of feature rows ``[n, n_features]``."""
         out = np.empty(len(rows), np.float64)
+        if self.selectable:
+            _score_rows_select(
+                np.ascontiguousarray(rows, np.float32),
+                self.node_start,
+                self.leaf_start,
+                self.feature,
+                self.threshold,
+                self.children,
+                self.nan_right,
+                self.leaf_value,
+                self.depth,
+                np.empty(len(rows), np.int64),
+                out,
+            )
+            return out
         _score_rows(
             np.ascontiguousarray(rows, np.float32),
             self.node_start,
@@ -118,3 +142,41 @@ def _score_rows(rows, node_start, leaf_start, feature, threshold, left, right, d
                     go_left = x <= threshold[j]
                 node = left[j] if go_left else right[j]
             out[r] += leaf_value[leaf_start[t] - node - 1]
+
+
+def _depth(left: np.ndarray, right: np.ndarray, start: int, stop: int) -> int:
+    """The number of splits on the longest path of the tree at nodes ``start:stop``."""
+    if stop == start:
+        return 0
+    deepest, stack = 0, [(0, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        for child in (left[start + node], right[start + node]):
+            if child >= 0:
+                stack.append((int(child), depth + 1))
+    return deepest
+
+
+@numba.njit(cache=True, nogil=True)
+def _score_rows_select(
+    rows, node_start, leaf_start, feature, threshold, children, nan_right, leaf_value, depth, at, out
+):
+    """:func:`_score_rows` for models without zero-as-missing splits: each tree takes
+    every row one level down at a time (independent steps the processor overlaps), each
+    step picking a child by arithmetic."""
+    out[:] = 0.0
+    n = rows.shape[0]
+    for t in range(len(node_start) - 1):
+        base = node_start[t]
+        at[:] = 0 if node_start[t + 1] > base else -1
+        for _ in range(depth[t]):
+            for r in range(n):
+                node = at[r]
+                if node >= 0:
+                    j = base + node
+                    x = rows[r, feature[j]]
+                    right = nan_right[j] if x != x else np.int64(np.float64(x) > threshold[j])
+                    at[r] = children[2 * j + right]
+        for r in range(n):
+            out[r] += leaf_value[leaf_start[t] - at[r] - 1]
