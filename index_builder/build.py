@@ -164,32 +164,43 @@ def recent_liked(dataset: Dataset, n: int = RECENT_LIKED) -> np.ndarray:
 ITEM_COOCCURRENCE = 100  # co-occurring items kept per item (a ranker feature)
 
 
-def item_cooccurrence(dataset: Dataset, k: int = ITEM_COOCCURRENCE, block_cells: int = 1 << 25):
+def item_cooccurrence(dataset: Dataset, k: int = ITEM_COOCCURRENCE, block_pairs: int = 1 << 24):
     """Each item's ``k`` most similar items by cosine similarity of their users
     (``|U_i & U_j| / sqrt(|U_i| |U_j|)``, item-based collaborative filtering):
     ``(neighbours [n_items, k] int32, -1 pads; similarities [n_items, k] float32)``,
-    most similar first. Computed in blocks of items, memory bounded by ``block_cells``
-    whatever the catalogue."""
+    most similar first. Sparse throughout: items are taken in
+    blocks whose co-occurring pairs number at most about ``block_pairs`` (bounded by each
+    item's users' history lengths), so time and memory follow the co-occurrences, not the
+    square of the catalogue."""
     n = dataset.n_items
     k = min(k, max(n - 1, 0))
     item_users = dataset.item_users().astype(np.float32)
     item_users.data[:] = 1.0
-    norms = np.sqrt(np.asarray(item_users.sum(axis=1)).ravel()).astype(np.float32)
-    norms[norms == 0] = 1.0
+    item_users.sort_indices()
     users_items = item_users.T.tocsr()
+    norms = np.sqrt(np.diff(item_users.indptr)).astype(np.float32)
+    norms[norms == 0] = 1.0
+    # An upper bound of each item's co-occurring pairs: its users' history lengths summed.
+    bound = item_users @ np.diff(users_items.indptr).astype(np.float64)
     neighbours, similarities = np.full((n, k), -1, np.int32), np.zeros((n, k), np.float32)
-    size = max(1, block_cells // max(n, 1))
-    for start in range(0, n, size):
-        stop = min(start + size, n)
-        shared = (item_users[start:stop] @ users_items).toarray()
-        shared[np.arange(stop - start), np.arange(start, stop)] = 0.0  # not itself
-        sims = shared / norms[start:stop, None] / norms[None, :]
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.argsort(-sims, axis=1)[:, :k]
-        top_sims = np.take_along_axis(sims, top, axis=1)
-        order = np.argsort(-top_sims, axis=1, kind="stable")
-        top, top_sims = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_sims, order, axis=1)
-        neighbours[start:stop] = np.where(top_sims > 0, top, -1)
-        similarities[start:stop] = np.maximum(top_sims, 0.0)
+    if k == 0:
+        return neighbours, similarities
+    start = 0
+    while start < n:
+        stop = start + 1 + int(np.searchsorted(np.cumsum(bound[start + 1 :]), block_pairs))
+        stop = min(stop, n)
+        shared = (item_users[start:stop] @ users_items).tocoo()
+        rows, cols = shared.row.astype(np.int64), shared.col.astype(np.int64)
+        other = rows + start != cols  # not itself
+        rows, cols, counts = rows[other], cols[other], shared.data[other]
+        sims = counts / norms[rows + start] / norms[cols]
+        order = np.argsort(rows * 2.0 + (1.0 - sims))  # by item, most similar first (sims in [0, 1])
+        rows, cols, sims = rows[order], cols[order], sims[order]
+        rank = positions_in_rows(rows)
+        take = rank < k
+        neighbours[rows[take] + start, rank[take]] = cols[take]
+        similarities[rows[take] + start, rank[take]] = sims[take]
+        start = stop
     return neighbours, similarities
 
 
