@@ -200,8 +200,16 @@ def test_train_build_index_recommend_rollback(tmp_path, capsys):
         )
         == 0
     )
+    ranker_settings = ["--set", "ranker.num_trees=10", "--set", "ranker.n_candidates=50"]
+    capsys.readouterr()
+    assert main(common + ranker_settings + ["train-ranker", "--data", "synthetic"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["saved"] == str(tmp_path / "models" / "ranker") and trained["depth"] == 50
     for _ in range(2):
         assert main(common + ["build-index", "--data", "synthetic"]) == 0
+    from engine import Engine
+
+    assert Engine.load(tmp_path / "bundles").ranker is not None  # build-index stored train-ranker's
     capsys.readouterr()
     assert main(common + ["recommend", "--example", "--k", "3"]) == 0
     out = capsys.readouterr().out

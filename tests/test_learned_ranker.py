@@ -290,3 +290,24 @@ def test_compiled_trees_score_exactly_as_lightgbm():
             num_boost_round=30,
         )
         np.testing.assert_array_equal(CompiledTrees(booster).predict(X), booster.predict(X))
+
+
+def test_a_ranker_of_other_features_is_refused_at_build(ranked, tmp_path):
+    """A ranker trained on data with other item attributes would read the wrong columns:
+    build_bundle refuses it, and publishes nothing."""
+    from engine.data.dataset import FeatureTable
+    from engine.models.cf import CFModel
+    from engine.models.towers import TwoTowerModel
+    from index_builder.build import build_bundle
+
+    ds, root, _, engine = ranked
+    models = root / "current"
+    cf, towers = CFModel.load(models / "cf"), TwoTowerModel.load(models / "towers")
+    without_genres = {name: c for name, c in ds.item_features.columns.items() if name != "genres"}
+    other = data.Dataset(
+        ds.user_idx, ds.item_idx, ds.ratings, ds.timestamps, ds.users, ds.items,
+        ds.user_features, FeatureTable(without_genres), ds.item_titles, name=ds.name,
+    )  # fmt: skip
+    with pytest.raises(TandemError, match="affinity:genres"):
+        build_bundle(other, cf, towers, tmp_path / "other", ranker=engine.ranker, log=lambda line: None)
+    assert not (tmp_path / "other" / "current").exists()
