@@ -41,9 +41,7 @@ describe: install  ## describe the dataset (DATA=path|synthetic, default: ML-100
 	$(VENV)/bin/tandem data describe $(if $(filter auto,$(DATA)),,$(DATA)) $(SIDE_FLAGS)
 
 train: install  ## retrain CF (topn preset), the towers (retrieval preset) and the learned ranker on the configured data, for serving
-	$(VENV)/bin/tandem train-cf --split none --preset topn --no-progress $(DATA_FLAGS)
-	$(VENV)/bin/tandem train-towers --split none --preset retrieval --no-progress $(DATA_FLAGS)
-	$(VENV)/bin/tandem train-ranker $(DATA_FLAGS)
+	$(VENV)/bin/tandem train --no-progress $(DATA_FLAGS)
 
 index: install  ## rebuild the indexes from the latest trained models (no retraining) and publish a bundle
 	$(VENV)/bin/tandem build-index $(DATA_FLAGS)

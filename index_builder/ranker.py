@@ -91,14 +91,16 @@ def ranker_examples(
 
 def _examples_of(fit: data.Dataset, holdout: data.Dataset, config: dict, ranker_config: RankerConfig, log):
     from engine.serving.engine import Engine
-    from index_builder.train import publish_models
+    from index_builder.train import publish, train_embedding_models
 
     log(
         f"ranker: training on {fit.n_ratings:,} interactions, "
         f"holding out {holdout.n_ratings:,} ({ranker_config.holdout_fraction:.0%} per user)"
     )
     with tempfile.TemporaryDirectory(prefix="tandem-ranker-") as root:
-        publish_models(fit, root, {**config, "index": {**config["index"], "keep": 1}}, log=lambda line: None)
+        quiet = lambda line: None  # noqa: E731
+        cf, towers = train_embedding_models(fit, config, log=quiet)
+        publish(fit, cf, towers, root, {**config, "index": {**config["index"], "keep": 1}}, log=quiet)
         engine = Engine.load(root, EngineConfig(**{**config["engine"], "ranking": "blend"}))
         relevant = relevant_matrix(holdout, "auto")
         users = np.flatnonzero(np.diff(relevant.indptr) > 0)

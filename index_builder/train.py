@@ -16,10 +16,10 @@ from typing import Any
 from engine.data import Dataset
 from engine.models.artifacts import record_trained_on
 from engine.models.cf import PRESETS as CF_PRESETS
-from engine.models.cf import CFConfig, train_cf
+from engine.models.cf import CFConfig, CFModel, train_cf
 from engine.models.ranker import Ranker
 from engine.models.towers import PRESETS as TOWER_PRESETS
-from engine.models.towers import TowerConfig, train_two_tower
+from engine.models.towers import TowerConfig, TwoTowerModel, train_two_tower
 from engine.settings import IndexConfig, RankerConfig
 from index_builder.build import build_bundle
 from index_builder.ranker import RankerExamples, fit_ranker, ranker_examples
@@ -57,18 +57,31 @@ def train_and_publish(
     log=print,
     examples: RankerExamples | None = None,
 ) -> Path:
-    """Train both models on ``train`` and publish a bundle under ``root`` (it becomes
-    ``current``); returns the published version's directory. ``config``: the effective
-    configuration (:func:`engine.config.load_config`; default: ``./tandem.toml`` when
-    present, else the defaults). With ``ranker.enabled`` (the default) a learned ranker
-    is trained first on held-out interactions (:mod:`index_builder.ranker`; from
-    ``examples`` when given) and stored in the bundle. With ``models_dir`` the models are
-    also saved there (``<models_dir>/cf``, ``/towers``, ``/ranker``), as ``make train``
-    saves them, so that a later ``make index`` rebuilds from them."""
+    """Train every model for serving on ``train`` (:func:`train_models`) and publish a
+    bundle under ``root`` (it becomes ``current``); returns the published version's
+    directory. ``config``: the effective configuration (:func:`engine.config.load_config`;
+    default: ``./tandem.toml`` when present, else the defaults)."""
     if config is None:
         from engine.config import load_config
 
         config = load_config()
+    cf, towers, ranker = train_models(train, config, progress, models_dir, log, examples)
+    return publish(train, cf, towers, root, config, ranker, log)
+
+
+def train_models(
+    train: Dataset,
+    config: dict[str, Any],
+    progress: bool = False,
+    models_dir: str | Path | None = None,
+    log=print,
+    examples: RankerExamples | None = None,
+) -> tuple[CFModel, TwoTowerModel, Ranker | None]:
+    """What ``make train`` runs (``tandem train``): with ``ranker.enabled`` (the default)
+    the learned ranker first, on held-out interactions (:mod:`index_builder.ranker`; from
+    ``examples`` when given), then CF and the towers on all of ``train``. With
+    ``models_dir`` each is saved there (``<models_dir>/cf``, ``/towers``, ``/ranker``), where
+    ``make index`` rebuilds from."""
     ranker = None
     ranker_config = RankerConfig.from_dict(config["ranker"])
     if ranker_config.enabled:
@@ -77,19 +90,14 @@ def train_and_publish(
         ranker = fit_ranker(examples, ranker_config, log=log)
         if models_dir is not None:
             ranker.save(Path(models_dir) / "ranker")
-    return publish_models(train, root, config, progress, models_dir, log, ranker)
+    cf, towers = train_embedding_models(train, config, progress, models_dir, log)
+    return cf, towers, ranker
 
 
-def publish_models(
-    train: Dataset,
-    root: str | Path,
-    config: dict[str, Any],
-    progress: bool = False,
-    models_dir: str | Path | None = None,
-    log=print,
-    ranker: Ranker | None = None,
-) -> Path:
-    """Train CF and the towers on ``train`` and publish them (with ``ranker``, if any)."""
+def train_embedding_models(
+    train: Dataset, config: dict[str, Any], progress: bool = False, models_dir: str | Path | None = None, log=print
+) -> tuple[CFModel, TwoTowerModel]:
+    """CF and the towers with their serving settings (:func:`retrieval_configs`)."""
     cf_config, tower_config = retrieval_configs(config, progress)
     log(f"training CF ({cf_config.loss}, {cf_config.solver}) and towers ({tower_config.objective}) on {train.name} ...")
     cf = train_cf(train, cf_config)
@@ -98,6 +106,19 @@ def publish_models(
         record_trained_on(model, train)
         if models_dir is not None:
             model.save(Path(models_dir) / name)
+    return cf, towers
+
+
+def publish(
+    train: Dataset,
+    cf: CFModel,
+    towers: TwoTowerModel,
+    root: str | Path,
+    config: dict[str, Any],
+    ranker: Ranker | None = None,
+    log=print,
+) -> Path:
+    """Build and publish the bundle of trained models with the ``[index]`` settings."""
     index = IndexConfig(**config["index"])
     return build_bundle(
         train,

@@ -52,6 +52,19 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, config: dict) -> int:
+    from index_builder.train import train_models
+
+    dataset = load_dataset(config, args.data)
+    models = Path(args.models or config["paths"]["models"])
+    cf, towers, ranker = train_models(
+        dataset, config, not args.no_progress, models, log=lambda line: print(line, file=sys.stderr)
+    )
+    saved = {"cf": cf.metrics, "towers": towers.metrics, **({"ranker": ranker.to_summary()} if ranker else {})}
+    print(json.dumps({"saved": str(models), "models": sorted(saved)}, indent=2))
+    return 0
+
+
 def cmd_train_ranker(args: argparse.Namespace, config: dict) -> int:
     from engine.settings import RankerConfig
     from index_builder.ranker import fit_ranker, ranker_examples
@@ -128,6 +141,20 @@ def register(commands) -> None:
     build.add_argument("--recall-floor", type=float, help="refuse to publish below this recall@k (default 0.95)")
     build.add_argument("--keep", type=int, help="versions to keep (default 5)")
     build.set_defaults(handler=cmd_build_index)
+
+    train = commands.add_parser(
+        "train",
+        help="train every model for serving on all of the data (what make train runs): CF, towers, ranker",
+        description="index_builder.train.train_models: the learned ranker ([ranker], on held-out interactions), "
+        "then CF with the topn preset over [cf] and the towers with the retrieval preset over [towers], on all "
+        "of the configured data, saved to <paths.models> for build-index (make index). One process: tandem "
+        "train-cf / train-towers / train-ranker do each step alone.",
+    )
+    train.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
+    add_data_file_flags(train)
+    train.add_argument("--models", metavar="DIR", help="where to save the models (default: paths.models)")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    train.set_defaults(handler=cmd_train)
 
     train_ranker = commands.add_parser(
         "train-ranker",
