@@ -391,3 +391,21 @@ def test_publish_is_train_and_index_in_one_command(tmp_path, capsys):
     assert cf.config.loss == "wmse" and cf.metrics["trained_on"]["data"] == "interactions"
     assert Engine.load(tmp_path / "bundles").version == published["version"]
     assert main(common + ["build-index", "--data", str(data_file)]) == 0  # rebuilds from the saved models
+
+
+def test_train_is_every_model_for_serving_then_index_publishes_them(tmp_path, capsys):
+    """make train (tandem train): the ranker, CF (topn) and the towers (retrieval) saved in
+    paths.models, one process; make index then publishes all three."""
+    common = ["--set", f"paths.models={tmp_path / 'models'}", "--set", f"paths.bundles={tmp_path / 'bundles'}"]
+    common += ["--set", "data.synthetic.n_ratings=3000", "--set", "data.synthetic.n_users=150"]
+    common += ["--set", "data.synthetic.n_items=90", "--set", "retrieval.towers.epochs=1"]
+    common += ["--set", "ranker.num_trees=10", "--set", "ranker.n_candidates=50"]
+    assert main(common + ["train", "--data", "synthetic", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["models"] == ["cf", "ranker", "towers"]
+    from engine.models.cf import CFModel
+
+    assert CFModel.load(tmp_path / "models" / "cf").config.loss == "wmse"  # the serving preset
+    assert main(common + ["build-index", "--data", "synthetic"]) == 0
+    from engine import Engine
+
+    assert Engine.load(tmp_path / "bundles").ranker is not None
