@@ -204,6 +204,33 @@ def item_cooccurrence(dataset: Dataset, k: int = ITEM_COOCCURRENCE, block_pairs:
     return neighbours, similarities
 
 
+EASE_FEATURE_MAX_ITEMS = 4000  # above it the dense inverse costs too much: no EASE feature
+EASE_LAMBDA_PER_INTERACTION = 5.0  # EASE's lambda: this many times the mean interactions per item
+
+
+def item_ease_weights(dataset: Dataset, k: int = ITEM_COOCCURRENCE, max_items: int = EASE_FEATURE_MAX_ITEMS):
+    """For each item ``i``, the ``k`` items ``j`` of largest ``|B[j, i]|`` in EASE's
+    item-item weights (:func:`engine.evaluation.peers.ease_weights`; a user's EASE score
+    of ``i`` is ``sum_j x_uj B[j, i]``): ``(items [n_items, k] int32, -1 pads; weights
+    [n_items, k] float32)``. Lambda scales with the data: ``EASE_LAMBDA_PER_INTERACTION``
+    times the mean interactions per item. Empty tables above ``max_items`` items (the
+    feature is then missing)."""
+    from engine.evaluation.peers import _binary, ease_weights
+
+    n = dataset.n_items
+    if n > max_items or n < 2:
+        return np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32)
+    k = min(k, n - 1)
+    lam = max(EASE_LAMBDA_PER_INTERACTION * dataset.n_ratings / n, 1.0)
+    weights = ease_weights(_binary(dataset), lam).astype(np.float32)  # [j, i]
+    incoming = weights.T  # row i: B[:, i]
+    top = np.argpartition(-np.abs(incoming), k - 1, axis=1)[:, :k]
+    values = np.take_along_axis(incoming, top, axis=1)
+    order = np.argsort(-np.abs(values), axis=1, kind="stable")
+    top, values = np.take_along_axis(top, order, axis=1), np.take_along_axis(values, order, axis=1)
+    return np.where(values != 0, top, -1).astype(np.int32), values.astype(np.float32)
+
+
 RATE_PRIOR = 10.0  # pseudo-interactions at the global rate that each user's and item's rates start from
 
 
@@ -379,6 +406,9 @@ def _build(
     cooccurring, cooccurrence = item_cooccurrence(dataset)
     layout.save_table("item_cooccurring", cooccurring)
     layout.save_table("item_cooccurrence", cooccurrence)
+    ease_from, ease_weight = item_ease_weights(dataset)
+    layout.save_table("item_ease_from", ease_from)
+    layout.save_table("item_ease_weight", ease_weight)
     layout.save_table("item_trend", trend)
     layout.save_table("item_age", age)
     journal = root / bundle.ADDED_ITEMS  # items added live so far travel with the bundle

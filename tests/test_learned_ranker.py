@@ -105,6 +105,10 @@ def test_features_equal_their_definitions(ranked):
     np.testing.assert_allclose(column["cooccurrence_sum"], expected, rtol=1e-5)
     np.testing.assert_allclose(column["cooccurrence_mean"], np.array(expected) / len(seen), rtol=1e-5)
 
+    ease_from, ease_weight = engine.features.tables.ease_from, engine.features.tables.ease_weight
+    expected = [ease_weight[i][np.isin(ease_from[i], seen) & (ease_from[i] >= 0)].sum() for i in items]
+    np.testing.assert_allclose(column["ease_score"], expected, rtol=1e-5, atol=1e-7)
+
     liked = engine.user_context.recent[u]
     liked = liked[liked >= 0]
     X = engine.cf.X / np.linalg.norm(engine.cf.X, axis=1, keepdims=True)
@@ -127,6 +131,19 @@ def test_cooccurrence_keeps_each_items_most_similar_by_cosine():
         np.testing.assert_allclose(similarities[i], np.sort(cosine[i])[::-1][:5], rtol=1e-5, atol=1e-7)
         found = neighbours[i][neighbours[i] >= 0]
         np.testing.assert_allclose(cosine[i, found], similarities[i][: len(found)], rtol=1e-5)
+
+
+def test_ease_weights_keep_the_largest_weights_into_each_item():
+    from engine.evaluation.peers import _binary, ease_weights
+    from index_builder.build import EASE_LAMBDA_PER_INTERACTION, item_ease_weights
+
+    ds = data.make_synthetic(n_users=80, n_items=50, n_ratings=900, seed=2)
+    B = ease_weights(_binary(ds), EASE_LAMBDA_PER_INTERACTION * ds.n_ratings / ds.n_items)
+    sources, weights = item_ease_weights(ds, k=6)
+    for i in range(ds.n_items):
+        np.testing.assert_allclose(weights[i], B[sources[i], i], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.abs(weights[i]), np.sort(np.abs(B[:, i]))[::-1][:6], rtol=1e-4, atol=1e-6)
+    assert len(item_ease_weights(ds, max_items=40)[0]) == 0  # too many items: no table, the feature missing
 
 
 def test_lone_batch_and_score_agree_under_the_ranker(ranked):

@@ -126,6 +126,8 @@ class BundleLayout:
         "item_like_rate": "[n_items] share of the item's interactions that are likes, shrunk (ranker feature)",
         "item_mean_rating": "[n_items] the item's mean rating, shrunk toward the global mean (ranker feature)",
         "user_like_rate": "[n_users] share of the user's interactions that are likes, shrunk (ranker feature)",
+        "item_ease_from": "[n_items, 100] the items of largest EASE weight into each item (<= 4,000 items)",
+        "item_ease_weight": "[n_items, 100] those weights B[j, i]",
         "item_trend": "[n_items] log(1 + interactions in the latest tenth of the period) (ranker feature)",
         "item_age": "[n_items] share of the period since the item's first interaction (ranker feature)",
         "user_top_cf_ip": "[n_users, user_top_k] each user's top unseen items in cf_ip, -1 pads",

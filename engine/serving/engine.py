@@ -135,6 +135,8 @@ class Engine:
         age = layout.load_table("item_age", optional=True)
         cooccurring = layout.load_table("item_cooccurring", optional=True)
         cooccurrence = layout.load_table("item_cooccurrence", optional=True)
+        ease_from = layout.load_table("item_ease_from", optional=True)
+        ease_weight = layout.load_table("item_ease_weight", optional=True)
         key = self.config.segment_key if self.config.segment_key in published.manifest.segments else None
         return RankingFeatures(
             tuple(self.user_context.models),
@@ -146,6 +148,8 @@ class Engine:
                 np.zeros(n_items, np.float32) if age is None else age,
                 np.zeros((0, 1), np.int32) if cooccurring is None else cooccurring,
                 np.zeros((0, 1), np.float32) if cooccurrence is None else cooccurrence,
+                np.zeros((0, 1), np.int32) if ease_from is None else ease_from,
+                np.zeros((0, 1), np.float32) if ease_weight is None else ease_weight,
             ),
             self.cf.name,
             self.cf.X,

@@ -34,6 +34,9 @@ cooccurrence_sum       cooccurrence the item's co-occurrence similarity to the u
                                     the sum of the cosines (of users) of its 100 most
                                     similar items that lie in the user's history
 cooccurrence_mean      cooccurrence that sum over the history's length
+ease_score             cooccurrence the item's EASE score for the user, ``sum_j x_uj B[j, i]``
+                                    over the 100 largest weights into it (catalogues of at
+                                    most 4,000 items; missing beyond)
 affinity:<attribute>   affinity     for each multi-valued (e.g. genres) or categorical item
                                     attribute: the share of the user's history that has
                                     the item's value(s) (averaged over the item's labels)
@@ -69,7 +72,9 @@ def base_feature_groups(models: tuple[str, ...] = ("cf", "towers")) -> dict[str,
     groups.update({"user_activity": "user", "user_like_rate": "user"})
     groups.update({"item_like_rate": "ratings", "item_mean_rating": "ratings"})
     groups.update({"recent_similarity_max": "similarity", "recent_similarity_mean": "similarity"})
-    groups.update({"cooccurrence_sum": "cooccurrence", "cooccurrence_mean": "cooccurrence"})
+    groups.update(
+        {"cooccurrence_sum": "cooccurrence", "cooccurrence_mean": "cooccurrence", "ease_score": "cooccurrence"}
+    )
     return groups
 
 
@@ -99,6 +104,8 @@ class ItemHistoryTables:
     age: np.ndarray  # [n] float32 share of the period since the first interaction
     cooccurring: np.ndarray  # [n, K] int32 most similar items by co-occurrence, -1 pads
     cooccurrence: np.ndarray  # [n, K] float32 their similarities
+    ease_from: np.ndarray  # [n, K] int32 the items of largest EASE weight into each item, -1 pads
+    ease_weight: np.ndarray  # [n, K] float32 those weights
 
 
 class RankingFeatures:
@@ -201,10 +208,12 @@ class RankingFeatures:
         next(column)
         similarity_max, similarity_mean = next(column), next(column)
         out[:, similarity_max], out[:, similarity_mean] = self._recent_similarity(requests, rows, items)
-        total = self._cooccurrence(indptr, history, rows, items)
+        tables = self.tables
+        total = _item_item(tables.cooccurring, tables.cooccurrence, indptr, history, rows, items)
         out[:, next(column)] = total
         with np.errstate(invalid="ignore", divide="ignore"):
             out[:, next(column)] = total / np.diff(indptr)[rows]
+        out[:, next(column)] = _item_item(tables.ease_from, tables.ease_weight, indptr, history, rows, items)
         for name in self.affinity:
             out[:, next(column)] = _affinity(cat.attributes[name], indptr, history, rows, items)
         return out
@@ -226,32 +235,6 @@ class RankingFeatures:
         found = np.where(self._segment_keys[at] == wanted, self._segment_counts[at], 0.0)
         return np.where(segment >= 0, found, np.nan).astype(np.float32)
 
-    def _cooccurrence(self, indptr: np.ndarray, history: np.ndarray, rows: np.ndarray, items: np.ndarray):
-        """Per pair, the sum of the co-occurrence similarities of the item's most
-        similar items that lie in the user's history (NaN for a user with no history):
-        ``K`` lookups per candidate, whatever the history's length or the catalogue's size."""
-        neighbours, weights = self.tables.cooccurring, self.tables.cooccurrence
-        lengths = np.diff(indptr)
-        n_table = len(neighbours)
-        if n_table == 0:
-            return np.full(len(rows), np.nan, np.float32)
-        inside = items < n_table
-        at = np.where(inside, items, 0)
-        found, similarity = neighbours[at].astype(np.int64), weights[at]  # [n, K]
-        if len(history) == 0:
-            return np.full(len(rows), np.nan, np.float32)
-        if len(lengths) == 1:  # one user: a bitmap of their history (-1 pads land on the last entry)
-            mine = np.zeros(n_table + 1, bool)
-            mine[history[history < n_table]] = True
-            hit = mine[found]
-        else:  # (user, item) keys of everyone's history, sorted
-            owners = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-            keys = np.sort(owners * n_table + history.astype(np.int64))
-            wanted = rows.astype(np.int64)[:, None] * n_table + found
-            hit = (keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] == wanted) & (found >= 0)
-        total = np.einsum("nk,nk->n", similarity, hit.astype(np.float32))
-        return np.where(inside & (lengths[rows] > 0), total, np.nan).astype(np.float32)
-
     def _recent_similarity(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> tuple:
         """Max and mean cosine of each item's CF vector to its user's recent likes'."""
         liked = requests.recent_liked  # [U, R], -1 pads
@@ -270,6 +253,33 @@ class RankingFeatures:
                 largest[bounds[u] : bounds[u + 1]] = sims.max(axis=1)
                 mean[bounds[u] : bounds[u + 1]] = sims.mean(axis=1)
         return np.where(inside, largest, np.nan), np.where(inside, mean, np.nan)
+
+
+def _item_item(
+    neighbours: np.ndarray, weights: np.ndarray, indptr: np.ndarray, history: np.ndarray, rows, items
+) -> np.ndarray:
+    """Per pair, the sum of the item's item-item weights (``neighbours[i]``,
+    ``weights[i]``) from the items of the user's history: ``K`` lookups per candidate,
+    whatever the history's length or the catalogue's size (NaN for a user with no
+    history, or without the table)."""
+    lengths = np.diff(indptr)
+    n_table = len(neighbours)
+    if n_table == 0 or len(history) == 0:
+        return np.full(len(rows), np.nan, np.float32)
+    inside = items < n_table
+    at = np.where(inside, items, 0)
+    found, weight = neighbours[at].astype(np.int64), weights[at]  # [n, K]
+    if len(lengths) == 1:  # one user: a bitmap of their history (-1 pads land on the last entry)
+        mine = np.zeros(n_table + 1, bool)
+        mine[history[history < n_table]] = True
+        hit = mine[found]
+    else:  # (user, item) keys of everyone's history, sorted
+        owners = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+        keys = np.sort(owners * n_table + history.astype(np.int64))
+        wanted = rows.astype(np.int64)[:, None] * n_table + found
+        hit = (keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] == wanted) & (found >= 0)
+    total = np.einsum("nk,nk->n", weight, hit.astype(np.float32))
+    return np.where(inside & (lengths[rows] > 0), total, np.nan).astype(np.float32)
 
 
 def _per_item(table: np.ndarray, items: np.ndarray, beyond: float) -> np.ndarray:
