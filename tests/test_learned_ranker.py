@@ -174,6 +174,20 @@ def test_new_and_cold_users_are_ranked_with_missing_features(ranked):
     assert not {ds.items.ids[0], ds.items.ids[1]} & set(folded.item_ids.tolist())
 
 
+def test_items_added_live_are_ranked_with_their_missing_features(ranked, tmp_path):
+    ds, root, _, _ = ranked
+    engine = Engine.load(root, EngineConfig(segment_key="occupation"))
+    genres = engine.genre_labels[:2]
+    engine.add_items(["live-1", "live-2"], [{"genres": genres}, {"genres": genres[:1]}], persist=False)
+    user = ds.users.ids[4]
+    scored = engine.score(user, ["live-1", ds.items.ids[0]])
+    assert np.isfinite(scored.scores).all() and set(scored.item_ids) == {"live-1", ds.items.ids[0]}
+    recs = engine.recommend(
+        user, k=engine.features.names.__len__(), include_items=["live-1", "live-2", ds.items.ids[1]]
+    )
+    assert {"live-1", "live-2"} <= set(recs.item_ids.tolist()) and np.isfinite(recs.scores).all()
+
+
 def test_explanations_are_the_largest_contributions(ranked):
     ds, _, _, engine = ranked
     user = ds.users.ids[3]
