@@ -209,11 +209,12 @@ class RankingFeatures:
         similarity_max, similarity_mean = next(column), next(column)
         out[:, similarity_max], out[:, similarity_mean] = self._recent_similarity(requests, rows, items)
         tables = self.tables
-        total = _item_item(tables.cooccurring, tables.cooccurrence, indptr, history, rows, items)
+        in_history = _HistoryLookup(indptr, history, len(cat.popularity))  # shared by both tables
+        total = in_history.weights_from(tables.cooccurring, tables.cooccurrence, rows, items)
         out[:, next(column)] = total
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, next(column)] = total / np.diff(indptr)[rows]
-        out[:, next(column)] = _item_item(tables.ease_from, tables.ease_weight, indptr, history, rows, items)
+            out[:, next(column)] = total / in_history.lengths[rows]
+        out[:, next(column)] = in_history.weights_from(tables.ease_from, tables.ease_weight, rows, items)
         for name in self.affinity:
             out[:, next(column)] = _affinity(cat.attributes[name], indptr, history, rows, items)
         return out
@@ -255,31 +256,40 @@ class RankingFeatures:
         return np.where(inside, largest, np.nan), np.where(inside, mean, np.nan)
 
 
-def _item_item(
-    neighbours: np.ndarray, weights: np.ndarray, indptr: np.ndarray, history: np.ndarray, rows, items
-) -> np.ndarray:
-    """Per pair, the sum of the item's item-item weights (``neighbours[i]``,
-    ``weights[i]``) from the items of the user's history: ``K`` lookups per candidate,
-    whatever the history's length or the catalogue's size (NaN for a user with no
-    history, or without the table)."""
-    lengths = np.diff(indptr)
-    n_table = len(neighbours)
-    if n_table == 0 or len(history) == 0:
-        return np.full(len(rows), np.nan, np.float32)
-    inside = items < n_table
-    at = np.where(inside, items, 0)
-    found, weight = neighbours[at].astype(np.int64), weights[at]  # [n, K]
-    if len(lengths) == 1:  # one user: a bitmap of their history (-1 pads land on the last entry)
-        mine = np.zeros(n_table + 1, bool)
-        mine[history[history < n_table]] = True
-        hit = mine[found]
-    else:  # (user, item) keys of everyone's history, sorted
-        owners = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-        keys = np.sort(owners * n_table + history.astype(np.int64))
-        wanted = rows.astype(np.int64)[:, None] * n_table + found
-        hit = (keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] == wanted) & (found >= 0)
-    total = np.einsum("nk,nk->n", weight, hit.astype(np.float32))
-    return np.where(inside & (lengths[rows] > 0), total, np.nan).astype(np.float32)
+class _HistoryLookup:
+    """Whether an item lies in a user's history, for many (user, item) pairs at once: a
+    bitmap of the history for one user, sorted (user, item) keys for a batch. Built once
+    per request, read by every item-item table."""
+
+    def __init__(self, indptr: np.ndarray, history: np.ndarray, n_items: int):
+        self.lengths, self.n_items, self.empty = np.diff(indptr), n_items, len(history) == 0
+        if len(self.lengths) == 1:  # one user (-1 pads of a table land on the last entry)
+            self.bitmap = np.zeros(n_items + 1, bool)
+            self.bitmap[history[history < n_items]] = True
+        else:
+            owners = np.repeat(np.arange(len(self.lengths), dtype=np.int64), self.lengths)
+            self.keys = np.sort(owners * n_items + history.astype(np.int64))
+
+    def contains(self, rows: np.ndarray, found: np.ndarray) -> np.ndarray:
+        """``[n, K]``: whether ``found[j, k]`` (an item index, -1 pads) is in user ``rows[j]``'s history."""
+        if len(self.lengths) == 1:
+            return self.bitmap[found]
+        wanted = rows.astype(np.int64)[:, None] * self.n_items + found
+        return (self.keys[np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)] == wanted) & (found >= 0)
+
+    def weights_from(self, neighbours: np.ndarray, weights: np.ndarray, rows: np.ndarray, items: np.ndarray):
+        """Per pair, the sum of the item's item-item weights (``neighbours[i]``,
+        ``weights[i]``) from the items of the user's history: ``K`` lookups per candidate,
+        whatever the history's length or the catalogue's size (NaN for a user with no
+        history, or without the table)."""
+        n_table = len(neighbours)
+        if n_table == 0 or self.empty:
+            return np.full(len(rows), np.nan, np.float32)
+        inside = items < n_table
+        at = np.where(inside, items, 0)
+        hit = self.contains(rows, neighbours[at].astype(np.int64))  # [n, K]
+        total = np.einsum("nk,nk->n", weights[at], hit.astype(np.float32))
+        return np.where(inside & (self.lengths[rows] > 0), total, np.nan).astype(np.float32)
 
 
 def _per_item(table: np.ndarray, items: np.ndarray, beyond: float) -> np.ndarray:
