@@ -115,6 +115,12 @@ def test_features_equal_their_definitions(ranked):
     cosines = X[items] @ X[liked].T
     np.testing.assert_allclose(column["recent_similarity_max"], cosines.max(axis=1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(column["recent_similarity_mean"], cosines.mean(axis=1), rtol=1e-5, atol=1e-6)
+    # The ranking stage reads each model's standardised score off the blend's terms: the same values.
+    at_blend, served = engine._first_phase(cat, requests, candidates, 40)
+    direct = engine.features.of_candidates(requests, candidates, at_blend, served[:, 0] * np.nan, cat)
+    for name in ("cf_score", "towers_score"):
+        j = engine.features.names.index(name)
+        np.testing.assert_allclose(served[:, j], direct[:, j], rtol=1e-4, atol=1e-5)
     base = base_feature_groups(tuple(engine.user_context.models))
     assert engine.features.names[: len(base)] == list(base)
 

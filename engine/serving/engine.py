@@ -299,9 +299,13 @@ class Engine:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each user's best ``depth`` candidates by the blend (positions, rows
         ascending) and their features: what the ranker scores."""
-        blend = self._blend(cat, requests, candidates.rows, candidates.items)
+        standardised: dict[str, np.ndarray] = {}  # each model's z, from the blend's own terms
+        blend = self.blend.scores(
+            requests, candidates.rows, candidates.items, cat.item_vectors, cat.popularity_score, standardised
+        )
         at = top_k_per_row(candidates.rows, blend, depth, len(requests))
-        return at, self.features.of_candidates(requests, candidates, at, blend[at], cat)
+        chosen = {name: z[at] for name, z in standardised.items()}
+        return at, self.features.of_candidates(requests, candidates, at, blend[at], cat, chosen)
 
     def ranking_examples(
         self, user_ids: Sequence[object], depth: int, n_candidates: int = DEFAULT_CANDIDATES
@@ -613,7 +617,8 @@ class Engine:
             raise InvalidRequest("score: item ids repeated in the request")
         requests = self.user_context.requests(cat, [user_id], False, cat.every_item, user_features, ratings)
         rows = np.zeros(len(items), np.int64)
-        scores = self._blend(cat, requests, rows, items)
+        standardised: dict[str, np.ndarray] = {}  # each model's z, as the ranking stage reads it
+        scores = self.blend.scores(requests, rows, items, cat.item_vectors, cat.popularity_score, standardised)
         ranker = self.ranker
         if ranker is not None:
             # The ranker reads which sources propose each item, and where: those of the
@@ -625,7 +630,9 @@ class Engine:
             at = np.array([found.get(i, -1) for i in items.tolist()], np.int64)
             bits = np.where(at >= 0, candidates.source_bits[np.maximum(at, 0)], 0).astype(np.uint32)
             positions = np.where(at >= 0, at, len(candidates.items))
-            features = self.features.compute(requests, rows, items, bits, candidates.names, positions, scores, cat)
+            features = self.features.compute(
+                requests, rows, items, bits, candidates.names, positions, scores, cat, standardised
+            )
             scores = ranker.predict(features)
         order = np.argsort(-scores, kind="stable")
         return self._result(cat, items[order], scores[order], [("request",)] * len(order))

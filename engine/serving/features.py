@@ -151,11 +151,19 @@ class RankingFeatures:
         self.names = list(self.groups)  # the columns of compute(), in order
 
     def of_candidates(
-        self, requests: Requests, candidates: Candidates, at: np.ndarray, blend_scores: np.ndarray, cat
+        self,
+        requests: Requests,
+        candidates: Candidates,
+        at: np.ndarray,
+        blend_scores: np.ndarray,
+        cat,
+        model_scores: Mapping[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """The features of the candidates at positions ``at`` (rows ascending) of
         ``candidates``, whose blend scores are ``blend_scores``; ``cat`` the catalogue
-        (:class:`~engine.serving.catalogue.Catalogue`) they were retrieved from."""
+        (:class:`~engine.serving.catalogue.Catalogue`) they were retrieved from;
+        ``model_scores`` each model's standardised scores of them, where the blend
+        computed them already."""
         return self.compute(
             requests,
             candidates.rows[at],
@@ -165,6 +173,7 @@ class RankingFeatures:
             positions_in_rows(candidates.rows)[at],
             blend_scores,
             cat,
+            model_scores,
         )
 
     def compute(
@@ -177,15 +186,19 @@ class RankingFeatures:
         positions: np.ndarray,
         blend_scores: np.ndarray,
         cat,
+        model_scores: Mapping[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """``[n, n_features]`` float32: the features of pairs (user ``rows[j]``, item
         ``items[j]``), ``rows`` ascending, given which sources proposed each item (bit
         ``b`` of ``source_bits``: ``source_names[b]``), its position among the merged
-        candidates and its blend score."""
+        candidates, its blend score and (where known) each model's standardised score."""
         out = np.full((len(rows), len(self.names)), np.nan, np.float32)
         column = iter(range(len(self.names)))
         for name in self.models:  # each model's score, standardised
-            out[:, next(column)] = self._model_score(requests, name, rows, items, cat.item_vectors[name])
+            if model_scores is not None and name in model_scores:
+                out[:, next(column)] = model_scores[name]
+            else:
+                out[:, next(column)] = self._model_score(requests, name, rows, items, cat.item_vectors[name])
         out[:, next(column)] = blend_scores
         first = next(column)
         shifts = _source_shifts(source_names)  # each source's bit, -1 where the request has none

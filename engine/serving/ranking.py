@@ -73,11 +73,15 @@ class Blend:
         items: np.ndarray,
         item_vectors: Mapping[str, np.ndarray],
         popularity_score: np.ndarray,
+        standardised: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Exact scores of (user ``rows[j]``, item ``items[j]``) pairs (``rows``
-        ascending); ``item_vectors`` are each model's retrieval item vectors."""
+        ascending); ``item_vectors`` are each model's retrieval item vectors. Given a
+        dict ``standardised``, each model's standardised score ``z_m`` of every pair is
+        put there too (NaN where the model knows neither the user nor the item): the
+        ranker's features, read off the blend's own terms rather than computed twice."""
         if len(requests) == 1:
-            return self._scores_alone(requests, items, item_vectors, popularity_score)
+            return self._scores_alone(requests, items, item_vectors, popularity_score, standardised)
         n_items = len(popularity_score)
         f32 = np.float32
         has = {name: requests.models[name].has for name in self.names}
@@ -96,6 +100,10 @@ class Blend:
             query = user.vectors * factor.astype(f32)[:, None]
             part, beyond = self._model_part(item_vectors[name], items, query, rows, const.astype(f32)[rows], n_items)
             scores += part
+            if standardised is not None:  # z = part W / w (float32 as the lone path computes it)
+                z = part * (total / self.weights[name]).astype(f32)[rows]
+                known = has[name][rows] if beyond is None else has[name][rows] & ~beyond
+                standardised[name] = np.where(known, z, np.float32(np.nan))
             if beyond is not None:
                 lacking = np.where(beyond & has[name][rows], self.weights[name], 0.0)
                 missing = lacking if missing is None else missing + lacking
@@ -111,8 +119,13 @@ class Blend:
         items: np.ndarray,
         item_vectors: Mapping[str, np.ndarray],
         popularity_score: np.ndarray,
+        standardised: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         known = [name for name in self.names if requests.models[name].has[0]]
+        if standardised is not None:  # the models that do not know the user: no score
+            for name in self.names:
+                if name not in known:
+                    standardised[name] = np.full(len(items), np.nan, np.float32)
         if not known:
             return popularity_score[items]
         total = sum(self.weights[name] for name in known) + self.popularity
@@ -127,6 +140,9 @@ class Blend:
                 item_vectors[name], items, user.vectors * np.float32(factor), rows, const, n_items
             )
             scores += part
+            if standardised is not None:  # z = part W / w
+                z = part * np.float32(total / self.weights[name])
+                standardised[name] = z if beyond is None else np.where(beyond, np.float32(np.nan), z)
             if beyond is not None:
                 lacking = np.where(beyond, self.weights[name], 0.0)
                 missing = lacking if missing is None else missing + lacking
