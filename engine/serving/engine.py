@@ -128,30 +128,28 @@ class Engine:
 
     def _ranking_features(self, published: LoadedBundle, popularity: np.ndarray) -> RankingFeatures:
         layout, n_items = published.layout, len(popularity)
-        missing = np.zeros(0, np.float32)  # (bundles built before a table: NaN features)
-        like_rate = layout.load_table("item_like_rate", optional=True)
-        mean_rating = layout.load_table("item_mean_rating", optional=True)
-        trend = layout.load_table("item_trend", optional=True)
-        age = layout.load_table("item_age", optional=True)
-        cooccurring = layout.load_table("item_cooccurring", optional=True)
-        cooccurrence = layout.load_table("item_cooccurrence", optional=True)
-        ease_from = layout.load_table("item_ease_from", optional=True)
-        ease_weight = layout.load_table("item_ease_weight", optional=True)
+
+        def table(name: str, instead: np.ndarray) -> np.ndarray:
+            """A table of the ranker's features; ``instead`` for bundles built before it."""
+            found = layout.load_table(name, optional=True)
+            return instead if found is None else found
+
+        no_rates, zeros = np.zeros(0, np.float32), np.zeros(n_items, np.float32)  # rates unknown; new, not recent
+        no_pairs = (np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32))  # no item-item table
         key = self.config.segment_key if self.config.segment_key in published.manifest.segments else None
         return RankingFeatures(
             tuple(self.user_context.models),
             self.blend.scales,
             ItemHistoryTables(
-                missing if like_rate is None else like_rate,
-                missing if mean_rating is None else mean_rating,
-                np.zeros(n_items, np.float32) if trend is None else trend,
-                np.zeros(n_items, np.float32) if age is None else age,
-                np.zeros((0, 1), np.int32) if cooccurring is None else cooccurring,
-                np.zeros((0, 1), np.float32) if cooccurrence is None else cooccurrence,
-                np.zeros((0, 1), np.int32) if ease_from is None else ease_from,
-                np.zeros((0, 1), np.float32) if ease_weight is None else ease_weight,
+                table("item_like_rate", no_rates),
+                table("item_mean_rating", no_rates),
+                table("item_trend", zeros),
+                table("item_age", zeros),
+                table("item_cooccurring", no_pairs[0]),
+                table("item_cooccurrence", no_pairs[1]),
+                table("item_ease_from", no_pairs[0]),
+                table("item_ease_weight", no_pairs[1]),
             ),
-            self.cf.name,
             self.cf.X,
             key,
             None if key is None else layout.load_segment(key, "top_items"),
@@ -342,18 +340,11 @@ class Engine:
         names = self.features.names
         if ranker is not None:
             contributions = ranker.contributions(features)
-        else:
+        else:  # the blend's terms, each under the feature it reads
             contributions = np.zeros_like(features)
-            known = np.zeros(len(rows))
-            for name in self.blend.names:
-                known += np.where(requests.models[name].has[rows], self.blend.weights[name], 0.0)
-            total = np.where(known > 0, known + self.blend.popularity, 1.0)
-            for name in self.blend.names:
-                j = names.index(f"{name}_score")
-                contributions[:, j] = np.nan_to_num(features[:, j]) * self.blend.weights[name] / total
-            # A user no model knows is ranked by popularity alone (weight 1).
-            weight = np.where(known > 0, self.blend.popularity, 1.0)
-            contributions[:, names.index("item_popularity")] = weight * cat.popularity_score[items] / total
+            z = {name: features[:, names.index(f"{name}_score")] for name in self.blend.names}
+            for name, term in self.blend.terms(requests, rows, z, cat.popularity_score[items]).items():
+                contributions[:, names.index("item_popularity" if name == "popularity" else f"{name}_score")] = term
         top = np.argsort(-np.abs(contributions), axis=1, kind="stable")[:, :EXPLAINED_FEATURES]
         return [
             [

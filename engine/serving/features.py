@@ -116,7 +116,6 @@ class RankingFeatures:
         models: tuple[str, ...],
         scales: Mapping[str, ScoreScale],
         history_tables: ItemHistoryTables,
-        cf_name: str,
         cf_item_vectors: np.ndarray,
         segment_key: str | None,
         segment_top_items: np.ndarray | None,
@@ -124,7 +123,6 @@ class RankingFeatures:
         affinity: list[str],
     ):
         self.models, self.scales, self.tables = models, dict(scales), history_tables
-        self.cf_name = cf_name
         norms = np.linalg.norm(cf_item_vectors, axis=1, keepdims=True)
         self.unit_cf = (cf_item_vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         self.segment_key = segment_key
@@ -149,6 +147,7 @@ class RankingFeatures:
         self.affinity = list(affinity)
         self.groups = {**base_feature_groups(models), **{f"affinity:{a}": "affinity" for a in self.affinity}}
         self.names = list(self.groups)  # the columns of compute(), in order
+        self._column = {name: j for j, name in enumerate(self.names)}
 
     def of_candidates(
         self,
@@ -193,43 +192,38 @@ class RankingFeatures:
         ``b`` of ``source_bits``: ``source_names[b]``), its position among the merged
         candidates, its blend score and (where known) each model's standardised score."""
         out = np.full((len(rows), len(self.names)), np.nan, np.float32)
-        column = iter(range(len(self.names)))
+        at = self._column
         for name in self.models:  # each model's score, standardised
             if model_scores is not None and name in model_scores:
-                out[:, next(column)] = model_scores[name]
+                out[:, at[f"{name}_score"]] = model_scores[name]
             else:
-                out[:, next(column)] = self._model_score(requests, name, rows, items, cat.item_vectors[name])
-        out[:, next(column)] = blend_scores
-        first = next(column)
+                out[:, at[f"{name}_score"]] = self._model_score(requests, name, rows, items, cat.item_vectors[name])
+        out[:, at["blend_score"]] = blend_scores
         shifts = _source_shifts(source_names)  # each source's bit, -1 where the request has none
         flags = (source_bits[:, None] >> np.maximum(shifts, 0)) & (shifts >= 0)
+        first = at[f"from_{SOURCES[0]}"]  # the from_<source> columns, in SOURCES order
         out[:, first : first + len(SOURCES)] = flags
-        for _ in SOURCES[1:]:
-            next(column)
-        out[:, next(column)] = flags.sum(axis=1)
-        out[:, next(column)] = positions
-        out[:, next(column)] = np.log1p(cat.popularity[items])
-        out[:, next(column)] = self._segment_popularity(requests, rows, items)
-        trend = next(column)
-        out[:, trend : trend + 2] = _per_item(self._trend_age, items, 0.0)  # trend, age
-        next(column)
+        out[:, at["n_sources"]] = flags.sum(axis=1)
+        out[:, at["candidate_position"]] = positions
+        out[:, at["item_popularity"]] = np.log1p(cat.popularity[items])
+        out[:, at["segment_popularity"]] = self._segment_popularity(requests, rows, items)
+        out[:, [at["item_trend"], at["item_age"]]] = _per_item(self._trend_age, items, 0.0)
         indptr, history = requests.history()
-        out[:, next(column)] = np.log1p(np.diff(indptr))[rows]
-        out[:, next(column)] = np.nan if requests.like_rate is None else requests.like_rate[rows]
-        rates = next(column)
-        out[:, rates : rates + 2] = _per_item(self._rates, items, np.nan)  # like rate, mean rating
-        next(column)
-        similarity_max, similarity_mean = next(column), next(column)
-        out[:, similarity_max], out[:, similarity_mean] = self._recent_similarity(requests, rows, items)
+        in_history = _HistoryLookup(indptr, history, len(cat.popularity))  # shared by the item-item tables
+        lengths = in_history.lengths
+        out[:, at["user_activity"]] = np.log1p(lengths)[rows]
+        out[:, at["user_like_rate"]] = np.nan if requests.like_rate is None else requests.like_rate[rows]
+        out[:, [at["item_like_rate"], at["item_mean_rating"]]] = _per_item(self._rates, items, np.nan)
+        largest, mean = self._recent_similarity(requests, rows, items)
+        out[:, at["recent_similarity_max"]], out[:, at["recent_similarity_mean"]] = largest, mean
         tables = self.tables
-        in_history = _HistoryLookup(indptr, history, len(cat.popularity))  # shared by both tables
         total = in_history.weights_from(tables.cooccurring, tables.cooccurrence, rows, items)
-        out[:, next(column)] = total
+        out[:, at["cooccurrence_sum"]] = total
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, next(column)] = total / in_history.lengths[rows]
-        out[:, next(column)] = in_history.weights_from(tables.ease_from, tables.ease_weight, rows, items)
+            out[:, at["cooccurrence_mean"]] = total / lengths[rows]
+        out[:, at["ease_score"]] = in_history.weights_from(tables.ease_from, tables.ease_weight, rows, items)
         for name in self.affinity:
-            out[:, next(column)] = _affinity(cat.attributes[name], indptr, history, rows, items)
+            out[:, at[f"affinity:{name}"]] = _affinity(cat.attributes[name], indptr, history, rows, items)
         return out
 
     def _model_score(

@@ -85,11 +85,7 @@ class Blend:
         n_items = len(popularity_score)
         f32 = np.float32
         has = {name: requests.models[name].has for name in self.names}
-        total = np.zeros(len(requests))
-        for name in self.names:
-            total += np.where(has[name], self.weights[name], 0.0)
-        none = total == 0
-        total = np.where(none, 1.0, total) + self.popularity
+        total, none = self.user_weights(requests)
         scores = np.zeros(len(items), np.float32)
         missing = None  # per pair: the weight of the user's models that lack the item
         for name in self.names:
@@ -112,6 +108,29 @@ class Blend:
         if missing is not None:
             scores = self._renormalised(scores, total[rows], missing, popularity_score[items])
         return np.where(none[rows], popularity_score[items], scores) if none.any() else scores
+
+    def user_weights(self, requests: Requests) -> tuple[np.ndarray, np.ndarray]:
+        """``(total [U], none [U])``: each user's total blend weight ``W`` (the models
+        that know them, plus popularity's) and whether no model knows them (then
+        ``W = 1 + w_p``; their score is popularity alone)."""
+        total = np.zeros(len(requests))
+        for name in self.names:
+            total += np.where(requests.models[name].has, self.weights[name], 0.0)
+        none = total == 0
+        return np.where(none, 1.0, total) + self.popularity, none
+
+    def terms(
+        self, requests: Requests, rows: np.ndarray, standardised: Mapping[str, np.ndarray], popularity: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Each term of the blend of pairs (user ``rows[j]``, item ``j``), by model name
+        and ``"popularity"``: ``w_m z_m / W`` (0 where the model has no score) and
+        ``w_p z_p / W``, or ``z_p`` alone for a user no model knows. They add up to the
+        score, except for an item some model lacks (added live), which the score
+        renormalises over the models that have it."""
+        total, none = self.user_weights(requests)
+        terms = {name: np.nan_to_num(standardised[name]) * self.weights[name] / total[rows] for name in self.names}
+        terms["popularity"] = np.where(none[rows], 1.0, self.popularity / total[rows]) * popularity
+        return terms
 
     def _scores_alone(
         self,
