@@ -267,7 +267,7 @@ def item_history_tables(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
     interaction (0 for an item without one). Zeros when the data has no timestamps."""
     n, t = dataset.n_items, dataset.timestamps
     trend, age = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    if len(t) == 0 or t.max() == t.min():
+    if not dataset.has_timestamps:
         return trend, age
     end, span = int(t.max()), float(t.max() - t.min())
     latest = t >= end - TREND_SHARE * span

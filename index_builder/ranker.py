@@ -58,9 +58,7 @@ def holdout_splits(train: data.Dataset, config: RankerConfig) -> list[data.Split
     """The interactions the ranker learns to predict (``ranker.holdout``): each user's
     latest ``holdout_fraction``, or ``holdout_rounds`` seeded random shares of each
     user's ("auto": temporal when the data has timestamps; a temporal holdout is one)."""
-    t = train.timestamps
-    temporal = config.holdout == "temporal" or (config.holdout == "auto" and len(t) and t.max() > t.min())
-    if temporal:
+    if config.holdout == "temporal" or (config.holdout == "auto" and train.has_timestamps):
         return [data.temporal_split(train, config.holdout_fraction)]
     return [
         data.random_split(train, config.holdout_fraction, seed=config.seed + r, per_user=True)
@@ -111,12 +109,10 @@ def _examples_of(fit: data.Dataset, holdout: data.Dataset, config: dict, ranker_
             holdout.users.ids[users].tolist(), ranker_config.depth, ranker_config.n_candidates
         )
         names, groups = engine.features.names, engine.features.groups
-    relevant = relevant[users]
-    relevant.sort_indices()
-    labels = np.zeros(len(rows), np.int32)
-    for u in np.unique(rows):  # the relevant held-out items among each user's candidates
-        mine = slice(*np.searchsorted(rows, [u, u + 1]))
-        labels[mine] = np.isin(items[mine], relevant.indices[relevant.indptr[u] : relevant.indptr[u + 1]])
+    # A candidate is relevant when it is among its user's relevant held-out items.
+    relevant = relevant[users].tocoo()
+    n_items = np.int64(holdout.n_items)
+    labels = np.isin(rows * n_items + items, relevant.row.astype(np.int64) * n_items + relevant.col).astype(np.int32)
     # Users without a relevant candidate teach LambdaRank nothing.
     sizes = np.bincount(rows, minlength=len(users))
     useful = np.bincount(rows, weights=labels, minlength=len(users)) > 0

@@ -52,7 +52,7 @@ MAX_VALIDATION_USERS = 2000
 def validation_split(dataset: data.Dataset, fraction: float = 0.2, seed: int = 0) -> data.Split:
     """The split tune scores on: temporal when the data has timestamps (more than one
     distinct value), else a seeded per-user random share."""
-    if len(np.unique(dataset.timestamps[: min(dataset.n_ratings, 100_000)])) > 1:
+    if dataset.has_timestamps:
         return data.temporal_split(dataset, fraction)
     return data.random_split(dataset, fraction, seed=seed, per_user=True)
 

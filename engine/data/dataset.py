@@ -243,6 +243,12 @@ class Dataset:
         """Implicit feedback: every interaction has the same value (no rating scale)."""
         return bool(self.n_ratings) and float(self.ratings.min()) == float(self.ratings.max())
 
+    @property
+    def has_timestamps(self) -> bool:
+        """Whether the interactions carry times (more than one distinct value): what
+        decides between temporal and random held-out parts."""
+        return bool(self.n_ratings) and int(self.timestamps.min()) != int(self.timestamps.max())
+
     def liked(self, min_rating: float = LIKE_RATING) -> np.ndarray:
         """``[n_ratings]`` bool: the interactions that are likes (see :func:`liked_mask`)."""
         return liked_mask(self.ratings, self.implicit, min_rating)

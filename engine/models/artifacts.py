@@ -20,11 +20,11 @@ def write_model_dir(path: str | Path, name: str, meta: dict, arrays: dict[str, n
     return path
 
 
-def read_model_dir(path: str | Path, name: str, kind: str, format_version: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read a directory written by :func:`write_model_dir`, checking ``kind`` and
-    ``format_version``; errors name the offending file."""
+def read_model_meta(path: str | Path, name: str, kind: str, format_version: int) -> dict:
+    """A model directory's ``<name>.json``, checking ``kind`` and ``format_version``;
+    errors name the offending file."""
     path = Path(path)
-    meta_path, arrays_path = path / f"{name}.json", path / f"{name}_arrays.npz"
+    meta_path = path / f"{name}.json"
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
@@ -36,6 +36,14 @@ def read_model_dir(path: str | Path, name: str, kind: str, format_version: int) 
             f"{meta_path}: expected a {kind} model of format {format_version}, "
             f"found kind={meta.get('kind')!r} format={meta.get('format_version')!r}"
         )
+    return meta
+
+
+def read_model_dir(path: str | Path, name: str, kind: str, format_version: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a directory written by :func:`write_model_dir`, checking ``kind`` and
+    ``format_version``; errors name the offending file."""
+    meta = read_model_meta(path, name, kind, format_version)
+    arrays_path = Path(path) / f"{name}_arrays.npz"
     try:
         with np.load(arrays_path, allow_pickle=False) as a:
             arrays = {k: a[k] for k in a.files}

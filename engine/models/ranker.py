@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from engine.errors import TandemError
+from engine.models.artifacts import read_model_meta
 from engine.models.tree_scoring import CompiledTrees
 from engine.settings import RankerConfig
 
 FORMAT_VERSION = 1
-MODEL_FILE, META_FILE = "ranker.txt", "ranker.json"
+MODEL_FILE, META_FILE = "ranker.txt", "ranker.json"  # META_FILE: read by artifacts.read_model_meta
 
 
 def _lightgbm():
@@ -137,15 +138,11 @@ class Ranker:
     def load(cls, path: str | Path) -> Ranker:
         """A saved ranker: LightGBM's text model and its JSON metadata (nothing unpickled)."""
         path = Path(path)
+        meta = read_model_meta(path, "ranker", "ranker", FORMAT_VERSION)
         try:
-            meta = json.loads((path / META_FILE).read_text())
             text = (path / MODEL_FILE).read_text()
-        except FileNotFoundError as e:
-            raise TandemError(f"{path}: not a ranker directory ({Path(e.filename).name} missing)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TandemError(f"{path / META_FILE}: invalid JSON: {e}") from None
-        if meta.get("kind") != "ranker" or meta.get("format_version") != FORMAT_VERSION:
-            raise TandemError(f"{path / META_FILE}: not a ranker of format {FORMAT_VERSION}")
+        except FileNotFoundError:
+            raise TandemError(f"{path}: not a ranker directory ({MODEL_FILE} missing)") from None
         try:
             booster = _lightgbm().Booster(model_str=text)
         except Exception as e:  # lightgbm raises its own LightGBMError on a bad model text
