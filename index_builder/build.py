@@ -36,7 +36,7 @@ from engine.models.embedding import EmbeddingModel
 from engine.models.features import segment_labels
 from engine.models.ranker import Ranker
 from engine.models.towers import TwoTowerModel
-from engine.serving.features import feature_groups
+from engine.serving.features import feature_groups, shrunk_mean
 from engine.serving.retrieval import positions_in_rows
 from engine.settings import IndexConfig
 
@@ -231,15 +231,12 @@ def item_ease_weights(dataset: Dataset, k: int = ITEM_COOCCURRENCE, max_items: i
     return np.where(values != 0, top, -1).astype(np.int32), values.astype(np.float32)
 
 
-RATE_PRIOR = 10.0  # pseudo-interactions at the global rate that each user's and item's rates start from
-
-
 def like_rates(dataset: Dataset) -> dict[str, np.ndarray]:
     """Ranker features of explicit feedback: each item's share of interactions that are
     likes (``item_like_rate``) and its mean rating (``item_mean_rating``), and each
     user's share of likes (``user_like_rate``), float32, every one shrunk toward the
-    global value by ``RATE_PRIOR`` pseudo-interactions (so one 5-star rating is not a
-    rate of 1). Constant on implicit data, where every interaction is a like."""
+    global value (:func:`engine.serving.features.shrunk_mean`). Constant on implicit
+    data, where every interaction is a like."""
     liked = dataset.liked().astype(np.float64)
     ratings = dataset.ratings.astype(np.float64)
     like_all = float(liked.mean()) if len(liked) else 0.0
@@ -247,8 +244,7 @@ def like_rates(dataset: Dataset) -> dict[str, np.ndarray]:
 
     def shrunk(index, values, n, prior):
         total = np.bincount(index, weights=values, minlength=n)
-        count = np.bincount(index, minlength=n)
-        return ((total + RATE_PRIOR * prior) / (count + RATE_PRIOR)).astype(np.float32)
+        return shrunk_mean(total, np.bincount(index, minlength=n), prior).astype(np.float32)
 
     return {
         "item_like_rate": shrunk(dataset.item_idx, liked, dataset.n_items, like_all),

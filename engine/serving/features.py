@@ -59,6 +59,16 @@ from engine.serving.ranking import ScoreScale, dots
 from engine.serving.retrieval import Candidates, Requests, positions_in_rows
 
 SOURCES = ("cf", "towers", "popular", "segment", "recent")
+RATE_PRIOR = 10.0  # pseudo-interactions at the global value that each like rate and mean rating start from
+
+
+def shrunk_mean(total, count, toward):
+    """``(total + RATE_PRIOR toward) / (count + RATE_PRIOR)``: a mean of ``count`` values
+    summing to ``total``, shrunk toward ``toward`` (so one 5-star rating is not a mean of
+    5). The bundle's rate tables and a fold-in user's like rate both use it."""
+    return (total + RATE_PRIOR * toward) / (count + RATE_PRIOR)
+
+
 MAX_AFFINITY_VALUES = 512  # categorical attributes with more values get no affinity feature
 
 

@@ -16,6 +16,7 @@ from engine.models.cf import CFModel
 from engine.models.features import segment_labels
 from engine.models.towers import TwoTowerModel
 from engine.serving.catalogue import Catalogue, read_only
+from engine.serving.features import shrunk_mean
 from engine.serving.retrieval import Requests, UserQueries
 from engine.settings import EngineConfig
 
@@ -23,8 +24,6 @@ from engine.settings import EngineConfig
 _TRUE, _FALSE = read_only(np.ones(1, bool)), read_only(np.zeros(1, bool))
 _ZERO = read_only(np.zeros(1, np.float32))
 _NO_ITEMS = read_only(np.zeros(0, np.int64))
-
-RATE_PRIOR = 10.0  # as index_builder.build.RATE_PRIOR: a fold-in user's like rate is shrunk alike
 
 # How a request's user is known, said in every recommendation (Recommendations.served_by):
 KNOWN = "known user"  # a user of the bundle: their stored vectors, history and tables
@@ -157,7 +156,7 @@ class UserContext:
             if exclude_seen:
                 indptr, excluded = history_indptr, history
             likes = liked_mask(np.array(values), self.implicit)
-            like_rate[0] = (likes.sum() + RATE_PRIOR * self.mean_like_rate) / (len(likes) + RATE_PRIOR)
+            like_rate[0] = shrunk_mean(likes.sum(), len(likes), self.mean_like_rate)  # as the bundle's users
             liked = [cat.items.index(i) for i, like in zip(items, likes) if like][::-1]
             recent = np.full((1, max(len(liked), 1)), -1, np.int64)
             recent[0, : len(liked)] = liked
