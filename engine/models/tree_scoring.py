@@ -15,8 +15,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# LightGBM's missing_type of a split
-MISSING_NONE, MISSING_ZERO, MISSING_NAN = 0, 1, 2
+MISSING_NONE, MISSING_ZERO, MISSING_NAN = 0, 1, 2  # LightGBM's missing_type of a split
 _MISSING = {"None": MISSING_NONE, "Zero": MISSING_ZERO, "NaN": MISSING_NAN}
 ZERO_THRESHOLD = 1e-35  # LightGBM's kZeroThreshold: |x| below it is zero
 
@@ -51,50 +50,36 @@ class CompiledTrees:
         self.leaf_start = np.array(leaf_start, np.int64)
         self.feature = np.array(features, np.int64)
         self.threshold = np.array(thresholds, np.float64)
-        self.left = np.array(lefts, np.int64)
-        self.right = np.array(rights, np.int64)
-        self.default_left = np.array(default_left, np.bool_)
-        self.missing = np.array(missing, np.int8)
+        left, right = np.array(lefts, np.int64), np.array(rights, np.int64)
         self.leaf_value = np.array(leaves, np.float64)
-        # The walk without branches on the data (_score_rows_select): each node's two
-        # children side by side, and where a NaN goes (LightGBM's rule, decided here once:
-        # "NaN" splits send it the default way, "None" splits read it as 0.0). Zero-as-
-        # missing splits need the general walk.
-        self.children = np.stack([self.left, self.right], axis=1).ravel()
-        nan_goes_right = np.where(self.missing == MISSING_NAN, ~self.default_left, 0.0 > self.threshold)
-        self.nan_right = nan_goes_right.astype(np.int64)
-        self.selectable = not (self.missing == MISSING_ZERO).any()
-        self.depth = np.array([_depth(self.left, self.right, a, b) for a, b in zip(node_start[:-1], node_start[1:])])
+        default_right = ~np.array(default_left, np.bool_)
+        kind = np.array(missing, np.int8)
+        # LightGBM's rule for missing values, decided here once per node: a NaN goes the
+        # default way on "NaN" splits, and is read as 0.0 elsewhere (which on "Zero" splits
+        # is missing too, so the default way again); on "Zero" splits any |x| <= 1e-35 goes
+        # the default way. The walk then picks a child by arithmetic (_score_rows).
+        self.children = np.stack([left, right], axis=1).ravel()
+        self.nan_right = np.where(kind == MISSING_NONE, 0.0 > self.threshold, default_right).astype(np.int64)
+        self.zero_is_missing = kind == MISSING_ZERO
+        self.zero_right = default_right.astype(np.int64)
+        self.depth = np.array([_depth(left, right, a, b) for a, b in zip(node_start[:-1], node_start[1:])])
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         """``[n]`` float64 raw scores of feature rows ``[n, n_features]``."""
         out = np.empty(len(rows), np.float64)
-        if self.selectable:
-            _score_rows_select(
-                np.ascontiguousarray(rows, np.float32),
-                self.node_start,
-                self.leaf_start,
-                self.feature,
-                self.threshold,
-                self.children,
-                self.nan_right,
-                self.leaf_value,
-                self.depth,
-                np.empty(len(rows), np.int64),
-                out,
-            )
-            return out
         _score_rows(
             np.ascontiguousarray(rows, np.float32),
             self.node_start,
             self.leaf_start,
             self.feature,
             self.threshold,
-            self.left,
-            self.right,
-            self.default_left,
-            self.missing,
+            self.children,
+            self.nan_right,
+            self.zero_is_missing,
+            self.zero_right,
             self.leaf_value,
+            self.depth,
+            np.empty(len(rows), np.int64),
             out,
         )
         return out
@@ -121,29 +106,6 @@ def _flatten(root: dict) -> tuple[list[dict], list[float]]:
     return nodes, [leaves[i] for i in range(len(leaves))]
 
 
-@numba.njit(cache=True, nogil=True)
-def _score_rows(rows, node_start, leaf_start, feature, threshold, left, right, default_left, missing, leaf_value, out):
-    # Tree by tree, every row through it (a tree's few nodes stay in cache), the sums
-    # still in tree order per row, as LightGBM's.
-    out[:] = 0.0
-    for t in range(len(node_start) - 1):
-        base = node_start[t]
-        for r in range(rows.shape[0]):
-            node = 0 if node_start[t + 1] > base else -1  # a one-leaf tree is leaf 0
-            while node >= 0:
-                j = base + node
-                x = np.float64(rows[r, feature[j]])
-                kind = missing[j]
-                if np.isnan(x) and kind != MISSING_NAN:
-                    x = np.float64(0.0)
-                if (kind == MISSING_ZERO and abs(x) <= ZERO_THRESHOLD) or (kind == MISSING_NAN and np.isnan(x)):
-                    go_left = default_left[j]
-                else:
-                    go_left = x <= threshold[j]
-                node = left[j] if go_left else right[j]
-            out[r] += leaf_value[leaf_start[t] - node - 1]
-
-
 def _depth(left: np.ndarray, right: np.ndarray, start: int, stop: int) -> int:
     """The number of splits on the longest path of the tree at nodes ``start:stop``."""
     if stop == start:
@@ -159,24 +121,30 @@ def _depth(left: np.ndarray, right: np.ndarray, start: int, stop: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
-def _score_rows_select(
-    rows, node_start, leaf_start, feature, threshold, children, nan_right, leaf_value, depth, at, out
-):
-    """:func:`_score_rows` for models without zero-as-missing splits: each tree takes
-    every row one level down at a time (independent steps the processor overlaps), each
-    step picking a child by arithmetic."""
+def _score_rows(
+    rows, node_start, leaf_start, feature, threshold, children, nan_right, zero_is_missing, zero_right, leaf_value,
+    depth, at, out,
+):  # fmt: skip
+    """Each tree takes every row one level down at a time (independent steps the
+    processor overlaps), each step picking a child by arithmetic; the sums are in tree
+    order per row, as LightGBM's."""
     out[:] = 0.0
     n = rows.shape[0]
     for t in range(len(node_start) - 1):
         base = node_start[t]
-        at[:] = 0 if node_start[t + 1] > base else -1
+        at[:] = 0 if node_start[t + 1] > base else -1  # a one-leaf tree is leaf 0
         for _ in range(depth[t]):
             for r in range(n):
                 node = at[r]
                 if node >= 0:
                     j = base + node
                     x = rows[r, feature[j]]
-                    right = nan_right[j] if x != x else np.int64(np.float64(x) > threshold[j])
+                    if x != x:
+                        right = nan_right[j]
+                    elif zero_is_missing[j] and abs(x) <= ZERO_THRESHOLD:
+                        right = zero_right[j]
+                    else:
+                        right = np.int64(np.float64(x) > threshold[j])
                     at[r] = children[2 * j + right]
         for r in range(n):
             out[r] += leaf_value[leaf_start[t] - at[r] - 1]
