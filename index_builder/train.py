@@ -82,16 +82,27 @@ def train_models(
     ``examples`` when given), then CF and the towers on all of ``train``. With
     ``models_dir`` each is saved there (``<models_dir>/cf``, ``/towers``, ``/ranker``), where
     ``make index`` rebuilds from."""
-    ranker = None
-    ranker_config = RankerConfig.from_dict(config["ranker"])
-    if ranker_config.enabled:
-        if examples is None:
-            examples = ranker_examples(train, config, ranker_config, log=log)
-        ranker = fit_ranker(examples, ranker_config, log=log)
-        if models_dir is not None:
-            ranker.save(Path(models_dir) / "ranker")
+    ranker = train_ranker(train, config, models_dir, log, examples) if config["ranker"]["enabled"] else None
     cf, towers = train_embedding_models(train, config, progress, models_dir, log)
     return cf, towers, ranker
+
+
+def train_ranker(
+    train: Dataset,
+    config: dict[str, Any],
+    models_dir: str | Path | None = None,
+    log=print,
+    examples: RankerExamples | None = None,
+) -> Ranker:
+    """The learned ranker of the models ``config`` trains (:mod:`index_builder.ranker`),
+    fitted on ``examples`` when given; saved to ``<models_dir>/ranker`` with ``models_dir``."""
+    ranker_config = RankerConfig.from_dict(config["ranker"])
+    if examples is None:
+        examples = ranker_examples(train, config, ranker_config, log=log)
+    ranker = fit_ranker(examples, ranker_config, log=log)
+    if models_dir is not None:
+        ranker.save(Path(models_dir) / "ranker")
+    return ranker
 
 
 def train_embedding_models(

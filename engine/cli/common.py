@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from engine.errors import ConfigError
 
@@ -20,6 +21,11 @@ def add_data_file_flags(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a CSV/Parquet side table of user attributes keyed by user id (default: data.user_features)",
     )
+
+
+def log_to_stderr(line: str) -> None:
+    """Progress lines of the library's long jobs go to stderr; stdout carries results."""
+    print(line, file=sys.stderr)
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from engine.cli.common import add_data_file_flags, add_metric_flags, engine_config
+from engine.cli.common import add_data_file_flags, add_metric_flags, engine_config, log_to_stderr
 from engine.config import load_dataset, resolve_data_source, split_with_configured_side_tables
 
 
@@ -34,7 +33,7 @@ def cmd_eval_pipeline(args: argparse.Namespace, config: dict) -> int:
         peer_names=peer_names,
         ease_max_items=args.ease_max_items,
         data_name=source if dataset is None else dataset.name,
-        log=lambda line: print(line, file=sys.stderr),
+        log=log_to_stderr,
         ablation=not args.no_ablation,
     )
     out = Path(args.out)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.cli.common import add_data_file_flags
+from engine.cli.common import add_data_file_flags, log_to_stderr
 from engine.config import load_dataset
 from engine.errors import ConfigError
 
@@ -15,7 +15,7 @@ from engine.errors import ConfigError
 def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
     from engine.models.cf import CFModel
     from engine.models.towers import TwoTowerModel
-    from index_builder.build import build_bundle
+    from index_builder.train import publish
 
     models = Path(args.models or config["paths"]["models"])
     for sub, name in (("cf", "cf.json"), ("towers", "towers.json")):
@@ -31,23 +31,12 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
 
         ranker = Ranker.load(models / "ranker")
     dataset = load_dataset(config, args.data)
-    index_cfg = config["index"]
     root = Path(args.out or config["paths"]["bundles"])
+    # The [index] settings, with this command's flags over them.
+    flags = {"factory": args.factory, "recall_floor": args.recall_floor, "keep": args.keep}
+    index = {**config["index"], **{key: value for key, value in flags.items() if value is not None and value != ""}}
     print(f"building indexes for {dataset.name} ({dataset.n_items:,} items) into {root}", file=sys.stderr)
-    published = build_bundle(
-        dataset,
-        cf,
-        towers,
-        root,
-        factory=args.factory or index_cfg["factory"] or None,
-        recall_floor=args.recall_floor if args.recall_floor is not None else index_cfg["recall_floor"],
-        k=index_cfg["recall_k"],
-        keep=args.keep if args.keep is not None else index_cfg["keep"],
-        exact_below=index_cfg["exact_below"],
-        user_top_k=index_cfg["user_top_k"],
-        ranker=ranker,
-        log=lambda line: print(line, file=sys.stderr),
-    )
+    published = publish(dataset, cf, towers, root, {**config, "index": index}, ranker, log=log_to_stderr)
     print(json.dumps({"published": str(published), "version": published.name}, indent=2))
     return 0
 
@@ -57,26 +46,21 @@ def cmd_train(args: argparse.Namespace, config: dict) -> int:
 
     dataset = load_dataset(config, args.data)
     models = Path(args.models or config["paths"]["models"])
-    cf, towers, ranker = train_models(
-        dataset, config, not args.no_progress, models, log=lambda line: print(line, file=sys.stderr)
-    )
-    saved = {"cf": cf.metrics, "towers": towers.metrics, **({"ranker": ranker.to_summary()} if ranker else {})}
+    _, _, ranker = train_models(dataset, config, not args.no_progress, models, log=log_to_stderr)
+    saved = ["cf", "towers"] + (["ranker"] if ranker is not None else [])
     print(json.dumps({"saved": str(models), "models": sorted(saved)}, indent=2))
     return 0
 
 
 def cmd_train_ranker(args: argparse.Namespace, config: dict) -> int:
-    from engine.settings import RankerConfig
-    from index_builder.ranker import fit_ranker, ranker_examples
+    from index_builder.train import train_ranker
 
     dataset = load_dataset(config, args.data)
-    ranker_config = RankerConfig.from_dict(config["ranker"])
-    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    ranker = fit_ranker(ranker_examples(dataset, config, ranker_config, log=log), ranker_config, log=log)
-    out = Path(args.models or config["paths"]["models"]) / "ranker"
-    ranker.save(out)
+    models = Path(args.models or config["paths"]["models"])
+    ranker = train_ranker(dataset, config, models, log=log_to_stderr)
     top = list(ranker.importance().items())[:5]
-    print(json.dumps({"saved": str(out), **ranker.to_summary(), "top_features_by_gain": dict(top)}, indent=2))
+    summary = {"saved": str(models / "ranker"), **ranker.to_summary(), "top_features_by_gain": dict(top)}
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -92,7 +76,7 @@ def cmd_publish(args: argparse.Namespace, config: dict) -> int:
         config,
         progress=not args.no_progress,
         models_dir=models,
-        log=lambda line: print(line, file=sys.stderr),
+        log=log_to_stderr,
     )
     print(json.dumps({"published": str(published), "version": published.name, "models": str(models)}, indent=2))
     return 0
@@ -108,6 +92,16 @@ def cmd_rollback(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def _add_data_and_models_flags(
+    parser: argparse.ArgumentParser, models: str, data: str = "dataset path or 'synthetic'"
+) -> None:
+    """``--data`` (with the data file flags) and ``--models``: what every command of
+    this group that trains or indexes reads."""
+    parser.add_argument("--data", metavar="PATH", help=f"{data} (default: data.source)")
+    add_data_file_flags(parser)
+    parser.add_argument("--models", metavar="DIR", help=f"{models} (default: paths.models)")
+
+
 def register(commands) -> None:
     """Add this group's commands to the ``tandem`` parser."""
     publish = commands.add_parser(
@@ -119,9 +113,7 @@ def register(commands) -> None:
         "(as make train saves them) and a bundle is built with the [index] settings and published as "
         "<paths.bundles>/current.",
     )
-    publish.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
-    add_data_file_flags(publish)
-    publish.add_argument("--models", metavar="DIR", help="where to save the trained models (default: paths.models)")
+    _add_data_and_models_flags(publish, "where to save the trained models")
     publish.add_argument("--out", metavar="DIR", help="bundle root (default: paths.bundles)")
     publish.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     publish.set_defaults(handler=cmd_publish)
@@ -133,9 +125,7 @@ def register(commands) -> None:
         "no retraining), build and recall-check the indexes, and publish a new bundle version "
         "atomically as <paths.bundles>/current.",
     )
-    build.add_argument("--data", metavar="PATH", help="the dataset the models were trained on (default: data.source)")
-    add_data_file_flags(build)
-    build.add_argument("--models", metavar="DIR", help="trained models directory (default: paths.models)")
+    _add_data_and_models_flags(build, "trained models directory", data="the dataset the models were trained on")
     build.add_argument("--out", metavar="ROOT", help="bundle root (default: paths.bundles)")
     build.add_argument("--factory", help="FAISS factory string for every index (default: by catalogue size)")
     build.add_argument("--recall-floor", type=float, help="refuse to publish below this recall@k (default 0.95)")
@@ -150,9 +140,7 @@ def register(commands) -> None:
         "of the configured data, saved to <paths.models> for build-index (make index). One process: tandem "
         "train-cf / train-towers / train-ranker do each step alone.",
     )
-    train.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
-    add_data_file_flags(train)
-    train.add_argument("--models", metavar="DIR", help="where to save the models (default: paths.models)")
+    _add_data_and_models_flags(train, "where to save the models")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     train.set_defaults(handler=cmd_train)
 
@@ -164,9 +152,7 @@ def register(commands) -> None:
         "held-out user's candidates as the engine does, and fit LambdaRank trees on their features. Saved to "
         "<paths.models>/ranker, which build-index stores in the bundle.",
     )
-    train_ranker.add_argument("--data", metavar="PATH", help="dataset path or 'synthetic' (default: data.source)")
-    add_data_file_flags(train_ranker)
-    train_ranker.add_argument("--models", metavar="DIR", help="trained models directory (default: paths.models)")
+    _add_data_and_models_flags(train_ranker, "trained models directory")
     train_ranker.set_defaults(handler=cmd_train_ranker)
 
     rollback = commands.add_parser("rollback", help="point the bundle root's current at the previous version")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from engine.cli.common import add_data_file_flags
+from engine.cli.common import add_data_file_flags, log_to_stderr
 from engine.config import load_dataset
 from engine.errors import ConfigError
 
@@ -33,7 +32,7 @@ def cmd_tune(args: argparse.Namespace, config: dict) -> int:
         seed=args.seed,
         log_path=log_path,
         progress=not args.no_progress,
-        log=lambda line: print(line, file=sys.stderr),
+        log=log_to_stderr,
     )
     write_settings(result, out)
     print(json.dumps({**result, "settings_file": str(out), "trial_log": str(log_path)}, indent=2, default=str))
