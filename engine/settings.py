@@ -18,6 +18,16 @@ RANKINGS = ("auto", "blend")  # engine.serving.engine: the learned ranker when p
 DEFAULT_SOURCE_WEIGHTS = {"cf": 0.35, "towers": 0.35, "popular": 0.1, "segment": 0.1, "recent": 0.1}
 
 
+def from_known_settings(cls, values: dict, what: str):
+    """``cls(**values)``, refusing names that are not fields of the settings class ``cls``
+    with a message that lists the known ones (``what``: "CF", "tower", "ranker")."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**values)
+
+
 @dataclass
 class IndexConfig:
     """Index building (the ``[index]`` section)."""
@@ -71,11 +81,7 @@ class RankerConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> RankerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown ranker setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+        return from_known_settings(cls, values, "ranker")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ from engine.models.als import als_wmse, confidence, wmse_sparse_cost
 from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.training import EarlyStopping, LearningCurve, require_torch, resolve_device, seed_everything
 from engine.results import SQUARED_DISTANCE, Recommendations
+from engine.settings import from_known_settings
 from engine.topk import top_k_desc, top_k_rows
 
 FORMAT_VERSION = 1
@@ -152,12 +153,7 @@ class CFConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> CFConfig:
-        known = {f.name for f in fields(cls)}
-        values = {("lambda_" if k == "lambda" else k): v for k, v in values.items()}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown CF setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+        return from_known_settings(cls, {("lambda_" if k == "lambda" else k): v for k, v in values.items()}, "CF")
 
 
 def wmse_cost(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from engine.errors import TandemError
 from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.features import FeaturePipeline, fit_item_pipeline, fit_user_pipeline
 from engine.models.training import EarlyStopping, LearningCurve, require_torch, resolve_device, seed_everything
+from engine.settings import from_known_settings
 from engine.topk import top_k_rows
 
 FORMAT_VERSION = 1
@@ -90,11 +91,7 @@ class TowerConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TowerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown tower setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+        return from_known_settings(cls, values, "tower")
 
 
 class NumpyTower:
