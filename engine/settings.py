@@ -84,6 +84,43 @@ class RankerConfig:
         return from_known_settings(cls, values, "ranker")
 
 
+FSYNC_POLICIES = ("batch", "none")  # when the feedback log reaches the disk
+
+
+@dataclass
+class FeedbackConfig:
+    """Live feedback (the ``[engine.feedback]`` section, :mod:`engine.data.feedback`):
+    the kinds of events ``Engine.record`` / ``RecordFeedback`` accept and how each counts."""
+
+    kinds: list = field(default_factory=lambda: ["view", "click", "purchase", "rating"])  # accepted
+    # Kinds whose events must carry a value: a rating on the data's scale.
+    rating_kinds: list = field(default_factory=lambda: ["rating"])
+    # Kinds that are likes whatever their value (a like feeds the "recent" source); other
+    # events are likes by the data's rule (engine.data.dataset.liked_mask).
+    like_kinds: list = field(default_factory=lambda: ["click", "purchase"])
+    # The value of a (user, item) pair whose events carry none, on explicit data (on
+    # implicit data every pair has the data's one value).
+    default_value: float = 1.0
+    # "batch": each batch is fsynced before it is acknowledged (an OS crash loses
+    # nothing acknowledged); "none": written before the reply, flushed when the OS decides.
+    fsync: str = "batch"
+    sync_interval: float = 0.2  # seconds between reads of the other processes' events
+
+    def __post_init__(self) -> None:
+        if self.fsync not in FSYNC_POLICIES:
+            raise ValueError(f"engine.feedback.fsync must be one of {FSYNC_POLICIES}, got {self.fsync!r}")
+        if not self.kinds or not all(isinstance(k, str) and k for k in self.kinds):
+            raise ValueError("engine.feedback.kinds must be a list of non-empty names")
+        for name in ("rating_kinds", "like_kinds"):
+            unknown = [k for k in getattr(self, name) if k not in self.kinds]
+            if unknown:
+                raise ValueError(f"engine.feedback.{name} names kinds not in engine.feedback.kinds: {unknown}")
+        if len(self.kinds) > 127:  # a kind is stored as one int8 per event
+            raise ValueError("engine.feedback.kinds: at most 127 kinds")
+        if self.sync_interval < 0:
+            raise ValueError("engine.feedback.sync_interval must be >= 0")
+
+
 @dataclass
 class EngineConfig:
     """Serving settings (the ``[engine]`` section)."""
@@ -105,8 +142,11 @@ class EngineConfig:
     # How candidates are merged (engine.serving.pipeline): "compiled" serves a lone
     # request with numba kernels, "batch" with array operations (the same results).
     pipeline: str = "compiled"
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)  # live feedback ([engine.feedback])
 
     def __post_init__(self) -> None:
+        if isinstance(self.feedback, dict):  # from the configuration file
+            self.feedback = from_known_settings(FeedbackConfig, self.feedback, "engine.feedback")
         if self.pipeline not in PIPELINES:
             raise ValueError(f"engine.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
         if self.ranking not in RANKINGS:

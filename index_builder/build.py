@@ -392,6 +392,7 @@ def _build(
     layout.save_table("popularity", dataset.item_counts().astype(np.float32))
     layout.save_table("seen_indptr", seen_indptr)
     layout.save_table("seen_indices", seen_indices)
+    layout.save_table("seen_values", ui.data.astype(np.float32))
     for name, top in user_top.items():
         layout.save_table(f"user_top_{name}", top)
     layout.save_table("recent_liked", recent_liked(dataset))
@@ -457,6 +458,9 @@ def _build(
             # given with a request (engine.data.dataset.liked_mask).
             implicit=dataset.implicit,
         ),
+        # The bytes of the root's feedback log these interactions include: the engine
+        # replays the events after them (engine.serving.feedback).
+        feedback={"offset": int(dataset.feedback_offset)},
         models={
             "cf": {
                 "n_features": int(cf.X.shape[1]),

@@ -10,17 +10,19 @@ call this instead of repeating those steps.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from engine.data import Dataset
+from engine.data.feedback import FEEDBACK_LOG, with_root_feedback
 from engine.models.artifacts import record_trained_on
 from engine.models.cf import PRESETS as CF_PRESETS
 from engine.models.cf import CFConfig, CFModel, train_cf
 from engine.models.ranker import Ranker
 from engine.models.towers import PRESETS as TOWER_PRESETS
 from engine.models.towers import TowerConfig, TwoTowerModel, train_two_tower
-from engine.settings import IndexConfig, RankerConfig
+from engine.settings import FeedbackConfig, IndexConfig, RankerConfig, from_known_settings
 from index_builder.build import build_bundle
 from index_builder.ranker import RankerExamples, fit_ranker, ranker_examples
 
@@ -57,16 +59,55 @@ def train_and_publish(
     log=print,
     examples: RankerExamples | None = None,
 ) -> Path:
-    """Train every model for serving on ``train`` (:func:`train_models`) and publish a
-    bundle under ``root`` (it becomes ``current``); returns the published version's
-    directory. ``config``: the effective configuration (:func:`engine.config.load_config`;
-    default: ``./tandem.toml`` when present, else the defaults)."""
+    """Train every model for serving on ``train`` plus the events recorded live at
+    ``root`` so far (:func:`with_recorded_feedback`; :func:`train_models`) and publish a
+    bundle under ``root`` (it becomes ``current``; it replays the events recorded after
+    them); returns the published version's directory. ``config``: the effective
+    configuration (:func:`engine.config.load_config`; default: ``./tandem.toml`` when
+    present, else the defaults)."""
     if config is None:
         from engine.config import load_config
 
         config = load_config()
+    train = with_recorded_feedback(train, root, config, log=log)
     cf, towers, ranker = train_models(train, config, progress, models_dir, log, examples)
+    if models_dir is not None:
+        save_feedback_cutoff(models_dir, root, train)
     return publish(train, cf, towers, root, config, ranker, log)
+
+
+# ------------------------------------------------------------ live feedback
+# In a models directory: the bundle root's feedback log and the byte offset the models'
+# training data read it to, so that `make index` rebuilds the same data.
+FEEDBACK_CUTOFF = "feedback.json"
+
+
+def with_recorded_feedback(
+    dataset: Dataset, root: str | Path, config: dict[str, Any], end: int | None = None, log=print
+) -> Dataset:
+    """``dataset`` plus the events of ``<root>/feedback.jsonl`` up to byte ``end`` (default:
+    all of it now), by the ``[engine.feedback]`` rules (:mod:`engine.data.feedback`)."""
+    rules = from_known_settings(FeedbackConfig, config["engine"]["feedback"], "engine.feedback")
+    return with_root_feedback(dataset, root, rules, end, log)
+
+
+def save_feedback_cutoff(models_dir: str | Path, root: str | Path, dataset: Dataset) -> None:
+    """Record beside the models which log, and how much of it, their data included."""
+    path = Path(models_dir) / FEEDBACK_CUTOFF
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"log": str(Path(root) / FEEDBACK_LOG), "offset": dataset.feedback_offset}) + "\n")
+
+
+def with_models_feedback(dataset: Dataset, models_dir: str | Path, config: dict[str, Any], log=print) -> Dataset:
+    """``dataset`` plus the events the models in ``models_dir`` were trained with (the
+    cut-off :func:`save_feedback_cutoff` recorded; none without one)."""
+    path = Path(models_dir) / FEEDBACK_CUTOFF
+    if not path.is_file():
+        return dataset
+    cutoff = json.loads(path.read_text())
+    if not cutoff.get("offset"):
+        return dataset
+    return with_recorded_feedback(dataset, Path(cutoff["log"]).parent, config, int(cutoff["offset"]), log)
 
 
 def train_models(

@@ -15,7 +15,7 @@ from engine.errors import ConfigError
 def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
     from engine.models.cf import CFModel
     from engine.models.towers import TwoTowerModel
-    from index_builder.train import publish
+    from index_builder.train import publish, with_models_feedback
 
     models = Path(args.models or config["paths"]["models"])
     for sub, name in (("cf", "cf.json"), ("towers", "towers.json")):
@@ -30,7 +30,8 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
         from engine.models.ranker import Ranker
 
         ranker = Ranker.load(models / "ranker")
-    dataset = load_dataset(config, args.data)
+    # The data the models were trained on: the events recorded live they included too.
+    dataset = with_models_feedback(load_dataset(config, args.data), models, config, log=log_to_stderr)
     root = Path(args.out or config["paths"]["bundles"])
     # The [index] settings, with this command's flags over them.
     flags = {"factory": args.factory, "recall_floor": args.recall_floor, "keep": args.keep}
@@ -42,21 +43,23 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
 
 
 def cmd_train(args: argparse.Namespace, config: dict) -> int:
-    from index_builder.train import train_models
+    from index_builder.train import save_feedback_cutoff, train_models, with_recorded_feedback
 
-    dataset = load_dataset(config, args.data)
+    root = Path(config["paths"]["bundles"])  # the events recorded live there so far are trained on
+    dataset = with_recorded_feedback(load_dataset(config, args.data), root, config, log=log_to_stderr)
     models = Path(args.models or config["paths"]["models"])
     _, _, ranker = train_models(dataset, config, not args.no_progress, models, log=log_to_stderr)
+    save_feedback_cutoff(models, root, dataset)
     saved = ["cf", "towers"] + (["ranker"] if ranker is not None else [])
     print(json.dumps({"saved": str(models), "models": sorted(saved)}, indent=2))
     return 0
 
 
 def cmd_train_ranker(args: argparse.Namespace, config: dict) -> int:
-    from index_builder.train import train_ranker
+    from index_builder.train import train_ranker, with_models_feedback
 
-    dataset = load_dataset(config, args.data)
     models = Path(args.models or config["paths"]["models"])
+    dataset = with_models_feedback(load_dataset(config, args.data), models, config, log=log_to_stderr)
     ranker = train_ranker(dataset, config, models, log=log_to_stderr)
     top = list(ranker.importance().items())[:5]
     summary = {"saved": str(models / "ranker"), **ranker.to_summary(), "top_features_by_gain": dict(top)}

@@ -173,6 +173,9 @@ class Dataset:
         self.user_features, self.item_features = user_features, item_features
         self.item_titles = None if item_titles is None else np.asarray(item_titles).astype(str)
         self.name = name
+        # Bytes of the bundle root's feedback log merged into these interactions
+        # (engine.data.feedback.with_feedback): the bundle built from them replays the rest.
+        self.feedback_offset = 0
         self._validate()
         if drop_duplicates:
             self._drop_duplicate_pairs()

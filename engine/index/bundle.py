@@ -8,6 +8,7 @@ Layout of a bundle root (``paths.bundles``)::
     <root>/.staging/                          bundles being written (never read)
     <root>/.trash/                            versions being deleted (never read)
     <root>/added_items.jsonl                  items added live (Engine.add_items), one JSON per line
+    <root>/feedback.jsonl                     events recorded live (Engine.record), one JSON per line
 
 Items added to a running engine are appended to ``added_items.jsonl`` (fsynced) and
 replayed whenever an engine loads from the root, so they survive reloads and restarts;
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from engine import journal
 from engine.errors import TandemError
 
 log = logging.getLogger("tandem.bundle")
@@ -80,6 +82,8 @@ class Manifest:
     genre_labels: list = field(default_factory=list)  # bundles before item_attributes: item_genres' labels
     # Item attribute name -> {"kind", "vocabulary", "position"} (BundleLayout.save_attributes).
     item_attributes: dict = field(default_factory=dict)
+    # {"offset"}: the bytes of the root's feedback log the data included (engine.data.feedback).
+    feedback: dict = field(default_factory=lambda: {"offset": 0})
     version: str = ""
     created_at: str = ""
     files: dict = field(default_factory=dict)  # relative path -> {"bytes", "sha256"}
@@ -119,6 +123,7 @@ class BundleLayout:
         "popularity": "[n_items] interaction counts",
         "seen_indptr": "[n_users + 1] CSR row pointers of each user's training items",
         "seen_indices": "the CSR item indices",
+        "seen_values": "their values (ratings; the value of implicit data): live feedback's fold-in reads them",
         "recent_liked": "[n_users, 5] each user's latest likes, latest first, -1 pads",
         "item_neighbours": "[n_items, 32] nearest items by CF squared distance, -1 pads",
         "item_cooccurring": "[n_items, 100] most similar items by co-occurrence (cosine of users), -1 pads",
@@ -240,81 +245,34 @@ class BundleLayout:
 
 
 def append_added_items(path: str | Path, records: list[dict]) -> None:
-    """Append items (``{"item_id", "features", "title", "dataset"}``) to a journal file, durably
-    (fsynced before returning), under an exclusive lock: the server processes of one
-    root append to one journal. A torn last line — an append cut short by a crash, never
-    acknowledged — is cut off first, so that the new records start on a line of their own."""
-    import fcntl
-
+    """Append items (``{"item_id", "features", "title", "dataset"}``) to a journal file,
+    durably (fsynced before returning), under the journal's lock (:mod:`engine.journal`)."""
     payload = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode("utf-8")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            whole = _whole_lines_length(fd, size)
-            log.warning(json.dumps({"event": "journal_torn_tail_cut", "file": str(path), "bytes": size - whole}))
-            os.ftruncate(fd, whole)
-            size = whole
-        os.pwrite(fd, payload, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)  # (releases the lock)
-
-
-def _whole_lines_length(fd: int, size: int, chunk: int = 1 << 16) -> int:
-    """Bytes of a file up to and including its last newline (0 without one)."""
-    end = size
-    while end > 0:
-        start = max(0, end - chunk)
-        at = os.pread(fd, end - start, start).rfind(b"\n")
-        if at >= 0:
-            return start + at + 1
-        end = start
-    return 0
+    journal.append(path, payload)
 
 
 def read_added_items(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
     """The items of a journal file from byte ``offset`` on (none when the file does not
-    exist), and the offset after the last whole line read, to continue from. A last line
-    without its newline (an append in progress, or cut short by a crash) is left for the
-    next read. A line that is not a record is logged, naming file and line, and skipped:
-    one bad line never stops a server from starting."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
-        return [], offset
-    whole = data[: data.rfind(b"\n") + 1]
-    records = []
-    for n, line in enumerate(whole.split(b"\n")[:-1], 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-            if not isinstance(record, dict) or not isinstance(record.get("item_id"), str):
-                raise ValueError("expected an object with a string item_id")
-            features = record.get("features") or {}
-            if not isinstance(features, dict):
-                raise ValueError("features must be an object")
-        except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
-            where = f"line {n}" if offset == 0 else f"line {n} after byte {offset}"
-            log.warning(
-                json.dumps({"event": "journal_line_skipped", "file": str(path), "where": where, "error": str(e)[:200]})
-            )
-            continue
-        records.append(
-            {
-                "item_id": record["item_id"],
-                "features": dict(features),
-                "title": str(record.get("title", "") or ""),
-                # The dataset the item was added to (records from before it was written: None).
-                "dataset": record.get("dataset"),
-            }
-        )
-    return records, offset + len(whole)
+    exist), and the offset after the last whole line read, to continue from (see
+    :mod:`engine.journal`: a partial last line waits, a bad line is logged and skipped)."""
+    data, end = journal.read_bytes(path, offset)
+    return journal.records(path, data, offset, _added_item), end
+
+
+def _added_item(record: dict) -> dict:
+    """One journal line as an added item's record (``ValueError`` when it is not one)."""
+    if not isinstance(record.get("item_id"), str):
+        raise ValueError("expected an object with a string item_id")
+    features = record.get("features") or {}
+    if not isinstance(features, dict):
+        raise ValueError("features must be an object")
+    return {
+        "item_id": record["item_id"],
+        "features": dict(features),
+        "title": str(record.get("title", "") or ""),
+        # The dataset the item was added to (records from before it was written: None).
+        "dataset": record.get("dataset"),
+    }
 
 
 def root_of(bundle_path: str | Path) -> Path | None:

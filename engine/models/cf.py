@@ -371,7 +371,11 @@ class CFModel:
         they are positives against every other item, solved exactly:
         ``(w0 X^T X + (c - w0) X_S^T X_S + lambda I) w = c X_S^T 1``.
         """
-        i = self.items.indices(item_ids)
+        return self.fold_in_indices(self.items.indices(item_ids), ratings)
+
+    def fold_in_indices(self, i: np.ndarray, ratings: Sequence[float] | np.ndarray | None = None) -> FoldedUser:
+        """:meth:`fold_in` of item indices."""
+        i = np.asarray(i, np.int64)
         f = self.X.shape[1]
         if len(i) == 0:  # a user with no ratings: no taste of their own, the item offsets alone
             return FoldedUser(np.zeros(f, np.float32), 0.0, np.zeros(0, np.int64))
@@ -394,8 +398,7 @@ class CFModel:
             values = np.ones(len(i)) if ratings is None else np.asarray(ratings, np.float64)
             c = confidence(values[first], cfg.confidence, cfg.positive_weight, cfg.alpha)
             Xs = self.X[items].astype(np.float64)
-            gram = self.X.T.astype(np.float64) @ self.X
-            w = np.linalg.solve(w0 * gram + (Xs * (c - w0)[:, None]).T @ Xs + lam * np.eye(f), Xs.T @ c)
+            w = np.linalg.solve(w0 * self._gram() + (Xs * (c - w0)[:, None]).T @ Xs + lam * np.eye(f), Xs.T @ c)
             return FoldedUser(w.astype(np.float32), 0.0, items)
         rng = np.random.default_rng(self.config.seed)
         negatives = rng.integers(0, len(self.X), len(i) * self.config.negative_ratio)
@@ -415,6 +418,13 @@ class CFModel:
             if np.abs(step).max() < 1e-8:
                 break
         return FoldedUser(theta[:f].astype(np.float32), float(theta[f]), np.unique(i))
+
+    def _gram(self) -> np.ndarray:
+        """``X^T X`` in float64, computed once: every wmse fold-in needs it."""
+        gram = getattr(self, "_gram_cache", None)
+        if gram is None:
+            gram = self._gram_cache = self.X.T.astype(np.float64) @ self.X
+        return gram
 
     # ------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:

@@ -284,6 +284,20 @@ class Client:
             items.append(pb.NewItem(item_id=str(item_id), features=_feature_map(features), title=title))
         return self._call(self._recommender.AddItems, pb.AddItemsRequest(items=items), timeout).n_items
 
+    def record(self, events: Sequence[Mapping], timeout: float | None = None) -> dict[str, int]:
+        """Record events (``{"user_id", "item_id", "kind", "value", "timestamp"}``, the last
+        two optional), as :meth:`engine.Engine.record`; returns ``{"recorded", "new_users"}``."""
+        messages = []
+        for event in events:
+            if not isinstance(event, Mapping):
+                raise InvalidRequest(f"an event must be a mapping, got {shorten(event)}")
+            try:
+                messages.append(pb.FeedbackEvent(**{key: value for key, value in event.items() if value is not None}))
+            except (TypeError, ValueError) as e:  # an unknown field, a value of the wrong type
+                raise InvalidRequest(f"bad event {shorten(event)}: {e}") from None
+        reply = self._call(self._recommender.RecordFeedback, pb.RecordFeedbackRequest(events=messages), timeout)
+        return {"recorded": reply.recorded, "new_users": reply.new_users}
+
     def echo(self, payload: bytes = b"", timeout: float | None = None) -> bytes:
         return self._call(self._recommender.Echo, pb.EchoRequest(payload=payload), timeout).payload
 

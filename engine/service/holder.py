@@ -13,6 +13,7 @@ from pathlib import Path
 from engine.index import bundle
 from engine.service.metrics import Metrics
 from engine.serving.engine import Engine, EngineConfig
+from engine.serving.feedback import Recorded
 
 log = logging.getLogger("tandem.server")
 
@@ -61,6 +62,7 @@ class EngineHolder:
             # Items added to the old engine while the new one loaded are in the journal:
             # the new one serves them before it is swapped in.
             fresh.sync_added_items()
+            fresh.sync_feedback()
             self.engine = fresh  # the swap: one reference assignment
             self.loaded_at, self._served_target = time.time(), target
             self.reloads += 1
@@ -83,6 +85,17 @@ class EngineHolder:
         if self.metrics:
             self.metrics.info.set(n)
         return n
+
+    def record(self, events: list[dict]) -> Recorded:
+        """Record events on the serving engine, under the reload lock (as
+        :meth:`add_items`): a new engine replays the log, so an event recorded on the old
+        one while it loaded is applied by the sync before the swap."""
+        with self._reload_lock:
+            return self.engine.record(events)
+
+    def sync_feedback(self) -> int:
+        """Apply the events other processes of this root recorded (their log lines)."""
+        return self.engine.sync_feedback()
 
     def sync_added_items(self) -> int:
         """Serve the items other processes of this root added (their journal lines)."""

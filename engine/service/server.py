@@ -4,6 +4,9 @@
 its messages and the engine's Python API (:mod:`engine.serving.engine` does the work), maps
 errors to status codes, and runs the server around it:
 
+- **live writes** — items added (``AddItems``) and events recorded (``RecordFeedback``)
+  are journaled at the bundle root before the reply; every process reads the others'
+  journal lines (within ``server.watch_interval`` and ``engine.feedback.sync_interval``);
 - **hot reload** — :class:`EngineHolder` keeps the serving engine; ``Reload`` and a
   watcher of the bundle root's ``current`` pointer load the new version *beside* the old
   one and swap a single reference. A request takes the reference once, at its start, so
@@ -14,8 +17,8 @@ errors to status codes, and runs the server around it:
   unknown item id ``NOT_FOUND``; anything else is a bug: logged with its traceback and
   answered ``INTERNAL``. Messages never echo a huge value back;
 - **security** — an optional bearer token (``authorization: Bearer <token>`` metadata),
-  required on the Admin service and on ``AddItems`` (a write every user sees), or on
-  every rpc with ``token_all``; TLS from a certificate and key;
+  required on the Admin service and on the writes ``AddItems`` and ``RecordFeedback``,
+  or on every rpc with ``token_all``; TLS from a certificate and key;
 - **operations** — the standard health service and server reflection, Prometheus
   metrics on an HTTP port, JSON-lines logs, graceful shutdown on SIGTERM.
 """
@@ -51,8 +54,9 @@ SHUTDOWN_MARGIN = 15.0
 
 RECOMMENDER = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
-# Recommender rpcs that change what every user sees: they need the token like Admin's.
-ADMIN_WRITES = (f"/{RECOMMENDER}/AddItems",)
+# Recommender rpcs that write (what every user sees, what a user did): they need the
+# token like Admin's.
+ADMIN_WRITES = (f"/{RECOMMENDER}/AddItems", f"/{RECOMMENDER}/RecordFeedback")
 # A status message is cut to this many characters (gRPC carries it in the metadata).
 MAX_STATUS_MESSAGE = 1000
 
@@ -213,6 +217,8 @@ class TandemServer:
             self.metrics_port = self._metrics_http.server_port
         if cfg.watch_interval > 0:
             threading.Thread(target=self._watch, name="tandem-watch-current", daemon=True).start()
+        if self.holder.engine_config.feedback.sync_interval > 0:
+            threading.Thread(target=self._tail_feedback, name="tandem-tail-feedback", daemon=True).start()
         log.info(
             json.dumps(
                 {
@@ -238,6 +244,16 @@ class TandemServer:
                 self.holder.sync_added_items()
             except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
                 log.exception(json.dumps({"event": "watch_failed"}))
+
+    def _tail_feedback(self) -> None:
+        """Every engine.feedback.sync_interval: apply the events the other processes of
+        the root recorded (their feedback log lines), so that an acknowledged event
+        reaches every process within about that time."""
+        while not self._stop.wait(self.holder.engine_config.feedback.sync_interval):
+            try:
+                self.holder.sync_feedback()
+            except Exception:  # noqa: BLE001 - the tail must outlive any one failure
+                log.exception(json.dumps({"event": "feedback_sync_failed"}))
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting requests; in-flight ones get ``grace`` seconds to finish."""

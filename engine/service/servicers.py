@@ -181,6 +181,22 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         n = self.holder.add_items([item.item_id for item in request.items], features)
         return pb.AddItemsResponse(n_items=n, version=self.holder.engine.version)
 
+    def RecordFeedback(self, request, context):
+        if len(request.events) > self.config.max_batch:
+            raise _BadRequest(f"{len(request.events)} events in one request; at most {self.config.max_batch}")
+        events = []
+        for event in request.events:
+            record = {"user_id": event.user_id, "item_id": event.item_id, "kind": event.kind}
+            if event.HasField("value"):
+                record["value"] = event.value
+            if event.HasField("timestamp"):
+                record["timestamp"] = event.timestamp
+            events.append(record)
+        recorded = self.holder.record(events)
+        return pb.RecordFeedbackResponse(
+            recorded=recorded.events, new_users=recorded.new_users, version=self.holder.engine.version
+        )
+
     def Echo(self, request, context):
         return pb.EchoResponse(payload=request.payload)
 
@@ -192,6 +208,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     def Reload(self, request, context):
         reloaded, version, previous, message = self.holder.reload()
         self.holder.sync_added_items()  # the items other processes added, whatever the version
+        self.holder.sync_feedback()  # and the events they recorded
         return pb.ReloadResponse(reloaded=reloaded, version=version, previous_version=previous, message=message)
 
     def GetInfo(self, request, context):

@@ -38,6 +38,7 @@ from engine.models.towers import TwoTowerModel
 from engine.results import SCORE, SQUARED_DISTANCE, Recommendations
 from engine.serving.catalogue import Catalogue, read_only
 from engine.serving.features import SOURCES, ItemHistoryTables, RankingFeatures, affinity_attributes
+from engine.serving.feedback import LiveFeedback, Recorded
 from engine.serving.live_items import LiveItems
 from engine.serving.pipeline import make_pipeline
 from engine.serving.ranking import Blend, ScoreScale
@@ -116,6 +117,9 @@ class Engine:
         self.ranker: Ranker | None = None
         if config.ranking == "auto" and layout.model("ranker").is_dir():
             self.use_ranker(Ranker.load(layout.model("ranker")))
+        # Events recorded live (engine.serving.feedback): the user side reads them.
+        self.feedback = LiveFeedback(self)
+        self.user_context.feedback = self.feedback
 
     def use_ranker(self, ranker: Ranker | None) -> None:
         """Serve with ``ranker`` (None: the blend alone). Its features must be the ones
@@ -171,6 +175,7 @@ class Engine:
 
         engine.live_items.serve(bundle.read_added_items(published.layout.added_items)[0])
         engine.sync_added_items()
+        engine.sync_feedback()  # the events recorded after this bundle's data was read
         return engine
 
     # ------------------------------------------------- the catalogue now
@@ -660,6 +665,25 @@ class Engine:
         """Serve the items other processes (or an earlier run) appended to the bundle
         root's journal since this engine last read it; returns how many."""
         return self.live_items.sync()
+
+    def record(self, events: Sequence[Mapping], persist: bool = True) -> Recorded:
+        """Record what users did: a batch of events ``{"user_id", "item_id", "kind",
+        "value", "timestamp"}`` (:mod:`engine.data.feedback`; ``value`` and ``timestamp``
+        optional). Validated whole: a bad event raises
+        :class:`~engine.errors.InvalidRequest`, an item the catalogue does not hold
+        :class:`~engine.errors.UnknownIdError`, and nothing is recorded. With ``persist``
+        (and an engine loaded from a bundle root) the batch is appended to the root's
+        ``feedback.jsonl`` before this returns (fsynced by default), replayed by every
+        later load and read by the other server processes of the root
+        (:meth:`sync_feedback`). The next request of each user is served from their
+        whole history, events included; a user id the bundle does not know becomes a new
+        user (:mod:`engine.serving.feedback`)."""
+        return self.feedback.record(events, persist)
+
+    def sync_feedback(self) -> int:
+        """Apply the events other processes (or an earlier run) appended to the bundle
+        root's feedback log since this engine last read it; returns how many."""
+        return self.feedback.sync()
 
     def title(self, item_id: object) -> str:
         """A readable title (the id when the bundle has none, or the item is unknown)."""

@@ -6,6 +6,7 @@ features, a user with ratings by CF fold-in — with the request's user values c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from engine.serving.features import shrunk_mean
 from engine.serving.retrieval import Requests, UserQueries
 from engine.settings import EngineConfig
 
+if TYPE_CHECKING:
+    from engine.serving.feedback import LiveFeedback
+
 # Shared one-user values of a known user's request (read-only: never written).
 _TRUE, _FALSE = read_only(np.ones(1, bool)), read_only(np.zeros(1, bool))
 _ZERO = read_only(np.zeros(1, np.float32))
@@ -30,6 +34,7 @@ KNOWN = "known user"  # a user of the bundle: their stored vectors, history and 
 FOLD_IN = "fold-in"  # ratings given with the request: a CF vector fitted to them
 FEATURES = "features"  # a new user described by features: the user tower, their segment
 POPULARITY = "popularity"  # an unknown user with nothing given: popularity (cold start)
+LIVE = "live events"  # a user with events recorded since the build: their whole history (CF by fold-in)
 _SERVED_KNOWN = (KNOWN,)
 
 
@@ -63,6 +68,8 @@ class UserContext:
         # only looks its rows up.
         self.user_queries = {name: m.retrieval_user_vectors(np.arange(len(m.users))) for name, m in self.models.items()}
         self.user_biases = {name: m.user_biases(np.arange(len(m.users))) for name, m in self.models.items()}
+        # Users with events recorded live (engine.serving.feedback; the engine sets it).
+        self.feedback: LiveFeedback | None = None
         self._user_rows = read_only(np.arange(len(self.users)))  # a lone user's top_rows entry is a view
         # A known user's request holds views of these tables (see known_user): read-only,
         # so nothing can write through them.
@@ -99,7 +106,7 @@ class UserContext:
         encoded = self.encoded_user_features(user_features) if user_features else None
         if n == 1 and not ratings and user_ids[0] is not None:
             lone = self.users.get(user_ids[0])
-            if lone is not None:
+            if lone is not None and (self.feedback is None or self.feedback.live_index(user_ids[0], lone) < 0):
                 return self.known_user(cat, lone, exclude_seen, item_mask)
         u = self.users.indices_or_missing(user_ids)
         known = u >= 0
@@ -125,10 +132,16 @@ class UserContext:
         history = self.seen_indices[
             np.repeat(starts - history_indptr[:-1], lengths) + np.arange(history_indptr[-1])
         ].astype(np.int64)
-        indptr, excluded = (history_indptr, history) if exclude_seen else (np.zeros(n + 1, np.int64), _NO_ITEMS)
         served_by = np.where(known, KNOWN, POPULARITY).tolist()
-        # Known users' rows in the sources' top-items tables, which exclude the seen items.
-        top_rows = {name: np.where(m.has, u, -1) for name, m in models.items()} if exclude_seen else {}
+        live = self.feedback.live_indices(user_ids, u) if self.feedback is not None else np.full(n, -1)
+        if (live >= 0).any():  # users with events: their whole history instead of the tables
+            history_indptr, history = self._live_users(
+                live, models, recent, like_rate, served_by, history_indptr, history
+            )
+        indptr, excluded = (history_indptr, history) if exclude_seen else (np.zeros(n + 1, np.int64), _NO_ITEMS)
+        # Known users' rows in the sources' top-items tables, which exclude the seen items
+        # (not for users with events: their vector and seen items changed).
+        top_rows = {name: np.where(m.has & (live < 0), u, -1) for name, m in models.items()} if exclude_seen else {}
 
         if n == 1 and not known[0] and user_features and encoded is not None:  # a new user by features
             for name, model in self.models.items():
@@ -174,6 +187,31 @@ class UserContext:
             history_indices=history,
             like_rate=like_rate,
         )
+
+    def _live_users(
+        self,
+        live: np.ndarray,
+        models: dict[str, UserQueries],
+        recent: np.ndarray,
+        like_rate: np.ndarray,
+        served_by: list,
+        history_indptr: np.ndarray,
+        history: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rewrite the rows of users with live events (``live[row] >= 0``) in place: their
+        fold-in CF vector, recent likes, like rate and whole history. Returns the
+        history CSR ``(indptr, indices)`` with their rows replaced."""
+        assert self.feedback is not None
+        cf = models[self.cf.name]
+        rows = [history[history_indptr[r] : history_indptr[r + 1]] for r in range(len(live))]
+        for row in np.flatnonzero(live >= 0).tolist():
+            state = self.feedback.user(int(live[row]))
+            cf.vectors[row], cf.bias[row], cf.has[row] = state.cf_query[0], state.cf_bias[0], True
+            recent[row], like_rate[row], served_by[row] = state.recent[0], state.like_rate[0], LIVE
+            rows[row] = state.history
+        indptr = np.zeros(len(live) + 1, np.int64)
+        np.cumsum([len(r) for r in rows], out=indptr[1:])
+        return indptr, np.concatenate(rows).astype(np.int64)
 
     def checked_ratings(self, ratings: Mapping[object, float]) -> tuple[list, list[float]]:
         """A request's ``{item_id: rating}`` as ids and finite float ratings."""
