@@ -8,7 +8,7 @@ DATA   ?= auto
 SIDE_FLAGS = $(if $(ITEM_FEATURES),--item-features $(ITEM_FEATURES)) $(if $(USER_FEATURES),--user-features $(USER_FEATURES))
 DATA_FLAGS = $(if $(filter auto,$(DATA)),,--data $(DATA)) $(SIDE_FLAGS)
 
-.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine bench-feedback eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -83,8 +83,11 @@ bench-towers: install  ## B1-B3 for the towers beside popularity baselines, and 
 bench-ann: install  ## B4: exact vs HNSW vs IVF on 1M clustered vectors and on ML-100K CF vectors
 	$(PY) bench/ann.py
 
-bench-engine: install  ## in-process recommend latency and batch throughput on a 100k-item catalogue
+bench-engine: install  ## in-process recommend latency and batch throughput on a 100k-item catalogue (table and live-event users)
 	$(PY) bench/engine_latency.py
+
+bench-feedback: install  ## RecordFeedback events/s (100-event batches, fsync), SIGKILL trials (events lost), memory per million events
+	$(PY) bench/feedback.py
 
 SPLIT ?= folds
 eval-pipeline: install-bench  ## the two-stage pipeline beside popularity, implicit ALS and EASE (DATA=..., SPLIT=folds|u1..u5|temporal|random|last)

@@ -80,6 +80,7 @@ def measure(engine: Engine, args) -> None:
             "recommend_p99_ms": float(np.percentile(times[name], 99) * 1e3),
             "batch_users_per_s": len(users) / batch_s,
         }
+    result["live_events"] = live_user_latency(engine, modes, users, args)
     engine.use_ranker(ranker)
     out = save_result("engine", result)
     print(f"Engine on {len(engine.items):,} items, {args.n_candidates} candidates, k=10:")
@@ -93,7 +94,64 @@ def measure(engine: Engine, args) -> None:
         print(
             f"  ranker: {result['ranker_model']['trees']} trees re-scoring the blend's best {ranker.depth} candidates"
         )
+    live = result["live_events"]
+    print(
+        f"Users with live events ({live['users']} users, {live['events_per_user']} events each), against table users:"
+    )
+    for name in modes:
+        r = live[name]
+        print(
+            f"  {name:<7} p50 {r['live_p50_ms']:.3f} ms vs {r['table_p50_ms']:.3f} ms (ratio {r['p50_ratio']:.2f}, "
+            f"target <= 2), p99 {r['live_p99_ms']:.3f} vs {r['table_p99_ms']:.3f} ms; "
+            f"first request after an event (fold-in) p50 {r['first_p50_ms']:.3f} ms"
+        )
     print(f"indexes: {result['indexes']} -> {out}")
+
+
+def live_user_latency(engine: Engine, modes: dict, users: list, args, n_live: int = 500, events: int = 5) -> dict:
+    """Recommend latency for users with events recorded live (served from their whole
+    history: fold-in CF vector, searches instead of the per-user tables) beside users
+    served from the tables, requests alternating, per ranking mode. The first request
+    after a user's events pays their fold-in; the rest read it cached."""
+    rng = np.random.default_rng(1)
+    table_users = [u for u in dict.fromkeys(users)]
+    live_users, table_users = table_users[:n_live], table_users[n_live:]
+    items = engine.items.ids[rng.integers(0, len(engine.items), (len(live_users), events))]
+    out: dict = {"users": len(live_users), "events_per_user": events}
+    for name, mode in modes.items():
+        engine.use_ranker(mode)
+        engine.record(
+            [
+                {"user_id": u, "item_id": str(i), "kind": "click"}
+                for u, row in zip(live_users, items)
+                for i in row[: events - 1]
+            ],
+            persist=False,
+        )
+        engine.record(
+            [{"user_id": u, "item_id": str(row[-1]), "kind": "view"} for u, row in zip(live_users, items)],
+            persist=False,
+        )
+        first = np.empty(len(live_users))
+        for j, u in enumerate(live_users):
+            start = time.perf_counter()
+            engine.recommend(u, k=10, n_candidates=args.n_candidates)
+            first[j] = time.perf_counter() - start
+        live_t, table_t = np.empty(args.requests), np.empty(args.requests)
+        for r in range(args.requests):
+            for who, times in ((live_users[r % len(live_users)], live_t), (table_users[r % len(table_users)], table_t)):
+                start = time.perf_counter()
+                engine.recommend(who, k=10, n_candidates=args.n_candidates)
+                times[r] = time.perf_counter() - start
+        out[name] = {
+            "live_p50_ms": float(np.median(live_t) * 1e3),
+            "live_p99_ms": float(np.percentile(live_t, 99) * 1e3),
+            "table_p50_ms": float(np.median(table_t) * 1e3),
+            "table_p99_ms": float(np.percentile(table_t, 99) * 1e3),
+            "first_p50_ms": float(np.median(first) * 1e3),
+            "p50_ratio": float(np.median(live_t) / np.median(table_t)),
+        }
+    return out
 
 
 if __name__ == "__main__":

@@ -400,12 +400,24 @@ def test_train_is_every_model_for_serving_then_index_publishes_them(tmp_path, ca
     common += ["--set", "data.synthetic.n_ratings=3000", "--set", "data.synthetic.n_users=150"]
     common += ["--set", "data.synthetic.n_items=90", "--set", "retrieval.towers.epochs=1"]
     common += ["--set", "ranker.num_trees=10", "--set", "ranker.n_candidates=50"]
+    # Events recorded live at the bundle root so far are trained on (a new user among them).
+    log = tmp_path / "bundles" / "feedback.jsonl"
+    log.parent.mkdir()
+    event = {"item_id": "i1", "kind": "click", "value": None, "timestamp": 1.0}
+    log.write_text("".join(json.dumps({**event, "user_id": user}) + "\n" for user in ("visitor", "visitor", "u1")))
+    trained_to = log.stat().st_size
     assert main(common + ["train", "--data", "synthetic", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["models"] == ["cf", "ranker", "towers"]
     from engine.models.cf import CFModel
 
-    assert CFModel.load(tmp_path / "models" / "cf").config.loss == "wmse"  # the serving preset
+    cf = CFModel.load(tmp_path / "models" / "cf")
+    assert cf.config.loss == "wmse" and "visitor" in cf.users  # the serving preset; the log's new user
+    with open(log, "a") as f:  # recorded after training: replayed on top of the bundle
+        f.write(json.dumps({**event, "user_id": "late-visitor"}) + "\n")
     assert main(common + ["build-index", "--data", "synthetic"]) == 0
     from engine import Engine
 
-    assert Engine.load(tmp_path / "bundles").ranker is not None
+    engine = Engine.load(tmp_path / "bundles")
+    assert engine.ranker is not None and engine.bundle.manifest.feedback == {"offset": trained_to}
+    assert engine.recommend("visitor").served_by == "known user"
+    assert engine.recommend("late-visitor").served_by == "live events" and engine.feedback.n_events == 1

@@ -197,6 +197,35 @@ def call(served, method: str, request, service: str = "Recommender"):
 
 # ------------------------------------------------------------------ fuzzing
 @FUZZ
+@given(
+    events=st.lists(
+        st.tuples(
+            ids("u", 400),
+            ids("i", 300),
+            st.sampled_from(["view", "click", "purchase", "rating", "", "teleport"]),
+            st.one_of(st.none(), NUMBERS),
+            st.one_of(st.none(), NUMBERS),
+        ),
+        max_size=8,
+    )
+)
+def test_fuzz_record_feedback(served, events):
+    """Events of known and unknown users and items, valid and invalid kinds, values and
+    times: recorded whole or refused whole. (First, so that the users the later fuzzing
+    asks for include users with live events, odd values among them.)"""
+    request = pb.RecordFeedbackRequest()
+    for user, item, kind, value, stamp in events:
+        event = request.events.add(user_id=user, item_id=item, kind=kind)
+        if value is not None:
+            event.value = value
+        if stamp is not None:
+            event.timestamp = stamp
+    reply = call(served, "RecordFeedback", request)
+    if reply is not None:
+        assert reply.recorded == len(events)
+
+
+@FUZZ
 @given(request=recommend_requests())
 def test_fuzz_recommend(served, request):
     reply = call(served, "Recommend", request)

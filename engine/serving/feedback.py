@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -55,7 +56,9 @@ from engine.data.feedback import (
     parse_log,
 )
 from engine.errors import UnknownIdError, shorten
+from engine.serving.catalogue import read_only
 from engine.serving.features import shrunk_mean
+from engine.serving.retrieval import ann_search
 
 if TYPE_CHECKING:
     from engine.serving.engine import Engine
@@ -75,6 +78,9 @@ class LiveUser:
     cf_bias: np.ndarray  # [1] float32
     recent: np.ndarray  # [1, R] int64 latest likes first, -1 pads
     like_rate: np.ndarray  # [1] float32
+    # Source name -> [1, K]: the user's top unseen items in that source's index, searched
+    # for their vector and history as the bundle's per-user tables are (-1 pads).
+    top_items: dict[str, np.ndarray]
 
 
 @dataclass
@@ -134,6 +140,15 @@ class LiveFeedback:
         self._new_users: dict[str, int] = {}  # a new user's id -> their live index
         self._states: OrderedDict[int, LiveUser] = OrderedDict()  # cache (CACHED_USERS)
         self.skipped = 0  # log events that could not be applied (unknown items, kinds)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the live state holds: the event and user arrays (their capacity), and the
+        new users' ids with their dictionary (the cache of LiveUser states aside)."""
+        arrays: list[np.ndarray] = [self._user, self._item, self._value, self._kind, self._time, self._previous]
+        arrays += [self._last, self._bundle_user, self._live_of_bundle_user]
+        ids = sys.getsizeof(self._new_users) + sum(sys.getsizeof(user) for user in self._new_users)
+        return sum(a.nbytes for a in arrays) + ids
 
     # ------------------------------------------------------------- users
     def live_index(self, user_id: object, bundle_index: int | None) -> int:
@@ -215,13 +230,38 @@ class LiveFeedback:
         recent_row = np.full((1, width), -1, np.int64)
         recent_row[0, : min(len(recent), width)] = recent[:width]
         like_rate = shrunk_mean(float(liked.sum()), len(liked), context.mean_like_rate)
+        queries = {cf.name: query.astype(np.float32)}
+        towers = context.user_queries[engine.towers.name]
+        if 0 <= bundle_user < len(towers):  # the user tower reads features, not history: unchanged
+            queries[engine.towers.name] = towers[bundle_user]
+        # Shared by the user's requests until their history changes: read-only.
         return LiveUser(
-            keys,
-            query[None, :].astype(np.float32),
+            read_only(keys),
+            queries[cf.name][None, :],
             np.array([bias], np.float32),
             recent_row,
             np.array([like_rate], np.float32),
+            {name: self._top_items(name, q, keys) for name, q in queries.items() if self._tabled(name)},
         )
+
+    def _tabled(self, name: str) -> bool:
+        source = self._engine._catalogue.sources.get(name)
+        return source is not None and getattr(source, "top_items", None) is not None
+
+    def _top_items(self, name: str, query: np.ndarray, history: np.ndarray) -> np.ndarray:
+        """A row like the bundle's ``user_top_<index>`` tables for a live user: their top
+        items in source ``name``'s index, ``history`` (sorted) dropped, ``-1`` pads when the
+        index returned fewer (:func:`index_builder.build.user_top_items`)."""
+        source = self._engine._catalogue.sources[name]
+        width = source.top_items.shape[1]
+        labels = ann_search(source.index, query[None, :], min(width + len(history), len(source.index)), None)[0]
+        labels = labels[labels >= 0]
+        if len(history):
+            at = np.minimum(np.searchsorted(history, labels), len(history) - 1)
+            labels = labels[history[at] != labels]
+        row = np.full((1, width), -1, np.int64)
+        row[0, : min(width, len(labels))] = labels[:width]
+        return row
 
     # ------------------------------------------------------------ record
     def record(self, events, persist: bool = True) -> Recorded:

@@ -75,6 +75,10 @@ class Requests:
     # none). Set only where the row applies: the user's stored vector is the query, and
     # the user excludes exactly their seen items, as the table does (see ModelSource).
     top_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    # Source name -> a table of top items that replaces the source's own for this request
+    # (its rows are what top_rows index): a lone user with live events, whose rows were
+    # searched for their new vector and history (engine.serving.feedback).
+    top_tables: dict[str, np.ndarray] = field(default_factory=dict)
     # How each user is known (SERVED_BY): the path that serves them, said in every result.
     served_by: Sequence[str] = ()
     # Each user's history as CSR rows (their training items, plus the items rated with
@@ -360,7 +364,7 @@ class ModelSource(Source):
         return requests.models[self.name].vectors
 
     def propose_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
-        top, at = self.top_items, requests.top_rows.get(self.name)
+        top, at = requests.top_tables.get(self.name, self.top_items), requests.top_rows.get(self.name)
         tabled = np.zeros(len(rows), bool)
         if top is not None and at is not None:
             tabled = (at[rows] >= 0) & (quota[rows] <= top.shape[1])
@@ -389,7 +393,7 @@ class ModelSource(Source):
         return self._fill_short(requests, rows, quota, best_allowed(requests, rows, labels, quota), labels[:, -1] >= 0)
 
     def propose_alone(self, requests: Requests, u: int, k: int) -> np.ndarray:
-        top, at = self.top_items, requests.top_rows.get(self.name)
+        top, at = requests.top_tables.get(self.name, self.top_items), requests.top_rows.get(self.name)
         if top is not None and at is not None and at[u] >= 0 and k <= top.shape[1]:
             row = top[at[u]]
             full = row[-1] >= 0

@@ -36,6 +36,8 @@ FEATURES = "features"  # a new user described by features: the user tower, their
 POPULARITY = "popularity"  # an unknown user with nothing given: popularity (cold start)
 LIVE = "live events"  # a user with events recorded since the build: their whole history (CF by fold-in)
 _SERVED_KNOWN = (KNOWN,)
+_SERVED_LIVE = (LIVE,)
+_FIRST_ROW = read_only(np.zeros(1, np.int64))  # a live user's row in their own top-items table
 
 
 class UserContext:
@@ -106,7 +108,10 @@ class UserContext:
         encoded = self.encoded_user_features(user_features) if user_features else None
         if n == 1 and not ratings and user_ids[0] is not None:
             lone = self.users.get(user_ids[0])
-            if lone is not None and (self.feedback is None or self.feedback.live_index(user_ids[0], lone) < 0):
+            lone_live = -1 if self.feedback is None else self.feedback.live_index(user_ids[0], lone)
+            if lone_live >= 0 and (lone is not None or not user_features):
+                return self.live_user(cat, lone_live, lone, exclude_seen, item_mask)
+            if lone is not None:
                 return self.known_user(cat, lone, exclude_seen, item_mask)
         u = self.users.indices_or_missing(user_ids)
         known = u >= 0
@@ -261,6 +266,45 @@ class UserContext:
             history_indptr=None if exclude_seen else np.array([0, len(seen)]),
             history_indices=None if exclude_seen else seen,
             like_rate=self.like_rate[row],
+        )
+
+    def live_user(
+        self, cat: Catalogue, live: int, u: int | None, exclude_seen: bool, item_mask: np.ndarray
+    ) -> Requests:
+        """:meth:`requests` for one user with live events (``u``: their bundle index, None
+        for a new user): their :class:`~engine.serving.feedback.LiveUser` state instead of
+        the bundle's per-user tables, searched once per change of their history."""
+        assert self.feedback is not None
+        state = self.feedback.user(live)
+        known = u is not None
+        row = slice(u, u + 1) if u is not None else slice(0, 1)
+        models = {}
+        for name, queries in self.user_queries.items():
+            if name == self.cf.name:
+                models[name] = UserQueries(state.cf_query, state.cf_bias, _TRUE)
+            elif u is not None and u < len(queries):
+                models[name] = UserQueries(queries[row], self.user_biases[name][row], _TRUE)
+            else:
+                models[name] = self._unknown[name]
+        segments = {
+            key: self.user_segments[row, j] if known else np.full(1, -1, np.int64)
+            for j, key in enumerate(self.segment_values)
+        }
+        tables = state.top_items if exclude_seen else {}
+        return Requests(
+            item_mask,
+            np.array([0, len(state.history) if exclude_seen else 0]),
+            state.history if exclude_seen else _NO_ITEMS,
+            models,
+            state.recent,
+            segments,
+            filtered=item_mask is not cat.every_item,
+            top_rows={name: _FIRST_ROW for name in tables},
+            top_tables=tables,
+            served_by=_SERVED_LIVE,
+            history_indptr=None if exclude_seen else np.array([0, len(state.history)]),
+            history_indices=None if exclude_seen else state.history,
+            like_rate=state.like_rate,
         )
 
     def _top_rows(self, row: slice, models: dict[str, UserQueries], exclude_seen: bool) -> dict[str, np.ndarray]:
