@@ -57,7 +57,7 @@ def batches(engine: Engine, n: int, seed: int, prefix: str = "") -> list[pb.Reco
 
 
 def throughput(root: Path, engine: Engine, seconds: float, clients: int) -> dict:
-    proc, port = spawn_server(root, root.parent / "port", "--log-level", "WARNING")
+    proc, port = spawn_server(root, root.parent / f"port-clients{clients}", "--log-level", "WARNING")
     prepared = [batches(engine, 200, seed) for seed in range(clients)]
     done = [0] * clients
     stop = threading.Event()
@@ -184,19 +184,20 @@ def main() -> None:
         engine = Engine.load(root)
         result = {"batch_events": BATCH, "fsync": engine.config.feedback.fsync}
         print("RecordFeedback throughput ...", flush=True)
-        result["grpc"] = throughput(root, engine, args.seconds, args.clients)
+        result["grpc"] = [throughput(root, engine, args.seconds, clients) for clients in (1, args.clients)]
         result["in_process_events_per_s"] = in_process(Engine.load(root))
         print("SIGKILL trials ...", flush=True)
         result["sigkill"] = sigkill_trials(root, engine, args.trials)
         print("memory ...", flush=True)
         result["memory"] = memory(Engine.load(root), args.memory_events)
     out = save_result("feedback", result)
-    g, s, m = result["grpc"], result["sigkill"], result["memory"]
-    print(
-        f"RecordFeedback, {BATCH}-event batches, fsync {result['fsync']}, one server process, {g['clients']} clients: "
-        f"{g['events_per_s']:,.0f} events/s (target >= 20,000); Engine.record in-process "
-        f"{result['in_process_events_per_s']:,.0f} events/s"
-    )
+    s, m = result["sigkill"], result["memory"]
+    for g in result["grpc"]:
+        print(
+            f"RecordFeedback, {BATCH}-event batches, fsync {result['fsync']}, one server process, "
+            f"{g['clients']} client(s): {g['events_per_s']:,.0f} events/s (target >= 20,000)"
+        )
+    print(f"Engine.record in-process: {result['in_process_events_per_s']:,.0f} events/s")
     checked = s["acknowledged_events_checked"]
     print(f"SIGKILL: {s['trials']} trials, {checked:,} acknowledged events checked, {s['events_lost']} lost")
     print(

@@ -95,17 +95,23 @@ def save_feedback_cutoff(models_dir: str | Path, root: str | Path, dataset: Data
     """Record beside the models which log, and how much of it, their data included."""
     path = Path(models_dir) / FEEDBACK_CUTOFF
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"log": str(Path(root) / FEEDBACK_LOG), "offset": dataset.feedback_offset}) + "\n")
+    cutoff = {"log": str(Path(root) / FEEDBACK_LOG), "offset": dataset.feedback_offset}
+    path.write_text(json.dumps({**cutoff, "fingerprint": dataset.fingerprint()}) + "\n")
 
 
-def with_models_feedback(dataset: Dataset, models_dir: str | Path, config: dict[str, Any], log=print) -> Dataset:
+def with_models_feedback(
+    dataset: Dataset, models_dir: str | Path, config: dict[str, Any], trained_on: str | None = None, log=print
+) -> Dataset:
     """``dataset`` plus the events the models in ``models_dir`` were trained with (the
-    cut-off :func:`save_feedback_cutoff` recorded; none without one)."""
+    cut-off :func:`save_feedback_cutoff` recorded; none without one). ``trained_on``: the
+    data fingerprint a model of the directory records; when it is not the one the
+    cut-off was taken for (a model retrained since, e.g. by ``tandem train-cf``), no
+    events are added."""
     path = Path(models_dir) / FEEDBACK_CUTOFF
     if not path.is_file():
         return dataset
     cutoff = json.loads(path.read_text())
-    if not cutoff.get("offset"):
+    if not cutoff.get("offset") or (trained_on is not None and trained_on != cutoff.get("fingerprint")):
         return dataset
     return with_recorded_feedback(dataset, Path(cutoff["log"]).parent, config, int(cutoff["offset"]), log)
 

@@ -128,6 +128,12 @@ def test_a_new_user_is_served_from_their_events(published, root):
     assert {"cf", "recent"} <= set(engine.candidates("visitor-1"))  # fold-in vector, recent likes
     assert served.item_ids.tolist() != cold.item_ids.tolist()
     assert engine.record([click("visitor-1", str(ds.items.ids[0]))]).new_users == 0
+    # An item added live has no CF vector: an event on it makes it a seen item only.
+    engine.add_items(["fresh-item"], [{"year": 1999}], persist=False)
+    engine.record([click("visitor-1", "fresh-item")])
+    state = engine.feedback.user(engine.feedback.live_index("visitor-1", None))
+    assert engine.items.index("fresh-item") in state.history and engine.items.index("fresh-item") not in state.recent
+    assert "fresh-item" not in engine.recommend("visitor-1", k=300).item_ids
 
 
 def test_batch_and_lone_requests_agree_for_users_with_events(published, root):
@@ -179,6 +185,7 @@ def test_events_are_replayed_on_load_and_a_bad_log_line_is_skipped(published, ro
     with caplog.at_level(logging.WARNING):
         again = Engine.load(root, CONFIG)
     assert "journal_line_skipped" in caplog.text and "line 3" in caplog.text
+    assert "feedback_partial_line_skipped" in caplog.text
     assert again.feedback.n_events == 3
     for who in (user, "visitor-3"):
         same(again.recommend(who, k=10), engine.recommend(who, k=10))
@@ -274,6 +281,8 @@ def test_record_feedback_over_grpc(published, root):
             with pytest.raises(RemoteInvalidRequest, match="at most 5"):
                 client.record([click("u1", "i1")] * 6)
             assert server.holder.engine.feedback.n_events == 2
+            info = client.info()
+            assert (int(info["feedback_events"]), int(info["feedback_users"])) == (2, 2)
     finally:
         server.stop(0)
 

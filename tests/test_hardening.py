@@ -309,8 +309,8 @@ def test_fuzz_raw_bytes(served, payload, method):
 def test_readers_while_items_are_added_and_the_bundle_reloads(served):
     """Four reader threads (Recommend with and without genre filters, RecommendBatch,
     SimilarItems on bundle and on just-added items, Score) while one thread adds 1-50
-    items per call and another reloads: every call succeeds, every reply keeps the
-    contract, every added item is served, and the server process survives."""
+    items per call, one records events and another reloads: every call succeeds, every
+    reply keeps the contract, every added item is served, and the server process survives."""
     proc, channel, library, root, tally = served
     recommender, admin = pb_grpc.RecommenderStub(channel), pb_grpc.AdminStub(channel)
     stop = threading.Event()
@@ -373,6 +373,16 @@ def test_readers_while_items_are_added_and_the_bundle_reloads(served):
         added.extend(new)
         time.sleep(0.05)
 
+    recorded: list[str] = []
+
+    def record(local):  # events of known users (on bundle and just-added items) and new ones
+        items = [f"i{i}" for i in local.integers(0, 300, 20)] + added[-3:]
+        users = [f"u{u}" for u in local.integers(0, 400, 20)] + [f"visitor-{len(recorded)}"]
+        events = [pb.FeedbackEvent(user_id=str(local.choice(users)), item_id=i, kind="click") for i in items]
+        recommender.RecordFeedback(pb.RecordFeedbackRequest(events=events), timeout=30)
+        recorded.append(users[-1])
+        time.sleep(0.02)
+
     versions = bundle.list_versions(root)
 
     def reload(local):  # flip `current` between the two versions, then Reload: a real swap each time
@@ -389,6 +399,7 @@ def test_readers_while_items_are_added_and_the_bundle_reloads(served):
             ("similar", similar),
             ("score", score),
             ("add", add),
+            ("record", record),
             ("reload", reload),
         ]
     ]

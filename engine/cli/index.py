@@ -31,7 +31,8 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
 
         ranker = Ranker.load(models / "ranker")
     # The data the models were trained on: the events recorded live they included too.
-    dataset = with_models_feedback(load_dataset(config, args.data), models, config, log=log_to_stderr)
+    trained_on = cf.metrics.get("trained_on", {}).get("fingerprint")
+    dataset = with_models_feedback(load_dataset(config, args.data), models, config, trained_on, log=log_to_stderr)
     root = Path(args.out or config["paths"]["bundles"])
     # The [index] settings, with this command's flags over them.
     flags = {"factory": args.factory, "recall_floor": args.recall_floor, "keep": args.keep}

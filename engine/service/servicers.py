@@ -248,4 +248,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             ranker_trees=0 if ranker is None else ranker.trees.n_trees,
             ranker_depth=0 if ranker is None else ranker.depth,
             ranker_features=[] if ranker is None else ranker.feature_names,
+            feedback_events=engine.feedback.n_events,
+            feedback_users=engine.feedback.n_users,
+            feedback_skipped=engine.feedback.skipped,
         )

@@ -175,7 +175,7 @@ class Engine:
 
         engine.live_items.serve(bundle.read_added_items(published.layout.added_items)[0])
         engine.sync_added_items()
-        engine.sync_feedback()  # the events recorded after this bundle's data was read
+        engine.feedback.sync(on_load=True)  # the events recorded after this bundle's data was read
         return engine
 
     # ------------------------------------------------- the catalogue now

@@ -298,9 +298,11 @@ class LiveFeedback:
             self._apply_logged(parse_log(self.path, data, self._offset))
             self._offset = size
 
-    def sync(self) -> int:
+    def sync(self, on_load: bool = False) -> int:
         """Apply the events appended to the root's log since this engine last read it (by
-        the other processes of the root, or before a restart); returns how many."""
+        the other processes of the root, or before a restart); returns how many. A
+        partial last line is left for the next read: ``on_load``, it is said in a warning
+        (a crash cut that write short; the next write cuts it off)."""
         if self.path is None:
             return 0
         with self._lock:
@@ -312,6 +314,10 @@ class LiveFeedback:
                 log.warning(json.dumps({"event": "feedback_log_shrank", "file": str(self.path), "read": self._offset}))
                 self._offset = size
             data, end = journal.read_bytes(self.path, self._offset)
+            if on_load and size > end:
+                log.warning(
+                    json.dumps({"event": "feedback_partial_line_skipped", "file": str(self.path), "bytes": size - end})
+                )
             if not data:
                 return 0
             events = parse_log(self.path, data, self._offset)
