@@ -8,7 +8,7 @@ DATA   ?= auto
 SIDE_FLAGS = $(if $(ITEM_FEATURES),--item-features $(ITEM_FEATURES)) $(if $(USER_FEATURES),--user-features $(USER_FEATURES))
 DATA_FLAGS = $(if $(filter auto,$(DATA)),,--data $(DATA)) $(SIDE_FLAGS)
 
-.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine bench-feedback eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine bench-feedback bench-milvus eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -16,13 +16,13 @@ help:  ## list the targets
 $(VENV)/.installed: pyproject.toml setup.py protos/tandem/v1/tandem.proto
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[train,dev]"
+	$(PY) -m pip install --quiet -e ".[train,dev,milvus]"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install Tandem with its dev tools
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[train,dev,bench]"
+	$(PY) -m pip install --quiet -e ".[train,dev,milvus,bench]"
 	touch $@
 
 install-bench: $(VENV)/.installed-bench  ## add the benchmark peers (scikit-surprise, implicit, hnswlib)
@@ -85,6 +85,9 @@ bench-ann: install  ## B4: exact vs HNSW vs IVF on 1M clustered vectors and on M
 
 bench-engine: install  ## in-process recommend latency and batch throughput on a 100k-item catalogue (table and live-event users)
 	$(PY) bench/engine_latency.py
+
+bench-milvus: install  ## the Milvus backend (Milvus Lite) beside FAISS: recall@10, QPS, filter strategies, engine latency
+	$(PY) bench/milvus.py
 
 bench-feedback: install  ## RecordFeedback events/s (100-event batches, fsync), SIGKILL trials (events lost), memory per million events
 	$(PY) bench/feedback.py

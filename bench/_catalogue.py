@@ -13,10 +13,12 @@ def build_catalogue_bundle(
     n_users: int = 20_000,
     n_ratings: int = 1_000_000,
     user_top_k: int | None = None,
+    milvus=None,
 ) -> Path:
     """Train quick models on ``make_synthetic(...)`` and publish a bundle under ``root``
     (``user_top_k``: the per-user top-items tables' width, default as ``make index``;
-    0 builds none, so that known users' requests search the indexes)."""
+    0 builds none, so that known users' requests search the indexes; ``milvus``: a
+    :class:`~engine.index.milvus_index.MilvusTarget` to build the indexes in)."""
     from engine import data
     from engine.models.cf import train_cf
     from engine.models.towers import train_two_tower
@@ -36,6 +38,7 @@ def build_catalogue_bundle(
         n_queries=300,
         user_top_k=USER_TOP_ITEMS if user_top_k is None else user_top_k,
         ranker=full_size_ranker(ds, cf, towers),
+        milvus=milvus,
     )
 
 

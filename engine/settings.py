@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+BACKENDS = ("faiss", "milvus")  # where the index builder puts the vectors (engine.index)
 PIPELINES = ("compiled", "batch")  # engine.serving.pipeline
 HOLDOUTS = ("auto", "temporal", "random")  # what the learned ranker learns to predict
 RANKINGS = ("auto", "blend")  # engine.serving.engine: the learned ranker when present, or the blend
@@ -38,6 +39,15 @@ class IndexConfig:
     recall_k: int = 10
     keep: int = 5  # bundle versions kept
     user_top_k: int = 256  # items per user precomputed for the CF and two-tower sources (0: none)
+    # Where the vectors are searched: "faiss" (files in the bundle, in process) or "milvus"
+    # (collections in Milvus: engine.index.milvus_index; the `milvus` extra).
+    backend: str = "faiss"
+    milvus_uri: str = "artifacts/milvus.db"  # a local file (Milvus Lite) or http://host:19530
+    milvus_db: str = ""  # the Milvus database ("": the default one); the token: $TANDEM_MILVUS_TOKEN
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"index.backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 @dataclass

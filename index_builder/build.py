@@ -31,6 +31,7 @@ from engine.data.attributes import ItemAttributes
 from engine.errors import TandemError
 from engine.index import bundle
 from engine.index import faiss_index as ann
+from engine.index.milvus_index import MilvusTarget
 from engine.models.cf import CFModel
 from engine.models.embedding import EmbeddingModel
 from engine.models.features import segment_labels
@@ -298,6 +299,7 @@ def build_bundle(
     exact_below: int = ann.EXACT_BELOW,
     user_top_k: int = USER_TOP_ITEMS,
     ranker: Ranker | None = None,
+    milvus: MilvusTarget | None = None,
     log=print,
 ) -> Path:
     """Build every index and table for ``dataset`` and publish a new bundle version.
@@ -311,6 +313,9 @@ def build_bundle(
             (:func:`user_top_items`); 0 builds none, and every request searches.
         ranker: a learned ranker (:mod:`index_builder.ranker`) stored with the bundle;
             without one the engine ranks by the blend.
+        milvus: build the indexes as collections of this Milvus (``index.backend =
+            "milvus"``, :mod:`engine.index.milvus_index`) instead of FAISS files; they are
+            dropped again when nothing is published.
 
     Returns the published bundle's directory. Raises :class:`PublishRefused` (and
     publishes nothing) when an index misses the floor.
@@ -324,16 +329,24 @@ def build_bundle(
                 f"{expected} (other item attributes?): retrain it on this data (make train)"
             )
     root = Path(root)
-    with bundle.staging(root) as staged:
-        return _build(
-            dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep, segment_keys, exact_below,
-            user_top_k, ranker, log,
-        )  # fmt: skip
+    created: dict = {}  # index name -> its report, for the Milvus collections made so far
+    try:
+        with bundle.staging(root) as staged:
+            return _build(
+                dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep, segment_keys,
+                exact_below, user_top_k, ranker, milvus, created, log,
+            )  # fmt: skip
+    except BaseException:
+        if created:  # nothing was published: its collections go too
+            from engine.index import milvus_index
+
+            milvus_index.drop_version(created)
+        raise
 
 
 def _build(
     dataset, cf, towers, root, staged, factory, recall_floor, k, n_queries, keep, segment_keys, exact_below,
-    user_top_k, ranker, log,
+    user_top_k, ranker, milvus, created, log,
 ) -> Path:  # fmt: skip
     rng = np.random.default_rng(0)
     layout = bundle.BundleLayout(staged)
@@ -364,9 +377,18 @@ def _build(
     reports = {}
     for name, (vectors, metric, queries) in specs.items():
         chosen = factory or ann.choose_factory(len(vectors), vectors.shape[1], exact_below=exact_below)
-        index, report = ann.build_index(
-            vectors, metric, chosen, queries=queries, k=k, recall_floor=recall_floor, n_queries=n_queries
-        )
+        if milvus is None:
+            index, report = ann.build_index(
+                vectors, metric, chosen, queries=queries, k=k, recall_floor=recall_floor, n_queries=n_queries
+            )
+        else:
+            from engine.index import milvus_index
+
+            index, report = milvus_index.build_index(
+                vectors, metric, chosen, milvus, name, queries=queries, k=k, recall_floor=recall_floor,
+                n_queries=n_queries,
+            )  # fmt: skip
+            created[name] = {"milvus": index.descriptor()}
         log(
             f"  {name}: {report.factory} ({metric}) on {report.n_vectors:,} x {report.dim}, "
             f"recall@{report.k} {report.recall_at_k:.4f} {report.search_params or ''} "
@@ -378,8 +400,8 @@ def _build(
                 f"recall@{report.k} = {report.recall_at_k:.4f} on {report.n_queries} queries, "
                 f"below the floor {recall_floor}; nothing was published"
             )
-        index.save(layout.index(name))
-        reports[name] = report.to_json()
+        index.save(layout.index(name) if milvus is None else layout.milvus_index(name))
+        reports[name] = report.to_json() if milvus is None else {**report.to_json(), **created[name]}
         if name == "cf_l2":
             neighbours = item_neighbours(index, cf.X, log=log)
         elif name in user_queries:

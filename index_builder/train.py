@@ -16,6 +16,7 @@ from typing import Any
 
 from engine.data import Dataset
 from engine.data.feedback import FEEDBACK_LOG, with_root_feedback
+from engine.index.milvus_index import MilvusTarget
 from engine.models.artifacts import record_trained_on
 from engine.models.cf import PRESETS as CF_PRESETS
 from engine.models.cf import CFConfig, CFModel, train_cf
@@ -190,5 +191,6 @@ def publish(
         exact_below=index.exact_below,
         user_top_k=index.user_top_k,
         ranker=ranker,
+        milvus=MilvusTarget.of(index.milvus_uri, index.milvus_db) if index.backend == "milvus" else None,
         log=log,
     )

@@ -159,6 +159,10 @@ class BundleLayout:
     def index(self, name: str) -> Path:
         return self.path / f"{name}.faiss"
 
+    def milvus_index(self, name: str) -> Path:
+        """The descriptor of an index kept in Milvus (engine.index.milvus_index)."""
+        return self.path / f"{name}.milvus.json"
+
     def table(self, name: str) -> Path:
         if name not in self.TABLES:
             raise KeyError(f"no bundle table named {name!r}; tables: {sorted(self.TABLES)}")
@@ -390,6 +394,17 @@ def set_current(root: str | Path, version: str) -> None:
     os.symlink(f"{VERSIONS}/{version}", tmp)
     os.replace(tmp, root / CURRENT)
     _fsync_path(root)
+    _point_milvus_aliases(root, root / VERSIONS / version)
+
+
+def _point_milvus_aliases(root: Path, version_path: Path) -> None:
+    """Milvus's view of ``current``: the root's alias of each index the version keeps in
+    Milvus moves to that version's collection (:mod:`engine.index.milvus_index`)."""
+    indexes = read_manifest(version_path, verify=False).indexes
+    if any("milvus" in report for report in indexes.values()):
+        from engine.index import milvus_index
+
+        milvus_index.point_aliases(root, indexes)
 
 
 def list_versions(root: str | Path) -> list[str]:
@@ -415,7 +430,12 @@ def prune(root: str | Path, keep: int) -> list[str]:
     versions = list_versions(root)
     doomed = [v for v in versions[:-keep] if v != current]
     for v in doomed:
+        indexes = read_manifest(Path(root) / VERSIONS / v, verify=False).indexes
         _discard(Path(root), Path(root) / VERSIONS / v)
+        if any("milvus" in report for report in indexes.values()):  # its collections go with it
+            from engine.index import milvus_index
+
+            milvus_index.drop_version(indexes)
     return doomed
 
 
@@ -536,18 +556,26 @@ class LoadedBundle:
 
     def index(self, name: str):
         """The vector index ``name`` (``cf_l2``, ``cf_ip``, ``towers_ip``): a
-        :class:`~engine.index.faiss_index.FaissIndex` with its tuned search parameters."""
+        :class:`~engine.index.faiss_index.FaissIndex` with its tuned search parameters,
+        or a :class:`~engine.index.milvus_index.MilvusIndex` for a bundle built with
+        ``index.backend = "milvus"``."""
         from engine.index.faiss_index import FaissIndex
+        from engine.index.milvus_index import MilvusIndex
 
         if name not in self._indexes:
             report = self.manifest.indexes.get(name)
             if report is None:
                 raise BundleError(f"{self.path}: no index named {name!r}")
-            index = FaissIndex.load(self.layout.index(name), report["metric"], report["search_params"])
+            index: FaissIndex | MilvusIndex
+            if "milvus" in report:
+                path = self.layout.milvus_index(name)
+                index = MilvusIndex.load(path)
+            else:
+                path = self.layout.index(name)
+                index = FaissIndex.load(path, report["metric"], report["search_params"])
             if index.dim != report["dim"] or len(index) != report["n_vectors"]:
                 raise BundleError(
-                    f"{self.path / (name + '.faiss')}: expected {report['n_vectors']} x "
-                    f"{report['dim']}, found {len(index)} x {index.dim}"
+                    f"{path}: expected {report['n_vectors']} x {report['dim']}, found {len(index)} x {index.dim}"
                 )
             self._indexes[name] = index
         return self._indexes[name]
