@@ -386,7 +386,7 @@ def _build(
 
             index, report = milvus_index.build_index(
                 vectors, metric, chosen, milvus, name, queries=queries, k=k, recall_floor=recall_floor,
-                n_queries=n_queries,
+                n_queries=n_queries, attributes=ItemAttributes.of_features(dataset.item_features),
             )  # fmt: skip
             created[name] = {"milvus": index.descriptor()}
         log(

@@ -77,6 +77,42 @@ def test_the_milvus_bundle_serves_what_the_faiss_bundle_serves(roots):
         )
 
 
+def test_attribute_filters_are_searched_on_the_collections_fields(roots, monkeypatch):
+    """The collections hold the item attributes as fields, and a request's attribute
+    filters become a Milvus expression on them (seen items as an id list beside): the
+    same answers as FAISS, for labels (any, all), ranges and both together; with no id
+    list allowed at all, the seen items are dropped from an over-fetched result."""
+    ds, faiss_root, milvus_root = roots
+    on_faiss, on_milvus = Engine.load(faiss_root, CONFIG), Engine.load(milvus_root, CONFIG)
+    assert set(on_milvus.bundle.index("cf_ip").attributes) == {"genres", "year"}
+    expressions: list[str] = []
+    search = milvus_index._call
+
+    def spy(target, method, *args, **kwargs):
+        if method == "search":
+            expressions.append(kwargs.get("filter", ""))
+        return search(target, method, *args, **kwargs)
+
+    monkeypatch.setattr(milvus_index, "_call", spy)
+    g = on_faiss.genre_labels
+    filters = [
+        {"genres": [g[1], g[2]]},
+        {"genres": {"all": [g[0], g[3]]}},
+        {"year": {"gte": 1990, "lt": 2005}},
+        {"genres": [g[4]], "year": {"gt": 1980}},
+    ]
+    requests = [{"ratings": {ds.items.ids[0]: 5, ds.items.ids[1]: 4}}, {"user_id": ds.users.ids[5]}]
+    for limit in (milvus_index.MAX_EXPRESSION_IDS, 0):  # short item lists allowed in expressions, or none
+        monkeypatch.setattr(milvus_index, "MAX_EXPRESSION_IDS", limit)
+        expressions.clear()
+        for f in filters:
+            for request in requests:
+                same(on_milvus.recommend(k=10, filters=f, **request), on_faiss.recommend(k=10, filters=f, **request))
+    assert expressions and not any("id in" in e or "id not in" in e for e in expressions)  # no id list at all
+    assert any("array_contains_any" in e for e in expressions) and any("array_contains_all" in e for e in expressions)
+    assert any(">= 1990.0" in e and "< 2005.0" in e for e in expressions)
+
+
 def test_the_service_on_milvus_answers_as_the_library(roots):
     ds, _, milvus_root = roots
     library = Engine.load(milvus_root, CONFIG)

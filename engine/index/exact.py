@@ -34,7 +34,9 @@ class ExactIndex:
     def __len__(self) -> int:
         return len(self.vectors)
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, conditions=None
+    ) -> tuple[np.ndarray, np.ndarray]:
         queries = as_queries(queries, self.dim)
         n, k = len(queries), int(k)
         scores = np.full((n, k), -np.inf if self.metric == "ip" else np.inf, np.float32)

@@ -98,7 +98,9 @@ class FaissIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, conditions=None
+    ) -> tuple[np.ndarray, np.ndarray]:
         queries = as_queries(queries, self.dim)
         scores, labels = self.index.search(queries, int(k), params=self._params(allowed))
         return scores, labels

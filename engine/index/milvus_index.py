@@ -6,7 +6,9 @@ A bundle built with ``index.backend = "milvus"`` keeps its vectors in Milvus
 (``index.milvus_uri``: a local file for Milvus Lite, or ``http://host:19530`` for a
 server or cluster; the token, when one is needed, comes from ``$TANDEM_MILVUS_TOKEN``,
 never from a file). Each index of each bundle version is one collection —
-``id`` (INT64, the item's label: its dense index) and ``vector`` (FLOAT_VECTOR) — with
+``id`` (INT64, the item's label: its dense index), ``vector`` (FLOAT_VECTOR), and one
+field per item attribute of the data (``a0``, ``a1``, ...: labels as an ARRAY of label
+codes, a category as its code, a number as a nullable FLOAT) — with
 Tandem's factory mapped to a Milvus index type (``Flat`` -> FLAT, ``HNSW<M>`` -> HNSW,
 ``IVF<n>,Flat`` -> IVF_FLAT, ``IVF<n>,PQ<m>`` -> IVF_PQ) and its metric (``ip`` -> IP,
 ``l2`` -> L2, which Milvus reports as squared distances, as Tandem does). The bundle
@@ -18,11 +20,14 @@ holds a small JSON descriptor per index instead of a FAISS file.
   collections right after ``current`` moves, and a rollback moves it back: the alias is
   Milvus's view of ``current``, for other readers of the collections. Pruning a version
   drops its collections.
-- **Filters** are pushed into the search as an expression over ``id`` — the shorter of
-  the allowed list (``id in [...]``) and the blocked list (``id not in [...]``) — up to
-  ``MAX_EXPRESSION_IDS`` ids; a longer list is applied after the search to an
-  over-fetched result (``k`` growing fourfold), since Milvus parses a long expression on
-  every search (see ``make bench-milvus``).
+- **Filters** are pushed into the search as a Milvus expression. A request's attribute
+  filters (:class:`~engine.index.vector_index.Conditions`) become conditions on the
+  attribute fields (``array_contains_any(a0, [3])``, ``a1 < 1990.0``), with the items the
+  request drops beyond them (seen items, a block list) as ``id not in [...]``; other
+  filters become the shorter of the allowed list (``id in [...]``) and the blocked list
+  (``id not in [...]``). A list longer than ``MAX_EXPRESSION_IDS`` ids is applied after
+  the search to an over-fetched result (``k`` growing fourfold) instead, since Milvus
+  parses a long expression on every search (see ``make bench-milvus``).
 - **Processes**: Milvus Lite opens a local file in one process at a time, so a local
   file serves one process (tests, a laptop), and ``make index`` must not run beside a
   server on the same file; ``--processes N`` and separate builders need a Milvus server.
@@ -48,14 +53,16 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.data.attributes import LABELS, NUMERIC, ItemAttributes
 from engine.index.exact import ExactIndex
-from engine.index.vector_index import as_queries, check_metric, unpack_bits
+from engine.index.vector_index import Conditions, as_queries, check_metric, unpack_bits
 
 log = logging.getLogger("tandem.index")
 
 TOKEN_ENV = "TANDEM_MILVUS_TOKEN"
 MAX_EXPRESSION_IDS = 4096  # longer allow/block lists are applied after an over-fetched search
 MAX_LIMIT = 16384  # Milvus's largest top-k
+MAX_RESULTS = 1 << 18  # results (queries x limit) of one search call: a 256-user batch chunk is one call
 INSERT_CHUNK = 10_000
 _METRICS = {"ip": "IP", "l2": "L2"}
 
@@ -145,11 +152,15 @@ class MilvusIndex:
         n_vectors: int,
         search_params: dict | None = None,
         added: np.ndarray | None = None,
+        attributes: dict | None = None,
     ):
         self.target, self.collection, self.metric = target, collection, check_metric(metric)
         self._dim, self.n_base = int(dim), int(n_vectors)
         self.search_params = dict(search_params or {})  # {"ef": n} (HNSW) or {"nprobe": n} (IVF)
         self._added = None if added is None or not len(added) else ExactIndex(added, metric)
+        # Attribute name -> {"field", "kind", "vocabulary"}: the item attributes the
+        # collection holds, so that filters on them are searched natively.
+        self.attributes = dict(attributes or {})
 
     @property
     def dim(self) -> int:
@@ -158,11 +169,13 @@ class MilvusIndex:
     def __len__(self) -> int:
         return self.n_base + (0 if self._added is None else len(self._added))
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, conditions: Conditions | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         queries = as_queries(queries, self.dim)
         k = int(k)
         mask = None if allowed is None else unpack_bits(allowed, len(self))
-        scores, labels = self._search_base(queries, k, None if mask is None else mask[: self.n_base])
+        scores, labels = self._search_base(queries, k, None if mask is None else mask[: self.n_base], conditions)
         if self._added is not None:
             extra = None if mask is None else np.packbits(mask[self.n_base :], bitorder="little")
             more_scores, more_labels = self._added.search(queries, k, extra)
@@ -171,35 +184,84 @@ class MilvusIndex:
             )
         return scores, labels
 
-    def _search_base(self, queries: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _filter(self, mask: np.ndarray | None, conditions: Conditions | None) -> tuple[str, np.ndarray | None]:
+        """How a search applies its filter: ``(expression, post)`` — a Milvus expression,
+        and the mask to apply to an over-fetched result where the expression leaves some
+        of the filter out (None: it holds all of it)."""
+        if mask is None:
+            return "", None
+        n_allowed = int(mask.sum())
+        if n_allowed == self.n_base:
+            return "", None
+        allow = n_allowed <= self.n_base - n_allowed
+        listed = np.flatnonzero(mask) if allow else np.flatnonzero(~mask)
+        native = self._attribute_expression(conditions.filters) if conditions is not None else None
+        if native is not None and not (allow and len(listed) <= MAX_EXPRESSION_IDS):
+            assert conditions is not None
+            # The attributes in the expression; the ids the filter drops beyond them (seen
+            # items, a block list) as a list.
+            beyond = np.flatnonzero(conditions.mask[: self.n_base] & ~mask)
+            if len(beyond) <= MAX_EXPRESSION_IDS:
+                return native + (f" and id not in [{_ids(beyond)}]" if len(beyond) else ""), None
+            return native, mask
+        if len(listed) <= MAX_EXPRESSION_IDS:
+            return (f"id in [{_ids(listed)}]" if allow else f"id not in [{_ids(listed)}]"), None
+        return "", mask
+
+    def _attribute_expression(self, filters) -> str | None:
+        """Attribute filters as a Milvus expression over the collection's attribute fields
+        (None when it does not hold one of the attributes)."""
+        parts = []
+        for name, condition in filters.items():
+            field = self.attributes.get(name)
+            if field is None:
+                return None
+            column, kind, vocabulary = field["field"], field["kind"], field.get("vocabulary", [])
+            if kind == NUMERIC:
+                ops = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">=", "eq": "=="}
+                parts += [f"{column} {ops[op]} {float(bound)!r}" for op, bound in condition.items()]
+                continue
+            op, wanted = next(iter(condition.items())) if isinstance(condition, dict) else ("any", condition)
+            wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+            codes = sorted({vocabulary.index(v) for v in wanted if v in vocabulary})
+            if kind == LABELS:
+                if not codes or (op == "all" and len(codes) < len(set(wanted))):
+                    parts.append("id < 0")  # a label no item of the collection has: none
+                else:
+                    parts.append(f"array_contains_{'all' if op == 'all' else 'any'}({column}, [{_ids(codes)}])")
+            elif op == "all" and len(set(wanted)) > 1:
+                parts.append("id < 0")  # one category cannot be two
+            else:
+                parts.append(f"{column} in [{_ids(codes)}]" if codes else "id < 0")
+        return " and ".join(f"({part})" for part in parts) if parts else None
+
+    def _search_base(
+        self, queries: np.ndarray, k: int, mask: np.ndarray | None, conditions: Conditions | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         n = len(queries)
         scores = np.full((n, k), -np.inf if self.metric == "ip" else np.inf, np.float32)
         labels = np.full((n, k), -1, np.int64)
         n_allowed = self.n_base if mask is None else int(mask.sum())
         if n == 0 or k == 0 or n_allowed == 0:
             return scores, labels
-        expression, post = "", None
-        if mask is not None and n_allowed < self.n_base:
-            listed = np.flatnonzero(mask) if n_allowed <= self.n_base - n_allowed else np.flatnonzero(~mask)
-            if len(listed) <= MAX_EXPRESSION_IDS:
-                ids = ",".join(map(str, listed.tolist()))
-                expression = f"id in [{ids}]" if n_allowed <= self.n_base - n_allowed else f"id not in [{ids}]"
-            else:
-                post = mask
+        expression, post = self._filter(mask, conditions)
         _loaded(self.target, self.collection)
         limit = min(k, n_allowed)
         fetch = min(self.n_base, MAX_LIMIT, limit if post is None else 4 * limit)
         while True:
-            hits = _call(
-                self.target,
-                "search",
-                self.collection,
-                data=queries.tolist(),
-                limit=fetch,
-                filter=expression,
-                output_fields=["id"],
-                search_params={"metric_type": _METRICS[self.metric], "params": self.search_params},
-            )
+            hits = []
+            rows = max(1, MAX_RESULTS // fetch)  # queries per call: a bounded reply
+            for at in range(0, n, rows):
+                hits += _call(
+                    self.target,
+                    "search",
+                    self.collection,
+                    data=queries[at : at + rows].tolist(),
+                    limit=fetch,
+                    filter=expression,
+                    output_fields=["id"],
+                    search_params={"metric_type": _METRICS[self.metric], "params": self.search_params},
+                )
             found = [[(h["id"], h["distance"]) for h in row if post is None or post[h["id"]]] for row in hits]
             short = any(len(row) < limit for row in found)
             if post is None or not short or fetch >= min(self.n_base, MAX_LIMIT):
@@ -216,7 +278,9 @@ class MilvusIndex:
         this process and searched exactly beside the collection; this one is unchanged."""
         vectors = as_queries(vectors, self.dim)
         held = vectors if self._added is None else np.vstack([self._added.vectors, vectors])
-        return MilvusIndex(self.target, self.collection, self.metric, self.dim, self.n_base, self.search_params, held)
+        return MilvusIndex(
+            self.target, self.collection, self.metric, self.dim, self.n_base, self.search_params, held, self.attributes
+        )
 
     def descriptor(self) -> dict:
         return {
@@ -228,6 +292,7 @@ class MilvusIndex:
             "dim": self.dim,
             "n_vectors": self.n_base,
             "search_params": self.search_params,
+            "attributes": self.attributes,
         }
 
     def save(self, path: str | Path) -> None:
@@ -244,7 +309,12 @@ class MilvusIndex:
             d["dim"],
             d["n_vectors"],
             d.get("search_params"),
+            attributes=d.get("attributes"),
         )
+
+
+def _ids(values) -> str:
+    return ",".join(map(str, np.asarray(values).tolist()))
 
 
 def _merged(a_scores, a_labels, b_scores, b_labels, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -262,8 +332,44 @@ def new_collection_name(index_name: str) -> str:
     return f"tandem_{time.strftime('%Y%m%d%H%M%S')}_{uuid.uuid4().hex[:8]}_{index_name}"
 
 
-def create(target: MilvusTarget, collection: str, vectors: np.ndarray, metric: str, factory: str) -> None:
-    """Create ``collection`` holding ``vectors`` (ids ``0..n-1``) with the index of ``factory``."""
+def attribute_fields(attributes: ItemAttributes | None) -> dict:
+    """The collection fields of item attributes: name -> ``{"field", "kind", "vocabulary"}``
+    (fields ``a0``, ``a1``, ...: attribute names need not be valid field names)."""
+    if attributes is None:
+        return {}
+    return {
+        name: {"field": f"a{j}", "kind": a.kind, "vocabulary": list(a.vocabulary)}
+        for j, (name, a) in enumerate(sorted(attributes.attributes.items()))
+    }
+
+
+def _attribute_values(attributes: ItemAttributes, fields: dict, rows: range) -> list[dict]:
+    """Each item's attribute fields: label codes (LABELS), a category code (-1 missing),
+    a number (None missing)."""
+    columns: dict[str, list] = {}
+    for name, field in fields.items():
+        a = attributes[name]
+        values = a.values[rows.start : rows.stop]
+        if a.kind == LABELS:
+            columns[field["field"]] = [np.flatnonzero(row).tolist() for row in values]
+        elif a.kind == NUMERIC:
+            columns[field["field"]] = [None if v != v else v for v in values.astype(np.float64).tolist()]
+        else:
+            columns[field["field"]] = values.astype(np.int64).tolist()
+    return [{key: column[j] for key, column in columns.items()} for j in range(len(rows))]
+
+
+def create(
+    target: MilvusTarget,
+    collection: str,
+    vectors: np.ndarray,
+    metric: str,
+    factory: str,
+    attributes: ItemAttributes | None = None,
+) -> dict:
+    """Create ``collection`` holding ``vectors`` (ids ``0..n-1``) with the index of
+    ``factory``, and the items' ``attributes`` as scalar fields; returns those fields
+    (:func:`attribute_fields`)."""
     from pymilvus import DataType, MilvusClient
 
     vectors = np.ascontiguousarray(vectors, np.float32)
@@ -271,6 +377,15 @@ def create(target: MilvusTarget, collection: str, vectors: np.ndarray, metric: s
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(vectors.shape[1]))
+    fields = attribute_fields(attributes)
+    for field in fields.values():
+        if field["kind"] == LABELS:
+            width = max(1, len(field["vocabulary"]))
+            schema.add_field(field["field"], DataType.ARRAY, element_type=DataType.INT64, max_capacity=width)
+        elif field["kind"] == NUMERIC:
+            schema.add_field(field["field"], DataType.FLOAT, nullable=True)
+        else:
+            schema.add_field(field["field"], DataType.INT64)
     milvus, lock = client(target)
     with lock:
         index_params = milvus.prepare_index_params()
@@ -278,10 +393,16 @@ def create(target: MilvusTarget, collection: str, vectors: np.ndarray, metric: s
         milvus.create_collection(collection, schema=schema, index_params=index_params)
         for start in range(0, len(vectors), INSERT_CHUNK):
             part = vectors[start : start + INSERT_CHUNK]
-            milvus.insert(collection, [{"id": start + j, "vector": v} for j, v in enumerate(part.tolist())])
+            rows = [{"id": start + j, "vector": v} for j, v in enumerate(part.tolist())]
+            if fields:
+                assert attributes is not None
+                for row, values in zip(rows, _attribute_values(attributes, fields, range(start, start + len(part)))):
+                    row.update(values)
+            milvus.insert(collection, rows)
         milvus.flush(collection)
         milvus.load_collection(collection)
     _LOADED.add((target, collection))
+    return fields
 
 
 def build_index(
@@ -295,8 +416,10 @@ def build_index(
     recall_floor: float = 0.95,
     n_queries: int = 1000,
     seed: int = 0,
+    attributes: ItemAttributes | None = None,
 ):
-    """A new collection over ``vectors`` with the index of ``factory``, its search
+    """A new collection over ``vectors`` (and the items' ``attributes``, for filters)
+    with the index of ``factory``, its search
     parameter raised (HNSW ``ef``, IVF ``nprobe``) until recall@k against exact search
     reaches ``recall_floor``, as :func:`engine.index.faiss_index.build_index` does for
     FAISS. Returns ``(MilvusIndex, IndexReport)``; the caller drops the collection when
@@ -311,14 +434,14 @@ def build_index(
     queries = np.ascontiguousarray(queries, np.float32)
     collection = new_collection_name(index_name)
     start = time.perf_counter()
-    create(target, collection, vectors, metric, factory)
+    fields = create(target, collection, vectors, metric, factory, attributes)
     build_seconds = time.perf_counter() - start
     kind, params = index_type(factory)
     kk = min(k, n)
     exact_scores, _ = ExactIndex(vectors, metric).search(queries, kk)
 
     def measured(search_params: dict) -> tuple[MilvusIndex, float]:
-        index = MilvusIndex(target, collection, metric, dim, n, search_params)
+        index = MilvusIndex(target, collection, metric, dim, n, search_params, attributes=fields)
         _, labels = index.search(queries, kk)
         return index, tie_aware_recall(_exact_scores(vectors, queries, labels, metric), labels, exact_scores, metric)
 

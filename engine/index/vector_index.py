@@ -20,18 +20,34 @@ Conventions, shared by every backend:
   ``None`` for every item. Filtering happens *inside* the search, so a full ``k`` comes
   back whenever ``k`` allowed items exist (approximate backends: as far as their graph
   or lists reach);
+- **conditions**: a search may also be told the attribute filters ``allowed`` includes
+  (:class:`Conditions`): a backend that stores the items' attributes (Milvus) searches
+  with them natively; the others ignore them. ``allowed`` stays the whole truth;
 - **immutability**: :meth:`VectorIndex.added` returns a new index with more vectors and
   leaves the original as it was, so readers of the original never see a half-added item.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 METRICS = ("ip", "l2")
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """The attribute filters of a request (:mod:`engine.data.attributes`) and the mask of
+    the items they allow: the part of a search's ``allowed`` bitmap a backend with the
+    attributes can express natively (the rest — seen items, block and allow lists — it
+    reads from the bitmap)."""
+
+    filters: Mapping
+    mask: np.ndarray  # [n_items] bool
 
 
 @runtime_checkable
@@ -49,7 +65,9 @@ class VectorIndex(Protocol):
         """How many vectors the index holds (labels ``0..len - 1``)."""
         ...
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, conditions: Conditions | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(scores [n, k] float32, labels [n, k] int64)`` of the ``k`` best allowed items
         for each of ``queries [n, dim]``, best first, ``-1`` labels padding."""
         ...

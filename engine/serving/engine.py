@@ -32,6 +32,7 @@ import numpy as np
 from engine.errors import InvalidRequest, shorten
 from engine.index.bundle import LoadedBundle
 from engine.index.exact import ExactIndex
+from engine.index.vector_index import Conditions
 from engine.models.cf import CFModel
 from engine.models.ranker import Ranker
 from engine.models.towers import TwoTowerModel
@@ -262,12 +263,15 @@ class Engine:
         return ScoreScale.fit(log_pop)(log_pop).astype(np.float32)
 
     # ------------------------------------------------------------- users
-    def _item_mask(self, cat: Catalogue, exclude_items, include_items, filters) -> np.ndarray:
+    def _item_mask(self, cat: Catalogue, exclude_items, include_items, filters) -> tuple[np.ndarray, Conditions | None]:
         """Items a request may return before per-user exclusions: block-list, allow-list
-        and attribute filters applied (read-only: shared by every unfiltered request)."""
+        and attribute filters applied (read-only: shared by every unfiltered request);
+        and the attribute filters with their own mask, for vector backends that search
+        with them natively."""
         if not exclude_items and include_items is None and not filters:
-            return cat.every_item
+            return cat.every_item, None
         allowed = np.ones(cat.n_items, bool)
+        conditions = None
         if exclude_items:
             allowed[cat.items.indices(exclude_items)] = False
         if include_items is not None:
@@ -275,8 +279,9 @@ class Engine:
             only[cat.items.indices(include_items)] = True
             allowed &= only
         if filters:  # attribute filters (engine.data.attributes): genres, tags, category, price, ...
-            allowed &= cat.attributes.mask(filters, cat.n_items)
-        return allowed
+            conditions = Conditions(dict(filters), cat.attributes.mask(filters, cat.n_items))
+            allowed &= conditions.mask
+        return allowed, conditions
 
     # -------------------------------------------------------- scoring
     def _blend(self, cat: Catalogue, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -434,14 +439,9 @@ class Engine:
         """
         self._check_k(k, n_candidates)
         cat = self._catalogue
-        requests = self.user_context.requests(
-            cat,
-            [user_id],
-            exclude_seen,
-            self._item_mask(cat, exclude_items, include_items, filters),
-            user_features,
-            ratings,
-        )
+        item_mask, conditions = self._item_mask(cat, exclude_items, include_items, filters)
+        requests = self.user_context.requests(cat, [user_id], exclude_seen, item_mask, user_features, ratings)
+        requests.conditions = conditions
         return self._serve(cat, requests, k, n_candidates, sources, explain)[0]
 
     def _serve(
@@ -580,15 +580,14 @@ class Engine:
         self._check_k(k, n_candidates)
         self.config.check_texts(users, "user id", ids=True)
         cat = self._catalogue  # every chunk reads the same catalogue
-        item_mask = self._item_mask(cat, exclude_items, include_items, filters)
+        item_mask, conditions = self._item_mask(cat, exclude_items, include_items, filters)
 
         def serve(start: int) -> list[Recommendations]:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"deadline passed after {start} of {len(users)} users")
-            chunk = users[start : start + BATCH_CHUNK]
-            return self._serve(
-                cat, self.user_context.requests(cat, chunk, exclude_seen, item_mask), k, n_candidates, sources, explain
-            )
+            requests = self.user_context.requests(cat, users[start : start + BATCH_CHUNK], exclude_seen, item_mask)
+            requests.conditions = conditions
+            return self._serve(cat, requests, k, n_candidates, sources, explain)
 
         starts = range(0, len(users), BATCH_CHUNK)
         workers = max(1, min(threads or os.cpu_count() or 1, 8, len(starts)))

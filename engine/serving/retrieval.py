@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.index.vector_index import pack_mask
+from engine.index.vector_index import Conditions, pack_mask
 
 # Batches check exclusions in a U x n_items bitmap up to this size (64 MiB), beyond it by
 # binary search: memory stays bounded whatever the catalogue.
@@ -88,6 +88,9 @@ class Requests:
     history_indices: np.ndarray | None = None
     # [U] float32: each user's share of likes among their interactions (NaN unknown).
     like_rate: np.ndarray | None = None
+    # The request's attribute filters and their mask (item_mask includes them), for
+    # vector backends that search with them natively (engine.index.vector_index.Conditions).
+    conditions: Conditions | None = None
 
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -276,11 +279,16 @@ def best_allowed(requests: Requests, rows: np.ndarray, ranked: np.ndarray, quota
     return Proposals(flat_rows[take], flat[take])
 
 
-def ann_search(index, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
+def ann_search(
+    index, queries: np.ndarray, k: int, allowed: np.ndarray | None, conditions: Conditions | None = None
+) -> np.ndarray:
     """Labels ``[n, k]`` of the top ``k`` allowed items of a
     :class:`~engine.index.vector_index.VectorIndex` (``-1`` pads): every search of the
-    retrieval sources goes through here."""
-    return index.search(queries, int(k), allowed)[1]
+    retrieval sources goes through here (``conditions``: the request's attribute filters
+    ``allowed`` includes, for backends that search with them natively)."""
+    if conditions is None:
+        return index.search(queries, int(k), allowed)[1]
+    return index.search(queries, int(k), allowed, conditions)[1]
 
 
 class Source:
@@ -388,7 +396,9 @@ class ModelSource(Source):
 
     def _search_many(self, requests: Requests, rows: np.ndarray, quota: np.ndarray) -> Proposals:
         width = int(min(quota[rows].max() + requests.n_excluded[rows].max(), len(self.index)))
-        labels = ann_search(self.index, self.queries(requests)[rows], width, requests.allowed_bits())
+        labels = ann_search(
+            self.index, self.queries(requests)[rows], width, requests.allowed_bits(), requests.conditions
+        )
         # A user whose exclusions crowded a full result list is searched alone.
         return self._fill_short(requests, rows, quota, best_allowed(requests, rows, labels, quota), labels[:, -1] >= 0)
 
@@ -402,7 +412,9 @@ class ModelSource(Source):
                 listed = listed[requests.item_mask[listed]]
             if len(listed) >= k or not (full or requests.filtered):
                 return listed[:k]
-        labels = ann_search(self.index, self.queries(requests)[u : u + 1], k, requests.allowed_bits(u))[0]
+        labels = ann_search(
+            self.index, self.queries(requests)[u : u + 1], k, requests.allowed_bits(u), requests.conditions
+        )[0]
         return labels[labels >= 0]
 
 
@@ -528,9 +540,13 @@ class RecentNeighboursSource(Source):
             lists, exhausted = [np.zeros(0, np.int64)] * len(liked), [False] * len(liked)
         for at, i in enumerate(liked):
             if len(lists[at]) < per_like and not exhausted[at]:  # search live beyond the table
-                labels = ann_search(self.index, self.item_vectors[i][None, :], per_like + 1, requests.allowed_bits(u))[
-                    0
-                ]
+                labels = ann_search(
+                    self.index,
+                    self.item_vectors[i][None, :],
+                    per_like + 1,
+                    requests.allowed_bits(u),
+                    requests.conditions,
+                )[0]
                 lists[at] = labels[(labels >= 0) & (labels != i)][:per_like]
         # Round-robin (the best neighbour of each like, then the second, ...), duplicates
         # dropped: a few dozen items, cheaper in plain Python than in NumPy calls.
