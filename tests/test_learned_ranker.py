@@ -194,6 +194,49 @@ def test_items_added_live_are_ranked_with_their_missing_features(ranked, tmp_pat
     assert {"live-1", "live-2"} <= set(recs.item_ids.tolist()) and np.isfinite(recs.scores).all()
 
 
+def test_items_added_live_borrow_their_content_neighbours_evidence(ranked):
+    """A new item's neighbours are its 10 nearest bundle items by item-tower cosine,
+    weighted by the towers' softmax; its popularity score and its item-side ranker
+    features are their weighted means (NaNs left out), each checked by hand here."""
+    from engine.serving.features import BORROWED
+
+    ds, root, _, _ = ranked
+    engine = Engine.load(root, EngineConfig(segment_key="occupation"))
+    popular = int(np.argmax(ds.item_counts()))
+    genres = ds.item_features.columns["genres"][popular].tolist()
+    engine.add_items(["clone"], [{"genres": genres, "year": float(ds.item_features.columns["year"][popular])}], False)
+    cat = engine._catalogue
+    new = cat.items.index("clone")
+    towers = cat.item_vectors[engine.towers.name]
+    sims = towers[: cat.n_bundle] @ towers[new]
+    near = np.argsort(-sims, kind="stable")[:10]
+    weights = np.exp((sims[near] - sims[near].max()) / engine.towers.config.temperature)
+    weights /= weights.sum()
+    assert set(cat.borrowed_from[0].tolist()) == set(near.tolist())
+    order = np.argsort(cat.borrowed_from[0])
+    np.testing.assert_allclose(cat.borrowed_weights[0][order], weights[np.argsort(near)], rtol=1e-4)
+    np.testing.assert_allclose(cat.popularity_score[new], weights @ cat.popularity_score[near], rtol=1e-4)
+    user = ds.users.ids[4]
+    requests = engine.user_context.requests(cat, [user], True, cat.every_item)
+
+    def features(items):
+        n = len(items)
+        zeros = np.zeros(n)
+        rows = np.zeros(n, np.int64)
+        return engine.features.compute(
+            requests, rows, np.asarray(items), zeros.astype(np.uint32), (), zeros, zeros.astype(np.float32), cat
+        )
+
+    mine, theirs = features([new]), features(near)
+    for name in BORROWED:
+        column = engine.features.names.index(name)
+        values = theirs[:, column].astype(np.float64)
+        known = ~np.isnan(values)
+        want = (weights[known] @ values[known]) / weights[known].sum() if known.any() else np.nan
+        np.testing.assert_allclose(mine[0, column], want, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert engine.recommend(user, k=10, include_items=["clone", *ds.items.ids[:30]]).scores.size == 10
+
+
 def test_explanations_are_the_largest_contributions(ranked):
     ds, _, _, engine = ranked
     user = ds.users.ids[3]

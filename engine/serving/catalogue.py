@@ -17,7 +17,7 @@ items): add items in batches rather than one call per item.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -44,20 +44,38 @@ class Catalogue:
     popularity_score: np.ndarray  # [n_items] float32 standardised log-popularity
     sources: dict  # name -> Source; a model's source holds this version of its index
     every_item: np.ndarray  # [n_items] all True, read-only: the mask of an unfiltered request
+    # Items added live borrow the evidence they lack from their nearest bundle items by
+    # content (engine.serving.live_items): row j of each array is item n_bundle + j's
+    # neighbours [K] and their weights [K] (summing to 1).
+    borrowed_from: np.ndarray = field(default_factory=lambda: read_only(np.zeros((0, 1), np.int64)))
+    borrowed_weights: np.ndarray = field(default_factory=lambda: read_only(np.zeros((0, 1), np.float32)))
+
+    @property
+    def n_bundle(self) -> int:
+        """Items of the bundle (labels below it); items added live come after."""
+        return self.n_items - len(self.borrowed_from)
 
     @property
     def n_items(self) -> int:
         return len(self.items)
 
     def with_items(
-        self, item_ids: list[str], vectors: Mapping[str, np.ndarray], attributes: Sequence[Mapping], titles: list[str]
+        self,
+        item_ids: list[str],
+        vectors: Mapping[str, np.ndarray],
+        attributes: Sequence[Mapping],
+        titles: list[str],
+        borrowed: tuple[np.ndarray, np.ndarray],
     ) -> Catalogue:
         """A new version with these items appended (ids already checked to be new), with
         ``vectors`` from each model that embeds them and their ``attributes`` (a dict
         per item, checked by :meth:`ItemAttributes.appended`). Each such model's source searches a
         copy of its index holding the new vectors, and no longer reads the per-user
-        table: that table ranks the bundle's items only."""
+        table: that table ranks the bundle's items only. ``borrowed``: each new item's
+        nearest bundle items and weights ``([n, K], [n, K])``, whose popularity score it
+        takes (their weighted mean)."""
         n_new = len(item_ids)
+        near, weights = borrowed
         sources = dict(self.sources)
         for name, new in vectors.items():
             old = self.sources[name]
@@ -79,8 +97,14 @@ class Catalogue:
                 **{name: concat(self.item_vectors[name], new.astype(np.float32)) for name, new in vectors.items()},
             },
             popularity=popularity,
-            # Items added live have no interactions: the least popular item's score.
-            popularity_score=concat(self.popularity_score, np.full(n_new, self.popularity_score.min(), np.float32)),
+            # The popularity score the new items' neighbours have, weighted: what their
+            # content predicts, where a count of 0 would rank any new item last.
+            popularity_score=concat(
+                self.popularity_score, (weights * self.popularity_score[near]).sum(axis=1).astype(np.float32)
+            ),
             sources=sources,
             every_item=read_only(np.ones(self.n_items + n_new, bool)),
+            # (The first addition sets K, the neighbours per item; later ones keep it.)
+            borrowed_from=concat(self.borrowed_from.reshape(-1, near.shape[1]), near.astype(np.int64)),
+            borrowed_weights=concat(self.borrowed_weights.reshape(-1, near.shape[1]), weights.astype(np.float32)),
         )

@@ -69,6 +69,21 @@ def shrunk_mean(total, count, toward):
     return (total + RATE_PRIOR * toward) / (count + RATE_PRIOR)
 
 
+# Item-side features an item added live takes from its content neighbours (RankingFeatures._borrow).
+BORROWED = (
+    "item_popularity",
+    "segment_popularity",
+    "item_trend",
+    "item_age",
+    "item_like_rate",
+    "item_mean_rating",
+    "recent_similarity_max",
+    "recent_similarity_mean",
+    "cooccurrence_sum",
+    "cooccurrence_mean",
+    "ease_score",
+)
+
 MAX_AFFINITY_VALUES = 512  # categorical attributes with more values get no affinity feature
 
 
@@ -234,7 +249,29 @@ class RankingFeatures:
         out[:, at["ease_score"]] = in_history.weights_from(tables.ease_from, tables.ease_weight, rows, items)
         for name in self.affinity:
             out[:, at[f"affinity:{name}"]] = _affinity(cat.attributes[name], indptr, history, rows, items)
+        live = items >= cat.n_bundle
+        if live.any():
+            self._borrow(out, live, requests, rows, items, cat)
         return out
+
+    def _borrow(self, out: np.ndarray, live: np.ndarray, requests: Requests, rows, items, cat) -> None:
+        """Items added live have no interactions: their item-side features (BORROWED) are
+        the weighted mean of their content neighbours' for the same user
+        (``Catalogue.borrowed_from``, :mod:`engine.serving.live_items`), NaNs left out."""
+        at = items[live] - cat.n_bundle
+        near, weights = cat.borrowed_from[at], cat.borrowed_weights[at]  # [m, K]
+        m, k = near.shape
+        pairs_rows = np.repeat(rows[live], k)
+        zeros = np.zeros(m * k)
+        theirs = self.compute(
+            requests, pairs_rows, near.ravel(), zeros.astype(np.uint32), (), zeros, zeros.astype(np.float32), cat
+        )
+        columns = np.array([self._column[name] for name in BORROWED])
+        values = theirs[:, columns].reshape(m, k, len(columns)).astype(np.float64)
+        w = np.where(np.isnan(values), 0.0, weights[:, :, None])
+        with np.errstate(invalid="ignore"):
+            mean = np.nansum(values * w, axis=1) / w.sum(axis=1)
+        out[np.ix_(np.flatnonzero(live), columns)] = mean.astype(np.float32)
 
     def _model_score(
         self, requests: Requests, name: str, rows: np.ndarray, items: np.ndarray, matrix: np.ndarray

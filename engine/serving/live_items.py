@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tandem.engine")
 
+BORROWED_FROM = 10  # bundle items a new item's CF vector is borrowed from (nearest by content)
+
 
 class LiveItems:
     """The write side of one engine's catalogue. Writers go one at a time (a lock);
@@ -160,6 +162,37 @@ class LiveItems:
 
     def _append(self, new_ids: list[str], titles: list[str], vectors: np.ndarray, features: list[dict]) -> None:
         """Swap in the catalogue with these (checked, new) items: one reference assignment."""
-        self._engine._catalogue = self._engine._catalogue.with_items(
-            new_ids, {self._engine.towers.name: vectors}, features, [t or i for i, t in zip(new_ids, titles)]
+        engine = self._engine
+        cat = engine._catalogue
+        engine._catalogue = cat.with_items(
+            new_ids,
+            {engine.towers.name: vectors},
+            features,
+            [t or i for i, t in zip(new_ids, titles)],
+            self.content_neighbours(vectors),
         )
+
+    def content_neighbours(self, tower_vectors: np.ndarray, k: int = BORROWED_FROM) -> tuple[np.ndarray, np.ndarray]:
+        """Each new item's ``k`` nearest bundle items by item-tower cosine and their
+        weights ``([n, k], [n, k])``: the towers' own softmax over them
+        (``exp(cosine / temperature)``, the probability the tower model gives each).
+
+        A new item has no interactions; the evidence it has is its content. The blend
+        scores it by the towers alone (a model without its vector does not count), and
+        its popularity score and the learned ranker's item-side features are those of
+        these neighbours, weighted — so a new item is ranked like the items it resembles
+        (a copy of a popular item among the popular items of its kind) instead of last
+        for the interactions it cannot have yet."""
+        engine = self._engine
+        known = engine._catalogue.item_vectors[engine.towers.name][: len(engine.cf.items)]
+        k = min(k, len(known))
+        temperature = float(getattr(engine.towers.config, "temperature", 0.05))
+        near = np.empty((len(tower_vectors), k), np.int64)
+        weights = np.empty((len(tower_vectors), k), np.float32)
+        for start in range(0, len(tower_vectors), 64):  # bounded memory: 64 x n_items similarities
+            sims = tower_vectors[start : start + 64] @ known.T
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            close = np.take_along_axis(sims, top, 1).astype(np.float64)
+            w = np.exp((close - close.max(axis=1, keepdims=True)) / temperature)
+            near[start : start + 64], weights[start : start + 64] = top, w / w.sum(axis=1, keepdims=True)
+        return near, weights
