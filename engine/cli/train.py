@@ -92,6 +92,17 @@ def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
     if args.preset == CF_RETRIEVAL_PRESET:  # serving's CF: [retrieval.cf] (tandem tune) over the preset
         preset = retrieval_settings(config, "cf")
     cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS, preset)
+    if args.distributed:  # one rank of `torchrun --nproc_per_node N -m engine train-cf --distributed`
+        from engine.models.distributed import init_from_environment
+
+        rank, size = init_from_environment(cf_config.device)
+        if cf_config.solver != "adam":
+            raise ConfigError(f"--distributed trains the Adam solver; this configuration uses {cf_config.solver!r}")
+        if rank != 0:  # rank 0 evaluates, saves and prints
+            train, _ = _train_and_test(args, config)
+            train_cf(train, cf_config)
+            return 0
+        print(f"rank 0 of {size}: training on {size} processes", file=sys.stderr)
     return _fit_report_save(
         args,
         config,
@@ -228,6 +239,12 @@ def register(commands) -> None:
     )
     train_cf.add_argument("--negative-sampling", choices=["uniform", "popularity"], help="bce negatives")
     train_cf.add_argument("--negative-ratio", type=int, help="bce negatives per positive")
+    train_cf.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one rank of `torchrun --nproc_per_node N -m engine train-cf --distributed`: data-parallel "
+        "training on N processes (engine/models/distributed.py); rank 0 saves the model",
+    )
     train_cf.set_defaults(handler=cmd_train_cf)
 
     eval_cf = commands.add_parser(

@@ -44,6 +44,7 @@ import scipy.sparse as sp
 
 from engine.data import Dataset, IdMap
 from engine.errors import TandemError
+from engine.models import distributed
 from engine.models.als import als_wmse, confidence, wmse_sparse_cost
 from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.training import EarlyStopping, LearningCurve, require_torch, resolve_device, seed_everything
@@ -615,6 +616,14 @@ def train_cf(
         to_t(target[val_rows], torch.float32),
     )
     N = len(fit_rows)
+    # One rank of N (torchrun, engine.models.distributed): this rank's shard of the
+    # fitting rows, N // size of them on every rank (at most size - 1 rows go unused), and
+    # a replica of the parameters; the cost's N stays the whole data's.
+    rank, size = distributed.world()
+    local = N // size if size > 1 else N
+    if size > 1:
+        U, I, Y = U[rank::size][:local], I[rank::size][:local], Y[rank::size][:local]
+    batch_size = max(1, cfg.batch_size // size)  # the ranks' batches together: cfg.batch_size
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     params = {
@@ -689,18 +698,20 @@ def train_cf(
     curve = LearningCurve()
     stopper = EarlyStopping(patience=cfg.patience)
     best_state = {k: v.detach().clone() for k, v in params.items()}
-    steps = math.ceil(N / cfg.batch_size)
-    bar = tqdm(total=cfg.epochs * steps, desc="train cf", unit="batch", disable=not cfg.progress, mininterval=0.5)
+    steps = math.ceil(local / batch_size)
+    show = cfg.progress and rank == 0
+    bar = tqdm(total=cfg.epochs * steps, desc="train cf", unit="batch", disable=not show, mininterval=0.5)
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
-        order = torch.randperm(N, generator=gen).to(device)
+        order = torch.randperm(local, generator=gen).to(device)
         running, seen = 0.0, 0
         for s in range(steps):
-            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            idx = order[s * batch_size : (s + 1) * batch_size]
             loss = batch_data_loss(U[idx], I[idx], Y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             add_l2_gradient(params, cfg.lambda_, N)
+            distributed.average_gradients(params.values())  # (one rank: nothing to do)
             optimizer.step()
             running += float(loss.detach()) * len(idx)
             seen += len(idx)
@@ -713,7 +724,7 @@ def train_cf(
         val = validate()
         # The epoch's mean data term plus the L2 term at the epoch's end: J / N, up to the
         # parameters moving within the epoch.
-        train_loss = running / seen + l2_term(params, cfg.lambda_, N)
+        train_loss = distributed.total(running) / distributed.total(seen) + l2_term(params, cfg.lambda_, N)
         curve.add(epoch=epoch, train_loss=train_loss, seconds=epoch_seconds, **({val_name: val} if n_val else {}))
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **({val_name: f"{val:.4f}"} if n_val else {}))
         if n_val:
@@ -725,7 +736,7 @@ def train_cf(
         else:
             best_state = {k: v.detach().clone() for k, v in params.items()}
     bar.close()
-    if curve_path is not None:
+    if curve_path is not None and rank == 0:
         curve.save(curve_path, title=f"CF ({cfg.loss})")
 
     state = {k: v.cpu().numpy() for k, v in best_state.items()}

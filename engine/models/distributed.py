@@ -1,0 +1,69 @@
+"""Data-parallel training with ``torch.distributed`` (``torchrun``): what the trainers
+need to run as one rank of N.
+
+Each rank keeps its shard of the interactions (every N-th of the fitting rows, the same
+number on every rank) and a full replica of the parameters, which start equal (one seed)
+and stay equal: after each step's backward pass the ranks average their gradients with
+one ``all_reduce`` per parameter, so every rank's Adam takes the same step. The embedding
+tables are replicated with dense gradients — the simplest consistent scheme; its cost per
+step is the size of the tables, which is what sharding the tables by row (TorchRec) would
+cut. Validation runs on every rank over the same held-out rows, so early stopping decides
+alike everywhere. Only rank 0 shows progress and writes files.
+
+Started by ``torchrun --nproc_per_node N -m engine train-cf --distributed``: the process
+group comes from torchrun's environment (gloo on CPU, NCCL on CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)``: ``(0, 1)`` outside a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_environment(device: str | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``); returns ``(rank, world size)``. Without them, one
+    process: ``(0, 1)``."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return world()
+    if not dist.is_initialized():
+        cuda = device is not None and str(device).startswith("cuda") and torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world()
+
+
+def average_gradients(parameters) -> None:
+    """Average each parameter's gradient over the ranks (in place)."""
+    import torch.distributed as dist
+
+    _, size = world()
+    if size == 1:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(size)
+
+
+def total(value: float) -> float:
+    """The sum of a number over the ranks."""
+    import torch
+    import torch.distributed as dist
+
+    _, size = world()
+    if size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0])
