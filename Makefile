@@ -8,7 +8,7 @@ DATA   ?= auto
 SIDE_FLAGS = $(if $(ITEM_FEATURES),--item-features $(ITEM_FEATURES)) $(if $(USER_FEATURES),--user-features $(USER_FEATURES))
 DATA_FLAGS = $(if $(filter auto,$(DATA)),,--data $(DATA)) $(SIDE_FLAGS)
 
-.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine bench-feedback bench-milvus eval-pipeline bench-cf bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine bench-feedback bench-milvus eval-pipeline bench-cf bench-cf-dist bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -98,6 +98,9 @@ eval-pipeline: install-bench  ## the two-stage pipeline beside popularity, impli
 
 bench-cf: install-bench  ## B1 + B2: CF on ML-100K u1..u5 beside surprise SVD/SVD++, popularity, implicit ALS
 	$(PY) bench/cf.py
+
+bench-cf-dist: install  ## one CF epoch on synthetic 20M ratings with 1 and 2 torchrun processes (ratings/s, RSS per rank, efficiency)
+	$(PY) bench/cf_dist.py
 
 bench-cf-scale: install  ## B6: one CF epoch on synthetic 20M ratings (ratings/s, peak RSS)
 	$(PY) bench/cf_scale.py
