@@ -27,14 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(tmp_path, out: str, nproc: int) -> dict:
+def train(tmp_path, out: str, nproc: int, trainer: str = "train-cf", flags: list[str] = FLAGS) -> dict:
+    """Run ``tandem <trainer>`` on ``nproc`` processes (torchrun for more than one); its
+    printed metrics."""
     if nproc == 1:
         command = [sys.executable, "-m", "engine"]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        command += ["--master_port", str(free_port())]
-        command += ["-m", "engine"]
-    command += [*SETTINGS, "train-cf", *FLAGS, "--out", str(tmp_path / out), "--no-progress"]
+        command += ["--master_port", str(free_port()), "-m", "engine"]
+    command += [*SETTINGS, trainer, *flags, "--out", str(tmp_path / out), "--no-progress"]
     command += ["--distributed"] if nproc > 1 else []
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -51,6 +52,17 @@ def test_two_processes_train_cf_like_one(tmp_path):
     model = CFModel.load(tmp_path / "two")  # written once, by rank 0, with its learning curve
     assert (tmp_path / "two" / "learning_curve.json").is_file()
     assert np.isfinite(model.W).all() and two["epochs_run"] >= 1
+
+
+def test_two_processes_train_the_towers_like_one(tmp_path):
+    """The towers (in-batch softmax), the ranks' batches making one batch of the same
+    size: Recall@10 within a stated tolerance of one process's."""
+    flags = ["--data", "synthetic", "--objective", "softmax", "--epochs", "4", "--batch-size", "256"]
+    one = train(tmp_path, "one", 1, "train-towers", flags)
+    two = train(tmp_path, "two", 2, "train-towers", flags)
+    recall = next(key for key in one["test"] if key.startswith("recall"))
+    print(f"\ntowers test {recall}: 1 process {one['test'][recall]:.4f}, 2 processes {two['test'][recall]:.4f}")
+    assert abs(two["test"][recall] - one["test"][recall]) < 0.05, (one["test"], two["test"])
 
 
 def _rank(rank: int, size: int, store: str, out: str) -> None:

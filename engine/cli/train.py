@@ -92,17 +92,10 @@ def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
     if args.preset == CF_RETRIEVAL_PRESET:  # serving's CF: [retrieval.cf] (tandem tune) over the preset
         preset = retrieval_settings(config, "cf")
     cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS, preset)
-    if args.distributed:  # one rank of `torchrun --nproc_per_node N -m engine train-cf --distributed`
-        from engine.models.distributed import init_from_environment
-
-        rank, size = init_from_environment(cf_config.device)
-        if cf_config.solver != "adam":
-            raise ConfigError(f"--distributed trains the Adam solver; this configuration uses {cf_config.solver!r}")
-        if rank != 0:  # rank 0 evaluates, saves and prints
-            train, _ = _train_and_test(args, config)
-            train_cf(train, cf_config)
-            return 0
-        print(f"rank 0 of {size}: training on {size} processes", file=sys.stderr)
+    if args.distributed and cf_config.solver != "adam":
+        raise ConfigError(f"--distributed trains the Adam solver; this configuration uses {cf_config.solver!r}")
+    if args.distributed and not _rank_zero(args, config, train_cf, cf_config):
+        return 0
     return _fit_report_save(
         args,
         config,
@@ -112,6 +105,20 @@ def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
         cf_config,
         lambda model, train, test: _cf_report(model, test, args.k, _min_rating(args)),
     )
+
+
+def _rank_zero(args: argparse.Namespace, config: dict, fit, model_config) -> bool:
+    """``--distributed``: join torchrun's process group. Rank 0 goes on to evaluate, save
+    and print (True); every other rank trains its share here and is done (False)."""
+    from engine.models.distributed import init_from_environment
+
+    rank, size = init_from_environment(model_config.device)
+    if rank != 0:
+        train, _ = _train_and_test(args, config)
+        fit(train, model_config)
+        return False
+    print(f"rank 0 of {size}: training on {size} processes", file=sys.stderr)
+    return True
 
 
 def _fit_report_save(args: argparse.Namespace, config: dict, subdir: str, label: str, fit, model_config, report) -> int:
@@ -180,6 +187,8 @@ def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
     if args.layers is not None:
         extra["hidden_layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
     tower_config = _model_config(TowerConfig, "towers", config, args, TOWER_FLAGS, extra)
+    if args.distributed and not _rank_zero(args, config, train_two_tower, tower_config):
+        return 0
     return _fit_report_save(
         args,
         config,
@@ -213,6 +222,12 @@ def _add_training_flags(p: argparse.ArgumentParser, subdir: str, unit: str) -> N
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help=f"one rank of `torchrun --nproc_per_node N -m engine train-{subdir} --distributed`: data-parallel "
+        "training on N processes (engine/models/distributed.py); rank 0 evaluates and saves the model",
+    )
 
 
 def register(commands) -> None:
@@ -239,12 +254,6 @@ def register(commands) -> None:
     )
     train_cf.add_argument("--negative-sampling", choices=["uniform", "popularity"], help="bce negatives")
     train_cf.add_argument("--negative-ratio", type=int, help="bce negatives per positive")
-    train_cf.add_argument(
-        "--distributed",
-        action="store_true",
-        help="one rank of `torchrun --nproc_per_node N -m engine train-cf --distributed`: data-parallel "
-        "training on N processes (engine/models/distributed.py); rank 0 saves the model",
-    )
     train_cf.set_defaults(handler=cmd_train_cf)
 
     eval_cf = commands.add_parser(

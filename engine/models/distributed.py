@@ -10,8 +10,13 @@ step is the size of the tables, which is what sharding the tables by row (TorchR
 cut. Validation runs on every rank over the same held-out rows, so early stopping decides
 alike everywhere. Only rank 0 shows progress and writes files.
 
-Started by ``torchrun --nproc_per_node N -m engine train-cf --distributed``: the process
-group comes from torchrun's environment (gloo on CPU, NCCL on CUDA).
+The ranks' batches together make one batch of the configured size, so an epoch takes as
+many steps as on one process; the towers' in-batch softmax then draws a row's negatives
+from its own rank's batch (batch size / N rows).
+
+Started by ``torchrun --nproc_per_node N -m engine train-cf --distributed`` (or
+``train-towers``): the process group comes from torchrun's environment (gloo on CPU, NCCL
+on CUDA).
 """
 
 from __future__ import annotations

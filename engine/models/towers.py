@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.data import Dataset, FeatureTable, IdMap
 from engine.errors import TandemError
+from engine.models import distributed
 from engine.models.artifacts import read_model_dir, write_model_dir
 from engine.models.features import FeaturePipeline, fit_item_pipeline, fit_user_pipeline
 from engine.models.training import EarlyStopping, LearningCurve, require_torch, resolve_device, seed_everything
@@ -439,6 +440,14 @@ def train_two_tower(
         logits = logits.masked_fill(same, float("-inf"))
         return torch.nn.functional.cross_entropy(logits, torch.arange(len(i), device=device))
 
+    # One rank of N (torchrun, engine.models.distributed): this rank's shard of the
+    # fitting rows, the same number on every rank, in batches of batch_size / N rows, so
+    # that the ranks' batches together are one batch of batch_size and an epoch takes as
+    # many steps as on one process. (A row's in-batch negatives are its rank's batch.)
+    rank, size = distributed.world()
+    batch_size = max(2, cfg.batch_size // size)
+    if size > 1:
+        fit_rows = fit_rows[rank::size][: len(fit_rows) // size]
     fit_t = torch.as_tensor(fit_rows, device=device)
     val_batches = [
         torch.as_tensor(val_rows[s : s + cfg.batch_size], device=device) for s in range(0, n_val, cfg.batch_size)
@@ -446,7 +455,7 @@ def train_two_tower(
     val_name = "val_mse" if cfg.objective == "mse" else "val_softmax_loss"
     curve, stopper = LearningCurve(), EarlyStopping(patience=cfg.patience)
     best = None
-    steps = math.ceil(len(fit_rows) / cfg.batch_size)
+    steps = math.ceil(len(fit_rows) / batch_size)
     scheduler = None
     # A one-cycle schedule needs a few steps to warm up and anneal; tiny data trains flat.
     if cfg.schedule == "onecycle" and cfg.epochs * steps >= 10:
@@ -457,7 +466,7 @@ def train_two_tower(
         total=cfg.epochs * steps,
         desc=f"train towers ({cfg.objective})",
         unit="batch",
-        disable=not cfg.progress,
+        disable=not (cfg.progress and rank == 0),
         mininterval=0.5,
     )
     for epoch in range(1, cfg.epochs + 1):
@@ -465,12 +474,13 @@ def train_two_tower(
         order = fit_t[torch.randperm(len(fit_rows), generator=gen).to(device)]
         running, seen = 0.0, 0
         for s in range(steps):
-            rows = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            rows = order[s * batch_size : (s + 1) * batch_size]
             if cfg.objective == "softmax" and len(rows) < 2:
                 continue
             loss = loss_on(rows, training=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(parameters)  # (one rank: nothing to do)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -479,7 +489,7 @@ def train_two_tower(
             bar.update(1)
             if s % 20 == 0:
                 bar.set_postfix(epoch=epoch, loss=f"{running / max(seen, 1):.4f}")
-        record = {"epoch": epoch, "train_loss": running / max(seen, 1)}
+        record = {"epoch": epoch, "train_loss": distributed.total(running) / max(distributed.total(seen), 1)}
         if val_batches:
             with torch.no_grad():
                 val = float(np.mean([float(loss_on(b)) for b in val_batches if len(b) > 1]))
@@ -498,7 +508,7 @@ def train_two_tower(
     if best is not None:
         for net, state in ((user_net, best[0]), (item_net, best[1])):
             net.load_state_dict(dict(zip(net.state_dict().keys(), state)))
-    if curve_path is not None:
+    if curve_path is not None and rank == 0:
         curve.save(curve_path, title=f"two towers ({cfg.objective})")
     model = TwoTowerModel(
         _export(user_net),
