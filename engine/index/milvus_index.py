@@ -83,10 +83,6 @@ class MilvusTarget:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         return cls(uri, db_name)
 
-    @property
-    def local(self) -> bool:
-        return not re.match(r"^[a-z]+://", self.uri)
-
 
 _CLIENTS: dict[MilvusTarget, tuple] = {}
 _CLIENTS_LOCK = threading.Lock()

@@ -605,24 +605,22 @@ def train_cf(
     def to_t(a, dtype):
         return torch.as_tensor(a, dtype=dtype, device=device)
 
+    N = len(fit_rows)
+    # One rank of N (torchrun, engine.models.distributed): this rank's shard of the
+    # fitting rows and a replica of the parameters; the cost's N stays the whole data's.
+    rank, size = distributed.world()
+    mine = distributed.shard(fit_rows)
+    local = len(mine)
     U, I, Y = (
-        to_t(u_all[fit_rows], torch.long),
-        to_t(i_all[fit_rows], torch.long),
-        to_t(target[fit_rows], torch.float32),
+        to_t(u_all[mine], torch.long),
+        to_t(i_all[mine], torch.long),
+        to_t(target[mine], torch.float32),
     )
     Uv, Iv, Yv = (
         to_t(u_all[val_rows], torch.long),
         to_t(i_all[val_rows], torch.long),
         to_t(target[val_rows], torch.float32),
     )
-    N = len(fit_rows)
-    # One rank of N (torchrun, engine.models.distributed): this rank's shard of the
-    # fitting rows, N // size of them on every rank (at most size - 1 rows go unused), and
-    # a replica of the parameters; the cost's N stays the whole data's.
-    rank, size = distributed.world()
-    local = N // size if size > 1 else N
-    if size > 1:
-        U, I, Y = U[rank::size][:local], I[rank::size][:local], Y[rank::size][:local]
     batch_size = max(1, cfg.batch_size // size)  # the ranks' batches together: cfg.batch_size
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)

@@ -48,6 +48,14 @@ def init_from_environment(device: str | None = None) -> tuple[int, int]:
     return world()
 
 
+def shard(rows):
+    """This rank's share of ``rows`` (an array of row numbers): every N-th from the rank's
+    own on, ``len(rows) // N`` of them on every rank, so that all ranks take as many steps
+    (at most N - 1 rows go unused); all of them on one process."""
+    rank, size = world()
+    return rows if size == 1 else rows[rank::size][: len(rows) // size]
+
+
 def average_gradients(parameters) -> None:
     """Average each parameter's gradient over the ranks (in place)."""
     import torch.distributed as dist

@@ -441,13 +441,12 @@ def train_two_tower(
         return torch.nn.functional.cross_entropy(logits, torch.arange(len(i), device=device))
 
     # One rank of N (torchrun, engine.models.distributed): this rank's shard of the
-    # fitting rows, the same number on every rank, in batches of batch_size / N rows, so
-    # that the ranks' batches together are one batch of batch_size and an epoch takes as
-    # many steps as on one process. (A row's in-batch negatives are its rank's batch.)
+    # fitting rows, in batches of batch_size / N rows, so that the ranks' batches together
+    # are one batch of batch_size and an epoch takes as many steps as on one process. (A
+    # row's in-batch negatives are its rank's batch.)
     rank, size = distributed.world()
     batch_size = max(2, cfg.batch_size // size)
-    if size > 1:
-        fit_rows = fit_rows[rank::size][: len(fit_rows) // size]
+    fit_rows = distributed.shard(fit_rows)
     fit_t = torch.as_tensor(fit_rows, device=device)
     val_batches = [
         torch.as_tensor(val_rows[s : s + cfg.batch_size], device=device) for s in range(0, n_val, cfg.batch_size)

@@ -22,9 +22,9 @@ per user (top items of the ANN sources, recent likes) are bypassed for them. A n
 with events is served the same way (without a two-tower vector: they have no features).
 Events on items added live (which have no CF vector) count as seen items only.
 
-**Memory.** Events live in columns of compact arrays: user (int32), item (int32), value
-(float32), kind (int8), time (float64) and the user's previous event (int32): 25 bytes an
-event, so 25 MB per million events (up to twice that while the arrays grow by doubling),
+**Memory.** Events live in columns of compact arrays: item (int32), value (float32), kind
+(int8), time (float64) and the same user's previous event (int32): 21 bytes an event, so
+21 MB per million events (up to twice that while the arrays grow by doubling),
 plus 8 bytes per user with events (and a dictionary entry with the id of each new user) and
 4 bytes per user of the bundle. What a user's events make of them (:class:`LiveUser`) is
 computed at their next request and cached for at most ``CACHED_USERS`` users.
@@ -56,6 +56,7 @@ from engine.data.feedback import (
     parse_log,
 )
 from engine.errors import UnknownIdError, shorten
+from engine.index.bundle import root_of
 from engine.serving.catalogue import read_only
 from engine.serving.features import shrunk_mean
 from engine.serving.retrieval import ann_search
@@ -115,7 +116,7 @@ class LiveFeedback:
         self._lock = threading.Lock()
         context = engine.user_context
         self._users = context.users
-        root = _root_of(engine.bundle.path)
+        root = root_of(engine.bundle.path)
         self.path: Path | None = None if root is None else root / FEEDBACK_LOG
         self._offset = int(engine.bundle.manifest.feedback.get("offset", 0))  # bytes of the log applied
         self._kind_code = {kind: code for code, kind in enumerate(self.config.kinds)}
@@ -126,7 +127,6 @@ class LiveFeedback:
         self._implicit_value = implicit_value(context.implicit, self._seen_values)
         # Events, one row each (grown by doubling).
         self.n_events = 0
-        self._user = np.zeros(0, np.int32)  # the event's live user (below)
         self._item = np.zeros(0, np.int32)
         self._value = np.zeros(0, np.float32)  # NaN: none given
         self._kind = np.zeros(0, np.int8)
@@ -145,7 +145,7 @@ class LiveFeedback:
     def nbytes(self) -> int:
         """Bytes the live state holds: the event and user arrays (their capacity), and the
         new users' ids with their dictionary (the cache of LiveUser states aside)."""
-        arrays: list[np.ndarray] = [self._user, self._item, self._value, self._kind, self._time, self._previous]
+        arrays: list[np.ndarray] = [self._item, self._value, self._kind, self._time, self._previous]
         arrays += [self._last, self._bundle_user, self._live_of_bundle_user]
         ids = sys.getsizeof(self._new_users) + sum(sys.getsizeof(user) for user in self._new_users)
         return sum(a.nbytes for a in arrays) + ids
@@ -289,11 +289,9 @@ class LiveFeedback:
     def _catch_up(self, fd: int, size: int) -> None:
         """Under the log's lock, before this process's lines land: apply the lines other
         processes appended since this one last read (the log's order is every process's)."""
-        assert self.path is not None
-        if size < self._offset:  # the log was replaced or cut behind our back: resume at its end
-            log.warning(json.dumps({"event": "feedback_log_shrank", "file": str(self.path), "read": self._offset}))
-            self._offset = size
+        self._resume_within(size)
         if size > self._offset:
+            assert self.path is not None
             data = os.pread(fd, size - self._offset, self._offset)
             self._apply_logged(parse_log(self.path, data, self._offset))
             self._offset = size
@@ -310,9 +308,7 @@ class LiveFeedback:
                 size = self.path.stat().st_size
             except FileNotFoundError:
                 size = 0
-            if size < self._offset:  # the log was replaced or cut: resume at its end
-                log.warning(json.dumps({"event": "feedback_log_shrank", "file": str(self.path), "read": self._offset}))
-                self._offset = size
+            self._resume_within(size)
             data, end = journal.read_bytes(self.path, self._offset)
             if on_load and size > end:
                 log.warning(
@@ -323,6 +319,13 @@ class LiveFeedback:
             events = parse_log(self.path, data, self._offset)
             self._offset = end
             return self._apply_logged(events)
+
+    def _resume_within(self, size: int) -> None:
+        """A log shorter than what this engine has read was replaced or cut behind its
+        back: say so, and go on from its end."""
+        if size < self._offset:
+            log.warning(json.dumps({"event": "feedback_log_shrank", "file": str(self.path), "read": self._offset}))
+            self._offset = size
 
     def _apply_logged(self, events: FeedbackEvents) -> int:
         """Apply events read from the log: those of items this engine does not serve (yet:
@@ -369,7 +372,7 @@ class LiveFeedback:
             live[j] = at
         self._reserve(start + m)
         rows = slice(start, start + m)
-        self._user[rows], self._item[rows] = live, items
+        self._item[rows] = items
         self._value[rows], self._time[rows] = events.values, events.timestamps
         self._kind[rows] = [self._kind_code[kind] for kind in events.kinds]
         for row, at in enumerate(live.tolist(), start):
@@ -393,7 +396,7 @@ class LiveFeedback:
         if n <= len(self._item):
             return
         size = max(1024, 2 * len(self._item), n)
-        self._user, self._item = _grown(self._user, size, 0), _grown(self._item, size, 0)
+        self._item = _grown(self._item, size, 0)
         self._value, self._kind = _grown(self._value, size, np.nan), _grown(self._kind, size, 0)
         self._time, self._previous = _grown(self._time, size, 0), _grown(self._previous, size, -1)
 
@@ -402,9 +405,3 @@ def _grown(array: np.ndarray, size: int, fill) -> np.ndarray:
     out = np.full(size, fill, array.dtype)
     out[: len(array)] = array
     return out
-
-
-def _root_of(bundle_path: Path) -> Path | None:
-    from engine.index import bundle
-
-    return bundle.root_of(bundle_path)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tandem.engine")
 
-BORROWED_FROM = 10  # bundle items a new item's CF vector is borrowed from (nearest by content)
+BORROWED_FROM = 10  # bundle items a new item borrows its evidence from (nearest by content)
 
 
 class LiveItems:
@@ -186,7 +186,7 @@ class LiveItems:
         engine = self._engine
         known = engine._catalogue.item_vectors[engine.towers.name][: len(engine.cf.items)]
         k = min(k, len(known))
-        temperature = float(getattr(engine.towers.config, "temperature", 0.05))
+        temperature = engine.towers.config.temperature
         near = np.empty((len(tower_vectors), k), np.int64)
         weights = np.empty((len(tower_vectors), k), np.float32)
         for start in range(0, len(tower_vectors), 64):  # bounded memory: 64 x n_items similarities

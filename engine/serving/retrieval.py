@@ -286,8 +286,6 @@ def ann_search(
     :class:`~engine.index.vector_index.VectorIndex` (``-1`` pads): every search of the
     retrieval sources goes through here (``conditions``: the request's attribute filters
     ``allowed`` includes, for backends that search with them natively)."""
-    if conditions is None:
-        return index.search(queries, int(k), allowed)[1]
     return index.search(queries, int(k), allowed, conditions)[1]
 
 
