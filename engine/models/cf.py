@@ -767,6 +767,7 @@ def train_cf(
             val_name: stopper.best if n_val else None,
             "epochs_run": len(curve.records),
             "ratings_per_second": N / float(np.median([r["seconds"] for r in curve.records])),
+            "learning_curve": curve.records,
         },
     )
 
@@ -835,5 +836,6 @@ def _train_als(dataset: Dataset, cfg: CFConfig, curve_path: str | Path | None) -
             "train_cost": curve.records[-1]["train_loss"],
             "fit_seconds": seconds,
             "ratings_per_second": dataset.n_ratings * cfg.als_iterations / max(seconds, 1e-9),
+            "learning_curve": curve.records,
         },
     )

@@ -523,6 +523,7 @@ def train_two_tower(
             "best_epoch": stopper.best_epoch,
             val_name: stopper.best if n_val else None,
             "epochs_run": len(curve.records),
+            "learning_curve": curve.records,
         },
     )
     model._set_tables(dataset.user_features, dataset.item_features)

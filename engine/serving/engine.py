@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import InvalidRequest, shorten
+from engine.errors import InvalidRequest, UnknownIdError, shorten
 from engine.index.bundle import LoadedBundle
 from engine.index.exact import ExactIndex
 from engine.index.vector_index import Conditions
@@ -683,6 +683,21 @@ class Engine:
         """Apply the events other processes (or an earlier run) appended to the bundle
         root's feedback log since this engine last read it; returns how many."""
         return self.feedback.sync()
+
+    def history(self, user_id: object) -> tuple[list, np.ndarray]:
+        """A user's history as served: ``(item_ids, values)``, the bundle's training
+        interactions with their values (ratings; the value of implicit data) merged with
+        the events recorded since (:meth:`record`), in item order. Raises
+        :class:`~engine.errors.UnknownIdError` for a user with neither."""
+        bundle_index = self.users.get(user_id)
+        live = self.feedback.live_index(user_id, bundle_index)
+        if live >= 0:
+            items, values = self.feedback.history(live)
+        elif bundle_index is not None:
+            items, values = self.feedback.bundle_history(bundle_index)
+        else:
+            raise UnknownIdError(f"unknown user {shorten(user_id)}: not in the bundle and no events recorded")
+        return self._catalogue.items.external(items).tolist(), values
 
     def title(self, item_id: object) -> str:
         """A readable title (the id when the bundle has none, or the item is unknown)."""

@@ -186,24 +186,39 @@ class LiveFeedback:
                 self._states.move_to_end(live)
             return state
 
+    def bundle_history(self, bundle_user: int) -> tuple[np.ndarray, np.ndarray]:
+        """A bundle user's training items (indices, sorted) and their values."""
+        context = self._engine.user_context
+        span = slice(context.seen_indptr[bundle_user], context.seen_indptr[bundle_user + 1])
+        return context.seen_indices[span].astype(np.int64), self._seen_values[span].astype(np.float64)
+
+    def history(self, live: int) -> tuple[np.ndarray, np.ndarray]:
+        """Live user ``live``'s whole history: their items (indices, sorted) and each
+        pair's value, the bundle's interactions and their events by one rule
+        (:func:`~engine.data.feedback.pair_values`)."""
+        return self._history(live, _chain(self._previous, int(self._last[live])))
+
+    def _history(self, live: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        bundle_user = int(self._bundle_user[live])
+        if bundle_user >= 0:
+            base_items, base_values = self.bundle_history(bundle_user)
+        else:
+            base_items, base_values = np.zeros(0, np.int64), np.zeros(0, np.float64)
+        return pair_values(
+            base_items,
+            base_values,
+            self._item[rows].astype(np.int64),
+            self._value[rows].astype(np.float64),
+            self.config.default_value,
+            self._implicit_value,
+        )
+
     def _compute(self, live: int) -> LiveUser:
         engine, context = self._engine, self._engine.user_context
         rows = _chain(self._previous, int(self._last[live]))
         items = self._item[rows].astype(np.int64)
         bundle_user = int(self._bundle_user[live])
-        if bundle_user >= 0:
-            span = slice(context.seen_indptr[bundle_user], context.seen_indptr[bundle_user + 1])
-            base_items, base_values = context.seen_indices[span].astype(np.int64), self._seen_values[span]
-        else:
-            base_items, base_values = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        keys, values = pair_values(
-            base_items,
-            base_values.astype(np.float64),
-            items,
-            self._value[rows].astype(np.float64),
-            self.config.default_value,
-            self._implicit_value,
-        )
+        keys, values = self._history(live, rows)
         liked = pair_likes(keys, values, items, self._like_kind[self._kind[rows]], context.implicit)
         # The CF fold-in from every pair with a CF vector (items added live have none).
         cf = engine.cf
