@@ -192,6 +192,11 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS only
     tls_key: str | None = None
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None = off, 0 = any free port
+    # The HTTP/JSON API and the web page (engine/service/http.py) on the same engine;
+    # None = off, 0 = any free port.
+    http_port: int | None = None
+    # The `tandem eval-pipeline` report the web page plots, when the file exists.
+    eval_report: str = "artifacts/eval/pipeline.json"
     watch_interval: float = 1.0  # seconds between checks of `current` and the add journal; 0 = none
     grace: float = 10.0  # seconds in-flight requests get on shutdown
     # Share the port with other processes (SO_REUSEPORT): only the processes of one

@@ -37,3 +37,27 @@ def small_models():
         ds, objective="softmax", hidden_layers=(32,), output_dim=16, epochs=3, batch_size=256, progress=False
     )
     return ds, cf, towers
+
+
+@pytest.fixture(scope="session")
+def titled_models(small_models):
+    """:func:`small_models` with display titles on the items ("Film number 7"), as the
+    web page and the HTTP face show them (a shallow copy: the shared dataset is unchanged)."""
+    import copy
+
+    import numpy as np
+
+    ds, cf, towers = small_models
+    titled = copy.copy(ds)
+    titled.item_titles = np.array([f"Film number {i}" for i in range(ds.n_items)])
+    return titled, cf, towers
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Marks a test whose call failed (``item.failed_call``): the browser tests save a
+    screenshot then."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        item.failed_call = True

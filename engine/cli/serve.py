@@ -15,7 +15,17 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
     from engine.service.server import ServerConfig, TandemServer, configure_logging
 
     cfg = dict(config["server"])
-    for key in ("host", "port", "processes", "workers", "metrics_port", "tls_cert", "tls_key", "token_all"):
+    for key in (
+        "host",
+        "port",
+        "processes",
+        "workers",
+        "metrics_port",
+        "http_port",
+        "tls_cert",
+        "tls_key",
+        "token_all",
+    ):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     processes = int(cfg["processes"])
@@ -29,6 +39,7 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
     cfg["metrics_port"] = (
         None if cfg["metrics_port"] is None or int(cfg["metrics_port"]) < 0 else int(cfg["metrics_port"])
     )
+    cfg["http_port"] = None if cfg["http_port"] is None or int(cfg["http_port"]) < 0 else int(cfg["http_port"])
     cfg["tls_cert"], cfg["tls_key"] = cfg["tls_cert"] or None, cfg["tls_key"] or None
     try:
         server_config = ServerConfig(**cfg)
@@ -40,7 +51,8 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
         Path(args.port_file).write_text(f"{server.port}\n")
     print(
         f"serving {server.holder.engine.version} on {server_config.host}:{server.port}"
-        + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""),
+        + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else "")
+        + (f"; HTTP/JSON and the web page at {server.http.url}" if server.http else ""),
         file=sys.stderr,
         flush=True,
     )
@@ -75,6 +87,11 @@ def _serve_processes(args: argparse.Namespace, cfg: dict, processes: int, root: 
     ]
     command += ["--tls-cert", cfg["tls_cert"], "--tls-key", cfg["tls_key"]] if cfg["tls_cert"] else []
     command += ["--token-all"] if cfg["token_all"] else []
+    http_port = cfg["http_port"]
+    if http_port is not None and int(http_port) >= 0:
+        if int(http_port) == 0:
+            raise ConfigError("--http-port 0 picks a port per process: give a fixed HTTP port with --processes")
+        command += ["--http-port", str(http_port)]  # shared by the group's processes, as the gRPC port
     token = _token(args)
     if token:  # passed on in the environment, not on a command line others can read
         os.environ["TANDEM_TOKEN"] = token
@@ -122,7 +139,7 @@ def register(commands) -> None:
     """Add this group's commands to the ``tandem`` parser."""
     serve = commands.add_parser(
         "serve",
-        help="serve the published bundle over gRPC (hot reload, health, reflection, metrics)",
+        help="serve the published bundle over gRPC, and HTTP/JSON with a web page (--http-port)",
         description="Serve <paths.bundles> over gRPC until SIGTERM/SIGINT. The bearer token comes from "
         "--token-file, --token or the TANDEM_TOKEN environment variable; when set it is required on "
         "the Admin service and on AddItems (and on every rpc with --token-all). An empty token is "
@@ -142,6 +159,12 @@ def register(commands) -> None:
     serve.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (TLS with --tls-key)")
     serve.add_argument("--tls-key", metavar="PEM", help="server private key")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 = off, 0 = any free port)")
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve the HTTP/JSON API and the web page on this port (-1 = off, 0 = any free port; "
+        "default: server.http_port)",
+    )
     serve.add_argument(
         "--processes",
         type=int,

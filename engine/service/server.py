@@ -34,18 +34,22 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from engine.errors import InvalidRequest, ServeError, UnknownIdError
 from engine.service.holder import EngineHolder
+from engine.service.limits import LimitExceeded, check_size
 from engine.service.metrics import Metrics
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
-from engine.service.servicers import AdminServicer, RecommenderServicer, _BadRequest, _tolerant, _Undecodable
+from engine.service.servicers import AdminServicer, RecommenderServicer, _tolerant, _Undecodable
 from engine.serving.engine import EngineConfig
 from engine.settings import ServerConfig
+
+if TYPE_CHECKING:
+    from engine.service.http import HttpServer
 
 log = logging.getLogger("tandem.server")
 
@@ -109,10 +113,8 @@ class _Interceptor(grpc.ServerInterceptor):
                     code = grpc.StatusCode.UNAUTHENTICATED
                     context.abort(code, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
                 if isinstance(request, _Undecodable):
-                    raise _BadRequest(f"the request is not a valid {rpc} message: {str(request.error)[:200]}")
-                size = request.ByteSize()
-                if size > self.config.max_message_bytes:
-                    raise _BadRequest(f"request of {size:,} bytes; at most {self.config.max_message_bytes:,}")
+                    raise LimitExceeded(f"the request is not a valid {rpc} message: {str(request.error)[:200]}")
+                check_size(request.ByteSize(), self.config)
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:
                     code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -159,6 +161,7 @@ class TandemServer:
         self.holder = EngineHolder(root, engine_config, self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http: HttpServer | None = None
         self._stop = threading.Event()
         self._server = None
         self._metrics_http: Any = None
@@ -215,6 +218,15 @@ class TandemServer:
 
             self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
+        if cfg.http_port is not None:
+            from engine.service.http import HttpServer, create_app
+
+            app = create_app(self.holder, cfg, cfg.eval_report or None)
+            try:
+                self.http = HttpServer(app, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key, cfg.reuse_port).start()
+            except Exception:
+                server.stop(0)  # all or nothing: no gRPC server left without its HTTP face
+                raise
         if cfg.watch_interval > 0:
             threading.Thread(target=self._watch, name="tandem-watch-current", daemon=True).start()
         if self.holder.engine_config.feedback.sync_interval > 0:
@@ -228,6 +240,7 @@ class TandemServer:
                     "auth": bool(cfg.token),
                     "version": self.holder.engine.version,
                     "metrics_port": self.metrics_port,
+                    "http_port": None if self.http is None else self.http.port,
                 }
             )
         )
@@ -261,6 +274,8 @@ class TandemServer:
             return
         self._stop.set()
         self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.stop(self.config.grace if grace is None else grace)
         self._server.stop(self.config.grace if grace is None else grace).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -9,6 +9,7 @@ import time
 from engine.errors import InvalidRequest, shorten
 from engine.results import Recommendations
 from engine.service.holder import EngineHolder
+from engine.service.limits import LimitExceeded, check_batch, check_batch_results, check_scored, server_info
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 from engine.settings import ServerConfig
@@ -83,10 +84,6 @@ def _filters(request: pb.RecommendRequest) -> dict | None:
     return filters or None
 
 
-class _BadRequest(InvalidRequest):
-    """A request the server's own limits refuse (INVALID_ARGUMENT)."""
-
-
 class _Undecodable:
     """Stands for request bytes that are not a valid message: the handler answers
     INVALID_ARGUMENT (a deserializer cannot set a status; gRPC would say INTERNAL)."""
@@ -127,16 +124,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return _reply(pb.RecommendResponse(version=engine.version), recs)
 
     def RecommendBatch(self, request, context):
-        if len(request.user_ids) > self.config.max_batch:
-            raise _BadRequest(f"{len(request.user_ids)} users in one batch; at most {self.config.max_batch}")
         engine = self.holder.engine
         users, options = list(request.user_ids), _recommend_options(request.options)
-        if len(users) * options["k"] > self.config.max_batch_results:
-            raise _BadRequest(
-                f"{len(users)} users x k={options['k']} results in one batch; at most "
-                f"{self.config.max_batch_results:,} (server.max_batch_results): send fewer users "
-                "or a smaller k"
-            )
+        check_batch_results(len(users), options["k"], self.config)
         remaining = context.time_remaining()  # a long batch stops once its deadline has passed
         results = engine.recommend_batch(
             users, deadline=None if remaining is None else time.monotonic() + remaining, **options
@@ -146,7 +136,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             _reply(reply.results.add(version=engine.version), r)
         size = reply.ByteSize()
         if size > 4 * self.config.max_message_bytes:  # the send limit set in TandemServer.start
-            raise _BadRequest(
+            raise LimitExceeded(
                 f"the reply would be {size:,} bytes, over the {4 * self.config.max_message_bytes:,} "
                 "byte limit: send fewer users or a smaller k"
             )
@@ -159,8 +149,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def Score(self, request, context):
         engine = self.holder.engine
-        if len(request.item_ids) > engine.config.max_candidates:
-            raise _BadRequest(f"{len(request.item_ids)} items to score; at most {engine.config.max_candidates}")
+        check_scored(len(request.item_ids), engine)
         recs = engine.score(
             user_id=request.user_id or None,
             item_ids=list(request.item_ids),
@@ -170,8 +159,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return _reply(pb.ScoreResponse(version=engine.version), recs)
 
     def AddItems(self, request, context):
-        if len(request.items) > self.config.max_batch:
-            raise _BadRequest(f"{len(request.items)} items in one request; at most {self.config.max_batch}")
+        check_batch(len(request.items), "items", self.config)
         features = []
         for item in request.items:
             f = _features(item.features)
@@ -182,8 +170,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return pb.AddItemsResponse(n_items=n, version=self.holder.engine.version)
 
     def RecordFeedback(self, request, context):
-        if len(request.events) > self.config.max_batch:
-            raise _BadRequest(f"{len(request.events)} events in one request; at most {self.config.max_batch}")
+        check_batch(len(request.events), "events", self.config)
         events = []
         for event in request.events:
             record = {"user_id": event.user_id, "item_id": event.item_id, "kind": event.kind}
@@ -212,43 +199,6 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.ReloadResponse(reloaded=reloaded, version=version, previous_version=previous, message=message)
 
     def GetInfo(self, request, context):
-        engine = self.holder.engine
-        manifest = engine.bundle.manifest
-        tabled = {"cf_ip": engine.sources["cf"].top_items, "towers_ip": engine.sources["towers"].top_items}
-        indexes = [
-            pb.IndexInfo(
-                name=name,
-                factory=r["factory"],
-                metric=r["metric"],
-                n_vectors=r["n_vectors"],
-                dim=r["dim"],
-                search_params={k: int(v) for k, v in (r["search_params"] or {}).items()},
-                recall_at_k=float(r["recall_at_k"] or 0.0),
-                k=int(r["k"]),
-                user_top_k=0 if tabled.get(name) is None else tabled[name].shape[1],
-            )
-            for name, r in manifest.indexes.items()
-        ]
-        ranker = engine.ranker
-        return pb.GetInfoResponse(
-            version=engine.version,
-            created_at=manifest.created_at,
-            n_items=len(engine.items),
-            n_users=len(engine.users),
-            dataset=manifest.dataset.name,
-            data_fingerprint=manifest.dataset.fingerprint,
-            indexes=indexes,
-            sources=sorted(engine.sources),
-            max_k=engine.config.max_k,
-            max_candidates=engine.config.max_candidates,
-            max_batch=self.config.max_batch,
-            loaded_seconds_ago=time.time() - self.holder.loaded_at,
-            reloads=self.holder.reloads,
-            ranking="blend" if ranker is None else "ranker",
-            ranker_trees=0 if ranker is None else ranker.trees.n_trees,
-            ranker_depth=0 if ranker is None else ranker.depth,
-            ranker_features=[] if ranker is None else ranker.feature_names,
-            feedback_events=engine.feedback.n_events,
-            feedback_users=engine.feedback.n_users,
-            feedback_skipped=engine.feedback.skipped,
-        )
+        info = server_info(self.holder, self.config)
+        info["indexes"] = [pb.IndexInfo(**index) for index in info["indexes"]]
+        return pb.GetInfoResponse(**info)
