@@ -8,7 +8,7 @@ DATA   ?= auto
 SIDE_FLAGS = $(if $(ITEM_FEATURES),--item-features $(ITEM_FEATURES)) $(if $(USER_FEATURES),--user-features $(USER_FEATURES))
 DATA_FLAGS = $(if $(filter auto,$(DATA)),,--data $(DATA)) $(SIDE_FLAGS)
 
-.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve proto bench-serve train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine bench-feedback bench-milvus eval-pipeline bench-cf bench-cf-dist bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve web proto bench-serve bench-http train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine bench-feedback bench-milvus eval-pipeline bench-cf bench-cf-dist bench-cf-scale bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -59,11 +59,19 @@ rollback: install  ## point artifacts/bundles/current at the previous bundle ver
 serve: install  ## serve the published bundle over gRPC on server.port (hot reload; TANDEM_TOKEN for auth)
 	$(VENV)/bin/tandem serve
 
+HTTP_PORT ?= 8000
+web: install  ## serve gRPC, and the HTTP/JSON API with the web page at http://127.0.0.1:$(HTTP_PORT)/ (HTTP_PORT=...)
+	@echo "the web page: http://127.0.0.1:$(HTTP_PORT)/  (the API: /v1/..., its OpenAPI document: /openapi.json; Ctrl-C stops)"
+	$(VENV)/bin/tandem serve --http-port $(HTTP_PORT)
+
 proto: install  ## regenerate engine/service/rpc from protos/tandem/v1/tandem.proto (generated at install, not committed)
 	$(PY) protos/generate.py
 
 bench-serve: install  ## B5: Recommend / SimilarItems / Echo QPS and p50/p99 at 1, 4, 16 clients, 100k items, 1 and 2 server processes
 	$(PY) bench/serve.py
+
+bench-http: install  ## B5 for the HTTP/JSON face beside gRPC: Recommend p50/p99 and QPS at 1, 4, 16 clients, 100k items, one process
+	$(PY) bench/serve_http.py
 
 train-cf: install  ## train the CF model on the configured data and split (artifacts/models/cf)
 	$(VENV)/bin/tandem train-cf $(DATA_FLAGS)

@@ -26,9 +26,11 @@ configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,24 +45,56 @@ CONCURRENCY = (1, 4, 16)
 RPCS = ("Echo", "Recommend", "SimilarItems")
 
 
-def client_worker(
-    target: str, rpc: str, threads: int, users, items, seed: int, ready, window, out, echo_bytes: int = 16
-) -> None:
-    """One load-generator process: ``threads`` clients, each with its own channel, calling
-    ``rpc`` back to back through the window the parent sets; sends its latencies and the
-    CPU seconds it used inside the window to ``out``.
-
-    Every process imports, connects and warms up first, then says so on ``ready`` and
-    waits for ``window`` (start and end, wall-clock), which the parent sends once all are
-    ready: no process measures while another is still starting, so the server sees
-    exactly the stated number of clients for the whole window."""
-    import threading
-
+@contextlib.contextmanager
+def grpc_calls(target: str, rpc: str, rng, users, items, echo_bytes: int):
+    """One client's channel, as a function making one ``rpc`` call."""
     import grpc
 
     from engine.service.rpc import tandem_pb2 as pb
     from engine.service.rpc import tandem_pb2_grpc as pb_grpc
 
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.RecommenderStub(channel)
+        calls = {
+            "Echo": lambda: stub.Echo(pb.EchoRequest(payload=b"x" * echo_bytes), timeout=10),
+            "Recommend": lambda: stub.Recommend(
+                pb.RecommendRequest(user_id=users[rng.integers(len(users))], k=10, n_candidates=500), timeout=10
+            ),
+            "SimilarItems": lambda: stub.SimilarItems(
+                pb.SimilarItemsRequest(item_id=items[rng.integers(len(items))], k=10), timeout=10
+            ),
+        }
+        yield calls[rpc]
+
+
+def client_worker(
+    target: str,
+    rpc: str,
+    threads: int,
+    users,
+    items,
+    seed: int,
+    ready,
+    window,
+    out,
+    echo_bytes: int = 16,
+    opener: str = "grpc_calls",
+) -> None:
+    """One load-generator process: ``threads`` clients, each with its own connection
+    (``opener``: the name of a context manager of this module's caller that yields a
+    call, :func:`grpc_calls` by default), calling ``rpc`` back to back through the window
+    the parent sets; sends its latencies and the CPU seconds it used inside the window
+    to ``out``.
+
+    Every process imports, connects and warms up first, then says so on ``ready`` and
+    waits for ``window`` (start and end, wall-clock), which the parent sends once all are
+    ready: no process measures while another is still starting, so the server sees
+    exactly the stated number of clients for the whole window."""
+    import importlib
+    import threading
+
+    module, _, name = opener.rpartition(".")
+    open_calls = getattr(importlib.import_module(module) if module else sys.modules[__name__], name)
     latencies: list[float] = []
     lock = threading.Lock()
     warmed = threading.Barrier(threads + 1)
@@ -68,18 +102,7 @@ def client_worker(
 
     def run(t: int) -> None:
         rng = np.random.default_rng(seed * 100 + t)
-        with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.RecommenderStub(channel)
-            calls = {
-                "Echo": lambda: stub.Echo(pb.EchoRequest(payload=b"x" * echo_bytes), timeout=10),
-                "Recommend": lambda: stub.Recommend(
-                    pb.RecommendRequest(user_id=users[rng.integers(len(users))], k=10, n_candidates=500), timeout=10
-                ),
-                "SimilarItems": lambda: stub.SimilarItems(
-                    pb.SimilarItemsRequest(item_id=items[rng.integers(len(items))], k=10), timeout=10
-                ),
-            }
-            call = calls[rpc]
+        with open_calls(target, rpc, rng, users, items, echo_bytes) as call:
             for _ in range(20):  # warm the channel
                 call()
             warmed.wait()
@@ -147,17 +170,21 @@ def measure(
     items,
     echo_bytes: int = 16,
     server_pids: list[int] | None = None,
+    opener: str = "grpc_calls",
 ) -> dict:
     """One cell: ``clients`` concurrent clients over a common window of ``seconds``; QPS,
     p50/p99 latency, and CPU milliseconds per request of the clients and of the server
-    (``server_pids``; ``nan`` without /proc)."""
+    (``server_pids``; ``nan`` without /proc). ``opener``: see :func:`client_worker`."""
     processes = min(clients, 4)  # the load generator itself must not be the bottleneck
     per = [clients // processes + (1 if p < clients % processes else 0) for p in range(processes)]
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
     windows = [ctx.Queue() for _ in per]
     procs = [
-        ctx.Process(target=client_worker, args=(target, rpc, n, users, items, p, ready, windows[p], out, echo_bytes))
+        ctx.Process(
+            target=client_worker,
+            args=(target, rpc, n, users, items, p, ready, windows[p], out, echo_bytes, opener),
+        )
         for p, n in enumerate(per)
     ]
     for p in procs:

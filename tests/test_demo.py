@@ -28,6 +28,8 @@ def test_demo_and_example_on_implicit_data_without_user_features(tmp_path, capsy
     assert demo(["--bundle", str(root)]) == 0
     out = capsys.readouterr().out
     assert "Recommendations for a new user who rated the three most popular items" in out
+    assert "the same request as JSON over HTTP" in out and "the same 10 items" in out  # both faces agree
+    assert "make web" in out and "http://127.0.0.1:8000/" in out  # how to open the page
     assert main(["recommend", "--bundle", str(root), "--example", "--k", "3"]) == 0
     assert "Recommended for a new user who rated" in capsys.readouterr().out
 

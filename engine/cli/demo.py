@@ -1,5 +1,6 @@
 """The end-to-end demo's last step (``make demo``): serve the published bundle with a
-real ``tandem serve`` process, query it as a client would, print the answers, stop it.
+real ``tandem serve`` process (gRPC, and HTTP/JSON with the web page), query it as a
+client would, print the answers, stop it, and say how to open the page (``make web``).
 
 Usage: python -m engine.demo [--bundle ROOT]
 """
@@ -7,11 +8,14 @@ Usage: python -m engine.demo [--bundle ROOT]
 from __future__ import annotations
 
 import argparse
+import json
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +86,23 @@ def example_filter(root: str | Path) -> tuple[str, dict] | None:
     return None
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _http_recommend(http_port: int, user_id: str, k: int) -> dict:
+    """``POST /v1/recommend`` on the server's HTTP face, as any HTTP client would."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/v1/recommend",
+        data=json.dumps({"user_id": user_id, "k": k}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="bundle root (default: paths.bundles)")
@@ -94,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         port_file = Path(tmp) / "port"
         started = time.perf_counter()
         try:
-            server, port = spawn_server(root, port_file, stderr=subprocess.PIPE)  # the demo runs without auth
+            http_port = _free_port()
+            # The demo runs without auth.
+            server, port = spawn_server(root, port_file, "--http-port", str(http_port), stderr=subprocess.PIPE)
         except ServeError as e:
             print(e, file=sys.stderr)
             return 1
@@ -113,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"  index {index['name']}: {index['factory']} {index['search_params']} "
                         f"recall@{index['k']} {index['recall_at_k']:.3f}"
                     )
-                _print(
-                    f"Recommendations for user {known_user} (the most active user; seen items excluded):",
-                    client.recommend(known_user, k=10),
+                recs = client.recommend(known_user, k=10)
+                _print(f"Recommendations for user {known_user} (the most active user; seen items excluded):", recs)
+                over_http = [item["item_id"] for item in _http_recommend(http_port, known_user, 10)["items"]]
+                print(
+                    f"  the same request as JSON over HTTP (POST http://127.0.0.1:{http_port}/v1/recommend): "
+                    + ("the same 10 items" if over_http == recs.item_ids.tolist() else f"different items {over_http}")
                 )
                 _print(
                     f"Recommendations for {new_user}:",
@@ -136,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                 server.send_signal(signal.SIGTERM)
             code = server.wait(timeout=30)
         print(f"\nserver stopped (exit code {code}) after SIGTERM")
+    print(
+        "\nTo look inside (a user's history and recommendations, more like this, a new user, the bundle, "
+        "learning curves, item embeddings):\n  make web    then open http://127.0.0.1:8000/ in a browser"
+    )
     return 0
 
 
