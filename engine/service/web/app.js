@@ -66,20 +66,28 @@ function badges(names) {
   return span;
 }
 
-function fillRecommendations(table, reply) {
+// The reply's items as rows of class ``className`` (rank, title, score), in place of the
+// table's rows; returns [row, item] pairs for more cells.
+function rankedRows(table, reply, className) {
   const body = table.tBodies[0];
   body.replaceChildren();
-  reply.items.forEach((item, n) => {
+  return reply.items.map((item, n) => {
     const row = body.insertRow();
-    row.className = "rec";
+    row.className = className;
     cell(row, String(n + 1), "num");
     cell(row, itemLink(item.item_id, item.title));
     cell(row, item.score.toFixed(4), "num");
+    return [row, item];
+  });
+}
+
+function fillRecommendations(table, reply) {
+  for (const [row, item] of rankedRows(table, reply, "rec")) {
     cell(row, badges(item.sources));
     const parts = (item.explanation || []).slice(0, 3)
       .map((part) => `${part.feature} ${part.contribution >= 0 ? "+" : ""}${part.contribution.toFixed(2)}`);
     cell(row, parts.join(", "), "muted");
-  });
+  }
 }
 
 function servedLine(reply) {
@@ -114,15 +122,7 @@ async function showUser(userId) {
 async function showSimilar(itemId, title) {
   const reply = await api(`/v1/similar?item_id=${encodeURIComponent(itemId)}&k=10`);
   $("similar-of").textContent = `items nearest ${title || itemId} (${reply.items[0] ? reply.items[0].sources[0] : ""})`;
-  const body = $("similar-results").tBodies[0];
-  body.replaceChildren();
-  reply.items.forEach((item, n) => {
-    const row = body.insertRow();
-    row.className = "similar";
-    cell(row, String(n + 1), "num");
-    cell(row, itemLink(item.item_id, item.title));
-    cell(row, item.score.toFixed(4), "num");
-  });
+  rankedRows($("similar-results"), reply, "similar");
   $("similar-panel").scrollIntoView({ behavior: "smooth", block: "nearest" });
 }
 
