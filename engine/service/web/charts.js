@@ -43,6 +43,7 @@ function axes(svg, box, xLo, xHi, yLo, yHi, xLabel) {
   svgElement("line", { x1: box.left, y1: box.top, x2: box.left, y2: box.bottom, stroke: "#999" }, svg);
   svgText(svg, box.left - 4, box.top + 4, format(yHi), { "text-anchor": "end" });
   svgText(svg, box.left - 4, box.bottom, format(yLo), { "text-anchor": "end" });
+  if (xLo === null) return;  // a bar chart: its bars are labelled instead
   svgText(svg, box.left, box.bottom + 14, format(xLo), { "text-anchor": "middle" });
   svgText(svg, box.right, box.bottom + 14, format(xHi), { "text-anchor": "middle" });
   if (xLabel) svgText(svg, (box.left + box.right) / 2, box.bottom + 16, xLabel, { "text-anchor": "middle" });
@@ -76,7 +77,7 @@ function barChart(title, bars, width = 360, height = 200) {
   const box = { left: 52, right: width - 10, top: 24, bottom: height - 44 };
   const max = Math.max(...bars.map((b) => b.value), 1e-9);
   const sy = scale(0, max, box.bottom, box.top);
-  axes(svg, box, 0, 0, 0, max, "");
+  axes(svg, box, null, null, 0, max, "");
   const step = (box.right - box.left) / Math.max(bars.length, 1);
   bars.forEach((b, n) => {
     const x = box.left + n * step + step * 0.15, y = sy(b.value);
