@@ -40,8 +40,13 @@ typecheck: install  ## mypy over engine/ and index_builder/ (configured in pypro
 describe: install  ## describe the dataset (DATA=path|synthetic, default: ML-100K if present)
 	$(VENV)/bin/tandem data describe $(if $(filter auto,$(DATA)),,$(DATA)) $(SIDE_FLAGS)
 
-train: install  ## retrain CF (topn preset), the towers (retrieval preset) and the learned ranker on the configured data, for serving
+DIST ?= 1
+train: install  ## retrain CF (topn preset), the towers (retrieval preset) and the learned ranker on the configured data, for serving (DIST=N: on N torchrun processes)
+ifeq ($(DIST),1)
 	$(VENV)/bin/tandem train --no-progress $(DATA_FLAGS)
+else
+	$(VENV)/bin/torchrun --nproc_per_node $(DIST) -m engine train --distributed --no-progress $(DATA_FLAGS)
+endif
 
 index: install  ## rebuild the indexes from the latest trained models (no retraining) and publish a bundle
 	$(VENV)/bin/tandem build-index $(DATA_FLAGS)

@@ -71,12 +71,17 @@ def ranker_examples(
     config: dict,
     ranker_config: RankerConfig,
     log=print,
-) -> RankerExamples:
+) -> RankerExamples | None:
     """The examples of a ranker for the models ``config`` trains (see the module), from
-    every holdout of :func:`holdout_splits`."""
-    parts = [
+    every holdout of :func:`holdout_splits`. As a rank other than 0 of a distributed run
+    (:func:`index_builder.train.train_models`): its share of the models' training, then
+    ``None``."""
+    found = [
         _examples_of(fit, holdout, config, ranker_config, log) for fit, holdout in holdout_splits(train, ranker_config)
     ]
+    parts = [part for part in found if part is not None]
+    if not parts:
+        return None
     first = parts[0]
     return RankerExamples(
         np.concatenate([p.features for p in parts]),
@@ -88,6 +93,7 @@ def ranker_examples(
 
 
 def _examples_of(fit: data.Dataset, holdout: data.Dataset, config: dict, ranker_config: RankerConfig, log):
+    from engine.models import distributed
     from engine.serving.engine import Engine
     from index_builder.train import publish, train_embedding_models
 
@@ -98,6 +104,8 @@ def _examples_of(fit: data.Dataset, holdout: data.Dataset, config: dict, ranker_
     with tempfile.TemporaryDirectory(prefix="tandem-ranker-") as root:
         quiet = lambda line: None  # noqa: E731
         cf, towers = train_embedding_models(fit, config, log=quiet)
+        if distributed.world()[0] != 0 or cf is None:  # a rank of a distributed run: its share is done
+            return None
         publish(fit, cf, towers, root, {**config, "index": {**config["index"], "keep": 1}}, log=quiet)
         engine = Engine.load(root, EngineConfig(**{**config["engine"], "ranking": "blend"}))
         relevant = relevant_matrix(holdout, "auto")

@@ -16,7 +16,9 @@ from typing import Any
 
 from engine.data import Dataset
 from engine.data.feedback import FEEDBACK_LOG, with_root_feedback
+from engine.errors import TandemError
 from engine.index.milvus_index import MilvusTarget
+from engine.models import distributed
 from engine.models.artifacts import record_trained_on
 from engine.models.cf import PRESETS as CF_PRESETS
 from engine.models.cf import CFConfig, CFModel, train_cf
@@ -72,6 +74,8 @@ def train_and_publish(
         config = load_config()
     train = with_recorded_feedback(train, root, config, log=log)
     cf, towers, ranker = train_models(train, config, progress, models_dir, log, examples)
+    if cf is None:
+        raise TandemError("train_and_publish runs on one process (train_models alone runs as a rank of N)")
     if models_dir is not None:
         save_feedback_cutoff(models_dir, root, train)
     return publish(train, cf, towers, root, config, ranker, log)
@@ -124,12 +128,18 @@ def train_models(
     models_dir: str | Path | None = None,
     log=print,
     examples: RankerExamples | None = None,
-) -> tuple[CFModel, TwoTowerModel, Ranker | None]:
+) -> tuple[CFModel | None, TwoTowerModel, Ranker | None]:
     """What ``make train`` runs (``tandem train``): with ``ranker.enabled`` (the default)
     the learned ranker first, on held-out interactions (:mod:`index_builder.ranker`; from
     ``examples`` when given), then CF and the towers on all of ``train``. With
     ``models_dir`` each is saved there (``<models_dir>/cf``, ``/towers``, ``/ranker``), where
-    ``make index`` rebuilds from."""
+    ``make index`` rebuilds from.
+
+    As one rank of N (``torchrun ... -m engine train --distributed``,
+    :mod:`engine.models.distributed`), every rank trains the towers (and CF with the
+    Adam solver) data-parallel, in the same order; rank 0 alone does the rest (ALS, the
+    ranker's examples and trees) and saves. The other ranks return ``None`` for what they
+    did not make."""
     ranker = train_ranker(train, config, models_dir, log, examples) if config["ranker"]["enabled"] else None
     cf, towers = train_embedding_models(train, config, progress, models_dir, log)
     return cf, towers, ranker
@@ -141,12 +151,14 @@ def train_ranker(
     models_dir: str | Path | None = None,
     log=print,
     examples: RankerExamples | None = None,
-) -> Ranker:
+) -> Ranker | None:
     """The learned ranker of the models ``config`` trains (:mod:`index_builder.ranker`),
     fitted on ``examples`` when given; saved to ``<models_dir>/ranker`` with ``models_dir``."""
     ranker_config = RankerConfig.from_dict(config["ranker"])
     if examples is None:
         examples = ranker_examples(train, config, ranker_config, log=log)
+    if examples is None:  # a rank other than 0: it trained its share of the models
+        return None
     ranker = fit_ranker(examples, ranker_config, log=log)
     if models_dir is not None:
         ranker.save(Path(models_dir) / "ranker")
@@ -155,15 +167,21 @@ def train_ranker(
 
 def train_embedding_models(
     train: Dataset, config: dict[str, Any], progress: bool = False, models_dir: str | Path | None = None, log=print
-) -> tuple[CFModel, TwoTowerModel]:
-    """CF and the towers with their serving settings (:func:`retrieval_configs`)."""
+) -> tuple[CFModel | None, TwoTowerModel]:
+    """CF and the towers with their serving settings (:func:`retrieval_configs`). As one
+    rank of N (see :func:`train_models`): the towers, and CF with the Adam solver, are
+    trained by every rank together; ALS (closed form, not data-parallel) by rank 0 alone,
+    which alone saves; the other ranks get ``None`` for CF then."""
     cf_config, tower_config = retrieval_configs(config, progress)
+    rank, size = distributed.world()
     log(f"training CF ({cf_config.loss}, {cf_config.solver}) and towers ({tower_config.objective}) on {train.name} ...")
-    cf = train_cf(train, cf_config)
+    cf = train_cf(train, cf_config) if rank == 0 or cf_config.solver == "adam" else None
     towers = train_two_tower(train, tower_config)
     for model, name in ((cf, "cf"), (towers, "towers")):
+        if model is None:
+            continue
         record_trained_on(model, train)
-        if models_dir is not None:
+        if models_dir is not None and rank == 0:
             model.save(Path(models_dir) / name)
     return cf, towers
 

@@ -88,3 +88,25 @@ def test_the_ranks_parameters_stay_equal(tmp_path):
     mp.spawn(_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     for name in ("W", "X"):
         np.testing.assert_array_equal(np.load(tmp_path / f"{name}0.npy"), np.load(tmp_path / f"{name}1.npy"))
+
+
+def test_make_train_dist_trains_every_serving_model_on_two_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 -m engine train --distributed` (make train DIST=2):
+    the ranker's models and the serving models' towers are trained by both ranks, rank 0
+    alone fits ALS and the ranker and writes; `build-index` then publishes a bundle that
+    serves."""
+    from engine.serving.engine import Engine
+
+    paths = ["--set", f"paths.models={tmp_path / 'models'}", "--set", f"paths.bundles={tmp_path / 'bundles'}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command += [str(free_port()), "-m", "engine", *SETTINGS, *paths, "train", "--data", "synthetic"]
+    done = subprocess.run([*command, "--distributed", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"saved"') == 1 and "rank 0 of 2" in done.stderr  # one writer
+    saved = json.loads(done.stdout[done.stdout.index("{") :])
+    assert saved["models"] == ["cf", "ranker", "towers"]
+    index = [sys.executable, "-m", "engine", *SETTINGS, *paths, "build-index", "--data", "synthetic"]
+    built = subprocess.run(index, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    engine = Engine.load(tmp_path / "bundles")
+    assert engine.ranker is not None and len(engine.recommend("u1", k=10)) == 10

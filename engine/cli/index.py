@@ -46,10 +46,20 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
 def cmd_train(args: argparse.Namespace, config: dict) -> int:
     from index_builder.train import save_feedback_cutoff, train_models, with_recorded_feedback
 
+    rank = 0
+    if args.distributed:  # one rank of `torchrun --nproc_per_node N -m engine train --distributed`
+        from engine.models.distributed import init_from_environment
+
+        rank, size = init_from_environment(config["towers"].get("device"))
+        if rank == 0:
+            print(f"rank 0 of {size}: training on {size} processes", file=sys.stderr)
     root = Path(config["paths"]["bundles"])  # the events recorded live there so far are trained on
     dataset = with_recorded_feedback(load_dataset(config, args.data), root, config, log=log_to_stderr)
     models = Path(args.models or config["paths"]["models"])
-    _, _, ranker = train_models(dataset, config, not args.no_progress, models, log=log_to_stderr)
+    log = log_to_stderr if rank == 0 else lambda line: None
+    _, _, ranker = train_models(dataset, config, not args.no_progress and rank == 0, models, log=log)
+    if rank != 0:  # rank 0 alone writes
+        return 0
     save_feedback_cutoff(models, root, dataset)
     saved = ["cf", "towers"] + (["ranker"] if ranker is not None else [])
     print(json.dumps({"saved": str(models), "models": sorted(saved)}, indent=2))
@@ -62,6 +72,7 @@ def cmd_train_ranker(args: argparse.Namespace, config: dict) -> int:
     models = Path(args.models or config["paths"]["models"])
     dataset = with_models_feedback(load_dataset(config, args.data), models, config, log=log_to_stderr)
     ranker = train_ranker(dataset, config, models, log=log_to_stderr)
+    assert ranker is not None  # one process: train_ranker returns None only to ranks other than 0
     top = list(ranker.importance().items())[:5]
     summary = {"saved": str(models / "ranker"), **ranker.to_summary(), "top_features_by_gain": dict(top)}
     print(json.dumps(summary, indent=2))
@@ -141,11 +152,17 @@ def register(commands) -> None:
         help="train every model for serving on all of the data (what make train runs): CF, towers, ranker",
         description="index_builder.train.train_models: the learned ranker ([ranker], on held-out interactions), "
         "then CF with the topn preset over [cf] and the towers with the retrieval preset over [towers], on all "
-        "of the configured data, saved to <paths.models> for build-index (make index). One process: tandem "
-        "train-cf / train-towers / train-ranker do each step alone.",
+        "of the configured data, saved to <paths.models> for build-index (make index). tandem train-cf / "
+        "train-towers / train-ranker do each step alone.",
     )
     _add_data_and_models_flags(train, "where to save the models")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    train.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one rank of `torchrun --nproc_per_node N -m engine train --distributed` (make train DIST=N): the "
+        "towers, and CF with the Adam solver, data-parallel on N processes; rank 0 does the rest and saves",
+    )
     train.set_defaults(handler=cmd_train)
 
     train_ranker = commands.add_parser(
