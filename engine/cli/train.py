@@ -281,7 +281,7 @@ def register(commands) -> None:
         "--preset",
         choices=["rating", "retrieval"],
         help="named settings over the [towers] section (flags still win): rating = the defaults, retrieval = "
-        "in-batch softmax, 4 one-cycle epochs, with [retrieval.towers] over it (what make train uses for serving)",
+        "in-batch softmax, 3 one-cycle epochs, with [retrieval.towers] over it (what make train uses for serving)",
     )
     train_towers.add_argument("--layers", help="hidden layer sizes, e.g. 256,128")
     train_towers.add_argument("--output-dim", type=int, help="embedding size")
