@@ -182,7 +182,10 @@ PRESETS: dict[str, dict] = {
     "topn": {
         "loss": "wmse",
         "solver": "als",
-        "als_iterations": 15,
+        # The cost has converged by then: on ML-100K it is within 0.03% of its value
+        # after 15 iterations (0.90332 vs 0.90306), and the pipeline's Recall/NDCG@10 is
+        # the same within 0.5% on ML-100K u1-u5 and a 10k-item synthetic set.
+        "als_iterations": 10,
         "n_features": 32,
         "lambda_": 40.0,
         "confidence": "log",
