@@ -1,7 +1,8 @@
-"""Data-parallel CF training with torch.distributed: `torchrun --nproc_per_node 2 -m
-engine train-cf --distributed` trains on two processes (gloo) through the same code path
-as one process, keeps the ranks' parameters equal, lets rank 0 alone write, and reaches
-the single-process model's test RMSE within a stated tolerance."""
+"""Data-parallel training with torch.distributed (DistributedDataParallel, gloo):
+`torchrun --nproc_per_node 2 -m engine train-cf --distributed` (train-towers, train)
+trains on two processes through the same code path as one process, keeps the ranks'
+parameters equal and a rerun's the same, lets rank 0 alone write, and reaches the
+single-process model's test RMSE (towers: Recall@10) within a stated tolerance."""
 
 from __future__ import annotations
 
@@ -82,12 +83,19 @@ def _rank(rank: int, size: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_the_ranks_parameters_stay_equal(tmp_path):
+def test_the_ranks_parameters_stay_equal_and_a_rerun_gives_the_same_model(tmp_path):
+    """DistributedDataParallel keeps the replicas equal bit for bit, and the same seed
+    gives the same model on the same number of processes."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for run in ("first", "second"):
+        out = tmp_path / run
+        out.mkdir()
+        mp.spawn(_rank, args=(2, str(out / "store"), str(out)), nprocs=2, join=True)
     for name in ("W", "X"):
-        np.testing.assert_array_equal(np.load(tmp_path / f"{name}0.npy"), np.load(tmp_path / f"{name}1.npy"))
+        first = np.load(tmp_path / "first" / f"{name}0.npy")
+        np.testing.assert_array_equal(first, np.load(tmp_path / "first" / f"{name}1.npy"))
+        np.testing.assert_array_equal(first, np.load(tmp_path / "second" / f"{name}0.npy"))
 
 
 def test_make_train_dist_trains_every_serving_model_on_two_processes(tmp_path):

@@ -718,6 +718,8 @@ def train_cf(
                 torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / len(Uv)
             )
 
+    # One rank of N: the replicas start from rank 0's parameters and stay equal.
+    model = distributed.data_parallel(distributed.loss_module(params, batch_data_loss))
     val_name = {"mse": "val_rmse", "bce": "val_logloss", "wmse": "val_loss"}[cfg.loss]
     curve = LearningCurve()
     stopper = EarlyStopping(patience=cfg.patience)
@@ -731,11 +733,10 @@ def train_cf(
         running, seen = 0.0, 0
         for s in range(steps):
             idx = order[s * batch_size : (s + 1) * batch_size]
-            loss = batch_data_loss(U[idx], I[idx], Y[idx])
+            loss = model(U[idx], I[idx], Y[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # (on N ranks: the data term's gradients averaged over them)
             add_l2_gradient(params, cfg.lambda_, N)
-            distributed.average_gradients(params.values())  # (one rank: nothing to do)
             optimizer.step()
             running += float(loss.detach()) * len(idx)
             seen += len(idx)

@@ -2,21 +2,22 @@
 need to run as one rank of N.
 
 Each rank keeps its shard of the interactions (every N-th of the fitting rows, the same
-number on every rank) and a full replica of the parameters, which start equal (one seed)
-and stay equal: after each step's backward pass the ranks average their gradients with
-one ``all_reduce`` per parameter, so every rank's Adam takes the same step. The embedding
-tables are replicated with dense gradients — the simplest consistent scheme; its cost per
-step is the size of the tables, which is what sharding the tables by row (TorchRec) would
-cut. Validation runs on every rank over the same held-out rows, so early stopping decides
-alike everywhere. Only rank 0 shows progress and writes files.
+number on every rank) and a full replica of the parameters in PyTorch's
+``DistributedDataParallel`` (:func:`data_parallel`): it broadcasts rank 0's parameters
+at the start, and averages the gradients over the ranks during each backward pass, so
+every rank's Adam takes the same step and the replicas stay equal. The embedding tables
+are replicated with dense gradients — the simplest consistent scheme; its cost per step
+is the size of the tables, which is what sharding the tables by row (TorchRec) would
+cut. Validation runs on every rank over the same held-out rows, so early stopping
+decides alike everywhere. Only rank 0 shows progress and writes files.
 
 The ranks' batches together make one batch of the configured size, so an epoch takes as
 many steps as on one process; the towers' in-batch softmax then draws a row's negatives
 from its own rank's batch (batch size / N rows).
 
 Started by ``torchrun --nproc_per_node N -m engine train-cf --distributed`` (or
-``train-towers``): the process group comes from torchrun's environment (gloo on CPU, NCCL
-on CUDA).
+``train-towers``, or ``train``: ``make train DIST=N``): the process group comes from
+torchrun's environment (gloo on CPU, NCCL on CUDA).
 """
 
 from __future__ import annotations
@@ -56,17 +57,33 @@ def shard(rows):
     return rows if size == 1 else rows[rank::size][: len(rows) // size]
 
 
-def average_gradients(parameters) -> None:
-    """Average each parameter's gradient over the ranks (in place)."""
-    import torch.distributed as dist
-
+def data_parallel(module):
+    """``module`` in ``DistributedDataParallel`` when this process is one rank of N (its
+    forward goes through the wrapper; its gradients are averaged over the ranks during
+    backward); ``module`` itself on one process."""
     _, size = world()
     if size == 1:
-        return
-    for p in parameters:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(size)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module)
+
+
+def loss_module(parameters: dict, loss):
+    """A ``torch.nn.Module`` holding ``parameters`` (name -> Parameter) whose forward is
+    ``loss(*args)``: how a trainer whose parameters are plain tables (CF) goes through
+    :func:`data_parallel`."""
+    import torch
+
+    class Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tables = torch.nn.ParameterDict(parameters)
+
+        def forward(self, *args):
+            return loss(*args)
+
+    return Loss()
 
 
 def total(value: float) -> float:

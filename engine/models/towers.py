@@ -423,6 +423,9 @@ def train_two_tower(
     optimizer = torch.optim.Adam(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     n_item_history = len(item_p.history_names)
+    # One rank of N: the replicas start from rank 0's weights; training's backward passes
+    # average their gradients over the ranks (validation uses the towers directly).
+    user_model, item_model = distributed.data_parallel(user_net), distributed.data_parallel(item_net)
 
     def loss_on(rows, training: bool = False):
         u, i = U[rows], I[rows]
@@ -436,8 +439,8 @@ def train_two_tower(
         item_keys, item_row = torch.unique(i * 2 + drop, return_inverse=True)
         item_x = xi[item_keys // 2]
         item_x[item_keys % 2 == 1, -n_item_history:] = 0.0
-        vu = _forward(user_net, xu[users])[user_row]
-        vi = _forward(item_net, item_x)[item_row]
+        vu = _forward(user_model if training else user_net, xu[users])[user_row]
+        vi = _forward(item_model if training else item_net, item_x)[item_row]
         if cfg.objective == "mse":
             return torch.nn.functional.mse_loss((vu * vi).sum(1), Y[rows])
         logits = vu @ vi.T / cfg.temperature
@@ -487,7 +490,6 @@ def train_two_tower(
             loss = loss_on(rows, training=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            distributed.average_gradients(parameters)  # (one rank: nothing to do)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
