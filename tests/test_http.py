@@ -360,3 +360,31 @@ def test_hostile_json_bodies_are_client_errors_never_a_500(http, route, body):
     assert reply.status_code in (200, 400, 404), (reply.status_code, reply.text)
     if reply.status_code != 200:
         assert reply.json()["error"]["message"]
+
+
+def test_a_group_of_processes_shares_the_http_port(world, tmp_path):
+    """`tandem serve --processes 2 --http-port P`: both processes serve HTTP on P (SO_REUSEPORT, as
+    the gRPC port), and a group refuses --http-port 0 (a port per process) with a clear error."""
+    port = free_port()
+    command = [sys.executable, "-m", "engine.cli", "--set", "engine.segment_key=occupation", "serve", "--bundle"]
+    command += [str(world[1]), "--port", "0", "--processes", "2"]
+    refused = subprocess.run([*command, "--http-port", "0"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "give a fixed HTTP port" in refused.stderr
+    process = subprocess.Popen(
+        [*command, "--http-port", str(port), "--port-file", str(tmp_path / "port")], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "port").exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.1)
+        versions = set()
+        for _ in range(20):  # new connections: the kernel spreads them over the processes
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+                reply = c.post("/v1/recommend", json={"user_id": "u1", "k": 3})
+                assert reply.status_code == 200 and len(reply.json()["items"]) == 3
+                versions.add(reply.json()["version"])
+        assert len(versions) == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
