@@ -65,7 +65,7 @@ serve: install  ## serve the published bundle over gRPC on server.port (hot relo
 	$(VENV)/bin/tandem serve
 
 HTTP_PORT ?= 8000
-web: install  ## serve gRPC, and the HTTP/JSON API with the web page at http://127.0.0.1:$(HTTP_PORT)/ (HTTP_PORT=...)
+web: install  ## serve gRPC, and the HTTP/JSON API with the web page at http://127.0.0.1:8000/ (HTTP_PORT=... for another port)
 	@echo "the web page: http://127.0.0.1:$(HTTP_PORT)/  (the API: /v1/..., its OpenAPI document: /openapi.json; Ctrl-C stops)"
 	$(VENV)/bin/tandem serve --http-port $(HTTP_PORT)
 
