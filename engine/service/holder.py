@@ -72,6 +72,15 @@ class EngineHolder:
             log.info(json.dumps({"event": "reloaded", "version": fresh.version, "previous": previous}))
             return True, fresh.version, previous, ""
 
+    def reload_and_catch_up(self) -> tuple[bool, str, str, str]:
+        """What an admin's reload does (gRPC ``Reload``, ``POST /v1/reload``): :meth:`reload`,
+        then serve what the other processes of the root wrote (items added, events
+        recorded), whatever the version; returns :meth:`reload`'s answer."""
+        answer = self.reload()
+        self.sync_added_items()
+        self.sync_feedback()
+        return answer
+
     def changed(self) -> bool:
         """Whether ``current`` points somewhere else than the last load looked at."""
         return self._target() != self._served_target

@@ -44,14 +44,12 @@ from engine.errors import InvalidRequest, ServeError, UnknownIdError
 from engine.results import Recommendations
 from engine.service import inspect
 from engine.service.holder import EngineHolder
-from engine.service.limits import check_batch, check_batch_results, check_scored, server_info
+from engine.service.limits import capped, check_batch, check_batch_results, check_scored, server_info
 from engine.settings import ServerConfig
 
 log = logging.getLogger("tandem.server")
 
 WEB = Path(__file__).resolve().parent / "web"
-# A message never echoes more than this many characters back (as gRPC's status).
-MAX_MESSAGE = 1000
 
 # ------------------------------------------------------------ request bodies
 FeatureValue = float | str | list[float] | list[str]
@@ -178,9 +176,9 @@ def _ratings(ratings: dict[str, float]) -> Mapping[object, float] | None:
 
 
 def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    if len(message) > MAX_MESSAGE:
-        message = message[:MAX_MESSAGE] + "..."
-    return JSONResponse({"error": {"status": status, "code": code, "message": message}}, status, headers=headers)
+    return JSONResponse(
+        {"error": {"status": status, "code": code, "message": capped(message)}}, status, headers=headers
+    )
 
 
 def _validation_message(error: RequestValidationError) -> str:
@@ -315,7 +313,7 @@ def create_app(holder: EngineHolder, config: ServerConfig, eval_report: str | Pa
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
-        code = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT"}.get(error.status_code, "INVALID_ARGUMENT")
+        code = "NOT_FOUND" if error.status_code == 404 else "INVALID_ARGUMENT"
         return _error(error.status_code, code, str(error.detail))
 
     @app.exception_handler(Exception)
@@ -397,9 +395,7 @@ def create_app(holder: EngineHolder, config: ServerConfig, eval_report: str | Pa
     @app.post("/v1/reload", dependencies=[Depends(admin)], tags=["admin"])
     def reload() -> dict:
         """Load the version ``current`` points at (Reload; token)."""
-        reloaded, version, previous, message = holder.reload()
-        holder.sync_added_items()
-        holder.sync_feedback()
+        reloaded, version, previous, message = holder.reload_and_catch_up()
         return {"reloaded": reloaded, "version": version, "previous_version": previous, "message": message}
 
     @app.get("/healthz", tags=["admin"])

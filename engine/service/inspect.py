@@ -67,9 +67,7 @@ def search_items(engine: Engine, query: str, limit: int = 20) -> list[dict]:
     titles = ids if engine.titles is None else np.asarray(engine.titles).astype(str)
     text = np.char.lower(titles)
     hits = np.flatnonzero((np.char.find(text, query) >= 0) | (np.char.lower(ids) == query))
-    popularity = np.asarray(engine.popularity)
-    counts = np.where(hits < len(popularity), popularity[np.minimum(hits, len(popularity) - 1)], 0)
-    hits = hits[np.argsort(-counts, kind="stable")][:limit]
+    hits = hits[np.argsort(-engine.popularity[hits], kind="stable")][:limit]
     return [{"item_id": str(ids[i]), "title": str(titles[i]) or str(ids[i])} for i in hits.tolist()]
 
 

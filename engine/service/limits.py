@@ -12,6 +12,15 @@ from engine.service.holder import EngineHolder
 from engine.serving.engine import Engine
 from engine.settings import ServerConfig
 
+# An error message is cut to this many characters (gRPC carries it in the metadata; the
+# HTTP face answers it in the JSON body): a message never echoes a huge value back.
+MAX_MESSAGE = 1000
+
+
+def capped(message: str) -> str:
+    """``message`` cut to :data:`MAX_MESSAGE` characters."""
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "..."
+
 
 class LimitExceeded(InvalidRequest):
     """A request the server's own limits refuse (gRPC INVALID_ARGUMENT, HTTP 400)."""

@@ -40,7 +40,7 @@ import grpc
 
 from engine.errors import InvalidRequest, ServeError, UnknownIdError
 from engine.service.holder import EngineHolder
-from engine.service.limits import LimitExceeded, check_size
+from engine.service.limits import capped, check_size
 from engine.service.metrics import Metrics
 from engine.service.rpc import tandem_pb2 as pb
 from engine.service.rpc import tandem_pb2_grpc as pb_grpc
@@ -61,8 +61,6 @@ ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 # Recommender rpcs that write (what every user sees, what a user did): they need the
 # token like Admin's.
 ADMIN_WRITES = (f"/{RECOMMENDER}/AddItems", f"/{RECOMMENDER}/RecordFeedback")
-# A status message is cut to this many characters (gRPC carries it in the metadata).
-MAX_STATUS_MESSAGE = 1000
 
 
 # ------------------------------------------------------------ interceptor
@@ -78,7 +76,7 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
     else:
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
-    return code, message if len(message) <= MAX_STATUS_MESSAGE else message[:MAX_STATUS_MESSAGE] + "..."
+    return code, capped(message)
 
 
 class _Interceptor(grpc.ServerInterceptor):
@@ -113,7 +111,7 @@ class _Interceptor(grpc.ServerInterceptor):
                     code = grpc.StatusCode.UNAUTHENTICATED
                     context.abort(code, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
                 if isinstance(request, _Undecodable):
-                    raise LimitExceeded(f"the request is not a valid {rpc} message: {str(request.error)[:200]}")
+                    raise InvalidRequest(f"the request is not a valid {rpc} message: {str(request.error)[:200]}")
                 check_size(request.ByteSize(), self.config)
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:

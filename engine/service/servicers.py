@@ -193,9 +193,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         self.holder, self.config = holder, config
 
     def Reload(self, request, context):
-        reloaded, version, previous, message = self.holder.reload()
-        self.holder.sync_added_items()  # the items other processes added, whatever the version
-        self.holder.sync_feedback()  # and the events they recorded
+        reloaded, version, previous, message = self.holder.reload_and_catch_up()
         return pb.ReloadResponse(reloaded=reloaded, version=version, previous_version=previous, message=message)
 
     def GetInfo(self, request, context):
