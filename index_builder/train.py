@@ -72,10 +72,11 @@ def train_and_publish(
         from engine.config import load_config
 
         config = load_config()
+    if distributed.world()[1] > 1:
+        raise TandemError("train_and_publish runs on one process (train_models alone runs as a rank of N)")
     train = with_recorded_feedback(train, root, config, log=log)
     cf, towers, ranker = train_models(train, config, progress, models_dir, log, examples)
-    if cf is None:
-        raise TandemError("train_and_publish runs on one process (train_models alone runs as a rank of N)")
+    assert cf is not None  # one process: rank 0, which trains every model
     if models_dir is not None:
         save_feedback_cutoff(models_dir, root, train)
     return publish(train, cf, towers, root, config, ranker, log)

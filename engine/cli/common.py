@@ -23,6 +23,17 @@ def add_data_file_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def join_ranks(device: str | None) -> int:
+    """``--distributed``: join the process group torchrun started this process in
+    (:mod:`engine.models.distributed`); returns this process's rank, which rank 0 says."""
+    from engine.models.distributed import init_from_environment
+
+    rank, size = init_from_environment(device)
+    if rank == 0:
+        print(f"rank 0 of {size}: training on {size} processes", file=sys.stderr)
+    return rank
+
+
 def log_to_stderr(line: str) -> None:
     """Progress lines of the library's long jobs go to stderr; stdout carries results."""
     print(line, file=sys.stderr)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.cli.common import add_data_file_flags, log_to_stderr
+from engine.cli.common import add_data_file_flags, join_ranks, log_to_stderr
 from engine.config import load_dataset
 from engine.errors import ConfigError
 
@@ -46,13 +46,8 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
 def cmd_train(args: argparse.Namespace, config: dict) -> int:
     from index_builder.train import save_feedback_cutoff, train_models, with_recorded_feedback
 
-    rank = 0
-    if args.distributed:  # one rank of `torchrun --nproc_per_node N -m engine train --distributed`
-        from engine.models.distributed import init_from_environment
-
-        rank, size = init_from_environment(config["towers"].get("device"))
-        if rank == 0:
-            print(f"rank 0 of {size}: training on {size} processes", file=sys.stderr)
+    # One rank of `torchrun --nproc_per_node N -m engine train --distributed`, or one process.
+    rank = join_ranks(config["towers"].get("device")) if args.distributed else 0
     root = Path(config["paths"]["bundles"])  # the events recorded live there so far are trained on
     dataset = with_recorded_feedback(load_dataset(config, args.data), root, config, log=log_to_stderr)
     models = Path(args.models or config["paths"]["models"])

@@ -32,14 +32,11 @@ def cmd_serve(args: argparse.Namespace, config: dict) -> int:
     if processes < 1:
         raise ConfigError(f"server.processes must be at least 1, got {processes}")
     root = Path(args.bundle or config["paths"]["bundles"])
+    cfg["metrics_port"], cfg["http_port"] = _optional_port(cfg["metrics_port"]), _optional_port(cfg["http_port"])
     if processes > 1:
         return _serve_processes(args, cfg, processes, root)
     cfg["token"] = _token(args)
     cfg["reuse_port"] = bool(args.reuse_port)
-    cfg["metrics_port"] = (
-        None if cfg["metrics_port"] is None or int(cfg["metrics_port"]) < 0 else int(cfg["metrics_port"])
-    )
-    cfg["http_port"] = None if cfg["http_port"] is None or int(cfg["http_port"]) < 0 else int(cfg["http_port"])
     cfg["tls_cert"], cfg["tls_key"] = cfg["tls_cert"] or None, cfg["tls_key"] or None
     try:
         server_config = ServerConfig(**cfg)
@@ -87,17 +84,15 @@ def _serve_processes(args: argparse.Namespace, cfg: dict, processes: int, root: 
     ]
     command += ["--tls-cert", cfg["tls_cert"], "--tls-key", cfg["tls_key"]] if cfg["tls_cert"] else []
     command += ["--token-all"] if cfg["token_all"] else []
-    http_port = cfg["http_port"]
-    if http_port is not None and int(http_port) >= 0:
-        if int(http_port) == 0:
-            raise ConfigError("--http-port 0 picks a port per process: give a fixed HTTP port with --processes")
-        command += ["--http-port", str(http_port)]  # shared by the group's processes, as the gRPC port
+    if cfg["http_port"] == 0:
+        raise ConfigError("--http-port 0 picks a port per process: give a fixed HTTP port with --processes")
+    if cfg["http_port"] is not None:
+        command += ["--http-port", str(cfg["http_port"])]  # shared by the group's processes, as the gRPC port
     token = _token(args)
     if token:  # passed on in the environment, not on a command line others can read
         os.environ["TANDEM_TOKEN"] = token
     command += ["--reuse-port"]  # the group's processes, and only they, share the port
     metrics_port = cfg["metrics_port"]
-    metrics_port = None if metrics_port is None or int(metrics_port) < 0 else int(metrics_port)
     # Each process has server.grace seconds for its in-flight requests, and its own
     # watchdog a little beyond; the supervisor kills only what outlives both.
     return serve_processes(
@@ -109,6 +104,12 @@ def _serve_processes(args: argparse.Namespace, cfg: dict, processes: int, root: 
         args.port_file,
         stop_timeout=float(cfg["grace"]) + 2 * SHUTDOWN_MARGIN,
     )
+
+
+def _optional_port(value) -> int | None:
+    """A port setting: ``None`` (or a negative number, as ``-1`` in tandem.toml) is off, ``0``
+    any free port."""
+    return None if value is None or int(value) < 0 else int(value)
 
 
 def _token(args: argparse.Namespace) -> str | None:

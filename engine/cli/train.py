@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.cli.common import add_data_flags
+from engine.cli.common import add_data_flags, join_ranks
 from engine.config import load_dataset, load_split
 from engine.errors import ConfigError
 from engine.models.artifacts import record_trained_on
@@ -110,14 +110,10 @@ def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
 def _rank_zero(args: argparse.Namespace, config: dict, fit, model_config) -> bool:
     """``--distributed``: join torchrun's process group. Rank 0 goes on to evaluate, save
     and print (True); every other rank trains its share here and is done (False)."""
-    from engine.models.distributed import init_from_environment
-
-    rank, size = init_from_environment(model_config.device)
-    if rank != 0:
+    if join_ranks(model_config.device) != 0:
         train, _ = _train_and_test(args, config)
         fit(train, model_config)
         return False
-    print(f"rank 0 of {size}: training on {size} processes", file=sys.stderr)
     return True
 
 
