@@ -19,30 +19,20 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from _results import save_result
+from cf_scale import add_b6_flags
 
 
 def worker(args) -> None:
-    from engine.data import make_synthetic
-    from engine.models.cf import train_cf
+    from cf_scale import b6_data, b6_epoch
+
     from engine.models.distributed import init_from_environment
 
     rank, size = init_from_environment()
-    ds = make_synthetic(n_users=args.n_users, n_items=args.n_items, n_ratings=args.n_ratings, seed=0)
-    start = time.perf_counter()
-    model = train_cf(
-        ds,
-        epochs=1,
-        batch_size=args.batch_size,
-        n_features=args.n_features,
-        validation_fraction=0.0,
-        learning_rate=0.01,
-        progress=False,
-    )
-    call_s = time.perf_counter() - start
+    ds = b6_data(args)
+    model, call_s = b6_epoch(ds, args)
     report = {
         "rank": rank,
         "processes": size,
@@ -61,11 +51,7 @@ def free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-users", type=int, default=140_000)
-    parser.add_argument("--n-items", type=int, default=27_000)
-    parser.add_argument("--n-ratings", type=int, default=20_000_000)
-    parser.add_argument("--batch-size", type=int, default=262_144)
-    parser.add_argument("--n-features", type=int, default=32)
+    add_b6_flags(parser)
     parser.add_argument("--processes", default="1,2")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -21,20 +21,23 @@ from engine.data import make_synthetic
 from engine.models.cf import train_cf
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_b6_flags(parser: argparse.ArgumentParser) -> None:
+    """B6's data and batch: ML-20M-sized synthetic ratings, one large-batch epoch (also
+    bench/cf_dist.py's)."""
     parser.add_argument("--n-users", type=int, default=140_000)
     parser.add_argument("--n-items", type=int, default=27_000)
     parser.add_argument("--n-ratings", type=int, default=20_000_000)
     parser.add_argument("--batch-size", type=int, default=262_144)
     parser.add_argument("--n-features", type=int, default=32)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
 
-    start = time.perf_counter()
-    ds = make_synthetic(n_users=args.n_users, n_items=args.n_items, n_ratings=args.n_ratings, seed=0)
-    gen_s = time.perf_counter() - start
-    rss_after_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+def b6_data(args: argparse.Namespace):
+    return make_synthetic(n_users=args.n_users, n_items=args.n_items, n_ratings=args.n_ratings, seed=0)
+
+
+def b6_epoch(ds, args: argparse.Namespace, device: str = "cpu", progress: bool = False):
+    """One epoch of minibatch Adam on ``ds`` with B6's settings: ``(model, seconds of the
+    whole train_cf call)``."""
     start = time.perf_counter()
     model = train_cf(
         ds,
@@ -43,10 +46,23 @@ def main() -> None:
         n_features=args.n_features,
         validation_fraction=0.0,
         learning_rate=0.01,
-        device=args.device,
-        progress=True,
+        device=device,
+        progress=progress,
     )
-    train_s = time.perf_counter() - start
+    return model, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_b6_flags(parser)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    ds = b6_data(args)
+    gen_s = time.perf_counter() - start
+    rss_after_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    model, train_s = b6_epoch(ds, args, args.device, progress=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     result = {
         "n_ratings": ds.n_ratings,
