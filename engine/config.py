@@ -227,8 +227,9 @@ def resolve_data_source(source: str) -> str:
     return "synthetic"
 
 
-def load_dataset(config: dict[str, dict[str, Any]], source: str | None = None):
-    """Load the dataset the configuration (or an explicit ``source``) names."""
+def load_dataset(config: dict[str, dict[str, Any]], source: str | None = None, shard: tuple[int, int] = (0, 1)):
+    """Load the dataset the configuration (or an explicit ``source``) names: of a
+    sharded directory only the parts of rank ``shard[0]`` of ``shard[1]``."""
     from engine import data
 
     src = resolve_data_source(source or config["data"]["source"])
@@ -238,7 +239,9 @@ def load_dataset(config: dict[str, dict[str, Any]], source: str | None = None):
         except (TypeError, ValueError) as e:  # an unknown key or a value out of range in [data.synthetic]
             raise ConfigError(f"[data.synthetic]: {e}") from None
     else:
-        dataset = data.load(src, columns=config["data"]["columns"] or None, delimiter=config["data"]["delimiter"])
+        dataset = data.load(
+            src, columns=config["data"]["columns"] or None, delimiter=config["data"]["delimiter"], shard=shard
+        )
     return with_configured_side_tables(config, dataset)
 
 

@@ -7,6 +7,7 @@ import json
 
 from engine.cli.common import add_data_file_flags
 from engine.config import load_dataset, resolve_data_source
+from engine.errors import ConfigError
 
 
 def _format_describe(stats: dict) -> str:
@@ -47,6 +48,23 @@ def cmd_data_describe(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def cmd_data_shard(args: argparse.Namespace, config: dict) -> int:
+    from engine.data.shards import write_shards
+
+    if args.parts < 1:
+        raise ConfigError(f"--parts must be at least 1, got {args.parts}")
+    source = args.path or config["data"]["source"]
+    dataset = load_dataset(config, source)
+    manifest = json.loads(write_shards(dataset, args.out, args.parts).read_text())
+    sizes = manifest["part_ratings"]
+    print(
+        f"wrote {dataset.n_ratings:,} ratings of {dataset.n_users:,} users in {args.parts} parts to {args.out} "
+        f"({min(sizes):,} to {max(sizes):,} ratings a part); train on N processes, N dividing {args.parts}: "
+        f"torchrun --nproc_per_node N -m engine train-cf --distributed --data {args.out} --split none"
+    )
+    return 0
+
+
 def register(commands) -> None:
     """Add this group's commands to the ``tandem`` parser."""
     data = commands.add_parser("data", help="inspect datasets")
@@ -63,3 +81,15 @@ def register(commands) -> None:
     add_data_file_flags(describe)
     describe.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     describe.set_defaults(handler=cmd_data_describe)
+    shard = data_commands.add_parser(
+        "shard",
+        help="write a dataset as user-partitioned parts, for training on N processes",
+        description="Write PATH's interactions as PARTS Parquet files, user u in part u %% PARTS, with the id maps "
+        "and feature tables (engine/data/shards.py). Each rank of `torchrun --nproc_per_node N -m engine train-cf "
+        "--distributed --data OUT` (N dividing PARTS) then reads only its own parts.",
+    )
+    shard.add_argument("path", nargs="?", help="dataset path or 'synthetic' (default: data.source)")
+    shard.add_argument("--parts", type=int, required=True, help="how many parts (a multiple of the processes)")
+    shard.add_argument("--out", required=True, metavar="DIR", help="directory to write (must not hold shards)")
+    add_data_file_flags(shard)
+    shard.set_defaults(handler=cmd_data_shard)

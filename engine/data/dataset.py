@@ -176,6 +176,10 @@ class Dataset:
         # Bytes of the bundle root's feedback log merged into these interactions
         # (engine.data.feedback.with_feedback): the bundle built from them replays the rest.
         self.feedback_offset = 0
+        # Some parts of a sharded directory (engine.data.shards.read_shards): the whole
+        # data's name, fingerprint and size, which a model trained on every rank's parts
+        # was trained on. None for a whole dataset.
+        self.shard_of: dict | None = None
         self._validate()
         if drop_duplicates:
             self._drop_duplicate_pairs()

@@ -55,7 +55,8 @@ def read_model_dir(path: str | Path, name: str, kind: str, format_version: int) 
 def record_trained_on(model, dataset) -> None:
     """Note in a model's metrics the data it was trained on (name, fingerprint, size), so
     that evaluating it on that same data is caught (``tandem eval-cf`` / ``eval-towers``)."""
-    model.metrics["trained_on"] = {
+    # One rank's parts of a sharded directory: the model was trained on the whole of it.
+    model.metrics["trained_on"] = dataset.shard_of or {
         "data": dataset.name,
         "fingerprint": dataset.fingerprint(),
         "n_ratings": dataset.n_ratings,
