@@ -128,6 +128,7 @@ def tune(
         trial_config = merged(config, sections, origin=f"tune trial {trial.number}")
         started = time.perf_counter()
         cf = train_cf(train, retrieval_configs(trial_config)[0])
+        assert cf is not None  # (None only on a rank other than 0 of a distributed run)
         cf_ndcg = topn_metrics(lambda u, kk: cf.recommend_indices(u, kk), valid, k)[f"ndcg@{k}"]
         trial.report(cf_ndcg, step=0)
         record: dict[str, Any] = {"trial": trial.number, "settings": sections, f"cf_ndcg@{k}": cf_ndcg}

@@ -1,12 +1,15 @@
 """Data-parallel training with torch.distributed (DistributedDataParallel, gloo):
 `torchrun --nproc_per_node 2 -m engine train-cf --distributed` (train-towers, train)
-trains on two processes through the same code path as one process, keeps the ranks'
-parameters equal and a rerun's the same, lets rank 0 alone write, and reaches the
-single-process model's test RMSE (towers: Recall@10) within a stated tolerance."""
+trains on two processes through the same code path as one process, each rank reading
+only its parts of a sharded directory and holding only its users' rows, keeps the
+replicated parameters equal and a rerun's model the same, lets rank 0 alone write, and
+reaches the single-process model's test RMSE (towers: Recall@10) within a stated
+tolerance."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -67,7 +70,7 @@ def test_two_processes_train_the_towers_like_one(tmp_path):
 
 
 def _rank(rank: int, size: int, store: str, out: str) -> None:
-    """One rank: join the group, train, write this rank's parameters."""
+    """One rank: join the group, train; rank 0 writes the model's tables."""
     import torch.distributed as dist
 
     from engine import data
@@ -77,25 +80,85 @@ def _rank(rank: int, size: int, store: str, out: str) -> None:
     try:
         ds = data.make_synthetic(n_users=200, n_items=120, n_ratings=8000, seed=1)
         model = train_cf(ds, n_features=8, epochs=4, batch_size=256, learning_rate=0.01, progress=False)
-        np.save(f"{out}/W{rank}.npy", model.W)
-        np.save(f"{out}/X{rank}.npy", model.X)
+        assert (model is None) == (rank != 0)  # rank 0 gathers the user rows and returns the model
+        if model is not None:
+            for name in ("W", "X", "user_bias", "seen_indices"):
+                np.save(f"{out}/{name}.npy", getattr(model, name))
     finally:
         dist.destroy_process_group()
 
 
-def test_the_ranks_parameters_stay_equal_and_a_rerun_gives_the_same_model(tmp_path):
-    """DistributedDataParallel keeps the replicas equal bit for bit, and the same seed
-    gives the same model on the same number of processes."""
+def test_a_rerun_on_two_processes_gives_the_same_model(tmp_path):
+    """The same seed gives the same model on the same number of processes (the ranks'
+    replicas of the item table are checked equal at the end of training), and rank 0's
+    model has every user's row and seen list."""
     import torch.multiprocessing as mp
+
+    from engine import data
 
     for run in ("first", "second"):
         out = tmp_path / run
         out.mkdir()
         mp.spawn(_rank, args=(2, str(out / "store"), str(out)), nprocs=2, join=True)
-    for name in ("W", "X"):
-        first = np.load(tmp_path / "first" / f"{name}0.npy")
-        np.testing.assert_array_equal(first, np.load(tmp_path / "first" / f"{name}1.npy"))
-        np.testing.assert_array_equal(first, np.load(tmp_path / "second" / f"{name}0.npy"))
+    for name in ("W", "X", "user_bias", "seen_indices"):
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "first" / f"{name}.npy"), np.load(tmp_path / "second" / f"{name}.npy")
+        )
+    ds = data.make_synthetic(n_users=200, n_items=120, n_ratings=8000, seed=1)
+    W = np.load(tmp_path / "first" / "W.npy")
+    assert W.shape == (ds.n_users, 8)
+    rated = np.bincount(ds.user_idx, minlength=ds.n_users) > 0
+    assert (np.abs(W[rated]).sum(1) > 0).all()  # both ranks' users trained, gathered in place
+    np.testing.assert_array_equal(np.load(tmp_path / "first" / "seen_indices.npy"), ds.user_items().indices)
+
+
+def _diverged(rank: int, size: int, store: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from engine.models.distributed import check_replicas
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    try:
+        check_replicas({"X": torch.ones(3)})  # equal: passes
+        with pytest.raises(RuntimeError, match="replicas of X differ"):
+            check_replicas({"X": torch.tensor([1.0, 2.0, float(rank)])})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_replicas_that_went_out_of_step_are_caught(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_diverged, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+
+
+def test_each_rank_reads_only_its_parts_of_a_sharded_directory(tmp_path):
+    """`tandem data shard` then `torchrun ... train-cf --distributed --data DIR`: every
+    rank reads its parts only (together, every rating once), and the model trained on
+    two processes predicts the held-out ratings within TOLERANCE of one process's."""
+    from engine import data
+    from engine.evaluation.offline import rating_metrics
+    from engine.models.cf import CFModel, train_cf
+
+    split = data.random_split(data.make_synthetic(n_users=300, n_items=200, n_ratings=20000, seed=0), 0.2, seed=0)
+    data.write_shards(split.train, tmp_path / "shards", parts=4)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command += [str(free_port()), "-m", "engine", "train-cf", "--distributed", "--data", str(tmp_path / "shards")]
+    command += ["--split", "none", *FLAGS[2:], "--out", str(tmp_path / "two"), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    read = [int(n.replace(",", "")) for n in re.findall(r"rank \d of 2: read ([\d,]+) of the", done.stderr)]
+    assert len(read) == 2 and sum(read) == split.train.n_ratings and min(read) < split.train.n_ratings, read
+    two = CFModel.load(tmp_path / "two")
+    assert two.metrics["trained_on"]["n_ratings"] == split.train.n_ratings  # the whole, not rank 0's parts
+    one = train_cf(split.train, n_features=16, epochs=12, learning_rate=0.01, batch_size=512, progress=False)
+    rmse = {
+        n: rating_metrics(m.predict_indices, split.test, clip=m.rating_range)["rmse"]
+        for n, m in (("one", one), ("two", two))
+    }
+    print(f"\ntest RMSE from shards: 1 process {rmse['one']:.4f}, 2 processes {rmse['two']:.4f}")
+    assert abs(rmse["two"] - rmse["one"]) < TOLERANCE, rmse
 
 
 def test_make_train_dist_trains_every_serving_model_on_two_processes(tmp_path):

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from engine.cli.common import add_data_flags, join_ranks
-from engine.config import load_dataset, load_split
+from engine.config import load_dataset, load_split, resolve_data_source
+from engine.data.shards import is_sharded
 from engine.errors import ConfigError
 from engine.models.artifacts import record_trained_on
 
@@ -41,8 +42,24 @@ def _model_config(config_class, section: str, config: dict, args: argparse.Names
         raise ConfigError(f"[{section}]: {e}") from None
 
 
-def _train_and_test(args: argparse.Namespace, config: dict):
-    """The (train, test-or-None) pair the data/split flags and configuration name."""
+def _train_and_test(args: argparse.Namespace, config: dict, shard: tuple[int, int] = (0, 1)):
+    """The (train, test-or-None) pair the data/split flags and configuration name. A
+    rank ``shard[0]`` of ``shard[1]`` reads only its parts of a sharded directory
+    (``tandem data shard``), and trains on all of them."""
+    source = resolve_data_source(args.data or config["data"]["source"])
+    if shard[1] > 1 and is_sharded(source):
+        spec = args.split or config["data"]["split"]
+        if spec not in ("auto", "none"):
+            raise ConfigError(
+                f"split {spec!r}: each rank reads only its parts of the sharded directory {source} and trains on "
+                "all of them; shard a training part instead (tandem data shard of the data you train on), with "
+                "--split none"
+            )
+        dataset = load_dataset(config, source, shard)
+        whole = dataset.shard_of or {"n_ratings": dataset.n_ratings}
+        print(f"rank {shard[0]} of {shard[1]}: read {dataset.n_ratings:,} of the {whole['n_ratings']:,} ratings "
+              f"in {source} (its parts)", file=sys.stderr)  # fmt: skip
+        return dataset, None
     split = load_split(config, args.data, args.split)
     if split is None:
         return load_dataset(config, args.data), None
@@ -94,7 +111,9 @@ def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
     cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS, preset)
     if args.distributed and cf_config.solver != "adam":
         raise ConfigError(f"--distributed trains the Adam solver; this configuration uses {cf_config.solver!r}")
-    if args.distributed and not _rank_zero(args, config, train_cf, cf_config):
+    # On N ranks CF reads only its users' parts of a sharded directory.
+    shard = _rank_zero(args, config, train_cf, cf_config, own_parts=True) if args.distributed else (0, 1)
+    if shard is None:
         return 0
     return _fit_report_save(
         args,
@@ -104,23 +123,40 @@ def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
         train_cf,
         cf_config,
         lambda model, train, test: _cf_report(model, test, args.k, _min_rating(args)),
+        shard,
     )
 
 
-def _rank_zero(args: argparse.Namespace, config: dict, fit, model_config) -> bool:
+def _rank_zero(args: argparse.Namespace, config: dict, fit, model_config, own_parts: bool) -> tuple[int, int] | None:
     """``--distributed``: join torchrun's process group. Rank 0 goes on to evaluate, save
-    and print (True); every other rank trains its share here and is done (False)."""
-    if join_ranks(model_config.device) != 0:
-        train, _ = _train_and_test(args, config)
+    and print: it gets the ``(rank, size)`` to read its data with (every part of a
+    sharded directory unless ``own_parts``). Every other rank trains its share here and
+    is done: None."""
+    from engine.models.distributed import world
+
+    join_ranks(model_config.device)
+    rank, size = world()
+    shard = (rank, size) if own_parts else (0, 1)
+    if rank != 0:
+        train, _ = _train_and_test(args, config, shard)
         fit(train, model_config)
-        return False
-    return True
+        return None
+    return shard
 
 
-def _fit_report_save(args: argparse.Namespace, config: dict, subdir: str, label: str, fit, model_config, report) -> int:
+def _fit_report_save(
+    args: argparse.Namespace,
+    config: dict,
+    subdir: str,
+    label: str,
+    fit,
+    model_config,
+    report,
+    shard: tuple[int, int] = (0, 1),
+) -> int:
     """Train on the split's train part, evaluate on its test part (if any), save the model
     (default <paths.models>/<subdir>) with its learning curve, and print the metrics."""
-    train, test = _train_and_test(args, config)
+    train, test = _train_and_test(args, config, shard)
     out = Path(args.out or Path(config["paths"]["models"]) / subdir)
     print(
         f"training {label} on {train.name}: {train.n_users:,} users, {train.n_items:,} items, "
@@ -183,7 +219,9 @@ def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
     if args.layers is not None:
         extra["hidden_layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
     tower_config = _model_config(TowerConfig, "towers", config, args, TOWER_FLAGS, extra)
-    if args.distributed and not _rank_zero(args, config, train_two_tower, tower_config):
+    # The towers' feature pipelines are fitted on the whole data's statistics: every rank
+    # reads every part of a sharded directory.
+    if args.distributed and _rank_zero(args, config, train_two_tower, tower_config, own_parts=False) is None:
         return 0
     return _fit_report_save(
         args,

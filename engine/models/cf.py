@@ -509,6 +509,26 @@ def sparse_cost(params: dict, u, i, y, lambda_: float):
     return 0.5 * (pred - y).pow(2).sum() + lambda_ / 2 * reg
 
 
+def _rank_generator(shared, seed: int, rank: int, size: int):
+    """The torch generator of a rank's own draws (its users' starting rows, batch orders,
+    negatives): on one process the ``shared`` one, which drew the item table first; on
+    N, one per rank, seeded by ``seed`` and the rank."""
+    import torch
+
+    if size == 1:
+        return shared
+    return torch.Generator(device="cpu").manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
+def _value_range(values: np.ndarray) -> tuple[float, float]:
+    """``(min, max)`` of the values on every rank."""
+    lo = float(values.min()) if len(values) else math.inf
+    hi = float(values.max()) if len(values) else -math.inf
+    return float(distributed.total_array(np.array([lo]), "min")[0]), float(
+        distributed.total_array(np.array([hi]), "max")[0]
+    )
+
+
 @functools.cache
 def _row_gather():
     """``rows(table, index)``: ``table[index]`` for autograd, whose backward accumulates
@@ -558,11 +578,22 @@ def wmse_data_term(params: dict, u, i, n_ratings: int, positive_weight, unobserv
     ``1/n_ratings`` of the all-pairs term ``w0/2 sum_kl (W^T W)_kl (X^T X)_kl``. A batch
     of all ``n_ratings`` pairs gives exactly ``(J - L2) / n_ratings``. The all-pairs term
     costs ``O((n_users + n_items) f^2)`` per step, so this loss suits large batches."""
+    observed = wmse_observed_sum(params, u, i, positive_weight, unobserved_weight)
+    return observed / len(u) + wmse_all_pairs(params, unobserved_weight) / n_ratings
+
+
+def wmse_observed_sum(params: dict, u, i, positive_weight, unobserved_weight: float):
+    """The observed pairs' part of ``wmse``'s data term: ``sum 1/2 (c (1 - p)^2 - w0 p^2)``."""
     pred = _torch_predict(params, u, i)
-    observed = 0.5 * (positive_weight * (1 - pred).pow(2) - unobserved_weight * pred.pow(2)).sum()
+    return 0.5 * (positive_weight * (1 - pred).pow(2) - unobserved_weight * pred.pow(2)).sum()
+
+
+def wmse_all_pairs(params: dict, unobserved_weight: float):
+    """``w0/2 sum_kl (W^T W)_kl (X^T X)_kl``: ``w0/2`` times the sum of every (user, item)
+    prediction squared. Linear in ``W^T W``: a rank holding some users' rows computes
+    their share of it."""
     W, X = params["W"], params["X"]
-    all_pairs = unobserved_weight / 2 * ((W.T @ W) * (X.T @ X)).sum()
-    return observed / len(u) + all_pairs / n_ratings
+    return unobserved_weight / 2 * ((W.T @ W) * (X.T @ X)).sum()
 
 
 def add_l2_gradient(params: dict, lambda_: float, n_ratings: int) -> None:
@@ -576,17 +607,24 @@ def add_l2_gradient(params: dict, lambda_: float, n_ratings: int) -> None:
 
 
 def l2_term(params: dict, lambda_: float, n_ratings: int) -> float:
-    """A minibatch's share of the cost's L2 terms: ``lambda / (2 n_ratings) (|W|^2 + |X|^2)``."""
+    """A minibatch's share of the cost's L2 terms: ``lambda / (2 n_ratings) (|W|^2 + |X|^2)``
+    (on N ranks, each holding some users' rows of ``W`` and all of ``X``: the whole's)."""
     import torch
 
     with torch.no_grad():
-        return float(lambda_ / (2 * n_ratings) * (params["W"].pow(2).sum() + params["X"].pow(2).sum()))
+        users = distributed.total(float(params["W"].pow(2).sum()))
+        return lambda_ / (2 * n_ratings) * (users + float(params["X"].pow(2).sum()))
 
 
 def train_cf(
     dataset: Dataset, config: CFConfig | None = None, curve_path: str | Path | None = None, **overrides
-) -> CFModel:
+) -> CFModel | None:
     """Train matrix factorisation on ``dataset``'s interactions.
+
+    On one rank of a distributed run (``torchrun``, :mod:`engine.models.distributed`)
+    the Adam solver trains on the rank's users' interactions in ``dataset`` (all of it,
+    or only the rank's parts of a sharded directory) together with the other ranks;
+    rank 0 returns the model, the others None.
 
     Args:
         dataset: the training interactions (its id maps define the model's users/items).
@@ -595,72 +633,81 @@ def train_cf(
         curve_path: where to save the learning curve as JSON (and PNG) — optional.
     """
     cfg = CFConfig(**{**asdict(config or CFConfig()), **overrides})
-    if dataset.n_ratings == 0:
-        raise ValueError("cannot train on a dataset with no interactions")
     if cfg.solver == "als":
+        if dataset.n_ratings == 0:
+            raise ValueError("cannot train on a dataset with no interactions")
         return _train_als(dataset, cfg, curve_path)
     torch = require_torch()
     from tqdm.auto import tqdm
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    rng = np.random.default_rng(cfg.seed)
+    # One rank of N (torchrun, engine.models.distributed): this rank's users' interactions
+    # and their rows of the user table; a statistic of the whole data is a sum over the
+    # ranks. On one process every "rank's" quantity below is the whole's.
+    rank, size = distributed.world()
+    dataset = distributed.own_users(dataset)
+    rng = np.random.default_rng(cfg.seed if size == 1 else [cfg.seed, rank])
     n_users, n_items, f = dataset.n_users, dataset.n_items, cfg.n_features
 
+    if distributed.total(dataset.n_ratings) == 0:
+        raise ValueError("cannot train on a dataset with no interactions")
     u_all, i_all = dataset.user_idx.astype(np.int64), dataset.item_idx.astype(np.int64)
+    u_row = u_all // size  # a user's row in this rank's part of the user table
     y_all = dataset.ratings.astype(np.float32)
     if cfg.loss == "bce":
         y_all = np.ones_like(y_all)  # every interaction is a positive
     if cfg.loss == "wmse":  # every interaction is a positive, weighted by its confidence
         y_all = confidence(dataset.ratings, cfg.confidence, cfg.positive_weight, cfg.alpha).astype(np.float32)
-    counts = np.bincount(i_all, minlength=n_items)
-    sums = np.bincount(i_all, weights=y_all, minlength=n_items)
-    fallback = float(y_all.mean())
+    counts = distributed.total_array(np.bincount(i_all, minlength=n_items))
+    sums = distributed.total_array(np.bincount(i_all, weights=y_all, minlength=n_items))
+    fallback = float(sums.sum() / counts.sum())
     shrink = cfg.mean_shrinkage
     item_means = ((sums + shrink * fallback) / np.maximum(counts + shrink, 1e-12)).astype(np.float32)
     item_means[counts == 0] = fallback
     if not cfg.mean_normalization:
         item_means = np.zeros(n_items, np.float32)
     target = y_all - item_means[i_all]
+    lo, hi = _value_range(y_all)
 
     # Validation split for early stopping (seeded), out of the training interactions.
     n_val = int(round(len(u_all) * cfg.validation_fraction))
     perm = rng.permutation(len(u_all))
     val_rows, fit_rows = perm[:n_val], perm[n_val:]
+    n_val_total = int(distributed.total(n_val))
 
-    def to_t(a, dtype):
-        return torch.as_tensor(a, dtype=dtype, device=device)
+    def tensors(rows):  # (user rows, items, targets) of these interactions
+        return (
+            torch.as_tensor(u_row[rows], dtype=torch.long, device=device),
+            torch.as_tensor(i_all[rows], dtype=torch.long, device=device),
+            torch.as_tensor(target[rows], dtype=torch.float32, device=device),
+        )
 
-    N = len(fit_rows)
-    # One rank of N (torchrun, engine.models.distributed): this rank's shard of the
-    # fitting rows and a replica of the parameters; the cost's N stays the whole data's.
-    rank, size = distributed.world()
-    mine = distributed.shard(fit_rows)
-    local = len(mine)
-    U, I, Y = (
-        to_t(u_all[mine], torch.long),
-        to_t(i_all[mine], torch.long),
-        to_t(target[mine], torch.float32),
-    )
-    Uv, Iv, Yv = (
-        to_t(u_all[val_rows], torch.long),
-        to_t(i_all[val_rows], torch.long),
-        to_t(target[val_rows], torch.float32),
-    )
-    batch_size = max(1, cfg.batch_size // size)  # the ranks' batches together: cfg.batch_size
+    N = int(distributed.total(len(fit_rows)))  # the cost's N: the whole data's
+    (U, I, Y), (Uv, Iv, Yv) = tensors(fit_rows), tensors(val_rows)
+    # The ranks take the same number of steps per epoch, each covering its own rows once;
+    # step_rows[s] counts the rows of step s on all ranks together.
+    bounds, step_rows = distributed.epoch_steps(len(fit_rows), cfg.batch_size)
+    steps = len(step_rows)
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    x_start = torch.randn(n_items, f, generator=gen) * cfg.init_std  # the same on every rank
+    rank_gen = _rank_generator(gen, cfg.seed, rank, size)
     params = {
-        "X": torch.nn.Parameter((torch.randn(n_items, f, generator=gen) * cfg.init_std).to(device)),
-        "W": torch.nn.Parameter((torch.randn(n_users, f, generator=gen) * cfg.init_std).to(device)),
+        "X": torch.nn.Parameter(x_start.to(device)),
+        "W": torch.nn.Parameter(
+            (torch.randn(distributed.n_owned(n_users), f, generator=rank_gen) * cfg.init_std).to(device)
+        ),
     }
     if cfg.loss != "wmse":
-        params["b"] = torch.nn.Parameter(torch.zeros(n_users, device=device))
+        params["b"] = torch.nn.Parameter(torch.zeros(distributed.n_owned(n_users), device=device))
     if cfg.item_bias:
         params["c"] = torch.nn.Parameter(torch.zeros(n_items, device=device))
     if cfg.global_mean:
-        start_mu = float(target[fit_rows].mean()) if cfg.loss == "mse" else 0.0
+        start_mu = distributed.total(float(target[fit_rows].sum())) / N if cfg.loss == "mse" else 0.0
         params["mu"] = torch.nn.Parameter(torch.tensor(start_mu, device=device))
+    # The user rows are this rank's own; the rest is replicated on every rank.
+    replicated = {name: p for name, p in params.items() if name not in ("W", "b")}
     try:  # the fused kernel is ~10% faster per step where the device supports it
         optimizer = torch.optim.Adam(params.values(), lr=cfg.learning_rate, fused=True)
     except (RuntimeError, ValueError, TypeError):
@@ -676,83 +723,89 @@ def train_cf(
         draws = torch.rand(n, generator=generator, dtype=torch.float64)
         return torch.searchsorted(neg_cdf, draws).clamp_(max=n_items - 1).to(device)
 
-    def batch_data_loss(u, i, y):
-        """The data term of a batch. Its L2 part, lambda/(2N) (|W|^2 + |X|^2), enters as
-        its exact gradient (lambda/N) W in :func:`add_l2_gradient`: the same step as
-        autograd would take, without a dense backward pass through the whole tables."""
-        if cfg.loss == "mse":
-            data_term = mse_data_term(params, u, i, y)
+    def bce_sum(u, i, generator):
+        """The positives' and their negatives' log-loss, summed (per positive, like the
+        mse term)."""
+        pred = _torch_predict(params, u, i)
+        neg_i = sample_negatives(len(u) * cfg.negative_ratio, generator)
+        neg_u = u.repeat_interleave(cfg.negative_ratio)
+        logits = torch.cat([pred, _torch_predict(params, neg_u, neg_i)])
+        labels = torch.cat([torch.ones_like(pred), torch.zeros(len(neg_i), device=device)])
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+
+    def batch_data_loss(u, i, y, step_total: int):
+        """This rank's share of the data term of a step's batch (``step_total`` rows on
+        all ranks; the shares add up to the batch's term, so the replicated parameters'
+        gradients are summed over the ranks). Its L2 part, lambda/(2N) (|W|^2 + |X|^2),
+        enters as its exact gradient (lambda/N) W in :func:`add_l2_gradient`: the same
+        step as autograd would take, without a dense backward pass through the tables."""
+        share = len(u) / step_total  # 1 on one process
+        if len(u) == 0:  # a rank with fewer rows: no data term, but every replica in the graph
+            data_term = sum(p.sum() for p in replicated.values()) * 0.0
+        elif cfg.loss == "mse":
+            data_term = share * mse_data_term(params, u, i, y)
         elif cfg.loss == "wmse":  # y: each pair's confidence
-            data_term = wmse_data_term(params, u, i, N, y, cfg.unobserved_weight)
+            data_term = share * wmse_observed_sum(params, u, i, y, cfg.unobserved_weight) / len(u)
         else:
-            pred = _torch_predict(params, u, i)
-            n_neg = len(u) * cfg.negative_ratio
-            neg_i = sample_negatives(n_neg, gen)
-            neg_u = u.repeat_interleave(cfg.negative_ratio)
-            logits = torch.cat([pred, _torch_predict(params, neg_u, neg_i)])
-            labels = torch.cat([torch.ones_like(pred), torch.zeros(n_neg, device=device)])
-            # Sum over the positive and its negatives, per positive, like the mse term.
-            data_term = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / len(u)
+            data_term = share * bce_sum(u, i, rank_gen) / len(u)
+        if cfg.loss == "wmse":  # this rank's users' share of the all-pairs term
+            data_term = data_term + wmse_all_pairs(params, cfg.unobserved_weight) / N
         return data_term
 
     def validate() -> float:
-        if n_val == 0:
+        """The validation figure over every rank's held-out rows."""
+        if n_val_total == 0:
             return math.nan
         with torch.no_grad():
             pred = _torch_predict(params, Uv, Iv)
             if cfg.loss == "mse":
-                restored = pred + torch.as_tensor(item_means, device=device)[Iv]
-                truth = Yv + torch.as_tensor(item_means, device=device)[Iv]
-                lo, hi = float(y_all.min()), float(y_all.max())
-                return float(torch.sqrt(((restored.clamp(lo, hi) - truth) ** 2).mean()))
+                means = torch.as_tensor(item_means, device=device)[Iv]
+                squared = float(((pred + means).clamp(lo, hi) - (Yv + means)).pow(2).sum())
+                return math.sqrt(distributed.total(squared) / n_val_total)
             if cfg.loss == "wmse":  # the objective's data part with held-out positives as observed
-                return float(wmse_data_term(params, Uv, Iv, N, Yv, cfg.unobserved_weight))
+                observed = distributed.total(float(wmse_observed_sum(params, Uv, Iv, Yv, cfg.unobserved_weight)))
+                all_pairs = distributed.total(float(wmse_all_pairs(params, cfg.unobserved_weight)))
+                return observed / n_val_total + all_pairs / N
             # The training objective's data term on held-out positives and their
             # negatives (the same ones every epoch), so that both curves compare.
-            vgen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
-            neg_i = sample_negatives(len(Uv) * cfg.negative_ratio, vgen)
-            neg_u = Uv.repeat_interleave(cfg.negative_ratio)
-            logits = torch.cat([pred, _torch_predict(params, neg_u, neg_i)])
-            labels = torch.cat([torch.ones_like(pred), torch.zeros(len(neg_i), device=device)])
-            return float(
-                torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / len(Uv)
-            )
+            vgen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1 + rank)
+            return distributed.total(float(bce_sum(Uv, Iv, vgen))) / n_val_total
 
     # One rank of N: the replicas start from rank 0's parameters and stay equal.
-    model = distributed.data_parallel(distributed.loss_module(params, batch_data_loss))
+    model = distributed.summing_data_parallel(distributed.loss_module(replicated, batch_data_loss))
     val_name = {"mse": "val_rmse", "bce": "val_logloss", "wmse": "val_loss"}[cfg.loss]
     curve = LearningCurve()
     stopper = EarlyStopping(patience=cfg.patience)
     best_state = {k: v.detach().clone() for k, v in params.items()}
-    steps = math.ceil(local / batch_size)
     show = cfg.progress and rank == 0
     bar = tqdm(total=cfg.epochs * steps, desc="train cf", unit="batch", disable=not show, mininterval=0.5)
+    l2 = l2_term(params, cfg.lambda_, N)
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
-        order = torch.randperm(local, generator=gen).to(device)
-        running, seen = 0.0, 0
+        order = torch.randperm(len(fit_rows), generator=rank_gen).to(device)
+        running = 0.0
         for s in range(steps):
-            idx = order[s * batch_size : (s + 1) * batch_size]
-            loss = model(U[idx], I[idx], Y[idx])
+            idx = order[bounds[s] : bounds[s + 1]]
+            loss = model(U[idx], I[idx], Y[idx], step_rows[s])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # (on N ranks: the data term's gradients averaged over them)
+            loss.backward()  # (on N ranks: the replicated parameters' gradients summed)
             add_l2_gradient(params, cfg.lambda_, N)
             optimizer.step()
-            running += float(loss.detach()) * len(idx)
-            seen += len(idx)
+            running += float(loss.detach()) * step_rows[s]
             bar.update(1)
-            if s % 20 == 0:
-                bar.set_postfix(epoch=epoch, loss=f"{running / seen + l2_term(params, cfg.lambda_, N):.4f}")
+            if s % 20 == 0 and size == 1:  # (on N ranks the loss is a sum over them: shown per epoch)
+                bar.set_postfix(epoch=epoch, loss=f"{running / sum(step_rows[: s + 1]) + l2:.4f}")
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_seconds = time.perf_counter() - epoch_start
         val = validate()
         # The epoch's mean data term plus the L2 term at the epoch's end: J / N, up to the
         # parameters moving within the epoch.
-        train_loss = distributed.total(running) / distributed.total(seen) + l2_term(params, cfg.lambda_, N)
-        curve.add(epoch=epoch, train_loss=train_loss, seconds=epoch_seconds, **({val_name: val} if n_val else {}))
-        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **({val_name: f"{val:.4f}"} if n_val else {}))
-        if n_val:
+        l2 = l2_term(params, cfg.lambda_, N)
+        train_loss = distributed.total(running) / N + l2
+        curve.add(epoch=epoch, train_loss=train_loss, seconds=epoch_seconds, **({val_name: val} if n_val_total else {}))
+        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **({val_name: f"{val:.4f}"} if n_val_total else {}))
+        if n_val_total:
             improved, stop = stopper.step(val, epoch)
             if improved:
                 best_state = {k: v.detach().clone() for k, v in params.items()}
@@ -763,19 +816,38 @@ def train_cf(
     bar.close()
     if curve_path is not None and rank == 0:
         curve.save(curve_path, title=f"CF ({cfg.loss})")
+    distributed.check_replicas(replicated)
 
     state = {k: v.cpu().numpy() for k, v in best_state.items()}
+    # Rank 0 gathers the users' rows and interactions (whose seen lists the model keeps).
+    w_parts, b_parts, user_parts, item_parts = (
+        distributed.gather_to_first(array)
+        for array in (
+            state["W"],
+            state.get("b", np.zeros(len(state["W"]), np.float32)),
+            dataset.user_idx,
+            dataset.item_idx,
+        )
+    )
+    if w_parts is None or b_parts is None or user_parts is None or item_parts is None:
+        return None  # a rank other than 0
+    W = np.empty((n_users, f), np.float32)
+    b = np.empty(n_users, np.float32)
+    for r in range(size):  # rank r held users r, r + N, ...
+        W[r::size], b[r::size] = w_parts[r], b_parts[r]
+    users, items = np.concatenate(user_parts), np.concatenate(item_parts)
+    seen = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=(n_users, n_items))
+    seen.sort_indices()
     # Users with no training interactions keep nothing but their random start shrunk by
     # L2: zero them, so that a cold user is predicted by the item offsets alone. Items
     # with none get tiny *distinct* vectors instead: thousands of identical zero vectors
     # wreck an HNSW graph (recall@10 0.23 instead of 0.97 on a 100k catalogue with 7.5k
     # unrated items), while 1e-3 noise leaves their predictions at the offsets.
-    user_has = np.bincount(u_all, minlength=n_users) > 0
+    user_has = np.diff(seen.indptr) > 0
     item_has = counts > 0
-    W, b = state["W"] * user_has[:, None], state.get("b", np.zeros(n_users, np.float32)) * user_has
+    W, b = W * user_has[:, None], b * user_has
     X = state["X"].copy()
     X[~item_has] = rng.normal(0, 1e-3, (int((~item_has).sum()), f)).astype(np.float32)
-    ui = dataset.user_items()
     return CFModel(
         X=X,
         W=W,
@@ -785,13 +857,13 @@ def train_cf(
         item_means=item_means,
         users=dataset.users,
         items=dataset.items,
-        seen_indptr=ui.indptr,
-        seen_indices=ui.indices,
-        rating_range=(float(dataset.ratings.min()), float(dataset.ratings.max())) if cfg.loss == "mse" else (0.0, 1.0),
+        seen_indptr=seen.indptr,
+        seen_indices=seen.indices,
+        rating_range=(lo, hi) if cfg.loss == "mse" else (0.0, 1.0),
         config=cfg,
         metrics={
             "best_epoch": stopper.best_epoch,
-            val_name: stopper.best if n_val else None,
+            val_name: stopper.best if n_val_total else None,
             "epochs_run": len(curve.records),
             "ratings_per_second": N / float(np.median([r["seconds"] for r in curve.records])),
             "learning_curve": curve.records,

@@ -1,19 +1,27 @@
 """Data-parallel training with ``torch.distributed`` (``torchrun``): what the trainers
 need to run as one rank of N.
 
-Each rank keeps its shard of the interactions (every N-th of the fitting rows, the same
-number on every rank) and a full replica of the parameters in PyTorch's
-``DistributedDataParallel`` (:func:`data_parallel`): it broadcasts rank 0's parameters
-at the start, and averages the gradients over the ranks during each backward pass, so
-every rank's Adam takes the same step and the replicas stay equal. The embedding tables
-are replicated with dense gradients — the simplest consistent scheme; its cost per step
-is the size of the tables, which is what sharding the tables by row (TorchRec) would
-cut. Validation runs on every rank over the same held-out rows, so early stopping
-decides alike everywhere. Only rank 0 shows progress and writes files.
+**Who holds what.** The interactions are sharded by user: rank ``r`` of ``N`` trains on
+the users ``u`` (dense index) with ``u % N == r``. It reads only their rows when the data
+is a sharded directory (``tandem data shard``, :mod:`engine.data.shards`), and keeps only
+them otherwise (:func:`own_users`).
 
-The ranks' batches together make one batch of the configured size, so an epoch takes as
-many steps as on one process; the towers' in-batch softmax then draws a row's negatives
-from its own rank's batch (batch size / N rows).
+- **CF** (``engine.models.cf``) follows the data. A user's row of the user table is
+  touched by that user's interactions only, so each rank holds just its users' rows
+  (row-wise sharding, as TorchRec's, along the data's partition): no communication for
+  them, and ``1/N`` of the table's memory. The item table, the item biases and the
+  global mean are replicated in PyTorch's ``DistributedDataParallel``, whose backward
+  *sums* their gradients over the ranks (:func:`summing_data_parallel`): each rank's
+  loss is its share of the global batch's cost, so the sum is the cost's gradient.
+- **The towers** (``engine.models.towers``) are small networks, replicated in
+  ``DistributedDataParallel`` with its default mean of the ranks' gradients.
+
+Every rank's Adam then takes the same step on the replicated parameters, and
+:func:`check_replicas` confirms at the end that they are equal. Statistics of the whole
+data (item counts, the number of ratings, validation sums) are sums over the ranks
+(:func:`total`, :func:`total_array`); the ranks take the same number of steps per epoch,
+each covering its own rows once. Only rank 0 shows progress, gathers the user rows
+(:func:`gather_to_first`) and writes files.
 
 Started by ``torchrun --nproc_per_node N -m engine train-cf --distributed`` (or
 ``train-towers``, or ``train``: ``make train DIST=N``): the process group comes from
@@ -22,7 +30,10 @@ torchrun's environment (gloo on CPU, NCCL on CUDA).
 
 from __future__ import annotations
 
+import math
 import os
+
+import numpy as np
 
 
 def world() -> tuple[int, int]:
@@ -49,12 +60,54 @@ def init_from_environment(device: str | None = None) -> tuple[int, int]:
     return world()
 
 
-def shard(rows):
-    """This rank's share of ``rows`` (an array of row numbers): every N-th from the rank's
-    own on, ``len(rows) // N`` of them on every rank, so that all ranks take as many steps
-    (at most N - 1 rows go unused); all of them on one process."""
+def owned(user_idx: np.ndarray) -> np.ndarray:
+    """``[n]`` bool: which of these users (dense indices) this rank trains: ``u % N == rank``."""
     rank, size = world()
-    return rows if size == 1 else rows[rank::size][: len(rows) // size]
+    return np.ones(len(user_idx), bool) if size == 1 else (np.asarray(user_idx) % size == rank)
+
+
+def own_users(dataset):
+    """``dataset`` restricted to this rank's users (itself on one process, or when it
+    holds no other user's rows: a rank's parts of a sharded directory)."""
+    mask = owned(dataset.user_idx)
+    return dataset if mask.all() else dataset.subset(mask, name=f"{dataset.name} (rank {world()[0]})")
+
+
+def n_owned(n_users: int) -> int:
+    """How many of ``n_users`` users this rank holds: ``len(range(rank, n_users, N))``."""
+    rank, size = world()
+    return len(range(rank, n_users, size))
+
+
+def sizes(n: int) -> list[int]:
+    """Every rank's ``n``, in rank order."""
+    import torch
+    import torch.distributed as dist
+
+    _, size = world()
+    if size == 1:
+        return [n]
+    out = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+    dist.all_gather(out, torch.tensor([n], dtype=torch.int64))
+    return [int(t[0]) for t in out]
+
+
+def epoch_steps(n_rows: int, batch_size: int) -> tuple[list[int], list[int]]:
+    """How this rank cuts its ``n_rows`` shuffled rows into an epoch's batches:
+    ``(bounds, step_rows)``, batch ``s`` being rows ``bounds[s]:bounds[s + 1]`` and
+    ``step_rows[s]`` the rows of step ``s`` on all ranks together. One process: batches
+    of ``batch_size``. N: as many steps on every rank as the rank with the most rows
+    needs at ``batch_size / N`` rows a batch, each rank's rows cut evenly into them (the
+    ranks hold different numbers of rows)."""
+    rank, size = world()
+    if size == 1:
+        bounds = [*range(0, n_rows, batch_size), n_rows]
+        return bounds, np.diff(bounds).tolist()
+    counts = sizes(n_rows)
+    per_rank = max(1, batch_size // size)
+    steps = max(1, *(math.ceil(n / per_rank) for n in counts))
+    cuts = [[n * s // steps for s in range(steps + 1)] for n in counts]
+    return cuts[rank], [sum(c[s + 1] - c[s] for c in cuts) for s in range(steps)]
 
 
 def data_parallel(module):
@@ -86,14 +139,68 @@ def loss_module(parameters: dict, loss):
     return Loss()
 
 
+def summing_data_parallel(module):
+    """``module`` in ``DistributedDataParallel`` whose backward *sums* the gradients over
+    the ranks (DDP's default averages them): for a loss whose ranks' values add up to the
+    cost, as CF's shares of a batch do. ``module`` itself on one process."""
+    _, size = world()
+    if size == 1:
+        return module
+    import torch.distributed as dist
+
+    wrapped = data_parallel(module)
+
+    def all_reduce_sum(state, bucket):
+        future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+        return future.then(lambda done: done.value()[0])
+
+    wrapped.register_comm_hook(None, all_reduce_sum)
+    return wrapped
+
+
 def total(value: float) -> float:
     """The sum of a number over the ranks."""
+    return float(total_array(np.array([value]))[0])
+
+
+def total_array(values: np.ndarray, op: str = "sum") -> np.ndarray:
+    """Elementwise ``op`` (``"sum"``, ``"min"`` or ``"max"``) of an array over the ranks,
+    as float64."""
     import torch
     import torch.distributed as dist
 
-    _, size = world()
+    values = np.asarray(values, np.float64)
+    if world()[1] == 1:
+        return values
+    t = torch.from_numpy(values.copy())
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t.numpy()
+
+
+def gather_to_first(array: np.ndarray) -> list[np.ndarray] | None:
+    """Every rank's ``array`` (the same dtype and trailing shape, any length), in rank
+    order, on rank 0; None on the others."""
+    import torch
+    import torch.distributed as dist
+
+    rank, size = world()
     if size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t[0])
+        return [array]
+    lengths = sizes(len(array))
+    padded = np.zeros((max(lengths), *array.shape[1:]), array.dtype)
+    padded[: len(array)] = array
+    tensor = torch.from_numpy(padded)
+    chunks = [torch.empty_like(tensor) for _ in range(size)] if rank == 0 else None
+    dist.gather(tensor, chunks, dst=0)
+    return None if chunks is None else [c.numpy()[:n] for c, n in zip(chunks, lengths)]
+
+
+def check_replicas(tensors: dict) -> None:
+    """Raise when a replicated parameter differs between the ranks (it never should:
+    DistributedDataParallel gives every rank the same gradients and the same steps)."""
+    if world()[1] == 1:
+        return
+    for name, tensor in tensors.items():
+        values = tensor.detach().cpu().double().numpy()
+        if not np.array_equal(total_array(values, "min"), total_array(values, "max")):
+            raise RuntimeError(f"the ranks' replicas of {name} differ: distributed training went out of step")

@@ -17,7 +17,6 @@ tests check that both give the same vectors.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -451,13 +450,18 @@ def train_two_tower(
         logits = logits.masked_fill(same, float("-inf"))
         return torch.nn.functional.cross_entropy(logits, torch.arange(len(i), device=device))
 
-    # One rank of N (torchrun, engine.models.distributed): this rank's shard of the
-    # fitting rows, in batches of batch_size / N rows, so that the ranks' batches together
-    # are one batch of batch_size and an epoch takes as many steps as on one process. (A
-    # row's in-batch negatives are its rank's batch.)
+    # One rank of N (torchrun, engine.models.distributed): this rank's users' fitting
+    # rows. The ranks take the same number of steps per epoch, each covering its rows
+    # once, in batches that together make one of about batch_size rows. (A row's in-batch
+    # negatives are its rank's batch. Every rank holds the whole data: the feature
+    # pipelines are fitted on its statistics, and validation uses the same rows.)
     rank, size = distributed.world()
-    batch_size = max(2, cfg.batch_size // size)
-    fit_rows = distributed.shard(fit_rows)
+    fit_rows = fit_rows[distributed.owned(dataset.user_idx[fit_rows])]
+    bounds, step_rows = distributed.epoch_steps(len(fit_rows), cfg.batch_size)
+    steps = len(step_rows)
+    smallest_batch = distributed.total_array(np.array([min(np.diff(bounds), default=0)]), "min")[0]
+    if size > 1 and smallest_batch == 0:  # (every rank sees the same minimum: all raise)
+        raise ValueError(f"too few interactions for {size} processes: a rank has fewer than {steps} to train on")
     fit_t = torch.as_tensor(fit_rows, device=device)
     val_batches = [
         torch.as_tensor(val_rows[s : s + cfg.batch_size], device=device) for s in range(0, n_val, cfg.batch_size)
@@ -465,7 +469,6 @@ def train_two_tower(
     val_name = "val_mse" if cfg.objective == "mse" else "val_softmax_loss"
     curve, stopper = LearningCurve(), EarlyStopping(patience=cfg.patience)
     best = None
-    steps = math.ceil(len(fit_rows) / batch_size)
     scheduler = None
     # A one-cycle schedule needs a few steps to warm up and anneal; tiny data trains flat.
     if cfg.schedule == "onecycle" and cfg.epochs * steps >= 10:
@@ -484,9 +487,9 @@ def train_two_tower(
         order = fit_t[torch.randperm(len(fit_rows), generator=gen).to(device)]
         running, seen = 0.0, 0
         for s in range(steps):
-            rows = order[s * batch_size : (s + 1) * batch_size]
-            if cfg.objective == "softmax" and len(rows) < 2:
-                continue
+            rows = order[bounds[s] : bounds[s + 1]]
+            if cfg.objective == "softmax" and len(rows) < 2 and size == 1:
+                continue  # (on N ranks every rank steps: a row alone has a zero softmax loss)
             loss = loss_on(rows, training=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
