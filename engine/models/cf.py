@@ -653,7 +653,7 @@ def train_cf(
     if distributed.total(dataset.n_ratings) == 0:
         raise ValueError("cannot train on a dataset with no interactions")
     u_all, i_all = dataset.user_idx.astype(np.int64), dataset.item_idx.astype(np.int64)
-    u_row = u_all // size  # a user's row in this rank's part of the user table
+    u_row = u_all if size == 1 else u_all // size  # a user's row in this rank's part of the user table
     y_all = dataset.ratings.astype(np.float32)
     if cfg.loss == "bce":
         y_all = np.ones_like(y_all)  # every interaction is a positive
@@ -676,18 +676,21 @@ def train_cf(
     val_rows, fit_rows = perm[:n_val], perm[n_val:]
     n_val_total = int(distributed.total(n_val))
 
-    def tensors(rows):  # (user rows, items, targets) of these interactions
+    def tensors(users, items, targets):
         return (
-            torch.as_tensor(u_row[rows], dtype=torch.long, device=device),
-            torch.as_tensor(i_all[rows], dtype=torch.long, device=device),
-            torch.as_tensor(target[rows], dtype=torch.float32, device=device),
+            torch.as_tensor(users, dtype=torch.long, device=device),
+            torch.as_tensor(items, dtype=torch.long, device=device),
+            torch.as_tensor(targets, dtype=torch.float32, device=device),
         )
 
-    N = int(distributed.total(len(fit_rows)))  # the cost's N: the whole data's
-    (U, I, Y), (Uv, Iv, Yv) = tensors(fit_rows), tensors(val_rows)
+    n_fit = len(fit_rows)
+    N = int(distributed.total(n_fit))  # the cost's N: the whole data's
+    U, I, Y = tensors(u_row[fit_rows], i_all[fit_rows], target[fit_rows])
+    Uv, Iv, Yv = tensors(u_row[val_rows], i_all[val_rows], target[val_rows])
+    del u_all, u_row, i_all, target, perm, fit_rows, val_rows  # (the tensors hold what training needs)
     # The ranks take the same number of steps per epoch, each covering its own rows once;
     # step_rows[s] counts the rows of step s on all ranks together.
-    bounds, step_rows = distributed.epoch_steps(len(fit_rows), cfg.batch_size)
+    bounds, step_rows = distributed.epoch_steps(n_fit, cfg.batch_size)
     steps = len(step_rows)
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -704,7 +707,7 @@ def train_cf(
     if cfg.item_bias:
         params["c"] = torch.nn.Parameter(torch.zeros(n_items, device=device))
     if cfg.global_mean:
-        start_mu = distributed.total(float(target[fit_rows].sum())) / N if cfg.loss == "mse" else 0.0
+        start_mu = distributed.total(float(Y.sum(dtype=torch.float64))) / N if cfg.loss == "mse" else 0.0
         params["mu"] = torch.nn.Parameter(torch.tensor(start_mu, device=device))
     # The user rows are this rank's own; the rest is replicated on every rank.
     replicated = {name: p for name, p in params.items() if name not in ("W", "b")}
@@ -782,7 +785,7 @@ def train_cf(
     l2 = l2_term(params, cfg.lambda_, N)
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
-        order = torch.randperm(len(fit_rows), generator=rank_gen).to(device)
+        order = torch.randperm(n_fit, generator=rank_gen).to(device)
         running = 0.0
         for s in range(steps):
             idx = order[bounds[s] : bounds[s + 1]]
