@@ -112,7 +112,7 @@ eval-pipeline: install-bench  ## the two-stage pipeline beside popularity, impli
 bench-cf: install-bench  ## B1 + B2: CF on ML-100K u1..u5 beside surprise SVD/SVD++, popularity, implicit ALS
 	$(PY) bench/cf.py
 
-bench-cf-dist: install  ## one CF epoch on synthetic 20M ratings with 1 and 2 torchrun processes (ratings/s, RSS per rank, efficiency)
+bench-cf-dist: install  ## one CF epoch on synthetic 20M ratings, read as user parts, with 1 and 2 torchrun processes (ratings/s, RSS per rank, efficiency)
 	$(PY) bench/cf_dist.py
 
 bench-cf-scale: install  ## B6: one CF epoch on synthetic 20M ratings (ratings/s, peak RSS)
