@@ -111,8 +111,7 @@ def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
     cf_config = _model_config(CFConfig, "cf", config, args, CF_FLAGS, preset)
     if args.distributed and cf_config.solver != "adam":
         raise ConfigError(f"--distributed trains the Adam solver; this configuration uses {cf_config.solver!r}")
-    # On N ranks CF reads only its users' parts of a sharded directory.
-    shard = _rank_zero(args, config, train_cf, cf_config, own_parts=True) if args.distributed else (0, 1)
+    shard = _rank_zero(args, config, train_cf, cf_config) if args.distributed else (0, 1)
     if shard is None:
         return 0
     return _fit_report_save(
@@ -127,21 +126,19 @@ def cmd_train_cf(args: argparse.Namespace, config: dict) -> int:
     )
 
 
-def _rank_zero(args: argparse.Namespace, config: dict, fit, model_config, own_parts: bool) -> tuple[int, int] | None:
+def _rank_zero(args: argparse.Namespace, config: dict, fit, model_config) -> tuple[int, int] | None:
     """``--distributed``: join torchrun's process group. Rank 0 goes on to evaluate, save
-    and print: it gets the ``(rank, size)`` to read its data with (every part of a
-    sharded directory unless ``own_parts``). Every other rank trains its share here and
-    is done: None."""
+    and print: it gets its ``(rank, size)``, which reads only its parts of a sharded
+    directory. Every other rank trains its share here and is done: None."""
     from engine.models.distributed import world
 
     join_ranks(model_config.device)
     rank, size = world()
-    shard = (rank, size) if own_parts else (0, 1)
     if rank != 0:
-        train, _ = _train_and_test(args, config, shard)
+        train, _ = _train_and_test(args, config, (rank, size))
         fit(train, model_config)
         return None
-    return shard
+    return rank, size
 
 
 def _fit_report_save(
@@ -219,9 +216,9 @@ def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
     if args.layers is not None:
         extra["hidden_layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
     tower_config = _model_config(TowerConfig, "towers", config, args, TOWER_FLAGS, extra)
-    # The towers' feature pipelines are fitted on the whole data's statistics: every rank
-    # reads every part of a sharded directory.
-    if args.distributed and _rank_zero(args, config, train_two_tower, tower_config, own_parts=False) is None:
+    # On N ranks the towers read only their users' parts of a sharded directory.
+    shard = _rank_zero(args, config, train_two_tower, tower_config) if args.distributed else (0, 1)
+    if shard is None:
         return 0
     return _fit_report_save(
         args,
@@ -231,6 +228,7 @@ def cmd_train_towers(args: argparse.Namespace, config: dict) -> int:
         train_two_tower,
         tower_config,
         lambda model, train, test: _towers_report(model, train, test, args.k, _min_rating(args)),
+        shard,
     )
 
 
@@ -260,7 +258,8 @@ def _add_training_flags(p: argparse.ArgumentParser, subdir: str, unit: str) -> N
         "--distributed",
         action="store_true",
         help=f"one rank of `torchrun --nproc_per_node N -m engine train-{subdir} --distributed`: data-parallel "
-        "training on N processes (engine/models/distributed.py); rank 0 evaluates and saves the model",
+        "training on N processes, each on its users' interactions (engine/models/distributed.py); from a "
+        "directory of `tandem data shard`, each rank reads only its parts. Rank 0 evaluates and saves the model",
     )
 
 

@@ -520,15 +520,6 @@ def _rank_generator(shared, seed: int, rank: int, size: int):
     return torch.Generator(device="cpu").manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
 
 
-def _value_range(values: np.ndarray) -> tuple[float, float]:
-    """``(min, max)`` of the values on every rank."""
-    lo = float(values.min()) if len(values) else math.inf
-    hi = float(values.max()) if len(values) else -math.inf
-    return float(distributed.total_array(np.array([lo]), "min")[0]), float(
-        distributed.total_array(np.array([hi]), "max")[0]
-    )
-
-
 @functools.cache
 def _row_gather():
     """``rows(table, index)``: ``table[index]`` for autograd, whose backward accumulates
@@ -668,7 +659,7 @@ def train_cf(
     if not cfg.mean_normalization:
         item_means = np.zeros(n_items, np.float32)
     target = y_all - item_means[i_all]
-    lo, hi = _value_range(y_all)
+    lo, hi = distributed.value_range(y_all)
 
     # Validation split for early stopping (seeded), out of the training interactions.
     n_val = int(round(len(u_all) * cfg.validation_fraction))

@@ -14,7 +14,9 @@ them otherwise (:func:`own_users`).
   *sums* their gradients over the ranks (:func:`summing_data_parallel`): each rank's
   loss is its share of the global batch's cost, so the sum is the cost's gradient.
 - **The towers** (``engine.models.towers``) are small networks, replicated in
-  ``DistributedDataParallel`` with its default mean of the ranks' gradients.
+  ``DistributedDataParallel`` with its default mean of the ranks' gradients; their
+  feature pipelines are fitted on sums over the ranks (``engine.models.features``), so
+  they too need only the rank's users' interactions.
 
 Every rank's Adam then takes the same step on the replicated parameters, and
 :func:`check_replicas` confirms at the end that they are equal. Statistics of the whole
@@ -175,6 +177,13 @@ def total_array(values: np.ndarray, op: str = "sum") -> np.ndarray:
     t = torch.from_numpy(values.copy())
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return t.numpy()
+
+
+def value_range(values: np.ndarray) -> tuple[float, float]:
+    """``(min, max)`` of the values on every rank."""
+    lo = total_array(np.array([np.min(values, initial=np.inf)]), "min")[0]
+    hi = total_array(np.array([np.max(values, initial=-np.inf)]), "max")[0]
+    return float(lo), float(hi)
 
 
 def gather_to_first(array: np.ndarray) -> list[np.ndarray] | None:

@@ -29,6 +29,7 @@ import numpy as np
 from engine.data import Dataset, FeatureTable
 from engine.data.attributes import label_flags
 from engine.errors import InvalidRequest, shorten
+from engine.models import distributed
 
 UNKNOWN = "<unknown>"
 
@@ -257,17 +258,21 @@ def _genres(dataset: Dataset) -> tuple[np.ndarray | None, list[str]]:
 
 def fit_user_pipeline(train: Dataset, min_count: int = 1) -> FeaturePipeline:
     """User features: the table's columns, plus each user's rating history overall and
-    per genre (average centred on the global mean, ``log1p`` count) from ``train``."""
-    has_ratings = np.unique(train.user_idx)
+    per genre (average centred on the global mean, ``log1p`` count) from ``train``.
+
+    On a rank of a distributed run (every rank calls it, with its users' interactions;
+    :mod:`engine.models.distributed`) the statistics are sums over the ranks: the
+    pipeline is the whole data's, the same on every rank."""
+    count = distributed.total_array(np.bincount(train.user_idx, minlength=train.n_users))
+    has_ratings = np.flatnonzero(count > 0)
     table = train.user_features
     encoders = [
         fit_column(name, col, has_ratings, min_count, table.labels.get(name) if table else None)
         for name, col in (table.columns.items() if table else [])
     ]
-    mean = float(train.ratings.mean()) if train.n_ratings else 0.0
+    mean = _mean_rating(train)
     centred = train.ratings - mean
-    count = np.bincount(train.user_idx, minlength=train.n_users).astype(np.float64)
-    total = np.bincount(train.user_idx, weights=centred, minlength=train.n_users)
+    total = distributed.total_array(np.bincount(train.user_idx, weights=centred, minlength=train.n_users))
     history = [total / np.maximum(count, 1), np.log1p(count)]
     names = ["avg_rating", "log_count"]
     genres, labels = _genres(train)
@@ -279,26 +284,33 @@ def fit_user_pipeline(train: Dataset, min_count: int = 1) -> FeaturePipeline:
             (np.ones(train.n_ratings), (train.user_idx, np.arange(train.n_ratings))),
             shape=(train.n_users, train.n_ratings),
         )
-        g_count = np.asarray(by_user @ g)
-        g_sum = np.asarray(by_user @ (g * centred[:, None]))
+        g_count = distributed.total_array(np.asarray(by_user @ g))
+        g_sum = distributed.total_array(np.asarray(by_user @ (g * centred[:, None])))
         history += [g_sum / np.maximum(g_count, 1), np.log1p(g_count)]
         names += [f"avg_rating[{l}]" for l in labels] + [f"log_count[{l}]" for l in labels]
     hist = np.column_stack([h if h.ndim == 2 else h[:, None] for h in history]).astype(np.float32)
     return FeaturePipeline("user", encoders, hist, names)
 
 
+def _mean_rating(train: Dataset) -> float:
+    """The mean rating of the interactions (on N ranks: of every rank's)."""
+    n = distributed.total(train.n_ratings)
+    return distributed.total(float(train.ratings.sum(dtype=np.float64))) / n if n else 0.0
+
+
 def fit_item_pipeline(train: Dataset, min_count: int = 1) -> FeaturePipeline:
     """Item features: the table's columns (genres, tags, year, category, price, ...;
     titles are display data, not features), plus each item's training average rating
-    (centred) and ``log1p`` count."""
-    has_ratings = np.unique(train.item_idx)
+    (centred) and ``log1p`` count. On N ranks, the whole data's (as
+    :func:`fit_user_pipeline`)."""
+    count = distributed.total_array(np.bincount(train.item_idx, minlength=train.n_items))
+    has_ratings = np.flatnonzero(count > 0)
     table = train.item_features
     encoders = [
         fit_column(name, col, has_ratings, min_count, table.labels.get(name) if table else None)
         for name, col in (table.columns.items() if table else [])
     ]
-    mean = float(train.ratings.mean()) if train.n_ratings else 0.0
-    count = np.bincount(train.item_idx, minlength=train.n_items).astype(np.float64)
-    total = np.bincount(train.item_idx, weights=train.ratings - mean, minlength=train.n_items)
+    mean = _mean_rating(train)
+    total = distributed.total_array(np.bincount(train.item_idx, weights=train.ratings - mean, minlength=train.n_items))
     hist = np.column_stack([total / np.maximum(count, 1), np.log1p(count)]).astype(np.float32)
     return FeaturePipeline("item", encoders, hist, ["avg_rating", "log_count"])

@@ -393,18 +393,24 @@ def train_two_tower(
     from tqdm.auto import tqdm
 
     cfg = TowerConfig(**{**asdict(config or TowerConfig()), **overrides})
-    if dataset.n_ratings == 0:
-        raise ValueError("cannot train on a dataset with no interactions")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    rng = np.random.default_rng(cfg.seed)
+    # One rank of N (torchrun, engine.models.distributed): this rank's users'
+    # interactions (all of the data, or only the rank's parts of a sharded directory);
+    # the feature pipelines and every statistic are the whole data's, sums over the
+    # ranks. On one process every "rank's" quantity below is the whole's.
+    rank, size = distributed.world()
+    dataset = distributed.own_users(dataset)
+    if distributed.total(dataset.n_ratings) == 0:
+        raise ValueError("cannot train on a dataset with no interactions")
+    rng = np.random.default_rng(cfg.seed if size == 1 else [cfg.seed, rank])
 
     user_p, item_p = fit_user_pipeline(dataset), fit_item_pipeline(dataset)
     xu = torch.as_tensor(user_p.transform_table(dataset.user_features, np.arange(dataset.n_users)), device=device)
     xi = torch.as_tensor(item_p.transform_table(dataset.item_features, np.arange(dataset.n_items)), device=device)
-    lo, hi = float(dataset.ratings.min()), float(dataset.ratings.max())
+    lo, hi = distributed.value_range(dataset.ratings)
     scaled = (2 * (dataset.ratings - lo) / max(hi - lo, 1e-9) - 1).astype(np.float32)
-    counts = dataset.item_counts().astype(np.float64)
+    counts = distributed.total_array(dataset.item_counts())
     log_q = np.log(np.maximum(counts, 1) / counts.sum()).astype(np.float32)
 
     n_val = int(round(dataset.n_ratings * cfg.validation_fraction))
@@ -450,13 +456,9 @@ def train_two_tower(
         logits = logits.masked_fill(same, float("-inf"))
         return torch.nn.functional.cross_entropy(logits, torch.arange(len(i), device=device))
 
-    # One rank of N (torchrun, engine.models.distributed): this rank's users' fitting
-    # rows. The ranks take the same number of steps per epoch, each covering its rows
-    # once, in batches that together make one of about batch_size rows. (A row's in-batch
-    # negatives are its rank's batch. Every rank holds the whole data: the feature
-    # pipelines are fitted on its statistics, and validation uses the same rows.)
-    rank, size = distributed.world()
-    fit_rows = fit_rows[distributed.owned(dataset.user_idx[fit_rows])]
+    # The ranks take the same number of steps per epoch, each covering its rows once, in
+    # batches that together make one of about batch_size rows. (A row's in-batch
+    # negatives are its rank's batch.)
     bounds, step_rows = distributed.epoch_steps(len(fit_rows), cfg.batch_size)
     steps = len(step_rows)
     smallest_batch = distributed.total_array(np.array([min(np.diff(bounds), default=0)]), "min")[0]
@@ -466,6 +468,7 @@ def train_two_tower(
     val_batches = [
         torch.as_tensor(val_rows[s : s + cfg.batch_size], device=device) for s in range(0, n_val, cfg.batch_size)
     ]
+    n_val_total = distributed.total(n_val)
     val_name = "val_mse" if cfg.objective == "mse" else "val_softmax_loss"
     curve, stopper = LearningCurve(), EarlyStopping(patience=cfg.patience)
     best = None
@@ -502,9 +505,10 @@ def train_two_tower(
             if s % 20 == 0:
                 bar.set_postfix(epoch=epoch, loss=f"{running / max(seen, 1):.4f}")
         record = {"epoch": epoch, "train_loss": distributed.total(running) / max(distributed.total(seen), 1)}
-        if val_batches:
-            with torch.no_grad():
-                val = float(np.mean([float(loss_on(b)) for b in val_batches if len(b) > 1]))
+        if n_val_total:
+            with torch.no_grad():  # the mean of the batches' losses, over every rank's
+                losses = [float(loss_on(b)) for b in val_batches if len(b) > 1]
+                val = distributed.total(sum(losses)) / max(distributed.total(len(losses)), 1)
             record[val_name] = val
             improved, stop = stopper.step(val, epoch)
             if improved:
@@ -514,7 +518,7 @@ def train_two_tower(
                 )
         curve.add(**record)
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
-        if val_batches and stop:
+        if n_val_total and stop:
             break
     bar.close()
     if best is not None:
@@ -534,7 +538,7 @@ def train_two_tower(
         log_q,
         metrics={
             "best_epoch": stopper.best_epoch,
-            val_name: stopper.best if n_val else None,
+            val_name: stopper.best if n_val_total else None,
             "epochs_run": len(curve.records),
             "learning_curve": curve.records,
         },
