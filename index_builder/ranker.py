@@ -28,6 +28,7 @@ import numpy as np
 
 from engine import data
 from engine.evaluation.metrics import relevant_matrix
+from engine.models import distributed
 from engine.models.ranker import Ranker
 from engine.settings import EngineConfig, RankerConfig
 
@@ -58,7 +59,9 @@ def holdout_splits(train: data.Dataset, config: RankerConfig) -> list[data.Split
     """The interactions the ranker learns to predict (``ranker.holdout``): each user's
     latest ``holdout_fraction``, or ``holdout_rounds`` seeded random shares of each
     user's ("auto": temporal when the data has timestamps; a temporal holdout is one)."""
-    if config.holdout == "temporal" or (config.holdout == "auto" and train.has_timestamps):
+    # (On N ranks, whether the whole data has times: every rank makes the same choice.)
+    first, last = distributed.value_range(train.timestamps)
+    if config.holdout == "temporal" or (config.holdout == "auto" and first != last):
         return [data.temporal_split(train, config.holdout_fraction)]
     return [
         data.random_split(train, config.holdout_fraction, seed=config.seed + r, per_user=True)
@@ -93,7 +96,6 @@ def ranker_examples(
 
 
 def _examples_of(fit: data.Dataset, holdout: data.Dataset, config: dict, ranker_config: RankerConfig, log):
-    from engine.models import distributed
     from engine.serving.engine import Engine
     from index_builder.train import publish, train_embedding_models
 

@@ -84,6 +84,7 @@ def _rank(rank: int, size: int, store: str, out: str) -> None:
         if model is not None:
             for name in ("W", "X", "user_bias", "seen_indices"):
                 np.save(f"{out}/{name}.npy", getattr(model, name))
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -123,6 +124,7 @@ def _diverged(rank: int, size: int, store: str) -> None:
         check_replicas({"X": torch.ones(3)})  # equal: passes
         with pytest.raises(RuntimeError, match="replicas of X differ"):
             check_replicas({"X": torch.tensor([1.0, 2.0, float(rank)])})
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -161,22 +163,30 @@ def test_each_rank_reads_only_its_parts_of_a_sharded_directory(tmp_path):
     assert abs(rmse["two"] - rmse["one"]) < TOLERANCE, rmse
 
 
-def test_make_train_dist_trains_every_serving_model_on_two_processes(tmp_path):
+@pytest.mark.parametrize("source", ["file", "shards"])
+def test_make_train_dist_trains_every_serving_model_on_two_processes(tmp_path, source):
     """`torchrun --nproc_per_node 2 -m engine train --distributed` (make train DIST=2):
     the ranker's models and the serving models' towers are trained by both ranks, rank 0
     alone fits ALS and the ranker and writes; `build-index` then publishes a bundle that
-    serves."""
+    serves. From a sharded directory rank 1 reads only its parts (rank 0, which fits ALS
+    and the ranker, reads them all)."""
     from engine.serving.engine import Engine
 
+    data_flags = ["--data", "synthetic"]
+    if source == "shards":
+        shard = [sys.executable, "-m", "engine", *SETTINGS, "data", "shard", "synthetic", "--parts", "2"]
+        subprocess.run([*shard, "--out", str(tmp_path / "shards")], check=True, capture_output=True, timeout=120)
+        data_flags = ["--data", str(tmp_path / "shards")]
     paths = ["--set", f"paths.models={tmp_path / 'models'}", "--set", f"paths.bundles={tmp_path / 'bundles'}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command += [str(free_port()), "-m", "engine", *SETTINGS, *paths, "train", "--data", "synthetic"]
+    command += [str(free_port()), "-m", "engine", *SETTINGS, *paths, "train", *data_flags]
     done = subprocess.run([*command, "--distributed", "--no-progress"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count('"saved"') == 1 and "rank 0 of 2" in done.stderr  # one writer
+    assert ("rank 1 of 2: read" in done.stderr) == (source == "shards")
     saved = json.loads(done.stdout[done.stdout.index("{") :])
     assert saved["models"] == ["cf", "ranker", "towers"]
-    index = [sys.executable, "-m", "engine", *SETTINGS, *paths, "build-index", "--data", "synthetic"]
+    index = [sys.executable, "-m", "engine", *SETTINGS, *paths, "build-index", *data_flags]
     built = subprocess.run(index, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     engine = Engine.load(tmp_path / "bundles")

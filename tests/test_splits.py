@@ -82,3 +82,15 @@ def test_per_user_random_split_takes_that_share_of_every_user():
     np.testing.assert_array_equal(split.test.item_idx, again.test.item_idx)
     other = data.random_split(ds, 0.2, seed=5, per_user=True)
     assert not np.array_equal(split.test.item_idx, other.test.item_idx)
+
+
+def test_a_users_per_user_random_split_depends_on_their_interactions_alone():
+    """A rank of a distributed run holding some users splits them as the whole data's
+    split does: the same held-out pairs for those users."""
+    ds = data.make_synthetic(n_users=100, n_items=80, n_ratings=3000, seed=0)
+    whole = data.random_split(ds, 0.2, seed=3, per_user=True).test
+    odd_users = ds.subset(ds.user_idx % 2 == 1)
+    part = data.random_split(odd_users, 0.2, seed=3, per_user=True).test
+    in_part = whole.user_idx % 2 == 1
+    expected = set(zip(whole.user_idx[in_part], whole.item_idx[in_part]))
+    assert set(zip(part.user_idx, part.item_idx)) == expected and len(expected) > 200

@@ -34,6 +34,16 @@ def join_ranks(device: str | None) -> int:
     return rank
 
 
+def say_parts_read(dataset, source) -> None:
+    """A rank that read only its parts of a sharded directory says how much of it."""
+    if dataset.shard_of is not None:
+        from engine.models.distributed import world
+
+        rank, size = world()
+        print(f"rank {rank} of {size}: read {dataset.n_ratings:,} of the {dataset.shard_of['n_ratings']:,} "
+              f"ratings in {source} (its parts)", file=sys.stderr)  # fmt: skip
+
+
 def log_to_stderr(line: str) -> None:
     """Progress lines of the library's long jobs go to stderr; stdout carries results."""
     print(line, file=sys.stderr)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.cli.common import add_data_file_flags, join_ranks, log_to_stderr
+from engine.cli.common import add_data_file_flags, join_ranks, log_to_stderr, say_parts_read
 from engine.config import load_dataset
 from engine.errors import ConfigError
 
@@ -44,12 +44,18 @@ def cmd_build_index(args: argparse.Namespace, config: dict) -> int:
 
 
 def cmd_train(args: argparse.Namespace, config: dict) -> int:
+    from engine.models.distributed import world
     from index_builder.train import save_feedback_cutoff, train_models, with_recorded_feedback
 
     # One rank of `torchrun --nproc_per_node N -m engine train --distributed`, or one process.
     rank = join_ranks(config["towers"].get("device")) if args.distributed else 0
     root = Path(config["paths"]["bundles"])  # the events recorded live there so far are trained on
-    dataset = with_recorded_feedback(load_dataset(config, args.data), root, config, log=log_to_stderr)
+    # Rank 0 fits ALS and the ranker on the whole data; another rank trains its users'
+    # share of the towers (and of Adam CF), and reads only its parts of a sharded directory.
+    shard = (0, 1) if rank == 0 else world()
+    dataset = load_dataset(config, args.data, shard)
+    say_parts_read(dataset, args.data)
+    dataset = with_recorded_feedback(dataset, root, config, log=log_to_stderr)
     models = Path(args.models or config["paths"]["models"])
     log = log_to_stderr if rank == 0 else lambda line: None
     _, _, ranker = train_models(dataset, config, not args.no_progress and rank == 0, models, log=log)

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.cli.common import add_data_flags, join_ranks
+from engine.cli.common import add_data_flags, join_ranks, say_parts_read
 from engine.config import load_dataset, load_split, resolve_data_source
 from engine.data.shards import is_sharded
 from engine.errors import ConfigError
@@ -56,9 +56,7 @@ def _train_and_test(args: argparse.Namespace, config: dict, shard: tuple[int, in
                 "--split none"
             )
         dataset = load_dataset(config, source, shard)
-        whole = dataset.shard_of or {"n_ratings": dataset.n_ratings}
-        print(f"rank {shard[0]} of {shard[1]}: read {dataset.n_ratings:,} of the {whole['n_ratings']:,} ratings "
-              f"in {source} (its parts)", file=sys.stderr)  # fmt: skip
+        say_parts_read(dataset, source)
         return dataset, None
     split = load_split(config, args.data, args.split)
     if split is None:

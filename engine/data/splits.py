@@ -80,12 +80,25 @@ def random_split(ds: Dataset, test_ratio: float = 0.2, seed: int = 0, per_user: 
     rng = np.random.default_rng(seed)
     if per_user:
         # A random rank within each user: the first floor(ratio x count) ranks are test.
-        order = np.lexsort((rng.random(ds.n_ratings), ds.user_idx))
+        # The ranks come from a seeded hash of each (user, item) pair, so that a user's
+        # split depends on their interactions alone (a rank of a distributed run holding
+        # some users splits them as the whole data's split does).
+        order = np.lexsort((_pair_keys(ds, seed), ds.user_idx))
         return _split(ds, _first_per_user(ds, order, test_ratio), f"random{test_ratio}")
     n_test = int(round(ds.n_ratings * test_ratio))
     mask = np.zeros(ds.n_ratings, bool)
     mask[rng.choice(ds.n_ratings, n_test, replace=False)] = True
     return _split(ds, mask, f"random{test_ratio}")
+
+
+def _pair_keys(ds: Dataset, seed: int) -> np.ndarray:
+    """``[n_ratings]`` uint64: a seeded hash of each interaction's (user, item) pair
+    (splitmix64's finaliser), uniform and independent of the other interactions."""
+    x = ds.user_idx.astype(np.uint64) * np.uint64(ds.n_items) + ds.item_idx.astype(np.uint64)
+    x ^= np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def temporal_split(ds: Dataset, test_fraction: float = 0.2) -> Split:

@@ -823,6 +823,7 @@ def train_cf(
             dataset.item_idx,
         )
     )
+    distributed.barrier()
     if w_parts is None or b_parts is None or user_parts is None or item_parts is None:
         return None  # a rank other than 0
     W = np.empty((n_users, f), np.float32)

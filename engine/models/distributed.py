@@ -180,7 +180,8 @@ def total_array(values: np.ndarray, op: str = "sum") -> np.ndarray:
 
 
 def value_range(values: np.ndarray) -> tuple[float, float]:
-    """``(min, max)`` of the values on every rank."""
+    """``(min, max)`` of the values on every rank (as floats; ``(inf, -inf)`` for none)."""
+    values = np.asarray(values, np.float64)
     lo = total_array(np.array([np.min(values, initial=np.inf)]), "min")[0]
     hi = total_array(np.array([np.max(values, initial=-np.inf)]), "max")[0]
     return float(lo), float(hi)
@@ -202,6 +203,15 @@ def gather_to_first(array: np.ndarray) -> list[np.ndarray] | None:
     chunks = [torch.empty_like(tensor) for _ in range(size)] if rank == 0 else None
     dist.gather(tensor, chunks, dst=0)
     return None if chunks is None else [c.numpy()[:n] for c, n in zip(chunks, lengths)]
+
+
+def barrier() -> None:
+    """Wait until every rank gets here: a rank that is done must not tear the group down
+    (or exit) while another still exchanges with it."""
+    import torch.distributed as dist
+
+    if world()[1] > 1:
+        dist.barrier()
 
 
 def check_replicas(tensors: dict) -> None:
