@@ -69,70 +69,43 @@ def test_two_processes_train_the_towers_like_one(tmp_path):
     assert abs(two["test"][recall] - one["test"][recall]) < 0.05, (one["test"], two["test"])
 
 
-def _rank(rank: int, size: int, store: str, out: str) -> None:
-    """One rank: join the group, train; rank 0 writes the model's tables."""
-    import torch.distributed as dist
-
-    from engine import data
-    from engine.models.cf import train_cf
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
-    try:
-        ds = data.make_synthetic(n_users=200, n_items=120, n_ratings=8000, seed=1)
-        model = train_cf(ds, n_features=8, epochs=4, batch_size=256, learning_rate=0.01, progress=False)
-        assert (model is None) == (rank != 0)  # rank 0 gathers the user rows and returns the model
-        if model is not None:
-            for name in ("W", "X", "user_bias", "seen_indices"):
-                np.save(f"{out}/{name}.npy", getattr(model, name))
-        dist.barrier()  # no rank tears the group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
-
-
 def test_a_rerun_on_two_processes_gives_the_same_model(tmp_path):
     """The same seed gives the same model on the same number of processes (the ranks'
     replicas of the item table are checked equal at the end of training), and rank 0's
     model has every user's row and seen list."""
-    import torch.multiprocessing as mp
+    from engine.models.cf import CFModel
 
-    from engine import data
-
-    for run in ("first", "second"):
-        out = tmp_path / run
-        out.mkdir()
-        mp.spawn(_rank, args=(2, str(out / "store"), str(out)), nprocs=2, join=True)
-    for name in ("W", "X", "user_bias", "seen_indices"):
-        np.testing.assert_array_equal(
-            np.load(tmp_path / "first" / f"{name}.npy"), np.load(tmp_path / "second" / f"{name}.npy")
-        )
-    ds = data.make_synthetic(n_users=200, n_items=120, n_ratings=8000, seed=1)
-    W = np.load(tmp_path / "first" / "W.npy")
-    assert W.shape == (ds.n_users, 8)
-    rated = np.bincount(ds.user_idx, minlength=ds.n_users) > 0
-    assert (np.abs(W[rated]).sum(1) > 0).all()  # both ranks' users trained, gathered in place
-    np.testing.assert_array_equal(np.load(tmp_path / "first" / "seen_indices.npy"), ds.user_items().indices)
+    train(tmp_path, "first", 2)
+    train(tmp_path, "second", 2)
+    first, second = CFModel.load(tmp_path / "first"), CFModel.load(tmp_path / "second")
+    for name in ("W", "X", "user_bias", "seen_indptr", "seen_indices"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+    # Rank 0 gathered both ranks' users: every one with interactions has a trained row.
+    assert first.seen_indptr[-1] == first.metrics["trained_on"]["n_ratings"]
+    rated = np.diff(first.seen_indptr) > 0
+    assert rated[0::2].any() and rated[1::2].any() and (np.abs(first.W[rated]).sum(1) > 0).all()
 
 
-def _diverged(rank: int, size: int, store: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from engine.models.distributed import check_replicas
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
-    try:
-        check_replicas({"X": torch.ones(3)})  # equal: passes
-        with pytest.raises(RuntimeError, match="replicas of X differ"):
-            check_replicas({"X": torch.tensor([1.0, 2.0, float(rank)])})
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+REPLICAS = """
+import torch, torch.distributed as dist
+from engine.models.distributed import check_replicas, init_from_environment
+rank, _ = init_from_environment()
+check_replicas({"X": torch.ones(3)})  # equal: passes
+try:
+    check_replicas({"X": torch.tensor([1.0, 2.0, float(rank)])})
+except RuntimeError as e:
+    print(f"rank {rank}: {e}")
+"""
 
 
 def test_replicas_that_went_out_of_step_are_caught(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_diverged, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+    (tmp_path / "replicas.py").write_text(REPLICAS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    done = subprocess.run(
+        [*command, str(free_port()), str(tmp_path / "replicas.py")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("the ranks' replicas of X differ") == 2, done.stdout
 
 
 def test_each_rank_reads_only_its_parts_of_a_sharded_directory(tmp_path):

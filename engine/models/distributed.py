@@ -32,6 +32,7 @@ torchrun's environment (gloo on CPU, NCCL on CUDA).
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 
@@ -59,7 +60,18 @@ def init_from_environment(device: str | None = None) -> tuple[int, int]:
     if not dist.is_initialized():
         cuda = device is not None and str(device).startswith("cuda") and torch.cuda.is_available()
         dist.init_process_group("nccl" if cuda else "gloo")
+        # A process that exits with its group alive can abort (SIGABRT) in interpreter
+        # finalisation: gloo's worker threads still hold tensors whose release needs the
+        # GIL. The group is destroyed while the interpreter is whole.
+        atexit.register(_leave_group)
     return world()
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def owned(user_idx: np.ndarray) -> np.ndarray:
