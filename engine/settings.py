@@ -181,8 +181,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
     processes: int = 1  # server processes sharing the port (tandem serve --processes)
-    # Request threads. Engine work holds the GIL, so more threads add contention, not
-    # throughput; two keep a long request from blocking the rest. Cores: `processes`.
+    # Threads for the long rpcs (RecommendBatch, the writes, Reload; the others run on
+    # the server's event loop). Engine work holds the GIL, so more threads add
+    # contention, not throughput; two keep a long request from blocking the rest.
+    # Cores: `processes`.
     workers: int = 2
     max_batch: int = 1000  # users per RecommendBatch / items per AddItems
     max_batch_results: int = 100_000  # users x k per RecommendBatch (keeps the reply within its size limit)
