@@ -240,6 +240,35 @@ def test_unknown_user_is_served_by_cold_start(client):
     assert len(recs) == 5 and all(s == ("popular",) for s in recs.sources)
 
 
+def test_a_long_batch_does_not_hold_up_one_users_request(client, server, monkeypatch):
+    """RecommendBatch runs on the server's threads, one user's Recommend inline on its
+    event loop: while a batch takes a second, a Recommend is still answered at once.
+    (Were the batch run on the loop too, the Recommend would wait for it.)"""
+    from engine.serving.engine import Engine as EngineClass
+
+    batch = EngineClass.recommend_batch
+    started = threading.Event()
+
+    def slow_batch(self, *args, **kwargs):
+        started.set()
+        time.sleep(1.0)  # (sleeping releases the GIL, as NumPy and FAISS do)
+        return batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(EngineClass, "recommend_batch", slow_batch)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(client.recommend_batch(["u1", "u2"], k=3)))
+    worker.start()
+    try:
+        assert started.wait(10)
+        start = time.perf_counter()
+        recs = client.recommend("u3", k=5)
+        waited = time.perf_counter() - start
+    finally:
+        worker.join(30)
+    assert len(recs) == 5 and waited < 0.5, waited
+    assert len(done) == 1 and len(done[0]) == 2  # the batch completed too
+
+
 def test_the_server_stops_a_batch_at_its_deadline(client, server, monkeypatch):
     """The server itself gives up on a batch whose deadline passed (not only the client):
     it serves no chunk after the deadline and records DEADLINE_EXCEEDED. Without the
