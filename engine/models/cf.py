@@ -830,9 +830,12 @@ def train_cf(
     b = np.empty(n_users, np.float32)
     for r in range(size):  # rank r held users r, r + N, ...
         W[r::size], b[r::size] = w_parts[r], b_parts[r]
-    users, items = np.concatenate(user_parts), np.concatenate(item_parts)
-    seen = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=(n_users, n_items))
-    seen.sort_indices()
+    if size == 1:  # the data's own view, cached: the index build reuses it
+        seen = dataset.user_items()
+    else:
+        users, items = np.concatenate(user_parts), np.concatenate(item_parts)
+        seen = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=(n_users, n_items))
+        seen.sort_indices()
     # Users with no training interactions keep nothing but their random start shrunk by
     # L2: zero them, so that a cold user is predicted by the item offsets alone. Items
     # with none get tiny *distinct* vectors instead: thousands of identical zero vectors
