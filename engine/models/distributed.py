@@ -193,10 +193,10 @@ def total_array(values: np.ndarray, op: str = "sum") -> np.ndarray:
 
 def value_range(values: np.ndarray) -> tuple[float, float]:
     """``(min, max)`` of the values on every rank (as floats; ``(inf, -inf)`` for none)."""
-    values = np.asarray(values, np.float64)
-    lo = total_array(np.array([np.min(values, initial=np.inf)]), "min")[0]
-    hi = total_array(np.array([np.max(values, initial=-np.inf)]), "max")[0]
-    return float(lo), float(hi)
+    values = np.asarray(values)
+    lo = float(values.min()) if len(values) else math.inf  # (no float64 copy of the values)
+    hi = float(values.max()) if len(values) else -math.inf
+    return float(total_array(np.array([lo]), "min")[0]), float(total_array(np.array([hi]), "max")[0])
 
 
 def gather_to_first(array: np.ndarray) -> list[np.ndarray] | None:
