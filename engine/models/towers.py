@@ -392,6 +392,8 @@ def train_two_tower(
     torch = require_torch()
     from tqdm.auto import tqdm
 
+    from engine.models.adam import Adam, one_cycle
+
     cfg = TowerConfig(**{**asdict(config or TowerConfig()), **overrides})
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -425,7 +427,7 @@ def train_two_tower(
     user_net = _torch_tower(xu.shape[1], cfg.hidden_layers, cfg.output_dim).to(device)
     item_net = _torch_tower(xi.shape[1], cfg.hidden_layers, cfg.output_dim).to(device)
     parameters = list(user_net.parameters()) + list(item_net.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = Adam(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     n_item_history = len(item_p.history_names)
     # One rank of N: the replicas start from rank 0's weights; training's backward passes
@@ -472,12 +474,9 @@ def train_two_tower(
     val_name = "val_mse" if cfg.objective == "mse" else "val_softmax_loss"
     curve, stopper = LearningCurve(), EarlyStopping(patience=cfg.patience)
     best = None
-    scheduler = None
     # A one-cycle schedule needs a few steps to warm up and anneal; tiny data trains flat.
-    if cfg.schedule == "onecycle" and cfg.epochs * steps >= 10:
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.learning_rate, total_steps=cfg.epochs * steps, pct_start=0.25
-        )
+    one_cycle_steps = cfg.epochs * steps if cfg.schedule == "onecycle" and cfg.epochs * steps >= 10 else 0
+    steps_taken = 0
     bar = tqdm(
         total=cfg.epochs * steps,
         desc=f"train towers ({cfg.objective})",
@@ -493,12 +492,14 @@ def train_two_tower(
             rows = order[bounds[s] : bounds[s + 1]]
             if cfg.objective == "softmax" and len(rows) < 2 and size == 1:
                 continue  # (on N ranks every rank steps: a row alone has a zero softmax loss)
+            if one_cycle_steps:
+                optimizer.lr, beta1 = one_cycle(steps_taken, one_cycle_steps, cfg.learning_rate, pct_start=0.25)
+                optimizer.betas = (beta1, optimizer.betas[1])
             loss = loss_on(rows, training=True)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+            steps_taken += 1
             running += float(loss.detach()) * len(rows)
             seen += len(rows)
             bar.update(1)
