@@ -8,7 +8,7 @@ DATA   ?= auto
 SIDE_FLAGS = $(if $(ITEM_FEATURES),--item-features $(ITEM_FEATURES)) $(if $(USER_FEATURES),--user-features $(USER_FEATURES))
 DATA_FLAGS = $(if $(filter auto,$(DATA)),,--data $(DATA)) $(SIDE_FLAGS)
 
-.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve web proto bench-serve bench-http train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine bench-feedback bench-milvus eval-pipeline bench-cf bench-cf-dist bench-cf-scale bench-synthetic clean
+.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve web proto bench-serve bench-http train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine bench-feedback bench-milvus eval-pipeline bench-cf bench-cf-dist bench-cf-scale bench-shapes bench-train-time bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -117,6 +117,12 @@ bench-cf-dist: install  ## one CF epoch on synthetic 20M ratings, read as user p
 
 bench-cf-scale: install  ## B6: one CF epoch on synthetic 20M ratings (ratings/s, peak RSS)
 	$(PY) bench/cf_scale.py
+
+bench-shapes: install-bench  ## the pipeline beside popularity, implicit ALS and EASE on three synthetic shapes (explicit 1k items, implicit 16k, implicit 3k without features)
+	$(PY) bench/shapes.py
+
+bench-train-time: install-bench  ## make train index wall time on ML-100K and a 100k-interaction implicit set of 17k items, beside implicit ALS's fit
+	$(PY) bench/train_time.py
 
 demo: install describe  ## set up, then train -> evaluate -> index -> serve -> query on the default data
 	$(VENV)/bin/tandem train-cf --no-progress --out artifacts/eval/cf $(DATA_FLAGS)

@@ -1,0 +1,98 @@
+"""The pipeline beside popularity, implicit ALS and EASE on synthetic data of several shapes.
+
+Issue 18's yardstick for defaults that travel: datasets the defaults were not chosen on,
+made by the generator in shapes unlike ML-100K, each evaluated by ``tandem
+eval-pipeline``'s code (the pipeline as ``make train index`` publishes it, the peers at
+the best of their grids, in the same run):
+
+- ``explicit-1k``: 1-5 ratings, 2,000 users x 1,000 items, 100k ratings, side features;
+- ``implicit-16k``: the likes (rating >= 4) of 8,000 users x 16,000 items, about 110k
+  interactions all of value 1, a steep popularity law, side features;
+- ``implicit-3k-bare``: the likes of 6,000 users x 3,000 items with even activity
+  (short histories), no side features at all.
+
+The generator's times carry no trend, so each shape is split per user at random (20%).
+Usage: python bench/shapes.py [--shapes NAME ...] [--seed S] [--ease-max-items N]
+Writes bench/results/shapes.json and prints pipeline / best peer per shape and metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from _results import save_result
+
+from engine.data import Dataset, make_synthetic
+from index_builder.evaluate import evaluate_pipeline, format_summary, make_splits
+
+
+def _likes_only(ds: Dataset, name: str, features: bool = True) -> Dataset:
+    """The interactions rated 4 or 5, as implicit feedback (every value 1)."""
+    keep = ds.ratings >= 4
+    return Dataset(
+        ds.user_idx[keep],
+        ds.item_idx[keep],
+        np.ones(int(keep.sum()), np.float32),
+        ds.timestamps[keep],
+        ds.users,
+        ds.items,
+        ds.user_features if features else None,
+        ds.item_features if features else None,
+        ds.item_titles,
+        name=name,
+        drop_duplicates=False,
+    )
+
+
+SHAPES = {
+    "explicit-1k": lambda seed: make_synthetic(n_users=2_000, n_items=1_000, n_ratings=100_000, seed=seed),
+    "implicit-16k": lambda seed: _likes_only(
+        make_synthetic(n_users=8_000, n_items=16_000, n_ratings=240_000, popularity_exponent=1.1, seed=seed),
+        "implicit-16k",
+    ),
+    "implicit-3k-bare": lambda seed: _likes_only(
+        make_synthetic(n_users=6_000, n_items=3_000, n_ratings=150_000, activity_sigma=0.4, seed=seed),
+        "implicit-3k-bare",
+        features=False,
+    ),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--seed", type=int, default=1, help="generator seed (the split's is 0)")
+    parser.add_argument("--ease-max-items", type=int, default=20_000, help="skip EASE above this many items")
+    args = parser.parse_args()
+    results = {}
+    for name in args.shapes:
+        ds = SHAPES[name](args.seed)
+        print(f"{name}: {ds.n_users:,} users, {ds.n_items:,} items, {ds.n_ratings:,} interactions", flush=True)
+        start = time.perf_counter()
+        report = evaluate_pipeline(
+            make_splits(ds, None, "random"), ease_max_items=args.ease_max_items, data_name=name, ablation=False
+        )
+        results[name] = {
+            "n_users": ds.n_users,
+            "n_items": ds.n_items,
+            "n_interactions": ds.n_ratings,
+            "seconds": time.perf_counter() - start,
+            "summary": report["summary"],
+        }
+        print(format_summary(report), flush=True)
+    save_result("shapes", {"seed": args.seed, "shapes": results})
+    print("\npipeline / best peer (Recall@10, NDCG@10):")
+    for name, row in results.items():
+        pipeline = row["summary"]["pipeline"]
+        cells = [
+            f"{pipeline[f'ratio_to_best_peer_{m}']:.3f} (pipeline {pipeline[m]:.4f}, "
+            f"{pipeline[f'best_peer_{m}']} {row['summary'][pipeline[f'best_peer_{m}']][m]:.4f})"
+            for m in ("recall@10", "ndcg@10")
+        ]
+        print(f"  {name:<18} " + "   ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
