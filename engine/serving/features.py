@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.data.attributes import CATEGORICAL, LABELS, ItemAttributes
+from engine.serving import feature_kernels
 from engine.serving.ranking import ScoreScale, dots
 from engine.serving.retrieval import Candidates, Requests, positions_in_rows
 
@@ -234,19 +235,23 @@ class RankingFeatures:
         out[:, at["segment_popularity"]] = self._segment_popularity(requests, rows, items)
         out[:, [at["item_trend"], at["item_age"]]] = _per_item(self._trend_age, items, 0.0)
         indptr, history = requests.history()
-        in_history = _HistoryLookup(indptr, history, len(cat.popularity))  # shared by the item-item tables
-        lengths = in_history.lengths
+        lengths = np.diff(indptr)
         out[:, at["user_activity"]] = np.log1p(lengths)[rows]
         out[:, at["user_like_rate"]] = np.nan if requests.like_rate is None else requests.like_rate[rows]
         out[:, [at["item_like_rate"], at["item_mean_rating"]]] = _per_item(self._rates, items, np.nan)
         largest, mean = self._recent_similarity(requests, rows, items)
         out[:, at["recent_similarity_max"]], out[:, at["recent_similarity_mean"]] = largest, mean
         tables = self.tables
-        total = in_history.weights_from(tables.cooccurring, tables.cooccurrence, rows, items)
+        n_items = len(cat.popularity)
+        total = feature_kernels.weights_from_history(
+            tables.cooccurring, tables.cooccurrence, indptr, history, rows, items, n_items
+        )
         out[:, at["cooccurrence_sum"]] = total
         with np.errstate(invalid="ignore", divide="ignore"):
             out[:, at["cooccurrence_mean"]] = total / lengths[rows]
-        out[:, at["ease_score"]] = in_history.weights_from(tables.ease_from, tables.ease_weight, rows, items)
+        out[:, at["ease_score"]] = feature_kernels.weights_from_history(
+            tables.ease_from, tables.ease_weight, indptr, history, rows, items, n_items
+        )
         for name in self.affinity:
             out[:, at[f"affinity:{name}"]] = _affinity(cat.attributes[name], indptr, history, rows, items)
         live = items >= cat.n_bundle
@@ -292,58 +297,7 @@ class RankingFeatures:
 
     def _recent_similarity(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> tuple:
         """Max and mean cosine of each item's CF vector to its user's recent likes'."""
-        liked = requests.recent_liked  # [U, R], -1 pads
-        unit, n_cf = self.unit_cf, len(self.unit_cf)
-        inside = items < n_cf
-        item_unit = unit[np.where(inside, items, 0)]
-        largest = np.full(len(rows), np.nan, np.float32)
-        mean = np.full(len(rows), np.nan, np.float32)
-        bounds = np.searchsorted(rows, np.arange(len(liked) + 1)).tolist()
-        for u in range(len(liked)):
-            if bounds[u + 1] == bounds[u]:
-                continue
-            likes = liked[u][(liked[u] >= 0) & (liked[u] < n_cf)]
-            if len(likes):
-                sims = item_unit[bounds[u] : bounds[u + 1]] @ unit[likes].T
-                largest[bounds[u] : bounds[u + 1]] = sims.max(axis=1)
-                mean[bounds[u] : bounds[u + 1]] = sims.mean(axis=1)
-        return np.where(inside, largest, np.nan), np.where(inside, mean, np.nan)
-
-
-class _HistoryLookup:
-    """Whether an item lies in a user's history, for many (user, item) pairs at once: a
-    bitmap of the history for one user, sorted (user, item) keys for a batch. Built once
-    per request, read by every item-item table."""
-
-    def __init__(self, indptr: np.ndarray, history: np.ndarray, n_items: int):
-        self.lengths, self.n_items, self.empty = np.diff(indptr), n_items, len(history) == 0
-        if len(self.lengths) == 1:  # one user (-1 pads of a table land on the last entry)
-            self.bitmap = np.zeros(n_items + 1, bool)
-            self.bitmap[history[history < n_items]] = True
-        else:
-            owners = np.repeat(np.arange(len(self.lengths), dtype=np.int64), self.lengths)
-            self.keys = np.sort(owners * n_items + history.astype(np.int64))
-
-    def contains(self, rows: np.ndarray, found: np.ndarray) -> np.ndarray:
-        """``[n, K]``: whether ``found[j, k]`` (an item index, -1 pads) is in user ``rows[j]``'s history."""
-        if len(self.lengths) == 1:
-            return self.bitmap[found]
-        wanted = rows.astype(np.int64)[:, None] * self.n_items + found
-        return (self.keys[np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)] == wanted) & (found >= 0)
-
-    def weights_from(self, neighbours: np.ndarray, weights: np.ndarray, rows: np.ndarray, items: np.ndarray):
-        """Per pair, the sum of the item's item-item weights (``neighbours[i]``,
-        ``weights[i]``) from the items of the user's history: ``K`` lookups per candidate,
-        whatever the history's length or the catalogue's size (NaN for a user with no
-        history, or without the table)."""
-        n_table = len(neighbours)
-        if n_table == 0 or self.empty:
-            return np.full(len(rows), np.nan, np.float32)
-        inside = items < n_table
-        at = np.where(inside, items, 0)
-        hit = self.contains(rows, neighbours[at].astype(np.int64))  # [n, K]
-        total = np.einsum("nk,nk->n", weights[at], hit.astype(np.float32))
-        return np.where(inside & (self.lengths[rows] > 0), total, np.nan).astype(np.float32)
+        return feature_kernels.recent_similarity(self.unit_cf, requests.recent_liked, rows, items)
 
 
 def _per_item(table: np.ndarray, items: np.ndarray, beyond: float) -> np.ndarray:
@@ -365,28 +319,7 @@ def _source_shifts(names: tuple[str, ...]) -> np.ndarray:
 def _affinity(attribute, indptr: np.ndarray, history: np.ndarray, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
     """The share of each user's history sharing the item's value(s) of ``attribute``
     (labels: averaged over the item's labels); NaN for a user with no history."""
-    n_users = len(indptr) - 1
-    lengths = np.diff(indptr)
     if attribute.kind == LABELS:
-        flags = attribute.values  # [n_items, L] uint8
-        if n_users == 1:
-            profile = flags[history].sum(axis=0, dtype=np.float32)[None, :]
-        else:
-            profile = np.zeros((n_users, flags.shape[1]), np.float32)
-            some = lengths > 0
-            if some.any():  # history is grouped by user: one sum per non-empty group
-                profile[some] = np.add.reduceat(flags[history].astype(np.float32), indptr[:-1][some], axis=0)
-        item_flags = flags[items].astype(np.float32)
-        matched = np.einsum("nl,nl->n", profile[rows], item_flags)
-        share = matched / np.maximum(item_flags.sum(axis=1), 1.0)
-    else:  # categorical codes, -1 missing
-        codes = attribute.values
-        width = len(attribute.vocabulary)
-        owners = np.repeat(np.arange(n_users), lengths)
-        code = codes[history]
-        keep = code >= 0
-        profile = np.bincount(owners[keep] * width + code[keep], minlength=n_users * width + 1).astype(np.float32)
-        item_code = codes[items]
-        share = np.where(item_code >= 0, profile[rows * width + np.maximum(item_code, 0)], 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(lengths[rows] > 0, share / lengths[rows], np.nan).astype(np.float32)
+        return feature_kernels.label_affinity(attribute.values, indptr, history, rows, items)
+    # categorical codes, -1 missing
+    return feature_kernels.code_affinity(attribute.values, len(attribute.vocabulary), indptr, history, rows, items)
