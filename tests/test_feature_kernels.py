@@ -72,3 +72,29 @@ def test_label_and_code_affinity(batch):
         assert labels[j] == pytest.approx(want, rel=1e-6, abs=1e-7)
         same = 0.0 if codes[i] < 0 else np.mean([codes[x] == codes[i] for x in h])
         assert shares[j] == pytest.approx(same, rel=1e-6, abs=1e-7)
+
+
+def test_pair_columns_and_segment_counts():
+    rows = np.array([0, 0, 1], np.int64)
+    items = np.array([1, 3, 0], np.int64)  # item 3 lies beyond the 3-row tables (added live)
+    bits = np.array([0b101, 0b010, 0b000], np.uint32)
+    shifts = np.array([0, 1, -1, 2], np.int64)  # the third source is absent from the request
+    popularity = np.array([0.0, 4.0, 9.0, 0.0], np.float32)
+    trend_age = np.array([[1.0, 0.1], [2.0, 0.2], [3.0, 0.3]], np.float32)
+    rates = np.array([[0.5, 3.5], [0.6, 3.6], [0.7, 3.7]], np.float32)
+    lengths = np.array([3, 0], np.int64)
+    got = k.pair_columns(rows, items, np.array([0, 1, 0]), bits, shifts, popularity, trend_age, rates, lengths)
+    want = np.array(
+        [
+            [1, 0, 0, 1, 2, 0, np.log1p(4.0), 2.0, 0.2, np.log1p(3), 0.6, 3.6],
+            [0, 1, 0, 0, 1, 1, np.log1p(0.0), 0.0, 0.0, np.log1p(3), np.nan, np.nan],
+            [0, 0, 0, 0, 0, 0, np.log1p(0.0), 1.0, 0.1, 0.0, 0.5, 3.5],
+        ],
+        np.float32,
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+    keys = np.array([0 * 2**31 + 2, 1 * 2**31 + 0, 1 * 2**31 + 5], np.int64)  # sorted (segment, item)
+    counts = np.array([1.5, 2.5, 3.5], np.float32)
+    got = k.segment_counts(keys, counts, np.array([1, 1, 0, -1], np.int64), np.array([5, 2, 2, 2], np.int64))
+    np.testing.assert_array_equal(got, np.array([3.5, 0.0, 1.5, np.nan], np.float32))

@@ -152,3 +152,67 @@ def code_affinity(
                 out[r] = share / np.float32(stop - start)
         j = end
     return out
+
+
+@njit(cache=True, nogil=True)
+def pair_columns(
+    rows: np.ndarray,
+    items: np.ndarray,
+    positions: np.ndarray,
+    source_bits: np.ndarray,
+    shifts: np.ndarray,
+    popularity: np.ndarray,
+    trend_age: np.ndarray,
+    rates: np.ndarray,
+    lengths: np.ndarray,
+) -> np.ndarray:
+    """The per-pair columns read off arrays, ``[n, len(shifts) + 8]`` float32, in order:
+    a flag per source (bit ``shifts[s]`` of ``source_bits``; 0 where ``shifts[s]`` is -1),
+    the number of sources, the candidate position, ``log1p`` of the item's popularity, its
+    trend and age (0 and 0 beyond the table: added live), ``log1p`` of the user's history
+    length, and the item's like rate and mean rating (NaN beyond their table)."""
+    n_sources = len(shifts)
+    out = np.empty((len(rows), n_sources + 8), np.float32)
+    for r in range(len(rows)):
+        item = items[r]
+        count = 0
+        for s in range(n_sources):
+            flag = 0
+            if shifts[s] >= 0:
+                flag = (source_bits[r] >> shifts[s]) & 1
+            out[r, s] = flag
+            count += flag
+        c = n_sources
+        out[r, c] = count
+        out[r, c + 1] = positions[r]
+        out[r, c + 2] = np.log1p(popularity[item])
+        if item < trend_age.shape[0]:
+            out[r, c + 3] = trend_age[item, 0]
+            out[r, c + 4] = trend_age[item, 1]
+        else:
+            out[r, c + 3] = 0.0
+            out[r, c + 4] = 0.0
+        out[r, c + 5] = np.log1p(np.float64(lengths[rows[r]]))
+        if item < rates.shape[0]:
+            out[r, c + 6] = rates[item, 0]
+            out[r, c + 7] = rates[item, 1]
+        else:
+            out[r, c + 6] = np.nan
+            out[r, c + 7] = np.nan
+    return out
+
+
+@njit(cache=True, nogil=True)
+def segment_counts(keys: np.ndarray, counts: np.ndarray, segments: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Per pair, the item's count in its user's segment (``counts`` of the sorted
+    ``segment * 2**31 + item`` ``keys``; 0 when absent), NaN for a user without segment."""
+    out = np.empty(len(items), np.float32)
+    for r in range(len(items)):
+        segment = segments[r]
+        if segment < 0:
+            out[r] = np.nan
+            continue
+        wanted = np.int64(segment) * np.int64(2**31) + items[r]
+        at = np.searchsorted(keys, wanted)
+        out[r] = counts[at] if at < len(keys) and keys[at] == wanted else 0.0
+    return out

@@ -174,6 +174,18 @@ class RankingFeatures:
         self.groups = {**base_feature_groups(models), **{f"affinity:{a}": "affinity" for a in self.affinity}}
         self.names = list(self.groups)  # the columns of compute(), in order
         self._column = {name: j for j, name in enumerate(self.names)}
+        # Where feature_kernels.pair_columns' columns go, in its order.
+        kernel_columns = [f"from_{source}" for source in SOURCES] + [
+            "n_sources",
+            "candidate_position",
+            "item_popularity",
+            "item_trend",
+            "item_age",
+            "user_activity",
+            "item_like_rate",
+            "item_mean_rating",
+        ]
+        self._pair_columns = np.array([self._column[name] for name in kernel_columns])
 
     def of_candidates(
         self,
@@ -225,20 +237,22 @@ class RankingFeatures:
             else:
                 out[:, at[f"{name}_score"]] = self._model_score(requests, name, rows, items, cat.item_vectors[name])
         out[:, at["blend_score"]] = blend_scores
-        shifts = _source_shifts(source_names)  # each source's bit, -1 where the request has none
-        flags = (source_bits[:, None] >> np.maximum(shifts, 0)) & (shifts >= 0)
-        first = at[f"from_{SOURCES[0]}"]  # the from_<source> columns, in SOURCES order
-        out[:, first : first + len(SOURCES)] = flags
-        out[:, at["n_sources"]] = flags.sum(axis=1)
-        out[:, at["candidate_position"]] = positions
-        out[:, at["item_popularity"]] = np.log1p(cat.popularity[items])
-        out[:, at["segment_popularity"]] = self._segment_popularity(requests, rows, items)
-        out[:, [at["item_trend"], at["item_age"]]] = _per_item(self._trend_age, items, 0.0)
         indptr, history = requests.history()
         lengths = np.diff(indptr)
-        out[:, at["user_activity"]] = np.log1p(lengths)[rows]
+        # The columns read off arrays, one compiled pass (feature_kernels.pair_columns).
+        out[:, self._pair_columns] = feature_kernels.pair_columns(
+            rows,
+            items,
+            positions,
+            source_bits,
+            _source_shifts(source_names),  # each source's bit, -1 where the request has none
+            cat.popularity,
+            self._trend_age,
+            self._rates,
+            lengths,
+        )
+        out[:, at["segment_popularity"]] = self._segment_popularity(requests, rows, items)
         out[:, at["user_like_rate"]] = np.nan if requests.like_rate is None else requests.like_rate[rows]
-        out[:, [at["item_like_rate"], at["item_mean_rating"]]] = _per_item(self._rates, items, np.nan)
         largest, mean = self._recent_similarity(requests, rows, items)
         out[:, at["recent_similarity_max"]], out[:, at["recent_similarity_mean"]] = largest, mean
         tables = self.tables
@@ -289,25 +303,12 @@ class RankingFeatures:
     def _segment_popularity(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         if self._segment_keys is None or self._segment_counts is None or self.segment_key not in requests.segments:
             return np.full(len(rows), np.nan, np.float32)
-        segment = requests.segments[self.segment_key][rows]
-        wanted = segment.astype(np.int64) * np.int64(2**31) + items
-        at = np.minimum(np.searchsorted(self._segment_keys, wanted), len(self._segment_keys) - 1)
-        found = np.where(self._segment_keys[at] == wanted, self._segment_counts[at], 0.0)
-        return np.where(segment >= 0, found, np.nan).astype(np.float32)
+        segments = requests.segments[self.segment_key][rows]
+        return feature_kernels.segment_counts(self._segment_keys, self._segment_counts, segments, items)
 
     def _recent_similarity(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> tuple:
         """Max and mean cosine of each item's CF vector to its user's recent likes'."""
         return feature_kernels.recent_similarity(self.unit_cf, requests.recent_liked, rows, items)
-
-
-def _per_item(table: np.ndarray, items: np.ndarray, beyond: float) -> np.ndarray:
-    """``table[items]`` (rows of a 2-D table), ``beyond`` for items past its end (added live)."""
-    n = len(table)
-    if n == 0:
-        return np.full((len(items), table.shape[1]), beyond, np.float32)
-    if len(items) and items.max() < n:  # the usual case: no item added live
-        return table[items]
-    return np.where((items < n)[:, None], table[np.minimum(items, n - 1)], beyond).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=64)
