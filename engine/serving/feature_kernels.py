@@ -18,6 +18,15 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
+def _group_end(rows: np.ndarray, start: int) -> int:
+    """Where the run of pairs of user ``rows[start]`` ends (``rows`` ascending)."""
+    end = start
+    while end < len(rows) and rows[end] == rows[start]:
+        end += 1
+    return end
+
+
+@njit(cache=True, nogil=True)
 def weights_from_history(
     neighbours: np.ndarray,
     weights: np.ndarray,
@@ -35,10 +44,7 @@ def weights_from_history(
     marked = np.zeros(n_items + 1, np.bool_)
     j = 0
     while j < len(rows):
-        user = rows[j]
-        end = j
-        while end < len(rows) and rows[end] == user:
-            end += 1
+        user, end = rows[j], _group_end(rows, j)
         start, stop = indptr[user], indptr[user + 1]
         if stop > start:
             for h in range(start, stop):
@@ -102,10 +108,7 @@ def label_affinity(flags: np.ndarray, indptr: np.ndarray, history: np.ndarray, r
     profile = np.zeros(n_labels, np.float32)
     j = 0
     while j < len(rows):
-        user = rows[j]
-        end = j
-        while end < len(rows) and rows[end] == user:
-            end += 1
+        user, end = rows[j], _group_end(rows, j)
         start, stop = indptr[user], indptr[user + 1]
         if stop > start:
             profile[:] = 0.0
@@ -135,10 +138,7 @@ def code_affinity(
     counts = np.zeros(width, np.float32)
     j = 0
     while j < len(rows):
-        user = rows[j]
-        end = j
-        while end < len(rows) and rows[end] == user:
-            end += 1
+        user, end = rows[j], _group_end(rows, j)
         start, stop = indptr[user], indptr[user + 1]
         if stop > start:
             counts[:] = 0.0
