@@ -76,10 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("delimiter", "item_features", "user_features"):  # flags of commands that read data files
             if getattr(args, flag, None):
                 config["data"][flag] = getattr(args, flag)
-        return handler(args, config)
+        code = handler(args, config)
     except TandemError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "distributed", False):  # a torchrun rank: every rank ends together
+        from engine.models.distributed import exit_together
+
+        return exit_together(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -74,6 +74,33 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
+def exit_together(code: int) -> int:
+    """End a rank of a finished command: once every rank has got here (a barrier), leave
+    the group, flush the output and end the process at once with ``code``. Outside a
+    process group, just ``code``.
+
+    Why not a normal exit: gloo's threads can outlive the group into interpreter
+    finalisation, where a thread's destructor aborts the process (SIGABRT, "terminate
+    called without an active exception"), and torchrun then fails the whole job although
+    every rank's work is done and saved. Leaving the group at exit (``_leave_group``) made
+    it rare, not impossible: a rank that finished first still aborted now and then. Here
+    no rank exits while another still works, and none goes through finalisation.
+    """
+    import logging
+    import sys
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return code
+    dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def owned(user_idx: np.ndarray) -> np.ndarray:
     """``[n]`` bool: which of these users (dense indices) this rank trains: ``u % N == rank``."""
     rank, size = world()
