@@ -27,7 +27,9 @@ def test_weights_from_history(batch):
     rng = np.random.default_rng(4)
     neighbours = rng.integers(-1, N_ITEMS, (24, 5)).astype(np.int32)
     weights = rng.random((24, 5)).astype(np.float32)
-    got = k.weights_from_history(neighbours, weights, indptr, history, rows, items, N_ITEMS)
+    marked = np.zeros(N_ITEMS + 1, bool)
+    got = k.weights_from_history(neighbours, weights, indptr, history, rows, items, marked)
+    assert not marked.any()  # the scratch is left as it came, for the next table
     for j, (u, i) in enumerate(zip(rows, items)):
         if not histories[u] or i >= 24:
             assert np.isnan(got[j])

@@ -1,14 +1,21 @@
-"""The history-dependent ranker features as loops compiled with numba.
+"""The ranker's features of (user, candidate) pairs as loops compiled with numba.
 
-Each of these features of (user, candidate) pairs reads the user's history: co-occurrence
-and EASE weights from the history into the candidate, the similarity of the candidate to
-the user's recent likes, and the share of the history sharing the candidate's attribute
-values. In NumPy they take some 15 calls per table or attribute, whose fixed costs are
-most of a ``Recommend`` request's feature time: in the gRPC server, where each call also
-contends for the GIL with gRPC's threads, the features cost more than the rest of the
-request. Here each is one call over the pairs, grouped by user (``rows`` ascending), with
-the GIL released; a lone request and a batch run the same code, so they agree exactly.
-The definitions are :mod:`engine.serving.features`'s, and its tests check them.
+In NumPy, :mod:`engine.serving.features` took some 40 small calls per request, whose
+fixed costs were most of a ``Recommend`` request's feature time; in the gRPC server,
+where each call also contends for the GIL with gRPC's threads, the features cost more
+than the rest of the request. Here:
+
+- :func:`pair_columns` reads the per-pair columns off arrays in one pass (source flags,
+  position, popularity, trend, age, user activity, like rate, mean rating), and
+  :func:`segment_counts` the item's popularity in the user's segment;
+- the features that read the user's history are one call each over the pairs, grouped by
+  user (``rows`` ascending): co-occurrence and EASE weights from the history into the
+  candidate (:func:`weights_from_history`), the similarity to the recent likes, and the
+  share of the history sharing the candidate's attribute values.
+
+Every kernel releases the GIL, and a lone request and a batch run the same code, so they
+agree exactly. The definitions are :mod:`engine.serving.features`'s, and its tests check
+them.
 """
 
 from __future__ import annotations
@@ -34,14 +41,17 @@ def weights_from_history(
     history: np.ndarray,
     rows: np.ndarray,
     items: np.ndarray,
-    n_items: int,
+    marked: np.ndarray,
 ) -> np.ndarray:
     """Per pair, the sum of ``weights[i, k]`` over the ``k`` whose ``neighbours[i, k]``
     lies in user ``rows[j]``'s history (``indptr``/``history``), ``i = items[j]``; NaN
-    for a user with no history or an item beyond the table."""
+    for a user with no history or an item beyond the table. ``marked``: ``[n_items + 1]``
+    bool scratch, all False, left all False (a request's tables share one)."""
     out = np.full(len(rows), np.nan, np.float32)
     n_table, width = neighbours.shape
-    marked = np.zeros(n_items + 1, np.bool_)
+    if n_table == 0:  # no table (EASE above its catalogue size): every value missing
+        return out
+    n_items = len(marked) - 1
     j = 0
     while j < len(rows):
         user, end = rows[j], _group_end(rows, j)

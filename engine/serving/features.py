@@ -256,15 +256,15 @@ class RankingFeatures:
         largest, mean = self._recent_similarity(requests, rows, items)
         out[:, at["recent_similarity_max"]], out[:, at["recent_similarity_mean"]] = largest, mean
         tables = self.tables
-        n_items = len(cat.popularity)
+        marked = np.zeros(len(cat.popularity) + 1, np.bool_)  # the history's items, for both tables
         total = feature_kernels.weights_from_history(
-            tables.cooccurring, tables.cooccurrence, indptr, history, rows, items, n_items
+            tables.cooccurring, tables.cooccurrence, indptr, history, rows, items, marked
         )
         out[:, at["cooccurrence_sum"]] = total
         with np.errstate(invalid="ignore", divide="ignore"):
             out[:, at["cooccurrence_mean"]] = total / lengths[rows]
         out[:, at["ease_score"]] = feature_kernels.weights_from_history(
-            tables.ease_from, tables.ease_weight, indptr, history, rows, items, n_items
+            tables.ease_from, tables.ease_weight, indptr, history, rows, items, marked
         )
         for name in self.affinity:
             out[:, at[f"affinity:{name}"]] = _affinity(cat.attributes[name], indptr, history, rows, items)
