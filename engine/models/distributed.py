@@ -93,8 +93,8 @@ def exit_together(code: int) -> int:
 
     if not (dist.is_available() and dist.is_initialized()):
         return code
-    dist.barrier()
-    dist.destroy_process_group()
+    barrier()
+    _leave_group()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
