@@ -61,14 +61,13 @@ def time_train_index(source: str, work: Path) -> dict:
     return seconds
 
 
-def time_implicit_als(source: str) -> float | None:
+def time_implicit_als(ds: data.Dataset) -> float | None:
     try:
         from implicit.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
     except ImportError:
         return None
-    ds = data.load(source)
-    matrix = ds.user_items()
+    matrix = ds.user_items().copy()
     matrix.data[:] = 1.0
     with threadpool_limits(1, "blas"):
         start = time.perf_counter()
@@ -95,7 +94,7 @@ def main() -> None:
             print(f"{source}: {ds.n_users:,} users, {ds.n_items:,} items, {ds.n_ratings:,} interactions", flush=True)
             runs = [time_train_index(source, work) for _ in range(args.repeats)]
             median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-            als = time_implicit_als(source)
+            als = time_implicit_als(ds)
             results[Path(source).name] = {
                 "n_users": ds.n_users,
                 "n_items": ds.n_items,
