@@ -1,7 +1,8 @@
 """Benchmark B1 + B2 for collaborative filtering, with peers measured in the same run.
 
-B1 (rating prediction): ML-100K u1..u5, Tandem CF with default settings beside
-scikit-surprise SVD and SVD++ (defaults): RMSE, MAE, fit seconds per fold.
+B1 (rating prediction): ML-100K u1..u5, Tandem CF with default settings (history
+factors on) and the mission's plain MF (history factors off) beside scikit-surprise SVD
+and SVD++ (defaults): RMSE, MAE, fit seconds per fold.
 B2 (top-N): the ``bce`` variant's Recall@10 / NDCG@10 beside popularity and implicit
 ALS (32 factors, regularisation 10) on the same folds.
 
@@ -84,6 +85,7 @@ def main() -> None:
         split = data.predefined_split(directory, fold)
         print(f"fold u{fold} ...", flush=True)
         record("tandem CF (mse, defaults)", lambda: run_tandem(split, {}))
+        record("tandem CF (mse, plain MF)", lambda: run_tandem(split, {"history_factors": False}))
         record("tandem CF (bce)", lambda: run_tandem(split, BCE_SETTINGS))
         record("popularity", lambda: topn_metrics(popularity_recommender(split.train), split.test, k=10))
         if not args.no_peers:
@@ -130,8 +132,11 @@ def main() -> None:
         )
     tandem = summary.get("tandem CF (mse, defaults)", {})
     if tandem.get("rmse") is not None:
-        verdict = "meets" if tandem["rmse"] <= 0.915 else "MISSES"
-        print(f"\nTandem mean RMSE {tandem['rmse']:.4f} {verdict} the B1 target (<= 0.915). -> {out}")
+        verdict = "meets" if tandem["rmse"] <= 0.905 and tandem["fit_s"] <= 4.0 else "MISSES"
+        print(
+            f"\nTandem mean RMSE {tandem['rmse']:.4f} at {tandem['fit_s']:.2f} s/fold {verdict} "
+            f"the B1 target (<= 0.905 at <= 4 s/fold). -> {out}"
+        )
 
 
 if __name__ == "__main__":

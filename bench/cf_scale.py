@@ -37,7 +37,7 @@ def b6_data(args: argparse.Namespace):
 
 def b6_epoch(ds, args: argparse.Namespace, device: str = "cpu", progress: bool = False):
     """One epoch of minibatch Adam on ``ds`` with B6's settings: ``(model, seconds of the
-    whole train_cf call)``."""
+    whole train_cf call)``. B6 measures the mission's model, without history factors."""
     start = time.perf_counter()
     model = train_cf(
         ds,
@@ -46,6 +46,7 @@ def b6_epoch(ds, args: argparse.Namespace, device: str = "cpu", progress: bool =
         n_features=args.n_features,
         validation_fraction=0.0,
         learning_rate=0.01,
+        history_factors=False,
         device=device,
         progress=progress,
     )

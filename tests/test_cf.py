@@ -9,7 +9,18 @@ import torch
 
 from engine import data
 from engine.data import from_arrays
-from engine.models.cf import CFModel, cofi_cost, cofi_gradients, sparse_cost, train_cf, wmse_cost, wmse_data_term
+from engine.models.cf import (
+    CFModel,
+    UserHistories,
+    cofi_cost,
+    cofi_gradients,
+    history_cost,
+    history_gradients,
+    sparse_cost,
+    train_cf,
+    wmse_cost,
+    wmse_data_term,
+)
 
 
 def small_problem(seed=0, n_items=5, n_users=4, f=3):
@@ -52,6 +63,48 @@ def test_gradients_match_finite_differences():
         np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-6)
 
 
+def test_history_cost_hand_computed_and_its_gradients_match_finite_differences():
+    # One feature, two items, one user who rated both: z = (y0 + y1) / sqrt(2).
+    X, W, b = np.array([[1.0], [2.0]]), np.array([[0.5]]), np.array([[0.0]])
+    Yh = np.array([[0.2], [0.4]])
+    Y, R = np.array([[1.0], [3.0]]), np.ones((2, 1))
+    u = 0.5 + 0.6 / np.sqrt(2)
+    errors = np.array([u - 1.0, 2 * u - 3.0])
+    want = 0.5 * errors @ errors + 1.0 / 2 * (0.25 + 1 + 4) + 3.0 / 2 * (0.04 + 0.16)
+    assert history_cost(X, W, Yh, b, Y, R, 1.0, 3.0) == pytest.approx(want)
+    # Without history factors it is the mission's cost.
+    X, W, b, Y, R = small_problem(seed=4)
+    assert history_cost(X, W, np.zeros_like(X), b, Y, R, 0.7, 2.0) == pytest.approx(cofi_cost(X, W, b, Y, R, 0.7))
+    Yh = np.random.default_rng(1).normal(size=X.shape)
+    params = [X, W, Yh, b]
+    analytic = history_gradients(*params, Y, R, 0.7, 2.0)
+    eps = 1e-6
+    for which, grad in enumerate(analytic):
+        numeric = np.zeros_like(params[which])
+        for idx in np.ndindex(numeric.shape):
+            plus, minus = [p.copy() for p in params], [p.copy() for p in params]
+            plus[which][idx] += eps
+            minus[which][idx] -= eps
+            numeric[idx] = (history_cost(*plus, Y, R, 0.7, 2.0) - history_cost(*minus, Y, R, 0.7, 2.0)) / (2 * eps)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_history_cost_and_autograd_equal_the_reference():
+    X, W, b, Y, R = small_problem(seed=6, n_items=7, n_users=5)
+    Yh = np.random.default_rng(2).normal(size=X.shape)
+    lam, history_lam = 1.1, 2.5
+    i, u = np.nonzero(R)
+    params = {
+        name: torch.tensor(value, requires_grad=True) for name, value in (("X", X), ("W", W), ("Yh", Yh), ("b", b[0]))
+    }
+    histories = UserHistories(u, i, len(W), len(X), "cpu", np.float64)
+    cost = sparse_cost(params, torch.tensor(u), torch.tensor(i), torch.tensor(Y[i, u]), lam, histories, history_lam)
+    assert float(cost.detach()) == pytest.approx(history_cost(X, W, Yh, b, Y, R, lam, history_lam), rel=1e-12)
+    cost.backward()
+    for name, want in zip(("X", "W", "Yh", "b"), history_gradients(X, W, Yh, b, Y, R, lam, history_lam)):
+        np.testing.assert_allclose(params[name].grad.numpy(), want.reshape(params[name].shape), rtol=1e-10)
+
+
 def test_torch_sparse_cost_and_autograd_equal_the_reference():
     X, W, b, Y, R = small_problem(seed=3)
     lam = 1.3
@@ -70,39 +123,45 @@ def test_torch_sparse_cost_and_autograd_equal_the_reference():
     np.testing.assert_allclose(params["b"].grad.numpy(), db[0], rtol=1e-10)
 
 
-def test_trainer_minibatch_steps_follow_the_cost():
+@pytest.mark.parametrize("history", [False, True])
+def test_trainer_minibatch_steps_follow_the_cost(history):
     """The trainer's pieces: over one epoch of batches, data term + L2 share add up to
     J / N, and the summed gradients (data term by autograd, L2 added by hand) equal the
-    reference gradient of J divided by N."""
+    reference gradient of J divided by N (with history factors: of their cost)."""
     from engine.models.cf import add_l2_gradient, l2_term, mse_data_term
 
     X, W, b, Y, R = small_problem(seed=5, n_items=8, n_users=6)
-    lam = 0.9
+    Yh = np.random.default_rng(3).normal(size=X.shape) if history else np.zeros_like(X)
+    lam, history_lam = 0.9, 1.7
     i, u = np.nonzero(R)
     N = len(i)
-    params = {
-        "X": torch.tensor(X, requires_grad=True),
-        "W": torch.tensor(W, requires_grad=True),
-        "b": torch.tensor(b[0], requires_grad=True),
-    }
+    params = {"X": torch.tensor(X, requires_grad=True), "W": torch.tensor(W, requires_grad=True)}
+    if history:
+        params["Yh"] = torch.tensor(Yh, requires_grad=True)
+    params["b"] = torch.tensor(b[0], requires_grad=True)
+    histories = UserHistories(u, i, len(W), len(X), "cpu", np.float64) if history else None
     total = 0.0
     grads = {k: np.zeros_like(v.detach().numpy()) for k, v in params.items()}
     for chunk in np.array_split(np.arange(N), 3):
         for p in params.values():
             p.grad = None
         data = mse_data_term(
-            params, torch.tensor(u[chunk]), torch.tensor(i[chunk]), torch.tensor(Y[i[chunk], u[chunk]])
+            params, torch.tensor(u[chunk]), torch.tensor(i[chunk]), torch.tensor(Y[i[chunk], u[chunk]]), histories
         )
         data.backward()
-        add_l2_gradient(params, lam, N)
-        total += (float(data.detach()) + l2_term(params, lam, N)) * len(chunk)
+        add_l2_gradient(params, lam, N, history_lam)
+        total += (float(data.detach()) + l2_term(params, lam, N, history_lam)) * len(chunk)
         for k, p in params.items():
             grads[k] += p.grad.numpy() * len(chunk)
-    assert total / N == pytest.approx(cofi_cost(X, W, b, Y, R, lam) / N)
-    dX, dW, db = cofi_gradients(X, W, b, Y, R, lam)
+    assert total / N == pytest.approx(history_cost(X, W, Yh, b, Y, R, lam, history_lam if history else 0.0) / N)
+    dX, dW, dYh, db = history_gradients(X, W, Yh, b, Y, R, lam, history_lam)
     np.testing.assert_allclose(grads["X"] / N, dX / N, rtol=1e-10)
     np.testing.assert_allclose(grads["W"] / N, dW / N, rtol=1e-10)
     np.testing.assert_allclose(grads["b"] / N, db[0] / N, rtol=1e-10)
+    if history:
+        np.testing.assert_allclose(grads["Yh"] / N, dYh / N, rtol=1e-10)
+    else:  # without history factors, the mission's cost and gradients
+        np.testing.assert_allclose(dX, cofi_gradients(X, W, b, Y, R, lam)[0], rtol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +185,22 @@ def test_training_learns_better_than_the_mean(synth):
     rmse = np.sqrt(np.mean((pred - split.test.ratings) ** 2))
     baseline = np.sqrt(np.mean((split.train.ratings.mean() - split.test.ratings) ** 2))
     assert rmse < 0.9 * baseline  # generous margin: learning happened
+
+
+def test_history_factors_lower_the_error_on_explicit_data():
+    """On explicit data where which items a user rates follows their taste (the synthetic
+    generator's), history factors lower the test RMSE; the model keeps them (for fold_in)
+    only when they are on."""
+    ds = data.make_synthetic(n_users=600, n_items=300, n_ratings=30_000, seed=2)
+    split = data.random_split(ds, 0.2, seed=0, per_user=True)
+    test = split.test
+    errors = {}
+    for on in (False, True):
+        m = train_cf(split.train, history_factors=on, progress=False)
+        pred = m.predict(test.users.external(test.user_idx), test.items.external(test.item_idx))
+        errors[on] = float(np.sqrt(np.mean((pred - test.ratings) ** 2)))
+        assert (m.history_vectors is not None) == on
+    assert errors[True] < 0.97 * errors[False], errors
 
 
 def test_training_is_seeded(synth):
@@ -169,18 +244,22 @@ def test_similar_items_by_squared_distance(model):
 
 
 def test_fold_in_matches_a_direct_minimisation(model):
+    """The folded vector is ``z + w``: the history sum of the rated items (history factors
+    are on by default) plus the ``w`` that minimises the user's cost."""
     items, ratings = ["i1", "i2", "i3", "i10"], [5.0, 4.0, 1.0, 2.0]
     folded = model.fold_in(items, ratings)
     idx = model.items.indices(items)
     Xs = model.X[idx].astype(np.float64)
     target = np.asarray(ratings) - model.item_offsets[idx]
     lam = model.config.lambda_
+    assert model.history_vectors is not None
+    z = model.history_vectors[idx].astype(np.float64).sum(axis=0) / 2.0  # |N| = 4
 
     def cost(theta):
-        e = Xs @ theta[:-1] + theta[-1] - target
+        e = Xs @ (z + theta[:-1]) + theta[-1] - target
         return 0.5 * e @ e + lam / 2 * theta[:-1] @ theta[:-1]
 
-    theta = np.r_[folded.vector, folded.bias]
+    theta = np.r_[folded.vector - z, folded.bias]
     base = cost(theta)
     rng = np.random.default_rng(0)
     for _ in range(20):  # the closed form is the minimum: every perturbation costs more
@@ -206,6 +285,9 @@ def test_save_load_round_trip_without_pickle(model, tmp_path):
     model.save(tmp_path / "cf")
     loaded = CFModel.load(tmp_path / "cf")
     np.testing.assert_array_equal(loaded.X, model.X)
+    np.testing.assert_array_equal(loaded.history_vectors, model.history_vectors)
+    folded, again = model.fold_in(["i1", "i4"], [5.0, 2.0]), loaded.fold_in(["i1", "i4"], [5.0, 2.0])
+    np.testing.assert_array_equal(folded.vector, again.vector)
     np.testing.assert_array_equal(loaded.predict(["u0"], ["i1"]), model.predict(["u0"], ["i1"]))
     assert loaded.recommend("u2", k=3).item_ids.tolist() == model.recommend("u2", k=3).item_ids.tolist()
     meta = json.loads((tmp_path / "cf" / "cf.json").read_text())

@@ -17,7 +17,11 @@ Two parts live here:
   gradient steps follow exactly the mission's cost (:func:`sparse_cost` checks it).
 
 Optional extras (configurable): an item bias ``c(i)`` and a global mean ``mu`` added to
-the prediction (not regularised, like ``b``); per-item mean normalisation (subtract each
+the prediction (not regularised, like ``b``); for ``mse``, **history factors** (SVD++,
+Koren 2008): a user's vector is ``w(j) + |N(j)|^-1/2 sum_{i in N(j)} y(i)`` over the
+items ``N(j)`` the user rated, so that *which* items a user rated informs their taste,
+with ``history_lambda/2 sum_i |y(i)|^2`` added to the cost (:func:`history_cost` is the
+reference; the trained model stores the sum folded into ``W``); per-item mean normalisation (subtract each
 item's training mean before training, add it back when predicting — then a user with no
 ratings is predicted the item means); a ``bce`` loss with sampled negatives for
 binary data; and ``wmse``, the weighted squared error over *all* user x item pairs for
@@ -36,6 +40,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,6 +87,55 @@ def cofi_gradients(
     return E @ W + lambda_ * X, E.T @ X + lambda_ * W, E.sum(axis=0, keepdims=True)
 
 
+def history_cost(
+    X: np.ndarray,
+    W: np.ndarray,
+    Yh: np.ndarray,
+    b: np.ndarray,
+    Y: np.ndarray,
+    R: np.ndarray,
+    lambda_: float,
+    history_lambda: float,
+) -> float:
+    """:func:`cofi_cost` with history factors ``Yh [n_items, f]`` (reference only): user
+    ``j``'s vector is ``w(j) + z(j)``, ``z = N Yh`` with ``N [n_users, n_items]`` the rated
+    flags ``R^T`` scaled by ``|N(j)|^-1/2`` per row, plus ``history_lambda/2 |Yh|^2``."""
+    N = _history_matrix(R)
+    E = (X @ (W + N @ Yh).T + b - Y) * R
+    return float(0.5 * np.sum(E**2) + lambda_ / 2 * (np.sum(W**2) + np.sum(X**2)) + history_lambda / 2 * np.sum(Yh**2))
+
+
+def history_gradients(
+    X: np.ndarray,
+    W: np.ndarray,
+    Yh: np.ndarray,
+    b: np.ndarray,
+    Y: np.ndarray,
+    R: np.ndarray,
+    lambda_: float,
+    history_lambda: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hand-derived gradients of :func:`history_cost`: ``(dX, dW, dYh, db)``. With
+    ``U = W + N Yh`` and ``E = (X U^T + b - Y) * R``: ``dX = E U + lambda X``,
+    ``dW = E^T X + lambda W``, ``dYh = N^T (E^T X) + history_lambda Yh``,
+    ``db = sum_i E``."""
+    N = _history_matrix(R)
+    E = (X @ (W + N @ Yh).T + b - Y) * R
+    user_side = E.T @ X  # dJ/dU, data part
+    return (
+        E @ (W + N @ Yh) + lambda_ * X,
+        user_side + lambda_ * W,
+        N.T @ user_side + history_lambda * Yh,
+        E.sum(axis=0, keepdims=True),
+    )
+
+
+def _history_matrix(R: np.ndarray) -> np.ndarray:
+    """``N [n_users, n_items]``: each user's rated flags times ``|N(j)|^-1/2``."""
+    counts = R.sum(axis=0)
+    return R.T / np.sqrt(np.maximum(counts, 1))[:, None]
+
+
 # ------------------------------------------------------------------- config
 @dataclass
 class CFConfig:
@@ -103,6 +157,11 @@ class CFConfig:
     # this many more ratings at the global mean, so that an item with one 5-star rating
     # does not top the predictions of a user with no ratings.
     mean_shrinkage: float = 10.0
+    # mse: SVD++'s history factors (see the module): each user's vector also sums a vector
+    # per item they rated, L2-regularised by history_lambda. On ML-100K u1-u5 (B1) and
+    # synthetic explicit data alike they lower the RMSE (0.912 -> 0.902; 0.776 -> 0.701).
+    history_factors: bool = True
+    history_lambda: float = 60.0
     negative_ratio: int = 4  # bce: sampled negatives per positive
     negative_sampling: str = "uniform"  # bce: "uniform" or "popularity"
     positive_weight: float = 2.0  # wmse: weight c of an observed pair (confidence "constant")
@@ -142,8 +201,8 @@ class CFConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.mean_shrinkage < 0:
             raise ValueError(f"mean_shrinkage must be >= 0, got {self.mean_shrinkage}")
-        if self.lambda_ < 0 or self.learning_rate <= 0:
-            raise ValueError("lambda_ must be >= 0 and learning_rate > 0")
+        if self.lambda_ < 0 or self.learning_rate <= 0 or self.history_lambda < 0:
+            raise ValueError("lambda_ and history_lambda must be >= 0 and learning_rate > 0")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.mean_normalization:
@@ -152,6 +211,9 @@ class CFConfig:
         if self.loss == "wmse":
             # Biases would add their own all-pairs terms; the implicit objective has none.
             self.item_bias, self.global_mean, self.mean_normalization = False, False, False
+        if self.loss != "mse":
+            # Which items a user has is all that binary data says: nothing for them to add.
+            self.history_factors = False
 
     @classmethod
     def from_dict(cls, values: dict) -> CFConfig:
@@ -230,6 +292,7 @@ class CFModel:
         rating_range: tuple[float, float],
         config: CFConfig,
         metrics: dict | None = None,
+        history_vectors: np.ndarray | None = None,
     ):
         self.X = np.ascontiguousarray(X, np.float32)  # [n_items, f]
         self.W = np.ascontiguousarray(W, np.float32)  # [n_users, f]
@@ -243,6 +306,9 @@ class CFModel:
         self.rating_range = (float(rating_range[0]), float(rating_range[1]))
         self.config = config
         self.metrics = metrics or {}
+        # [n_items, f] the history factors y(i) (config.history_factors), else None. The
+        # training users' sums are already in W; fold_in adds a new user's.
+        self.history_vectors = None if history_vectors is None else np.ascontiguousarray(history_vectors, np.float32)
 
     # ----------------------------------------------------------- vectors
     @property
@@ -370,7 +436,9 @@ class CFModel:
         (none: the user with no ratings, ``w = 0``, ``b = 0``, predicted the item offsets).
 
         For ``mse`` this minimises the mission's cost restricted to that user —
-        ``1/2 sum (w.x(i) + b + offset(i) - y(i))^2 + lambda/2 |w|^2`` — in closed form.
+        ``1/2 sum (w.x(i) + b + offset(i) - y(i))^2 + lambda/2 |w|^2`` — in closed form;
+        with history factors the vector is ``w + z``, ``z = |S|^-1/2 sum_{i in S} y(i)``
+        over the rated items ``S``, and the same cost is minimised over ``w`` and ``b``.
         For ``bce`` the given items are positives (``ratings`` ignored) against sampled
         negatives, fitted by Newton's method on the regularised log-loss. For ``wmse``
         they are positives against every other item, solved exactly:
@@ -391,12 +459,16 @@ class CFModel:
             y = np.asarray(ratings, np.float64)
             if not np.isfinite(y).all():
                 raise ValueError("ratings must be finite")
+            rated = np.unique(i)
+            z = np.zeros(f)
+            if self.history_vectors is not None:
+                z = self.history_vectors[rated].sum(axis=0, dtype=np.float64) / np.sqrt(len(rated))
             A = np.hstack([self.X[i].astype(np.float64), np.ones((len(i), 1))])
-            target = y - self.item_offsets[i]
+            target = y - self.item_offsets[i] - self.X[i] @ z
             reg = np.diag(np.r_[np.full(f, lam), 0.0])  # b is not regularised
             # A tiny ridge on b keeps the system solvable with a single rating.
             theta = np.linalg.solve(A.T @ A + reg + 1e-9 * np.eye(f + 1), A.T @ target)
-            return FoldedUser(theta[:f].astype(np.float32), float(theta[f]), np.unique(i))
+            return FoldedUser((theta[:f] + z).astype(np.float32), float(theta[f]), rated)
         if self.config.loss == "wmse":
             cfg, w0 = self.config, self.config.unobserved_weight
             items, first = np.unique(i, return_index=True)
@@ -446,6 +518,8 @@ class CFModel:
             "seen_indptr": self.seen_indptr,
             "seen_indices": self.seen_indices,
         }
+        if self.history_vectors is not None:
+            arrays["history_vectors"] = self.history_vectors
         meta = {
             "format_version": FORMAT_VERSION,
             "kind": "cf",
@@ -475,11 +549,14 @@ class CFModel:
             "item_ids": (n_items,),
             "seen_indptr": (n_users + 1,),
         }
+        if "history_vectors" in arrays:
+            expected["history_vectors"] = (n_items, f)
         for name, shape in expected.items():
             if name not in arrays or arrays[name].shape != shape:
                 found = arrays[name].shape if name in arrays else "nothing"
                 raise TandemError(f"{path / 'cf_arrays.npz'}: {name} expected shape {shape}, found {found}")
-        config = CFConfig(**meta["config"])
+        # (A model saved before history factors existed has none.)
+        config = CFConfig(**{"history_factors": False, **meta["config"]})
         return cls(
             arrays["X"],
             arrays["W"],
@@ -494,19 +571,25 @@ class CFModel:
             tuple(meta["rating_range"]),
             config,
             meta.get("metrics"),
+            arrays.get("history_vectors"),
         )
 
 
 # ----------------------------------------------------------------- training
-def sparse_cost(params: dict, u, i, y, lambda_: float):
+def sparse_cost(
+    params: dict, u, i, y, lambda_: float, histories: UserHistories | None = None, history_lambda: float = 0.0
+):
     """The mission's cost ``J`` over the given ratings, from sparse index arrays (torch).
 
-    ``params`` holds ``X``, ``W``, ``b`` and optionally ``c`` (item bias) and ``mu``.
-    Equal to :func:`cofi_cost` on the same data when ``c`` and ``mu`` are zero.
+    ``params`` holds ``X``, ``W``, ``b`` and optionally ``c`` (item bias), ``mu`` and
+    ``Yh`` (history factors, with ``histories``). Equal to :func:`cofi_cost` (with
+    ``Yh``: :func:`history_cost`) on the same data when ``c`` and ``mu`` are zero.
     """
-    pred = _torch_predict(params, u, i)
-    reg = params["W"].pow(2).sum() + params["X"].pow(2).sum()
-    return 0.5 * (pred - y).pow(2).sum() + lambda_ / 2 * reg
+    pred = _torch_predict(params, u, i, histories)
+    reg = lambda_ / 2 * (params["W"].pow(2).sum() + params["X"].pow(2).sum())
+    if histories is not None:
+        reg = reg + history_lambda / 2 * params["Yh"].pow(2).sum()
+    return 0.5 * (pred - y).pow(2).sum() + reg
 
 
 def _rank_generator(shared, seed: int, rank: int, size: int):
@@ -545,9 +628,66 @@ def _row_gather():
     return Rows.apply
 
 
-def _torch_predict(params: dict, u, i):
+class UserHistories:
+    """The items each user rated, for history factors: ``N [n_users, n_items]``, each
+    user's rated flags times ``|N(j)|^-1/2``, as torch CSR matrices (``N`` and ``N^T``)."""
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, device, dtype=np.float32):
+        import torch
+
+        rated = sp.csr_matrix((np.ones(len(users), dtype), (users, items)), shape=(n_users, n_items))
+        rated.sum_duplicates()
+        rated.data[:] = 1.0
+        counts = np.diff(rated.indptr)
+        rated = sp.diags(1 / np.sqrt(np.maximum(counts, 1))) @ rated
+
+        def to_torch(m):
+            m = sp.csr_matrix(m, dtype=dtype)
+            m.sort_indices()
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.sparse_csr_tensor(
+                    torch.as_tensor(m.indptr.astype(np.int64)),
+                    torch.as_tensor(m.indices.astype(np.int64)),
+                    torch.as_tensor(m.data),
+                    m.shape,
+                ).to(device)
+
+        self.matrix, self.transposed = to_torch(rated), to_torch(rated.T)
+
+    def sums(self, Yh, users):
+        """``[len(users), f]``: ``|N(j)|^-1/2 sum_{i in N(j)} y(i)`` for each of ``users``.
+        Computed for all of the table's users at once: a step's random rows hold most of
+        them, and one sparse product (its backward ``N^T G`` with the stored transpose)
+        costs less than gathering each one's history."""
+        return _row_gather()(_history_sum()(Yh, self.matrix, self.transposed), users)
+
+
+@functools.cache
+def _history_sum():
+    """``sum(Yh, N, N^T)``: ``N Yh`` for autograd, whose backward is ``N^T G`` with the
+    given transpose (torch's own backward of a CSR product is several times slower)."""
+    import torch
+
+    class HistorySum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, Yh, matrix, transposed):
+            ctx.transposed = transposed
+            return torch.sparse.mm(matrix, Yh)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.sparse.mm(ctx.transposed, grad), None, None
+
+    return HistorySum.apply
+
+
+def _torch_predict(params: dict, u, i, histories: UserHistories | None = None):
     rows = _row_gather()
-    pred = (rows(params["W"], u) * rows(params["X"], i)).sum(1)
+    user_vectors = rows(params["W"], u)
+    if histories is not None:
+        user_vectors = user_vectors + histories.sums(params["Yh"], u)
+    pred = (user_vectors * rows(params["X"], i)).sum(1)
     if "b" in params:
         pred = pred + rows(params["b"], u)
     if "c" in params:
@@ -557,9 +697,9 @@ def _torch_predict(params: dict, u, i):
     return pred
 
 
-def mse_data_term(params: dict, u, i, y):
+def mse_data_term(params: dict, u, i, y, histories: UserHistories | None = None):
     """A minibatch's data term for ``mse``: half the mean squared error."""
-    return 0.5 * (_torch_predict(params, u, i) - y).pow(2).mean()
+    return 0.5 * (_torch_predict(params, u, i, histories) - y).pow(2).mean()
 
 
 def wmse_data_term(params: dict, u, i, n_ratings: int, positive_weight, unobserved_weight: float):
@@ -587,24 +727,28 @@ def wmse_all_pairs(params: dict, unobserved_weight: float):
     return unobserved_weight / 2 * ((W.T @ W) * (X.T @ X)).sum()
 
 
-def add_l2_gradient(params: dict, lambda_: float, n_ratings: int) -> None:
+def add_l2_gradient(params: dict, lambda_: float, n_ratings: int, history_lambda: float = 0.0) -> None:
     """Add the gradient of :func:`l2_term` — ``(lambda / n_ratings) W`` and likewise for
-    ``X`` — to ``W.grad`` and ``X.grad``."""
+    ``X``, ``(history_lambda / n_ratings) Yh`` for history factors — to their ``grad``."""
     import torch
 
     with torch.no_grad():
         for name in ("W", "X"):
             params[name].grad.add_(params[name], alpha=lambda_ / n_ratings)
+        if "Yh" in params:
+            params["Yh"].grad.add_(params["Yh"], alpha=history_lambda / n_ratings)
 
 
-def l2_term(params: dict, lambda_: float, n_ratings: int) -> float:
+def l2_term(params: dict, lambda_: float, n_ratings: int, history_lambda: float = 0.0) -> float:
     """A minibatch's share of the cost's L2 terms: ``lambda / (2 n_ratings) (|W|^2 + |X|^2)``
-    (on N ranks, each holding some users' rows of ``W`` and all of ``X``: the whole's)."""
+    (on N ranks, each holding some users' rows of ``W`` and all of ``X``: the whole's),
+    plus ``history_lambda / (2 n_ratings) |Yh|^2`` for history factors."""
     import torch
 
     with torch.no_grad():
         users = distributed.total(float(params["W"].pow(2).sum()))
-        return lambda_ / (2 * n_ratings) * (users + float(params["X"].pow(2).sum()))
+        history = history_lambda * float(params["Yh"].pow(2).sum()) if "Yh" in params else 0.0
+        return (lambda_ * (users + float(params["X"].pow(2).sum())) + history) / (2 * n_ratings)
 
 
 def train_cf(
@@ -676,6 +820,11 @@ def train_cf(
             torch.as_tensor(targets, dtype=torch.float32, device=device),
         )
 
+    # History factors: each of this rank's users' rated items (fit and validation rows
+    # alike: which items a user rated is known, only the held-out values are not).
+    histories = (
+        UserHistories(u_row, i_all, distributed.n_owned(n_users), n_items, device) if cfg.history_factors else None
+    )
     n_fit = len(fit_rows)
     N = int(distributed.total(n_fit))  # the cost's N: the whole data's
     U, I, Y = tensors(u_row[fit_rows], i_all[fit_rows], target[fit_rows])
@@ -702,6 +851,8 @@ def train_cf(
     if cfg.global_mean:
         start_mu = distributed.total(float(Y.sum(dtype=torch.float64))) / N if cfg.loss == "mse" else 0.0
         params["mu"] = torch.nn.Parameter(torch.tensor(start_mu, device=device))
+    if histories is not None:  # from zero: the model starts as plain MF
+        params["Yh"] = torch.nn.Parameter(torch.zeros(n_items, f, device=device))
     # The user rows are this rank's own; the rest is replicated on every rank.
     replicated = {name: p for name, p in params.items() if name not in ("W", "b")}
     # (The fused kernel is ~10% faster per step where the device has one.)
@@ -737,7 +888,7 @@ def train_cf(
         if len(u) == 0:  # a rank with fewer rows: no data term, but every replica in the graph
             data_term = sum(p.sum() for p in replicated.values()) * 0.0
         elif cfg.loss == "mse":
-            data_term = share * mse_data_term(params, u, i, y)
+            data_term = share * mse_data_term(params, u, i, y, histories)
         elif cfg.loss == "wmse":  # y: each pair's confidence
             data_term = share * wmse_observed_sum(params, u, i, y, cfg.unobserved_weight) / len(u)
         else:
@@ -751,7 +902,7 @@ def train_cf(
         if n_val_total == 0:
             return math.nan
         with torch.no_grad():
-            pred = _torch_predict(params, Uv, Iv)
+            pred = _torch_predict(params, Uv, Iv, histories)
             if cfg.loss == "mse":
                 means = torch.as_tensor(item_means, device=device)[Iv]
                 squared = float(((pred + means).clamp(lo, hi) - (Yv + means)).pow(2).sum())
@@ -773,7 +924,7 @@ def train_cf(
     best_state = {k: v.detach().clone() for k, v in params.items()}
     show = cfg.progress and rank == 0
     bar = tqdm(total=cfg.epochs * steps, desc="train cf", unit="batch", disable=not show, mininterval=0.5)
-    l2 = l2_term(params, cfg.lambda_, N)
+    l2 = l2_term(params, cfg.lambda_, N, cfg.history_lambda)
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         order = torch.randperm(n_fit, generator=rank_gen).to(device)
@@ -783,7 +934,7 @@ def train_cf(
             loss = model(U[idx], I[idx], Y[idx], step_rows[s])
             optimizer.zero_grad()
             loss.backward()  # (on N ranks: the replicated parameters' gradients summed)
-            add_l2_gradient(params, cfg.lambda_, N)
+            add_l2_gradient(params, cfg.lambda_, N, cfg.history_lambda)
             optimizer.step()
             running += float(loss.detach()) * step_rows[s]
             bar.update(1)
@@ -795,7 +946,7 @@ def train_cf(
         val = validate()
         # The epoch's mean data term plus the L2 term at the epoch's end: J / N, up to the
         # parameters moving within the epoch.
-        l2 = l2_term(params, cfg.lambda_, N)
+        l2 = l2_term(params, cfg.lambda_, N, cfg.history_lambda)
         train_loss = distributed.total(running) / N + l2
         curve.add(epoch=epoch, train_loss=train_loss, seconds=epoch_seconds, **({val_name: val} if n_val_total else {}))
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **({val_name: f"{val:.4f}"} if n_val_total else {}))
@@ -812,6 +963,10 @@ def train_cf(
         curve.save(curve_path, title=f"CF ({cfg.loss})")
     distributed.check_replicas(replicated)
 
+    if histories is not None:  # each user's history sum, folded into their vector
+        with torch.no_grad():
+            own = torch.arange(len(best_state["W"]), device=device)
+            best_state["W"] = best_state["W"] + histories.sums(best_state["Yh"], own)
     state = {k: v.cpu().numpy() for k, v in best_state.items()}
     # Rank 0 gathers the users' rows and interactions (whose seen lists the model keeps).
     w_parts, b_parts, user_parts, item_parts = (
@@ -859,6 +1014,7 @@ def train_cf(
         seen_indices=seen.indices,
         rating_range=(lo, hi) if cfg.loss == "mse" else (0.0, 1.0),
         config=cfg,
+        history_vectors=state.get("Yh"),
         metrics={
             "best_epoch": stopper.best_epoch,
             val_name: stopper.best if n_val_total else None,
