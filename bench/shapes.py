@@ -12,7 +12,10 @@ the best of their grids, in the same run):
   (short histories), no side features at all.
 
 The generator's times carry no trend, so each shape is split per user at random (20%).
-Usage: python bench/shapes.py [--shapes NAME ...] [--seed S] [--ease-max-items N]
+With ``--tune MINUTES``, ``tandem tune`` then fits the settings on each shape's training
+part alone (its own validation carve-out, never the test part) within that budget, and
+the pipeline trained with them is scored beside the same peers.
+Usage: python bench/shapes.py [--shapes NAME ...] [--seed S] [--ease-max-items N] [--tune MINUTES]
 Writes bench/results/shapes.json and prints pipeline / best peer per shape and metric.
 """
 
@@ -24,8 +27,10 @@ import time
 import numpy as np
 from _results import save_result
 
+from engine.config import load_config, merged
 from engine.data import Dataset, make_synthetic
 from index_builder.evaluate import evaluate_pipeline, format_summary, make_splits
+from index_builder.tune import tune
 
 
 def _likes_only(ds: Dataset, name: str, features: bool = True) -> Dataset:
@@ -65,15 +70,15 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--seed", type=int, default=1, help="generator seed (the split's is 0)")
     parser.add_argument("--ease-max-items", type=int, default=20_000, help="skip EASE above this many items")
+    parser.add_argument("--tune", type=float, default=0.0, metavar="MINUTES", help="also tune on each training part")
     args = parser.parse_args()
     results = {}
     for name in args.shapes:
         ds = SHAPES[name](args.seed)
         print(f"{name}: {ds.n_users:,} users, {ds.n_items:,} items, {ds.n_ratings:,} interactions", flush=True)
         start = time.perf_counter()
-        report = evaluate_pipeline(
-            make_splits(ds, None, "random"), ease_max_items=args.ease_max_items, data_name=name, ablation=False
-        )
+        splits = make_splits(ds, None, "random")
+        report = evaluate_pipeline(splits, ease_max_items=args.ease_max_items, data_name=name, ablation=False)
         results[name] = {
             "n_users": ds.n_users,
             "n_items": ds.n_items,
@@ -82,6 +87,8 @@ def main() -> None:
             "summary": report["summary"],
         }
         print(format_summary(report), flush=True)
+        if args.tune > 0:
+            results[name]["tuned"] = _tuned(splits, args.tune, name)
     save_result("shapes", {"seed": args.seed, "shapes": results})
     print("\npipeline / best peer (Recall@10, NDCG@10):")
     for name, row in results.items():
@@ -92,6 +99,28 @@ def main() -> None:
             for m in ("recall@10", "ndcg@10")
         ]
         print(f"  {name:<18} " + "   ".join(cells))
+        if "tuned" in row:
+            tuned = row["tuned"]["pipeline"]
+            ratios = [tuned[m] / row["summary"][pipeline[f"best_peer_{m}"]][m] for m in ("recall@10", "ndcg@10")]
+            print(
+                f"  {name + ' tuned':<18} {ratios[0]:.3f} (pipeline {tuned['recall@10']:.4f})   "
+                f"{ratios[1]:.3f} (pipeline {tuned['ndcg@10']:.4f})"
+            )
+
+
+def _tuned(splits, minutes: float, name: str) -> dict:
+    """``tandem tune`` on the training part (``minutes``), then the pipeline trained with
+    the tuned settings, scored on the test part."""
+    config = load_config()
+    ((_, (train, _)),) = splits
+    result = tune(train, config, budget_minutes=minutes, progress=False)
+    print(f"{name}: tune kept trial {result['best_trial']} of {result['trials']}: {result['best']}", flush=True)
+    report = evaluate_pipeline(
+        splits, config=merged(config, result["best"], "tune"), peer_names=(), data_name=name, ablation=False
+    )
+    pipeline = report["summary"]["pipeline"]
+    print(f"{name} tuned: Recall@10 {pipeline['recall@10']:.4f}, NDCG@10 {pipeline['ndcg@10']:.4f}", flush=True)
+    return {"settings": result["best"], "trials": result["trials"], "pipeline": pipeline}
 
 
 if __name__ == "__main__":
