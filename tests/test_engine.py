@@ -418,13 +418,15 @@ def test_a_short_table_row_answers_unfiltered_requests_and_filtered_ones_search(
     assert searched and len(got) == 25 > in_row  # more than the row holds of that genre
 
 
-def test_added_items_retire_the_towers_table(world, tabled_engine):
-    """The towers table ranks the bundle's items only; once items are added live that
-    source searches, so they can be proposed. CF (no vector for them) keeps its table."""
+def test_added_items_retire_the_per_user_tables(world, tabled_engine):
+    """The per-user tables rank the bundle's items only; once items are added live each
+    model's source searches its index, which holds the new vectors (the towers' own, CF's
+    borrowed from the content neighbours), so they can be proposed."""
     engine = Engine.load(tabled_engine.bundle.path, EngineConfig(segment_key="occupation"))
-    assert engine.sources["towers"].top_items is not None
+    assert engine.sources["towers"].top_items is not None and engine.sources["cf"].top_items is not None
     engine.add_items(["fresh"], [{"year": 2024}], persist=False)
-    assert engine.sources["towers"].top_items is None and engine.sources["cf"].top_items is not None
+    assert engine.sources["towers"].top_items is None and engine.sources["cf"].top_items is None
+    assert len(engine.sources["cf"].index) == len(engine.items)
     scores = engine.user_tower_vectors @ engine.tower_item_vectors.T  # exact, the added item included
     ui = world[0].user_items()
     for u in range(len(scores)):
@@ -598,9 +600,10 @@ def test_likes_given_with_a_request_follow_the_datas_rule(world, tmp_path):
 
 
 def test_a_clone_of_a_popular_item_added_live_ranks_near_it(world, tmp_path):
-    """Items added live have no CF vector. The blend used to count CF's mean for them
-    (z = 0) with CF's full weight, so a clone of a popular item (same genres and year)
-    sank far below it; it is now scored by the towers alone, on the evidence it has."""
+    """Items added live have no CF vector of their own. The blend used to count CF's mean
+    for them (z = 0) with CF's full weight, so a clone of a popular item (same genres and
+    year) sank far below it; it is now scored on the evidence it has: its tower vector
+    and the CF vector of the bundle items of its content (live_items)."""
     ds = world[0]
     root = tmp_path / "root"
     shutil.copytree(world[3], root, symlinks=True)

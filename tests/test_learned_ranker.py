@@ -195,10 +195,13 @@ def test_items_added_live_are_ranked_with_their_missing_features(ranked, tmp_pat
 
 
 def test_items_added_live_borrow_their_content_neighbours_evidence(ranked):
-    """A new item's neighbours are its 10 nearest bundle items by item-tower cosine,
-    weighted by the towers' softmax; its popularity score and its item-side ranker
-    features are their weighted means (NaNs left out), each checked by hand here."""
+    """A new item's neighbours are its 10 nearest bundle items by item-tower cosine, each
+    bundle item embedded from its content alone (history zeroed, as a new item is), weighted
+    by inverse cosine distance; its CF vector, popularity score and item-side ranker
+    features are their weighted means (NaNs left out), each checked by hand here. A clone
+    (the same content) finds the original at distance 0 and takes nearly all its weight."""
     from engine.serving.features import BORROWED
+    from engine.serving.live_items import CONTENT_EPSILON
 
     ds, root, _, _ = ranked
     engine = Engine.load(root, EngineConfig(segment_key="occupation"))
@@ -207,15 +210,18 @@ def test_items_added_live_borrow_their_content_neighbours_evidence(ranked):
     engine.add_items(["clone"], [{"genres": genres, "year": float(ds.item_features.columns["year"][popular])}], False)
     cat = engine._catalogue
     new = cat.items.index("clone")
-    towers = cat.item_vectors[engine.towers.name]
-    sims = towers[: cat.n_bundle] @ towers[new]
+    content = engine.towers.content_item_vectors()[: cat.n_bundle]
+    sims = content @ cat.item_vectors[engine.towers.name][new]
     near = np.argsort(-sims, kind="stable")[:10]
-    weights = np.exp((sims[near] - sims[near].max()) / engine.towers.config.temperature)
+    weights = 1 / (np.maximum(1 - sims[near].astype(np.float64), 0) + CONTENT_EPSILON)
     weights /= weights.sum()
-    assert set(cat.borrowed_from[0].tolist()) == set(near.tolist())
+    assert set(cat.borrowed_from[0].tolist()) == set(near.tolist()) and popular in near
     order = np.argsort(cat.borrowed_from[0])
     np.testing.assert_allclose(cat.borrowed_weights[0][order], weights[np.argsort(near)], rtol=1e-4)
+    assert cat.borrowed_weights[0][cat.borrowed_from[0] == popular][0] > 0.5  # the original, at distance ~0
     np.testing.assert_allclose(cat.popularity_score[new], weights @ cat.popularity_score[near], rtol=1e-4)
+    cf = cat.item_vectors[engine.cf.name]
+    np.testing.assert_allclose(cf[new], weights @ cf[near], rtol=1e-4, atol=1e-6)
     user = ds.users.ids[4]
     requests = engine.user_context.requests(cat, [user], True, cat.every_item)
 
@@ -234,6 +240,9 @@ def test_items_added_live_borrow_their_content_neighbours_evidence(ranked):
         known = ~np.isnan(values)
         want = (weights[known] @ values[known]) / weights[known].sum() if known.any() else np.nan
         np.testing.assert_allclose(mine[0, column], want, rtol=1e-4, atol=1e-6, err_msg=name)
+    # CF scores the borrowed vector: the neighbours' scores, weighted (the score is linear).
+    column = engine.features.names.index("cf_score")
+    np.testing.assert_allclose(mine[0, column], weights @ theirs[:, column], rtol=1e-4, atol=1e-5)
     assert engine.recommend(user, k=10, include_items=["clone", *ds.items.ids[:30]]).scores.size == 10
 
 

@@ -224,6 +224,22 @@ class TwoTowerModel:
         (new users: features alone)."""
         return self.user_tower(self.user_features(users))
 
+    def content_item_vectors(self, batch: int = 8192) -> np.ndarray:
+        """``[n_items, output_dim]`` the known items' vectors from their content alone
+        (their rating history zeroed): how the item tower sees each as if it were new,
+        so comparable with a new item's vector (:meth:`item_embeddings` of a feature
+        dict). Computed once, ``batch`` items at a time."""
+        if getattr(self, "_content_vectors", None) is None:
+            n_history = len(self.item_pipeline.history_names)
+            parts = []
+            for start in range(0, len(self.items), batch):
+                rows = np.arange(start, min(start + batch, len(self.items)))
+                features = self.item_pipeline.transform_table(self._item_table, rows)
+                features[:, features.shape[1] - n_history :] = 0.0
+                parts.append(self.item_tower(features))
+            self._content_vectors = np.concatenate(parts or [self.item_vectors[:0]]).astype(np.float32)
+        return self._content_vectors
+
     def item_embeddings(self, items: Sequence[object] | Sequence[Mapping]) -> np.ndarray:
         """``[n, output_dim]`` item vectors from external ids or raw feature dicts
         (``{"genres": [...multi-hot...], "year": 1995}``) for new items."""

@@ -38,7 +38,7 @@ class Catalogue:
     titles: np.ndarray | None  # [n_items] display titles, or None
     attributes: ItemAttributes  # what filters read: genres, tags, category, price, ...
     # Model name -> [n, d] float32 its retrieval item vectors (what the ranking scores
-    # against). A model that cannot embed new items (CF) keeps fewer rows than n_items.
+    # against). Items added live get a row from every model (CF's borrowed: live_items).
     item_vectors: Mapping[str, np.ndarray]
     popularity: np.ndarray  # [n_items] float32 interaction counts (0 for items added live)
     popularity_score: np.ndarray  # [n_items] float32 standardised log-popularity

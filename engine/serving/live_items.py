@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tandem.engine")
 
 BORROWED_FROM = 10  # bundle items a new item borrows its evidence from (nearest by content)
+# Added to a cosine distance before inverting it: float32 rounding of unit vectors' cosine
+# (about 1e-7), so that items of the same content weigh alike and finitely.
+CONTENT_EPSILON = 1e-6
 
 
 class LiveItems:
@@ -164,18 +167,29 @@ class LiveItems:
         """Swap in the catalogue with these (checked, new) items: one reference assignment."""
         engine = self._engine
         cat = engine._catalogue
+        near, weights = self.content_neighbours(vectors)
+        # CF has no vector for an item without interactions: it takes its neighbours'
+        # (weighted), so CF scores and retrieves it as it does the items of that content.
+        cf_vectors = cat.item_vectors[engine.cf.name]
+        borrowed_cf = np.einsum("nk,nkf->nf", weights, cf_vectors[near])
         engine._catalogue = cat.with_items(
             new_ids,
-            {engine.towers.name: vectors},
+            {engine.towers.name: vectors, engine.cf.name: borrowed_cf},
             features,
             [t or i for i, t in zip(new_ids, titles)],
-            self.content_neighbours(vectors),
+            (near, weights),
         )
 
     def content_neighbours(self, tower_vectors: np.ndarray, k: int = BORROWED_FROM) -> tuple[np.ndarray, np.ndarray]:
         """Each new item's ``k`` nearest bundle items by item-tower cosine and their
-        weights ``([n, k], [n, k])``: the towers' own softmax over them
-        (``exp(cosine / temperature)``, the probability the tower model gives each).
+        weights ``([n, k], [n, k])``, inversely proportional to the cosine distance
+        (Shepard's inverse distance weighting, ``1 / (1 - cosine + CONTENT_EPSILON)``).
+        Like is compared with like: a new item's vector (its content; no rating history)
+        with each bundle item's vector from its content alone
+        (``TwoTowerModel.content_item_vectors``). So an item whose content is a bundle
+        item's (cosine 1) borrows that item's evidence, or the mean of all the items
+        sharing that content; an item like none borrows from its nearest ones in
+        proportion to their closeness, whatever the scale of the cosines.
 
         A new item has no interactions; the evidence it has is its content. The blend
         scores it by the towers alone (a model without its vector does not count), and
@@ -184,15 +198,14 @@ class LiveItems:
         (a copy of a popular item among the popular items of its kind) instead of last
         for the interactions it cannot have yet."""
         engine = self._engine
-        known = engine._catalogue.item_vectors[engine.towers.name][: len(engine.cf.items)]
+        known = engine.towers.content_item_vectors()[: len(engine.cf.items)]
         k = min(k, len(known))
-        temperature = engine.towers.config.temperature
         near = np.empty((len(tower_vectors), k), np.int64)
         weights = np.empty((len(tower_vectors), k), np.float32)
         for start in range(0, len(tower_vectors), 64):  # bounded memory: 64 x n_items similarities
             sims = tower_vectors[start : start + 64] @ known.T
             top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-            close = np.take_along_axis(sims, top, 1).astype(np.float64)
-            w = np.exp((close - close.max(axis=1, keepdims=True)) / temperature)
+            distance = np.maximum(1.0 - np.take_along_axis(sims, top, 1).astype(np.float64), 0.0)
+            w = 1.0 / (distance + CONTENT_EPSILON)
             near[start : start + 64], weights[start : start + 64] = top, w / w.sum(axis=1, keepdims=True)
         return near, weights

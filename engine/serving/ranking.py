@@ -8,11 +8,11 @@ Model ``m`` scores (user ``u``, item ``i``) as ``s_m = q_m(u) . v_m(i) + b_m(u)`
     score(u, i) = (sum_m w_m z_m(u, i) + w_p z_p(i)) / (sum_m w_m + w_p),   z_m = (s_m - mean_m) / std_m,
 
 over the models that know the user (``has``), ``z_p`` the item's standardised
-log-popularity with weight ``w_p`` (``engine.blend_popularity``, 0 by default); an item a model has no vector for (added
-live after it was trained) is scored by the models that have one, the sum over them
-divided by their weight, so that a new item is ranked on the evidence it has (a clone of
-a popular item, by the towers, near the original). A user no model knows is ranked by
-standardised popularity.
+log-popularity with weight ``w_p`` (``engine.blend_popularity``, 0 by default); an item a model has no vector for
+is scored by the models that have one, the sum over them divided by their weight, so
+that an item is ranked on the evidence it has rather than on a missing model's mean
+(items added live get every model's vector: :mod:`engine.serving.live_items`). A user no
+model knows is ranked by standardised popularity.
 
 Standardising with bundle-wide statistics (not per request) keeps a pair's score the
 same whatever else is being ranked, so ``score`` of a few items, ``recommend`` and
