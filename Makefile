@@ -8,7 +8,7 @@ DATA   ?= auto
 SIDE_FLAGS = $(if $(ITEM_FEATURES),--item-features $(ITEM_FEATURES)) $(if $(USER_FEATURES),--user-features $(USER_FEATURES))
 DATA_FLAGS = $(if $(filter auto,$(DATA)),,--data $(DATA)) $(SIDE_FLAGS)
 
-.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve web proto bench-serve bench-http train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine bench-feedback bench-milvus eval-pipeline bench-cf bench-cf-dist bench-cf-scale bench-shapes bench-train-time bench-synthetic clean
+.PHONY: help install install-bench test lint typecheck demo describe train index publish tune rollback serve web proto bench-serve bench-http train-cf eval-cf train-towers eval-towers bench-towers bench-ann bench-engine bench-feedback bench-milvus eval-pipeline bench-cf bench-cf-dist bench-cf-scale bench-shapes bench-train-time bench-live-items bench-synthetic clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -120,6 +120,9 @@ bench-cf-scale: install  ## B6: one CF epoch on synthetic 20M ratings (ratings/s
 
 bench-shapes: install-bench  ## the pipeline beside popularity, implicit ALS and EASE on three synthetic shapes (explicit 1k items, implicit 16k, implicit 3k without features)
 	$(PY) bench/shapes.py
+
+bench-live-items: install  ## items added live: where clones of the 10 most popular items rank beside their originals (ranker and blend)
+	$(PY) bench/live_items.py
 
 bench-train-time: install-bench  ## make train index wall time on ML-100K and a 100k-interaction implicit set of 17k items, beside implicit ALS's fit
 	$(PY) bench/train_time.py
