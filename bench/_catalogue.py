@@ -46,7 +46,8 @@ def full_size_ranker(ds, cf, towers):
     """A learned ranker of the largest size the default ``[ranker]`` settings allow
     (``num_trees`` trees of ``num_leaves`` leaves, no early stopping), fitted on random
     rows with this bundle's feature names: its cost per candidate is what a trained
-    ranker's is at most, whatever it learned."""
+    ranker's is at most, whatever it learned. The data is explicit, so it has a rating
+    model, as ``make train``'s would: the quick CF (mse, history factors) stands in."""
     import numpy as np
 
     from engine.data.attributes import ItemAttributes
@@ -54,11 +55,11 @@ def full_size_ranker(ds, cf, towers):
     from engine.serving.features import feature_groups
     from engine.settings import RankerConfig
 
-    groups = feature_groups((towers.name, cf.name), ItemAttributes.of_features(ds.item_features))
+    groups = feature_groups((towers.name, cf.name), ItemAttributes.of_features(ds.item_features), rating=True)
     rng = np.random.default_rng(0)
     config = RankerConfig(min_data_in_leaf=20)
     per_user, n_users = config.depth, 2000
     features = rng.normal(size=(per_user * n_users, len(groups))).astype(np.float32)
     labels = (features[:, 0] + rng.normal(size=len(features)) > 1.5).astype(np.int32)
     sizes = np.full(n_users, per_user)
-    return Ranker.fit(features, labels, sizes, list(groups), groups, config)
+    return Ranker.fit(features, labels, sizes, list(groups), groups, config, rating=cf)

@@ -74,6 +74,9 @@ class RankerConfig:
     min_data_in_leaf: int = 200
     feature_fraction: float = 0.8
     lambda_l2: float = 1.0
+    # Explicit data: train a rating model (CF with history factors, engine.models.cf) with
+    # the ranker's models, whose predicted rating is the rating_prediction feature.
+    rating_model: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

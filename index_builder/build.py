@@ -322,7 +322,8 @@ def build_bundle(
     """
     _check_models(dataset, cf, towers)
     if ranker is not None:
-        expected = list(feature_groups((towers.name, cf.name), ItemAttributes.of_features(dataset.item_features)))
+        attributes = ItemAttributes.of_features(dataset.item_features)
+        expected = list(feature_groups((towers.name, cf.name), attributes, ranker.rating is not None))
         if ranker.feature_names != expected:
             raise TandemError(
                 f"the ranker was trained on features {ranker.feature_names}, this data's bundle computes "

@@ -152,7 +152,9 @@ def _ablation(engine, examples, ranker_config, test, k: int, n_candidates: int, 
         found = evaluate_engine(engine, test, k, n_candidates, min_rating)
         out["blend"] = {key: found[key] for key in keys}
         for group in dict.fromkeys(examples.groups.values()):
-            engine.use_ranker(fit_ranker(examples, ranker_config, without=[group], log=lambda line: None))
+            ranker = fit_ranker(examples, ranker_config, without=[group], log=lambda line: None)
+            ranker.rating = served.rating  # the served rating model (train_ranker's), as the full ranker's
+            engine.use_ranker(ranker)
             found = evaluate_engine(engine, test, k, n_candidates, min_rating)
             out[f"without {group}"] = {key: found[key] for key in keys}
     finally:

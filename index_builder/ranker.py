@@ -9,6 +9,9 @@ own candidates.
    with their features (:mod:`engine.serving.features`), are the examples. A candidate
    is relevant when the user's held-out interactions like it (the data's own rule:
    every interaction of implicit data, ratings of at least 4 otherwise).
+   On explicit data a rating model (CF with history factors) is trained on the same
+   interactions, and its predicted rating of each candidate is one more feature
+   (``rating_prediction``); it is kept with the ranker and serves that feature.
 3. LambdaRank trees are fitted on those users' examples (``num_trees`` of them, or
    early-stopped on a fifth of the users by NDCG@10 with ``early_stopping``).
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,7 +36,14 @@ from engine.models import distributed
 from engine.models.ranker import Ranker
 from engine.settings import EngineConfig, RankerConfig
 
+if TYPE_CHECKING:
+    from engine.models.cf import CFModel
+
 VALID_SHARE = 0.2  # of the example users, for early stopping
+# Share of the example users whose rating_prediction is left missing (seeded), so that
+# the trees learn what to do for users the rating model does not know (new users,
+# fold-in): trees that never saw it missing would read a missing value as a rating of 0.
+RATING_DROPOUT = 0.1
 
 
 @dataclass
@@ -44,6 +55,7 @@ class RankerExamples:
     group_sizes: np.ndarray  # [n_users] rows per user, consecutive
     feature_names: list[str]
     groups: dict[str, str]  # feature name -> group (engine.serving.features)
+    rating: CFModel | None = None  # the rating model behind rating_prediction (explicit data)
 
     def without(self, dropped: Sequence[str]) -> RankerExamples:
         """These examples with the features of the ``dropped`` groups missing (NaN): a
@@ -52,7 +64,7 @@ class RankerExamples:
         for j, name in enumerate(self.feature_names):
             if self.groups[name] in dropped:
                 features[:, j] = np.nan
-        return RankerExamples(features, self.labels, self.group_sizes, self.feature_names, self.groups)
+        return RankerExamples(features, self.labels, self.group_sizes, self.feature_names, self.groups, self.rating)
 
 
 def holdout_splits(train: data.Dataset, config: RankerConfig) -> list[data.Split]:
@@ -92,6 +104,7 @@ def ranker_examples(
         np.concatenate([p.group_sizes for p in parts]),
         first.feature_names,
         first.groups,
+        first.rating,  # (each holdout's examples read its own; the first one's is served)
     )
 
 
@@ -110,6 +123,8 @@ def _examples_of(fit: data.Dataset, holdout: data.Dataset, config: dict, ranker_
             return None
         publish(fit, cf, towers, root, {**config, "index": {**config["index"], "keep": 1}}, log=quiet)
         engine = Engine.load(root, EngineConfig(**{**config["engine"], "ranking": "blend"}))
+        rating = rating_model(fit, config, ranker_config)
+        engine.use_rating_model(rating)
         relevant = relevant_matrix(holdout, "auto")
         users = np.flatnonzero(np.diff(relevant.indptr) > 0)
         if len(users) > ranker_config.max_users:
@@ -119,6 +134,9 @@ def _examples_of(fit: data.Dataset, holdout: data.Dataset, config: dict, ranker_
             holdout.users.ids[users].tolist(), ranker_config.depth, ranker_config.n_candidates
         )
         names, groups = engine.features.names, engine.features.groups
+    if rating is not None:
+        missing = np.random.default_rng(ranker_config.seed).random(len(users)) < RATING_DROPOUT
+        features[missing[rows], names.index("rating_prediction")] = np.nan
     # A candidate is relevant when it is among its user's relevant held-out items.
     relevant = relevant[users].tocoo()
     n_items = np.int64(holdout.n_items)
@@ -131,7 +149,28 @@ def _examples_of(fit: data.Dataset, holdout: data.Dataset, config: dict, ranker_
         f"ranker: {int(useful.sum()):,} of {len(users):,} held-out users have a relevant item "
         f"among their {ranker_config.depth} best candidates"
     )
-    return RankerExamples(features[keep], labels[keep], sizes[useful], names, groups)
+    return RankerExamples(features[keep], labels[keep], sizes[useful], names, groups, rating)
+
+
+def rating_model(fit: data.Dataset, config: dict, ranker_config: RankerConfig) -> CFModel | None:
+    """A ranker's rating model trained on ``fit`` (explicit data, with
+    ``ranker.rating_model``; else None): CF for ratings (mse, history factors) on the
+    ``[cf]`` section's device, with larger batches than B1's defaults — the trees need
+    its ordering, not its last digits: ML-100K u1-u5 RMSE 0.905 in 0.8 s a fold against
+    0.902 in 2.6 s. Rank 0 of a distributed run trains it alone."""
+    if fit.implicit or not ranker_config.rating_model:
+        return None
+    from engine.models.cf import CFConfig, train_cf
+
+    settings = CFConfig(
+        batch_size=4096,
+        learning_rate=0.008,
+        device=config["cf"].get("device", "cpu"),
+        seed=ranker_config.seed,
+        progress=False,
+    )
+    with distributed.alone():
+        return train_cf(fit, settings)
 
 
 def fit_ranker(examples: RankerExamples, config: RankerConfig, without: Sequence[str] = (), log=print) -> Ranker:
@@ -155,6 +194,7 @@ def fit_ranker(examples: RankerExamples, config: RankerConfig, without: Sequence
         examples.groups,
         config,
         valid=(examples.features[row_valid], examples.labels[row_valid], examples.group_sizes[valid_users]),
+        rating=examples.rating,
     )
     best = ranker.metrics.get("best_valid_ndcg@10")
     log(

@@ -5,6 +5,7 @@ library and over gRPC, the blend fallback, and the ablation of eval-pipeline."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from engine.models.ranker import Ranker
 from engine.service.client import Client
 from engine.service.server import ServerConfig, TandemServer
 from engine.serving.features import base_feature_groups
+from engine.settings import RankerConfig
 from index_builder.build import item_cooccurrence
 from index_builder.evaluate import evaluate_pipeline
 from index_builder.ranker import fit_ranker, ranker_examples
@@ -48,7 +50,7 @@ def ranked(tmp_path_factory):
 def test_the_bundle_holds_a_checksummed_ranker_that_the_engine_serves(ranked):
     ds, root, _, engine = ranked
     manifest = json.loads((root / "current" / "manifest.json").read_text())
-    assert {"ranker/ranker.txt", "ranker/ranker.json"} <= set(manifest["files"])
+    assert {"ranker/ranker.txt", "ranker/ranker.json", "ranker/rating/cf.json"} <= set(manifest["files"])
     assert manifest["models"]["ranker"]["num_trees"] >= 1
     assert engine.ranker is not None and engine.ranker.feature_names == engine.features.names
     assert Engine.load(root, EngineConfig(ranking="blend")).ranker is None
@@ -109,6 +111,12 @@ def test_features_equal_their_definitions(ranked):
     expected = [ease_weight[i][np.isin(ease_from[i], seen) & (ease_from[i] >= 0)].sum() for i in items]
     np.testing.assert_allclose(column["ease_score"], expected, rtol=1e-5, atol=1e-7)
 
+    # The ranker's rating model (explicit data): its predicted rating, clipped.
+    rating = engine.ranker.rating
+    assert rating is not None and rating.config.loss == "mse" and rating.history_vectors is not None
+    expected = np.clip(rating.predict_indices(np.full(len(items), u), items), *rating.rating_range)
+    np.testing.assert_allclose(column["rating_prediction"], expected, rtol=1e-5)
+
     liked = engine.user_context.recent[u]
     liked = liked[liked >= 0]
     X = engine.cf.X / np.linalg.norm(engine.cf.X, axis=1, keepdims=True)
@@ -121,7 +129,7 @@ def test_features_equal_their_definitions(ranked):
     for name in ("cf_score", "towers_score"):
         j = engine.features.names.index(name)
         np.testing.assert_allclose(served[:, j], direct[:, j], rtol=1e-4, atol=1e-5)
-    base = base_feature_groups(tuple(engine.user_context.models))
+    base = base_feature_groups(tuple(engine.user_context.models), rating=True)
     assert engine.features.names[: len(base)] == list(base)
 
 
@@ -178,6 +186,28 @@ def test_new_and_cold_users_are_ranked_with_missing_features(ranked):
     folded = engine.recommend(ratings={ds.items.ids[0]: 5.0, ds.items.ids[1]: 4.0}, k=5)
     assert len(folded) == 5 and folded.served_by == "fold-in"
     assert not {ds.items.ids[0], ds.items.ids[1]} & set(folded.item_ids.tolist())
+    # The rating model knows neither: their rating_prediction is missing (which the trees
+    # learned from the examples whose rating was left out), a known user's is not.
+    cat = engine._catalogue
+    column = engine.features.names.index("rating_prediction")
+    for users, missing in ((["nobody-at-all"], True), ([ds.users.ids[2]], False)):
+        requests = engine.user_context.requests(cat, users, True, cat.every_item)
+        candidates, _ = engine._candidates(cat, requests, 50, None)
+        _, _, features = engine._rank(cat, requests, candidates, 5, engine.ranker)
+        values = features[:, column]
+        assert np.isnan(values).all() if missing else np.isfinite(values).all()
+
+
+def test_implicit_data_trains_no_rating_model():
+    from index_builder.ranker import rating_model
+
+    ds = data.make_synthetic(n_users=50, n_items=30, n_ratings=600, seed=3)
+    implicit = data.Dataset(
+        ds.user_idx, ds.item_idx, np.ones(ds.n_ratings, np.float32), ds.timestamps, ds.users, ds.items
+    )
+    config = load_config(None, FAST)
+    assert implicit.implicit and rating_model(implicit, config, RankerConfig()) is None
+    assert rating_model(ds, config, RankerConfig(rating_model=False)) is None
 
 
 def test_items_added_live_are_ranked_with_their_missing_features(ranked, tmp_path):
@@ -234,7 +264,7 @@ def test_items_added_live_borrow_their_content_neighbours_evidence(ranked):
         )
 
     mine, theirs = features([new]), features(near)
-    for name in BORROWED:
+    for name in (name for name in BORROWED if name in engine.features.names):
         column = engine.features.names.index(name)
         values = theirs[:, column].astype(np.float64)
         known = ~np.isnan(values)
@@ -304,11 +334,22 @@ def test_a_saved_ranker_loads_without_pickle_and_tampering_is_caught(ranked, tmp
     again = Ranker.load(saved)
     rows = np.random.default_rng(0).normal(size=(20, len(engine.features.names))).astype(np.float32)
     np.testing.assert_array_equal(again.predict(rows), engine.ranker.predict(rows))
+    np.testing.assert_array_equal(again.rating.W, engine.ranker.rating.W)  # its rating model too
+    # Saved over by a ranker without one (implicit data), the old rating model goes.
+    names = ["x" if name == "rating_prediction" else name for name in again.feature_names]
+    plain = Ranker(again.booster, names, {}, 10, {})
+    assert not (plain.save(tmp_path / "ranker") / "rating").exists()
+    again.save(tmp_path / "ranker")
+    shutil.rmtree(tmp_path / "ranker" / "rating")
+    with pytest.raises(TandemError, match="rating model"):
+        Ranker.load(tmp_path / "ranker")
+    saved = again.save(tmp_path / "ranker")
     (saved / "ranker.txt").write_text("not a model")
     with pytest.raises(TandemError, match="not a LightGBM model"):
         Ranker.load(saved)
     with pytest.raises(ValueError, match="features"):
-        engine.use_ranker(Ranker(again.booster, [f"x{j}" for j in range(len(again.feature_names))], {}, 10, {}))
+        names = [f"x{j}" for j in range(len(again.feature_names))]
+        engine.use_ranker(Ranker(again.booster, names, {}, 10, {}))
     model = root / "current" / "ranker" / "ranker.txt"
     original = model.read_bytes()
     try:
@@ -323,7 +364,6 @@ def test_the_ranker_learns_from_held_out_interactions(ranked):
     """On the examples it is trained on, a fitted ranker orders held-out relevant items
     above the others better than the blend score alone does (a generous margin)."""
     ds, _, config, _ = ranked
-    from engine.settings import RankerConfig
 
     ranker_config = RankerConfig.from_dict({**config["ranker"], "holdout": "random", "num_trees": 40})
     examples = ranker_examples(ds, config, ranker_config, log=lambda line: None)

@@ -108,7 +108,8 @@ class BundleLayout:
 
         <version>/manifest.json                 format, dataset, models, indexes, recall, checksums
         <version>/cf/, towers/                  the models (engine.models.artifacts format)
-        <version>/ranker/                       the learned ranker, when trained (engine.models.ranker)
+        <version>/ranker/                       the learned ranker, when trained (engine.models.ranker),
+                                                with its rating model in ranker/rating/ (explicit data)
         <version>/<index>.faiss                 the vector indexes (cf_l2, cf_ip, towers_ip)
         <version>/tables/<table>.npy            per-item and per-user tables (TABLES)
         <version>/tables/added_items.jsonl      items added live before this version was built

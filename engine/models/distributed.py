@@ -33,19 +33,34 @@ torchrun's environment (gloo on CPU, NCCL on CUDA).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 
 import numpy as np
 
+_alone = False  # inside alone(): this process trains as if it were the only one
+
 
 def world() -> tuple[int, int]:
-    """``(rank, world size)``: ``(0, 1)`` outside a process group."""
+    """``(rank, world size)``: ``(0, 1)`` outside a process group (or inside :func:`alone`)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not _alone and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def alone():
+    """Train as one process within a process group: what rank 0 trains by itself (the
+    ranker's rating model, ``index_builder.ranker``) must not wait for the other ranks."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def init_from_environment(device: str | None = None) -> tuple[int, int]:

@@ -7,13 +7,21 @@ LightGBM's own text model plus a JSON file — nothing pickled — checksummed w
 rest. Serving re-scores each user's best ``depth`` candidates by the blend (phased
 ranking: the blend is the cheap first phase, the trees the second), and explains a
 recommendation by each feature's contribution to its score (LightGBM's SHAP values).
+
+On explicit data a ranker carries its **rating model** (``rating``, in ``rating/``): CF
+with history factors (``loss = "mse"``), whose predicted rating of a candidate is the
+``rating_prediction`` feature — whether the user will like an item, beside the retrieval
+scores' whether they will pick it. The examples read one trained with the ranker's own
+models (on the interactions they see); the served one is trained on all of the data,
+as the other served models are (``index_builder.train.train_ranker``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,8 +30,12 @@ from engine.models.artifacts import read_model_meta
 from engine.models.tree_scoring import CompiledTrees
 from engine.settings import RankerConfig
 
+if TYPE_CHECKING:
+    from engine.models.cf import CFModel
+
 FORMAT_VERSION = 1
 MODEL_FILE, META_FILE = "ranker.txt", "ranker.json"  # META_FILE: read by artifacts.read_model_meta
+RATING_DIR = "rating"  # the rating model's directory inside the ranker's (CFModel.save)
 
 
 def _lightgbm():
@@ -37,9 +49,20 @@ def _lightgbm():
 class Ranker:
     """A trained ranker: ``predict`` scores feature rows, ``contributions`` explains them."""
 
-    def __init__(self, booster, feature_names: list[str], groups: dict[str, str], depth: int, metrics: dict):
+    def __init__(
+        self,
+        booster,
+        feature_names: list[str],
+        groups: dict[str, str],
+        depth: int,
+        metrics: dict,
+        rating: CFModel | None = None,
+    ):
         self.booster, self.feature_names, self.groups = booster, list(feature_names), dict(groups)
         self.depth, self.metrics = int(depth), dict(metrics)
+        self.rating = rating  # the rating model behind the rating_prediction feature (see the module)
+        if (rating is not None) != ("rating_prediction" in self.feature_names):
+            raise TandemError("a ranker reads rating_prediction exactly when it has a rating model")
         if booster.num_feature() != len(self.feature_names):
             raise TandemError(
                 f"the ranker's model has {booster.num_feature()} features, its metadata names {len(feature_names)}"
@@ -58,10 +81,12 @@ class Ranker:
         groups: dict[str, str],
         config: RankerConfig,
         valid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        rating: CFModel | None = None,
     ) -> Ranker:
         """Trees by LambdaRank on rows grouped by user (``group_sizes`` consecutive rows
         each); with ``config.early_stopping``, early-stopped on ``valid`` (features,
-        labels, group sizes) by NDCG@10."""
+        labels, group sizes) by NDCG@10. ``rating``: the rating model the features'
+        ``rating_prediction`` came from, kept with the trees."""
         lgb = _lightgbm()
         params: dict[str, Any] = {
             "objective": "lambdarank",
@@ -100,7 +125,7 @@ class Ranker:
         if booster.best_iteration > 0:  # keep only the trees up to the best round
             booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=booster.best_iteration))
             metrics["num_trees"] = int(booster.num_trees())
-        return cls(booster, feature_names, groups, config.depth, metrics)
+        return cls(booster, feature_names, groups, config.depth, metrics, rating)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """``[n]`` float32 scores of feature rows (higher is better)."""
@@ -132,6 +157,10 @@ class Ranker:
             "metrics": self.metrics,
         }
         (path / META_FILE).write_text(json.dumps(meta, indent=2))
+        if (path / RATING_DIR).is_dir():  # a previous ranker's, which this one may not have
+            shutil.rmtree(path / RATING_DIR)
+        if self.rating is not None:
+            self.rating.save(path / RATING_DIR)
         return path
 
     @classmethod
@@ -147,7 +176,17 @@ class Ranker:
             booster = _lightgbm().Booster(model_str=text)
         except Exception as e:  # lightgbm raises its own LightGBMError on a bad model text
             raise TandemError(f"{path / MODEL_FILE}: not a LightGBM model ({e})") from None
-        return cls(booster, meta["feature_names"], meta["groups"], meta["depth"], meta.get("metrics", {}))
+        rating = None
+        if (path / RATING_DIR).is_dir():
+            from engine.models.cf import CFModel
+
+            rating = CFModel.load(path / RATING_DIR)
+        if (rating is not None) != ("rating_prediction" in meta["feature_names"]):
+            raise TandemError(
+                f"{path}: the ranker's features and its rating model ({RATING_DIR}/) disagree: "
+                "one is there without the other"
+            )
+        return cls(booster, meta["feature_names"], meta["groups"], meta["depth"], meta.get("metrics", {}), rating)
 
     def to_summary(self) -> dict:
         return {"depth": self.depth, "features": self.feature_names, **self.metrics}

@@ -124,12 +124,20 @@ class Engine:
 
     def use_ranker(self, ranker: Ranker | None) -> None:
         """Serve with ``ranker`` (None: the blend alone). Its features must be the ones
-        this bundle computes: a ranker trained on another bundle's features is refused."""
-        if ranker is not None and ranker.feature_names != self.features.names:
+        this bundle computes (with its rating model's prediction, where it has one): a
+        ranker trained on another bundle's features is refused."""
+        features = self.features.with_rating(None if ranker is None else ranker.rating)
+        if ranker is not None and ranker.feature_names != features.names:
             raise ValueError(
-                f"the ranker expects features {ranker.feature_names}, this bundle computes {self.features.names}"
+                f"the ranker expects features {ranker.feature_names}, this bundle computes {features.names}"
             )
-        self.ranker = ranker
+        self.features, self.ranker = features, ranker
+
+    def use_rating_model(self, rating: CFModel | None) -> None:
+        """Compute the ``rating_prediction`` feature with ``rating`` (None: not at all),
+        without a ranker: what a ranker's training examples are made with
+        (``index_builder.ranker``). Serving with the blend alone."""
+        self.features, self.ranker = self.features.with_rating(rating), None
 
     def _ranking_features(self, published: LoadedBundle, popularity: np.ndarray) -> RankingFeatures:
         layout, n_items = published.layout, len(popularity)

@@ -27,6 +27,10 @@ user_like_rate         user         the user's share of likes among their intera
                                     shrunk toward the global share (explicit feedback)
 item_like_rate         ratings      the item's share of likes among its interactions, shrunk
 item_mean_rating       ratings      its mean rating, shrunk toward the global mean
+rating_prediction      ratings      the user's rating of the item as predicted by the
+                                    ranker's rating model (explicit data: CF with history
+                                    factors, ``Ranker.rating``); missing for a user it
+                                    does not know
 recent_similarity_max  similarity   the largest cosine between the item's CF vector and
                                     those of the user's recent likes
 recent_similarity_mean similarity   their mean
@@ -48,9 +52,11 @@ feature; the ranker was trained with such gaps.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -58,6 +64,9 @@ from engine.data.attributes import CATEGORICAL, LABELS, ItemAttributes
 from engine.serving import feature_kernels
 from engine.serving.ranking import ScoreScale, dots
 from engine.serving.retrieval import Candidates, Requests, positions_in_rows
+
+if TYPE_CHECKING:
+    from engine.models.cf import CFModel
 
 SOURCES = ("cf", "towers", "popular", "segment", "recent")
 RATE_PRIOR = 10.0  # pseudo-interactions at the global value that each like rate and mean rating start from
@@ -72,6 +81,7 @@ def shrunk_mean(total, count, toward):
 
 # Item-side features an item added live takes from its content neighbours (RankingFeatures._borrow).
 BORROWED = (
+    "rating_prediction",
     "item_popularity",
     "segment_popularity",
     "item_trend",
@@ -88,8 +98,9 @@ BORROWED = (
 MAX_AFFINITY_VALUES = 512  # categorical attributes with more values get no affinity feature
 
 
-def base_feature_groups(models: tuple[str, ...] = ("cf", "towers")) -> dict[str, str]:
-    """Feature name -> group, in column order, of every feature but the affinities."""
+def base_feature_groups(models: tuple[str, ...] = ("cf", "towers"), rating: bool = False) -> dict[str, str]:
+    """Feature name -> group, in column order, of every feature but the affinities
+    (``rating``: with the rating model's prediction)."""
     groups = {f"{name}_score": "scores" for name in models}
     groups["blend_score"] = "scores"
     groups.update({f"from_{name}": "sources" for name in SOURCES})
@@ -97,6 +108,8 @@ def base_feature_groups(models: tuple[str, ...] = ("cf", "towers")) -> dict[str,
     groups.update({name: "popularity" for name in ("item_popularity", "segment_popularity", "item_trend", "item_age")})
     groups.update({"user_activity": "user", "user_like_rate": "user"})
     groups.update({"item_like_rate": "ratings", "item_mean_rating": "ratings"})
+    if rating:
+        groups["rating_prediction"] = "ratings"
     groups.update({"recent_similarity_max": "similarity", "recent_similarity_mean": "similarity"})
     groups.update(
         {"cooccurrence_sum": "cooccurrence", "cooccurrence_mean": "cooccurrence", "ease_score": "cooccurrence"}
@@ -113,10 +126,12 @@ def affinity_attributes(attributes: ItemAttributes) -> list[str]:
     ]
 
 
-def feature_groups(models: tuple[str, ...], attributes: ItemAttributes) -> dict[str, str]:
+def feature_groups(models: tuple[str, ...], attributes: ItemAttributes, rating: bool = False) -> dict[str, str]:
     """Feature name -> group, in column order, of a bundle whose embedding models are
-    ``models`` (in ranking order) and whose items have ``attributes``."""
-    return {**base_feature_groups(models), **{f"affinity:{a}": "affinity" for a in affinity_attributes(attributes)}}
+    ``models`` (in ranking order) and whose items have ``attributes`` (``rating``: whose
+    ranker has a rating model)."""
+    affinity = {f"affinity:{a}": "affinity" for a in affinity_attributes(attributes)}
+    return {**base_feature_groups(models, rating), **affinity}
 
 
 @dataclass
@@ -171,7 +186,23 @@ class RankingFeatures:
             else np.zeros((0, 2), np.float32)
         )
         self.affinity = list(affinity)
-        self.groups = {**base_feature_groups(models), **{f"affinity:{a}": "affinity" for a in self.affinity}}
+        self._set_rating(None)
+
+    def with_rating(self, rating: CFModel | None) -> RankingFeatures:
+        """These features with the prediction of ``rating`` (a ranker's rating model,
+        ``Ranker.rating``; None: without that column)."""
+        if rating is self.rating:
+            return self
+        out = copy.copy(self)
+        out._set_rating(rating)
+        return out
+
+    def _set_rating(self, rating: CFModel | None) -> None:
+        self.rating = rating
+        self.groups = {
+            **base_feature_groups(self.models, rating is not None),
+            **{f"affinity:{a}": "affinity" for a in self.affinity},
+        }
         self.names = list(self.groups)  # the columns of compute(), in order
         self._column = {name: j for j, name in enumerate(self.names)}
         # Where feature_kernels.pair_columns' columns go, in its order.
@@ -253,6 +284,8 @@ class RankingFeatures:
         )
         out[:, at["segment_popularity"]] = self._segment_popularity(requests, rows, items)
         out[:, at["user_like_rate"]] = np.nan if requests.like_rate is None else requests.like_rate[rows]
+        if self.rating is not None:
+            out[:, at["rating_prediction"]] = self._rating_prediction(requests, rows, items)
         largest, mean = self._recent_similarity(requests, rows, items)
         out[:, at["recent_similarity_max"]], out[:, at["recent_similarity_mean"]] = largest, mean
         tables = self.tables
@@ -285,7 +318,7 @@ class RankingFeatures:
         theirs = self.compute(
             requests, pairs_rows, near.ravel(), zeros.astype(np.uint32), (), zeros, zeros.astype(np.float32), cat
         )
-        columns = np.array([self._column[name] for name in BORROWED])
+        columns = np.array([self._column[name] for name in BORROWED if name in self._column])
         values = theirs[:, columns].reshape(m, k, len(columns)).astype(np.float64)
         w = np.where(np.isnan(values), 0.0, weights[:, :, None])
         with np.errstate(invalid="ignore"):
@@ -299,6 +332,19 @@ class RankingFeatures:
         inside = items < len(matrix)
         raw = dots(matrix, np.where(inside, items, 0), user.vectors, rows) + user.bias[rows]
         return np.where(inside & user.has[rows], scale(raw), np.nan).astype(np.float32)
+
+    def _rating_prediction(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The rating model's predicted rating of each pair, clipped to its rating range;
+        NaN for a user it does not know or an item beyond its table (added live:
+        borrowed from the item's content neighbours, like the other item evidence)."""
+        rating = self.rating
+        assert rating is not None
+        users = np.full(len(rows), -1, np.int64) if requests.users is None else requests.users[rows]
+        known = (users >= 0) & (users < len(rating.W)) & (items < len(rating.X))
+        safe_users, safe_items = np.where(known, users, 0), np.where(known, items, 0)
+        raw = dots(rating.X, safe_items, rating.W, safe_users) + rating.user_bias[safe_users]
+        predicted = np.clip(raw + rating.item_offsets[safe_items], *rating.rating_range)
+        return np.where(known, predicted, np.nan).astype(np.float32)
 
     def _segment_popularity(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         if self._segment_keys is None or self._segment_counts is None or self.segment_key not in requests.segments:

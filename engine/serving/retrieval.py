@@ -88,6 +88,8 @@ class Requests:
     history_indices: np.ndarray | None = None
     # [U] float32: each user's share of likes among their interactions (NaN unknown).
     like_rate: np.ndarray | None = None
+    # [U] int64: each user's index in the bundle, -1 for a user it does not know.
+    users: np.ndarray | None = None
     # The request's attribute filters and their mask (item_mask includes them), for
     # vector backends that search with them natively (engine.index.vector_index.Conditions).
     conditions: Conditions | None = None

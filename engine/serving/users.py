@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # Shared one-user values of a known user's request (read-only: never written).
 _TRUE, _FALSE = read_only(np.ones(1, bool)), read_only(np.zeros(1, bool))
 _ZERO = read_only(np.zeros(1, np.float32))
+_UNKNOWN_USER = read_only(np.full(1, -1, np.int64))  # Requests.users of a lone user the bundle does not know
 _NO_ITEMS = read_only(np.zeros(0, np.int64))
 
 # How a request's user is known, said in every recommendation (Recommendations.served_by):
@@ -191,6 +192,7 @@ class UserContext:
             history_indptr=history_indptr,
             history_indices=history,
             like_rate=like_rate,
+            users=np.where(known, u, -1),
         )
 
     def _live_users(
@@ -266,6 +268,7 @@ class UserContext:
             history_indptr=None if exclude_seen else np.array([0, len(seen)]),
             history_indices=None if exclude_seen else seen,
             like_rate=self.like_rate[row],
+            users=self._user_rows[row],
         )
 
     def live_user(
@@ -305,6 +308,7 @@ class UserContext:
             history_indptr=None if exclude_seen else np.array([0, len(state.history)]),
             history_indices=None if exclude_seen else state.history,
             like_rate=state.like_rate,
+            users=self._user_rows[row] if known else _UNKNOWN_USER,
         )
 
     def _top_rows(self, row: slice, models: dict[str, UserQueries], exclude_seen: bool) -> dict[str, np.ndarray]:
