@@ -226,3 +226,31 @@ def segment_counts(keys: np.ndarray, counts: np.ndarray, segments: np.ndarray, i
         at = np.searchsorted(keys, wanted)
         out[r] = counts[at] if at < len(keys) and keys[at] == wanted else 0.0
     return out
+
+
+@njit(cache=True, nogil=True)
+def predicted_ratings(
+    item_vectors: np.ndarray,
+    user_vectors: np.ndarray,
+    user_bias: np.ndarray,
+    item_offsets: np.ndarray,
+    users: np.ndarray,
+    rows: np.ndarray,
+    items: np.ndarray,
+    low: float,
+    high: float,
+) -> np.ndarray:
+    """A rating model's prediction of each pair (user ``users[rows[j]]``, item
+    ``items[j]``): ``w(u) . x(i) + b(u) + offset(i)`` clipped to ``[low, high]``; NaN for
+    a user it does not know (-1 or beyond its table) or an item beyond its table."""
+    out = np.empty(len(rows), np.float32)
+    for j in range(len(rows)):
+        u, i = users[rows[j]], items[j]
+        if u < 0 or u >= len(user_vectors) or i >= len(item_vectors):
+            out[j] = np.nan
+            continue
+        total = np.float32(0.0)
+        for f in range(item_vectors.shape[1]):
+            total += user_vectors[u, f] * item_vectors[i, f]
+        out[j] = min(max(total + user_bias[u] + item_offsets[i], low), high)
+    return out

@@ -199,6 +199,8 @@ class RankingFeatures:
 
     def _set_rating(self, rating: CFModel | None) -> None:
         self.rating = rating
+        # (CFModel.item_offsets adds three arrays of the catalogue's size: once, not per request.)
+        self._rating_offsets = None if rating is None else rating.item_offsets
         self.groups = {
             **base_feature_groups(self.models, rating is not None),
             **{f"affinity:{a}": "affinity" for a in self.affinity},
@@ -338,13 +340,11 @@ class RankingFeatures:
         NaN for a user it does not know or an item beyond its table (added live:
         borrowed from the item's content neighbours, like the other item evidence)."""
         rating = self.rating
-        assert rating is not None
-        users = np.full(len(rows), -1, np.int64) if requests.users is None else requests.users[rows]
-        known = (users >= 0) & (users < len(rating.W)) & (items < len(rating.X))
-        safe_users, safe_items = np.where(known, users, 0), np.where(known, items, 0)
-        raw = dots(rating.X, safe_items, rating.W, safe_users) + rating.user_bias[safe_users]
-        predicted = np.clip(raw + rating.item_offsets[safe_items], *rating.rating_range)
-        return np.where(known, predicted, np.nan).astype(np.float32)
+        assert rating is not None and self._rating_offsets is not None
+        users = np.full(len(requests), -1, np.int64) if requests.users is None else requests.users
+        return feature_kernels.predicted_ratings(
+            rating.X, rating.W, rating.user_bias, self._rating_offsets, users, rows, items, *rating.rating_range
+        )
 
     def _segment_popularity(self, requests: Requests, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         if self._segment_keys is None or self._segment_counts is None or self.segment_key not in requests.segments:
