@@ -155,6 +155,17 @@ def test_similar_items_approximate_index_meets_the_floor(tmp_path):
     assert np.mean(recalls) >= 0.95
 
 
+def test_a_refused_cf_index_with_history_factors_says_what_to_do(tmp_path):
+    """History factors' user vectors are searched poorly by a graph index on inner
+    product: the refusal says so and names the two ways out."""
+    ds = data.make_synthetic(n_users=1500, n_items=1500, n_ratings=60_000, seed=1)
+    cf = train_cf(ds, n_features=16, epochs=5, progress=False)
+    towers = train_two_tower(ds, hidden_layers=(16,), output_dim=8, epochs=1, progress=False)
+    with pytest.raises(PublishRefused, match="history factors.*history_factors = false.*'Flat'"):
+        build_bundle(ds, cf, towers, tmp_path, factory="HNSW8", recall_floor=0.95, log=quiet)
+    assert not (tmp_path / "current").exists()
+
+
 def test_bad_factory_is_a_clear_error(trained, tmp_path):
     ds, cf, towers, _ = trained
     with pytest.raises(ValueError, match="invalid FAISS factory string 'Nonsense12'"):
