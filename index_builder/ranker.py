@@ -55,7 +55,7 @@ class RankerExamples:
     group_sizes: np.ndarray  # [n_users] rows per user, consecutive
     feature_names: list[str]
     groups: dict[str, str]  # feature name -> group (engine.serving.features)
-    rating: CFModel | None = None  # the rating model behind rating_prediction (explicit data)
+    rating: CFModel | None = None  # the rating model the rating_prediction column came from (explicit data)
 
     def without(self, dropped: Sequence[str]) -> RankerExamples:
         """These examples with the features of the ``dropped`` groups missing (NaN): a
@@ -104,7 +104,7 @@ def ranker_examples(
         np.concatenate([p.group_sizes for p in parts]),
         first.feature_names,
         first.groups,
-        first.rating,  # (each holdout's examples read its own; the first one's is served)
+        first.rating,  # (each holdout's examples read its own; train_ranker serves one of all the data)
     )
 
 

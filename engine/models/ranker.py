@@ -62,7 +62,10 @@ class Ranker:
         self.depth, self.metrics = int(depth), dict(metrics)
         self.rating = rating  # the rating model behind the rating_prediction feature (see the module)
         if (rating is not None) != ("rating_prediction" in self.feature_names):
-            raise TandemError("a ranker reads rating_prediction exactly when it has a rating model")
+            raise TandemError(
+                f"the ranker's features and its rating model ({RATING_DIR}/) disagree: it reads "
+                "rating_prediction exactly when it has one"
+            )
         if booster.num_feature() != len(self.feature_names):
             raise TandemError(
                 f"the ranker's model has {booster.num_feature()} features, its metadata names {len(feature_names)}"
@@ -181,12 +184,10 @@ class Ranker:
             from engine.models.cf import CFModel
 
             rating = CFModel.load(path / RATING_DIR)
-        if (rating is not None) != ("rating_prediction" in meta["feature_names"]):
-            raise TandemError(
-                f"{path}: the ranker's features and its rating model ({RATING_DIR}/) disagree: "
-                "one is there without the other"
-            )
-        return cls(booster, meta["feature_names"], meta["groups"], meta["depth"], meta.get("metrics", {}), rating)
+        try:
+            return cls(booster, meta["feature_names"], meta["groups"], meta["depth"], meta.get("metrics", {}), rating)
+        except TandemError as e:  # (the constructor's checks, with the directory named)
+            raise TandemError(f"{path}: {e}") from None
 
     def to_summary(self) -> dict:
         return {"depth": self.depth, "features": self.feature_names, **self.metrics}

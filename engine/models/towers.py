@@ -177,6 +177,7 @@ class TwoTowerModel:
         self._item_table: FeatureTable | None = None
         self.torch_towers: tuple | None = None  # the trained torch modules, kept by train_two_tower
         self.item_vectors = np.zeros((0, config.output_dim), np.float32)
+        self._content_vectors: np.ndarray | None = None  # content_item_vectors, once asked for
 
     def raw_user_features(self, user_index: int) -> dict:
         """A known user's raw features, as a new user's request would give them (the
@@ -198,6 +199,7 @@ class TwoTowerModel:
 
     def _set_tables(self, user_table, item_table) -> None:
         self._user_table, self._item_table = user_table, item_table
+        self._content_vectors = None  # (of the previous tables)
         self.item_vectors = self.item_tower(self.item_pipeline.transform_table(item_table, np.arange(len(self.items))))
 
     # -------------------------------------------------------- embeddings
@@ -229,7 +231,7 @@ class TwoTowerModel:
         (their rating history zeroed): how the item tower sees each as if it were new,
         so comparable with a new item's vector (:meth:`item_embeddings` of a feature
         dict). Computed once, ``batch`` items at a time."""
-        if getattr(self, "_content_vectors", None) is None:
+        if self._content_vectors is None:
             n_history = len(self.item_pipeline.history_names)
             parts = []
             for start in range(0, len(self.items), batch):

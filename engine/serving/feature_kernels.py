@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from engine.serving.ranking import row_dot
+
 
 @njit(cache=True, nogil=True)
 def _group_end(rows: np.ndarray, start: int) -> int:
@@ -249,8 +251,5 @@ def predicted_ratings(
         if u < 0 or u >= len(user_vectors) or i >= len(item_vectors):
             out[j] = np.nan
             continue
-        total = np.float32(0.0)
-        for f in range(item_vectors.shape[1]):
-            total += user_vectors[u, f] * item_vectors[i, f]
-        out[j] = min(max(total + user_bias[u] + item_offsets[i], low), high)
+        out[j] = min(max(row_dot(item_vectors, i, user_vectors, u) + user_bias[u] + item_offsets[i], low), high)
     return out

@@ -130,8 +130,12 @@ def feature_groups(models: tuple[str, ...], attributes: ItemAttributes, rating: 
     """Feature name -> group, in column order, of a bundle whose embedding models are
     ``models`` (in ranking order) and whose items have ``attributes`` (``rating``: whose
     ranker has a rating model)."""
-    affinity = {f"affinity:{a}": "affinity" for a in affinity_attributes(attributes)}
-    return {**base_feature_groups(models, rating), **affinity}
+    return _groups(models, affinity_attributes(attributes), rating)
+
+
+def _groups(models: tuple[str, ...], affinity: list[str], rating: bool) -> dict[str, str]:
+    """:func:`feature_groups` given the attributes with an affinity feature."""
+    return {**base_feature_groups(models, rating), **{f"affinity:{a}": "affinity" for a in affinity}}
 
 
 @dataclass
@@ -201,10 +205,7 @@ class RankingFeatures:
         self.rating = rating
         # (CFModel.item_offsets adds three arrays of the catalogue's size: once, not per request.)
         self._rating_offsets = None if rating is None else rating.item_offsets
-        self.groups = {
-            **base_feature_groups(self.models, rating is not None),
-            **{f"affinity:{a}": "affinity" for a in self.affinity},
-        }
+        self.groups = _groups(self.models, self.affinity, rating is not None)
         self.names = list(self.groups)  # the columns of compute(), in order
         self._column = {name: j for j, name in enumerate(self.names)}
         # Where feature_kernels.pair_columns' columns go, in its order.

@@ -191,12 +191,11 @@ class LiveItems:
         sharing that content; an item like none borrows from its nearest ones in
         proportion to their closeness, whatever the scale of the cosines.
 
-        A new item has no interactions; the evidence it has is its content. The blend
-        scores it by the towers alone (a model without its vector does not count), and
-        its popularity score and the learned ranker's item-side features are those of
-        these neighbours, weighted — so a new item is ranked like the items it resembles
-        (a copy of a popular item among the popular items of its kind) instead of last
-        for the interactions it cannot have yet."""
+        A new item has no interactions; the evidence it has is its content. The towers
+        score it by its own vector; its CF vector, popularity score and the learned
+        ranker's item-side features are those of these neighbours, weighted — so a new
+        item is ranked like the items it resembles instead of last for the interactions
+        it cannot have yet."""
         engine = self._engine
         known = engine.towers.content_item_vectors()[: len(engine.cf.items)]
         k = min(k, len(known))

@@ -208,12 +208,17 @@ def dots(matrix: np.ndarray, items: np.ndarray, vectors: np.ndarray, rows: np.nd
 @njit(cache=True, nogil=True)
 def _dots(matrix, items, vectors, rows):  # pragma: no cover - compiled
     out = np.empty(len(items), np.float32)
-    dim = matrix.shape[1]
     lone = vectors.shape[0] == 1
     for j in range(len(items)):
-        item, user = items[j], 0 if lone else rows[j]
-        total = np.float32(0.0)
-        for d in range(dim):
-            total += matrix[item, d] * vectors[user, d]
-        out[j] = total
+        out[j] = row_dot(matrix, items[j], vectors, 0 if lone else rows[j])
     return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def row_dot(matrix, row, vectors, at):  # pragma: no cover - compiled
+    """``matrix[row] . vectors[at]`` in float32, summed in order: what every compiled
+    score of a (user, item) pair sums (``dots``, ``feature_kernels.predicted_ratings``)."""
+    total = np.float32(0.0)
+    for d in range(matrix.shape[1]):
+        total += matrix[row, d] * vectors[at, d]
+    return total
