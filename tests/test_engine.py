@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from engine.errors import InvalidRequest
+from engine.index.vector_index import unpack_bits
 from engine.serving.engine import Engine, EngineConfig
 from engine.serving.retrieval import Proposals, ann_search, merge, quotas
 from index_builder import build_bundle
@@ -236,6 +237,22 @@ def test_engine_config_from_tandem_toml_and_candidates(engine):
     proposals = engine.candidates("u3", n_candidates=100)
     assert set(proposals) == {"cf", "towers", "popular", "segment", "recent"}
     assert sum(len(p) for p in proposals.values()) <= 100 + len(proposals)
+
+
+def test_a_threads_bitmap_updated_in_place_equals_one_built_afresh(engine):
+    """A lone request without filters restores only the previous request's excluded bits
+    in its thread's bitmap: after any sequence of users, with and without filters and
+    exclusions, the bitmap is the one built from scratch."""
+    cat = engine._catalogue
+    genre = {"genres": [engine.genre_labels[2]]}
+    sequence = [("u1", None), ("u2", None), ("u3", genre), ("u4", None), ("u5", None), ("u1", None), ("u6", genre)]
+    for user, filters in sequence:
+        mask, _ = engine._item_mask(cat, None, None, filters)
+        requests = engine.user_context.requests(cat, [user], True, mask)
+        assert requests.n_excluded[0] > 0  # every one of these users has seen items
+        allowed = mask.copy()
+        allowed[requests.excluded_indices] = False
+        np.testing.assert_array_equal(unpack_bits(requests.lone_bitmap(), cat.n_items), allowed)
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
 from engine.index.vector_index import Conditions, pack_mask
 
@@ -144,7 +145,7 @@ class Requests:
         if key not in self._cache:
             excluded = self.excluded_indices[self.excluded_indptr[u] : self.excluded_indptr[u + 1]]
             padded = np.empty(len(excluded) + 1, np.int64)
-            padded[:-1], padded[-1] = excluded, np.iinfo(np.int64).max
+            padded[:-1], padded[-1] = excluded, _LARGEST
             padded[:-1].sort()
             self._cache[key] = padded
         return self._cache[key]
@@ -173,8 +174,7 @@ class Requests:
             np.copyto(out, shared)
         else:
             out.fill(255)
-        excluded = self.excluded_of(u)[:-1]
-        np.bitwise_and.at(out, excluded >> 3, ~np.left_shift(1, excluded & 7).astype(np.uint8))
+        set_bits(out, self.excluded_of(u)[:-1], False)
         return out
 
     def _needs_own_bitmap(self, u: int) -> bool:
@@ -212,22 +212,45 @@ class _ThreadBitmap(threading.local):
     def __init__(self):
         self.bits = np.zeros(0, np.uint8)
         self.holds: object = None  # the token of the request whose mask the bitmap holds
+        # When that request had no filters, its exclusions (its bitmap is every item but
+        # those): the next such request restores only their bits instead of rewriting
+        # the whole bitmap (12.5 kB per 100k items, on every request).
+        self.every_item_but: np.ndarray | None = None
 
     def bitmap(self, requests: Requests) -> np.ndarray:
         """The thread's bitmap, holding the lone request's mask."""
         n_bytes = (len(requests.item_mask) + 7) // 8
         if len(self.bits) != n_bytes:  # first use, or a catalogue of another size
-            self.bits, self.holds = np.empty(n_bytes, np.uint8), None
+            self.bits, self.holds, self.every_item_but = np.empty(n_bytes, np.uint8), None, None
         # A token, not the request itself: the thread keeps no request (nor the engine
         # tables its views point into) alive after it is served.
         token = requests._cache.setdefault("bitmap_token", object())
         if self.holds is not token:
-            requests.user_bitmap(0, self.bits)
+            unfiltered = requests.filter_bits() is None
+            excluded = requests.excluded_of(0)[:-1]
+            if unfiltered and self.every_item_but is not None:
+                set_bits(self.bits, self.every_item_but, True)
+                set_bits(self.bits, excluded, False)
+            else:
+                requests.user_bitmap(0, self.bits)
+            self.every_item_but = excluded if unfiltered else None
             self.holds = token
         return self.bits
 
 
 _THREAD_BITMAP = _ThreadBitmap()
+_LARGEST = np.iinfo(np.int64).max
+
+
+@njit(cache=True)
+def set_bits(bits: np.ndarray, items: np.ndarray, value: bool) -> None:  # pragma: no cover - compiled
+    """Set (``value`` True) or clear the bit of each of ``items`` in the little-endian
+    packed bitmap ``bits``."""
+    for item in items:
+        if value:
+            bits[item >> 3] |= np.uint8(1 << (item & 7))
+        else:
+            bits[item >> 3] &= np.uint8(255 - (1 << (item & 7)))
 
 
 @dataclass
