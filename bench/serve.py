@@ -8,9 +8,10 @@ a Recommend reply as the protocol asks), at 1, 4 and 16 concurrent clients: QPS,
 p50/p99 latency, and the CPU time per request of the server processes and of the load
 generator (measured in the same window: all client processes start and stop together, so
 the server sees exactly that many clients throughout). Target: Recommend QPS >= 0.4x
-Echo at 4 clients, p99 <= 10 ms at 4 clients. The 4-client pair is measured again in
-``--rounds`` back-to-back rounds (the machine's speed drifts between cells); the median of
-their ratios and p99s is reported beside the table's.
+Echo at 4 clients (>= 0.5x with 2 processes: the learned ranker's target), p99 <= 10 ms
+at 4 clients. The 4-client pair is measured again in ``--rounds`` back-to-back rounds
+(the machine's speed drifts between cells); the median of their ratios and p99s is
+reported beside the table's.
 
 Usage: python bench/serve.py [--bundle ROOT] [--seconds 3] [--processes 1,2] [--workers 2] [--rounds 5]
                              [--user-top-k 256]
@@ -302,8 +303,10 @@ def run_configuration(
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
     ratio = table["Recommend@4"]["qps"] / table["Echo@4"]["qps"]
+    # B5's target, and the learned ranker's on several processes (one core each).
+    target = "0.50" if processes > 1 else "0.40"
     print(
-        f"  Recommend / Echo QPS at 4 clients: {ratio:.2f} in the table (target >= 0.40); Recommend p99 at 4 "
+        f"  Recommend / Echo QPS at 4 clients: {ratio:.2f} in the table (target >= {target}); Recommend p99 at 4 "
         f"clients {table['Recommend@4']['p99_ms']:.2f} ms (target <= 10)",
         flush=True,
     )
@@ -319,7 +322,7 @@ def run_configuration(
         result["median_ratio_at_4"] = float(np.median([p["ratio"] for p in pairs]))
         result["median_recommend_p99_at_4_ms"] = float(np.median([p["recommend"]["p99_ms"] for p in pairs]))
         print(
-            f"  median of {len(pairs)} rounds: ratio {result['median_ratio_at_4']:.2f} (target >= 0.40), "
+            f"  median of {len(pairs)} rounds: ratio {result['median_ratio_at_4']:.2f} (target >= {target}), "
             f"Recommend p99 {result['median_recommend_p99_at_4_ms']:.2f} ms (target <= 10)",
             flush=True,
         )
