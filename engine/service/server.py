@@ -185,6 +185,7 @@ class TandemServer:
         self._stopped = threading.Event()
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
         self._metrics_http: Any = None
 
     def _run(self, coroutine):
@@ -196,7 +197,8 @@ class TandemServer:
         # gRPC's asyncio server on an event loop of its own thread, so that this object
         # keeps a blocking API (start, stop, wait) for the CLI, the tests and the library.
         self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, name="tandem-grpc", daemon=True).start()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="tandem-grpc", daemon=True)
+        self._loop_thread.start()
         try:
             self._run(self._start_grpc())
         except BaseException:
@@ -285,9 +287,12 @@ class TandemServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def _close_loop(self) -> None:
+        """Stop the event loop and wait until its thread has left it."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop = None
+            if self._loop_thread is not None and self._loop_thread is not threading.current_thread():
+                self._loop_thread.join(timeout=SHUTDOWN_MARGIN)
 
     def _watch(self) -> None:
         """Every watch_interval: a new ``current`` is loaded, and items other processes
@@ -324,8 +329,12 @@ class TandemServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         log.info(json.dumps({"event": "stopped", "version": self.holder.engine.version}))
-        self._server = None
+        # The gRPC server is released only once its loop has stopped: released before,
+        # gRPC's shutdown closed its poller's socket while the loop still had that socket's
+        # callback to run ("OSError: [Errno 9] Bad file descriptor" on every stop).
+        server, self._server = self._server, None
         self._close_loop()
+        del server
         self._stopped.set()
 
     def wait(self) -> None:
