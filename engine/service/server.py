@@ -331,7 +331,7 @@ class TandemServer:
         log.info(json.dumps({"event": "stopped", "version": self.holder.engine.version}))
         # The gRPC server is released only once its loop has stopped: released before,
         # gRPC's shutdown closed its poller's socket while the loop still had that socket's
-        # callback to run ("OSError: [Errno 9] Bad file descriptor" on every stop).
+        # callback to run ("OSError: [Errno 9] Bad file descriptor", on most stops after a load).
         server, self._server = self._server, None
         self._close_loop()
         del server

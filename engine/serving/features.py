@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from engine.models.cf import CFModel
 
 SOURCES = ("cf", "towers", "popular", "segment", "recent")
+RATE_PRIOR = 10.0  # pseudo-interactions at the global value that each like rate and mean rating start from
 
 
 class _ThreadMarks(threading.local):
@@ -89,7 +90,6 @@ class _ThreadMarks(threading.local):
 
 
 _MARKS = _ThreadMarks()
-RATE_PRIOR = 10.0  # pseudo-interactions at the global value that each like rate and mean rating start from
 
 
 def shrunk_mean(total, count, toward):

@@ -29,7 +29,7 @@ import threading
 import numpy as np
 from numba import njit
 
-from engine.serving.retrieval import Candidates
+from engine.serving.retrieval import Candidates, set_bits
 
 # The kernels' source codes (0 = cf, ...): the order of their per-source quotas, bits and counts.
 KERNEL_ORDER = ("cf", "towers", "popular", "segment", "recent")
@@ -223,6 +223,7 @@ class LoneMerge:
         """Compile the kernels for these sources' array types now (or load them from
         numba's cache), so that no request waits for the compiler."""
         scratch = self._scratch(n_items, 1)
+        set_bits(scratch.mark, _NONE, False)  # what a lone request's bitmap is updated with
         recent = sources.get("recent")
         if recent is not None and recent.neighbours is not None:
             _recent_neighbours(recent.neighbours, _NONE, 0, _ALL, True, scratch.mark)

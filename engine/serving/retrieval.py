@@ -35,6 +35,7 @@ from engine.index.vector_index import Conditions, pack_mask
 # Batches check exclusions in a U x n_items bitmap up to this size (64 MiB), beyond it by
 # binary search: memory stays bounded whatever the catalogue.
 EXCLUSION_BITMAP_BITS = 8 * 64 * 2**20
+_LARGEST = np.iinfo(np.int64).max  # the sentinel after a user's sorted exclusions (Requests.excluded_of)
 
 
 def positions_in_rows(rows: np.ndarray) -> np.ndarray:
@@ -120,11 +121,8 @@ class Requests:
             # Each user's exclusions as a bitmap (U x n_items bits): one lookup per pair.
             if "excluded_bits" not in self._cache:
                 bits = np.zeros((len(self), (n + 7) // 8), np.uint8)
-                np.bitwise_or.at(
-                    bits,
-                    (self._owners(), self.excluded_indices >> 3),
-                    np.left_shift(1, self.excluded_indices & 7).astype(np.uint8),
-                )
+                # (Row u's item i is bit u * 8 * row bytes + i of the rows laid end to end.)
+                set_bits(bits.reshape(-1), self._owners() * (8 * bits.shape[1]) + self.excluded_indices, True)
                 self._cache["excluded_bits"] = bits
             bits = self._cache["excluded_bits"]
             return ok & ((bits[rows, items >> 3] >> (items & 7).astype(np.uint8)) & 1 == 0)
@@ -239,7 +237,6 @@ class _ThreadBitmap(threading.local):
 
 
 _THREAD_BITMAP = _ThreadBitmap()
-_LARGEST = np.iinfo(np.int64).max
 
 
 @njit(cache=True)
