@@ -11,11 +11,14 @@ the best of their grids, in the same run):
 - ``implicit-3k-bare``: the likes of 6,000 users x 3,000 items with even activity
   (short histories), no side features at all.
 
-The generator's times carry no trend, so each shape is split per user at random (20%).
+The generator's times carry no trend, so each shape is split per user at random (20%);
+``--split folds`` scores five such splits (seeds 0-4) and reports the means, each
+split's peers at their best on that split.
 With ``--tune MINUTES``, ``tandem tune`` then fits the settings on each shape's training
 part alone (its own validation carve-out, never the test part) within that budget, and
 the pipeline trained with them is scored beside the same peers.
-Usage: python bench/shapes.py [--shapes NAME ...] [--seed S] [--ease-max-items N] [--tune MINUTES]
+Usage: python bench/shapes.py [--shapes NAME ...] [--seed S] [--split random|folds] [--ease-max-items N]
+[--tune MINUTES]
 Writes bench/results/shapes.json and prints pipeline / best peer per shape and metric.
 """
 
@@ -69,15 +72,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--seed", type=int, default=1, help="generator seed (the split's is 0)")
+    parser.add_argument("--split", choices=("random", "folds"), default="random", help="one random split or five")
     parser.add_argument("--ease-max-items", type=int, default=20_000, help="skip EASE above this many items")
     parser.add_argument("--tune", type=float, default=0.0, metavar="MINUTES", help="also tune on each training part")
     args = parser.parse_args()
+    if args.tune and args.split != "random":
+        parser.error("--tune tunes on one training part: use it with --split random")
     results = {}
     for name in args.shapes:
         ds = SHAPES[name](args.seed)
         print(f"{name}: {ds.n_users:,} users, {ds.n_items:,} items, {ds.n_ratings:,} interactions", flush=True)
         start = time.perf_counter()
-        splits = make_splits(ds, None, "random")
+        splits = make_splits(ds, None, args.split)
         report = evaluate_pipeline(splits, ease_max_items=args.ease_max_items, data_name=name, ablation=False)
         results[name] = {
             "n_users": ds.n_users,
@@ -89,7 +95,7 @@ def main() -> None:
         print(format_summary(report), flush=True)
         if args.tune > 0:
             results[name]["tuned"] = _tuned(splits, args.tune, name)
-    save_result("shapes", {"seed": args.seed, "shapes": results})
+    save_result("shapes" if args.split == "random" else "shapes_folds", {"seed": args.seed, "shapes": results})
     print("\npipeline / best peer (Recall@10, NDCG@10):")
     for name, row in results.items():
         pipeline = row["summary"]["pipeline"]

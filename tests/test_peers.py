@@ -42,3 +42,17 @@ def test_implicit_als_is_the_best_of_its_grid():
     train, test = data.temporal_split(ds, 0.2)
     best = peers.implicit_als(train, test, 10, factors=(8,), regularization=(0.1, 10.0), iterations=3)
     assert best["grid_size"] == 2 and best["params"]["factors"] == 8 and 0 < best["recall@10"] <= 1
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12)], ids=["fewer users (dual form)", "fewer items (B)"])
+def test_ease_scores_equal_the_history_times_the_weights(shape):
+    """Both forms of the scores (Woodbury's users x users inverse when users are fewer,
+    B itself otherwise) equal X[users] @ B of the definition."""
+    rng = np.random.default_rng(1)
+    x = sp.csr_matrix((rng.random(shape) < 0.25).astype(np.float64))
+    lam = 1.5
+    expected = x.toarray() @ peers.ease_weights(x, lam)
+    users = np.array([3, 0, 7])
+    got = peers.ease_scores(x, lam, block=5)(users)  # blocks of 5 items: several, one ragged
+    assert got.shape == (3, shape[1]) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected[users], rtol=1e-4, atol=1e-5)

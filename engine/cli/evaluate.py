@@ -80,7 +80,7 @@ def register(commands) -> None:
         "--ease-max-items",
         type=int,
         default=EASE_MAX_ITEMS,
-        help=f"skip EASE above this many items (a dense inverse; default {EASE_MAX_ITEMS:,})",
+        help=f"skip EASE when items and users both exceed this (a dense inverse; default {EASE_MAX_ITEMS:,})",
     )
     pipe.add_argument(
         "--no-ablation",
