@@ -65,6 +65,7 @@ def suggest(trial) -> dict[str, Any]:
         "lambda_": trial.suggest_float("cf.lambda", 0.5, 200.0, log=True),
         "als_iterations": trial.suggest_int("cf.als_iterations", 6, 20),
         "confidence": trial.suggest_categorical("cf.confidence", ["constant", "log"]),
+        "attribute_prior": trial.suggest_categorical("cf.attribute_prior", [True, False]),
     }
     if cf["confidence"] == "constant":
         cf["positive_weight"] = trial.suggest_float("cf.positive_weight", 1.2, 30.0, log=True)

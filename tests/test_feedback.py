@@ -348,3 +348,28 @@ def test_a_bundle_trained_on_the_log_replays_only_the_events_after_its_cutoff(sm
     assert fresh.feedback.n_events == 1  # only visitor-7's event is replayed
     assert fresh.recommend("visitor-6").served_by == KNOWN  # a user of the bundle now
     assert fresh.recommend("visitor-7").served_by == LIVE
+
+
+def test_a_training_users_fold_in_keeps_the_attribute_prior_of_training(small_models, tmp_path):
+    """With ALS's attribute prior (the serving preset), a training user's live CF vector
+    is their fold-in shrunk toward the prior mean training gave them, not toward zero."""
+    from engine.models.cf import PRESETS, train_cf
+
+    ds, _, towers = small_models
+    cf = train_cf(ds, **{**PRESETS["topn"], "n_features": 8, "progress": False})
+    assert cf.user_prior is not None
+    build_bundle(ds, cf, towers, tmp_path / "root", log=lambda line: None)
+    engine = Engine.load(tmp_path / "root", CONFIG)
+    u = 11
+    user = ds.users.ids[u]
+    rated = ds.user_items()[u]
+    unseen = np.setdiff1d(np.arange(ds.n_items), rated.indices)[0]
+    engine.record([click(user, str(ds.items.ids[unseen]))])
+    items = np.union1d(rated.indices, [unseen])
+    given = dict(zip(rated.indices.tolist(), rated.data.tolist()))
+    values = np.array([given.get(i, 1.0) for i in items.tolist()])  # a new pair takes the default
+    expected = engine.cf.fold_in_indices(items, values, engine.cf.user_prior[u])
+    state = engine.feedback.user(engine.feedback.live_index(user, u))
+    np.testing.assert_allclose(state.cf_query[0], engine.cf.fold_in_query(expected), rtol=1e-5, atol=1e-6)
+    toward_zero = engine.cf.fold_in_query(engine.cf.fold_in_indices(items, values))
+    assert not np.allclose(state.cf_query[0], toward_zero, atol=1e-4)

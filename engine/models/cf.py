@@ -53,6 +53,7 @@ from engine.errors import TandemError
 from engine.models import distributed
 from engine.models.als import als_wmse, confidence, wmse_sparse_cost
 from engine.models.artifacts import read_model_dir, write_model_dir
+from engine.models.features import fit_user_pipeline
 from engine.models.training import EarlyStopping, LearningCurve, require_torch, resolve_device, seed_everything
 from engine.results import SQUARED_DISTANCE, Recommendations
 from engine.settings import from_known_settings
@@ -174,6 +175,10 @@ class CFConfig:
     # alternating least squares, engine.models.als: the same cost, in seconds, no torch).
     solver: str = "adam"
     als_iterations: int = 15
+    # als: shrink each user's factors toward those their attributes predict (a ridge
+    # regression of the factors on the encoded user features, refitted each iteration;
+    # engine.models.als) instead of toward zero. Users without features: no change.
+    attribute_prior: bool = False
     validation_fraction: float = 0.05  # held out of the training data for early stopping
     patience: int = 5
     init_std: float = 0.1
@@ -190,6 +195,8 @@ class CFConfig:
             raise ValueError(f"solver must be 'adam' or 'als', got {self.solver!r}")
         if self.solver == "als" and self.loss != "wmse":
             raise ValueError("solver 'als' minimises the wmse loss: set loss = 'wmse'")
+        if self.attribute_prior and self.solver != "als":
+            raise ValueError("attribute_prior is a prior of the ALS solver: set solver = 'als'")
         if self.confidence not in ("constant", "linear", "log"):
             raise ValueError(f"confidence must be 'constant', 'linear' or 'log', got {self.confidence!r}")
         if self.alpha < 0 or int(self.als_iterations) < 1:
@@ -254,6 +261,11 @@ PRESETS: dict[str, dict] = {
         "alpha": 2.0,
         "init_std": 0.01,
         "validation_fraction": 0.0,
+        # Users' factors shrunk toward what their attributes predict (engine.models.als).
+        # Measured beside the same pipeline without it: implicit 16k items, five random
+        # splits, Recall@10 0.3348 -> 0.3362 (higher on each split); ML-100K temporal
+        # 0.2214 -> 0.2259, u1-u5 0.4208 -> 0.4222, explicit 1k items 0.3493 -> 0.3498.
+        "attribute_prior": True,
     },
 }
 
@@ -293,6 +305,7 @@ class CFModel:
         config: CFConfig,
         metrics: dict | None = None,
         history_vectors: np.ndarray | None = None,
+        user_prior: np.ndarray | None = None,
     ):
         self.X = np.ascontiguousarray(X, np.float32)  # [n_items, f]
         self.W = np.ascontiguousarray(W, np.float32)  # [n_users, f]
@@ -309,6 +322,10 @@ class CFModel:
         # [n_items, f] the history factors y(i) (config.history_factors), else None. The
         # training users' sums are already in W; fold_in adds a new user's.
         self.history_vectors = None if history_vectors is None else np.ascontiguousarray(history_vectors, np.float32)
+        # [n_users, f] the prior means the ALS attribute prior shrank each user toward
+        # (config.attribute_prior), else None: a training user's fold-in (live feedback)
+        # is shrunk toward the same point.
+        self.user_prior = None if user_prior is None else np.ascontiguousarray(user_prior, np.float32)
 
     # ----------------------------------------------------------- vectors
     @property
@@ -446,11 +463,16 @@ class CFModel:
         """
         return self.fold_in_indices(self.items.indices(item_ids), ratings)
 
-    def fold_in_indices(self, i: np.ndarray, ratings: Sequence[float] | np.ndarray | None = None) -> FoldedUser:
-        """:meth:`fold_in` of item indices."""
+    def fold_in_indices(
+        self, i: np.ndarray, ratings: Sequence[float] | np.ndarray | None = None, prior: np.ndarray | None = None
+    ) -> FoldedUser:
+        """:meth:`fold_in` of item indices. ``prior``: for a ``wmse`` model trained with
+        the attribute prior, the point the user's vector is shrunk toward (a training
+        user's row of :attr:`user_prior`; ``lambda/2 |w - prior|^2`` replaces
+        ``lambda/2 |w|^2``, and ``lambda prior`` joins the right-hand side)."""
         i = np.asarray(i, np.int64)
         f = self.X.shape[1]
-        if len(i) == 0:  # a user with no ratings: no taste of their own, the item offsets alone
+        if len(i) == 0 and prior is None:  # no ratings: no taste of their own, the item offsets alone
             return FoldedUser(np.zeros(f, np.float32), 0.0, np.zeros(0, np.int64))
         lam = self.config.lambda_
         if self.config.loss == "mse":
@@ -475,7 +497,8 @@ class CFModel:
             values = np.ones(len(i)) if ratings is None else np.asarray(ratings, np.float64)
             c = confidence(values[first], cfg.confidence, cfg.positive_weight, cfg.alpha)
             Xs = self.X[items].astype(np.float64)
-            w = np.linalg.solve(w0 * self._gram() + (Xs * (c - w0)[:, None]).T @ Xs + lam * np.eye(f), Xs.T @ c)
+            rhs = Xs.T @ c if prior is None else Xs.T @ c + lam * np.asarray(prior, np.float64)
+            w = np.linalg.solve(w0 * self._gram() + (Xs * (c - w0)[:, None]).T @ Xs + lam * np.eye(f), rhs)
             return FoldedUser(w.astype(np.float32), 0.0, items)
         rng = np.random.default_rng(self.config.seed)
         negatives = rng.integers(0, len(self.X), len(i) * self.config.negative_ratio)
@@ -520,6 +543,8 @@ class CFModel:
         }
         if self.history_vectors is not None:
             arrays["history_vectors"] = self.history_vectors
+        if self.user_prior is not None:
+            arrays["user_prior"] = self.user_prior
         meta = {
             "format_version": FORMAT_VERSION,
             "kind": "cf",
@@ -551,6 +576,8 @@ class CFModel:
         }
         if "history_vectors" in arrays:
             expected["history_vectors"] = (n_items, f)
+        if "user_prior" in arrays:
+            expected["user_prior"] = (n_users, f)
         for name, shape in expected.items():
             if name not in arrays or arrays[name].shape != shape:
                 found = arrays[name].shape if name in arrays else "nothing"
@@ -572,6 +599,7 @@ class CFModel:
             config,
             meta.get("metrics"),
             arrays.get("history_vectors"),
+            arrays.get("user_prior"),
         )
 
 
@@ -1025,6 +1053,24 @@ def train_cf(
     )
 
 
+def user_attribute_matrix(dataset: Dataset) -> np.ndarray | None:
+    """The users' encoded attributes for the ALS attribute prior: the towers' encoding
+    of the feature table's columns (:func:`engine.models.features.fit_user_pipeline`;
+    one-hot categories, regions, standardised numbers), no rating history, constant
+    columns dropped, plus an intercept. None when the data has no user attributes.
+    ALS trains in one process, rank 0's of a distributed run: alone, not waiting for
+    the other ranks' statistics."""
+    if dataset.user_features is None:
+        return None
+    with distributed.alone():
+        pipeline = fit_user_pipeline(dataset)
+    encoded = pipeline.transform_attributes(dataset.user_features, np.arange(dataset.n_users))
+    encoded = encoded[:, encoded.std(axis=0) > 0].astype(np.float64)
+    if encoded.shape[1] == 0:
+        return None
+    return np.hstack([encoded, np.ones((dataset.n_users, 1))])
+
+
 def _train_als(dataset: Dataset, cfg: CFConfig, curve_path: str | Path | None) -> CFModel:
     """``wmse`` by alternating least squares (:mod:`engine.models.als`): the cost of the
     Adam trainer, minimised exactly one half-step at a time, with a progress bar and the
@@ -1043,16 +1089,16 @@ def _train_als(dataset: Dataset, cfg: CFConfig, curve_path: str | Path | None) -
     bar = tqdm(total=cfg.als_iterations, desc="train cf (als)", unit="iteration", disable=not cfg.progress)
     last = [time.perf_counter()]
 
-    def on_iteration(iteration: int, W: np.ndarray, X: np.ndarray) -> None:
+    def on_iteration(iteration: int, W: np.ndarray, X: np.ndarray, prior: np.ndarray | None) -> None:
         now = time.perf_counter()
-        cost = wmse_sparse_cost(W, X, pairs, cfg.lambda_, cfg.unobserved_weight) / dataset.n_ratings
+        cost = wmse_sparse_cost(W, X, pairs, cfg.lambda_, cfg.unobserved_weight, prior) / dataset.n_ratings
         curve.add(epoch=iteration, train_loss=cost, seconds=now - last[0])
         bar.update(1)
         bar.set_postfix(loss=f"{cost:.4f}")
         last[0] = now
 
     start = time.perf_counter()
-    W, X = als_wmse(
+    W, X, user_prior = als_wmse(
         pairs,
         cfg.n_features,
         cfg.lambda_,
@@ -1061,6 +1107,7 @@ def _train_als(dataset: Dataset, cfg: CFConfig, curve_path: str | Path | None) -
         cfg.init_std,
         cfg.seed,
         on_iteration,
+        user_attributes=user_attribute_matrix(dataset) if cfg.attribute_prior else None,
     )
     seconds = time.perf_counter() - start
     bar.close()
@@ -1084,6 +1131,7 @@ def _train_als(dataset: Dataset, cfg: CFConfig, curve_path: str | Path | None) -
         seen_indices=ui.indices,
         rating_range=(0.0, 1.0),
         config=cfg,
+        user_prior=user_prior,
         metrics={
             "epochs_run": cfg.als_iterations,
             "train_cost": curve.records[-1]["train_loss"],

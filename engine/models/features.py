@@ -156,8 +156,12 @@ class FeaturePipeline:
     def transform_table(self, table: FeatureTable | None, rows: np.ndarray) -> np.ndarray:
         """Feature matrix ``[len(rows), dim]`` for known entities (dense indices)."""
         rows = np.asarray(rows, np.int64)
+        return np.concatenate([self.transform_attributes(table, rows), self.history[rows]], axis=1)
+
+    def transform_attributes(self, table: FeatureTable | None, rows: np.ndarray) -> np.ndarray:
+        """The table's columns alone, encoded (no rating history): ``[len(rows), n]``."""
+        rows = np.asarray(rows, np.int64)
         parts = [e.encode(_column(table, e, rows)) for e in self.encoders]
-        parts.append(self.history[rows])
         return np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((len(rows), 0), np.float32)
 
     def transform_dicts(self, rows: Iterable[Mapping[str, object]]) -> np.ndarray:

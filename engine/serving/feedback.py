@@ -220,10 +220,12 @@ class LiveFeedback:
         bundle_user = int(self._bundle_user[live])
         keys, values = self._history(live, rows)
         liked = pair_likes(keys, values, items, self._like_kind[self._kind[rows]], context.implicit)
-        # The CF fold-in from every pair with a CF vector (items added live have none).
+        # The CF fold-in from every pair with a CF vector (items added live have none); a
+        # training user is shrunk toward the point training shrank them toward.
         cf = engine.cf
         has_vector = keys < len(cf.items)
-        folded = cf.fold_in_indices(keys[has_vector], values[has_vector])
+        prior = cf.user_prior[bundle_user] if cf.user_prior is not None and bundle_user >= 0 else None
+        folded = cf.fold_in_indices(keys[has_vector], values[has_vector], prior)
         query, bias = cf.fold_in_query(folded), np.float32(folded.bias)
         if not (np.isfinite(query).all() and np.isfinite(bias)):
             log.warning(json.dumps({"event": "fold_in_not_finite", "live_user": live}))
