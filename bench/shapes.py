@@ -73,7 +73,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--seed", type=int, default=1, help="generator seed (the split's is 0)")
     parser.add_argument("--split", choices=("random", "folds"), default="random", help="one random split or five")
-    parser.add_argument("--ease-max-items", type=int, default=20_000, help="skip EASE above this many items")
+    parser.add_argument(
+        "--ease-max-items", type=int, default=20_000, metavar="N", help="skip EASE when items and users both exceed N"
+    )
     parser.add_argument("--tune", type=float, default=0.0, metavar="MINUTES", help="also tune on each training part")
     args = parser.parse_args()
     if args.tune and args.split != "random":

@@ -263,7 +263,7 @@ PRESETS: dict[str, dict] = {
         "validation_fraction": 0.0,
         # Users' factors shrunk toward what their attributes predict (engine.models.als).
         # Measured beside the same pipeline without it: implicit 16k items, five random
-        # splits, Recall@10 0.3348 -> 0.3362 (higher on each split); ML-100K temporal
+        # splits, Recall@10 0.3348 -> 0.3364 (higher on each split); ML-100K temporal
         # 0.2214 -> 0.2259, u1-u5 0.4208 -> 0.4222, explicit 1k items 0.3493 -> 0.3498.
         "attribute_prior": True,
     },
